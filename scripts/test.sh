@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: system packages, Python packages, then pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k protocol`).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Debian packages the tests use: chromium (browser tests), espeak-ng and sox (spoken test inputs).
+need=()
+command -v chromium >/dev/null || need+=(chromium)
+command -v espeak-ng >/dev/null || need+=(espeak-ng)
+command -v sox >/dev/null || need+=(sox)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[test] installing ${need[*]} with apt-get"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+source "$ROOT/scripts/env.sh"
+export GLM4VOICE_REQUIRE_BROWSER="${GLM4VOICE_REQUIRE_BROWSER:-1}"
+# pytest exits 5 when it collects no tests: that is a failure here, as is any failing test.
+exec python -m pytest "$@"

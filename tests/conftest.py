@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny checkpoints (generated once per session), markers, free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from glm4voice.checkpoints import TinyCheckpoints, write_tiny_checkpoints
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    has_browser = shutil.which("chromium") is not None
+    require_browser = os.environ.get("GLM4VOICE_REQUIRE_BROWSER") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "browser" in item.keywords and not has_browser and not require_browser:
+            item.add_marker(pytest.mark.skip(reason="Debian chromium is not installed (scripts/test.sh installs it)"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> TinyCheckpoints:
+    """The three tiny random checkpoint folders, written once per test session."""
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-checkpoints"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer(tiny_checkpoints):
+    from glm4voice.text_tokenizer import GLMTokenizer
+
+    return GLMTokenizer.from_pretrained(tiny_checkpoints.llm)
+
+
+@pytest.fixture(scope="session")
+def special_tokens(text_tokenizer):
+    from glm4voice.protocol import SpecialTokens
+
+    return SpecialTokens.from_tokenizer(text_tokenizer)
+
+
+@pytest.fixture
+def artifacts_dir():
+    """Where tests leave files worth looking at (screenshots, decoded audio)."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("GLM4VOICE_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
