@@ -1,0 +1,160 @@
+"""Start the whole demo with one command: model_server.py, then web_demo.py.
+
+``python -m glm4voice.launch`` (what ``bash scripts/demo.sh`` runs). With no checkpoint arguments
+it writes tiny random checkpoints to ``checkpoints/tiny`` (once) and says loudly that answers are
+noise; pass ``--model-path``, ``--tokenizer-path`` and ``--flow-path`` (local folders or hub ids)
+for the real models. Both processes are stopped together: if one exits, the other is stopped too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from glm4voice.checkpoints import write_tiny_checkpoints
+from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
+
+logger = logging.getLogger("glm4voice.launch")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TINY_DIR = ROOT / "checkpoints" / "tiny"
+SERVER_SCRIPT = ROOT / "model_server.py"
+DEMO_SCRIPT = ROOT / "web_demo.py"
+SERVER_READY_TIMEOUT_S = 1800.0  # the real 9B model takes minutes to load from a slow disk
+POLL_INTERVAL_S = 0.5
+RANDOM_WEIGHTS_BANNER = (
+    "\n"
+    "  *** No checkpoints given: using TINY RANDOM checkpoints in {path} ***\n"
+    "  *** The demo works end to end, but every answer (text and speech) is noise. ***\n"
+    "  *** For real answers pass --model-path/--tokenizer-path/--flow-path (hub ids or folders), ***\n"
+    "  *** e.g. --model-path {llm} --tokenizer-path {tok} --flow-path {dec} --device cuda:0 ***\n"
+)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    llm: str
+    speech_tokenizer: str
+    decoder: str
+    random_weights: bool
+
+
+def choose_checkpoints(args: argparse.Namespace) -> Checkpoints:
+    given = [args.model_path, args.tokenizer_path, args.flow_path]
+    if all(given):
+        return Checkpoints(args.model_path, args.tokenizer_path, args.flow_path, random_weights=False)
+    if any(given):
+        raise SystemExit("give all three of --model-path, --tokenizer-path and --flow-path, or none (tiny demo)")
+    tiny_dir = Path(args.tiny_dir)
+    marker = tiny_dir / "README.txt"
+    if not marker.exists() or args.regenerate_tiny:
+        logger.info("writing tiny random checkpoints to %s", tiny_dir)
+        result = write_tiny_checkpoints(tiny_dir, seed=0)
+        if result.missing:
+            logger.warning("this version cannot write model files for: %s", ", ".join(result.missing))
+    print(RANDOM_WEIGHTS_BANNER.format(path=tiny_dir, llm=PUBLISHED_LLM, tok=PUBLISHED_SPEECH_TOKENIZER, dec=PUBLISHED_DECODER), flush=True)
+    return Checkpoints(
+        str(tiny_dir / "glm-4-voice-9b"),
+        str(tiny_dir / "glm-4-voice-tokenizer"),
+        str(tiny_dir / "glm-4-voice-decoder"),
+        random_weights=True,
+    )
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the model server exited with code {process.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(POLL_INTERVAL_S)
+    raise SystemExit(f"the model server was not ready at {url} after {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m glm4voice.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-path", help=f"GLM-4-Voice-9B folder or hub id (e.g. {PUBLISHED_LLM})")
+    parser.add_argument("--tokenizer-path", help=f"speech tokenizer folder or hub id (e.g. {PUBLISHED_SPEECH_TOKENIZER})")
+    parser.add_argument("--flow-path", help=f"speech decoder folder or hub id (e.g. {PUBLISHED_DECODER})")
+    parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 if available)")
+    parser.add_argument("--dtype", default="bfloat16", help="LLM weights: bfloat16, float16, int8 or int4")
+    parser.add_argument("--host", default="127.0.0.1", help="web UI address (0.0.0.0 to serve the network)")
+    parser.add_argument("--port", type=int, default=8888, help="web UI port")
+    parser.add_argument("--server-port", type=int, default=10000, help="model server port (loopback)")
+    parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
+    parser.add_argument("--regenerate-tiny", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    missing = [p.name for p in (SERVER_SCRIPT, DEMO_SCRIPT) if not p.exists()]
+    if missing:
+        print(f"not available yet in this version: {', '.join(missing)}", flush=True)
+        return 2
+
+    checkpoints = choose_checkpoints(args)
+    device = args.device or _default_device()
+    dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
+    server_url = f"http://127.0.0.1:{args.server_port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    server_cmd = [sys.executable, str(SERVER_SCRIPT), "--host", "127.0.0.1", "--port", str(args.server_port),
+                  "--model-path", checkpoints.llm, "--device", device, "--dtype", dtype]
+    demo_cmd = [sys.executable, str(DEMO_SCRIPT), "--host", args.host, "--port", str(args.port),
+                "--server-url", server_url, "--model-path", checkpoints.llm,
+                "--tokenizer-path", checkpoints.speech_tokenizer, "--flow-path", checkpoints.decoder, "--device", device]
+    if checkpoints.random_weights:
+        demo_cmd.append("--random-weights-notice")
+
+    processes: list[subprocess.Popen] = []
+    try:
+        logger.info("starting the model server: %s", " ".join(server_cmd))
+        processes.append(subprocess.Popen(server_cmd, cwd=ROOT, env=env))
+        wait_until_ready(f"{server_url}/health", processes[0], SERVER_READY_TIMEOUT_S)
+        logger.info("starting the web demo: %s", " ".join(demo_cmd))
+        processes.append(subprocess.Popen(demo_cmd, cwd=ROOT, env=env))
+        shown_host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
+        print(f"\n  GLM-4-Voice demo: http://{shown_host}:{args.port}  (Ctrl-C stops it)\n", flush=True)
+        while all(p.poll() is None for p in processes):
+            time.sleep(POLL_INTERVAL_S)
+        failed = next(p for p in processes if p.poll() is not None)
+        logger.error("a process exited (code %s); stopping the demo", failed.returncode)
+        return failed.returncode or 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
