@@ -1,0 +1,254 @@
+"""Clients of the token server (``model_server.py``): stream generated token ids, sync or async.
+
+    from glm4voice.client import TokenClient
+
+    with TokenClient("http://localhost:10000") as client:
+        for token_id in client.stream(prompt_token_ids=ids, temperature=0.2, top_p=0.8, max_new_tokens=2000):
+            ...
+
+Every failure is a :class:`TokenServerError` subclass: :class:`RequestRejectedError` (4xx: the
+server's message and per-field details), :class:`ServerBusyError` (503, with ``retry_after``),
+:class:`ServerUnavailableError` (cannot connect, or no answer in time), :class:`StreamFailedError`
+(the stream broke after it started: an error line from the server or a lost connection), and
+:class:`ProtocolError` (an answer that is not the token server's wire format). Leaving the
+iteration early (``break``, closing the generator, cancelling the task) closes the connection,
+which frees the server's stream slot at its next decode step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, AsyncIterator, Iterator
+
+import httpx
+
+from glm4voice.server.wire import ErrorLine, WireFormatError, parse_line
+
+DEFAULT_URL = "http://localhost:10000"
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=180.0, write=30.0, pool=30.0)
+"""``read`` bounds the wait for each line, the first one included (the server's own queue
+timeout, 60 s by default, answers 503 before that)."""
+GENERATE_PATH = "/generate_stream"
+HEALTH_PATH = "/health"
+
+
+class TokenServerError(Exception):
+    """Base class of every client error."""
+
+
+class RequestRejectedError(TokenServerError):
+    """The server refused the request (HTTP 4xx) before streaming."""
+
+    def __init__(self, status: int, text: str, detail: list[dict[str, Any]] | None = None):
+        super().__init__(f"HTTP {status}: {text}")
+        self.status = status
+        self.text = text
+        self.detail = detail or []
+
+
+class ServerBusyError(TokenServerError):
+    """HTTP 503: every stream is busy and the queue is full (or the wait was too long)."""
+
+    def __init__(self, text: str, retry_after: float | None):
+        super().__init__(f"server busy: {text}" + (f" (retry after {retry_after:g} s)" if retry_after else ""))
+        self.text = text
+        self.retry_after = retry_after
+
+
+class ServerUnavailableError(TokenServerError):
+    """No connection to the server, or no answer in time."""
+
+
+class StreamFailedError(TokenServerError):
+    """The stream broke after it started (server error line, HTTP 500, lost connection)."""
+
+    def __init__(self, text: str, tokens_received: int):
+        super().__init__(f"stream failed after {tokens_received} tokens: {text}")
+        self.text = text
+        self.tokens_received = tokens_received
+
+
+class ProtocolError(TokenServerError):
+    """An answer that is not in the token server's wire format."""
+
+
+def request_body(
+    prompt: str | None = None,
+    *,
+    prompt_token_ids: list[int] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 256,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The JSON body of ``POST /generate_stream`` (exactly one of ``prompt`` / ``prompt_token_ids``)."""
+    if (prompt is None) == (prompt_token_ids is None):
+        raise ValueError("give exactly one of prompt (text) and prompt_token_ids")
+    body: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    if prompt is not None:
+        body["prompt"] = prompt
+    else:
+        body["prompt_token_ids"] = [int(i) for i in prompt_token_ids]
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
+def _error_from_status(status: int, headers: httpx.Headers, raw: bytes) -> TokenServerError:
+    text, detail = raw.decode("utf-8", errors="replace").strip()[:2000], None
+    try:
+        obj = json.loads(raw)
+        if isinstance(obj, dict):
+            text = str(obj.get("text") or obj.get("detail") or text)
+            detail = obj.get("detail") if isinstance(obj.get("detail"), list) else None
+    except ValueError:
+        pass
+    if status == 503:
+        retry = headers.get("retry-after")
+        return ServerBusyError(text, float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+    if 400 <= status < 500:
+        return RequestRejectedError(status, text, detail)
+    if status >= 500:
+        return StreamFailedError(f"HTTP {status}: {text}", 0)
+    return ProtocolError(f"unexpected HTTP {status}: {text}")
+
+
+class _LineReader:
+    """Per-stream state: turns the answer's lines into token ids, or the right error."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def token(self, line: str) -> int | None:
+        if not line.strip():
+            return None
+        try:
+            parsed = parse_line(line)
+        except WireFormatError as error:
+            raise ProtocolError(str(error)) from error
+        if isinstance(parsed, ErrorLine):
+            raise StreamFailedError(parsed.text, self.tokens)
+        self.tokens += 1
+        return parsed.token_id
+
+    def lost(self, error: Exception) -> StreamFailedError:
+        return StreamFailedError(f"connection lost ({type(error).__name__}: {error})", self.tokens)
+
+
+class TokenClient:
+    """Blocking client (``httpx.Client``); one instance can serve many threads."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+                 transport: httpx.BaseTransport | None = None):  # fmt: skip
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> "TokenClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def stream(self, prompt: str | None = None, **params: Any) -> Iterator[int]:
+        """Token ids as the server generates them (the stop token that ended the turn included).
+        Keyword arguments: see :func:`request_body`."""
+        body = request_body(prompt, **params)
+        reader = _LineReader()
+        try:
+            with self._http.stream("POST", GENERATE_PATH, json=body) as response:
+                if response.status_code != 200:
+                    raise _error_from_status(response.status_code, response.headers, response.read())
+                try:
+                    for line in response.iter_lines():
+                        token = reader.token(line)
+                        if token is not None:
+                            yield token
+                except (httpx.TransportError, httpx.StreamError) as error:
+                    raise reader.lost(error) from error
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise ServerUnavailableError(f"cannot connect to {self.base_url}: {error}") from error
+        except httpx.TimeoutException as error:
+            raise ServerUnavailableError(f"{self.base_url} did not answer in time: {error}") from error
+        except httpx.TransportError as error:
+            raise ServerUnavailableError(f"{self.base_url}: {error}") from error
+
+    def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
+        """The whole stream as a list."""
+        return list(self.stream(prompt, **params))
+
+    def health(self) -> dict[str, Any]:
+        try:
+            response = self._http.get(HEALTH_PATH)
+        except httpx.TransportError as error:
+            raise ServerUnavailableError(f"cannot reach {self.base_url}: {error}") from error
+        if response.status_code != 200:
+            raise _error_from_status(response.status_code, response.headers, response.content)
+        return response.json()
+
+    def wait_until_ready(self, timeout: float, poll_s: float = 0.5) -> dict[str, Any]:
+        """Poll ``/health`` until it answers 200; ServerUnavailableError after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.health()
+            except (ServerUnavailableError, ServerBusyError) as error:
+                if time.monotonic() > deadline:
+                    raise ServerUnavailableError(f"{self.base_url} not ready after {timeout:g} s: {error}") from error
+            time.sleep(poll_s)
+
+
+class AsyncTokenClient:
+    """Asynchronous client (``httpx.AsyncClient``) for event-loop code (e.g. the web demo)."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+                 transport: httpx.AsyncBaseTransport | None = None, max_connections: int = 256):  # fmt: skip
+        self.base_url = base_url.rstrip("/")
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport, limits=limits)
+
+    async def __aenter__(self) -> "AsyncTokenClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def stream(self, prompt: str | None = None, **params: Any) -> AsyncIterator[int]:
+        """Async version of :meth:`TokenClient.stream` (use ``aclosing`` to stop early promptly)."""
+        body = request_body(prompt, **params)
+        reader = _LineReader()
+        try:
+            async with self._http.stream("POST", GENERATE_PATH, json=body) as response:
+                if response.status_code != 200:
+                    raise _error_from_status(response.status_code, response.headers, await response.aread())
+                try:
+                    async for line in response.aiter_lines():
+                        token = reader.token(line)
+                        if token is not None:
+                            yield token
+                except (httpx.TransportError, httpx.StreamError) as error:
+                    raise reader.lost(error) from error
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise ServerUnavailableError(f"cannot connect to {self.base_url}: {error}") from error
+        except httpx.TimeoutException as error:
+            raise ServerUnavailableError(f"{self.base_url} did not answer in time: {error}") from error
+        except httpx.TransportError as error:
+            raise ServerUnavailableError(f"{self.base_url}: {error}") from error
+
+    async def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
+        return [token async for token in self.stream(prompt, **params)]
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            response = await self._http.get(HEALTH_PATH)
+        except httpx.TransportError as error:
+            raise ServerUnavailableError(f"cannot reach {self.base_url}: {error}") from error
+        if response.status_code != 200:
+            raise _error_from_status(response.status_code, response.headers, response.content)
+        return response.json()

@@ -1,0 +1,72 @@
+"""Settings of the token server (one frozen object, kept in ``app.state``; no module globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from glm4voice.hub import PUBLISHED_LLM
+
+DTYPES = ("bfloat16", "float16", "float32", "int8", "int4")
+"""``--dtype`` values: the three float types, and weight-only int8 / int4 (if the engine has it)."""
+
+DEFAULT_PORT = 10000
+DEFAULT_MAX_CONCURRENT_STREAMS = 32
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_QUEUE_TIMEOUT_S = 60.0
+DEFAULT_MAX_SEQ_LEN = 8192
+DEFAULT_MAX_NEW_TOKENS_CAP = 4096
+"""The original web demo asks for 2000 new tokens per turn; the cap leaves room for that."""
+DEFAULT_RETRY_AFTER_S = 2
+DEFAULT_SHUTDOWN_GRACE_S = 5.0
+MAX_BODY_BYTES_PER_TOKEN = 64
+"""Body size limit per allowed prompt token: an audio token is 15 characters of prompt text
+(``<|audio_12345|>``), and JSON escapes may take 6 bytes per character."""
+MIN_MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "localhost"
+    port: int = DEFAULT_PORT
+    model_path: str = PUBLISHED_LLM
+    dtype: str = "bfloat16"
+    device: str = "cuda:0"
+    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    """Streams generated at once (the engine's batch size)."""
+    max_queue: int = DEFAULT_MAX_QUEUE
+    """Requests that may wait for a free stream; beyond that the answer is 503."""
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
+    """A request that waited this long for a stream gets 503."""
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    """Prompt plus generated tokens per stream (the engine's KV cache length)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted (413 beyond); default ``max_seq_len - 1``."""
+    max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
+    """Largest ``max_new_tokens`` accepted (422 beyond). A request whose prompt plus
+    ``max_new_tokens`` exceeds ``max_seq_len`` is served up to ``max_seq_len``."""
+    eager: bool = False
+    """Run the engine without CUDA graphs / compilation."""
+    retry_after_s: int = DEFAULT_RETRY_AFTER_S
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("port", "max_concurrent_streams", "max_seq_len", "max_new_tokens_cap", "retry_after_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be at least 0, got {self.max_queue}")
+        if not self.queue_timeout_s > 0:
+            raise ValueError(f"queue_timeout_s must be positive, got {self.queue_timeout_s}")
+        if self.max_prompt_tokens is not None and not 1 <= self.max_prompt_tokens < self.max_seq_len:
+            raise ValueError(f"max_prompt_tokens must be in [1, max_seq_len={self.max_seq_len}), got {self.max_prompt_tokens}")
+
+    @property
+    def prompt_limit(self) -> int:
+        return self.max_prompt_tokens if self.max_prompt_tokens is not None else self.max_seq_len - 1
+
+    @property
+    def max_body_bytes(self) -> int:
+        return max(MIN_MAX_BODY_BYTES, self.prompt_limit * MAX_BODY_BYTES_PER_TOKEN)

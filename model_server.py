@@ -1,0 +1,255 @@
+"""GLM-4-Voice token server: the original's CLI and ``POST /generate_stream`` wire format, served
+by our batching engine.
+
+    python model_server.py --host localhost --port 10000 --model-path THUDM/glm-4-voice-9b \\
+        --device cuda:0 --dtype bfloat16
+
+The model loads and warms up before the port opens; ``GET /health`` then answers 200. Endpoints
+(docs/API.md): ``POST /generate_stream`` (newline-delimited JSON, one ``{"token_id": N,
+"error_code": 0}`` per token), ``GET /health``, ``GET /metrics`` (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from glm4voice.server import wire
+from glm4voice.server.admission import Admission, QueueFull
+from glm4voice.server.backend import TokenBackend
+from glm4voice.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from glm4voice.server.metrics import Outcome, ServerMetrics
+from glm4voice.server.schema import PromptLimits, RequestError, check_prompt_ids, parse_generate_request
+from glm4voice.server.settings import DTYPES, ServerSettings
+from glm4voice.server.streaming import StreamJob, TokenStreamResponse, busy_headers, json_response
+from glm4voice.text_tokenizer import GLMTokenizer
+
+logger = logging.getLogger("glm4voice.server")
+
+
+@dataclass
+class ServerState:
+    """Per-app state (``app.state.server``): nothing lives in module globals."""
+
+    settings: ServerSettings
+    backend: TokenBackend
+    tokenizer: GLMTokenizer | None
+    admission: Admission
+    metrics: ServerMetrics
+    ready: bool = False
+    request_ids: Any = field(default_factory=lambda: itertools.count(1))
+
+    def limits(self) -> PromptLimits:
+        """Prompt limits (once the engine has started: they depend on the loaded model)."""
+        engine_limit = getattr(self.backend, "max_seq_len", self.settings.max_seq_len) - 1
+        return PromptLimits(min(self.settings.prompt_limit, engine_limit), vocab_size=self.backend.vocab_size)
+
+
+def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | None = None) -> FastAPI:
+    """The FastAPI app around ``engine`` (a ``glm4voice.llm`` engine, or any :class:`TokenBackend`).
+
+    The lifespan starts the engine (load + warm-up) and loads the text tokenizer from the
+    checkpoint folder unless one is given; only then does the server accept connections.
+    """
+    from glm4voice.server.engine_backend import as_backend
+
+    backend = as_backend(engine, settings)
+    admission = Admission(settings.max_concurrent_streams, settings.max_queue)
+    metrics = ServerMetrics(active_streams=lambda: admission.active, queue_length=lambda: admission.waiting)
+    state = ServerState(settings, backend, tokenizer, admission, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        started = time.perf_counter()
+        logger.info("starting the engine: %s on %s (%s)", settings.model_path, settings.device, settings.dtype)
+        await backend.start()
+        if state.tokenizer is None:
+            state.tokenizer = await anyio.to_thread.run_sync(GLMTokenizer.from_pretrained, backend.checkpoint_folder)
+        metrics.register_engine(backend.stats, getattr(backend, "counter_names", frozenset()))
+        state.ready = True
+        logger.info("ready in %.1f s: serving on http://%s:%d", time.perf_counter() - started, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            state.ready = False
+            logger.info("stopping the engine")
+            await backend.stop()
+
+    app = FastAPI(title="GLM-4-Voice token server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        return json_response(error.status_code, wire.error_body(str(error.detail)), dict(error.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> Response:
+        return json_response(422, wire.error_body(f"invalid request: {error.errors()}"))
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request) -> Response:
+        arrived = time.perf_counter()
+        try:
+            return await _start_stream(state, request, arrived)
+        except RequestError as error:
+            metrics.count(Outcome.REJECTED)
+            return json_response(error.status, wire.error_body(error.text, error.detail))
+
+    @app.get("/health")
+    async def health() -> Response:
+        body = {
+            "status": "ready" if state.ready else "stopping",
+            "active_streams": admission.active,
+            "queue_length": admission.waiting,
+            "max_concurrent_streams": settings.max_concurrent_streams,
+            "max_queue": settings.max_queue,
+            "max_prompt_tokens": state.limits().max_prompt_tokens if state.ready else None,
+            "max_new_tokens_cap": settings.max_new_tokens_cap,
+            "model": settings.model_path,
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "engine": backend.stats(),
+        }
+        return json_response(200 if state.ready else 503, body)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    return app
+
+
+async def _start_stream(state: ServerState, request: Request, arrived: float) -> Response:
+    """Validate, tokenize and reserve a slot; every refusal here happens before streaming."""
+    settings = state.settings
+    if not state.ready:
+        state.metrics.count(Outcome.BUSY)
+        return json_response(503, wire.error_body("the server is stopping"), busy_headers(settings.retry_after_s))
+    body = await _read_body(request, settings.max_body_bytes)
+    parsed = parse_generate_request(body, settings.max_new_tokens_cap)
+    if parsed.prompt is not None:
+        if len(parsed.prompt) > settings.max_body_bytes:
+            raise RequestError(413, f"the prompt is longer than {settings.max_body_bytes} characters")
+        prompt_ids = await anyio.to_thread.run_sync(state.tokenizer.encode_prompt, parsed.prompt)
+    else:
+        prompt_ids = list(parsed.prompt_token_ids)
+    check_prompt_ids(prompt_ids, state.limits())
+    try:
+        ticket = state.admission.reserve()
+    except QueueFull as error:
+        state.metrics.count(Outcome.BUSY)
+        return json_response(503, wire.error_body(f"{error}; retry later"), busy_headers(settings.retry_after_s))
+    request_id = f"req-{next(state.request_ids)}"
+    logger.debug("%s: %d prompt tokens, %s", request_id, len(prompt_ids), parsed)
+    job = StreamJob(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        submit=lambda: state.backend.submit(prompt_ids, parsed),
+        ticket=ticket,
+        arrived=arrived,
+        queue_timeout_s=settings.queue_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        metrics=state.metrics,
+    )
+    return TokenStreamResponse(job)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the request body has {declared} bytes; this server accepts at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ServerSettings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the original's flags
+    parser.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=defaults.port, help="port (default %(default)s)")
+    parser.add_argument("--model-path", default=defaults.model_path, help="glm-4-voice-9b folder or hub id (default %(default)s)")
+    parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPES, help="weights and activations (default %(default)s)")
+    parser.add_argument("--device", default=defaults.device, help="cuda:N or cpu (default %(default)s)")
+    # serving
+    parser.add_argument("--max-concurrent-streams", type=int, default=defaults.max_concurrent_streams,
+                        help="streams generated at once: the engine's batch size (default %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="requests that may wait for a stream; more get 503 (default %(default)s)")
+    parser.add_argument("--queue-timeout", type=float, default=defaults.queue_timeout_s,
+                        help="seconds a request may wait for a stream before 503 (default %(default)s)")
+    parser.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len,
+                        help="prompt + generated tokens per stream (default %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: max-seq-len - 1)")
+    parser.add_argument("--max-new-tokens-cap", type=int, default=defaults.max_new_tokens_cap,
+                        help="largest max_new_tokens accepted (default %(default)s)")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs / compilation (slower; for debugging)")
+    parser.add_argument("--retry-after", type=int, default=defaults.retry_after_s, help="Retry-After seconds on 503")
+    parser.add_argument("--log-level", default=defaults.log_level, choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(
+        host=args.host, port=args.port, model_path=args.model_path, dtype=args.dtype, device=args.device,
+        max_concurrent_streams=args.max_concurrent_streams, max_queue=args.max_queue,
+        queue_timeout_s=args.queue_timeout, max_seq_len=args.max_seq_len, max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens_cap=args.max_new_tokens_cap, eager=args.eager, retry_after_s=args.retry_after,
+        log_level=args.log_level,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from glm4voice.server.engine_backend import build_engine
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.dtype == "int4":
+        parser.error("--dtype int4 (the original's bitsandbytes nf4) is not implemented by this engine; "
+                     "use --dtype int8 (weight-only int8, about half the memory of bfloat16)")
+    try:
+        engine = build_engine(settings)
+    except ValueError as error:  # e.g. a --dtype this engine does not implement
+        parser.error(str(error))
+    app = create_app(engine, settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        timeout_graceful_shutdown=settings.shutdown_grace_s, log_config=None,
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        logger.error("the server did not start (see the errors above)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
