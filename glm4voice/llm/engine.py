@@ -1,0 +1,720 @@
+"""Streaming generation engine for GLM-4-Voice-9B: continuous batching over a static KV cache.
+
+Usage (inside an asyncio program)::
+
+    engine = Engine.from_pretrained("THUDM/glm-4-voice-9b", EngineConfig(max_batch_size=32))
+    await engine.start()                      # loads, allocates the cache, warms up, captures graphs
+    stream = engine.submit(prompt_ids, SamplingParams(temperature=0.2, top_p=0.8, max_new_tokens=2000))
+    async for token_id in stream:             # the stop token that ended the reply is yielded too
+        ...
+    stream.finish_reason                      # "stop" | "length" | "cancelled" | "error"
+    await engine.stop()
+
+Concurrency model: one worker thread owns the model and the device. It blocks on a command queue
+while there is nothing to do (no polling); otherwise each iteration it takes new commands,
+admits waiting requests into free cache slots, runs up to ``prefill_chunk`` prompt tokens of
+chunked prefill, then one batched decode step for every running stream, and hands the new tokens
+to the event loop with one ``call_soon_threadsafe``. The event loop never waits on the device.
+A failure in a prefill ends that request's stream with :class:`GenerationError`; a failure in a
+decode step ends the streams of that batch; the worker goes on serving the others. Cancelling a
+stream frees its slot before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import heapq
+import logging
+import math
+import operator
+import queue
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
+from glm4voice.llm.config import GLMConfig
+from glm4voice.llm.model import GLMModel
+from glm4voice.llm.quant import INT8
+from glm4voice.llm.runner import DEFAULT_GRAPH_BATCH_SIZES, DecodeRow, ModelRunner
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**63 - 1
+ENGINE_DTYPES = ("bfloat16", "float16", "float32", INT8)
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+class EngineError(RuntimeError):
+    """Base of the engine's runtime errors."""
+
+
+class EngineBusyError(EngineError):
+    """The waiting queue is full; try again later (HTTP 503)."""
+
+
+class EngineNotRunningError(EngineError):
+    """submit() before start(), after stop(), or after the worker died."""
+
+
+class EngineStoppedError(EngineError):
+    """Raised from a stream that was still running when the engine stopped."""
+
+
+class GenerationError(EngineError):
+    """Raised from a stream whose generation failed; ``__cause__`` is the original error."""
+
+
+class InvalidSamplingParams(ValueError):
+    pass
+
+
+class InvalidPromptError(ValueError):
+    """The prompt is empty, too long for the cache, or holds ids outside the vocabulary."""
+
+
+class PromptTooLongError(InvalidPromptError):
+    pass
+
+
+# --- parameters --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling. ``temperature == 0`` is greedy; ``seed=None`` draws a random seed."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    """Extra ids that end the reply, on top of the checkpoint's eos ids."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise InvalidSamplingParams(f"temperature must be a number, got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidSamplingParams(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise InvalidSamplingParams(f"top_p must be a number, got {self.top_p!r}")
+        if not (0 < self.top_p <= 1):
+            raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidSamplingParams(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise InvalidSamplingParams(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        try:
+            stop_ids = frozenset(operator.index(i) for i in self.stop_ids)
+        except TypeError as error:
+            raise InvalidSamplingParams(f"stop_ids must be integers, got {self.stop_ids!r}") from error
+        if any(i < 0 for i in stop_ids):
+            raise InvalidSamplingParams(f"stop_ids must be >= 0, got {sorted(stop_ids)}")
+        object.__setattr__(self, "stop_ids", stop_ids)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"
+    """"auto" (CUDA if present, else CPU), "cuda", "cuda:1", "cpu"."""
+    dtype: str = "bfloat16"
+    """bfloat16 | float16 | float32 | int8 (weight-only int8; activations bfloat16 on CUDA, float32 on CPU)."""
+    max_batch_size: int = 64
+    """Concurrent streams (KV cache slots)."""
+    max_seq_len: int = 8192
+    """Prompt + reply tokens per stream (capped by the checkpoint's seq_length)."""
+    max_queue: int = 256
+    """Requests waiting for a slot before submit() raises EngineBusyError."""
+    prefill_chunk: int = 512
+    """Prompt tokens processed between two decode steps (bounds the stall of running streams)."""
+    cuda_graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_BATCH_SIZES
+    eager: bool = False
+    """No torch.compile and no CUDA graphs (the debugging fallback)."""
+    compile: bool | None = None
+    """torch.compile the per-token layer functions; None = on CUDA unless eager."""
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ENGINE_DTYPES:
+            raise ValueError(f"dtype must be one of {ENGINE_DTYPES}, got {self.dtype!r}")
+        for name in ("max_batch_size", "max_seq_len", "max_queue", "prefill_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if any(not isinstance(b, int) or b < 1 for b in self.cuda_graph_batch_sizes):
+            raise ValueError(f"cuda_graph_batch_sizes must be positive integers, got {self.cuda_graph_batch_sizes}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def activation_dtype(self) -> torch.dtype:
+        if self.dtype == INT8:
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    def use_compile(self) -> bool:
+        if self.eager:
+            return False
+        return self.torch_device().type == "cuda" if self.compile is None else self.compile
+
+    def use_cuda_graphs(self) -> bool:
+        return not self.eager and self.torch_device().type == "cuda"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: bool
+    active_streams: int
+    """Requests holding a cache slot (prefilling or decoding)."""
+    queued: int
+    """Requests waiting for a slot."""
+    tokens_generated: int
+    prompt_tokens: int
+    requests_finished: int
+    requests_failed: int
+    decode_steps: int
+    prefill_chunks: int
+
+
+# --- streams -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _End:
+    reason: FinishReason
+    error: BaseException | None = None
+
+
+class GenerationStream:
+    """Async iterator of generated token ids for one request. ``cancel()`` ends it (and frees its
+    cache slot before the next step); ``finish_reason`` is set once it has ended. Use as
+    ``async with engine.submit(...) as stream:`` to cancel automatically on early exit."""
+
+    def __init__(self, engine: "Engine", request_id: int, prompt_len: int, params: SamplingParams) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self.prompt_len = prompt_len
+        self.params = params
+        self.finish_reason: FinishReason | None = None
+        self.tokens_generated = 0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._closed = False
+
+    def __aiter__(self) -> "GenerationStream":
+        return self
+
+    async def __anext__(self) -> int:
+        if self._closed:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if self._closed:  # cancelled while waiting
+            raise StopAsyncIteration
+        if isinstance(item, int):
+            return item
+        self._closed = True
+        self.finish_reason = item.reason
+        if item.error is not None:
+            raise item.error
+        raise StopAsyncIteration
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating (idempotent; no effect on a finished stream)."""
+        if self.finish_reason is not None:
+            return
+        self.finish_reason = FinishReason.CANCELLED
+        self._closed = True
+        self._queue.put_nowait(_End(FinishReason.CANCELLED))
+        self._engine._cancel(self.request_id)
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> "GenerationStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.cancel()
+
+    def _push(self, token: int | None, end: _End | None) -> None:
+        if self.finish_reason is FinishReason.CANCELLED:
+            return
+        if token is not None:
+            self.tokens_generated += 1
+            self._queue.put_nowait(token)
+        if end is not None:
+            self._queue.put_nowait(end)
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    stream: GenerationStream
+    slot: int = -1
+    prefilled: int = 0
+    generated: int = 0
+    last_token: int = -1
+
+    @property
+    def position(self) -> int:
+        """Position of ``last_token`` (where the next decode step writes its key/value)."""
+        return len(self.prompt) + self.generated - 1
+
+
+_Event = tuple[GenerationStream, "int | None", "_End | None"]
+
+
+# --- engine ------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """See the module docstring. Construct with :meth:`from_pretrained` (a folder or hub id) or
+    :meth:`from_model` (an already loaded :class:`GLMModel`)."""
+
+    def __init__(
+        self,
+        source: str | Path | LoadedModel,
+        config: EngineConfig | None = None,
+        *,
+        stop_ids: Iterable[int] | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self._source = source
+        self._stop_override = None if stop_ids is None else frozenset(int(i) for i in stop_ids)
+        self._loaded: LoadedModel | None = source if isinstance(source, LoadedModel) else None
+        self._runner: ModelRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._running = False
+        self._fatal: BaseException | None = None
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._queued = 0
+        self._open: set[int] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # worker-side state
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._prefilling: list[_Request] = []
+        self._decoding: list[_Request] = []
+        self._free_slots: list[int] = []
+        self._counters = collections.Counter()
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, config: EngineConfig | None = None, **kwargs) -> "Engine":
+        return cls(path_or_id, config, **kwargs)
+
+    @classmethod
+    def from_model(cls, model: GLMModel, config: EngineConfig | None = None, *, stop_ids: Iterable[int] = ()) -> "Engine":
+        loaded = LoadedModel(model, model.config, frozenset(int(i) for i in stop_ids), Path("."))
+        return cls(loaded, config, stop_ids=stop_ids)
+
+    # --- properties ---------------------------------------------------------------------------------
+    @property
+    def model_config(self) -> GLMConfig:
+        self._require_loaded()
+        return self._loaded.config
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        self._require_loaded()
+        return self._stop_override if self._stop_override is not None else self._loaded.stop_ids
+
+    @property
+    def max_seq_len(self) -> int:
+        self._require_loaded()
+        return min(self.config.max_seq_len, self._loaded.config.seq_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    @property
+    def running(self) -> bool:
+        return self._running and self._fatal is None
+
+    @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise EngineNotRunningError("the engine has not been started")
+        return self._runner
+
+    def _require_loaded(self) -> None:
+        if self._loaded is None:
+            raise EngineNotRunningError("the model is loaded by start(); call it first")
+
+    def stats(self) -> EngineStats:
+        c = self._counters
+        return EngineStats(
+            running=self.running,
+            active_streams=len(self._prefilling) + len(self._decoding),
+            queued=self._queued,
+            tokens_generated=c["tokens"],
+            prompt_tokens=c["prompt_tokens"],
+            requests_finished=c["finished"],
+            requests_failed=c["failed"],
+            decode_steps=c["decode_steps"],
+            prefill_chunks=c["prefill_chunks"],
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the model (if given a path), allocate the KV cache, warm up; returns when ready."""
+        if self._thread is not None:
+            raise EngineError("start() was already called")
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future = self._loop.create_future()
+        self._thread = threading.Thread(target=self._worker_main, args=(ready,), name="glm4voice-llm-engine", daemon=True)
+        self._thread.start()
+        await ready
+        self._running = True
+
+    async def stop(self) -> None:
+        """End every stream (EngineStoppedError) and the worker thread."""
+        self._running = False
+        if self._thread is None:
+            return
+        self._commands.put(("stop", None))
+        await asyncio.to_thread(self._thread.join)
+
+    async def __aenter__(self) -> "Engine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def wait_idle(self) -> None:
+        """Until no request is queued or running (every stream ended and its slot freed)."""
+        await self._idle.wait()
+
+    # --- requests -----------------------------------------------------------------------------------
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> GenerationStream:
+        """Queue a request; raises at once for bad input, a full queue, or a stopped engine."""
+        if not self.running:
+            raise EngineNotRunningError(
+                "the engine is not running" + (f" (the worker failed: {self._fatal!r})" if self._fatal else "")
+            )
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt = self._validate_prompt(prompt_ids)
+        with self._lock:
+            if self._queued >= self.config.max_queue:
+                raise EngineBusyError(f"{self._queued} requests are already waiting (max_queue={self.config.max_queue})")
+            self._queued += 1
+        request_id = self._next_id
+        self._next_id += 1
+        stream = GenerationStream(self, request_id, len(prompt), params)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        request = _Request(request_id, prompt, params, seed, self.stop_ids | params.stop_ids, stream)
+        self._open.add(request_id)
+        self._idle.clear()
+        self._commands.put(("submit", request))
+        return stream
+
+    def _validate_prompt(self, prompt_ids: Sequence[int]) -> tuple[int, ...]:
+        if isinstance(prompt_ids, (str, bytes)):
+            raise InvalidPromptError("prompt_ids must be a sequence of token ids, not text")
+        try:
+            prompt = tuple(operator.index(i) for i in prompt_ids)
+        except TypeError as error:
+            raise InvalidPromptError(f"prompt_ids must be integers: {error}") from error
+        if not prompt:
+            raise InvalidPromptError("the prompt is empty")
+        if len(prompt) >= self.max_seq_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt)} tokens; at most {self.max_seq_len - 1} fit (max_seq_len={self.max_seq_len})"
+            )
+        vocab = self.vocab_size
+        bad = [i for i in prompt if not 0 <= i < vocab]
+        if bad:
+            raise InvalidPromptError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return prompt
+
+    def _cancel(self, request_id: int) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(("cancel", request_id))
+
+    # --- event-loop side of the worker's output -----------------------------------------------------
+    def _post(self, events: list[_Event]) -> None:
+        if not events:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, events)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            logger.warning("event loop closed; dropping %d stream events", len(events))
+
+    def _dispatch(self, events: list[_Event]) -> None:
+        for stream, token, end in events:
+            stream._push(token, end)
+            if end is not None:
+                self._open.discard(stream.request_id)
+        if not self._open:
+            self._idle.set()
+
+    # --- worker thread ------------------------------------------------------------------------------
+    def _worker_main(self, ready: asyncio.Future) -> None:
+        try:
+            with torch.inference_mode():
+                self._prepare()
+        except BaseException as error:
+            logger.exception("engine start failed")
+            self._fatal = error
+            self._loop.call_soon_threadsafe(_resolve, ready, error)
+            return
+        self._loop.call_soon_threadsafe(_resolve, ready, None)
+        reason: BaseException = EngineStoppedError("the engine was stopped")
+        try:
+            with torch.inference_mode():
+                self._serve()
+        except BaseException as error:  # a bug in the loop itself: fail loudly, never silently
+            logger.exception("engine worker crashed")
+            self._fatal = error
+            reason = error
+        finally:
+            self._running = False
+            self._end_all(reason)
+
+    def _prepare(self) -> None:
+        config = self.config
+        device = config.torch_device()
+        if self._loaded is None:
+            self._loaded = load_model(
+                self._source, device=device, dtype=config.activation_dtype(),
+                quantize=INT8 if config.dtype == INT8 else None,
+            )  # fmt: skip
+        elif self._loaded.model.device != device:
+            raise EngineError(f"the model is on {self._loaded.model.device}, the engine is configured for {device}")
+        self._runner = ModelRunner(
+            self._loaded.model,
+            config.max_batch_size,
+            self.max_seq_len,
+            cuda_graphs=config.use_cuda_graphs(),
+            compile=config.use_compile(),
+            graph_batch_sizes=config.cuda_graph_batch_sizes,
+        )
+        self._free_slots = list(range(config.max_batch_size))
+        heapq.heapify(self._free_slots)
+        if config.warmup:
+            self._runner.warm_up()
+        logger.info("engine ready on %s: %d slots x %d tokens, KV cache %.2f GB, stop ids %s", device,
+                    config.max_batch_size, self.max_seq_len, self._runner.cache.nbytes() / 1e9,
+                    sorted(self.stop_ids))  # fmt: skip
+
+    def _serve(self) -> None:
+        while True:
+            busy = bool(self._waiting or self._prefilling or self._decoding)
+            if not self._take_commands(block=not busy):
+                return
+            self._admit()
+            events: list[_Event] = []
+            if self._prefilling:
+                self._prefill(events)
+            if self._decoding:
+                self._decode(events)
+            self._post(events)
+
+    def _take_commands(self, block: bool) -> bool:
+        """Apply queued commands (waiting for one if ``block``); False once asked to stop."""
+        while True:
+            try:
+                kind, payload = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "submit":
+                self._waiting.append(payload)
+            elif kind == "cancel":
+                self._cancel_request(payload)
+
+    def _cancel_request(self, request_id: int) -> None:
+        for request in self._waiting:
+            if request.id == request_id:
+                self._waiting.remove(request)
+                self._dequeued()
+                self._post([(request.stream, None, _End(FinishReason.CANCELLED))])
+                return
+        for group in (self._prefilling, self._decoding):
+            for request in group:
+                if request.id == request_id:
+                    group.remove(request)
+                    self._release(request)
+                    self._post([(request.stream, None, _End(FinishReason.CANCELLED))])
+                    return
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    def _admit(self) -> None:
+        while self._waiting and self._free_slots:
+            request = self._waiting.popleft()
+            self._dequeued()
+            request.slot = heapq.heappop(self._free_slots)
+            params = request.params
+            self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
+            self._prefilling.append(request)
+
+    def _release(self, request: _Request) -> None:
+        if request.slot >= 0:
+            heapq.heappush(self._free_slots, request.slot)
+            request.slot = -1
+
+    def _prefill(self, events: list[_Event]) -> None:
+        """Up to ``prefill_chunk`` prompt tokens, oldest request first."""
+        budget = self.config.prefill_chunk
+        while budget > 0 and self._prefilling:
+            request = self._prefilling[0]
+            start = request.prefilled
+            chunk = request.prompt[start : start + budget]
+            last = start + len(chunk) == len(request.prompt)
+            try:
+                token = self._runner.prefill(request.slot, chunk, start, sample=last)
+            except Exception as error:
+                logger.exception("prefill of request %d failed", request.id)
+                self._prefilling.pop(0)
+                self._fail(request, error, events)
+                continue
+            self._counters["prefill_chunks"] += 1
+            self._counters["prompt_tokens"] += len(chunk)
+            request.prefilled += len(chunk)
+            budget -= len(chunk)
+            if last:
+                self._prefilling.pop(0)
+                if self._accept(request, token, events):
+                    self._decoding.append(request)
+
+    def _decode(self, events: list[_Event]) -> None:
+        batch = list(self._decoding)
+        rows = [DecodeRow(r.slot, r.last_token, r.position) for r in batch]
+        try:
+            tokens = self._runner.decode(rows)
+        except Exception as error:
+            logger.exception("decode step failed for %d streams", len(batch))
+            self._decoding.clear()
+            for request in batch:
+                self._fail(request, error, events)
+            return
+        self._counters["decode_steps"] += 1
+        self._decoding = [r for r, token in zip(batch, tokens) if self._accept(r, token, events)]
+
+    def _accept(self, request: _Request, token: int, events: list[_Event]) -> bool:
+        """Record a new token; True if the request goes on."""
+        request.generated += 1
+        request.last_token = token
+        self._counters["tokens"] += 1
+        reason = None
+        if token in request.stop_ids:
+            reason = FinishReason.STOP
+        elif request.generated >= request.params.max_new_tokens or len(request.prompt) + request.generated >= self.max_seq_len:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            events.append((request.stream, token, None))
+            return True
+        self._release(request)
+        self._counters["finished"] += 1
+        events.append((request.stream, token, _End(reason)))
+        return False
+
+    def _fail(self, request: _Request, error: BaseException, events: list[_Event]) -> None:
+        self._release(request)
+        self._counters["failed"] += 1
+        failure = GenerationError(f"generation failed: {type(error).__name__}: {error}")
+        failure.__cause__ = error
+        events.append((request.stream, None, _End(FinishReason.ERROR, failure)))
+
+    def _end_all(self, reason: BaseException) -> None:
+        events: list[_Event] = []
+        while True:  # requests submitted but not yet taken from the command queue
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "submit":
+                self._waiting.append(payload)
+        for request in [*self._waiting, *self._prefilling, *self._decoding]:
+            if request in self._waiting:
+                self._dequeued()
+            self._release(request)
+            error = EngineStoppedError(str(reason)) if isinstance(reason, EngineStoppedError) else None
+            if error is None:
+                error = GenerationError(f"the engine worker failed: {type(reason).__name__}: {reason}")
+                error.__cause__ = reason
+            events.append((request.stream, None, _End(FinishReason.ERROR, error)))
+        self._waiting.clear()
+        self._prefilling.clear()
+        self._decoding.clear()
+        self._post(events)
+
+
+def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def generate_sync(engine_source, prompts: Sequence[Sequence[int]], params: SamplingParams, config: EngineConfig | None = None) -> list[list[int]]:
+    """Convenience for scripts: run ``prompts`` concurrently on a fresh engine; token lists."""
+
+    async def run() -> list[list[int]]:
+        async with Engine(engine_source, config) as engine:
+            streams = [engine.submit(p, params) for p in prompts]
+            return list(await asyncio.gather(*(_collect(s) for s in streams)))
+
+    return asyncio.run(run())
+
+
+async def _collect(stream: GenerationStream) -> list[int]:
+    return [token async for token in stream]
+
+
+__all__ = [
+    "Engine",
+    "EngineBusyError",
+    "EngineConfig",
+    "EngineError",
+    "EngineNotRunningError",
+    "EngineStats",
+    "EngineStoppedError",
+    "FinishReason",
+    "GenerationError",
+    "GenerationStream",
+    "InvalidPromptError",
+    "InvalidSamplingParams",
+    "PromptTooLongError",
+    "SamplingParams",
+]
+

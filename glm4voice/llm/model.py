@@ -1,0 +1,285 @@
+"""GLM-4-Voice-9B as a compact decoder with a preallocated KV cache.
+
+Why our own module and not transformers' ``GlmForCausalLM``: the engine needs two entry points that
+a generic model does not offer: a chunked prefill that writes one slot of a static KV cache, and a
+batched one-token decode step over many slots of that cache, written with static shapes so that it
+can be captured as a single CUDA graph (the host is launch-bound; see DESIGN.md section 6). The
+math is 60 lines here, the checkpoint's fused ``query_key_value`` and ``dense_h_to_4h`` tensors stay
+fused (fewer, larger matmuls, and a rename-only key mapping), and the per-token parts of a layer are
+plain functions of ``(layer, tensors)`` so that ``torch.compile`` traces them once for all 40
+layers. transformers' GLM stays the independent reference (``glm4voice.llm.hf_glm``, tests, bench).
+
+The math of the ChatGLM code (glm-4-voice-9b ``modeling_chatglm.py``), per layer:
+``x += dense(attn(rope(qkv(rmsnorm(x)))))``; ``x += dense_4h_to_h(silu(gate) * up)`` with
+``[gate | up] = dense_h_to_4h(rmsnorm(x))``. RMSNorm computes in float32. Rotary embeddings act on
+the first half of each head's dims, on interleaved pairs ``(2i, 2i+1)``, angle ``pos * base^(-2i/r)``
+with ``r = head_dim / 2`` and ``base = 10000 * rope_ratio``. Grouped-query attention: query head
+``h`` reads key/value head ``h // (num_heads / num_kv_heads)``; scale ``1/sqrt(head_dim)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm4voice.llm.config import GLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class Linear(nn.Module):
+    """``y = x W^T (+ b)``; ``W`` is either floating point or int8 with one scale per output row
+    (set by :func:`glm4voice.llm.quant.quantize_int8`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.register_buffer("scale", None)
+        self.int8_kernel = False
+        """Use ``torch._weight_int8pack_mm`` (probed per device by the quantizer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            y = F.linear(x, self.weight)
+        elif self.int8_kernel:
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.attn_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.qkv = Linear(config.hidden_size, config.qkv_size, bias=config.qkv_bias)
+        self.out = Linear(config.q_size, config.hidden_size, bias=False)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.gate_up = Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
+        self.down = Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the first ``2 * cos.shape[-1]`` dims of each head.
+    ``x``: [tokens, heads, head_dim]; ``cos``/``sin``: [tokens, rotary_dim // 2] (float32)."""
+    rot = 2 * cos.shape[-1]
+    pairs = x[..., :rot].float().unflatten(-1, (rot // 2, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotated = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), x[..., rot:]), dim=-1)
+
+
+def attention_inputs(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Per-token first half of a layer: ``x`` [n, hidden] -> q [n, H, d], k and v [n, KV, d]."""
+    qkv = block.qkv(block.attn_norm(x))
+    q, k, v = qkv.split([block.q_size, block.kv_size, block.kv_size], dim=-1)
+    q = apply_rope(q.unflatten(-1, (block.num_heads, block.head_dim)), cos, sin)
+    k = apply_rope(k.unflatten(-1, (block.num_kv_heads, block.head_dim)), cos, sin)
+    return q, k, v.unflatten(-1, (block.num_kv_heads, block.head_dim))
+
+
+def attention_output_and_mlp(block: Block, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Per-token second half of a layer: output projection, residual, SwiGLU MLP, residual."""
+    x = x + block.out(context)
+    gate, up = block.gate_up(block.mlp_norm(x)).chunk(2, dim=-1)
+    return x + block.down(F.silu(gate) * up)
+
+
+def final_logits(model: "GLMModel", x: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.final_norm(x)).float()
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for a fixed number of slots (one per running stream).
+
+    Layout ``[layers, slots, kv_heads, capacity, head_dim]``: a slot's keys of one head are
+    contiguous, so attention reads them as plain strided matrices. ``capacity`` is
+    ``max_seq_len + 1``: the last position is scratch space where idle rows of a padded decode
+    batch write, never read by a live stream.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: GLMConfig, slots: int, max_seq_len: int, dtype: torch.dtype, device) -> "KVCache":
+        shape = (config.num_layers, slots, config.num_kv_heads, max_seq_len + 1, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[3] - 1
+
+    @property
+    def scratch_position(self) -> int:
+        return self.k.shape[3] - 1
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+StepFunctions = tuple[Callable, Callable, Callable]
+
+
+class GLMModel(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.steps: StepFunctions = (attention_inputs, attention_output_and_mlp, final_logits)
+        """The per-token functions; :meth:`compile_steps` swaps in compiled versions."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype (the norms' dtype; linear weights may be int8)."""
+        return self.final_norm.weight.dtype
+
+    def compile_steps(self, **compile_options) -> None:
+        """torch.compile the per-token functions (compiled once, shared by all layers; the
+        number of tokens is dynamic)."""
+        self.steps = tuple(_dynamic_rows(torch.compile(fn, **compile_options)) for fn in
+                           (attention_inputs, attention_output_and_mlp, final_logits))  # fmt: skip
+
+    def eager_steps(self) -> None:
+        self.steps = (attention_inputs, attention_output_and_mlp, final_logits)
+
+    def rope_tables(self, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, float32 [length, rotary_dim // 2], for positions 0..length-1."""
+        r = self.config.rotary_dim
+        device = device if device is not None else self.device
+        theta = 1.0 / (self.config.rope_base ** (torch.arange(0, r, 2, dtype=torch.float64, device=device) / r))
+        angles = torch.outer(torch.arange(length, dtype=torch.float64, device=device), theta)
+        return angles.cos().float(), angles.sin().float()
+
+    # --- prefill: one slot, a chunk of consecutive positions ------------------------------------------
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache,
+        slot: int,
+        start: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Run ``ids`` (1-D, positions ``start ..``) through the model for cache slot ``slot``,
+        writing its keys and values; return float32 logits of the last position (or all)."""
+        attn_in, attn_out, logits = self.steps
+        n = ids.shape[0]
+        end = start + n
+        if end > cache.max_seq_len:
+            raise ValueError(f"positions up to {end} do not fit the KV cache ({cache.max_seq_len})")
+        positions = torch.arange(start, end, device=ids.device)
+        cos, sin = rope[0][positions], rope[1][positions]
+        group = self.config.group_size
+        query_pos = positions[:, None]
+        mask = None if start == 0 else torch.arange(end, device=ids.device)[None, :] <= query_pos
+        x = self.embed(ids)
+        for layer, block in enumerate(self.layers):
+            q, k, v = attn_in(block, x, cos, sin)
+            k_cache, v_cache = cache.k[layer, slot], cache.v[layer, slot]
+            k_cache[:, start:end] = k.transpose(0, 1)
+            v_cache[:, start:end] = v.transpose(0, 1)
+            keys = k_cache[:, :end].repeat_interleave(group, dim=0)
+            values = v_cache[:, :end].repeat_interleave(group, dim=0)
+            context = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None
+            )
+            x = attn_out(block, x, context[0].transpose(0, 1).reshape(n, -1))
+        return logits(self, x[-1:] if last_only else x)
+
+    # --- decode: one new token for each of the first b slots ----------------------------------------
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_len: int,
+    ) -> torch.Tensor:
+        """``tokens``/``positions`` [b]: row i is slot i. Writes each row's key/value at its
+        position and attends over the slot's first ``kv_len`` positions (masked beyond its own
+        position). Static shapes for a given (b, kv_len): this is what a CUDA graph captures.
+        Returns float32 logits [b, vocab]."""
+        attn_in, attn_out, logits = self.steps
+        b = tokens.shape[0]
+        rows = torch.arange(b, device=tokens.device)
+        cos, sin = rope[0][positions], rope[1][positions]
+        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
+        x = self.embed(tokens)
+        for layer, block in enumerate(self.layers):
+            q, k, v = attn_in(block, x, cos, sin)
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            k_cache[rows, :, positions] = k
+            v_cache[rows, :, positions] = v
+            # the query heads of a group become the query axis: no key/value expansion needed
+            context = F.scaled_dot_product_attention(
+                q.view(b, kv_heads, group, head_dim), k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask
+            )
+            x = attn_out(block, x, context.reshape(b, -1))
+        return logits(self, x)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Plain full forward of one sequence (1-D ids): float32 logits for every position."""
+        n = ids.shape[0]
+        cache = KVCache.allocate(self.config, 1, n, self.dtype, ids.device)
+        return self.prefill(ids, cache, 0, 0, self.rope_tables(n, ids.device), last_only=False)
+
+
+def _dynamic_rows(fn: Callable) -> Callable:
+    """Mark the token axis of the tensor arguments dynamic so one compiled graph serves every
+    batch size and chunk length (sizes 1 get their own specialisation, as dynamo always does)."""
+
+    def call(module, *tensors):
+        for tensor in tensors:
+            if tensor.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return fn(module, *tensors)
+
+    return call
+
+
+def build_meta_model(config: GLMConfig) -> GLMModel:
+    """The module with every tensor on the meta device (no memory); the loader fills it."""
+    with torch.device("meta"):
+        return GLMModel(config)

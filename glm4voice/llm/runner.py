@@ -1,0 +1,195 @@
+"""Device side of the engine: the KV cache, per-slot sampling state, chunked prefill, and the
+batched decode step captured as CUDA graphs.
+
+Slot ``i`` of the cache is row ``i`` of a decode batch. A decode step runs the first ``b`` rows,
+``b`` the smallest captured batch size covering the highest busy slot; rows of idle slots write to
+the cache's scratch position and their tokens are ignored. Attention reads the first ``kv_len``
+positions of each slot, ``kv_len`` the smallest captured length covering the longest sequence. One
+CUDA graph per (b, kv_len) pair replays embedding, 40 layers, logits and sampling with no host
+work; the host only writes the new tokens and positions before and reads the sampled ids after.
+
+Everything here runs on one thread (the engine's worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from glm4voice.llm.model import GLMModel, KVCache
+from glm4voice.llm.sampling import sample_next
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+MIN_KV_BUCKET = 256
+
+
+def kv_buckets(max_seq_len: int, smallest: int = MIN_KV_BUCKET) -> tuple[int, ...]:
+    """Attention lengths with a captured graph: powers of two from ``smallest``, then max_seq_len."""
+    sizes, size = [], smallest
+    while size < max_seq_len:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes) + (max_seq_len,)
+
+
+def _cover(sizes: Sequence[int], n: int) -> int | None:
+    return next((s for s in sizes if s >= n), None)
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    slot: int
+    token: int
+    position: int
+    """Position of ``token`` in its sequence (where its key/value are written)."""
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: GLMModel,
+        max_slots: int,
+        max_seq_len: int,
+        *,
+        cuda_graphs: bool,
+        compile: bool,
+        graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
+        kv_lengths: Sequence[int] | None = None,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.device = model.device
+        self.max_slots = max_slots
+        self.max_seq_len = max_seq_len
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.cache = KVCache.allocate(model.config, max_slots, max_seq_len, cache_dtype or model.dtype, self.device)
+        self.rope = model.rope_tables(max_seq_len + 1, self.device)
+        self.scratch = self.cache.scratch_position
+        sizes = sorted({s for s in graph_batch_sizes if s < max_slots} | {max_slots})
+        self.batch_sizes = tuple(sizes)
+        self.kv_lengths = tuple(sorted(set(kv_lengths))) if kv_lengths else kv_buckets(max_seq_len)
+        if self.kv_lengths[-1] < max_seq_len:
+            raise ValueError(f"kv lengths {self.kv_lengths} do not reach max_seq_len {max_seq_len}")
+        device = self.device
+        self.tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.positions = torch.full((max_slots,), self.scratch, dtype=torch.long, device=device)
+        self.temperature = torch.ones(max_slots, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(max_slots, dtype=torch.float32, device=device)
+        self.seeds = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.next_tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
+        pin = device.type == "cuda"
+        self._host_tokens = torch.zeros(max_slots, dtype=torch.long, pin_memory=pin)
+        self._host_positions = torch.full((max_slots,), self.scratch, dtype=torch.long, pin_memory=pin)
+        self.sample: Callable = sample_next
+        if compile:
+            model.compile_steps()
+            self.sample = _dynamic_rows(torch.compile(sample_next))
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    # --- per-slot state -----------------------------------------------------------------------------
+    def set_sampling(self, slot: int, temperature: float, top_p: float, seed: int) -> None:
+        self.temperature[slot] = temperature
+        self.top_p[slot] = top_p
+        self.seeds[slot] = seed
+
+    # --- prefill ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: Sequence[int], start: int, sample: bool) -> int | None:
+        """Write ``ids`` (positions ``start ..``) into ``slot``; with ``sample``, draw and return
+        the next token (the one at position ``start + len(ids)``)."""
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
+        logits = self.model.prefill(ids_t, self.cache, slot, start, self.rope)
+        if not sample:
+            return None
+        counter = torch.tensor([start + len(ids)], dtype=torch.long, device=self.device)
+        token = self.sample(logits, self.temperature[slot : slot + 1], self.top_p[slot : slot + 1],
+                            self.seeds[slot : slot + 1], counter)  # fmt: skip
+        return int(token.item())
+
+    # --- decode -------------------------------------------------------------------------------------
+    def _step(self, b: int, kv_len: int) -> None:
+        positions = self.positions[:b]
+        logits = self.model.decode(self.tokens[:b], positions, self.cache, self.rope, kv_len)
+        token = self.sample(logits, self.temperature[:b], self.top_p[:b], self.seeds[:b], positions + 1)
+        self.next_tokens[:b].copy_(token)
+
+    def shape_for(self, rows: Sequence[DecodeRow]) -> tuple[int, int, bool]:
+        """(batch rows, attention length, replay a graph?) for a decode step over ``rows``."""
+        highest = max(row.slot for row in rows) + 1
+        longest = max(row.position for row in rows) + 1
+        if self.cuda_graphs:
+            b, kv_len = _cover(self.batch_sizes, highest), _cover(self.kv_lengths, longest)
+            if b is not None and kv_len is not None and (b, kv_len) in self.graphs:
+                return b, kv_len, True
+        return highest, longest, False
+
+    @torch.inference_mode()
+    def decode(self, rows: Sequence[DecodeRow]) -> list[int]:
+        """One new token for each row (same order)."""
+        if not rows:
+            return []
+        b, kv_len, replay = self.shape_for(rows)
+        self._host_positions[:b] = self.scratch
+        for row in rows:
+            if not 0 <= row.position < self.max_seq_len:
+                raise ValueError(f"slot {row.slot}: position {row.position} outside the cache")
+            self._host_tokens[row.slot] = row.token
+            self._host_positions[row.slot] = row.position
+        self.tokens[:b].copy_(self._host_tokens[:b], non_blocking=True)
+        self.positions[:b].copy_(self._host_positions[:b], non_blocking=True)
+        if replay:
+            self.graphs[(b, kv_len)].replay()
+        else:
+            self._step(b, kv_len)
+        out = self.next_tokens[:b].tolist()
+        return [out[row.slot] for row in rows]
+
+    # --- warm-up and graph capture ------------------------------------------------------------------
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run every code path once (compiles, kernel selection), then capture the decode graphs."""
+        started = time.perf_counter()
+        warm_ids = list(range(1, 9))
+        self.prefill(0, warm_ids, 0, sample=True)
+        self.prefill(0, warm_ids[:1], len(warm_ids), sample=True)
+        self.positions.fill_(self.scratch)
+        self._host_positions.fill_(self.scratch)
+        if not self.cuda_graphs:
+            for b in sorted({1, 2, self.max_slots}):
+                self._step(min(b, self.max_slots), self.kv_lengths[0])
+            logger.info("warm-up (no CUDA graphs) took %.1f s", time.perf_counter() - started)
+            return
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for b in self.batch_sizes:
+                for kv_len in self.kv_lengths:
+                    self._step(b, kv_len)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.batch_sizes):
+            for kv_len in reversed(self.kv_lengths):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(b, kv_len)
+                self.graphs[(b, kv_len)] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info("warm-up: %d decode graphs (batch %s x attention length %s) in %.1f s", len(self.graphs),
+                    self.batch_sizes, self.kv_lengths, time.perf_counter() - started)  # fmt: skip
+
+
+def _dynamic_rows(fn: Callable) -> Callable:
+    def call(*tensors):
+        for tensor in tensors:
+            if tensor.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return fn(*tensors)
+
+    return call

@@ -1,0 +1,63 @@
+"""Temperature / top-p sampling for a batch of rows, on the device, with per-row seeds.
+
+No host round trip and no torch.Generator state: the randomness of row ``i`` is a counter-based
+hash of (its seed, the index of the token being drawn, the vocabulary id), so the whole step can
+live in a CUDA graph, a request's draws do not depend on which other requests share its batch,
+and the same seed replays the same reply. Drawing uses the exponential race: with
+``E_j ~ Exp(1)`` independent, ``argmax_j p_j / E_j`` is distributed as ``p``.
+
+Semantics match transformers' ``TemperatureLogitsWarper`` then ``TopPLogitsWarper``: divide the
+logits by the temperature, keep the most probable tokens until their mass reaches ``top_p`` (the
+token that crosses the threshold is kept), renormalise. ``temperature == 0`` means greedy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# odd multipliers below 2**31: products with 32-bit values stay inside int64
+_MUL1, _MUL2, _MUL3 = 0x7FEB352D, 0x2C1B3C6D, 0x297A2D39
+_MIN_TEMPERATURE = 1e-5
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche mix of int64 tensors holding values in [0, 2**32)."""
+    h = h ^ (h >> 16)
+    h = (h * _MUL1) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * _MUL2) & _MASK32
+    return h ^ (h >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) float32, one per (row, token id): ``seeds``/``counters`` int64 [b],
+    ``token_ids`` int64 [b, n] (or broadcastable)."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    key = _mix32(_mix32(_mix32(hi) ^ lo) ^ (counters & _MASK32))
+    h = _mix32(_mix32(key[:, None] ^ ((token_ids * _MUL3) & _MASK32)))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    counters: torch.Tensor,
+) -> torch.Tensor:
+    """Next token id per row (int64 [b]) from float32 ``logits`` [b, vocab].
+
+    ``temperature``/``top_p`` float32 [b]; ``seeds`` int64 [b] in [0, 2**63); ``counters`` int64 [b]:
+    the index of the token being drawn (its position in the sequence)."""
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / temperature.clamp_min(_MIN_TEMPERATURE)[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    sorted_probs = sorted_probs * keep
+    exponential = -torch.log(uniform_noise(seeds, counters, sorted_ids))
+    choice = (sorted_probs / exponential).argmax(dim=-1, keepdim=True)
+    sampled = sorted_ids.gather(-1, choice).squeeze(-1)
+    return torch.where(temperature > 0, sampled, greedy)

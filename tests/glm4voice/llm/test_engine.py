@@ -1,0 +1,317 @@
+"""The engine contract on the CPU with the tiny checkpoint."""
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from glm4voice.llm.engine import (
+    Engine,
+    EngineBusyError,
+    EngineConfig,
+    EngineNotRunningError,
+    EngineStoppedError,
+    FinishReason,
+    GenerationError,
+    InvalidPromptError,
+    InvalidSamplingParams,
+    PromptTooLongError,
+    SamplingParams,
+)
+
+PROMPTS = [
+    [5, 9, 13],
+    list(range(100, 141)),
+    [7] * 12,
+    [3000, 2, 17000, 44, 9],
+    list(range(500, 520)),
+    [1],
+    list(range(2000, 2065, 2)),
+    [18000, 17999, 600, 601, 602, 603, 11],
+]
+GREEDY = SamplingParams(temperature=0, max_new_tokens=20)
+
+
+def cpu_config(**overrides) -> EngineConfig:
+    options = dict(device="cpu", dtype="float32", max_batch_size=8, max_seq_len=256, prefill_chunk=16)
+    return EngineConfig(**(options | overrides))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(stream) -> list[int]:
+    return [token async for token in stream]
+
+
+def greedy_reference(model, prompt, n):
+    """Greedy continuation by full forwards (no cache at all)."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor(ids))[-1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_greedy_is_the_same_alone_and_in_a_batch_of_8(tiny_llm):
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            alone = [await collect(engine.submit(p, GREEDY)) for p in PROMPTS]
+            streams = [engine.submit(p, GREEDY) for p in PROMPTS]
+            together = await asyncio.gather(*(collect(s) for s in streams))
+            assert all(s.finish_reason is FinishReason.LENGTH for s in streams)
+            return alone, together, engine.stats()
+
+    alone, together, stats = run(main())
+    assert together == alone
+    assert all(len(tokens) == 20 for tokens in alone)
+    assert len({tuple(t) for t in alone}) == len(PROMPTS)
+    for prompt, tokens in zip(PROMPTS[:2], alone):
+        assert tokens == greedy_reference(tiny_llm.model, prompt, 20)
+    assert stats.tokens_generated == 2 * 20 * len(PROMPTS) and stats.requests_finished == 2 * len(PROMPTS)
+    assert stats.prompt_tokens == 2 * sum(map(len, PROMPTS)) and stats.active_streams == 0 and stats.queued == 0
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(tiny_llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=1234)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            first = await collect(engine.submit(PROMPTS[3], params))
+            again = await collect(engine.submit(PROMPTS[3], params))
+            others = [engine.submit(p, SamplingParams(temperature=1.0, max_new_tokens=16)) for p in PROMPTS[:4]]
+            in_batch = engine.submit(PROMPTS[3], params)
+            results = await asyncio.gather(collect(in_batch), *(collect(s) for s in others))
+            other_seed = await collect(engine.submit(PROMPTS[3], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=99)))
+            return first, again, results[0], other_seed
+
+    first, again, in_batch, other_seed = run(main())
+    assert first == again == in_batch
+    assert first != other_seed
+
+
+def test_stop_ids_end_the_stream_and_the_stop_token_is_yielded(tiny_llm, tiny_checkpoints):
+    async def main():
+        async with Engine(tiny_llm, cpu_config()) as engine:
+            assert engine.stop_ids == frozenset(tiny_checkpoints.vocab.eos_token_ids)
+            free = await collect(engine.submit(PROMPTS[0], GREEDY))
+            stop_at = free[3]
+            stream = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=20, stop_ids={stop_at}))
+            return free, await collect(stream), stream
+
+    free, stopped, stream = run(main())
+    first = free.index(free[3])
+    assert stopped == free[: first + 1] and stopped[-1] == free[3]
+    assert stream.finish_reason is FinishReason.STOP and stream.tokens_generated == len(stopped)
+
+
+def test_length_limits(tiny_llm):
+    async def main():
+        async with Engine(tiny_llm, cpu_config(max_seq_len=32), stop_ids=()) as engine:
+            short = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=1))
+            one = await collect(short)
+            near_full = engine.submit(list(range(1, 30)), SamplingParams(temperature=0, max_new_tokens=100))
+            rest = await collect(near_full)
+            with pytest.raises(PromptTooLongError, match="at most 31"):
+                engine.submit(list(range(1, 33)), GREEDY)
+            return one, short, rest, near_full
+
+    one, short, rest, near_full = run(main())
+    assert len(one) == 1 and short.finish_reason is FinishReason.LENGTH
+    assert len(rest) == 32 - 29 and near_full.finish_reason is FinishReason.LENGTH
+
+
+def test_cancel_frees_the_slot_within_one_step(tiny_llm):
+    async def main():
+        async with Engine(tiny_llm, cpu_config(max_batch_size=1), stop_ids=()) as engine:
+            long = engine.submit(PROMPTS[1], SamplingParams(temperature=1.0, max_new_tokens=200))
+            got = [await long.__anext__() for _ in range(3)]
+            queued = engine.submit(PROMPTS[0], GREEDY)  # waits: the only slot is busy
+            queued.cancel()
+            assert await collect(queued) == [] and queued.finish_reason is FinishReason.CANCELLED
+            steps_at_cancel = engine.stats().decode_steps
+            long.cancel()
+            assert await collect(long) == []
+            await engine.wait_idle()
+            stats = engine.stats()
+            assert stats.active_streams == 0 and stats.queued == 0
+            assert stats.decode_steps - steps_at_cancel <= 1
+            after = await collect(engine.submit(PROMPTS[0], GREEDY))  # the slot is free again
+            return got, long, after
+
+    got, long, after = run(main())
+    assert len(got) == 3 and long.finish_reason is FinishReason.CANCELLED and len(after) == 20
+
+
+def test_async_with_cancels_on_early_exit(tiny_llm):
+    async def main():
+        async with Engine(tiny_llm, cpu_config(max_batch_size=1), stop_ids=()) as engine:
+            async with engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=200)) as stream:
+                async for _ in stream:
+                    break
+            await engine.wait_idle()
+            return stream, engine.stats()
+
+    stream, stats = run(main())
+    assert stream.finish_reason is FinishReason.CANCELLED and stats.active_streams == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": "1"}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"stop_ids": ["a"]}, "stop_ids"),
+        ({"stop_ids": [-3]}, "stop_ids"),
+    ],
+)
+def test_bad_sampling_values_are_rejected(kwargs, message):
+    with pytest.raises(InvalidSamplingParams, match=message):
+        SamplingParams(**kwargs)
+    assert issubclass(InvalidSamplingParams, ValueError)
+
+
+def test_bad_requests_are_rejected_at_submit(tiny_llm):
+    engine = Engine(tiny_llm, cpu_config(max_batch_size=1, max_queue=2), stop_ids=())
+    with pytest.raises(EngineNotRunningError):
+        engine.submit([1, 2], GREEDY)
+    vocab = tiny_llm.config.vocab_size
+
+    async def main():
+        await engine.start()
+        for prompt, error, message in [
+            ([], InvalidPromptError, "empty"),
+            ([1, vocab], InvalidPromptError, "outside the vocabulary"),
+            ([-1, 2], InvalidPromptError, "outside the vocabulary"),
+            ("hello", InvalidPromptError, "not text"),
+            ([1, 2.5], InvalidPromptError, "integers"),
+            ([1] * 256, PromptTooLongError, "255"),
+        ]:
+            with pytest.raises(error, match=message):
+                engine.submit(prompt, GREEDY)
+        with pytest.raises(TypeError, match="SamplingParams"):
+            engine.submit([1], {"temperature": 0})
+        running = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=200))
+        await running.__anext__()  # it holds the only slot now
+        waiting = [engine.submit(PROMPTS[0], GREEDY) for _ in range(2)]
+        with pytest.raises(EngineBusyError, match="max_queue=2"):
+            engine.submit(PROMPTS[0], GREEDY)
+        assert engine.stats().queued == 2
+        running.cancel()
+        finished = [await collect(s) for s in waiting]
+        await engine.stop()
+        with pytest.raises(EngineNotRunningError):
+            engine.submit([1, 2], GREEDY)
+        return finished
+
+    assert [len(t) for t in run(main())] == [20, 20]
+
+
+def test_a_failing_request_does_not_take_the_others_down(tiny_llm):
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            runner = engine.runner
+            real_prefill, real_decode = runner.prefill, runner.decode
+
+            def prefill(slot, ids, start, sample):
+                if 4242 in ids:
+                    raise RuntimeError("injected prefill failure")
+                return real_prefill(slot, ids, start, sample)
+
+            runner.prefill = prefill
+            good = engine.submit(PROMPTS[0], GREEDY)
+            bad = engine.submit([1, 4242, 3], GREEDY)
+            with pytest.raises(GenerationError, match="injected prefill failure") as error:
+                await collect(bad)
+            assert isinstance(error.value.__cause__, RuntimeError) and bad.finish_reason is FinishReason.ERROR
+            good_tokens = await collect(good)
+
+            calls = []
+
+            def decode(rows):
+                calls.append(len(rows))
+                if len(calls) == 3:
+                    raise RuntimeError("injected decode failure")
+                return real_decode(rows)
+
+            runner.decode = decode
+            broken = [engine.submit(p, GREEDY) for p in PROMPTS[:2]]
+            outcomes = await asyncio.gather(*(collect(s) for s in broken), return_exceptions=True)
+            assert all(isinstance(o, GenerationError) for o in outcomes)
+            after = await collect(engine.submit(PROMPTS[0], GREEDY))
+            return good_tokens, after, engine.stats()
+
+    good_tokens, after, stats = run(main())
+    assert len(good_tokens) == 20 and after == good_tokens
+    assert stats.requests_failed == 3 and stats.running
+
+
+def test_long_prefill_is_chunked_between_decode_steps(tiny_llm):
+    async def main():
+        async with Engine(tiny_llm, cpu_config(prefill_chunk=16), stop_ids=()) as engine:
+            runner = engine.runner
+            trace = []
+            real_prefill, real_decode = runner.prefill, runner.decode
+            runner.prefill = lambda slot, ids, start, sample: trace.append(("P", slot)) or real_prefill(slot, ids, start, sample)
+            runner.decode = lambda rows: trace.append(("D", len(rows))) or real_decode(rows)
+            running = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=60))
+            await running.__anext__()
+            long_prompt = list(range(3000, 3160))  # 10 chunks of 16
+            long = engine.submit(long_prompt, GREEDY)
+            long_tokens, rest = await asyncio.gather(collect(long), collect(running))
+            alone = await collect(engine.submit(long_prompt, GREEDY))
+            return trace, long_tokens, alone
+
+    trace, long_tokens, alone = run(main())
+    long_chunks = [i for i, (kind, slot) in enumerate(trace) if kind == "P" and slot == 1]
+    assert len(long_chunks) == 10
+    between = trace[long_chunks[0] : long_chunks[-1]]
+    assert sum(kind == "D" for kind, _ in between) >= 9  # the running stream advanced at every chunk
+    assert long_tokens == alone
+
+
+def test_stop_ends_running_streams(tiny_llm):
+    async def main():
+        engine = Engine(tiny_llm, cpu_config(), stop_ids=())
+        await engine.start()
+        stream = engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=250))
+        await stream.__anext__()
+        await engine.stop()
+        with pytest.raises(EngineStoppedError):
+            await collect(stream)
+        return stream
+
+    assert run(main()).finish_reason is FinishReason.ERROR
+
+
+def test_engine_from_folder_path_and_int8(llm_folder, tiny_llm):
+    async def generate(config):
+        async with Engine.from_pretrained(str(llm_folder), config, stop_ids=()) as engine:
+            assert engine.model_config == tiny_llm.config
+            return await collect(engine.submit(PROMPTS[4], GREEDY))
+
+    async def reference():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            return await collect(engine.submit(PROMPTS[4], GREEDY))
+
+    assert run(generate(cpu_config())) == run(reference())
+    int8_tokens = run(generate(cpu_config(dtype="int8")))
+    assert len(int8_tokens) == 20 and all(0 <= t < tiny_llm.config.vocab_size for t in int8_tokens)
+
+
+def test_engine_config_validation():
+    with pytest.raises(ValueError, match="dtype"):
+        EngineConfig(dtype="int4")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        EngineConfig(max_batch_size=0)
+    config = EngineConfig(device="cpu")
+    assert not config.use_cuda_graphs() and not config.use_compile()
+    assert EngineConfig(device="cpu", dtype="int8").activation_dtype() == torch.float32

@@ -1,0 +1,139 @@
+"""Our decoder against a straightforward ChatGLM forward written here, against transformers' GLM,
+and cached (chunked prefill + batched decode) against the full forward."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from glm4voice.llm.hf_glm import to_transformers_glm
+from glm4voice.llm.model import KVCache
+
+IDS = [5, 17, 300, 2, 650, 1000, 12000, 7, 7, 42, 18000, 3, 99, 400, 401, 13]
+
+
+def published_tensors(folder) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by their published names, read without our loader."""
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for key, shard in weight_map.items():
+        with safe_open(folder / shard, framework="pt") as f:
+            tensors[key] = f.get_tensor(key).float()
+    return tensors
+
+
+def chatglm_reference_logits(folder, ids: list[int]) -> torch.Tensor:
+    """The ChatGLM math spelled out the way the original code does it, in float32:
+    [seq, heads, dim] tensors, a rotary cache of (cos, sin) pairs over half the head dims applied
+    to interleaved pairs, keys/values expanded over each query group, an explicit causal softmax,
+    fused qkv with bias, SwiGLU on the two halves of dense_h_to_4h, RMSNorm."""
+    cfg = json.loads((folder / "config.json").read_text())
+    w = published_tensors(folder)
+    heads, groups, dim = cfg["num_attention_heads"], cfg["multi_query_group_num"], cfg["kv_channels"]
+    eps, base = cfg["layernorm_epsilon"], 10000 * cfg["rope_ratio"]
+    n = len(ids)
+
+    def rmsnorm(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    rot = dim // 2  # RotaryEmbedding(kv_channels // 2): n_elem = rot
+    theta = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float) / rot))
+    angles = torch.outer(torch.arange(n, dtype=torch.float), theta)
+    cache = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)  # [seq, rot/2, 2]
+
+    def rope(x):  # x: [seq, heads, dim]
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        xs = x_rot.reshape(n, x.shape[1], rot // 2, 2)
+        c = cache.view(n, 1, rot // 2, 2)
+        out = torch.stack(
+            [xs[..., 0] * c[..., 0] - xs[..., 1] * c[..., 1], xs[..., 1] * c[..., 0] + xs[..., 0] * c[..., 1]], -1
+        ).flatten(2)
+        return torch.cat([out, x_pass], dim=-1)
+
+    x = w["transformer.embedding.word_embeddings.weight"][torch.tensor(ids)]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    for i in range(cfg["num_layers"]):
+        p = f"transformer.encoder.layers.{i}."
+        h = rmsnorm(x, w[p + "input_layernorm.weight"])
+        mixed = h @ w[p + "self_attention.query_key_value.weight"].T + w[p + "self_attention.query_key_value.bias"]
+        q, k, v = mixed.split([heads * dim, groups * dim, groups * dim], dim=-1)
+        q, k, v = q.view(n, heads, dim), k.view(n, groups, dim), v.view(n, groups, dim)
+        q, k = rope(q), rope(k)
+        k = k.unsqueeze(2).expand(n, groups, heads // groups, dim).reshape(n, heads, dim)
+        v = v.unsqueeze(2).expand(n, groups, heads // groups, dim).reshape(n, heads, dim)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(dim)
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        context = torch.einsum("hqk,khd->qhd", probs, v).reshape(n, heads * dim)
+        x = x + context @ w[p + "self_attention.dense.weight"].T
+        h = rmsnorm(x, w[p + "post_attention_layernorm.weight"])
+        gate, up = (h @ w[p + "mlp.dense_h_to_4h.weight"].T).chunk(2, dim=-1)
+        x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.dense_4h_to_h.weight"].T
+    x = rmsnorm(x, w["transformer.encoder.final_layernorm.weight"])
+    return x @ w["transformer.output_layer.weight"].T
+
+
+def test_logits_equal_reference_chatglm_forward(tiny_llm, llm_folder):
+    ours = tiny_llm.model(torch.tensor(IDS))
+    reference = chatglm_reference_logits(llm_folder, IDS)
+    assert ours.shape == (len(IDS), tiny_llm.config.vocab_size)
+    assert ours.abs().max() > 1.0  # not degenerate
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_logits_equal_transformers_glm(tiny_llm):
+    hf = to_transformers_glm(tiny_llm.model)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([IDS])).logits[0].float()
+    torch.testing.assert_close(tiny_llm.model(torch.tensor(IDS)), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_and_batched_decode_equal_full_forward(tiny_llm):
+    model = tiny_llm.model
+    full = model(torch.tensor(IDS))
+    cache = KVCache.allocate(model.config, 4, 64, torch.float32, "cpu")
+    rope = model.rope_tables(65)
+    with torch.inference_mode():
+        # slot 2: three prefill chunks, the later ones attending over earlier chunks
+        model.prefill(torch.tensor(IDS[:5]), cache, 2, 0, rope)
+        model.prefill(torch.tensor(IDS[5:6]), cache, 2, 5, rope)
+        chunk = model.prefill(torch.tensor(IDS[6:10]), cache, 2, 6, rope, last_only=False)
+        torch.testing.assert_close(chunk, full[6:10], rtol=1e-4, atol=1e-4)
+        # slot 0: a shorter sequence; both then decode token by token in one batch of 3 rows
+        other = [9, 8, 7]
+        model.prefill(torch.tensor(other[:2]), cache, 0, 0, rope)
+        other_full = model(torch.tensor(other))
+        scratch = cache.scratch_position
+        tokens = torch.tensor([other[2], 0, IDS[10]])
+        positions = torch.tensor([2, scratch, 10])  # row 1 is an idle slot
+        logits = model.decode(tokens, positions, cache, rope, kv_len=16)
+        torch.testing.assert_close(logits[0], other_full[2], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[2], full[10], rtol=1e-4, atol=1e-4)
+        for position in range(11, len(IDS)):
+            tokens = torch.tensor([0, 0, IDS[position]])
+            positions = torch.tensor([scratch, scratch, position])
+            logits = model.decode(tokens, positions, cache, rope, kv_len=position + 1)
+            torch.testing.assert_close(logits[2], full[position], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_model_stays_close_to_float32(llm_folder, tiny_llm):
+    from glm4voice.llm.checkpoint import load_model
+
+    bf16 = load_model(llm_folder, dtype="bfloat16").model
+    assert bf16.embed.weight.dtype == torch.bfloat16
+    a, b = tiny_llm.model(torch.tensor(IDS)), bf16(torch.tensor(IDS))
+    assert b.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cosine.min() > 0.99
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_rope_tables_match_chatglm_angles(tiny_llm, n):
+    cos, sin = tiny_llm.model.rope_tables(n)
+    rot = tiny_llm.config.head_dim // 2
+    assert cos.shape == (n, rot // 2)
+    position, i = n - 1, rot // 2 - 1
+    angle = position * (10000.0 ** (-(2 * i) / rot))
+    assert math.isclose(cos[position, i].item(), math.cos(angle), abs_tol=1e-6)
+    assert math.isclose(sin[position, i].item(), math.sin(angle), abs_tol=1e-6)
