@@ -1,0 +1,125 @@
+"""Speech tokens -> 80-bin mel (``cosyvoice.flow.flow.MaskedDiffWithXvec`` in config.yaml), GLM-4-Voice's variant:
+the prompt and new tokens are encoded together and the mel length is computed from their total."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cosyvoice.transformer.encoder import padding_mask
+
+MEL_SAMPLE_RATE = 22_050
+MEL_HOP = 256
+# The flow computes mel lengths with these literals (not with the config's sample_rate), so they
+# are fixed by the checkpoint; glm4voice.audio holds the same values for the rest of the project.
+
+
+def mel_frames(tokens: int, input_frame_rate: float) -> int:
+    """Mel frames for ``tokens`` speech tokens, with the original's float32 arithmetic
+    (``int(n / rate * 22050 / 256)``; exact rational arithmetic would differ for some n)."""
+    n = torch.tensor(tokens, dtype=torch.int32)
+    return int((n / input_frame_rate * MEL_SAMPLE_RATE / MEL_HOP).int())
+
+
+class MaskedDiffWithXvec(nn.Module):
+    """Token embedding -> Conformer encoder -> projection to 80 -> length regulator -> conditional flow matching."""
+
+    def __init__(
+        self,
+        input_size: int = 512,
+        output_size: int = 80,
+        spk_embed_dim: int = 192,
+        output_type: str = "mel",
+        vocab_size: int = 4096,
+        input_frame_rate: float = 50,
+        only_mask_loss: bool = True,
+        encoder: nn.Module | None = None,
+        length_regulator: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        decoder_conf: Mapping[str, Any] | None = None,
+        mel_feat_conf: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        if encoder is None or length_regulator is None or decoder is None:
+            raise ValueError("MaskedDiffWithXvec needs an encoder, a length_regulator and a decoder")
+        self.input_size = input_size
+        self.output_size = output_size
+        self.output_type = output_type
+        self.vocab_size = vocab_size
+        self.input_frame_rate = input_frame_rate
+        self.only_mask_loss = only_mask_loss
+        self.decoder_conf = decoder_conf
+        self.mel_feat_conf = mel_feat_conf
+        self.input_embedding = nn.Embedding(vocab_size, input_size)
+        self.spk_embed_affine_layer = nn.Linear(spk_embed_dim, output_size)
+        self.encoder = encoder
+        self.encoder_proj = nn.Linear(encoder.output_size(), output_size)
+        self.decoder = decoder
+        self.length_regulator = length_regulator
+
+    def mel_frames(self, tokens: int) -> int:
+        return mel_frames(tokens, self.input_frame_rate)
+
+    def encode(self, token: torch.Tensor, token_len: torch.Tensor, feat_len: int) -> torch.Tensor:
+        """Tokens (B, T_tok) -> mu (B, T_mel=feat_len, 80) at mel rate."""
+        mask = padding_mask(token_len, token.shape[1]).unsqueeze(-1).to(self.input_embedding.weight.dtype)
+        x = self.input_embedding(torch.clamp(token, min=0)) * mask
+        h, _ = self.encoder(x, token_len)
+        h = self.encoder_proj(h)
+        lengths = torch.full_like(token_len, feat_len)
+        h, _ = self.length_regulator(h, lengths, max_len=feat_len)
+        return h
+
+    def inference(
+        self,
+        token: torch.Tensor,
+        token_len: torch.Tensor,
+        prompt_token: torch.Tensor,
+        prompt_token_len: torch.Tensor,
+        prompt_feat: torch.Tensor,
+        prompt_feat_len: torch.Tensor,
+        embedding: torch.Tensor,
+        *,
+        feat_len: int | None = None,
+        n_timesteps: int = 10,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        solve=None,
+    ) -> torch.Tensor:
+        """The original's ``inference`` for one sequence (B = 1): returns the mel (1, 80, T) of the frames
+        after the prompt mel.
+
+        ``feat_len`` overrides the total mel length (default: :func:`mel_frames` of prompt+new tokens);
+        ``noise`` (1, 80, feat_len) or ``generator`` give the ODE's starting noise; ``solve(z, mu, mask,
+        spks, cond, t_span)`` replaces the eager ODE solver (CUDA graphs).
+        """
+        if token.shape[0] != 1:
+            raise ValueError("MaskedDiffWithXvec.inference decodes one sequence (batch size 1)")
+        embedding = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        tokens = torch.cat([prompt_token.to(token.dtype), token], dim=1)
+        total = int(prompt_token.shape[1]) + int(token.shape[1])
+        if feat_len is None:
+            feat_len = self.mel_frames(total)
+        lengths = torch.tensor([total], dtype=torch.int32, device=token.device)
+        mu = self.encode(tokens, lengths, feat_len).transpose(1, 2).contiguous()  # (1, 80, T)
+
+        prompt_frames = int(prompt_feat.shape[1])
+        if prompt_frames > feat_len:
+            raise ValueError(f"the prompt mel ({prompt_frames} frames) is longer than the whole mel ({feat_len} frames)")
+        conds = torch.zeros(1, self.output_size, feat_len, device=mu.device, dtype=mu.dtype)
+        if prompt_frames:
+            conds[:, :, :prompt_frames] = prompt_feat.transpose(1, 2).to(mu.dtype)
+        mask = torch.ones(1, 1, feat_len, device=mu.device, dtype=mu.dtype)
+        cfm = self.decoder
+        if noise is None:
+            noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        elif tuple(noise.shape) != tuple(mu.shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(mu.shape)}")
+        z = noise.to(device=mu.device, dtype=mu.dtype)
+        t_span = cfm.time_span(n_timesteps, device=mu.device)
+        solver = solve if solve is not None else cfm.solve
+        feat = solver(z, mu, mask, embedding, conds, t_span)
+        return feat[:, :, prompt_frames:]

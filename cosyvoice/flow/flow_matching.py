@@ -1,0 +1,118 @@
+"""Conditional flow matching at inference: Euler steps of the estimator's velocity field from noise to
+mel, with classifier-free guidance (``cosyvoice.flow.flow_matching.ConditionalCFM`` in config.yaml).
+
+Differences from the original, none of which changes the result for the same noise:
+- the conditional and unconditional estimator passes run as one batch of 2B;
+- the noise comes from the caller (``noise=`` or ``generator=``); the original reseeded the global RNG
+  with 42 on every call (:func:`original_noise` reproduces that draw without touching global state);
+- :meth:`solve` is free of host synchronisation, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+ORIGINAL_NOISE_SEED = 42
+"""The seed the original ConditionalCFM set before drawing its starting noise, on every call."""
+
+
+def original_noise(shape: tuple[int, ...] | torch.Size, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The starting noise the original drew (``torch.manual_seed(42); randn_like(mu)``), from a private generator."""
+    generator = torch.Generator(device=device).manual_seed(ORIGINAL_NOISE_SEED)
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def _param(params: Any, name: str, default: Any = None) -> Any:
+    if isinstance(params, Mapping):
+        return params.get(name, default)
+    return getattr(params, name, default)
+
+
+class ConditionalCFM(nn.Module):
+    """Holds the estimator (``decoder.estimator.*`` keys) and the solver settings from ``cfm_params``
+    (sigma_min, solver 'euler', t_scheduler 'cosine', inference_cfg_rate; training-only fields kept)."""
+
+    def __init__(self, in_channels: int, cfm_params: Any, n_spks: int = 1, spk_emb_dim: int = 64, estimator: nn.Module | None = None):
+        super().__init__()
+        self.n_feats = in_channels
+        self.n_spks = n_spks
+        self.spk_emb_dim = spk_emb_dim
+        self.solver = _param(cfm_params, "solver", "euler")
+        if self.solver != "euler":
+            raise NotImplementedError(f"solver {self.solver!r} is not supported (the published decoder uses 'euler')")
+        self.sigma_min = _param(cfm_params, "sigma_min", 1e-4)
+        self.t_scheduler = _param(cfm_params, "t_scheduler", "linear")
+        if self.t_scheduler not in ("cosine", "linear"):
+            raise NotImplementedError(f"t_scheduler {self.t_scheduler!r} is not supported")
+        self.training_cfg_rate = _param(cfm_params, "training_cfg_rate", 0.0)
+        self.inference_cfg_rate = float(_param(cfm_params, "inference_cfg_rate", 0.0))
+        if estimator is None:
+            raise ValueError("ConditionalCFM needs an estimator")
+        self.estimator = estimator
+
+    def time_span(self, n_timesteps: int, device=None) -> torch.Tensor:
+        t_span = torch.linspace(0, 1, n_timesteps + 1, device=device)
+        if self.t_scheduler == "cosine":
+            t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
+        return t_span
+
+    def forward(
+        self,
+        mu: torch.Tensor,
+        mask: torch.Tensor,
+        n_timesteps: int,
+        temperature: float = 1.0,
+        spks: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """mu (B, 80, T), mask (B, 1, T) -> mel (B, 80, T). Starting noise: ``noise`` if given, else
+        drawn from ``generator`` (else the global RNG); scaled by ``temperature``."""
+        if noise is None:
+            noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        elif noise.shape != mu.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(mu.shape)}")
+        z = noise.to(device=mu.device, dtype=mu.dtype) * temperature
+        return self.solve(z, mu, mask, spks, cond, self.time_span(n_timesteps, device=mu.device))
+
+    def solve(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        mask: torch.Tensor,
+        spks: torch.Tensor | None,
+        cond: torch.Tensor | None,
+        t_span: torch.Tensor,
+        padded: bool = False,
+    ) -> torch.Tensor:
+        """Fixed-step Euler from x (noise) over ``t_span``; with guidance rate r the velocity is
+        (1+r)·v(x | mu, spks, cond) − r·v(x | 0, 0, 0), both passes in one batch."""
+        rate = self.inference_cfg_rate
+        guided = rate > 0
+        if guided:
+            batch = x.shape[0]
+            mask2 = torch.cat([mask, mask])
+            mu2 = torch.cat([mu, torch.zeros_like(mu)])
+            spks2 = None if spks is None else torch.cat([spks, torch.zeros_like(spks)])
+            cond2 = None if cond is None else torch.cat([cond, torch.zeros_like(cond)])
+        # the same time arithmetic as the original (t advanced by dt, dt re-derived from t_span)
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        steps = t_span.shape[0] - 1
+        for step in range(1, steps + 1):
+            if guided:
+                velocity = self.estimator(torch.cat([x, x]), mask2, mu2, t, spks2, cond2, padded=padded)
+                conditional, unconditional = velocity[:batch], velocity[batch:]
+                velocity = (1.0 + rate) * conditional - rate * unconditional
+            else:
+                velocity = self.estimator(x, mask, mu, t, spks, cond, padded=padded)
+            x = x + dt * velocity
+            t = t + dt
+            if step < steps:
+                dt = t_span[step + 1] - t
+        return x

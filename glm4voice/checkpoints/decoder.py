@@ -1,0 +1,251 @@
+"""Tiny speech decoder in the published ``glm-4-voice-decoder`` format.
+
+Writes ``config.yaml`` (the published hyperpyyaml text with tiny channel sizes and block counts: same
+sections, tags, argument names and order; :func:`render_decoder_config` with
+:data:`PUBLISHED_DECODER_SIZES` reproduces the published file byte for byte), ``flow.pt`` and
+``hift.pt`` (pickled OrderedDicts of float32 tensors with the published key names; ``hift.pt`` stores
+its weight-normed convolutions as ``weight_g``/``weight_v`` like the published file).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glm4voice.checkpoints.text import TinyVocab
+
+CONFIG_FILE = "config.yaml"
+FLOW_FILE = "flow.pt"
+HIFT_FILE = "hift.pt"
+
+
+@dataclass(frozen=True)
+class DecoderSizes:
+    """The numbers of config.yaml that a tiny checkpoint changes (everything else is fixed)."""
+
+    vocab_size: int = 16384
+    token_dim: int = 512
+    encoder_heads: int = 8
+    encoder_units: int = 2048
+    encoder_blocks: int = 6
+    regulator_ratios: str = "[1, 1, 1, 1]"
+    estimator_channels: str = "[256, 256]"
+    estimator_head_dim: int = 64
+    estimator_blocks: int = 4
+    estimator_mid_blocks: int = 12
+    estimator_heads: int = 8
+    hift_channels: int = 512
+    resblock_kernel_sizes: str = "[3, 7, 11]"
+    resblock_dilation_sizes: str = "[[1, 3, 5], [1, 3, 5], [1, 3, 5]]"
+    source_resblock_kernel_sizes: str = "[7, 11]"
+    source_resblock_dilation_sizes: str = "[[1, 3, 5], [1, 3, 5]]"
+    f0_channels: int = 512
+
+
+PUBLISHED_DECODER_SIZES = DecoderSizes()
+TINY_DECODER_SIZES = DecoderSizes(
+    token_dim=32,
+    encoder_heads=2,
+    encoder_units=64,
+    encoder_blocks=2,
+    regulator_ratios="[1, 1]",
+    estimator_channels="[32, 32]",
+    estimator_head_dim=16,
+    estimator_blocks=1,
+    estimator_mid_blocks=2,
+    estimator_heads=2,
+    hift_channels=32,
+    resblock_kernel_sizes="[3, 5]",
+    resblock_dilation_sizes="[[1, 3], [1, 3]]",
+    source_resblock_kernel_sizes="[3, 5]",
+    source_resblock_dilation_sizes="[[1, 3], [1, 3]]",
+    f0_channels=16,
+)
+
+CONFIG_TEMPLATE = """\
+# set random seed, so that you may reproduce your result.
+__set_seed1: !apply:random.seed [1986]
+__set_seed2: !apply:numpy.random.seed [1986]
+__set_seed3: !apply:torch.manual_seed [1986]
+__set_seed4: !apply:torch.cuda.manual_seed_all [1986]
+
+# fixed params
+sample_rate: 22050
+text_encoder_input_size: 512
+llm_input_size: 1024
+llm_output_size: 1024
+spk_embed_dim: 192
+
+# model params
+# for all class/function included in this repo, we use !<name> or !<new> for intialization, so that user may find all corresponding class/function according to one single yaml.
+# for system/third_party class/function, we do not require this.
+llm: !new:cosyvoice.llm.llm.TransformerLM
+    text_encoder_input_size: !ref <text_encoder_input_size>
+    llm_input_size: !ref <llm_input_size>
+    llm_output_size: !ref <llm_output_size>
+    text_token_size: 51866
+    speech_token_size: 4096
+    length_normalized_loss: True
+    lsm_weight: 0
+    spk_embed_dim: !ref <spk_embed_dim>
+    text_encoder: !new:cosyvoice.transformer.encoder.ConformerEncoder
+        input_size: !ref <text_encoder_input_size>
+        output_size: 1024
+        attention_heads: 8
+        linear_units: 2048
+        num_blocks: 3
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        use_cnn_module: False
+        macaron_style: False
+        use_dynamic_chunk: False
+        use_dynamic_left_chunk: False
+        static_chunk_size: 1
+    llm: !new:cosyvoice.transformer.encoder.TransformerEncoder
+        input_size: !ref <llm_input_size>
+        output_size: !ref <llm_output_size>
+        attention_heads: 8
+        linear_units: 2048
+        num_blocks: 7
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0
+        input_layer: 'linear_legacy'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        static_chunk_size: 1
+
+flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec
+    input_size: {token_dim}
+    output_size: 80
+    spk_embed_dim: !ref <spk_embed_dim>
+    output_type: 'mel'
+    vocab_size: {vocab_size}
+    input_frame_rate: 12.5
+    only_mask_loss: True
+    encoder: !new:cosyvoice.transformer.encoder.BlockConformerEncoder
+        output_size: {token_dim}
+        attention_heads: {encoder_heads}
+        linear_units: {encoder_units}
+        num_blocks: {encoder_blocks}
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.1
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'block_rel_selfattn'
+        block_size: 10
+        input_size: {token_dim}
+        use_cnn_module: False
+        macaron_style: False
+    length_regulator: !new:cosyvoice.flow.length_regulator.InterpolateRegulator
+        channels: 80
+        sampling_ratios: {regulator_ratios}
+    decoder: !new:cosyvoice.flow.flow_matching.ConditionalCFM
+        in_channels: 240
+        n_spks: 1
+        spk_emb_dim: 80
+        cfm_params: !new:omegaconf.DictConfig
+            content:
+                sigma_min: 1e-06
+                solver: 'euler'
+                t_scheduler: 'cosine'
+                training_cfg_rate: 0.2
+                inference_cfg_rate: 0.7
+                reg_loss_type: 'l1'
+        estimator: !new:cosyvoice.flow.decoder.ConditionalDecoder
+            in_channels: 320
+            out_channels: 80
+            channels: {estimator_channels}
+            dropout: 0
+            attention_head_dim: {estimator_head_dim}
+            n_blocks: {estimator_blocks}
+            num_mid_blocks: {estimator_mid_blocks}
+            num_heads: {estimator_heads}
+            act_fn: 'gelu'
+
+hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
+    in_channels: 80
+    base_channels: {hift_channels}
+    nb_harmonics: 8
+    sampling_rate: !ref <sample_rate>
+    nsf_alpha: 0.1
+    nsf_sigma: 0.003
+    nsf_voiced_threshold: 10
+    upsample_rates: [8, 8]
+    upsample_kernel_sizes: [16, 16]
+    istft_params:
+        n_fft: 16
+        hop_len: 4
+    resblock_kernel_sizes: {resblock_kernel_sizes}
+    resblock_dilation_sizes: {resblock_dilation_sizes}
+    source_resblock_kernel_sizes: {source_resblock_kernel_sizes}
+    source_resblock_dilation_sizes: {source_resblock_dilation_sizes}
+    lrelu_slope: 0.1
+    audio_limit: 0.99
+    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
+        num_class: 1
+        in_channels: 80
+        cond_channels: {f0_channels}
+"""
+
+
+def render_decoder_config(sizes: DecoderSizes = PUBLISHED_DECODER_SIZES) -> str:
+    return CONFIG_TEMPLATE.format(**asdict(sizes))
+
+
+def _init_(module_name: str, module: nn.Module, generator: torch.Generator) -> None:
+    """Deterministic random init from a private generator (no global RNG use)."""
+    for name, tensor in module.named_parameters(recurse=False):
+        with torch.no_grad():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or name == "alpha":
+                tensor.fill_(1.0 if name in ("weight", "alpha") else 0.0)
+            elif name == "bias":
+                tensor.normal_(0.0, 0.02, generator=generator)
+            elif isinstance(module, nn.Embedding):
+                tensor.normal_(0.0, 1.0, generator=generator)
+            elif tensor.dim() >= 2:
+                fan_in = tensor.shape[1] * math.prod(tensor.shape[2:])
+                if isinstance(module, nn.ConvTranspose1d):
+                    fan_in = tensor.shape[0] * tensor.shape[2] // max(1, module.stride[0])
+                tensor.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+            else:
+                tensor.normal_(0.0, 0.1, generator=generator)
+
+
+def build_random_decoder(config_path: Path, seed: int) -> tuple[nn.Module, nn.Module]:
+    """flow and hift of ``config_path`` with deterministic random weights."""
+    from cosyvoice.config import load_decoder_config
+
+    with torch.device("meta"):
+        config = load_decoder_config(config_path)
+    generator = torch.Generator().manual_seed(seed)
+    modules = []
+    for key in ("flow", "hift"):
+        module = config[key].to_empty(device="cpu")
+        for name, sub in module.named_modules():
+            _init_(name, sub, generator)
+        modules.append(module.eval())
+    return modules[0], modules[1]
+
+
+def write_tiny_decoder(folder: Path, vocab: TinyVocab, seed: int) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = replace(TINY_DECODER_SIZES, vocab_size=vocab.num_audio_codes)
+    config_path = folder / CONFIG_FILE
+    config_path.write_text(render_decoder_config(sizes), encoding="utf-8")
+    flow, hift = build_random_decoder(config_path, seed)
+    torch.save(OrderedDict(flow.state_dict()), folder / FLOW_FILE)
+    torch.save(OrderedDict(hift.checkpoint_state_dict()), folder / HIFT_FILE)
