@@ -1,0 +1,86 @@
+"""``extract_speech_token``: the original's entry point, same call and result.
+
+``extract_speech_token(model, feature_extractor, utts)`` takes a list of audio file paths or
+``(waveform, sample_rate)`` tuples (``waveform`` shaped (channels, samples) as ``torchaudio.load``
+returns it, or 1-D) and returns one list of code ids per utterance.
+
+As in the original, only the FIRST channel of multi-channel audio is used (not a mix), and there
+is no length limit (long audio is processed 30 s piece by piece in bounded memory). Differences:
+resampling to 16 kHz uses soxr (the original used torchaudio's sinc resampler, so non-16 kHz input
+may differ in a few codes; 16 kHz input is unaffected); audio that is empty, not finite or not
+readable raises a :class:`glm4voice.audio.AudioError` instead of failing somewhere inside.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import soundfile as sf
+
+from glm4voice.audio import (
+    INPUT_SAMPLE_RATE,
+    MAX_FILE_BYTES,
+    AudioError,
+    AudioTooLongError,
+    CorruptAudioError,
+    EmptyAudioError,
+    load_audio,
+)
+from speech_tokenizer.pipeline import DEFAULT_BATCH_SIZE, tokenize_waveforms
+
+Utterance = Union[str, os.PathLike, "tuple[object, int]"]
+
+
+def extract_speech_token(model, feature_extractor, utts: Sequence[Utterance], *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[int]]:
+    """Code ids (12.5 per second) for each utterance; runs on the model's device."""
+    if isinstance(utts, (str, os.PathLike, tuple)):
+        raise TypeError("utts must be a list of utterances (paths or (waveform, sample_rate) tuples)")
+    waveforms = [first_channel_16k(utt) for utt in utts]
+    return tokenize_waveforms(model, feature_extractor, waveforms, batch_size=batch_size)
+
+
+def first_channel_16k(utt: Utterance) -> np.ndarray:
+    """The first channel of an utterance, validated and resampled to 16 kHz (float32)."""
+    if isinstance(utt, tuple):
+        if len(utt) != 2:
+            raise AudioError("an utterance tuple must be (waveform, sample_rate)")
+        waveform, rate = utt
+        samples = _first_row(waveform)
+    elif isinstance(utt, (str, os.PathLike)):
+        samples, rate = _read_first_channel(Path(utt))
+    else:
+        raise AudioError(f"an utterance must be a file path or a (waveform, sample_rate) tuple, got {type(utt).__name__}")
+    return load_audio((samples, rate), sample_rate=INPUT_SAMPLE_RATE, max_seconds=None).samples
+
+
+def _first_row(waveform) -> np.ndarray:
+    array = waveform.detach().cpu().numpy() if hasattr(waveform, "detach") else np.asarray(waveform)
+    if array.ndim == 1:
+        return array
+    if array.ndim != 2:
+        raise AudioError(f"a waveform must be (channels, samples) or (samples,), got shape {array.shape}")
+    if array.size == 0:
+        raise EmptyAudioError("the audio is empty (no samples)")
+    if array.shape[0] > array.shape[1]:
+        raise AudioError(
+            f"a waveform must be (channels, samples) as torchaudio.load gives it; shape {array.shape} looks transposed"
+        )
+    return array[0]
+
+
+def _read_first_channel(path: Path) -> tuple[np.ndarray, int]:
+    if not path.is_file():
+        raise AudioError(f"no audio file at {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise EmptyAudioError(f"the audio file {path.name} is empty (0 bytes)")
+    if size > MAX_FILE_BYTES:
+        raise AudioTooLongError(f"the audio file {path.name} is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB")
+    try:
+        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
+        raise CorruptAudioError(f"the file {path.name} is not a readable audio file (wav, flac, ogg or mp3): {error}") from error
+    return samples[:, 0], int(rate)
