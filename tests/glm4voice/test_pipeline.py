@@ -1,0 +1,452 @@
+"""The turn pipeline against a real token server process (tiny checkpoint, CPU), with the real
+tiny speech tokenizer and decoder.
+
+The server is ``tests/server/fault_server.py`` (``model_server.py`` with fault injection chosen by
+seed) with two streams and no queue, so that holding two streams open makes it answer 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from glm4voice.audio import INPUT_SAMPLE_RATE, MEL_HOP_LENGTH, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, encode_wav, load_audio
+from glm4voice.client import AsyncTokenClient, TokenClient
+from glm4voice.pipeline import (
+    AssistantAudio,
+    AssistantText,
+    ChatSession,
+    FailureKind,
+    GenerationOptions,
+    InputAccepted,
+    PipelineConfig,
+    TurnFailed,
+    TurnFinished,
+    UserSpeech,
+    UserText,
+    VoiceChat,
+)
+from glm4voice.protocol import EndReason, InputMode
+from server.fault_server import FAIL_AFTER_SEED, FAIL_AFTER_TOKENS
+from support import ROOT, ServerProcess, free_port
+
+pytestmark = pytest.mark.slow
+
+SAMPLE_EN = ROOT / "resources" / "sample_en.wav"
+SLOTS = 2
+FAST = GenerationOptions(temperature=0.8, top_p=0.9, max_new_tokens=40, seed=11)
+"""Short answers: every test turn costs a second or two on a 2-core CPU."""
+WAIT_S = 60.0
+
+
+@dataclass
+class Models:
+    text_tokenizer: object
+    speech_tokenizer: object
+    decoder: object
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoints) -> Models:
+    from flow_inference import AudioDecoder
+    from glm4voice.text_tokenizer import GLMTokenizer
+    from speech_tokenizer import SpeechTokenizer
+
+    return Models(
+        GLMTokenizer.from_pretrained(tiny_checkpoints.llm),
+        SpeechTokenizer.from_pretrained(tiny_checkpoints.speech_tokenizer, device="cpu"),
+        AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu"),
+    )
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_checkpoints):
+    port = free_port()
+    args = [str(ROOT / "tests/server/fault_server.py"), "--host", "127.0.0.1", "--port", str(port),
+            "--model-path", str(tiny_checkpoints.llm), "--device", "cpu", "--dtype", "float32",
+            "--max-concurrent-streams", str(SLOTS), "--max-queue", "0", "--max-seq-len", "4096"]  # fmt: skip
+    with ServerProcess(args, f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}"
+
+
+def run(models: Models, url: str, scenario, config: PipelineConfig = PipelineConfig(), decoder=None):
+    """Run ``scenario(chat)`` in a fresh event loop with a VoiceChat talking to ``url``."""
+
+    async def main():
+        async with AsyncTokenClient(url) as client:
+            chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder or models.decoder, client, config)
+            try:
+                return await scenario(chat)
+            finally:
+                chat.close()
+
+    return asyncio.run(main())
+
+
+async def collect(chat: VoiceChat, session: ChatSession, request, options: GenerationOptions = FAST) -> list:
+    return [event async for event in chat.run_turn(session, request, options)]
+
+
+def one_turn(models, url, request, options=FAST, config=PipelineConfig()):
+    async def scenario(chat):
+        session = chat.new_session()
+        return session, await collect(chat, session, request, options)
+
+    return run(models, url, scenario, config)
+
+
+def assert_well_formed(events: list) -> TurnFinished:
+    """InputAccepted first, TurnFinished last, contiguous audio equal to the final audio."""
+    assert isinstance(events[0], InputAccepted), events[:2]
+    assert isinstance(events[-1], TurnFinished), events[-1]
+    assert not any(isinstance(e, (InputAccepted, TurnFinished, TurnFailed)) for e in events[1:-1])
+    finished = events[-1]
+    chunks = [e for e in events if isinstance(e, AssistantAudio)]
+    position = 0
+    for chunk in chunks:
+        assert chunk.start_sample == position and len(chunk.samples) > 0
+        assert chunk.sample_rate == OUTPUT_SAMPLE_RATE and chunk.samples.dtype == np.float32
+        position += len(chunk.samples)
+    assert len(finished.audio) == position
+    if chunks:
+        np.testing.assert_array_equal(np.concatenate([c.samples for c in chunks]), finished.audio)
+    text = "".join(e.text for e in events if isinstance(e, AssistantText))
+    assert text == finished.text
+    elapsed = [e.elapsed for e in events]
+    assert elapsed == sorted(elapsed)
+    return finished
+
+
+def test_text_turn_streams_text_and_audio_and_records_history(models, server_url):
+    session, events = one_turn(models, server_url, UserText("Tell me a story."))
+    finished = assert_well_formed(events)
+    accepted = events[0]
+    assert accepted.mode is InputMode.TEXT and accepted.speech_tokens == 0 and accepted.input_seconds is None
+    assert finished.audio_tokens > 0 and len(finished.audio) > 0
+    assert finished.text_tokens + finished.audio_tokens == len(finished.reply_ids)
+    # every audio token became speech: the decoder's length for that many tokens, nothing dropped
+    assert len(finished.audio) == models.decoder.mel_frames(finished.audio_tokens) * MEL_HOP_LENGTH
+    # the history is the prompt that was sent plus the reply
+    assert session.turns == 1
+    assert len(session.history_ids) == accepted.prompt_tokens + len(finished.reply_ids)
+    assert session.history_ids[accepted.prompt_tokens:] == list(finished.reply_ids)
+    t = finished.timings
+    assert t.input_ready <= t.request_sent <= t.first_token <= t.last_token <= t.finished
+    assert t.first_block_ready <= t.first_audio <= t.finished
+    assert t.tokens == len(finished.reply_ids) + (finished.reason is not EndReason.STREAM_END)
+    assert [b.index for b in t.blocks][-1] is None  # the decoder's final flush
+    assert sum(b.samples for b in t.blocks) == len(finished.audio)
+
+
+def test_first_block_size_is_configurable(models, server_url):
+    config = PipelineConfig(block_sizes=(12, 30))
+    _, events = one_turn(models, server_url, UserText("Hello"), FAST, config)
+    finished = assert_well_formed(events)
+    codes = [b.codes for b in finished.timings.blocks if b.index is not None]
+    assert codes and all(c == 12 for c in codes[:1]) and all(c <= 30 for c in codes[1:]), codes
+    assert sum(codes) == finished.audio_tokens
+
+
+def test_voice_turn_tokenizes_speech_into_the_prompt(models, server_url, special_tokens):
+    session, events = one_turn(models, server_url, UserSpeech(str(SAMPLE_EN)))
+    assert_well_formed(events)
+    accepted = events[0]
+    duration = load_audio(SAMPLE_EN).duration
+    expected_codes = models.speech_tokenizer.tokenize(str(SAMPLE_EN))
+    assert accepted.mode is InputMode.AUDIO
+    assert accepted.speech_tokens == len(expected_codes) == math.ceil(duration * SPEECH_TOKEN_RATE)
+    assert accepted.input_seconds == pytest.approx(duration)
+    prompt = session.history_ids[: accepted.prompt_tokens]
+    begin = prompt.index(special_tokens.begin_of_audio)
+    assert prompt[begin + 1 : begin + 1 + len(expected_codes)] == [special_tokens.audio_id(c) for c in expected_codes]
+    assert prompt[begin + 1 + len(expected_codes)] == special_tokens.end_of_audio
+
+
+def test_speech_arrays_and_bytes_are_accepted(models, server_url):
+    audio = load_audio(SAMPLE_EN, sample_rate=None)
+    for source in ((audio.samples, audio.sample_rate), SAMPLE_EN.read_bytes()):
+        _, events = one_turn(models, server_url, UserSpeech(source), GenerationOptions(max_new_tokens=8, seed=3))
+        assert isinstance(events[0], InputAccepted) and events[0].speech_tokens > 0
+        assert isinstance(events[-1], TurnFinished)
+
+
+def test_second_turn_prompt_extends_the_history(models, server_url):
+    async def scenario(chat):
+        session = chat.new_session()
+        first = await collect(chat, session, UserText("Hi"))
+        history = session.history_ids
+        second = await collect(chat, session, UserSpeech(str(SAMPLE_EN)))
+        return session, history, first, second
+
+    session, history, first, second = run(models, server_url, scenario)
+    assert_well_formed(first)
+    assert_well_formed(second)
+    assert session.turns == 2
+    assert second[0].prompt_tokens > len(history)
+    assert session.history_ids[: len(history)] == history
+
+
+def test_sessions_do_not_share_history(models, server_url):
+    async def scenario(chat):
+        a, b = chat.new_session(), chat.new_session()
+        await collect(chat, a, UserText("Remember the word apple."))
+        events_b = await collect(chat, b, UserText("Hi"))
+        return a, b, events_b
+
+    a, b, events_b = run(models, server_url, scenario)
+    assert a.turns == 1 and b.turns == 1
+    fresh = b.history_ids[: events_b[0].prompt_tokens]
+    assert fresh == chat_prompt(models, "Hi")
+
+
+def chat_prompt(models, text: str) -> list[int]:
+    from glm4voice.protocol import Conversation, SpecialTokens, TextInput
+
+    special = SpecialTokens.from_tokenizer(models.text_tokenizer)
+    return Conversation(models.text_tokenizer, special).prompt_for(TextInput(text))
+
+
+def test_same_seed_repeats_the_turn(models, server_url):
+    options = GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=30, seed=1234)
+    _, first = one_turn(models, server_url, UserText("Hello"), options)
+    _, again = one_turn(models, server_url, UserText("Hello"), options)
+    a, b = assert_well_formed(first), assert_well_formed(again)
+    assert a.reply_ids == b.reply_ids
+    np.testing.assert_array_equal(a.audio, b.audio)
+
+
+class GatedDecoder:
+    """The real decoder, but its first block waits until the token reader has seen the end of
+    the stream. If decoding blocked reading, this deadlocks (and the gate times out)."""
+
+    def __init__(self, decoder, reader_done: threading.Event):
+        self.decoder = decoder
+        self.reader_done = reader_done
+        self.gate_open_at_first_block: bool | None = None
+
+    def stream(self, seed=None):
+        inner = self.decoder.stream(seed=seed)
+        gated = self
+
+        class Stream:
+            def feed(self, codes):
+                if gated.gate_open_at_first_block is None:
+                    gated.gate_open_at_first_block = gated.reader_done.wait(WAIT_S)
+                return inner.feed(codes)
+
+            def finish(self):
+                return inner.finish()
+
+            def close(self):
+                inner.close()
+
+        return Stream()
+
+
+class WatchedClient:
+    """The real async client; sets an event when the server's stream has ended."""
+
+    def __init__(self, client: AsyncTokenClient, done: threading.Event):
+        self.client = client
+        self.done = done
+        self.base_url = client.base_url
+
+    async def stream(self, prompt=None, **params):
+        async with aclosing(self.client.stream(prompt, **params)) as tokens:
+            async for token in tokens:
+                yield token
+        self.done.set()
+
+
+def test_decoding_never_blocks_reading_the_token_stream(models, server_url):
+    reader_done = threading.Event()
+    decoder = GatedDecoder(models.decoder, reader_done)
+    options = GenerationOptions(temperature=0.8, top_p=0.9, max_new_tokens=60, seed=11)
+
+    async def main():
+        async with AsyncTokenClient(server_url) as client:
+            chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, WatchedClient(client, reader_done))
+            try:
+                session = chat.new_session()
+                return await collect(chat, session, UserText("Tell me a story."), options)
+            finally:
+                chat.close()
+
+    events = asyncio.run(main())
+    finished = assert_well_formed(events)
+    assert decoder.gate_open_at_first_block is True
+    assert finished.audio_tokens > 10  # more than one block was waiting behind the first
+    first_audio = next(i for i, e in enumerate(events) if isinstance(e, AssistantAudio))
+    assert finished.timings.last_token < events[first_audio].elapsed
+
+
+# --- failures: a readable message, the session unchanged, the next turn works ------------------------
+
+
+def test_empty_text_is_rejected_without_a_request(models, server_url):
+    for text in ("", "   \n"):
+        session, events = one_turn(models, server_url, UserText(text))
+        assert len(events) == 1 and events[0].kind is FailureKind.EMPTY_INPUT
+        assert "type a message" in events[0].message
+        assert session.turns == 0 and session.history_ids == []
+        assert events[0].timings.request_sent is None
+
+
+def test_missing_recording_is_rejected(models, server_url):
+    _, events = one_turn(models, server_url, UserSpeech(None))
+    assert events[0].kind is FailureKind.EMPTY_INPUT and "record or upload" in events[0].message
+
+
+@pytest.mark.parametrize(
+    "make, kind, words",
+    [
+        (lambda d: encode_wav(np.zeros(INPUT_SAMPLE_RATE * 2, np.float32), INPUT_SAMPLE_RATE), FailureKind.NO_SPEECH, "No speech"),
+        (lambda d: b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4, FailureKind.INVALID_INPUT, "Unsupported or corrupt"),
+        (lambda d: b"", FailureKind.EMPTY_INPUT, "empty"),
+        (lambda d: encode_wav(0.1 * d.standard_normal(8000 * 7).astype(np.float32), 8000), FailureKind.INPUT_TOO_LONG, "too long"),
+    ],
+    ids=["silence", "corrupt", "empty-file", "too-long"],
+)
+def test_bad_speech_input_gets_a_readable_message(models, server_url, tmp_path, make, kind, words):
+    path = tmp_path / "input.wav"
+    path.write_bytes(make(np.random.default_rng(0)))
+    config = PipelineConfig(max_input_seconds=6.0)
+    session, events = one_turn(models, server_url, UserSpeech(str(path)), FAST, config)
+    assert len(events) == 1 and isinstance(events[0], TurnFailed), events
+    assert events[0].kind is kind and words in events[0].message, events[0].message
+    assert session.turns == 0
+
+
+def test_invalid_settings_are_explained(models, server_url):
+    _, events = one_turn(models, server_url, UserText("Hi"), GenerationOptions(temperature=-1, top_p=0, max_new_tokens=0))
+    failed = events[0]
+    assert failed.kind is FailureKind.INVALID_INPUT
+    for word in ("temperature", "top-p", "max new tokens"):
+        assert word in failed.message
+
+
+def test_unreachable_server_then_recovery(models, server_url):
+    dead_url = f"http://127.0.0.1:{free_port()}"
+
+    async def scenario(chat_up):
+        session = chat_up.new_session()
+        async with AsyncTokenClient(dead_url) as dead_client:
+            chat_down = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, dead_client)
+            try:
+                down = await collect(chat_down, session, UserText("Hi"))
+            finally:
+                chat_down.close()
+        up = await collect(chat_up, session, UserText("Hi"))
+        return session, down, up
+
+    session, down, up = run(models, server_url, scenario)
+    failed = down[-1]
+    assert isinstance(down[0], InputAccepted)
+    assert failed.kind is FailureKind.SERVER_UNAVAILABLE and dead_url in failed.message
+    assert "model_server.py" in failed.message
+    assert_well_formed(up)
+    assert session.turns == 1
+
+
+def test_busy_server_says_so_and_the_next_turn_works(models, server_url, tiny_checkpoints):
+    ids = chat_prompt(models, "Keep talking.")
+    holders = [TokenClient(server_url) for _ in range(SLOTS)]
+    streams = [h.stream(prompt_token_ids=ids, max_new_tokens=3000, temperature=1.0, top_p=1.0, seed=5) for h in holders]
+    try:
+        for stream in streams:
+            next(stream)  # each holds one of the server's streams
+        session, events = one_turn(models, server_url, UserText("Hi"))
+    finally:
+        for stream, holder in zip(streams, holders):
+            stream.close()
+            holder.close()
+    failed = events[-1]
+    assert failed.kind is FailureKind.SERVER_BUSY and "busy" in failed.message and "try again" in failed.message
+    assert session.turns == 0
+    wait_for_idle(server_url)
+    _, events = one_turn(models, server_url, UserText("Hi"))
+    assert_well_formed(events)
+
+
+def test_stream_failing_midway_keeps_the_partial_answer_out_of_the_history(models, server_url):
+    options = GenerationOptions(temperature=0.8, top_p=0.9, max_new_tokens=40, seed=FAIL_AFTER_SEED)
+
+    async def scenario(chat):
+        session = chat.new_session()
+        broken = await collect(chat, session, UserText("Hi"), options)
+        after = await collect(chat, session, UserText("Hi"))
+        return session, broken, after
+
+    session, broken, after = run(models, server_url, scenario)
+    failed = broken[-1]
+    assert isinstance(failed, TurnFailed) and failed.kind is FailureKind.STREAM_FAILED
+    assert "cut off" in failed.message and f"after {FAIL_AFTER_TOKENS} tokens" in failed.message
+    assert failed.timings.tokens == FAIL_AFTER_TOKENS
+    assert_well_formed(after)
+    assert session.turns == 1 and after[0].prompt_tokens == len(chat_prompt(models, "Hi"))
+
+
+def test_a_second_turn_while_one_runs_is_refused(models, server_url):
+    async def scenario(chat):
+        session = chat.new_session()
+        first = chat.run_turn(session, UserText("Hi"), FAST)
+        accepted = await anext(first)  # the first turn is now running
+        second = await collect(chat, session, UserText("Hello"))
+        rest = [event async for event in first]
+        return session, accepted, second, rest
+
+    session, accepted, second, rest = run(models, server_url, scenario)
+    assert isinstance(accepted, InputAccepted)
+    assert len(second) == 1 and second[0].kind is FailureKind.SESSION_BUSY
+    assert isinstance(rest[-1], TurnFinished) and session.turns == 1
+
+
+def test_stopping_early_closes_the_server_stream(models, server_url):
+    options = GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=3000, seed=5)
+
+    async def scenario(chat):
+        session = chat.new_session()
+        async with aclosing(chat.run_turn(session, UserText("Keep talking."), options)) as events:
+            async for event in events:
+                if isinstance(event, AssistantText):
+                    break
+        return session
+
+    session = run(models, server_url, scenario)
+    assert session.turns == 0 and not session.busy
+    wait_for_idle(server_url)
+
+
+def test_clear_during_a_turn_keeps_the_new_history_empty(models, server_url):
+    async def scenario(chat):
+        session = chat.new_session()
+        events = []
+        async for event in chat.run_turn(session, UserText("Hi"), FAST):
+            events.append(event)
+            if isinstance(event, InputAccepted):
+                session.clear()
+        return session, events
+
+    session, events = run(models, server_url, scenario)
+    assert isinstance(events[-1], TurnFinished)
+    assert session.turns == 0 and session.history_ids == []
+
+
+def wait_for_idle(url: str) -> None:
+    """The server frees a closed stream's slot at its next step: wait for it (never a speed check)."""
+    import time
+
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/health", timeout=10).json()["active_streams"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} still has active streams after {WAIT_S} s")
