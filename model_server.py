@@ -24,6 +24,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from glm4voice.server import wire
@@ -106,6 +107,9 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
         except RequestError as error:
             metrics.count(Outcome.REJECTED)
             return json_response(error.status, wire.error_body(error.text, error.detail))
+        except ClientDisconnect:  # gone while its body was being read: nobody to answer
+            metrics.count(Outcome.CANCELLED)
+            return Response(status_code=400)
 
     @app.get("/health")
     async def health() -> Response:

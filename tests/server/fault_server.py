@@ -1,0 +1,65 @@
+"""The real token server with fault injection, for tests: ``python tests/server/fault_server.py
+[model_server.py flags]``.
+
+Built like ``model_server.main`` (same settings, real engine, real uvicorn), but the backend makes
+chosen requests fail, selected by their seed: ``FAIL_AT_START_SEED`` fails before the first token,
+``FAIL_AFTER_SEED`` after ``FAIL_AFTER_TOKENS`` tokens (the engine's stream is cancelled, as a real
+failure would end it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from glm4voice.server.engine_backend import EngineBackend, build_engine
+from model_server import build_parser, create_app, settings_from_args
+
+FAIL_AT_START_SEED = 4242
+FAIL_AFTER_SEED = 4343
+FAIL_AFTER_TOKENS = 3
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+class FailingStream:
+    def __init__(self, stream, fail_after: int):
+        self._stream = stream
+        self._left = fail_after
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> int:
+        if self._left == 0:
+            self._stream.cancel()
+            raise InjectedFault("injected engine fault (test)")
+        self._left -= 1
+        return await anext(self._stream)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+class FaultyBackend(EngineBackend):
+    def submit(self, prompt_ids, request):
+        stream = super().submit(prompt_ids, request)
+        if request.seed == FAIL_AT_START_SEED:
+            return FailingStream(stream, 0)
+        if request.seed == FAIL_AFTER_SEED:
+            return FailingStream(stream, FAIL_AFTER_TOKENS)
+        return stream
+
+
+def main() -> None:
+    settings = settings_from_args(build_parser().parse_args())
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(FaultyBackend(build_engine(settings), settings.model_path), settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", log_config=None, timeout_graceful_shutdown=2)
+
+
+if __name__ == "__main__":
+    main()
