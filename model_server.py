@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from glm4voice.server import wire
-from glm4voice.server.admission import Admission, QueueFull
+from glm4voice.server.admission import Admission, AdmissionClosed, QueueFull
 from glm4voice.server.backend import TokenBackend
 from glm4voice.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from glm4voice.server.metrics import Outcome, ServerMetrics
@@ -50,7 +50,21 @@ class ServerState:
     admission: Admission
     metrics: ServerMetrics
     ready: bool = False
+    device_name: str = ""
     request_ids: Any = field(default_factory=lambda: itertools.count(1))
+    jobs: set[StreamJob] = field(default_factory=set)
+    """Requests past validation whose response has not ended (queued or streaming)."""
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting work and end every open stream with an error line, at once (instead
+        of letting the server cut the connections after its grace period)."""
+        if not self.ready and self.admission.closed:
+            return
+        self.ready = False
+        self.admission.close()
+        for job in list(self.jobs):
+            job.stop_for_shutdown()
+        logger.info("shutting down: stopped %d open streams", len(self.jobs))
 
     def limits(self) -> PromptLimits:
         """Prompt limits (once the engine has started: they depend on the loaded model)."""
@@ -79,12 +93,13 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
         if state.tokenizer is None:
             state.tokenizer = await anyio.to_thread.run_sync(GLMTokenizer.from_pretrained, backend.checkpoint_folder)
         metrics.register_engine(backend.stats, getattr(backend, "counter_names", frozenset()))
+        state.device_name = _device_name(settings.device)
         state.ready = True
         logger.info("ready in %.1f s: serving on http://%s:%d", time.perf_counter() - started, settings.host, settings.port)
         try:
             yield
         finally:
-            state.ready = False
+            state.begin_shutdown()
             logger.info("stopping the engine")
             await backend.stop()
 
@@ -123,6 +138,7 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
             "max_new_tokens_cap": settings.max_new_tokens_cap,
             "model": settings.model_path,
             "device": settings.device,
+            "device_name": state.device_name,
             "dtype": settings.dtype,
             "engine": backend.stats(),
         }
@@ -139,8 +155,8 @@ async def _start_stream(state: ServerState, request: Request, arrived: float) ->
     """Validate, tokenize and reserve a slot; every refusal here happens before streaming."""
     settings = state.settings
     if not state.ready:
-        state.metrics.count(Outcome.BUSY)
-        return json_response(503, wire.error_body("the server is stopping"), busy_headers(settings.retry_after_s))
+        state.metrics.count(Outcome.SHUTDOWN)
+        return json_response(503, wire.error_body("the server is shutting down"), busy_headers(settings.retry_after_s))
     body = await _read_body(request, settings.max_body_bytes)
     parsed = parse_generate_request(body, settings.max_new_tokens_cap)
     if parsed.prompt is not None:
@@ -155,6 +171,9 @@ async def _start_stream(state: ServerState, request: Request, arrived: float) ->
     except QueueFull as error:
         state.metrics.count(Outcome.BUSY)
         return json_response(503, wire.error_body(f"{error}; retry later"), busy_headers(settings.retry_after_s))
+    except AdmissionClosed as error:
+        state.metrics.count(Outcome.SHUTDOWN)
+        return json_response(503, wire.error_body(str(error)), busy_headers(settings.retry_after_s))
     request_id = f"req-{next(state.request_ids)}"
     logger.debug("%s: %d prompt tokens, %s", request_id, len(prompt_ids), parsed)
     job = StreamJob(
@@ -167,7 +186,21 @@ async def _start_stream(state: ServerState, request: Request, arrived: float) ->
         retry_after_s=settings.retry_after_s,
         metrics=state.metrics,
     )
-    return TokenStreamResponse(job)
+    state.jobs.add(job)
+    return TokenStreamResponse(job, on_end=state.jobs.discard)
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"
+
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -224,8 +257,6 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     from glm4voice.server.engine_backend import build_engine
 
     parser = build_parser()
@@ -243,11 +274,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # e.g. a --dtype this engine does not implement
         parser.error(str(error))
     app = create_app(engine, settings)
+    return serve(app, settings)
+
+
+def serve(app: FastAPI, settings: ServerSettings) -> int:
+    """Run ``app`` with uvicorn until SIGINT/SIGTERM; 1 if it never started."""
+    import uvicorn
+
+    class TokenServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.server.begin_shutdown()  # before uvicorn waits for open connections
+            await super().shutdown(sockets=sockets)
+
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
         timeout_graceful_shutdown=settings.shutdown_grace_s, log_config=None,
     )  # fmt: skip
-    server = uvicorn.Server(config)
+    server = TokenServer(config)
     server.run()
     if not server.started:
         logger.error("the server did not start (see the errors above)")

@@ -523,3 +523,36 @@ def test_cli_has_the_original_flags_and_refuses_what_it_cannot_do():
     bad = subprocess.run([sys.executable, str(ROOT / "model_server.py"), "--max-concurrent-streams", "0"],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "max_concurrent_streams" in bad.stderr
+
+
+def test_shutdown_ends_open_streams_with_an_error_line_and_queued_requests_with_503(fault_server):
+    """SIGTERM: streams end at once with a final error line, queued requests get 503, the process
+    exits without waiting out its grace period. (Stops the fault server: keep this test last.)"""
+    long_body = dict(prompt_token_ids=[31, 32], temperature=0, max_new_tokens=FAULT_NEW_TOKENS_CAP)
+    outcome: dict[str, BaseException] = {}
+    with TokenClient(fault_server.url) as client:
+        holders = [client.stream(**long_body) for _ in range(FAULT_SLOTS)]
+        for holder in holders:
+            next(holder)
+
+        def queued_request():
+            try:
+                client.generate(**long_body)
+            except BaseException as error:  # noqa: BLE001 - handed to the test thread
+                outcome["queued"] = error
+
+        waiter = threading.Thread(target=queued_request)
+        waiter.start()
+        deadline = time.monotonic() + WAIT_S
+        while client.health()["queue_length"] != 1:
+            assert time.monotonic() < deadline and waiter.is_alive()
+            time.sleep(0.02)
+        fault_server.process.stop()  # SIGTERM, then waits for the exit
+        waiter.join(timeout=WAIT_S)
+        for holder in holders:
+            with pytest.raises(StreamFailedError, match="the server is shutting down"):
+                list(holder)
+    assert isinstance(outcome.get("queued"), ServerBusyError) and "shutting down" in str(outcome["queued"])
+    log = fault_server.process.log()
+    assert "shutting down: stopped 3 open streams" in log
+    assert "CancelledError" not in log and "Exception in ASGI application" not in log

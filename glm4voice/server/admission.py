@@ -16,6 +16,10 @@ class QueueFull(Exception):
     """Every slot is busy and the queue is at its bound."""
 
 
+class AdmissionClosed(Exception):
+    """The server is shutting down: no more slots are handed out."""
+
+
 class Ticket:
     __slots__ = ("_admission", "_future", "_released")
 
@@ -26,10 +30,11 @@ class Ticket:
 
     @property
     def admitted(self) -> bool:
-        return self._future.done() and not self._future.cancelled()
+        return self._future.done() and not self._future.cancelled() and self._future.exception() is None
 
     async def wait(self, timeout: float) -> bool:
-        """Wait until the ticket holds a slot; False when ``timeout`` seconds passed first."""
+        """Wait until the ticket holds a slot; False when ``timeout`` seconds passed first;
+        :class:`AdmissionClosed` when the server shuts down meanwhile."""
         if self.admitted:
             return True
         try:
@@ -52,6 +57,7 @@ class Admission:
         self.slots = slots
         self.max_waiting = max_waiting
         self.active = 0
+        self.closed = False
         self._waiters: collections.deque[Ticket] = collections.deque()
 
     @property
@@ -59,6 +65,8 @@ class Admission:
         return len(self._waiters)
 
     def reserve(self) -> Ticket:
+        if self.closed:
+            raise AdmissionClosed("the server is shutting down")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ticket = Ticket(self, future)
         if self.active < self.slots and not self._waiters:
@@ -70,11 +78,21 @@ class Admission:
             raise QueueFull(f"all {self.slots} streams are busy and {self.waiting} requests are waiting")
         return ticket
 
+    def close(self) -> None:
+        """Refuse new tickets; waiting ones fail with :class:`AdmissionClosed`."""
+        self.closed = True
+        while self._waiters:
+            future = self._waiters.popleft()._future
+            if not future.done():
+                future.set_exception(AdmissionClosed("the server is shutting down"))
+
     def _release(self, ticket: Ticket) -> None:
         if ticket.admitted:
             self.active -= 1
             self._admit_next()
         else:
+            if ticket._future.done():
+                ticket._future.exception()  # retrieved: no "never retrieved" warning
             ticket._future.cancel()
             try:
                 self._waiters.remove(ticket)

@@ -23,6 +23,7 @@ class Outcome(str, enum.Enum):
     REJECTED = "rejected"  # 4xx: bad request
     BUSY = "busy"  # 503: queue full or waited too long
     ENGINE_ERROR = "engine_error"  # the engine failed (500 before streaming, error line after)
+    SHUTDOWN = "shutdown"  # stopped by the server shutting down (error line, or 503 while queued)
 
 
 class ServerMetrics:

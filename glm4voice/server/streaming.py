@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Protocol
 
 import anyio
@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from glm4voice.server import wire
-from glm4voice.server.admission import Ticket
+from glm4voice.server.admission import AdmissionClosed, Ticket
 from glm4voice.server.metrics import Outcome, ServerMetrics
 
 logger = logging.getLogger("glm4voice.server")
@@ -42,7 +42,7 @@ class EngineRejected(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
+@dataclass(eq=False)
 class StreamJob:
     """Everything one request needs once validated (per-request state, dropped at the end)."""
 
@@ -57,7 +57,15 @@ class StreamJob:
     metrics: ServerMetrics
     tokens_sent: int = 0
     outcome: Outcome = Outcome.CANCELLED
-    headers_sent: bool = field(default=False)
+    headers_sent: bool = False
+    stream: TokenStream | None = None
+    shutting_down: bool = False
+
+    def stop_for_shutdown(self) -> None:
+        """End this stream now: its client gets a final error line (called on server shutdown)."""
+        self.shutting_down = True
+        if self.stream is not None:
+            self.stream.cancel()
 
 
 def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -73,12 +81,13 @@ def busy_headers(retry_after_s: int) -> dict[str, str]:
 class TokenStreamResponse(Response):
     media_type = wire.MEDIA_TYPE
 
-    def __init__(self, job: StreamJob):
+    def __init__(self, job: StreamJob, on_end: Callable[[StreamJob], None] | None = None):
         # no Response.__init__: it would declare a Content-Length for an empty body
         self.status_code = 200
         self.background = None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.job = job
+        self.on_end = on_end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         job = self.job
@@ -88,7 +97,7 @@ class TokenStreamResponse(Response):
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    logger.info("%s: client disconnected after %d tokens", job.request_id, job.tokens_sent)
+                    logger.info("%s: connection closed after %d tokens", job.request_id, job.tokens_sent)
                     group.cancel_scope.cancel()
 
                 group.start_soon(watch_disconnect)
@@ -100,6 +109,9 @@ class TokenStreamResponse(Response):
                     group.cancel_scope.cancel()
         finally:
             job.ticket.release()
+            job.stream = None
+            if self.on_end is not None:
+                self.on_end(job)
             job.metrics.count(job.outcome)
             logger.debug("%s: %s, %d tokens", job.request_id, job.outcome.value, job.tokens_sent)
 
@@ -107,15 +119,24 @@ class TokenStreamResponse(Response):
         job = self.job
         metrics = job.metrics
         waited_from = time.perf_counter()
-        admitted = await job.ticket.wait(job.queue_timeout_s)
+        try:
+            admitted = await job.ticket.wait(job.queue_timeout_s)
+        except AdmissionClosed as error:
+            job.outcome = Outcome.SHUTDOWN
+            await self._send_whole(send, json_response(503, wire.error_body(str(error)), busy_headers(job.retry_after_s)))
+            return
         metrics.queue_wait.observe(time.perf_counter() - waited_from)
         if not admitted:
             job.outcome = Outcome.BUSY
             text = f"no stream slot became free within {job.queue_timeout_s:g} s; retry later"
             await self._send_whole(send, json_response(503, wire.error_body(text), busy_headers(job.retry_after_s)))
             return
+        if job.shutting_down:
+            job.outcome = Outcome.SHUTDOWN
+            await self._send_whole(send, json_response(503, wire.error_body("the server is shutting down"), busy_headers(job.retry_after_s)))
+            return
         try:
-            stream = job.submit()
+            stream = job.stream = job.submit()
         except EngineRejected as error:
             job.outcome = Outcome.BUSY if error.status == 503 else Outcome.REJECTED
             headers = busy_headers(job.retry_after_s) if error.retry_after else None
@@ -154,7 +175,14 @@ class TokenStreamResponse(Response):
                     metrics.time_to_first_token.observe(time.perf_counter() - job.arrived)
                 job.tokens_sent += 1
                 metrics.tokens_generated.inc()
-            if job.outcome is not Outcome.ENGINE_ERROR:
+            if job.shutting_down and job.outcome is not Outcome.ENGINE_ERROR:
+                job.outcome = Outcome.SHUTDOWN
+                text = f"the server is shutting down; generation stopped after {job.tokens_sent} tokens"
+                if not job.headers_sent:
+                    await self._send_whole(send, json_response(503, wire.error_body(text), busy_headers(job.retry_after_s)))
+                    return
+                await send({"type": "http.response.body", "body": wire.error_line(text), "more_body": True})
+            elif job.outcome is not Outcome.ENGINE_ERROR:
                 job.outcome = Outcome.COMPLETED
             if not job.headers_sent:  # the engine ended the stream without a token
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})

@@ -1,7 +1,7 @@
 """The real token server with fault injection, for tests: ``python tests/server/fault_server.py
 [model_server.py flags]``.
 
-Built like ``model_server.main`` (same settings, real engine, real uvicorn), but the backend makes
+Built like ``model_server.main`` (same settings, real engine, same uvicorn server), but the backend makes
 chosen requests fail, selected by their seed: ``FAIL_AT_START_SEED`` fails before the first token,
 ``FAIL_AFTER_SEED`` after ``FAIL_AFTER_TOKENS`` tokens (the engine's stream is cancelled, as a real
 failure would end it).
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
 from glm4voice.server.engine_backend import EngineBackend, build_engine
-from model_server import build_parser, create_app, settings_from_args
+from model_server import build_parser, create_app, serve, settings_from_args
 
 FAIL_AT_START_SEED = 4242
 FAIL_AFTER_SEED = 4343
@@ -58,7 +56,7 @@ def main() -> None:
     settings = settings_from_args(build_parser().parse_args())
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(FaultyBackend(build_engine(settings), settings.model_path), settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", log_config=None, timeout_graceful_shutdown=2)
+    raise SystemExit(serve(app, settings))
 
 
 if __name__ == "__main__":
