@@ -176,7 +176,7 @@ class GLMModel(nn.Module):
     def compile_steps(self, **compile_options) -> None:
         """torch.compile the per-token functions (compiled once, shared by all layers; the
         number of tokens is dynamic)."""
-        self.steps = tuple(_dynamic_rows(torch.compile(fn, **compile_options)) for fn in
+        self.steps = tuple(dynamic_rows(torch.compile(fn, **compile_options)) for fn in
                            (attention_inputs, attention_output_and_mlp, final_logits))  # fmt: skip
 
     def eager_steps(self) -> None:
@@ -243,7 +243,9 @@ class GLMModel(nn.Module):
         b = tokens.shape[0]
         rows = torch.arange(b, device=tokens.device)
         cos, sin = rope[0][positions], rope[1][positions]
-        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        visible = torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~visible, float("-inf"))
+        mask = mask[:, None, None, :]  # additive, shared by all layers and heads
         kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
         x = self.embed(tokens)
         for layer, block in enumerate(self.layers):
@@ -266,15 +268,15 @@ class GLMModel(nn.Module):
         return self.prefill(ids, cache, 0, 0, self.rope_tables(n, ids.device), last_only=False)
 
 
-def _dynamic_rows(fn: Callable) -> Callable:
-    """Mark the token axis of the tensor arguments dynamic so one compiled graph serves every
-    batch size and chunk length (sizes 1 get their own specialisation, as dynamo always does)."""
+def dynamic_rows(fn: Callable) -> Callable:
+    """Mark the leading (token) axis of tensor arguments dynamic so one compiled graph serves
+    every batch size and chunk length (size 1 gets its own specialisation, as dynamo always does)."""
 
-    def call(module, *tensors):
-        for tensor in tensors:
-            if tensor.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return fn(module, *tensors)
+    def call(*args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() and arg.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        return fn(*args)
 
     return call
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from glm4voice.llm.model import GLMModel, KVCache
+from glm4voice.llm.model import GLMModel, KVCache, dynamic_rows
 from glm4voice.llm.sampling import sample_next
 
 logger = logging.getLogger(__name__)
@@ -86,10 +86,13 @@ class ModelRunner:
         pin = device.type == "cuda"
         self._host_tokens = torch.zeros(max_slots, dtype=torch.long, pin_memory=pin)
         self._host_positions = torch.full((max_slots,), self.scratch, dtype=torch.long, pin_memory=pin)
+        self._tokens_np, self._positions_np = self._host_tokens.numpy(), self._host_positions.numpy()
         self.sample: Callable = sample_next
         if compile:
             model.compile_steps()
-            self.sample = _dynamic_rows(torch.compile(sample_next))
+            self.sample = dynamic_rows(torch.compile(sample_next))
+        else:
+            model.eager_steps()
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     # --- per-slot state -----------------------------------------------------------------------------
@@ -135,12 +138,13 @@ class ModelRunner:
         if not rows:
             return []
         b, kv_len, replay = self.shape_for(rows)
-        self._host_positions[:b] = self.scratch
+        tokens_np, positions_np = self._tokens_np, self._positions_np
+        positions_np[:b] = self.scratch
         for row in rows:
             if not 0 <= row.position < self.max_seq_len:
                 raise ValueError(f"slot {row.slot}: position {row.position} outside the cache")
-            self._host_tokens[row.slot] = row.token
-            self._host_positions[row.slot] = row.position
+            tokens_np[row.slot] = row.token
+            positions_np[row.slot] = row.position
         self.tokens[:b].copy_(self._host_tokens[:b], non_blocking=True)
         self.positions[:b].copy_(self._host_positions[:b], non_blocking=True)
         if replay:
@@ -184,12 +188,3 @@ class ModelRunner:
         logger.info("warm-up: %d decode graphs (batch %s x attention length %s) in %.1f s", len(self.graphs),
                     self.batch_sizes, self.kv_lengths, time.perf_counter() - started)  # fmt: skip
 
-
-def _dynamic_rows(fn: Callable) -> Callable:
-    def call(*tensors):
-        for tensor in tensors:
-            if tensor.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return fn(*tensors)
-
-    return call

@@ -1,10 +1,10 @@
 """Temperature / top-p sampling for a batch of rows, on the device, with per-row seeds.
 
-No host round trip and no torch.Generator state: the randomness of row ``i`` is a counter-based
-hash of (its seed, the index of the token being drawn, the vocabulary id), so the whole step can
-live in a CUDA graph, a request's draws do not depend on which other requests share its batch,
-and the same seed replays the same reply. Drawing uses the exponential race: with
-``E_j ~ Exp(1)`` independent, ``argmax_j p_j / E_j`` is distributed as ``p``.
+No host round trip and no torch.Generator state: row ``i`` draws one uniform number from a
+counter-based hash of (its seed, the index of the token being drawn), so the whole step can live
+in a CUDA graph, a request's draws do not depend on which other requests share its batch, and the
+same seed replays the same reply. The token is found by inverting the cumulative distribution of
+the kept tokens (sorted by probability), which costs one sort and a few passes over the vocabulary.
 
 Semantics match transformers' ``TemperatureLogitsWarper`` then ``TopPLogitsWarper``: divide the
 logits by the temperature, keep the most probable tokens until their mass reaches ``top_p`` (the
@@ -30,12 +30,10 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Uniform (0, 1) float32, one per (row, token id): ``seeds``/``counters`` int64 [b],
-    ``token_ids`` int64 [b, n] (or broadcastable)."""
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform (0, 1) float32 per row from int64 ``seeds`` (in [0, 2**63)) and ``counters``."""
     lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    key = _mix32(_mix32(_mix32(hi) ^ lo) ^ (counters & _MASK32))
-    h = _mix32(_mix32(key[:, None] ^ ((token_ids * _MUL3) & _MASK32)))
+    h = _mix32(_mix32(_mix32(_mix32(hi) ^ lo) ^ (counters & _MASK32)) ^ _MUL3)
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
@@ -51,13 +49,13 @@ def sample_next(
     ``temperature``/``top_p`` float32 [b]; ``seeds`` int64 [b] in [0, 2**63); ``counters`` int64 [b]:
     the index of the token being drawn (its position in the sequence)."""
     greedy = logits.argmax(dim=-1)
-    scaled = logits / temperature.clamp_min(_MIN_TEMPERATURE)[:, None]
-    probs = torch.softmax(scaled, dim=-1)
+    probs = torch.softmax(logits / temperature.clamp_min(_MIN_TEMPERATURE)[:, None], dim=-1)
     sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    sorted_probs = sorted_probs * keep
-    exponential = -torch.log(uniform_noise(seeds, counters, sorted_ids))
-    choice = (sorted_probs / exponential).argmax(dim=-1, keepdim=True)
-    sampled = sorted_ids.gather(-1, choice).squeeze(-1)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    keep = (cumulative - sorted_probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    kept = keep.sum(dim=-1, keepdim=True)  # a prefix of the sorted order, at least one token
+    kept_mass = cumulative.gather(-1, kept - 1)
+    target = uniform(seeds, counters)[:, None] * kept_mass
+    index = (cumulative <= target).sum(dim=-1, keepdim=True).clamp_max(kept - 1)
+    sampled = sorted_ids.gather(-1, index).squeeze(-1)
     return torch.where(temperature > 0, sampled, greedy)

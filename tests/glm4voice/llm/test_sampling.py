@@ -1,7 +1,7 @@
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from glm4voice.llm.sampling import sample_next, uniform_noise
+from glm4voice.llm.sampling import sample_next, uniform
 
 
 def draws(logits_row, n, temperature=1.0, top_p=1.0, counter=7):
@@ -71,7 +71,9 @@ def test_draws_are_reproducible_and_vary_with_seed_and_counter():
     assert torch.equal(a, draws(logits, 64, counter=5))
     assert (a != draws(logits, 64, counter=6)).float().mean() > 0.9
     assert len(set(a.tolist())) > 50  # different seeds give different tokens
-    big_seeds = torch.tensor([2**62 + 1, 2**62 + 2, 2**63 - 1])
-    noise = uniform_noise(big_seeds, torch.zeros(3, dtype=torch.long), torch.arange(4096)[None])
-    assert noise.min() > 0 and noise.max() < 1 and abs(noise.mean().item() - 0.5) < 0.01
-    assert not torch.equal(noise[0], noise[1])
+    seeds = torch.cat([torch.arange(4096), torch.tensor([2**62 + 1, 2**62 + 2, 2**63 - 1])])
+    u = uniform(seeds, torch.zeros(seeds.shape[0], dtype=torch.long))
+    assert u.min() > 0 and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert len(set(u.tolist())) > 4000  # distinct seeds give distinct draws
+    counters = uniform(torch.zeros(4096, dtype=torch.long), torch.arange(4096))
+    assert abs(counters.mean().item() - 0.5) < 0.01 and len(set(counters.tolist())) > 4000

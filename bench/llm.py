@@ -1,0 +1,471 @@
+"""Benchmark of the GLM-4-Voice-9B engine (random weights, full size) and the reference-style baseline.
+
+Prints the machine, the command, and: memory-bandwidth bound and single-stream decode tokens/s,
+prefill time for 300 and 2000 prompt tokens, aggregate and per-stream tokens/s at 1/8/32/64
+concurrent streams, GPU memory, the eager fallback, int8 weights, a full-size safetensors load, and
+transformers' GLM with ``generate`` + a streamer thread at batch 1 (how the original serves).
+
+    python bench/llm.py                           # the published 9B shape on the GPU
+    python bench/llm.py --config small --device cpu --quick   # a dry run of the script on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import platform
+import queue
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from glm4voice.llm.checkpoint import load_model, published_key_names, random_model  # noqa: E402
+from glm4voice.llm.config import PUBLISHED_CONFIG, GLMConfig  # noqa: E402
+from glm4voice.llm.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from glm4voice.llm.quant import INT8, weight_bytes  # noqa: E402
+
+CONFIGS = {
+    "published": GLMConfig.published(),
+    "small": GLMConfig(hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64, ffn_hidden_size=512,
+                       vocab_size=168960, layernorm_epsilon=1e-6, seq_length=8192),
+}  # fmt: skip
+NOMINAL_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
+SAMPLING = dict(temperature=0.8, top_p=0.8)
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.config = CONFIGS[args.config]
+        self.device = torch.device(args.device)
+        self.deadline = time.monotonic() + args.budget_s
+        self.results: dict = {}
+        self.generator = torch.Generator().manual_seed(0)
+        self.out = Path(args.out) if args.out else None
+
+    # --- bookkeeping --------------------------------------------------------------------------------
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self) -> None:
+        if self.out:
+            self.out.write_text(json.dumps(self.results, indent=2, default=str))
+
+    def section(self, name: str, fn, need_s: float) -> None:
+        if self.left() < need_s:
+            self.results[name] = {"skipped": f"{self.left():.0f} s left, needs ~{need_s:.0f} s"}
+            log(f"[{name}] skipped: {self.results[name]['skipped']}")
+            return
+        started = time.monotonic()
+        log(f"[{name}] ...")
+        try:
+            self.results[name] = fn()
+        except Exception as error:  # record and go on: one broken section must not lose the rest
+            import traceback
+
+            traceback.print_exc()
+            self.results[name] = {"error": f"{type(error).__name__}: {error}"}
+        self.results[name] = {**self.results[name], "section_s": round(time.monotonic() - started, 1)}
+        log(f"[{name}] {json.dumps(self.results[name], default=str)}")
+        self.save()
+
+    def prompt(self, n: int) -> list[int]:
+        return torch.randint(0, 150000 if self.config.vocab_size > 150000 else self.config.vocab_size, (n,),
+                             generator=self.generator).tolist()  # fmt: skip
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # --- sections -----------------------------------------------------------------------------------
+    def machine(self) -> dict:
+        import transformers
+
+        info = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "cpu_count": __import__("os").cpu_count(),
+            "config": self.args.config,
+            "parameters_b": round(self.config.num_parameters() / 1e9, 3),
+        }
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            info |= {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 1e9, 1), "cuda": torch.version.cuda}
+        return info
+
+    def bandwidth(self) -> dict:
+        if self.device.type != "cuda":
+            return {"note": "GPU only"}
+        n = 2 * 1024**3
+        src = torch.empty(n, dtype=torch.uint8, device=self.device).random_()
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(12):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        del src, dst
+        torch.cuda.empty_cache()
+        copy = 2 * n / statistics.median(times[2:])
+        name = torch.cuda.get_device_name(self.device)
+        nominal = next((v for k, v in NOMINAL_BANDWIDTH.items() if k in name), None)
+        self.copy_bandwidth = copy
+        return {"copy_read_plus_write_tb_s": round(copy / 1e12, 3), "nominal_tb_s": nominal and nominal / 1e12}
+
+    def build(self, dtype: torch.dtype, quantize: str | None = None) -> dict:
+        started = time.monotonic()
+        self.model = random_model(self.config, self.device, dtype, seed=0, quantize=quantize)
+        self.sync()
+        return {"seconds": round(time.monotonic() - started, 1), "weight_gb": round(weight_bytes(self.model) / 1e9, 2)}
+
+    def step_bytes(self, kv_len: int) -> int:
+        """Bytes a batch-1 decode step must read: every weight except the embedding table (one row
+        of it), and the keys and values of kv_len positions."""
+        m = self.model
+        embed = m.embed.weight
+        weights = weight_bytes(m) - embed.numel() * embed.element_size() + embed.shape[1] * embed.element_size()
+        c = self.config
+        kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_len * 2
+        return weights + kv
+
+    async def stream_times(self, engine, prompt, params) -> tuple[list[int], list[float], float]:
+        submitted = time.perf_counter()
+        stream = engine.submit(prompt, params)
+        tokens, times = [], []
+        async for token in stream:
+            tokens.append(token)
+            times.append(time.perf_counter())
+        return tokens, times, submitted
+
+    def engine_config(self, **overrides) -> EngineConfig:
+        options = dict(device=str(self.device), dtype=self.args.dtype, max_batch_size=64, max_seq_len=4096, prefill_chunk=512)
+        return EngineConfig(**(options | overrides))
+
+    def single_stream(self, engine, new_tokens: int) -> dict:
+        params = SamplingParams(**SAMPLING, max_new_tokens=new_tokens, seed=1)
+        prompt = self.prompt(300)
+
+        async def run():
+            await self.stream_times(engine, prompt, SamplingParams(max_new_tokens=8))  # warm
+            return await self.stream_times(engine, prompt, params)
+
+        tokens, times, submitted = self.loop.run_until_complete(run())
+        rate = (len(tokens) - 1) / (times[-1] - times[0])
+        kv_len = next(s for s in engine.runner.kv_lengths if s >= 300 + new_tokens)
+        bytes_per_step = self.step_bytes(kv_len)
+        result = {
+            "prompt_tokens": 300,
+            "new_tokens": len(tokens),
+            "decode_tokens_per_s": round(rate, 1),
+            "ttft_ms": round((times[0] - submitted) * 1e3, 1),
+            "bytes_per_step_gb": round(bytes_per_step / 1e9, 3),
+        }
+        if hasattr(self, "copy_bandwidth"):
+            bound = self.copy_bandwidth / bytes_per_step
+            result |= {"bound_tokens_per_s_at_copy_bw": round(bound, 1), "fraction_of_bound": round(rate / bound, 3)}
+        return result
+
+    def prefill_times(self, engine) -> dict:
+        out = {}
+        for n in (300, 2000):
+            prompt = self.prompt(n)
+
+            async def ttft():
+                _, times, submitted = await self.stream_times(engine, prompt, SamplingParams(max_new_tokens=1))
+                return times[0] - submitted
+
+            engine_ttft = [self.loop.run_until_complete(ttft()) for _ in range(3)]
+            self.loop.run_until_complete(engine.wait_idle())
+            runner = engine.runner
+            raw = []
+            for _ in range(3):  # the worker is idle (blocked on its queue): use the runner directly
+                self.sync()
+                start = time.perf_counter()
+                runner.prefill(0, prompt, 0, sample=True)
+                raw.append(time.perf_counter() - start)
+            out[f"prefill_{n}_one_chunk_ms"] = round(statistics.median(raw) * 1e3, 1)
+            out[f"ttft_{n}_engine_chunked_ms"] = round(statistics.median(engine_ttft) * 1e3, 1)
+        return out
+
+    def concurrency(self, engine, levels, new_tokens: int) -> dict:
+        out = {}
+        for n in levels:
+            if n > engine.config.max_batch_size:
+                continue
+            prompts = [self.prompt(300) for _ in range(n)]
+
+            async def run():
+                started = time.perf_counter()
+                results = await asyncio.gather(*(
+                    self.stream_times(engine, p, SamplingParams(**SAMPLING, max_new_tokens=new_tokens, seed=i))
+                    for i, p in enumerate(prompts)
+                ))  # fmt: skip
+                return results, time.perf_counter() - started
+
+            results, wall = self.loop.run_until_complete(run())
+            total = sum(len(tokens) for tokens, _, _ in results)
+            per_stream = [(len(tk) - 1) / (tm[-1] - tm[0]) for tk, tm, _ in results if len(tk) > 1]
+            ttft = [tm[0] - sub for _, tm, sub in results]
+            window_start = max(tm[0] for _, tm, _ in results)
+            window_end = min(tm[-1] for _, tm, _ in results)
+            in_window = sum(sum(window_start <= t <= window_end for t in tm) for _, tm, _ in results)
+            steady = in_window / (window_end - window_start) if window_end > window_start else None
+            out[str(n)] = {
+                "aggregate_tokens_per_s": round(total / wall, 1),
+                "steady_aggregate_tokens_per_s": steady and round(steady, 1),
+                "per_stream_tokens_per_s_median": round(statistics.median(per_stream), 1),
+                "per_stream_tokens_per_s_min": round(min(per_stream), 1),
+                "ttft_ms_median": round(statistics.median(ttft) * 1e3, 1),
+                "ttft_ms_max": round(max(ttft) * 1e3, 1),
+            }
+            log(f"  {n} streams: {out[str(n)]}")
+        return out
+
+    def memory(self, engine=None) -> dict:
+        if self.device.type != "cuda":
+            return {}
+        out = {
+            "max_allocated_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2),
+            "reserved_gb": round(torch.cuda.memory_reserved(self.device) / 1e9, 2),
+            "weights_gb": round(weight_bytes(self.model) / 1e9, 2),
+        }
+        if engine is not None:
+            out["kv_cache_gb"] = round(engine.runner.cache.nbytes() / 1e9, 2)
+        return out
+
+    def engine_section(self, dtype_label: str, levels) -> dict:
+        quick = self.args.quick
+        torch.cuda.reset_peak_memory_stats(self.device) if self.device.type == "cuda" else None
+        started = time.monotonic()
+        engine = Engine.from_model(self.model, self.engine_config(dtype=dtype_label), stop_ids=())
+        self.loop.run_until_complete(engine.start())
+        result = {"start_warmup_s": round(time.monotonic() - started, 1), "graphs": len(engine.runner.graphs)}
+        try:
+            result["single_stream"] = self.single_stream(engine, 64 if quick else 512)
+            log(f"  single stream: {result['single_stream']}")
+            if dtype_label != INT8:
+                result["prefill"] = self.prefill_times(engine)
+                log(f"  prefill: {result['prefill']}")
+            result["concurrency"] = self.concurrency(engine, levels, 32 if quick else 256)
+            result["greedy_tokens"] = self.loop.run_until_complete(
+                self.stream_times(engine, self.reference_prompt, SamplingParams(temperature=0, max_new_tokens=48))
+            )[0]
+            result["memory"] = self.memory(engine)
+        finally:
+            self.loop.run_until_complete(engine.stop())
+            del engine
+            gc.collect()
+        return result
+
+    def eager_section(self, graph_tokens: list[int]) -> dict:
+        engine = Engine.from_model(self.model, self.engine_config(eager=True, max_batch_size=8, max_seq_len=1024), stop_ids=())
+        self.loop.run_until_complete(engine.start())
+        try:
+            tokens, times, _ = self.loop.run_until_complete(
+                self.stream_times(engine, self.reference_prompt, SamplingParams(temperature=0, max_new_tokens=48))
+            )
+        finally:
+            self.loop.run_until_complete(engine.stop())
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, graph_tokens)) if a != b), len(tokens))
+        return {
+            "decode_tokens_per_s": round((len(tokens) - 1) / (times[-1] - times[0]), 1),
+            "greedy_tokens_equal_to_graph_engine": agree,
+            "of": len(tokens),
+        }
+
+    def compiled_logits_check(self) -> dict:
+        ids = torch.tensor(self.reference_prompt, device=self.device)
+        eager = self.model(ids)
+        self.model.compile_steps()
+        compiled = self.model(ids)
+        self.model.eager_steps()
+        self.reference_logits = eager[-8:].clone()
+        cos = torch.nn.functional.cosine_similarity(eager, compiled, dim=-1)
+        return {
+            "min_cosine": round(cos.min().item(), 6),
+            "max_abs_diff": round((eager - compiled).abs().max().item(), 4),
+            "argmax_agreement": round((eager.argmax(-1) == compiled.argmax(-1)).float().mean().item(), 4),
+        }
+
+    def baseline(self, new_tokens: int) -> dict:
+        """transformers GlmForCausalLM, generate() in a thread with a token streamer, batch 1."""
+        from transformers.generation.streamers import BaseStreamer
+
+        from glm4voice.llm.hf_glm import to_transformers_glm
+
+        hf = to_transformers_glm(self.model)
+        hf.generation_config.eos_token_id = None
+
+        class TokenStreamer(BaseStreamer):  # what the original model_server does
+            def __init__(self):
+                self.queue, self.prompt_seen = queue.Queue(), False
+
+            def put(self, value):
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                for token in value.reshape(-1).tolist():
+                    self.queue.put(token)
+
+            def end(self):
+                self.queue.put(None)
+
+        prompt = torch.tensor([self.prompt(300)], device=self.device)
+        runs = []
+        for tokens_wanted in (8, new_tokens):  # the first run warms up
+            streamer = TokenStreamer()
+            kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens_wanted,
+                          do_sample=True, streamer=streamer, **SAMPLING)  # fmt: skip
+            submitted = time.perf_counter()
+            thread = threading.Thread(target=hf.generate, kwargs=kwargs)
+            thread.start()
+            times = []
+            while (token := streamer.queue.get()) is not None:
+                times.append(time.perf_counter())
+            thread.join()
+            runs.append((times, submitted))
+        times, submitted = runs[-1]
+        del hf
+        gc.collect()
+        return {
+            "new_tokens": len(times),
+            "decode_tokens_per_s": round((len(times) - 1) / (times[-1] - times[0]), 1),
+            "ttft_ms": round((times[0] - submitted) * 1e3, 1),
+        }
+
+    def loader(self) -> dict:
+        """Write the model as published-format shards, load them back, compare."""
+        folder = Path(tempfile.mkdtemp(prefix="glm4voice-9b-"))
+        try:
+            started = time.monotonic()
+            from safetensors.torch import save_file
+
+            names = published_key_names(self.model)
+            params = dict(self.model.named_parameters())
+            keys = list(names)
+            shards, weight_map = 4, {}
+            per = -(-len(keys) // shards)
+            for s in range(shards):
+                file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+                part = {k: params[names[k]].detach().to("cpu") for k in keys[s * per : (s + 1) * per]}
+                save_file(part, str(folder / file), metadata={"format": "pt"})
+                weight_map |= {k: file for k in part}
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+            raw = PUBLISHED_CONFIG if self.args.config == "published" else _chatglm_dict(self.config)
+            (folder / "config.json").write_text(json.dumps(raw))
+            write_s = time.monotonic() - started
+            self.sync()
+            started = time.monotonic()
+            loaded = load_model(folder, device=self.device, dtype=self.model.dtype)
+            self.sync()
+            load_s = time.monotonic() - started
+            logits = loaded.model(torch.tensor(self.reference_prompt, device=self.device))[-8:]
+            same = torch.equal(logits, self.reference_logits)
+            del loaded, logits
+            gc.collect()
+            return {"write_s": round(write_s, 1), "load_s": round(load_s, 1), "logits_identical": same,
+                    "shard_gb": round(sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9, 2)}  # fmt: skip
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def int8_quality(self) -> dict:
+        ids = torch.tensor(self.reference_prompt, device=self.device)
+        logits = self.model(ids)[-8:]
+        cos = torch.nn.functional.cosine_similarity(logits, self.reference_logits, dim=-1)
+        top1 = (logits.argmax(-1) == self.reference_logits.argmax(-1)).float().mean()
+        return {"min_cosine_vs_bf16": round(cos.min().item(), 5), "top1_agreement_vs_bf16": round(top1.item(), 3)}
+
+    # --- the run ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        levels = tuple(int(n) for n in self.args.streams.split(","))
+        self.reference_prompt = self.prompt(64)
+        self.section("machine", self.machine, 0)
+        self.section("bandwidth", self.bandwidth, 5)
+        dtype = torch.float16 if self.args.dtype == "float16" else torch.bfloat16
+        if self.device.type == "cpu" and self.args.dtype == "float32":
+            dtype = torch.float32
+        self.section("build", lambda: self.build(dtype), 10)
+        self.section("compiled_vs_eager_logits", self.compiled_logits_check, 60)
+        self.section("engine", lambda: self.engine_section(self.args.dtype, levels), 150)
+        graph_tokens = self.results.get("engine", {}).get("greedy_tokens", [])
+        self.section("eager_fallback", lambda: self.eager_section(graph_tokens), 20)
+        self.section("baseline_hf_generate", lambda: self.baseline(32 if self.args.quick else 128), 40)
+        if self.args.int8:
+            full = self.model
+            self.section("build_int8", lambda: self.build(dtype, quantize=INT8), 15)
+            self.section("int8_quality", self.int8_quality, 5)
+            self.section("engine_int8", lambda: self.engine_section(INT8, tuple(n for n in levels if n in (1, 32))), 90)
+            self.model = full
+            gc.collect()
+            torch.cuda.empty_cache() if self.device.type == "cuda" else None
+        if self.args.loader:
+            self.section("loader_full_size", self.loader, 90)
+        self.summary()
+
+    def summary(self) -> None:
+        r = self.results
+        log("\n=== summary ===")
+        log(json.dumps(r.get("machine", {})))
+        for key in ("bandwidth", "compiled_vs_eager_logits", "eager_fallback", "baseline_hf_generate", "loader_full_size",
+                    "int8_quality"):  # fmt: skip
+            log(f"{key}: {json.dumps(r.get(key))}")
+        for key in ("engine", "engine_int8"):
+            e = r.get(key, {})
+            log(f"{key}: start {e.get('start_warmup_s')} s, graphs {e.get('graphs')}, error {e.get('error')}")
+            log(f"  single: {json.dumps(e.get('single_stream'))}")
+            log(f"  prefill: {json.dumps(e.get('prefill'))}")
+            for n, c in (e.get("concurrency") or {}).items():
+                log(f"  {n:>3} streams: {json.dumps(c)}")
+            log(f"  memory: {json.dumps(e.get('memory'))}")
+
+
+def _chatglm_dict(config: GLMConfig) -> dict:
+    return PUBLISHED_CONFIG | {
+        "hidden_size": config.hidden_size, "num_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "multi_query_group_num": config.num_kv_heads, "kv_channels": config.head_dim,
+        "ffn_hidden_size": config.ffn_hidden_size, "padded_vocab_size": config.vocab_size,
+        "layernorm_epsilon": config.layernorm_epsilon, "seq_length": config.seq_length,
+    }  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="published")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens per measurement")
+    parser.add_argument("--streams", default="1,8,32,64", help="concurrency levels (comma-separated)")
+    parser.add_argument("--no-int8", dest="int8", action="store_false")
+    parser.add_argument("--no-loader", dest="loader", action="store_false")
+    parser.add_argument("--budget-s", type=float, default=540, help="skip sections that would run past this")
+    parser.add_argument("--out", help="write the results as JSON here (after every section)")
+    args = parser.parse_args(argv)
+    Bench(args).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
