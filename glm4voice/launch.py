@@ -30,7 +30,18 @@ DEFAULT_TINY_DIR = ROOT / "checkpoints" / "tiny"
 SERVER_SCRIPT = ROOT / "model_server.py"
 DEMO_SCRIPT = ROOT / "web_demo.py"
 SERVER_READY_TIMEOUT_S = 1800.0  # the real 9B model takes minutes to load from a slow disk
+DEMO_READY_TIMEOUT_S = 1800.0  # the first run may download the tokenizer and decoder
 POLL_INTERVAL_S = 0.5
+TINY_FILES = (
+    "glm-4-voice-9b/config.json",
+    "glm-4-voice-9b/tokenizer.model",
+    "glm-4-voice-9b/model.safetensors.index.json",
+    "glm-4-voice-tokenizer/config.json",
+    "glm-4-voice-tokenizer/model.safetensors",
+    "glm-4-voice-decoder/config.yaml",
+    "glm-4-voice-decoder/flow.pt",
+    "glm-4-voice-decoder/hift.pt",
+)
 RANDOM_WEIGHTS_BANNER = (
     "\n"
     "  *** No checkpoints given: using TINY RANDOM checkpoints in {path} ***\n"
@@ -55,12 +66,11 @@ def choose_checkpoints(args: argparse.Namespace) -> Checkpoints:
     if any(given):
         raise SystemExit("give all three of --model-path, --tokenizer-path and --flow-path, or none (tiny demo)")
     tiny_dir = Path(args.tiny_dir)
-    marker = tiny_dir / "README.txt"
-    if not marker.exists() or args.regenerate_tiny:
+    if args.regenerate_tiny or not tiny_checkpoints_complete(tiny_dir):
         logger.info("writing tiny random checkpoints to %s", tiny_dir)
         result = write_tiny_checkpoints(tiny_dir, seed=0)
         if result.missing:
-            logger.warning("this version cannot write model files for: %s", ", ".join(result.missing))
+            raise SystemExit(f"this version cannot write tiny model files for: {', '.join(result.missing)}")
     print(RANDOM_WEIGHTS_BANNER.format(path=tiny_dir, llm=PUBLISHED_LLM, tok=PUBLISHED_SPEECH_TOKENIZER, dec=PUBLISHED_DECODER), flush=True)
     return Checkpoints(
         str(tiny_dir / "glm-4-voice-9b"),
@@ -70,18 +80,23 @@ def choose_checkpoints(args: argparse.Namespace) -> Checkpoints:
     )
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
+def tiny_checkpoints_complete(tiny_dir: Path) -> bool:
+    """All three tiny folders hold their files (an older or interrupted run may have left some out)."""
+    return (tiny_dir / "README.txt").is_file() and all((tiny_dir / name).is_file() for name in TINY_FILES)
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the model server exited with code {process.returncode} before it was ready")
+            raise SystemExit(f"the {what} exited with code {process.returncode} before it was ready")
         try:
             if httpx.get(url, timeout=2.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(POLL_INTERVAL_S)
-    raise SystemExit(f"the model server was not ready at {url} after {timeout:.0f} s")
+    raise SystemExit(f"the {what} was not ready at {url} after {timeout:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,11 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    missing = [p.name for p in (SERVER_SCRIPT, DEMO_SCRIPT) if not p.exists()]
-    if missing:
-        print(f"not available yet in this version: {', '.join(missing)}", flush=True)
-        return 2
-
     checkpoints = choose_checkpoints(args)
     device = args.device or _default_device()
     dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
@@ -119,14 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         demo_cmd.append("--random-weights-notice")
 
     processes: list[subprocess.Popen] = []
+    signal.signal(signal.SIGTERM, _terminate)  # stop the children on SIGTERM too, not only on Ctrl-C
     try:
         logger.info("starting the model server: %s", " ".join(server_cmd))
         processes.append(subprocess.Popen(server_cmd, cwd=ROOT, env=env))
-        wait_until_ready(f"{server_url}/health", processes[0], SERVER_READY_TIMEOUT_S)
+        wait_until_ready(f"{server_url}/health", processes[0], SERVER_READY_TIMEOUT_S, "model server")
         logger.info("starting the web demo: %s", " ".join(demo_cmd))
         processes.append(subprocess.Popen(demo_cmd, cwd=ROOT, env=env))
-        shown_host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
-        print(f"\n  GLM-4-Voice demo: http://{shown_host}:{args.port}  (Ctrl-C stops it)\n", flush=True)
+        local_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        wait_until_ready(f"http://{local_host}:{args.port}/", processes[1], DEMO_READY_TIMEOUT_S, "web demo")
+        shown_host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
+        notice = "  (random weights: answers are noise)" if checkpoints.random_weights else ""
+        print(f"\n  GLM-4-Voice demo: http://{shown_host}:{args.port}{notice}  (Ctrl-C stops it)\n", flush=True)
         while all(p.poll() is None for p in processes):
             time.sleep(POLL_INTERVAL_S)
         failed = next(p for p in processes if p.poll() is not None)
@@ -143,6 +157,10 @@ def _default_device() -> str:
     import torch
 
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _stop(process: subprocess.Popen) -> None:

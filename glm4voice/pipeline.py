@@ -464,11 +464,13 @@ class VoiceChat:
                 source = (source.samples, source.sample_rate)
             return load_audio(source, INPUT_SAMPLE_RATE, max_seconds=limit)
         except AudioTooLongError as error:
-            raise TurnError(FailureKind.INPUT_TOO_LONG, f"The recording is too long: {error}. Please keep it under {limit:.0f} s.") from error
+            raise TurnError(FailureKind.INPUT_TOO_LONG, f"The recording is too long: {error}.") from error
         except EmptyAudioError as error:
             raise TurnError(FailureKind.EMPTY_INPUT, f"The recording is empty: {error}.") from error
         except CorruptAudioError as error:
-            raise TurnError(FailureKind.INVALID_INPUT, f"Unsupported or corrupt audio file: {error}. Use wav, flac, ogg or mp3.") from error
+            logger.info("unreadable audio input: %s", error)
+            raise TurnError(FailureKind.INVALID_INPUT,
+                            "Unsupported or corrupt audio file: it could not be read as wav, flac, ogg or mp3.") from error
         except AudioError as error:
             raise TurnError(FailureKind.INVALID_INPUT, f"Unusable audio: {error}.") from error
 
@@ -603,8 +605,9 @@ class VoiceChat:
     def _server_failure(self, error: TokenServerError) -> TurnError:
         url = self.server_url
         if isinstance(error, ServerUnavailableError):
+            cause = error.__cause__ or error
             return TurnError(FailureKind.SERVER_UNAVAILABLE,
-                             f"Cannot reach the model server at {url}. Is model_server.py running? ({error})")
+                             f"Cannot reach the model server at {url}. Is model_server.py running? ({cause})")
         if isinstance(error, ServerBusyError):
             wait = f" Please try again in {error.retry_after:g} s." if error.retry_after else " Please try again shortly."
             return TurnError(FailureKind.SERVER_BUSY, f"The model server is busy (every stream is in use).{wait}")

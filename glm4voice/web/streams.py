@@ -1,0 +1,184 @@
+"""Per-turn audio streams of the web demo: decoded PCM from the turn's handler to the page's player.
+
+The handler of a turn opens a :class:`TurnAudioStream` in the app's :class:`AudioStreams`
+registry (an unguessable id), pushes each decoded chunk into it and closes it at the end of the
+turn. ``GET {STREAM_PATH}/{id}`` (``stream_route``) answers with the turn's frames from the first
+one on, then each new frame as it is pushed, and ends when the stream is closed. A frame is a
+little-endian uint32 sample count followed by that many little-endian int16 samples at the
+decoder's rate (the format ``glm4voice/web/player.js`` reads).
+
+Cleanup is explicit: a session discards its previous turn's stream when it starts a new turn,
+on Clear, and when the session ends; the registry also drops streams older than ``ttl_s`` and
+the oldest ones beyond ``max_streams`` whenever a stream is opened (no background task).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import struct
+import time
+from collections import OrderedDict
+from typing import AsyncIterator
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+logger = logging.getLogger(__name__)
+
+STREAM_PATH = "/glm4voice/stream"
+"""URL path of the turn streams (a turn's stream is ``STREAM_PATH/<id>``)."""
+FRAME_HEADER = struct.Struct("<I")
+PCM_DTYPE = np.dtype("<i2")
+PCM_SCALE = 32767
+DEFAULT_TTL_S = 15 * 60.0
+DEFAULT_MAX_STREAMS = 256
+"""Streams kept at once (each holds at most one answer's PCM: ~7 MB for 2000 tokens)."""
+
+
+def encode_frame(samples: np.ndarray) -> bytes:
+    """One frame of float samples in [-1, 1] (clipped) as int16 PCM."""
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    pcm = np.round(np.clip(samples, -1.0, 1.0) * PCM_SCALE).astype(PCM_DTYPE)
+    return FRAME_HEADER.pack(len(pcm)) + pcm.tobytes()
+
+
+def decode_frames(data: bytes) -> list[np.ndarray]:
+    """Frames back to int16 arrays (tests and clients in Python)."""
+    frames, offset = [], 0
+    while offset < len(data):
+        if len(data) - offset < FRAME_HEADER.size:
+            raise ValueError("truncated frame header")
+        (count,) = FRAME_HEADER.unpack_from(data, offset)
+        offset += FRAME_HEADER.size
+        end = offset + count * PCM_DTYPE.itemsize
+        if end > len(data):
+            raise ValueError("truncated frame")
+        frames.append(np.frombuffer(data[offset:end], dtype=PCM_DTYPE))
+        offset = end
+    return frames
+
+
+class TurnAudioStream:
+    """The frames of one turn; readers replay them from the start and follow new ones."""
+
+    def __init__(self, stream_id: str, sample_rate: int):
+        self.id = stream_id
+        self.sample_rate = sample_rate
+        self.created = time.monotonic()
+        self._frames: list[bytes] = []
+        self._samples = 0
+        self._closed = False
+        self._wakeup = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def samples(self) -> int:
+        return self._samples
+
+    def push(self, samples: np.ndarray) -> None:
+        if self._closed:
+            raise RuntimeError(f"audio stream {self.id} is closed")
+        if len(samples) == 0:
+            return
+        self._frames.append(encode_frame(samples))
+        self._samples += len(samples)
+        self._wake()
+
+    def close(self) -> None:
+        """No more frames: readers get the rest and end."""
+        if not self._closed:
+            self._closed = True
+            self._wake()
+
+    def discard(self) -> None:
+        """Close and free the frames (readers stop at once)."""
+        self._frames = []
+        self.close()
+
+    def _wake(self) -> None:
+        wakeup, self._wakeup = self._wakeup, asyncio.Event()
+        wakeup.set()
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        sent = 0
+        while True:
+            wakeup = self._wakeup  # taken before looking, so a push after the look wakes us
+            frames = self._frames
+            while sent < len(frames):
+                yield frames[sent]
+                sent += 1
+                frames = self._frames
+            if self._closed:
+                return
+            await wakeup.wait()
+
+
+class AudioStreams:
+    """The app's registry of turn streams (one per app, held by the app: no module globals)."""
+
+    def __init__(self, sample_rate: int, ttl_s: float = DEFAULT_TTL_S, max_streams: int = DEFAULT_MAX_STREAMS):
+        self.sample_rate = sample_rate
+        self.ttl_s = ttl_s
+        self.max_streams = max_streams
+        self._streams: OrderedDict[str, TurnAudioStream] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def open(self) -> TurnAudioStream:
+        self._expire()
+        stream = TurnAudioStream(secrets.token_urlsafe(24), self.sample_rate)
+        self._streams[stream.id] = stream
+        return stream
+
+    def get(self, stream_id: str) -> TurnAudioStream | None:
+        return self._streams.get(stream_id)
+
+    def discard(self, stream_id: str | None) -> None:
+        if stream_id is None:
+            return
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream.discard()
+
+    def discard_all(self) -> None:
+        for stream_id in list(self._streams):
+            self.discard(stream_id)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for stream_id, stream in list(self._streams.items()):
+            if now - stream.created > self.ttl_s:
+                self.discard(stream_id)
+        while len(self._streams) >= self.max_streams:
+            oldest = next(iter(self._streams))
+            logger.warning("dropping audio stream %s: more than %d streams open", oldest, self.max_streams)
+            self.discard(oldest)
+
+
+def stream_url(stream: TurnAudioStream) -> str:
+    """The stream's URL relative to the page (works under any mount path / proxy prefix)."""
+    return f"{STREAM_PATH.lstrip('/')}/{stream.id}"
+
+
+def add_stream_route(app: FastAPI, streams: AudioStreams) -> None:
+    """``GET STREAM_PATH/{stream_id}``: the turn's frames as one chunked response."""
+
+    @app.get(STREAM_PATH + "/{stream_id}")
+    async def turn_audio(stream_id: str):
+        stream = streams.get(stream_id)
+        if stream is None:
+            return JSONResponse({"detail": "no such audio stream (finished, cleared or expired)"}, status_code=404)
+        headers = {
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",  # proxies: do not hold the chunks back
+            "X-Audio-Sample-Rate": str(stream.sample_rate),
+            "X-Audio-Format": "frames of uint32le count + int16le mono PCM",
+        }
+        return StreamingResponse(stream.frames(), media_type="application/octet-stream", headers=headers)
