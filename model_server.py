@@ -22,7 +22,6 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -64,7 +63,7 @@ class ServerState:
         self.admission.close()
         for job in list(self.jobs):
             job.stop_for_shutdown()
-        logger.info("shutting down: stopped %d open streams", len(self.jobs))
+        logger.info("shutting down: stopped %d open requests", len(self.jobs))
 
     def limits(self) -> PromptLimits:
         """Prompt limits (once the engine has started: they depend on the loaded model)."""
@@ -90,13 +89,13 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
         started = time.perf_counter()
         logger.info("starting the engine: %s on %s (%s)", settings.model_path, settings.device, settings.dtype)
         await backend.start()
-        if state.tokenizer is None:
-            state.tokenizer = await anyio.to_thread.run_sync(GLMTokenizer.from_pretrained, backend.checkpoint_folder)
-        metrics.register_engine(backend.stats, getattr(backend, "counter_names", frozenset()))
-        state.device_name = _device_name(settings.device)
-        state.ready = True
-        logger.info("ready in %.1f s: serving on http://%s:%d", time.perf_counter() - started, settings.host, settings.port)
         try:
+            if state.tokenizer is None:
+                state.tokenizer = await anyio.to_thread.run_sync(GLMTokenizer.from_pretrained, backend.checkpoint_folder)
+            metrics.register_engine(backend.stats, getattr(backend, "counter_names", frozenset()))
+            state.device_name = _device_name(settings.device)
+            state.ready = True
+            logger.info("ready in %.1f s: serving on http://%s:%d", time.perf_counter() - started, settings.host, settings.port)
             yield
         finally:
             state.begin_shutdown()
@@ -109,10 +108,6 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
         return json_response(error.status_code, wire.error_body(str(error.detail)), dict(error.headers or {}))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError) -> Response:
-        return json_response(422, wire.error_body(f"invalid request: {error.errors()}"))
 
     @app.post("/generate_stream")
     async def generate_stream(request: Request) -> Response:
@@ -128,10 +123,13 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
 
     @app.get("/health")
     async def health() -> Response:
+        engine = backend.stats()
+        healthy = state.ready and engine.get("running", True)
         body = {
-            "status": "ready" if state.ready else "stopping",
+            "status": "ready" if healthy else ("engine stopped" if state.ready else "stopping"),
             "active_streams": admission.active,
             "queue_length": admission.waiting,
+            "open_requests": len(state.jobs),
             "max_concurrent_streams": settings.max_concurrent_streams,
             "max_queue": settings.max_queue,
             "max_prompt_tokens": state.limits().max_prompt_tokens if state.ready else None,
@@ -140,9 +138,9 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
             "device": settings.device,
             "device_name": state.device_name,
             "dtype": settings.dtype,
-            "engine": backend.stats(),
+            "engine": engine,
         }
-        return json_response(200 if state.ready else 503, body)
+        return json_response(200 if healthy else 503, body)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -160,8 +158,6 @@ async def _start_stream(state: ServerState, request: Request, arrived: float) ->
     body = await _read_body(request, settings.max_body_bytes)
     parsed = parse_generate_request(body, settings.max_new_tokens_cap)
     if parsed.prompt is not None:
-        if len(parsed.prompt) > settings.max_body_bytes:
-            raise RequestError(413, f"the prompt is longer than {settings.max_body_bytes} characters")
         prompt_ids = await anyio.to_thread.run_sync(state.tokenizer.encode_prompt, parsed.prompt)
     else:
         prompt_ids = list(parsed.prompt_token_ids)
@@ -257,8 +253,6 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from glm4voice.server.engine_backend import build_engine
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -269,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.dtype == "int4":
         parser.error("--dtype int4 (the original's bitsandbytes nf4) is not implemented by this engine; "
                      "use --dtype int8 (weight-only int8, about half the memory of bfloat16)")
+    from glm4voice.server.engine_backend import build_engine  # imports torch: after the cheap checks
+
     try:
         engine = build_engine(settings)
     except ValueError as error:  # e.g. a --dtype this engine does not implement
