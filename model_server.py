@@ -265,12 +265,29 @@ def main(argv: list[str] | None = None) -> int:
                      "use --dtype int8 (weight-only int8, about half the memory of bfloat16)")
     from glm4voice.server.engine_backend import build_engine  # imports torch: after the cheap checks
 
+    _check_device(parser, settings.device)
     try:
         engine = build_engine(settings)
     except ValueError as error:  # e.g. a --dtype this engine does not implement
         parser.error(str(error))
     app = create_app(engine, settings)
     return serve(app, settings)
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        parser.error(f"--device {device!r}: {error}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: this machine has no usable CUDA GPU (use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            parser.error(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif parsed.type != "cpu":
+        parser.error(f"--device {device}: use cuda, cuda:N or cpu")
 
 
 def serve(app: FastAPI, settings: ServerSettings) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from glm4voice.client import (
@@ -524,6 +525,9 @@ def test_cli_has_the_original_flags_and_refuses_what_it_cannot_do():
     bad = subprocess.run([sys.executable, str(ROOT / "model_server.py"), "--max-concurrent-streams", "0"],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "max_concurrent_streams" in bad.stderr
+    device = "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    no_gpu = subprocess.run([sys.executable, str(ROOT / "model_server.py"), "--device", device], capture_output=True, text=True, cwd=ROOT)
+    assert no_gpu.returncode == 2 and f"--device {device}" in no_gpu.stderr
 
 
 def test_shutdown_ends_open_streams_with_an_error_line_and_queued_requests_with_503(fault_server):
