@@ -172,6 +172,7 @@ class Bench:
             return await self.stream_times(engine, prompt, params)
 
         tokens, times, submitted = self.loop.run_until_complete(run())
+        stats = engine.stats()
         rate = (len(tokens) - 1) / (times[-1] - times[0])
         kv_len = next(s for s in engine.runner.kv_lengths if s >= 300 + new_tokens)
         bytes_per_step = self.step_bytes(kv_len)
@@ -181,6 +182,8 @@ class Bench:
             "decode_tokens_per_s": round(rate, 1),
             "ttft_ms": round((times[0] - submitted) * 1e3, 1),
             "bytes_per_step_gb": round(bytes_per_step / 1e9, 3),
+            "decode_attention": self.model.decode_attention,
+            "worker_decode_step_ms_all_runs": round(1e3 * stats.decode_seconds / max(1, stats.decode_steps), 3),
         }
         if hasattr(self, "copy_bandwidth"):
             bound = self.copy_bandwidth / bytes_per_step
@@ -224,7 +227,9 @@ class Bench:
                 ))  # fmt: skip
                 return results, time.perf_counter() - started
 
+            before = engine.stats()
             results, wall = self.loop.run_until_complete(run())
+            after = engine.stats()
             total = sum(len(tokens) for tokens, _, _ in results)
             per_stream = [(len(tk) - 1) / (tm[-1] - tm[0]) for tk, tm, _ in results if len(tk) > 1]
             ttft = [tm[0] - sub for _, tm, sub in results]
@@ -239,7 +244,11 @@ class Bench:
                 "per_stream_tokens_per_s_min": round(min(per_stream), 1),
                 "ttft_ms_median": round(statistics.median(ttft) * 1e3, 1),
                 "ttft_ms_max": round(max(ttft) * 1e3, 1),
-            }
+                "worker_prefill_s": round(after.prefill_seconds - before.prefill_seconds, 2),
+                "worker_decode_s": round(after.decode_seconds - before.decode_seconds, 2),
+                "decode_step_ms": round(1e3 * (after.decode_seconds - before.decode_seconds)
+                                        / max(1, after.decode_steps - before.decode_steps), 2),
+            }  # fmt: skip
             log(f"  {n} streams: {out[str(n)]}")
         return out
 
@@ -294,6 +303,103 @@ class Bench:
             "greedy_tokens_equal_to_graph_engine": agree,
             "of": len(tokens),
         }
+
+    def decode_microbench(self) -> dict:
+        """GPU time of one decode step (CUDA graph replays, no host work) for each decode
+        attention variant; a kernel profile of the step; picks the faster variant."""
+        from glm4voice.llm.model import DECODE_ATTENTION
+        from glm4voice.llm.runner import ModelRunner
+
+        out, best = {}, None
+        for variant in DECODE_ATTENTION:
+            self.model.decode_attention = variant
+            runner = ModelRunner(self.model, 64, 4096, cuda_graphs=True, compile=True,
+                                 graph_batch_sizes=(1, 64), kv_lengths=(1024, 4096))  # fmt: skip
+            runner.warm_up()
+            times = {}
+            for (b, kv_len), graph in sorted(runner.graphs.items()):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                graph.replay()
+                start.record()
+                for _ in range(20):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                times[f"b{b}_kv{kv_len}_ms"] = round(start.elapsed_time(end) / 20, 3)
+            out[variant] = times
+            log(f"  {variant}: {times}")
+            if best is None or times["b1_kv1024_ms"] < out[best]["b1_kv1024_ms"]:
+                best = variant
+            out[f"profile_{variant}"] = self.profile_step(runner)
+            del runner
+            gc.collect()
+            torch.cuda.empty_cache()
+        self.model.decode_attention = self.chosen_attention = best
+        out["chosen"] = best
+        return out
+
+    def profile_step(self, runner) -> dict:
+        """Kernels of one compiled (not graph-replayed) decode step at batch 1, attention over 1024."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode():
+            runner._step(1, 1024)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    runner._step(1, 1024)
+                torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        device_us = [getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) for e in events]
+        rows = sorted(((e.key[:60], e.count / 3, us / 3 / 1e3) for e, us in zip(events, device_us)), key=lambda r: -r[2])
+        table = "\n".join(f"    {ms:8.3f} ms  {count:6.0f}x  {name}" for name, count, ms in rows[:18])
+        log(f"  kernels of one decode step (batch 1, kv 1024), by GPU time:\n{table}")
+        return {"kernels_per_step": round(sum(r[1] for r in rows)), "gpu_ms_per_step": round(sum(r[2] for r in rows), 3),
+                "top": [[name, count, round(ms, 3)] for name, count, ms in rows[:12]]}  # fmt: skip
+
+    def int8_kernels(self) -> dict:
+        """One 27392x4096 layer (the largest): ms per matmul for each int8 path and bf16."""
+        n, k = 2 * self.config.ffn_hidden_size, self.config.hidden_size
+        w = torch.randn(n, k, device=self.device, dtype=torch.bfloat16) * k**-0.5
+        from glm4voice.llm.quant import quantize_int8
+
+        q, scale = quantize_int8(w)
+
+        def one_row(x):
+            return ((x.float()[:, None, :] * q.float()).sum(-1) * scale.float()).to(x.dtype)
+
+        def dequant(x):
+            return torch.nn.functional.linear(x, q.to(x.dtype)) * scale
+
+        compiled_row, compiled_dequant = torch.compile(one_row), torch.compile(dequant)
+        paths = {
+            "bf16": lambda x: torch.nn.functional.linear(x, w),
+            "int8pack": lambda x: torch._weight_int8pack_mm(x, q, scale),
+            "dequant_eager": dequant,
+            "dequant_compiled": compiled_dequant,
+            "one_row_compiled": compiled_row,
+        }
+        out = {}
+        for rows in (1, 300):
+            x = torch.randn(rows, k, device=self.device, dtype=torch.bfloat16)
+            for name, fn in paths.items():
+                if name == "one_row_compiled" and rows != 1:
+                    continue
+                try:
+                    fn(x)
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(10):
+                        fn(x)
+                    end.record()
+                    end.synchronize()
+                    out[f"{name}_rows{rows}_ms"] = round(start.elapsed_time(end) / 10, 3)
+                except Exception as error:
+                    out[f"{name}_rows{rows}"] = f"{type(error).__name__}: {str(error)[:80]}"
+        del w, q
+        torch.cuda.empty_cache()
+        return out
 
     def compiled_logits_check(self) -> dict:
         ids = torch.tensor(self.reference_prompt, device=self.device)
@@ -409,13 +515,18 @@ class Bench:
             dtype = torch.float32
         self.section("build", lambda: self.build(dtype), 10)
         self.section("compiled_vs_eager_logits", self.compiled_logits_check, 60)
+        if self.device.type == "cuda":
+            self.section("decode_microbench", self.decode_microbench, 90)
         self.section("engine", lambda: self.engine_section(self.args.dtype, levels), 150)
         graph_tokens = self.results.get("engine", {}).get("greedy_tokens", [])
         self.section("eager_fallback", lambda: self.eager_section(graph_tokens), 20)
-        self.section("baseline_hf_generate", lambda: self.baseline(32 if self.args.quick else 128), 40)
+        self.section("baseline_hf_generate", lambda: self.baseline(32 if self.args.quick else 64), 30)
         if self.args.int8:
+            if self.device.type == "cuda":
+                self.section("int8_kernels", self.int8_kernels, 30)
             full = self.model
             self.section("build_int8", lambda: self.build(dtype, quantize=INT8), 15)
+            self.model.decode_attention = full.decode_attention
             self.section("int8_quality", self.int8_quality, 5)
             self.section("engine_int8", lambda: self.engine_section(INT8, tuple(n for n in levels if n in (1, 32))), 90)
             self.model = full
@@ -429,8 +540,8 @@ class Bench:
         r = self.results
         log("\n=== summary ===")
         log(json.dumps(r.get("machine", {})))
-        for key in ("bandwidth", "compiled_vs_eager_logits", "eager_fallback", "baseline_hf_generate", "loader_full_size",
-                    "int8_quality"):  # fmt: skip
+        for key in ("bandwidth", "compiled_vs_eager_logits", "decode_microbench", "eager_fallback", "baseline_hf_generate",
+                    "int8_kernels", "int8_quality", "loader_full_size"):  # fmt: skip
             log(f"{key}: {json.dumps(r.get(key))}")
         for key in ("engine", "engine_int8"):
             e = r.get(key, {})

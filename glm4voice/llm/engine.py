@@ -32,6 +32,7 @@ import operator
 import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -194,6 +195,9 @@ class EngineStats:
     requests_failed: int
     decode_steps: int
     prefill_chunks: int
+    decode_seconds: float
+    """Worker time spent in decode steps (device work and its launch)."""
+    prefill_seconds: float
 
 
 # --- streams -----------------------------------------------------------------------------------------
@@ -383,6 +387,8 @@ class Engine:
             requests_failed=c["failed"],
             decode_steps=c["decode_steps"],
             prefill_chunks=c["prefill_chunks"],
+            decode_seconds=c["decode_seconds"],
+            prefill_seconds=c["prefill_seconds"],
         )
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -536,12 +542,14 @@ class Engine:
             if not self._take_commands(block=not busy):
                 return
             self._admit()
-            events: list[_Event] = []
             if self._prefilling:
+                events: list[_Event] = []
                 self._prefill(events)
+                self._post(events)  # first tokens go out before the decode step
             if self._decoding:
+                events = []
                 self._decode(events)
-            self._post(events)
+                self._post(events)
 
     def _take_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if ``block``); False once asked to stop."""
@@ -599,6 +607,7 @@ class Engine:
             start = request.prefilled
             chunk = request.prompt[start : start + budget]
             last = start + len(chunk) == len(request.prompt)
+            started = time.perf_counter()
             try:
                 token = self._runner.prefill(request.slot, chunk, start, sample=last)
             except Exception as error:
@@ -607,6 +616,7 @@ class Engine:
                 self._fail(request, error, events)
                 continue
             self._counters["prefill_chunks"] += 1
+            self._counters["prefill_seconds"] += time.perf_counter() - started
             self._counters["prompt_tokens"] += len(chunk)
             request.prefilled += len(chunk)
             budget -= len(chunk)
@@ -618,6 +628,7 @@ class Engine:
     def _decode(self, events: list[_Event]) -> None:
         batch = list(self._decoding)
         rows = [DecodeRow(r.slot, r.last_token, r.position) for r in batch]
+        started = time.perf_counter()
         try:
             tokens = self._runner.decode(rows)
         except Exception as error:
@@ -627,6 +638,7 @@ class Engine:
                 self._fail(request, error, events)
             return
         self._counters["decode_steps"] += 1
+        self._counters["decode_seconds"] += time.perf_counter() - started
         self._decoding = [r for r, token in zip(batch, tokens) if self._accept(r, token, events)]
 
     def _accept(self, request: _Request, token: int, events: list[_Event]) -> bool:

@@ -41,6 +41,10 @@ class RMSNorm(nn.Module):
         return (self.weight.float() * xf).to(x.dtype)
 
 
+INT8_KERNEL_MAX_ROWS = 16
+"""Rows up to which torch's int8 kernel beats dequantize-then-matmul (decode, not prefill)."""
+
+
 class Linear(nn.Module):
     """``y = x W^T (+ b)``; ``W`` is either floating point or int8 with one scale per output row
     (set by :func:`glm4voice.llm.quant.quantize_int8`)."""
@@ -53,14 +57,17 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.register_buffer("scale", None)
         self.int8_kernel = False
-        """Use ``torch._weight_int8pack_mm`` (probed per device by the quantizer)."""
+        """Use ``torch._weight_int8pack_mm`` (the quantizer enables it on the CPU, where it is fast)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
             y = F.linear(x, self.weight)
-        elif self.int8_kernel:
+        elif self.int8_kernel and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale)
             y = y.reshape(*x.shape[:-1], self.out_features)
+        elif x.dim() == 2 and x.shape[0] == 1:
+            # one token: multiply-and-reduce, which torch.compile fuses into one pass over the int8 weight
+            y = ((x.float()[:, None, :] * self.weight.float()).sum(-1) * self.scale.float()).to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale
         if self.bias is not None:
@@ -115,6 +122,16 @@ def final_logits(model: "GLMModel", x: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.final_norm(x)).float()
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scores * scale + mask) in float32, cast back to the scores' dtype."""
+    return torch.softmax(scores.float() * scale + mask.float(), dim=-1).to(scores.dtype)
+
+
+DECODE_ATTENTION = ("sdpa", "matmul")
+"""Decode attention: one fused SDPA call (few thread blocks at batch 1), or two batched matmuls
+(cuBLAS over all key positions) around a compiled softmax."""
+
+
 @dataclass
 class KVCache:
     """Keys and values of every layer for a fixed number of slots (one per running stream).
@@ -163,6 +180,9 @@ class GLMModel(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.steps: StepFunctions = (attention_inputs, attention_output_and_mlp, final_logits)
         """The per-token functions; :meth:`compile_steps` swaps in compiled versions."""
+        self.softmax: Callable = masked_softmax
+        self.decode_attention = "sdpa"
+        """One of DECODE_ATTENTION."""
 
     @property
     def device(self) -> torch.device:
@@ -178,9 +198,11 @@ class GLMModel(nn.Module):
         number of tokens is dynamic)."""
         self.steps = tuple(dynamic_rows(torch.compile(fn, **compile_options)) for fn in
                            (attention_inputs, attention_output_and_mlp, final_logits))  # fmt: skip
+        self.softmax = dynamic_rows(torch.compile(masked_softmax, **compile_options), last_dim=True)
 
     def eager_steps(self) -> None:
         self.steps = (attention_inputs, attention_output_and_mlp, final_logits)
+        self.softmax = masked_softmax
 
     def rope_tables(self, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, float32 [length, rotary_dim // 2], for positions 0..length-1."""
@@ -247,6 +269,9 @@ class GLMModel(nn.Module):
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~visible, float("-inf"))
         mask = mask[:, None, None, :]  # additive, shared by all layers and heads
         kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}")
+        use_sdpa, scale = self.decode_attention == "sdpa", head_dim**-0.5
         x = self.embed(tokens)
         for layer, block in enumerate(self.layers):
             q, k, v = attn_in(block, x, cos, sin)
@@ -254,9 +279,12 @@ class GLMModel(nn.Module):
             k_cache[rows, :, positions] = k
             v_cache[rows, :, positions] = v
             # the query heads of a group become the query axis: no key/value expansion needed
-            context = F.scaled_dot_product_attention(
-                q.view(b, kv_heads, group, head_dim), k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len], attn_mask=mask
-            )
+            q = q.view(b, kv_heads, group, head_dim)
+            keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
+            if use_sdpa:
+                context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            else:
+                context = torch.matmul(self.softmax(torch.matmul(q, keys.transpose(-1, -2)), mask, scale), values)
             x = attn_out(block, x, context.reshape(b, -1))
         return logits(self, x)
 
@@ -268,14 +296,18 @@ class GLMModel(nn.Module):
         return self.prefill(ids, cache, 0, 0, self.rope_tables(n, ids.device), last_only=False)
 
 
-def dynamic_rows(fn: Callable) -> Callable:
+def dynamic_rows(fn: Callable, last_dim: bool = False) -> Callable:
     """Mark the leading (token) axis of tensor arguments dynamic so one compiled graph serves
-    every batch size and chunk length (size 1 gets its own specialisation, as dynamo always does)."""
+    every batch size and chunk length (size 1 gets its own specialisation, as dynamo always does);
+    with ``last_dim`` the last axis too (attention lengths)."""
 
     def call(*args):
         for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.dim() and arg.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(arg, 0)
+            if isinstance(arg, torch.Tensor) and arg.dim():
+                if arg.shape[0] > 1:
+                    torch._dynamo.maybe_mark_dynamic(arg, 0)
+                if last_dim and arg.shape[-1] > 1:
+                    torch._dynamo.maybe_mark_dynamic(arg, arg.dim() - 1)
         return fn(*args)
 
     return call

@@ -3,8 +3,9 @@
 Each linear weight row (output channel) is scaled by ``max|w| / 127`` and rounded: 1 byte per
 weight instead of 2 (the 9B model drops from 19 GB to about 10 GB), activations stay 16-bit.
 Round-to-nearest per-channel int8 is close to lossless for LLM weights. The matmul uses
-``torch._weight_int8pack_mm`` where this torch build has it for the device and dtype (probed with a
-real row of each weight shape), otherwise dequantizes on the fly.
+``torch._weight_int8pack_mm`` on the CPU (probed once per weight shape); on CUDA a single row is a
+multiply-and-reduce that torch.compile fuses into one pass over the int8 weight, and more rows
+dequantize to the activation dtype before a regular matmul.
 
 int4 is not offered: torch's own int4 kernels are private ops with different packing formats on
 CPU and CUDA that change between releases, and the well-kept library that wraps them (torchao) is
@@ -44,7 +45,8 @@ def quantize_linear_int8(linear: Linear, weight: torch.Tensor) -> None:
     q, scale = quantize_int8(weight)
     linear.weight = torch.nn.Parameter(q, requires_grad=False)
     linear.scale = scale
-    linear.int8_kernel = _int8_kernel_works(q, scale)
+    # torch's int8 kernel is fast on the CPU; on CUDA the paths in Linear.forward are used (bench/llm.py times both)
+    linear.int8_kernel = q.device.type == "cpu" and _int8_kernel_works(q, scale)
 
 
 def _int8_kernel_works(q: torch.Tensor, scale: torch.Tensor) -> bool:

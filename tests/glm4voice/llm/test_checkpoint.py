@@ -196,3 +196,19 @@ def test_int8_weights_keep_quality_and_cut_memory(llm_folder, tiny_llm):
     assert (q.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
     with pytest.raises(ValueError, match="quantize"):
         load_model(llm_folder, quantize="int3")
+
+
+def test_int8_matmul_paths_agree():
+    from glm4voice.llm.model import Linear
+    from glm4voice.llm.quant import dequantize_int8, quantize_linear_int8
+
+    linear = Linear(64, 48, bias=True)
+    linear.bias = torch.nn.Parameter(torch.randn(48), requires_grad=False)
+    quantize_linear_int8(linear, torch.randn(48, 64))
+    assert linear.int8_kernel  # torch's int8 kernel on the CPU
+    x = torch.randn(5, 64)
+    reference = x @ dequantize_int8(linear.weight, linear.scale).T + linear.bias
+    torch.testing.assert_close(linear(x), reference, rtol=1e-4, atol=1e-4)
+    linear.int8_kernel = False  # the CUDA paths: one row (multiply-reduce) and several (dequantize)
+    torch.testing.assert_close(linear(x), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(linear(x[:1]), reference[:1], rtol=1e-4, atol=1e-4)

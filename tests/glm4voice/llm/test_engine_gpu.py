@@ -20,23 +20,29 @@ PROMPTS = [[5, 9, 13], list(range(100, 171)), [7] * 12, [3000, 2, 4000, 44, 9], 
            list(range(2000, 2300, 3)), [4000, 3999, 600, 601, 602, 603, 11]]  # fmt: skip
 
 
+async def _collect(stream) -> list[int]:
+    return [token async for token in stream]
+
+
 async def _generate(model, params, **config) -> tuple[list[list[int]], list[list[int]]]:
     options = dict(device="cuda", dtype="float32", max_batch_size=8, max_seq_len=512, prefill_chunk=32,
                    cuda_graph_batch_sizes=(1, 2, 4, 8))  # fmt: skip
     async with Engine.from_model(model, EngineConfig(**(options | config)), stop_ids=()) as engine:
-        alone = [[t async for t in engine.submit(p, params)] for p in PROMPTS]
+        alone = [await _collect(engine.submit(p, params)) for p in PROMPTS]
         streams = [engine.submit(p, params) for p in PROMPTS]
-        together = await asyncio.gather(*([t async for t in s] for s in streams))
+        together = await asyncio.gather(*(_collect(s) for s in streams))
         if config.get("eager") is not True:
             assert engine.runner.graphs, "no CUDA graph was captured"
     return alone, list(together)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0, max_new_tokens=24),
                                     SamplingParams(temperature=0.9, top_p=0.8, max_new_tokens=24, seed=7)])  # fmt: skip
-def test_graphs_and_compile_equal_eager(params):
+def test_graphs_and_compile_equal_eager(params, attention):
     torch.backends.cuda.matmul.allow_tf32 = False
     model = random_model(TINY, "cuda", torch.float32, seed=1)
+    model.decode_attention = attention
     eager_alone, eager_together = asyncio.run(_generate(model, params, eager=True))
     graph_alone, graph_together = asyncio.run(_generate(model, params, compile=False))
     compiled_alone, compiled_together = asyncio.run(_generate(model, params, compile=True))
