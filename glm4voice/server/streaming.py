@@ -58,6 +58,8 @@ class StreamJob:
     tokens_sent: int = 0
     outcome: Outcome = Outcome.CANCELLED
     headers_sent: bool = False
+    answered: bool = False
+    """The whole answer has been handed to the server."""
     stream: TokenStream | None = None
     shutting_down: bool = False
 
@@ -97,8 +99,9 @@ class TokenStreamResponse(Response):
                 async def watch_disconnect() -> None:
                     while (await receive())["type"] != "http.disconnect":
                         pass
-                    logger.info("%s: connection closed after %d tokens", job.request_id, job.tokens_sent)
-                    group.cancel_scope.cancel()
+                    if not job.answered:  # (servers also report a disconnect once the answer is complete)
+                        logger.info("%s: client disconnected after %d tokens", job.request_id, job.tokens_sent)
+                        group.cancel_scope.cancel()
 
                 group.start_soon(watch_disconnect)
                 try:
@@ -187,12 +190,13 @@ class TokenStreamResponse(Response):
             if not job.headers_sent:  # the engine ended the stream without a token
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 job.headers_sent = True
+            job.answered = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if not finished:
                 stream.cancel()
 
-    @staticmethod
-    async def _send_whole(send: Send, response: Response) -> None:
+    async def _send_whole(self, send: Send, response: Response) -> None:
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        self.job.answered = True
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
