@@ -384,6 +384,7 @@ def test_metrics_count_requests_tokens_and_first_token_latency(server):
     assert delta("glm4voice_time_to_first_token_seconds_count") == 1
     assert delta("glm4voice_prompt_tokens_total") == 3
     assert delta("glm4voice_engine_tokens_generated_total") == len(ids)
+    assert delta("glm4voice_engine_decode_steps_total") >= 1
     assert after["glm4voice_active_streams"] == 0 and after["glm4voice_queue_length"] == 0
 
 

@@ -23,8 +23,8 @@ from glm4voice.server.streaming import EngineRejected, TokenStream
 
 logger = logging.getLogger("glm4voice.server")
 
-ENGINE_COUNTERS = frozenset({"tokens_generated", "prompt_tokens", "requests_finished", "requests_failed", "decode_steps", "prefill_chunks"})
-"""Fields of ``EngineStats`` that only grow (exported as Prometheus counters); the rest are gauges."""
+ENGINE_GAUGES = frozenset({"running", "active_streams", "queued"})
+"""Fields of ``EngineStats`` that go up and down; every other field only grows (a counter)."""
 
 
 class EngineBackend:
@@ -74,10 +74,12 @@ class EngineBackend:
         except ValueError as error:
             raise EngineRejected(422, f"invalid request: {error}") from error
 
-    counter_names = ENGINE_COUNTERS
-
     def stats(self) -> dict[str, float]:
         return dataclasses.asdict(self.engine.stats())
+
+    @property
+    def counter_names(self) -> frozenset[str]:
+        return frozenset(self.stats()) - ENGINE_GAUGES
 
 
 def as_backend(engine: Any, settings: ServerSettings) -> Any:

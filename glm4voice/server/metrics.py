@@ -65,6 +65,8 @@ class _EngineCollector(Collector):
 
     def collect(self):
         for name, value in sorted(self._stats().items()):
+            if not isinstance(value, (int, float)):
+                continue
             family = CounterMetricFamily if name in self._counters else GaugeMetricFamily
             yield family(f"{PREFIX}_engine_{name}", f"engine {name.replace('_', ' ')}", value=float(value))
 
