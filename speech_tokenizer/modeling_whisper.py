@@ -122,7 +122,10 @@ class WhisperVQEncoder(nn.Module):
     # --- computation ---------------------------------------------------------------------------
 
     def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None) -> WhisperVQOutput:
-        """``input_features`` (B, n_mels, F) log-mel; ``attention_mask`` (B, F), 1 for real frames."""
+        """``input_features`` (B, n_mels, F) log-mel; ``attention_mask`` (B, F), 1 for real frames.
+
+        Inputs on another device are moved to the model's device.
+        """
         hidden, mask = self.encode(input_features, attention_mask)
         return WhisperVQOutput(quantized_token_ids=self.quantize(hidden), token_mask=mask)
 
@@ -135,14 +138,15 @@ class WhisperVQEncoder(nn.Module):
                 f"input_features must be (batch, {self.config.num_mel_bins}, frames), got {tuple(input_features.shape)}"
             )
         batch, _, frames = input_features.shape
+        input_features = input_features.to(device=self.device, dtype=self.dtype)
         if attention_mask is None:
-            attention_mask = torch.ones(batch, frames, dtype=torch.bool, device=input_features.device)
+            attention_mask = torch.ones(batch, frames, dtype=torch.bool, device=self.device)
         if attention_mask.shape != (batch, frames):
             raise ValueError(f"attention_mask must be {(batch, frames)}, got {tuple(attention_mask.shape)}")
         conv_stride = self.conv1.stride[0] * self.conv2.stride[0]
-        mask = attention_mask.to(device=input_features.device, dtype=torch.bool)[:, ::conv_stride]
+        mask = attention_mask.to(device=self.device, dtype=torch.bool)[:, ::conv_stride]
 
-        hidden = F.gelu(self.conv1(input_features.to(self.dtype)))
+        hidden = F.gelu(self.conv1(input_features))
         hidden = F.gelu(self.conv2(hidden)).transpose(1, 2)
         length = hidden.shape[1]
         if length > self.config.max_source_positions:

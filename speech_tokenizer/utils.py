@@ -36,10 +36,14 @@ Utterance = Union[str, os.PathLike, "tuple[object, int]"]
 
 def extract_speech_token(model, feature_extractor, utts: Sequence[Utterance], *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[int]]:
     """Code ids (12.5 per second) for each utterance; runs on the model's device."""
-    if isinstance(utts, (str, os.PathLike, tuple)):
-        raise TypeError("utts must be a list of utterances (paths or (waveform, sample_rate) tuples)")
+    if isinstance(utts, (str, os.PathLike)) or _is_single_utterance(utts):
+        raise TypeError("utts must be a list of utterances (paths or (waveform, sample_rate) tuples), not one utterance")
     waveforms = [first_channel_16k(utt) for utt in utts]
     return tokenize_waveforms(model, feature_extractor, waveforms, batch_size=batch_size)
+
+
+def _is_single_utterance(utts) -> bool:
+    return isinstance(utts, tuple) and len(utts) == 2 and isinstance(utts[1], int) and not isinstance(utts[0], (str, os.PathLike))
 
 
 def first_channel_16k(utt: Utterance) -> np.ndarray:

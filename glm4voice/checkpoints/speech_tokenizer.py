@@ -126,7 +126,7 @@ def tiny_config(num_audio_codes: int):
     return WhisperVQConfig.from_dict({**PUBLISHED_CONFIG, **TINY_OVERRIDES, "quantize_vocab_size": num_audio_codes})
 
 
-PROBE_SECONDS = 24
+PROBE_SECONDS = 12
 CODEBOOK_SPREAD = 0.25
 LAYER_WEIGHT_GAIN = 0.1
 POSITION_GAIN = 0.1
@@ -142,10 +142,11 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
     position of a synthetic probe signal plus a little noise, so that different sounds land on
     different codes, as with trained weights.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same weights on any device
+    device = model.conv1.weight.device
 
     def normal(shape, std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=generator) * std
+        return (torch.randn(shape, generator=generator) * std).to(device)
 
     for name, parameter in model.named_parameters():
         if name.endswith("layer_norm.weight"):
@@ -156,7 +157,7 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
             gain = LAYER_WEIGHT_GAIN if name.startswith("layers") else 1.0
             parameter.copy_(normal(parameter.shape, gain / math.sqrt(math.prod(parameter.shape[1:]))))
     width = model.config.d_model
-    model.embed_positions.weight.copy_(POSITION_GAIN * _sinusoids(model.embed_positions.weight.shape[0], width))
+    model.embed_positions.weight.copy_(POSITION_GAIN * _sinusoids(model.embed_positions.weight.shape[0], width).to(device))
     model.embed_positions2.weight.copy_(model.embed_positions.weight[: model.embed_positions2.weight.shape[0]])
 
     hidden, mask = model.encode(*_probe_features(model))
@@ -164,13 +165,13 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
     # Each code: a probe vector plus noise on the scale of the probe's frame-to-frame changes.
     local = (probe[1:] - probe[:-1]).std(dim=0)
     count = model.codebook.weight.shape[0]
-    anchors = torch.randint(0, probe.shape[0], (count,), generator=generator)
+    anchors = torch.randint(0, probe.shape[0], (count,), generator=generator).to(device)
     model.codebook.weight.copy_(probe[anchors] + CODEBOOK_SPREAD * local * normal((count, probe.shape[1]), 1.0))
 
 
 def _probe_features(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features of a fixed synthetic signal: gliding harmonic tones at several levels,
-    white noise bursts, a steady tone and near-silence, 4 s each."""
+    white noise bursts, a steady tone and near-silence, 2 s each."""
     from transformers import WhisperFeatureExtractor
 
     extractor = WhisperFeatureExtractor(**PUBLISHED_PREPROCESSOR_CONFIG)
