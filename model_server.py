@@ -91,11 +91,15 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
         await backend.start()
         try:
             if state.tokenizer is None:
-                state.tokenizer = await anyio.to_thread.run_sync(GLMTokenizer.from_pretrained, backend.checkpoint_folder)
+                state.tokenizer = await anyio.to_thread.run_sync(
+                    GLMTokenizer.from_pretrained, backend.checkpoint_folder
+                )
             metrics.register_engine(backend.stats, getattr(backend, "counter_names", frozenset()))
             state.device_name = _device_name(settings.device)
             state.ready = True
-            logger.info("ready in %.1f s: serving on http://%s:%d", time.perf_counter() - started, settings.host, settings.port)
+            logger.info(
+                "ready in %.1f s: serving on http://%s:%d", time.perf_counter() - started, settings.host, settings.port
+            )
             yield
         finally:
             state.begin_shutdown()
@@ -198,7 +202,6 @@ def _device_name(device: str) -> str:
         return "cpu"
 
 
-
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -221,21 +224,47 @@ def build_parser() -> argparse.ArgumentParser:
     # the original's flags
     parser.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=defaults.port, help="port (default %(default)s)")
-    parser.add_argument("--model-path", default=defaults.model_path, help="glm-4-voice-9b folder or hub id (default %(default)s)")
-    parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPES, help="weights and activations (default %(default)s)")
+    parser.add_argument(
+        "--model-path", default=defaults.model_path, help="glm-4-voice-9b folder or hub id (default %(default)s)"
+    )
+    parser.add_argument(
+        "--dtype", default=defaults.dtype, choices=DTYPES, help="weights and activations (default %(default)s)"
+    )
     parser.add_argument("--device", default=defaults.device, help="cuda:N or cpu (default %(default)s)")
     # serving
-    parser.add_argument("--max-concurrent-streams", type=int, default=defaults.max_concurrent_streams,
-                        help="streams generated at once: the engine's batch size (default %(default)s)")
-    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                        help="requests that may wait for a stream; more get 503 (default %(default)s)")
-    parser.add_argument("--queue-timeout", type=float, default=defaults.queue_timeout_s,
-                        help="seconds a request may wait for a stream before 503 (default %(default)s)")
-    parser.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len,
-                        help="prompt + generated tokens per stream (default %(default)s)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: max-seq-len - 1)")
-    parser.add_argument("--max-new-tokens-cap", type=int, default=defaults.max_new_tokens_cap,
-                        help="largest max_new_tokens accepted (default %(default)s)")
+    parser.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=defaults.max_concurrent_streams,
+        help="streams generated at once: the engine's batch size (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=defaults.max_queue,
+        help="requests that may wait for a stream; more get 503 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=defaults.queue_timeout_s,
+        help="seconds a request may wait for a stream before 503 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=defaults.max_seq_len,
+        help="prompt + generated tokens per stream (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=None, help="longest prompt accepted (default: max-seq-len - 1)"
+    )
+    parser.add_argument(
+        "--max-new-tokens-cap",
+        type=int,
+        default=defaults.max_new_tokens_cap,
+        help="largest max_new_tokens accepted (default %(default)s)",
+    )
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs / compilation (slower; for debugging)")
     parser.add_argument("--retry-after", type=int, default=defaults.retry_after_s, help="Retry-After seconds on 503")
     parser.add_argument("--log-level", default=defaults.log_level, choices=("debug", "info", "warning", "error"))
@@ -261,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.dtype == "int4":
-        parser.error("--dtype int4 (the original's bitsandbytes nf4) is not implemented by this engine; "
-                     "use --dtype int8 (weight-only int8, about half the memory of bfloat16)")
+        parser.error(
+            "--dtype int4 (the original's bitsandbytes nf4) is not implemented by this engine; "
+            "use --dtype int8 (weight-only int8, about half the memory of bfloat16)"
+        )
     from glm4voice.server.engine_backend import build_engine  # imports torch: after the cheap checks
 
     _check_device(parser, settings.device)

@@ -104,10 +104,14 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"cannot resolve {parsed.hostname!r}: {error}") from error
     addresses = {info[4][0] for info in infos}
     if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
-        raise SystemExit(f"refusing to load {parsed.hostname} ({', '.join(sorted(addresses))}): loopback addresses only")
+        raise SystemExit(
+            f"refusing to load {parsed.hostname} ({', '.join(sorted(addresses))}): loopback addresses only"
+        )
 
 
-async def run_level(client: AsyncTokenClient, concurrency: int, requests: int, body: dict, level_timeout_s: float) -> Level:
+async def run_level(
+    client: AsyncTokenClient, concurrency: int, requests: int, body: dict, level_timeout_s: float
+) -> Level:
     level = Level(concurrency)
     remaining = max(requests, concurrency)
     seed = iter(range(10**9))
@@ -145,15 +149,33 @@ async def run_level(client: AsyncTokenClient, concurrency: int, requests: int, b
     return level
 
 
+COLUMNS = (  # title, width, summary key
+    ("conc", 5, "concurrency"),
+    ("ok", 5, "ok"),
+    ("503", 4, "busy_503"),
+    ("fail", 4, "failed"),
+    ("ttft p50 ms", 11, "ttft_p50_ms"),
+    ("p90", 8, "ttft_p90_ms"),
+    ("p99", 8, "ttft_p99_ms"),
+    ("stream tok/s p50", 17, "stream_tok_s_p50"),
+    ("p10", 7, "stream_tok_s_p10"),
+    ("total tok/s", 12, "aggregate_tok_s"),
+    ("tokens", 7, "mean_tokens"),
+)
+
+
 def machine() -> str:
     """This (client) machine; the server's device is in its /health line (same host: loopback)."""
-    return f"{platform.system()} {platform.release()}, {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{system}, {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine()
+            )
     except OSError:
         return platform.processor() or platform.machine()
 
@@ -170,36 +192,38 @@ async def main_async(args: argparse.Namespace) -> list[dict]:
         if args.warmup:
             await client.generate(**body, seed=0)
         results = []
-        header = f"{'conc':>5} {'ok':>5} {'503':>4} {'fail':>4} {'ttft p50':>9} {'p90':>8} {'p99':>8} {'stream tok/s p50':>17} {'p10':>7} {'total tok/s':>12} {'tokens':>7}"
-        print(header, flush=True)
+        print(" ".join(f"{title:>{width}}" for title, width, _ in COLUMNS), flush=True)
         for concurrency in args.concurrency:
             level = await run_level(client, concurrency, args.requests, body, args.level_timeout)
             row = level.summary()
             results.append(row)
-            print(f"{row['concurrency']:>5} {row['ok']:>5} {row['busy_503']:>4} {row['failed']:>4} "
-                  f"{_fmt(row['ttft_p50_ms'], 'ms'):>9} {_fmt(row['ttft_p90_ms'], 'ms'):>8} {_fmt(row['ttft_p99_ms'], 'ms'):>8} "
-                  f"{_fmt(row['stream_tok_s_p50']):>17} {_fmt(row['stream_tok_s_p10']):>7} {_fmt(row['aggregate_tok_s']):>12} "
-                  f"{_fmt(row['mean_tokens']):>7}", flush=True)  # fmt: skip
+            print(" ".join(f"{_fmt(row[key]):>{width}}" for _, width, key in COLUMNS), flush=True)
             for error in level.errors[:3]:
                 print(f"      error: {error}", flush=True)
         return results
 
 
-def _fmt(value: float | None, unit: str = "") -> str:
-    return "-" if value is None else f"{value:g}{unit}"
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:10000", help="the token server (loopback only)")
-    parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts (default %(default)s)")
-    parser.add_argument("--requests", type=int, default=32, help="answers per level, at least the concurrency (default %(default)s)")
+    parser.add_argument(
+        "--concurrency", default="1,2,4,8,16", help="comma-separated client counts (default %(default)s)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=32, help="answers per level, at least the concurrency (default %(default)s)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.8)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (default: a first-turn text prompt)")
     parser.add_argument("--prompt-tokens", type=int, default=0, help="send this many prompt ids instead of --prompt")
-    parser.add_argument("--level-timeout", type=float, default=300.0, help=f"seconds per level (at most {MAX_LEVEL_SECONDS:g})")
+    parser.add_argument(
+        "--level-timeout", type=float, default=300.0, help=f"seconds per level (at most {MAX_LEVEL_SECONDS:g})"
+    )
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the one warm-up request")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)

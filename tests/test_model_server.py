@@ -74,7 +74,13 @@ class Server:
         while True:
             health = self.health()
             engine = health["engine"]
-            counts = (health["active_streams"], health["queue_length"], health["open_requests"], engine["active_streams"], engine["queued"])
+            counts = (
+                health["active_streams"],
+                health["queue_length"],
+                health["open_requests"],
+                engine["active_streams"],
+                engine["queued"],
+            )
             if counts == (0, 0, 0, 0, 0):
                 return health
             assert time.monotonic() < deadline, f"streams still active: {health}"
@@ -188,7 +194,9 @@ def test_original_web_demo_request_code_works_unchanged(server, special_tokens):
     inputs = text_prompt("Tell me a story.")
     response = requests.post(
         server.url + "/generate_stream",
-        data=json.dumps({"prompt": inputs, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_token}),
+        data=json.dumps(
+            {"prompt": inputs, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_token}
+        ),
         stream=True,
     )
     audio_offset, end_token_id = special_tokens.audio_offset, special_tokens.user
@@ -242,7 +250,10 @@ def test_concurrent_greedy_streams_equal_single_client_streams(server, stop_ids)
         async with AsyncTokenClient(server.url) as client:
             alone = [await client.generate(p, temperature=0, max_new_tokens=max_new) for p in prompts]
             together = await asyncio.gather(
-                *(client.generate(prompts[i % len(prompts)], temperature=0, max_new_tokens=max_new) for i in range(MAIN_SLOTS))
+                *(
+                    client.generate(prompts[i % len(prompts)], temperature=0, max_new_tokens=max_new)
+                    for i in range(MAIN_SLOTS)
+                )
             )
         return alone, list(together)
 
@@ -319,13 +330,33 @@ BAD_REQUESTS = [
     ("prompt not a string", b'{"prompt": 5}', 422, "prompt: Input should be a valid string"),
     ("temperature a string", b'{"prompt": "hi", "temperature": "hot"}', 422, "temperature"),
     ("temperature null", b'{"prompt": "hi", "temperature": null}', 422, "temperature"),
-    ("temperature < 0", b'{"prompt": "hi", "temperature": -0.1}', 422, "temperature: Input should be greater than or equal to 0"),
+    (
+        "temperature < 0",
+        b'{"prompt": "hi", "temperature": -0.1}',
+        422,
+        "temperature: Input should be greater than or equal to 0",
+    ),
     ("top_p 0", b'{"prompt": "hi", "top_p": 0}', 422, "top_p: Input should be greater than 0"),
     ("top_p > 1", b'{"prompt": "hi", "top_p": 1.01}', 422, "top_p: Input should be less than or equal to 1"),
-    ("max_new_tokens 0", b'{"prompt": "hi", "max_new_tokens": 0}', 422, "max_new_tokens: Input should be greater than or equal to 1"),
+    (
+        "max_new_tokens 0",
+        b'{"prompt": "hi", "max_new_tokens": 0}',
+        422,
+        "max_new_tokens: Input should be greater than or equal to 1",
+    ),
     ("max_new_tokens < 0", b'{"prompt": "hi", "max_new_tokens": -5}', 422, "max_new_tokens"),
-    ("max_new_tokens above cap", b'{"prompt": "hi", "max_new_tokens": %d}' % (MAX_NEW_TOKENS_CAP + 1), 422, f"at most {MAX_NEW_TOKENS_CAP}"),
-    ("max_new_tokens fractional", b'{"prompt": "hi", "max_new_tokens": 10.5}', 422, "max_new_tokens: Input should be a valid integer"),
+    (
+        "max_new_tokens above cap",
+        b'{"prompt": "hi", "max_new_tokens": %d}' % (MAX_NEW_TOKENS_CAP + 1),
+        422,
+        f"at most {MAX_NEW_TOKENS_CAP}",
+    ),
+    (
+        "max_new_tokens fractional",
+        b'{"prompt": "hi", "max_new_tokens": 10.5}',
+        422,
+        "max_new_tokens: Input should be a valid integer",
+    ),
     ("max_new_tokens bool", b'{"prompt": "hi", "max_new_tokens": true}', 422, "max_new_tokens"),
     ("seed negative", b'{"prompt": "hi", "seed": -1}', 422, "seed"),
     ("unknown field", b'{"prompt": "hi", "top_k": 5}', 422, "top_k: unknown field"),
@@ -334,7 +365,12 @@ BAD_REQUESTS = [
     ("id outside vocabulary", b'{"prompt_token_ids": [1, 99999999]}', 422, "outside the vocabulary"),
     ("id negative", b'{"prompt_token_ids": [-1]}', 422, "outside the vocabulary"),
     ("prompt too long", json.dumps({"prompt": "hello " * 2000}).encode(), 413, f"at most {MAX_PROMPT_TOKENS}"),
-    ("ids too long", json.dumps({"prompt_token_ids": [5] * (MAX_PROMPT_TOKENS + 1)}).encode(), 413, f"at most {MAX_PROMPT_TOKENS}"),
+    (
+        "ids too long",
+        json.dumps({"prompt_token_ids": [5] * (MAX_PROMPT_TOKENS + 1)}).encode(),
+        413,
+        f"at most {MAX_PROMPT_TOKENS}",
+    ),
     ("body too large", b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413, "bytes"),
 ]
 
@@ -349,7 +385,9 @@ def test_bad_requests_get_a_clear_error_before_any_streaming(server):
             error = response.json()
             assert error["error_code"] == 1 and message in error["text"], (name, error)
     after = server.metrics()
-    assert after["glm4voice_requests_total{outcome=rejected}"] - before["glm4voice_requests_total{outcome=rejected}"] == len(BAD_REQUESTS)
+    assert after["glm4voice_requests_total{outcome=rejected}"] - before[
+        "glm4voice_requests_total{outcome=rejected}"
+    ] == len(BAD_REQUESTS)
     assert after["glm4voice_tokens_generated_total"] == before["glm4voice_tokens_generated_total"]
     assert server.health()["status"] == "ready"
 
@@ -427,8 +465,12 @@ def test_api_doc_curl_examples_run(server, expect, script):
 
 
 def test_engine_failure_mid_stream_ends_with_an_error_line(fault_server):
-    body = json.dumps({"prompt_token_ids": [1, 2, 3], "temperature": 0.5, "max_new_tokens": 50, "seed": FAIL_AFTER_SEED})
-    result = subprocess.run(["curl", "-sS", "-N", "-d", body, fault_server.url + "/generate_stream"], capture_output=True, timeout=120)
+    body = json.dumps(
+        {"prompt_token_ids": [1, 2, 3], "temperature": 0.5, "max_new_tokens": 50, "seed": FAIL_AFTER_SEED}
+    )
+    result = subprocess.run(
+        ["curl", "-sS", "-N", "-d", body, fault_server.url + "/generate_stream"], capture_output=True, timeout=120
+    )
     lines = result.stdout.splitlines()
     assert len(lines) == FAIL_AFTER_TOKENS + 1, lines
     assert all(TOKEN_LINE.match(line) for line in lines[:-1])
@@ -511,11 +553,29 @@ def test_client_reports_busy_server_and_unreachable_server(fault_server):
         client.generate("hi")
 
 
+# --- benchmark -----------------------------------------------------------------------------------
+
+
+def test_load_generator_runs_against_the_server_and_refuses_other_hosts(server):
+    command = [sys.executable, "-m", "bench.server", "--url", server.url, "--concurrency", "1,2", "--requests", "2",
+               "--max-new-tokens", "4", "--no-warmup"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and lines[1].startswith("command: python -m bench.server")
+    rows = [line.split() for line in lines if re.match(r"\s+\d+\s+\d+", line)]
+    assert [row[:4] for row in rows] == [["1", "2", "0", "0"], ["2", "2", "0", "0"]]
+    refused = subprocess.run([*command[:3], "--url", "http://10.1.2.3:10000"], capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode != 0 and "loopback addresses only" in refused.stderr
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 
 def test_cli_has_the_original_flags_and_refuses_what_it_cannot_do():
-    help_text = subprocess.run([sys.executable, str(ROOT / "model_server.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "model_server.py"), "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert help_text.returncode == 0
     for flag in ("--host", "--port", "--model-path", "--dtype", "--device", "--max-concurrent-streams", "--max-queue",
                  "--max-prompt-tokens", "--max-new-tokens-cap", "--eager"):  # fmt: skip
@@ -527,7 +587,9 @@ def test_cli_has_the_original_flags_and_refuses_what_it_cannot_do():
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "max_concurrent_streams" in bad.stderr
     device = "cuda:0" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
-    no_gpu = subprocess.run([sys.executable, str(ROOT / "model_server.py"), "--device", device], capture_output=True, text=True, cwd=ROOT)
+    no_gpu = subprocess.run(
+        [sys.executable, str(ROOT / "model_server.py"), "--device", device], capture_output=True, text=True, cwd=ROOT
+    )
     assert no_gpu.returncode == 2 and f"--device {device}" in no_gpu.stderr
 
 

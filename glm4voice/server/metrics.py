@@ -33,7 +33,9 @@ class ServerMetrics:
         self.requests = Counter(f"{PREFIX}_requests", "generate_stream requests by outcome", ["outcome"], registry=r)
         for outcome in Outcome:
             self.requests.labels(outcome.value)  # export zeros from the start
-        self.active_streams = Gauge(f"{PREFIX}_active_streams", "streams holding a slot (generating or about to)", registry=r)
+        self.active_streams = Gauge(
+            f"{PREFIX}_active_streams", "streams holding a slot (generating or about to)", registry=r
+        )
         self.active_streams.set_function(active_streams)
         self.queue_length = Gauge(f"{PREFIX}_queue_length", "requests waiting for a free stream slot", registry=r)
         self.queue_length.set_function(queue_length)

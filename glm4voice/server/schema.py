@@ -13,7 +13,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
@@ -77,7 +86,7 @@ def _reject_constant(name: str) -> float:
 def parse_generate_request(body: bytes, max_new_tokens_cap: int) -> GenerateRequest:
     """Decode and validate a request body; :class:`RequestError` (400 or 422) if it is bad."""
     if not body.strip():
-        raise RequestError(400, "the request body is empty; send a JSON object such as {\"prompt\": \"...\"}")
+        raise RequestError(400, 'the request body is empty; send a JSON object such as {"prompt": "..."}')
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
@@ -112,7 +121,11 @@ def check_prompt_ids(ids: list[int], limits: PromptLimits) -> None:
     if not ids:
         raise RequestError(422, "invalid request: prompt_token_ids: must not be empty")
     if len(ids) > limits.max_prompt_tokens:
-        raise RequestError(413, f"the prompt has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens}")
+        raise RequestError(
+            413, f"the prompt has {len(ids)} tokens; this server accepts at most {limits.max_prompt_tokens}"
+        )
     bad = next((i for i in ids if not 0 <= i < limits.vocab_size), None)
     if bad is not None:
-        raise RequestError(422, f"invalid request: prompt_token_ids: id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+        raise RequestError(
+            422, f"invalid request: prompt_token_ids: id {bad} is outside the vocabulary [0, {limits.vocab_size})"
+        )

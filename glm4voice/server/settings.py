@@ -61,7 +61,9 @@ class ServerSettings:
         if not self.queue_timeout_s > 0:
             raise ValueError(f"queue_timeout_s must be positive, got {self.queue_timeout_s}")
         if self.max_prompt_tokens is not None and not 1 <= self.max_prompt_tokens < self.max_seq_len:
-            raise ValueError(f"max_prompt_tokens must be in [1, max_seq_len={self.max_seq_len}), got {self.max_prompt_tokens}")
+            raise ValueError(
+                f"max_prompt_tokens must be in [1, max_seq_len={self.max_seq_len}), got {self.max_prompt_tokens}"
+            )
 
     @property
     def prompt_limit(self) -> int:

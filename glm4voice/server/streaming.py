@@ -126,7 +126,9 @@ class TokenStreamResponse(Response):
             admitted = await job.ticket.wait(job.queue_timeout_s)
         except AdmissionClosed as error:
             job.outcome = Outcome.SHUTDOWN
-            await self._send_whole(send, json_response(503, wire.error_body(str(error)), busy_headers(job.retry_after_s)))
+            await self._send_whole(
+                send, json_response(503, wire.error_body(str(error)), busy_headers(job.retry_after_s))
+            )
             return
         metrics.queue_wait.observe(time.perf_counter() - waited_from)
         if not admitted:
@@ -136,7 +138,10 @@ class TokenStreamResponse(Response):
             return
         if job.shutting_down:
             job.outcome = Outcome.SHUTDOWN
-            await self._send_whole(send, json_response(503, wire.error_body("the server is shutting down"), busy_headers(job.retry_after_s)))
+            await self._send_whole(
+                send,
+                json_response(503, wire.error_body("the server is shutting down"), busy_headers(job.retry_after_s)),
+            )
             return
         try:
             stream = job.stream = job.submit()
@@ -165,7 +170,13 @@ class TokenStreamResponse(Response):
                     logger.exception("%s: the engine failed after %d tokens", job.request_id, job.tokens_sent)
                     job.outcome = Outcome.ENGINE_ERROR
                     if job.headers_sent:
-                        await send({"type": "http.response.body", "body": wire.error_line(f"engine error: {error}"), "more_body": True})
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": wire.error_line(f"engine error: {error}"),
+                                "more_body": True,
+                            }
+                        )
                     else:
                         await self._send_whole(send, json_response(500, wire.error_body(f"engine error: {error}")))
                         return
@@ -182,7 +193,9 @@ class TokenStreamResponse(Response):
                 job.outcome = Outcome.SHUTDOWN
                 text = f"the server is shutting down; generation stopped after {job.tokens_sent} tokens"
                 if not job.headers_sent:
-                    await self._send_whole(send, json_response(503, wire.error_body(text), busy_headers(job.retry_after_s)))
+                    await self._send_whole(
+                        send, json_response(503, wire.error_body(text), busy_headers(job.retry_after_s))
+                    )
                     return
                 await send({"type": "http.response.body", "body": wire.error_line(text), "more_body": True})
             elif job.outcome is not Outcome.ENGINE_ERROR:

@@ -77,8 +77,16 @@ def test_wire_lines_round_trip():
     assert json.loads(wire.token_line(17)) == {"token_id": 17, "error_code": 0}
     assert wire.parse_line(wire.token_line(5)) == wire.TokenLine(5)
     assert wire.parse_line(wire.error_line("engine error: boom")) == wire.ErrorLine("engine error: boom", 1)
-    assert wire.parse_line('{"text": "Server Error", "error_code": 1}') == wire.ErrorLine("Server Error", 1)  # the original's
-    for bad in ("", "[1]", '{"token_id": 1}', '{"token_id": -1, "error_code": 0}', '{"token_id": "1", "error_code": 0}'):
+    assert wire.parse_line('{"text": "Server Error", "error_code": 1}') == wire.ErrorLine(
+        "Server Error", 1
+    )  # the original's
+    for bad in (
+        "",
+        "[1]",
+        '{"token_id": 1}',
+        '{"token_id": -1, "error_code": 0}',
+        '{"token_id": "1", "error_code": 0}',
+    ):
         with pytest.raises(wire.WireFormatError):
             wire.parse_line(bad)
 
