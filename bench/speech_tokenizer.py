@@ -17,6 +17,7 @@ search + copies); "encoder" is the model call alone on prepared features.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import platform
@@ -57,7 +58,9 @@ def build(config_name: str, device: torch.device, seed: int = 0) -> SpeechTokeni
         model = WhisperVQEncoder(config)
     model.to_empty(device=device).eval().requires_grad_(False)
     init_random_weights(model, seed)
-    return SpeechTokenizer(model, WhisperFeatureExtractor(**PUBLISHED_PREPROCESSOR_CONFIG), TokenizerOptions(batch_size=64))
+    return SpeechTokenizer(
+        model, WhisperFeatureExtractor(**PUBLISHED_PREPROCESSOR_CONFIG), TokenizerOptions(batch_size=64)
+    )
 
 
 def synchronize(device: torch.device) -> None:
@@ -115,9 +118,15 @@ def throughput(tokenizer: SpeechTokenizer, batch: int, seconds: float, iters: in
 def compare_dtypes(config_name: str, device: torch.device, batch: int, seconds: float, iters: int, warmup: int) -> None:
     """Codes under lower precision vs strict float32 (same random weights, same audio)."""
     waves = [voiced_signal(seconds, seed) for seed in range(batch)]
-    modes = [("fp32 strict (no TF32)", torch.float32, False, False), ("fp32 default (cuDNN conv TF32)", torch.float32, False, True)]
+    modes = [
+        ("fp32 strict (no TF32)", torch.float32, False, False),
+        ("fp32 default (cuDNN conv TF32)", torch.float32, False, True),
+    ]
     if device.type == "cuda":
-        modes += [("tf32 (matmul+conv)", torch.float32, True, True), ("bf16 encoder, fp32 code search", torch.bfloat16, False, True)]
+        modes += [
+            ("tf32 (matmul+conv)", torch.float32, True, True),
+            ("bf16 encoder, fp32 code search", torch.bfloat16, False, True),
+        ]
     else:
         modes += [("bf16 encoder, fp32 code search", torch.bfloat16, False, False)]
     base = build(config_name, device)
@@ -139,11 +148,14 @@ def compare_dtypes(config_name: str, device: torch.device, batch: int, seconds: 
         codes = np.concatenate([np.array(c) for c in tok.tokenize_batch([(w, INPUT_SAMPLE_RATE) for w in waves])])
         features, mask = prepared_features(tok, waves)
         with torch.inference_mode():
-            enc = statistics.median(timed(lambda: model(features.to(dtype), mask), device, iters, warmup))
+            run = functools.partial(model, features.to(dtype), mask)
+            enc = statistics.median(timed(run, device, iters, warmup))
         if reference is None:
             reference = codes
         differing = int((codes != reference).sum())
-        print(f"  {name:34s} {differing:>7d} of {len(codes):<6d} ({100 * differing / len(codes):5.2f}%) {batch * seconds / enc:18.1f}")
+        print(
+            f"  {name:34s} {differing:>7d} of {len(codes):<6d} ({100 * differing / len(codes):5.2f}%) {batch * seconds / enc:18.1f}"
+        )
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = True
 
@@ -162,7 +174,9 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         parts.append(f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB)")
-    parts.append(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
+    parts.append(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
+    )
     return "; ".join(parts)
 
 

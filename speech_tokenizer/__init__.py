@@ -6,9 +6,9 @@
   ``THUDM/glm-4-voice-tokenizer`` unchanged.
 """
 
+from speech_tokenizer.checkpoint import CheckpointError
 from speech_tokenizer.configuration_whisper import ConfigError, WhisperVQConfig
 from speech_tokenizer.modeling_whisper import WhisperVQEncoder, WhisperVQOutput
-from speech_tokenizer.checkpoint import CheckpointError
 from speech_tokenizer.tokenizer import SpeechTokenizer, TokenizerOptions
 from speech_tokenizer.utils import extract_speech_token
 

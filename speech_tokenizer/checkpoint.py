@@ -171,9 +171,7 @@ def load_encoder(model_class, path_or_hub_id, *, device=None, dtype: torch.dtype
     state, report = read_encoder_state(folder, config)
     with torch.device("meta"):
         model = model_class(config)
-    converted = {
-        key: tensor.to(torch.float32 if key == "codebook.weight" else dtype) for key, tensor in state.items()
-    }
+    converted = {key: tensor.to(torch.float32 if key == "codebook.weight" else dtype) for key, tensor in state.items()}
     model.load_state_dict(converted, strict=True, assign=True)
     model.requires_grad_(False)
     model.eval()

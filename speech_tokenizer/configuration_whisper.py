@@ -17,9 +17,10 @@ import dataclasses
 import functools
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class WhisperVQConfig:
     # --- reading and writing -------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "WhisperVQConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> WhisperVQConfig:
         """Build from a parsed ``config.json``; unknown keys raise :class:`ConfigError`."""
         if not isinstance(values, Mapping):
             raise ConfigError(f"a speech tokenizer config must be a JSON object, got {type(values).__name__}")
@@ -131,7 +132,7 @@ class WhisperVQConfig:
         return config
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "WhisperVQConfig":
+    def from_json_file(cls, path: str | Path) -> WhisperVQConfig:
         path = Path(path)
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
@@ -142,7 +143,7 @@ class WhisperVQConfig:
         return cls.from_dict(values)
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path) -> "WhisperVQConfig":
+    def from_pretrained(cls, path_or_hub_id: str | Path) -> WhisperVQConfig:
         """Read ``config.json`` from a checkpoint folder or hub id."""
         from glm4voice.hub import resolve_checkpoint
 
@@ -168,7 +169,7 @@ class WhisperVQConfig:
         path.write_text(self.to_json_string(), encoding="utf-8")
         return path
 
-    def replace(self, **changes: Any) -> "WhisperVQConfig":
+    def replace(self, **changes: Any) -> WhisperVQConfig:
         config = dataclasses.replace(self, **changes)
         config.validate()
         return config
@@ -192,10 +193,15 @@ class WhisperVQConfig:
         else:
             positive("quantize_vocab_size")
         if not problems and self.d_model % self.encoder_attention_heads:
-            problems.append(f"d_model {self.d_model} is not divisible by encoder_attention_heads {self.encoder_attention_heads}")
-        if isinstance(self.quantize_position, int) and isinstance(self.encoder_layers, int):
-            if self.quantize_position > self.encoder_layers:
-                problems.append(f"quantize_position {self.quantize_position} exceeds encoder_layers {self.encoder_layers}")
+            problems.append(
+                f"d_model {self.d_model} is not divisible by encoder_attention_heads {self.encoder_attention_heads}"
+            )
+        if (
+            isinstance(self.quantize_position, int)
+            and isinstance(self.encoder_layers, int)
+            and self.quantize_position > self.encoder_layers
+        ):
+            problems.append(f"quantize_position {self.quantize_position} exceeds encoder_layers {self.encoder_layers}")
         if self.pooling_kernel_size is not None:
             positive("pooling_kernel_size")
             if self.pooling_type not in POOLING_TYPES:

@@ -94,7 +94,7 @@ class WhisperVQEncoder(nn.Module):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
-    ) -> "WhisperVQEncoder":
+    ) -> WhisperVQEncoder:
         """Load ``config.json`` + ``model*.safetensors`` of a tokenizer folder (or hub id) strictly.
 
         Returns the model in eval mode on ``device`` (CPU by default). The encoder runs in ``dtype``;

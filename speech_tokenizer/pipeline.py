@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -69,7 +69,9 @@ def check_feature_extractor(model, feature_extractor) -> None:
     if feature_extractor.hop_length != WHISPER_HOP_LENGTH:
         problems.append(f"hop_length {feature_extractor.hop_length} (expected {WHISPER_HOP_LENGTH})")
     if feature_extractor.feature_size != model.config.num_mel_bins:
-        problems.append(f"feature_size {feature_extractor.feature_size} (the model has {model.config.num_mel_bins} mel bins)")
+        problems.append(
+            f"feature_size {feature_extractor.feature_size} (the model has {model.config.num_mel_bins} mel bins)"
+        )
     if problems:
         raise FeatureExtractorMismatch("preprocessor_config.json does not fit the model: " + ", ".join(problems))
 

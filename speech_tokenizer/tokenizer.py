@@ -15,20 +15,27 @@ first channel, as the original). Non-16 kHz audio is resampled with soxr. Bad in
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
 
-from glm4voice.audio import DEFAULT_MAX_INPUT_SECONDS, INPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, Audio, AudioSource, load_audio
+from glm4voice.audio import (
+    DEFAULT_MAX_INPUT_SECONDS,
+    INPUT_SAMPLE_RATE,
+    SPEECH_TOKEN_RATE,
+    Audio,
+    AudioSource,
+    load_audio,
+)
 from speech_tokenizer.modeling_whisper import WhisperVQEncoder
 from speech_tokenizer.pipeline import DEFAULT_BATCH_SIZE, check_feature_extractor, samples_per_token, tokenize_waveforms
 
 logger = logging.getLogger(__name__)
 
-SpeechInput = Union[AudioSource, Audio]
+SpeechInput = AudioSource | Audio
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ class SpeechTokenizer:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         options: TokenizerOptions = TokenizerOptions(),
-    ) -> "SpeechTokenizer":
+    ) -> SpeechTokenizer:
         """Load a ``glm-4-voice-tokenizer`` folder or hub id.
 
         ``device``: None picks CUDA when available, else CPU. ``dtype``: the encoder's dtype

@@ -14,8 +14,9 @@ readable raises a :class:`glm4voice.audio.AudioError` instead of failing somewhe
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import soundfile as sf
@@ -34,16 +35,25 @@ from speech_tokenizer.pipeline import DEFAULT_BATCH_SIZE, tokenize_waveforms
 Utterance = Union[str, os.PathLike, "tuple[object, int]"]
 
 
-def extract_speech_token(model, feature_extractor, utts: Sequence[Utterance], *, batch_size: int = DEFAULT_BATCH_SIZE) -> list[list[int]]:
+def extract_speech_token(
+    model, feature_extractor, utts: Sequence[Utterance], *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[list[int]]:
     """Code ids (12.5 per second) for each utterance; runs on the model's device."""
     if isinstance(utts, (str, os.PathLike)) or _is_single_utterance(utts):
-        raise TypeError("utts must be a list of utterances (paths or (waveform, sample_rate) tuples), not one utterance")
+        raise TypeError(
+            "utts must be a list of utterances (paths or (waveform, sample_rate) tuples), not one utterance"
+        )
     waveforms = [first_channel_16k(utt) for utt in utts]
     return tokenize_waveforms(model, feature_extractor, waveforms, batch_size=batch_size)
 
 
 def _is_single_utterance(utts) -> bool:
-    return isinstance(utts, tuple) and len(utts) == 2 and isinstance(utts[1], int) and not isinstance(utts[0], (str, os.PathLike))
+    return (
+        isinstance(utts, tuple)
+        and len(utts) == 2
+        and isinstance(utts[1], int)
+        and not isinstance(utts[0], (str, os.PathLike))
+    )
 
 
 def first_channel_16k(utt: Utterance) -> np.ndarray:
@@ -56,7 +66,9 @@ def first_channel_16k(utt: Utterance) -> np.ndarray:
     elif isinstance(utt, (str, os.PathLike)):
         samples, rate = _read_first_channel(Path(utt))
     else:
-        raise AudioError(f"an utterance must be a file path or a (waveform, sample_rate) tuple, got {type(utt).__name__}")
+        raise AudioError(
+            f"an utterance must be a file path or a (waveform, sample_rate) tuple, got {type(utt).__name__}"
+        )
     return load_audio((samples, rate), sample_rate=INPUT_SAMPLE_RATE, max_seconds=None).samples
 
 
@@ -82,9 +94,13 @@ def _read_first_channel(path: Path) -> tuple[np.ndarray, int]:
     if size == 0:
         raise EmptyAudioError(f"the audio file {path.name} is empty (0 bytes)")
     if size > MAX_FILE_BYTES:
-        raise AudioTooLongError(f"the audio file {path.name} is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB")
+        raise AudioTooLongError(
+            f"the audio file {path.name} is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB"
+        )
     try:
         samples, rate = sf.read(path, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
-        raise CorruptAudioError(f"the file {path.name} is not a readable audio file (wav, flac, ogg or mp3): {error}") from error
+        raise CorruptAudioError(
+            f"the file {path.name} is not a readable audio file (wav, flac, ogg or mp3): {error}"
+        ) from error
     return samples[:, 0], int(rate)

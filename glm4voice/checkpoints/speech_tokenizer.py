@@ -157,7 +157,9 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
             gain = LAYER_WEIGHT_GAIN if name.startswith("layers") else 1.0
             parameter.copy_(normal(parameter.shape, gain / math.sqrt(math.prod(parameter.shape[1:]))))
     width = model.config.d_model
-    model.embed_positions.weight.copy_(POSITION_GAIN * _sinusoids(model.embed_positions.weight.shape[0], width).to(device))
+    model.embed_positions.weight.copy_(
+        POSITION_GAIN * _sinusoids(model.embed_positions.weight.shape[0], width).to(device)
+    )
     model.embed_positions2.weight.copy_(model.embed_positions.weight[: model.embed_positions2.weight.shape[0]])
 
     hidden, mask = model.encode(*_probe_features(model))

@@ -9,11 +9,17 @@ from glm4voice.audio import INPUT_SAMPLE_RATE
 
 
 def make_speechlike(
-    seconds: float, rate: int = INPUT_SAMPLE_RATE, *, f0: float = 150.0, seed: int = 0, noise: float = 0.01, level: float = 0.2
+    seconds: float,
+    rate: int = INPUT_SAMPLE_RATE,
+    *,
+    f0: float = 150.0,
+    seed: int = 0,
+    noise: float = 0.01,
+    level: float = 0.2,
 ) -> np.ndarray:
     """A voiced-sounding test signal: gliding harmonics (all below 4 kHz) with a syllable-rate
     envelope, plus a little noise. Without noise it is the same continuous signal at any rate."""
-    count = int(round(seconds * rate))
+    count = round(seconds * rate)
     time = np.arange(count) / rate
     glide_rate, glide = 0.7, 60.0
     phase = 2 * np.pi * (f0 * time - glide * np.cos(2 * np.pi * glide_rate * time) / (2 * np.pi * glide_rate))

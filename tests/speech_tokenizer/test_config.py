@@ -10,7 +10,12 @@ def test_published_config_round_trips_field_for_field():
     config = WhisperVQConfig.from_dict(PUBLISHED_CONFIG)
     assert config.to_dict() == PUBLISHED_CONFIG
     assert config.extra == {}
-    assert (config.d_model, config.quantize_position, config.pooling_kernel_size, config.pooling_type) == (1280, 16, 4, "avg")
+    assert (config.d_model, config.quantize_position, config.pooling_kernel_size, config.pooling_type) == (
+        1280,
+        16,
+        4,
+        "avg",
+    )
     assert config.quantize_vocab_size == 16384 and config.quantize_causal_block_size == 200
     assert config.encoder_causal_convolution and not config.attention_is_causal
 
@@ -38,7 +43,9 @@ def test_other_whisper_fields_are_kept_not_dropped():
 
 
 def test_missing_fields_take_the_original_defaults():
-    config = WhisperVQConfig.from_dict({"quantize_vocab_size": 8, "d_model": 64, "encoder_attention_heads": 4, "quantize_position": 2})
+    config = WhisperVQConfig.from_dict(
+        {"quantize_vocab_size": 8, "d_model": 64, "encoder_attention_heads": 4, "quantize_position": 2}
+    )
     assert config.pooling_type == "max" and config.pooling_kernel_size is None and config.pooling == 1
     assert config.num_mel_bins == 80 and config.encoder_layers == 4
 
@@ -78,4 +85,8 @@ def test_save_and_read_back(tmp_path):
     config.save(tmp_path)
     assert WhisperVQConfig.from_pretrained(tmp_path) == config
     text = (tmp_path / "config.json").read_text()
-    assert text.endswith("}\n") and '"_name_or_path"' in text and "name_or_path\"" not in text.replace('"_name_or_path"', "")
+    assert (
+        text.endswith("}\n")
+        and '"_name_or_path"' in text
+        and 'name_or_path"' not in text.replace('"_name_or_path"', "")
+    )

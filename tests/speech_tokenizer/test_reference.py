@@ -56,7 +56,8 @@ def reference_hidden(model: WhisperVQEncoder, features: torch.Tensor, frame_mask
         n = x.shape[0]
         if bias_matrix is None:
             bias_matrix = torch.tensor(
-                [[0.0 if allowed(i, j, mask, block) else -math.inf for j in range(n)] for i in range(n)], dtype=torch.float64
+                [[0.0 if allowed(i, j, mask, block) else -math.inf for j in range(n)] for i in range(n)],
+                dtype=torch.float64,
             )
         name = f"layers.{index}"
         h = layer_norm(x, f"{name}.self_attn_layer_norm")

@@ -61,7 +61,12 @@ def test_last_piece_is_featurized_as_the_original_batch_does(tokenizer, feature_
     rest = wave[30 * RATE :]
     codes = tokenizer.tokenize((wave, RATE))
     padded = feature_extractor(
-        [rest], sampling_rate=RATE, padding="max_length", max_length=30 * RATE, return_attention_mask=True, return_tensors="pt"
+        [rest],
+        sampling_rate=RATE,
+        padding="max_length",
+        max_length=30 * RATE,
+        return_attention_mask=True,
+        return_tensors="pt",
     )
     with torch.no_grad():
         out = tokenizer.model(padded["input_features"], padded["attention_mask"])
@@ -200,7 +205,7 @@ def test_ten_minutes_in_bounded_batches_and_the_limit(tokenizer, speechlike):
     assert len(codes) == 7500
     assert codes[:750] == codes[750:1500]  # the same minute twice gives the same codes (pieces are 30 s)
     with pytest.raises(AudioTooLongError, match="limit is 600 s"):
-        tokenizer.tokenize((np.concatenate([ten_minutes, minute[: RATE]]), RATE))
+        tokenizer.tokenize((np.concatenate([ten_minutes, minute[:RATE]]), RATE))
 
 
 def test_batch_api_misuse(tokenizer):
@@ -231,7 +236,14 @@ def test_original_import_paths_and_call(tiny_checkpoints, speechlike):
     codes = original_path_function(model, fe, [(torch.from_numpy(wave)[None], RATE)])
     assert isinstance(codes, list) and len(codes) == 1 and len(codes[0]) == 25
     stride = model.conv1.stride[0] * model.conv2.stride[0] * model.config.pooling_kernel_size * fe.hop_length
-    features = fe([wave], sampling_rate=RATE, return_attention_mask=True, return_tensors="pt", padding="longest", pad_to_multiple_of=stride)
+    features = fe(
+        [wave],
+        sampling_rate=RATE,
+        return_attention_mask=True,
+        return_tensors="pt",
+        padding="longest",
+        pad_to_multiple_of=stride,
+    )
     outputs = model(**features)
     assert outputs.quantized_token_ids[0].tolist() == codes[0]
 
