@@ -41,7 +41,7 @@ import gradio as gr
 import numpy as np
 from fastapi import FastAPI
 
-from glm4voice.audio import OUTPUT_SAMPLE_RATE, encode_wav
+from glm4voice.audio import encode_wav
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 from glm4voice.pipeline import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -268,6 +268,7 @@ def create_demo(chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settin
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=460, feedback_options=None,
+                                     buttons=["copy", "copy_all"],
                                      placeholder="Record a question, or switch to text and type one.")  # fmt: skip
                 live = gr.HTML(live_player_html(), elem_id="live-player", js_on_load=LIVE_PLAYER_JS)
                 status = gr.Markdown("", elem_id="status")
@@ -275,7 +276,7 @@ def create_demo(chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settin
                 mode = gr.Radio([InputMode.AUDIO.value, InputMode.TEXT.value], value=InputMode.AUDIO.value,
                                 label="Input mode", elem_id="input-mode")  # fmt: skip
                 with gr.Column(visible=True) as audio_box:
-                    audio_in = gr.Audio(sources=["microphone", "upload"], type="filepath", elem_id="audio-input",
+                    audio_in = gr.Audio(sources=["microphone", "upload"], type="filepath", elem_id="audio-input", buttons=["download"],
                                         label=f"Your question (record or upload, up to {MAX_INPUT_SECONDS:.0f} s)")  # fmt: skip
                     samples = [(RESOURCES / name, label) for name, label in SAMPLE_PROMPTS if (RESOURCES / name).is_file()]
                     if samples:

@@ -33,7 +33,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, AsyncIterator, Protocol, Sequence, Union
 
 import numpy as np
@@ -41,7 +40,6 @@ import numpy as np
 from glm4voice.audio import (
     INPUT_SAMPLE_RATE,
     OUTPUT_SAMPLE_RATE,
-    SPEECH_TOKEN_RATE,
     Audio,
     AudioError,
     AudioSource,
@@ -251,6 +249,8 @@ class TurnFinished:
     """Every generated id except the stop token (what the history records)."""
     text_tokens: int
     audio_tokens: int
+    ignored_tokens: int
+    """Generated ids past the audio codebook (padded embedding rows), left out of reply_ids."""
     timings: TurnTimings
     elapsed: float
 
@@ -353,6 +353,7 @@ class _EndOfStream:
 
     end: EndOfTurn | None
     failure: TurnError | None
+    ignored_tokens: int = 0
 
 
 _DONE = object()
@@ -531,7 +532,7 @@ class VoiceChat:
         except Exception as error:  # a bug: report it in the page, keep the traceback in the log
             logger.exception("token reader failed")
             failure = TurnError(FailureKind.INTERNAL, f"Internal error while reading the answer: {error}")
-        await blocks.put(_EndOfStream(end, failure))
+        await blocks.put(_EndOfStream(end, failure, demuxer.dropped_ids))
 
     async def _route(self, event, clock: _TurnClock, out: asyncio.Queue, blocks: asyncio.Queue) -> EndOfTurn | None:
         if isinstance(event, TextDelta):
@@ -597,7 +598,8 @@ class VoiceChat:
             audio_tokens = sum(1 for i in end.reply_ids if self.special.is_audio(i))
             audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
             out.put_nowait(TurnFinished(end.text, audio, self.sample_rate, end.reason, end.reply_ids,
-                                        len(end.reply_ids) - audio_tokens, audio_tokens, clock.timings(), clock.now()))
+                                        len(end.reply_ids) - audio_tokens, audio_tokens, item.ignored_tokens,
+                                        clock.timings(), clock.now()))
         out.put_nowait(_DONE)
 
     # --- errors ---------------------------------------------------------------------------------------

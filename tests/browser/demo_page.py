@@ -35,6 +35,8 @@ and decoder produce speech slower than real time, so with the default 0.15 s lea
 before its slot, so the tests can demand what the player guarantees: every chunk starts exactly
 where the previous one ends."""
 WAIT_MS = 120_000
+AUDIO_VALUE = "#audio-input a.download-link"
+"""Present while the audio input holds a recording or file (its href names the file)."""
 PROMPT_TOKENS = re.compile(r"prompt (\d+) tokens")
 
 
@@ -92,14 +94,13 @@ class DemoPage:
         self.page.click("#audio-input button.record-button")
         self.page.wait_for_timeout(seconds * 1000)
         self.page.click("#audio-input button.stop-button")
-        self.page.wait_for_selector("#audio-input .waveform-container", state="attached", timeout=WAIT_MS)
+        self.page.wait_for_selector(AUDIO_VALUE, state="attached", timeout=WAIT_MS)
 
     def clear_audio(self) -> None:
         """Remove the audio input's current recording or file (a refused one stays there)."""
-        remove = self.page.locator("#audio-input button[aria-label='Clear']")
-        if self.page.locator("#audio-input .waveform-container").count() and remove.first.is_visible():
-            remove.first.click()
-        self.page.wait_for_selector("#audio-input .waveform-container", state="detached", timeout=WAIT_MS)
+        if self.page.locator(AUDIO_VALUE).count():
+            self.page.locator("#audio-input button[aria-label='Clear']").first.click()
+        self.page.wait_for_selector(AUDIO_VALUE, state="detached", timeout=WAIT_MS)
 
     def upload(self, path: Path) -> None:
         self.clear_audio()
@@ -109,12 +110,12 @@ class DemoPage:
             if not chooser.is_done() and upload_area.count():  # some versions need a second click
                 upload_area.first.click()
         chooser.value.set_files(str(path))
-        self.page.wait_for_selector("#audio-input .waveform-container, #audio-input audio", state="attached", timeout=WAIT_MS)
+        self.page.wait_for_selector(f"{AUDIO_VALUE}[href*='{path.name}']", state="attached", timeout=WAIT_MS)
 
     def pick_example(self, label_start: str) -> None:
         self.clear_audio()
         self.page.click(f"#audio-examples button:has-text('{label_start}')")
-        self.page.wait_for_selector("#audio-input .waveform-container, #audio-input audio", state="attached", timeout=WAIT_MS)
+        self.page.wait_for_selector(AUDIO_VALUE, state="attached", timeout=WAIT_MS)
 
     # --- what the page shows --------------------------------------------------------------------------
     def status(self) -> str:

@@ -12,7 +12,6 @@ import math
 import threading
 from contextlib import aclosing
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -141,7 +140,8 @@ def test_text_turn_streams_text_and_audio_and_records_history(models, server_url
     t = finished.timings
     assert t.input_ready <= t.request_sent <= t.first_token <= t.last_token <= t.finished
     assert t.first_block_ready <= t.first_audio <= t.finished
-    assert t.tokens == len(finished.reply_ids) + (finished.reason is not EndReason.STREAM_END)
+    stop_token = finished.reason is not EndReason.STREAM_END
+    assert t.tokens == len(finished.reply_ids) + finished.ignored_tokens + stop_token
     assert [b.index for b in t.blocks][-1] is None  # the decoder's final flush
     assert sum(b.samples for b in t.blocks) == len(finished.audio)
 
