@@ -8,7 +8,10 @@ As in the original, only the FIRST channel of multi-channel audio is used (not a
 is no length limit (long audio is processed 30 s piece by piece in bounded memory). Differences:
 resampling to 16 kHz uses soxr (the original used torchaudio's sinc resampler, so non-16 kHz input
 may differ in a few codes; 16 kHz input is unaffected); audio that is empty, not finite or not
-readable raises a :class:`glm4voice.audio.AudioError` instead of failing somewhere inside.
+readable raises a :class:`glm4voice.audio.AudioError` instead of failing somewhere inside; each
+utterance gets the codes the original gives it when called with that utterance alone (the
+original pads all pieces of one call into one feature batch, so a short utterance's last feature
+frame could depend on the longer utterances it was called with; see ``speech_tokenizer.pipeline``).
 """
 
 from __future__ import annotations
