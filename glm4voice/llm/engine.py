@@ -13,8 +13,9 @@ Usage (inside an asyncio program)::
 Concurrency model: one worker thread owns the model and the device. It blocks on a command queue
 while there is nothing to do (no polling); otherwise each iteration it takes new commands,
 admits waiting requests into free cache slots, runs up to ``prefill_chunk`` prompt tokens of
-chunked prefill, then one batched decode step for every running stream, and hands the new tokens
-to the event loop with one ``call_soon_threadsafe``. The event loop never waits on the device.
+chunked prefill, then one batched decode step for every running stream (launched before the
+previous step's tokens are read, so host work overlaps device work), and hands the new tokens to
+the event loop with one ``call_soon_threadsafe`` per phase. The event loop never waits on the device.
 A failure in a prefill ends that request's stream with :class:`GenerationError`; a failure in a
 decode step ends the streams of that batch; the worker goes on serving the others. Cancelling a
 stream frees its slot before the next step.
@@ -43,7 +44,7 @@ from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
 from glm4voice.llm.config import GLMConfig
 from glm4voice.llm.model import GLMModel
 from glm4voice.llm.quant import INT8
-from glm4voice.llm.runner import DEFAULT_GRAPH_BATCH_SIZES, DecodeRow, ModelRunner
+from glm4voice.llm.runner import DEFAULT_GRAPH_BATCH_SIZES, DecodeRow, Launch, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +331,7 @@ class Engine:
         self._prefilling: list[_Request] = []
         self._decoding: list[_Request] = []
         self._free_slots: list[int] = []
+        self._inflight: tuple[list[_Request], Launch] | None = None
         self._counters = collections.Counter()
 
     @classmethod
@@ -538,7 +540,7 @@ class Engine:
 
     def _serve(self) -> None:
         while True:
-            busy = bool(self._waiting or self._prefilling or self._decoding)
+            busy = bool(self._waiting or self._prefilling or self._decoding or self._inflight)
             if not self._take_commands(block=not busy):
                 return
             self._admit()
@@ -546,7 +548,7 @@ class Engine:
                 events: list[_Event] = []
                 self._prefill(events)
                 self._post(events)  # first tokens go out before the decode step
-            if self._decoding:
+            if self._decoding or self._inflight:
                 events = []
                 self._decode(events)
                 self._post(events)
@@ -626,20 +628,43 @@ class Engine:
                     self._decoding.append(request)
 
     def _decode(self, events: list[_Event]) -> None:
-        batch = list(self._decoding)
-        rows = [DecodeRow(r.slot, r.last_token, r.position) for r in batch]
+        """Collect the step in flight and keep one step in flight. While the running requests
+        stay the same, the next step is launched on the device before the previous one is
+        collected, so the host's bookkeeping overlaps the device's work; a request that ended
+        in the previous step costs its row one wasted step. Any change (a request joins, ends or
+        is cancelled) collects first and launches from the host's state."""
         started = time.perf_counter()
+        inflight, self._inflight = self._inflight, None
         try:
-            tokens = self._runner.decode(rows)
+            if inflight is not None:
+                batch, launch = inflight
+                if self._decoding and batch == self._decoding:
+                    self._inflight = (batch, self._runner.launch(launch.rows, after=launch))
+                    self._counters["decode_steps"] += 1
+                self._take_tokens(batch, self._runner.collect(launch), events)
+            if self._inflight is None and self._decoding:
+                batch = list(self._decoding)
+                rows = [DecodeRow(r.slot, r.last_token, r.position) for r in batch]
+                self._inflight = (batch, self._runner.launch(rows))
+                self._counters["decode_steps"] += 1
         except Exception as error:
-            logger.exception("decode step failed for %d streams", len(batch))
+            failed = list(self._decoding)
+            logger.exception("decode step failed for %d streams", len(failed))
+            self._inflight = None
             self._decoding.clear()
-            for request in batch:
+            for request in failed:
                 self._fail(request, error, events)
-            return
-        self._counters["decode_steps"] += 1
         self._counters["decode_seconds"] += time.perf_counter() - started
-        self._decoding = [r for r, token in zip(batch, tokens) if self._accept(r, token, events)]
+
+    def _take_tokens(self, batch: list[_Request], tokens: list[int], events: list[_Event]) -> None:
+        ended = set()
+        for request, token in zip(batch, tokens):
+            if request.slot < 0:  # ended (or was cancelled) after this step was launched
+                continue
+            if not self._accept(request, token, events):
+                ended.add(request)
+        if ended:
+            self._decoding = [r for r in self._decoding if r not in ended]
 
     def _accept(self, request: _Request, token: int, events: list[_Event]) -> bool:
         """Record a new token; True if the request goes on."""
@@ -687,6 +712,7 @@ class Engine:
         self._waiting.clear()
         self._prefilling.clear()
         self._decoding.clear()
+        self._inflight = None
         self._post(events)
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from glm4voice.llm.config import GLMConfig
 
@@ -127,9 +128,16 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> to
     return torch.softmax(scores.float() * scale + mask.float(), dim=-1).to(scores.dtype)
 
 
-DECODE_ATTENTION = ("sdpa", "matmul")
-"""Decode attention: one fused SDPA call (few thread blocks at batch 1), or two batched matmuls
-(cuBLAS over all key positions) around a compiled softmax."""
+DECODE_ATTENTION = ("auto", "sdpa", "matmul")
+"""Decode attention: one fused SDPA call, or two batched matmuls (cuBLAS) around a compiled
+softmax; "auto" takes the matmuls up to MATMUL_ATTENTION_MAX_ROWS rows (faster at small batch on
+an H100: 8.0 vs 8.8 ms per 9B step at batch 1) and SDPA above (faster at batch 64 over 4096
+positions: 13.4 vs 15.0 ms); bench/llm.py measures both."""
+MATMUL_ATTENTION_MAX_ROWS = 16
+
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""cuDNN attention is left out: it builds a new plan for every new shape, which cost hundreds of
+milliseconds per prefill chunk when prompt lengths vary (bench/llm.py, H100, torch 2.11)."""
 
 
 @dataclass
@@ -181,7 +189,7 @@ class GLMModel(nn.Module):
         self.steps: StepFunctions = (attention_inputs, attention_output_and_mlp, final_logits)
         """The per-token functions; :meth:`compile_steps` swaps in compiled versions."""
         self.softmax: Callable = masked_softmax
-        self.decode_attention = "sdpa"
+        self.decode_attention = "auto"
         """One of DECODE_ATTENTION."""
 
     @property
@@ -242,9 +250,10 @@ class GLMModel(nn.Module):
             v_cache[:, start:end] = v.transpose(0, 1)
             keys = k_cache[:, :end].repeat_interleave(group, dim=0)
             values = v_cache[:, :end].repeat_interleave(group, dim=0)
-            context = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None
-            )
+            with sdpa_kernel(SDPA_BACKENDS):
+                context = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None
+                )
             x = attn_out(block, x, context[0].transpose(0, 1).reshape(n, -1))
         return logits(self, x[-1:] if last_only else x)
 
@@ -271,7 +280,8 @@ class GLMModel(nn.Module):
         kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
         if self.decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}")
-        use_sdpa, scale = self.decode_attention == "sdpa", head_dim**-0.5
+        use_sdpa = self.decode_attention == "sdpa" or (self.decode_attention == "auto" and b > MATMUL_ATTENTION_MAX_ROWS)
+        scale = head_dim**-0.5
         x = self.embed(tokens)
         for layer, block in enumerate(self.layers):
             q, k, v = attn_in(block, x, cos, sin)
@@ -282,7 +292,8 @@ class GLMModel(nn.Module):
             q = q.view(b, kv_heads, group, head_dim)
             keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
             if use_sdpa:
-                context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                with sdpa_kernel(SDPA_BACKENDS):
+                    context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             else:
                 context = torch.matmul(self.softmax(torch.matmul(q, keys.transpose(-1, -2)), mask, scale), values)
             x = attn_out(block, x, context.reshape(b, -1))

@@ -43,6 +43,16 @@ def _cover(sizes: Sequence[int], n: int) -> int | None:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """A decode step in flight (see :meth:`ModelRunner.launch`)."""
+
+    rows: tuple["DecodeRow", ...]
+    b: int
+    out: torch.Tensor
+    event: "torch.cuda.Event | None"
+
+
+@dataclass(frozen=True)
 class DecodeRow:
     slot: int
     token: int
@@ -87,6 +97,10 @@ class ModelRunner:
         self._host_tokens = torch.zeros(max_slots, dtype=torch.long, pin_memory=pin)
         self._host_positions = torch.full((max_slots,), self.scratch, dtype=torch.long, pin_memory=pin)
         self._tokens_np, self._positions_np = self._host_tokens.numpy(), self._host_positions.numpy()
+        # two output buffers and events: step k+1 may be launched before step k is collected
+        self._outputs = [torch.zeros(max_slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._events = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._parity = 0
         self.sample: Callable = sample_next
         if compile:
             model.compile_steps()
@@ -117,10 +131,14 @@ class ModelRunner:
 
     # --- decode -------------------------------------------------------------------------------------
     def _step(self, b: int, kv_len: int) -> None:
+        """One decode step over rows ``:b``; it also leaves the inputs of the next step in place
+        (each busy row's new token, its position + 1), so steps can be chained on the device."""
         positions = self.positions[:b]
         logits = self.model.decode(self.tokens[:b], positions, self.cache, self.rope, kv_len)
         token = self.sample(logits, self.temperature[:b], self.top_p[:b], self.seeds[:b], positions + 1)
         self.next_tokens[:b].copy_(token)
+        self.tokens[:b].copy_(token)
+        positions.copy_(torch.where(positions >= self.scratch, positions, positions + 1))
 
     def shape_for(self, rows: Sequence[DecodeRow]) -> tuple[int, int, bool]:
         """(batch rows, attention length, replay a graph?) for a decode step over ``rows``."""
@@ -134,25 +152,52 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> list[int]:
-        """One new token for each row (same order)."""
+        """One new token for each row (same order), synchronously."""
         if not rows:
             return []
+        return self.collect(self.launch(rows))
+
+    @torch.inference_mode()
+    def launch(self, rows: Sequence[DecodeRow], after: "Launch | None" = None) -> "Launch":
+        """Start a decode step and return at once (the device works on). With ``after`` (a step
+        over the same rows, still running or not yet collected) the step continues from that
+        step's outputs on the device: each row's input is the token it drew, one position further;
+        ``rows`` then only give slots and the positions before ``after``."""
+        if not rows:
+            raise ValueError("a decode step needs at least one row")
+        if after is not None:
+            rows = [DecodeRow(row.slot, -1, row.position + 1) for row in after.rows]
         b, kv_len, replay = self.shape_for(rows)
-        tokens_np, positions_np = self._tokens_np, self._positions_np
-        positions_np[:b] = self.scratch
         for row in rows:
             if not 0 <= row.position < self.max_seq_len:
                 raise ValueError(f"slot {row.slot}: position {row.position} outside the cache")
-            tokens_np[row.slot] = row.token
-            positions_np[row.slot] = row.position
-        self.tokens[:b].copy_(self._host_tokens[:b], non_blocking=True)
-        self.positions[:b].copy_(self._host_positions[:b], non_blocking=True)
+        if after is None:
+            tokens_np, positions_np = self._tokens_np, self._positions_np
+            positions_np[:b] = self.scratch
+            for row in rows:
+                tokens_np[row.slot] = row.token
+                positions_np[row.slot] = row.position
+            self.tokens[:b].copy_(self._host_tokens[:b], non_blocking=True)
+            self.positions[:b].copy_(self._host_positions[:b], non_blocking=True)
+        elif after.b != b:
+            raise ValueError("a chained step must cover the same slots")
         if replay:
             self.graphs[(b, kv_len)].replay()
         else:
             self._step(b, kv_len)
-        out = self.next_tokens[:b].tolist()
-        return [out[row.slot] for row in rows]
+        self._parity ^= 1
+        out, event = self._outputs[self._parity], self._events[self._parity]
+        out[:b].copy_(self.next_tokens[:b], non_blocking=True)
+        if event is not None:
+            event.record()
+        return Launch(tuple(rows), b, out, event)
+
+    def collect(self, launch: "Launch") -> list[int]:
+        """Wait for a launched step; its new token for each row (same order)."""
+        if launch.event is not None:
+            launch.event.synchronize()
+        values = launch.out.numpy()
+        return [int(values[row.slot]) for row in launch.rows]
 
     # --- warm-up and graph capture ------------------------------------------------------------------
     @torch.inference_mode()

@@ -219,7 +219,7 @@ def test_a_failing_request_does_not_take_the_others_down(tiny_llm):
     async def main():
         async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
             runner = engine.runner
-            real_prefill, real_decode = runner.prefill, runner.decode
+            real_prefill = runner.prefill
 
             def prefill(slot, ids, start, sample):
                 if 4242 in ids:
@@ -235,14 +235,15 @@ def test_a_failing_request_does_not_take_the_others_down(tiny_llm):
             good_tokens = await collect(good)
 
             calls = []
+            real_launch = runner.launch
 
-            def decode(rows):
+            def launch(rows, after=None):
                 calls.append(len(rows))
                 if len(calls) == 3:
                     raise RuntimeError("injected decode failure")
-                return real_decode(rows)
+                return real_launch(rows, after)
 
-            runner.decode = decode
+            runner.launch = launch
             broken = [engine.submit(p, GREEDY) for p in PROMPTS[:2]]
             outcomes = await asyncio.gather(*(collect(s) for s in broken), return_exceptions=True)
             assert all(isinstance(o, GenerationError) for o in outcomes)
@@ -259,9 +260,9 @@ def test_long_prefill_is_chunked_between_decode_steps(tiny_llm):
         async with Engine(tiny_llm, cpu_config(prefill_chunk=16), stop_ids=()) as engine:
             runner = engine.runner
             trace = []
-            real_prefill, real_decode = runner.prefill, runner.decode
+            real_prefill, real_launch = runner.prefill, runner.launch
             runner.prefill = lambda slot, ids, start, sample: trace.append(("P", slot)) or real_prefill(slot, ids, start, sample)
-            runner.decode = lambda rows: trace.append(("D", len(rows))) or real_decode(rows)
+            runner.launch = lambda rows, after=None: trace.append(("D", len(rows))) or real_launch(rows, after)
             running = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=60))
             await running.__anext__()
             long_prompt = list(range(3000, 3160))  # 10 chunks of 16
@@ -315,3 +316,24 @@ def test_engine_config_validation():
     config = EngineConfig(device="cpu")
     assert not config.use_cuda_graphs() and not config.use_compile()
     assert EngineConfig(device="cpu", dtype="int8").activation_dtype() == torch.float32
+
+
+def test_chained_decode_steps_continue_on_the_device(tiny_llm):
+    from glm4voice.llm.runner import DecodeRow, ModelRunner
+
+    runner = ModelRunner(tiny_llm.model, 4, 64, cuda_graphs=False, compile=False)
+    prompts = {0: PROMPTS[0], 2: PROMPTS[2]}
+    rows = []
+    for slot, prompt in prompts.items():
+        runner.set_sampling(slot, 0.0, 1.0, 0)
+        rows.append(DecodeRow(slot, runner.prefill(slot, prompt, 0, sample=True), len(prompt)))
+    first = [row.token for row in rows]
+    a = runner.launch(rows)
+    b = runner.launch(rows, after=a)  # launched before a is read
+    got = [runner.collect(a)]
+    c = runner.launch(rows, after=b)
+    got += [runner.collect(b), runner.collect(c)]
+    for i, (slot, prompt) in enumerate(prompts.items()):
+        assert [first[i]] + [step[i] for step in got] == greedy_reference(tiny_llm.model, prompt, 4)
+    with pytest.raises(ValueError, match="at least one row"):
+        runner.launch([])
