@@ -104,12 +104,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attention_inputs(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Per-token first half of a layer: ``x`` [n, hidden] -> q [n, H, d], k and v [n, KV, d]."""
+    """Per-token first half of a layer: ``x`` [n, hidden] -> q [n, H, d] and the new keys and
+    values stacked, [2, n, KV, d] (one buffer, so one cache write takes both)."""
     qkv = block.qkv(block.attn_norm(x))
     q, k, v = qkv.split([block.q_size, block.kv_size, block.kv_size], dim=-1)
     q = apply_rope(q.unflatten(-1, (block.num_heads, block.head_dim)), cos, sin)
     k = apply_rope(k.unflatten(-1, (block.num_kv_heads, block.head_dim)), cos, sin)
-    return q, k, v.unflatten(-1, (block.num_kv_heads, block.head_dim))
+    return q, torch.stack((k, v.unflatten(-1, (block.num_kv_heads, block.head_dim))))
 
 
 def attention_output_and_mlp(block: Block, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -128,50 +129,72 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> to
     return torch.softmax(scores.float() * scale + mask.float(), dim=-1).to(scores.dtype)
 
 
-DECODE_ATTENTION = ("auto", "sdpa", "matmul")
-"""Decode attention: one fused SDPA call, or two batched matmuls (cuBLAS) around a compiled
-softmax; "auto" takes the matmuls up to MATMUL_ATTENTION_MAX_ROWS rows (faster at small batch on
-an H100: 8.0 vs 8.8 ms per 9B step at batch 1) and SDPA above (faster at batch 64 over 4096
-positions: 13.4 vs 15.0 ms); bench/llm.py measures both."""
-MATMUL_ATTENTION_MAX_ROWS = 16
+DECODE_ATTENTION = ("matmul", "sdpa")
+"""Decode attention: two batched matmuls (cuBLAS) around a compiled softmax, or one SDPA call
+(memory-efficient kernel: few thread blocks per row). Per 9B decode step on an H100 (bench/llm.py,
+CUDA graph replay): batch 1 over 1024 positions 7.95 ms vs 9.53 ms; batch 64 over 4096 positions
+15.0 ms vs 16.8 ms. "matmul" is the default."""
 
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-"""cuDNN attention is left out: it builds a new plan for every new shape, which cost hundreds of
-milliseconds per prefill chunk when prompt lengths vary (bench/llm.py, H100, torch 2.11)."""
+"""cuDNN attention is left out: it builds a plan for every new shape, and with varying prompt
+chunks that made prefill under load several times slower (H100, torch 2.11: time to first token at
+8 concurrent 300-token prompts 1.17 s with it, 0.41 s without)."""
 
 
 @dataclass
 class KVCache:
     """Keys and values of every layer for a fixed number of slots (one per running stream).
 
-    Layout ``[layers, slots, kv_heads, capacity, head_dim]``: a slot's keys of one head are
-    contiguous, so attention reads them as plain strided matrices. ``capacity`` is
-    ``max_seq_len + 1``: the last position is scratch space where idle rows of a padded decode
-    batch write, never read by a live stream.
+    One tensor ``kv`` of layout ``[layers, 2 (key, value), slots, kv_heads, capacity, head_dim]``:
+    a slot's keys of one head are contiguous, so attention reads them as plain strided matrices,
+    and a decode step writes the new keys and values of all rows with one indexed copy.
+    ``capacity`` is ``max_seq_len + 1``: the last position is scratch space where idle rows of a
+    padded decode batch write, never read by a live stream.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: torch.Tensor
 
     @classmethod
     def allocate(cls, config: GLMConfig, slots: int, max_seq_len: int, dtype: torch.dtype, device) -> "KVCache":
-        shape = (config.num_layers, slots, config.num_kv_heads, max_seq_len + 1, config.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        shape = (config.num_layers, 2, slots, config.num_kv_heads, max_seq_len + 1, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Keys, [layers, slots, kv_heads, capacity, head_dim] (a view)."""
+        return self.kv[:, 0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[:, 1]
 
     @property
     def slots(self) -> int:
-        return self.k.shape[1]
+        return self.kv.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
 
     @property
     def max_seq_len(self) -> int:
-        return self.k.shape[3] - 1
+        return self.capacity - 1
 
     @property
     def scratch_position(self) -> int:
-        return self.k.shape[3] - 1
+        return self.capacity - 1
+
+    def row_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of one layer's cache seen as ``[2 * slots * kv_heads * capacity, head_dim]`` that
+        hold (key|value, slot, head, position), ordered like ``[2, len(slots), kv_heads]``."""
+        kv_heads = self.kv.shape[3]
+        which = torch.arange(2, device=slots.device)[:, None, None]
+        heads = torch.arange(kv_heads, device=slots.device)[None, None, :]
+        slot_heads = (which * self.slots + slots[None, :, None]) * kv_heads + heads
+        return (slot_heads * self.capacity + positions[None, :, None]).reshape(-1)
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
 
 StepFunctions = tuple[Callable, Callable, Callable]
@@ -189,7 +212,7 @@ class GLMModel(nn.Module):
         self.steps: StepFunctions = (attention_inputs, attention_output_and_mlp, final_logits)
         """The per-token functions; :meth:`compile_steps` swaps in compiled versions."""
         self.softmax: Callable = masked_softmax
-        self.decode_attention = "auto"
+        self.decode_attention = "matmul"
         """One of DECODE_ATTENTION."""
 
     @property
@@ -244,12 +267,11 @@ class GLMModel(nn.Module):
         mask = None if start == 0 else torch.arange(end, device=ids.device)[None, :] <= query_pos
         x = self.embed(ids)
         for layer, block in enumerate(self.layers):
-            q, k, v = attn_in(block, x, cos, sin)
-            k_cache, v_cache = cache.k[layer, slot], cache.v[layer, slot]
-            k_cache[:, start:end] = k.transpose(0, 1)
-            v_cache[:, start:end] = v.transpose(0, 1)
-            keys = k_cache[:, :end].repeat_interleave(group, dim=0)
-            values = v_cache[:, :end].repeat_interleave(group, dim=0)
+            q, kv = attn_in(block, x, cos, sin)
+            slot_cache = cache.kv[layer, :, slot]  # [2, KV, capacity, d]
+            slot_cache[:, :, start:end] = kv.transpose(1, 2)
+            keys = slot_cache[0, :, :end].repeat_interleave(group, dim=0)
+            values = slot_cache[1, :, :end].repeat_interleave(group, dim=0)
             with sdpa_kernel(SDPA_BACKENDS):
                 context = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, is_causal=mask is None
@@ -280,17 +302,16 @@ class GLMModel(nn.Module):
         kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
         if self.decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}")
-        use_sdpa = self.decode_attention == "sdpa" or (self.decode_attention == "auto" and b > MATMUL_ATTENTION_MAX_ROWS)
-        scale = head_dim**-0.5
+        use_sdpa, scale = self.decode_attention == "sdpa", head_dim**-0.5
+        cache_rows = cache.row_index(rows, positions)
         x = self.embed(tokens)
         for layer, block in enumerate(self.layers):
-            q, k, v = attn_in(block, x, cos, sin)
-            k_cache, v_cache = cache.k[layer], cache.v[layer]
-            k_cache[rows, :, positions] = k
-            v_cache[rows, :, positions] = v
+            q, kv = attn_in(block, x, cos, sin)
+            layer_cache = cache.kv[layer]
+            layer_cache.view(-1, head_dim).index_copy_(0, cache_rows, kv.reshape(-1, head_dim))
             # the query heads of a group become the query axis: no key/value expansion needed
             q = q.view(b, kv_heads, group, head_dim)
-            keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
+            keys, values = layer_cache[0, :b, :, :kv_len], layer_cache[1, :b, :, :kv_len]
             if use_sdpa:
                 with sdpa_kernel(SDPA_BACKENDS):
                     context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

@@ -45,7 +45,8 @@ def quantize_linear_int8(linear: Linear, weight: torch.Tensor) -> None:
     q, scale = quantize_int8(weight)
     linear.weight = torch.nn.Parameter(q, requires_grad=False)
     linear.scale = scale
-    # torch's int8 kernel is fast on the CPU; on CUDA the paths in Linear.forward are used (bench/llm.py times both)
+    # torch's int8 kernel is fast on the CPU; on an H100 (torch 2.11) it took 1.0 ms for one row of the
+    # 27392x4096 weight and 73 ms for 300 rows, against 0.12 ms and 0.29 ms for Linear.forward's CUDA paths
     linear.int8_kernel = q.device.type == "cpu" and _int8_kernel_works(q, scale)
 
 
