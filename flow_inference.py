@@ -97,7 +97,14 @@ def validate_codes(codes: Sequence[int] | np.ndarray | torch.Tensor, num_codes: 
 
 
 def _hamming_fade(length: int, device) -> torch.Tensor:
+    """The original's mel cross-fade window (symmetric Hamming of twice the overlap, float64)."""
     return torch.from_numpy(np.hamming(2 * length)).to(device)
+
+
+def _raised_cosine_fade_in(length: int, device) -> torch.Tensor:
+    """sin² ramp over ``length`` samples; with 1 - ramp as fade-out the gains sum to 1."""
+    phase = (torch.arange(length, dtype=torch.float64) + 0.5) / length * (np.pi / 2)
+    return torch.sin(phase).pow(2).float().to(device)
 
 
 @dataclass
@@ -112,9 +119,11 @@ class VocoderCarry:
     """(1, 80, 1): the last vocoded frame, whose audio was held back."""
     cache_source: torch.Tensor | None = None
     """(1, 1, 256): the source samples of that frame."""
+    cache_speech: torch.Tensor | None = None
+    """(1, 256): the held-back audio of that frame, as the last block vocoded it."""
 
     def clear(self) -> None:
-        self.mel_overlap = self.cache_mel = self.cache_source = None
+        self.mel_overlap = self.cache_mel = self.cache_source = self.cache_speech = None
 
 
 @dataclass
@@ -139,11 +148,15 @@ class AudioDecoder:
         prompt_window: int | None = DEFAULT_PROMPT_WINDOW,
         cuda_graphs: bool | None = None,
         min_block_tokens: int | None = None,
+        seam_crossfade: bool = True,
     ):
         """``dtype``: float32 (exact) or bfloat16/float16 (the flow's estimator under autocast).
         ``cuda_graphs``: replay the ODE as CUDA graphs (default: on for CUDA devices).
         ``min_block_tokens``: a stream decodes once this many tokens are pending (default: the flow
-        encoder's block size, 10)."""
+        encoder's block size, 10).
+        ``seam_crossfade``: cross-fade the two vocodings of the frame at each block seam (the one the
+        last block held back and the one the new block starts with); off, the audio equals the
+        original's, whose vocoder restarts at each seam without left context."""
         self.device = torch.device(device)
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -167,6 +180,8 @@ class AudioDecoder:
         self.min_block_tokens = int(min_block_tokens or self.block_size)
         self.prompt_window = self._check_window(prompt_window)
         self._fade = _hamming_fade(self.mel_overlap_len, self.device)
+        self.seam_crossfade = seam_crossfade
+        self._seam_fade_in = _raised_cosine_fade_in(self.source_cache_len, self.device)
         self._embedding = torch.zeros(1, SPEAKER_EMBEDDING_DIM, device=self.device)
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and self.device.type != "cuda":
@@ -317,6 +332,7 @@ class AudioDecoder:
             vocoder_mel = mel if carry.cache_mel is None else torch.cat([carry.cache_mel, mel], dim=2)
             if finalize:
                 speech, _ = self.hift.inference(vocoder_mel, carry.cache_source, carry.generator)
+                speech = self._join_seam(speech, carry)
                 carry.clear()
                 return BlockResult(speech, mel)
             if vocoder_mel.shape[2] <= overlap:
@@ -324,15 +340,27 @@ class AudioDecoder:
             carry.mel_overlap = vocoder_mel[:, :, -overlap:]
             vocoder_mel = vocoder_mel[:, :, :-overlap]
             speech, source = self.hift.inference(vocoder_mel, carry.cache_source, carry.generator)
+            speech = self._join_seam(speech, carry)
             carry.cache_mel = vocoder_mel[:, :, -MEL_CACHE_FRAMES:]
             carry.cache_source = source[:, :, -self.source_cache_len :]
+            carry.cache_speech = speech[:, -self.source_cache_len :]
             return BlockResult(speech[:, : -self.source_cache_len], mel[:, :, :-overlap])
+
+    def _join_seam(self, speech: torch.Tensor, carry: VocoderCarry) -> torch.Tensor:
+        """Cross-fade the start of a block's audio (the carried frame) with the last block's version of it."""
+        if not self.seam_crossfade or carry.cache_speech is None:
+            return speech
+        n = self.source_cache_len
+        fade_in = self._seam_fade_in
+        head = speech[:, :n] * fade_in + carry.cache_speech * (1 - fade_in)
+        return torch.cat([head, speech[:, n:]], dim=1)
 
     def _flush(self, carry: VocoderCarry) -> torch.Tensor:
         """Vocode the held-back overlap after the last block (the stream ended on a block boundary)."""
         with self._lock, torch.inference_mode():
             mel = carry.mel_overlap if carry.cache_mel is None else torch.cat([carry.cache_mel, carry.mel_overlap], dim=2)
             speech, _ = self.hift.inference(mel, carry.cache_source, carry.generator)
+            speech = self._join_seam(speech, carry)
             carry.clear()
             return speech
 

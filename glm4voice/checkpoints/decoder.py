@@ -20,6 +20,10 @@ from torch import nn
 from glm4voice.checkpoints.text import TinyVocab
 
 CONFIG_FILE = "config.yaml"
+VOCODER_HEAD_WEIGHT_SCALE = 0.1
+VOCODER_DC_WEIGHT_SCALE = 0.5
+VOCODER_DC_LOG_MAGNITUDE = -1.0
+VOCODER_HARMONIC_LOG_MAGNITUDE = -9.0
 FLOW_FILE = "flow.pt"
 HIFT_FILE = "hift.pt"
 
@@ -205,7 +209,7 @@ def render_decoder_config(sizes: DecoderSizes = PUBLISHED_DECODER_SIZES) -> str:
     return CONFIG_TEMPLATE.format(**asdict(sizes))
 
 
-def _init_(module_name: str, module: nn.Module, generator: torch.Generator) -> None:
+def _init_(module: nn.Module, generator: torch.Generator) -> None:
     """Deterministic random init from a private generator (no global RNG use)."""
     for name, tensor in module.named_parameters(recurse=False):
         with torch.no_grad():
@@ -224,6 +228,22 @@ def _init_(module_name: str, module: nn.Module, generator: torch.Generator) -> N
                 tensor.normal_(0.0, 0.1, generator=generator)
 
 
+def _tame_vocoder_head(hift: nn.Module) -> None:
+    """Make the random vocoder's output smooth: only the DC bin of its 16-point iSTFT carries energy
+    (log-magnitude bias -1, the 8 harmonic bins -9), with small weights into the other channels, so
+    the waveform is an overlap-add of Hann windows every 4 samples. Unscaled random weights give
+    clipped white noise, in which no test could see a discontinuity at a block seam."""
+    conv = hift.conv_post
+    bins = conv.out_channels // 2
+    with torch.no_grad():
+        scale = torch.full((conv.out_channels, 1, 1), VOCODER_HEAD_WEIGHT_SCALE)
+        scale[0] = VOCODER_DC_WEIGHT_SCALE
+        conv.weight.mul_(scale)
+        conv.bias.zero_()
+        conv.bias[0] = VOCODER_DC_LOG_MAGNITUDE
+        conv.bias[1:bins] = VOCODER_HARMONIC_LOG_MAGNITUDE
+
+
 def build_random_decoder(config_path: Path, seed: int) -> tuple[nn.Module, nn.Module]:
     """flow and hift of ``config_path`` with deterministic random weights."""
     from cosyvoice.config import load_decoder_config
@@ -234,9 +254,10 @@ def build_random_decoder(config_path: Path, seed: int) -> tuple[nn.Module, nn.Mo
     modules = []
     for key in ("flow", "hift"):
         module = config[key].to_empty(device="cpu")
-        for name, sub in module.named_modules():
-            _init_(name, sub, generator)
+        for sub in module.modules():
+            _init_(sub, generator)
         modules.append(module.eval())
+    _tame_vocoder_head(modules[1])
     return modules[0], modules[1]
 
 

@@ -1,0 +1,269 @@
+"""AudioDecoder on the tiny glm-4-voice-decoder folder: loading, offline vs streaming, seams, the bounded
+prompt window, determinism and bad input."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.flow.noise import NoiseTimeline, mix_seed
+from flow_inference import HIFT_SEED_STREAM, AudioDecoder, DecoderError
+from glm4voice.audio import MEL_HOP_LENGTH, OUTPUT_SAMPLE_RATE
+
+SEAM_LIMIT = 3.0
+"""Largest allowed seam score: prediction error at/after a seam over the signal's 99th percentile."""
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_checkpoints) -> AudioDecoder:
+    return AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def codes(decoder) -> list[int]:
+    return np.random.default_rng(0).integers(0, decoder.num_codes, 90).tolist()
+
+
+def stream_blocks(decoder, codes, blocks, **options) -> tuple[np.ndarray, list[int]]:
+    """Feed ``codes`` in blocks, then finish; returns the audio and the seam positions."""
+    stream = decoder.stream(**options)
+    pieces, start = [], 0
+    for size in blocks:
+        pieces.append(stream.feed(codes[start : start + size]))
+        start += size
+    assert start == len(codes)
+    pieces.append(stream.finish())
+    lengths = [len(p) for p in pieces if len(p)]
+    return np.concatenate(pieces), list(np.cumsum(lengths)[:-1])
+
+
+def seam_scores(x: np.ndarray, seams: list[int], order: int = 16, after: int = 300) -> np.ndarray:
+    """How much each seam breaks the signal's own predictability: the largest linear-prediction error
+    (order-16 predictor fitted on the whole signal) at the seam and in the ``after`` samples that follow
+    (where the vocoder restarts), over the 99th percentile of that error across the signal."""
+    past = np.stack([x[order - k - 1 : len(x) - k - 1] for k in range(order)], axis=1)
+    target = x[order:]
+    coefficients, *_ = np.linalg.lstsq(past, target, rcond=None)
+    error = np.abs(target - past @ coefficients)
+    scale = np.percentile(error, 99)
+    return np.array([error[s - order : s - order + after].max() / scale for s in seams])
+
+
+def test_loads_the_published_layout_strictly(decoder, tiny_checkpoints, tmp_path):
+    assert decoder.num_codes == tiny_checkpoints.vocab.num_audio_codes and decoder.sample_rate == OUTPUT_SAMPLE_RATE
+    assert not decoder.flow.training and not decoder.hift.training
+    assert decoder.block_size == 10 and decoder.mel_overlap_len == 34 and decoder.source_cache_len == MEL_HOP_LENGTH
+    folder = tiny_checkpoints.decoder
+    # the original's constructor
+    same = AudioDecoder(folder / "config.yaml", folder / "flow.pt", folder / "hift.pt", device="cpu")
+    assert torch.equal(same.hift.conv_pre.weight, decoder.hift.conv_pre.weight)
+    flow = torch.load(folder / "flow.pt", weights_only=True)
+    hift = torch.load(folder / "hift.pt", weights_only=True)
+    assert isinstance(flow, OrderedDict) and "conv_pre.weight_g" in hift and "conv_pre.weight" not in hift
+    broken = {
+        "missing": (OrderedDict((k, v) for k, v in flow.items() if k != "encoder.after_norm.bias"), "after_norm.bias"),
+        "unexpected": (OrderedDict(flow, extra_weight=torch.zeros(1)), "extra_weight"),
+        "shape": (OrderedDict(flow, **{"encoder_proj.bias": torch.zeros(3)}), "encoder_proj.bias"),
+    }
+    for name, (state, key) in broken.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        with pytest.raises(ValueError, match=key):
+            AudioDecoder(folder / "config.yaml", path, folder / "hift.pt", device="cpu")
+    with pytest.raises(FileNotFoundError):
+        AudioDecoder(folder / "config.yaml", tmp_path / "none.pt", folder / "hift.pt", device="cpu")
+
+
+def test_offline_and_streaming_have_the_same_length(decoder, codes):
+    offline = decoder.decode(codes, seed=1)
+    expected = decoder.mel_frames(len(codes)) * MEL_HOP_LENGTH
+    assert offline.dtype == np.float32 and offline.shape == (expected,)
+    for blocks in ([25, 50, 15], [13, 7, 70]):
+        streamed, seams = stream_blocks(decoder, codes, blocks, seed=1)
+        assert streamed.shape == (expected,), blocks
+        assert np.isfinite(streamed).all() and np.abs(streamed).max() <= 0.99 + 1e-6
+    # the original's entry points
+    assert torch.equal(decoder.offline_inference(torch.tensor([codes]), seed=1)[0], torch.from_numpy(offline))
+    assert decoder.stream_inference(torch.tensor([codes[:40]]), seed=1).shape == (1, decoder.mel_frames(40) * MEL_HOP_LENGTH)
+
+
+def _reference_stream(decoder: AudioDecoder, codes: list[int], blocks: list[int], seed: int) -> np.ndarray:
+    """The original's streaming loop (web demo + token2wav, with PR #86's prompt bookkeeping) written out
+    straightforwardly on the decoder's modules: every earlier token and final mel frame as prompt."""
+    flow, hift = decoder.flow, decoder.hift
+    generator = torch.Generator().manual_seed(mix_seed(seed, HIFT_SEED_STREAM))
+    noise = NoiseTimeline(seed)
+    window = torch.from_numpy(np.hamming(68))
+    overlap = cache_mel = cache_source = None
+    prompt, prompt_mel, out, start = [], torch.zeros(1, 80, 0), [], 0
+    with torch.inference_mode():
+        for index, size in enumerate(blocks):
+            block, start = codes[start : start + size], start + size
+            final = index == len(blocks) - 1
+            frames = flow.mel_frames(len(prompt) + len(block))
+            mel = flow.inference(
+                torch.tensor([block]), None, torch.tensor([prompt], dtype=torch.long).reshape(1, -1), None,
+                prompt_mel.transpose(1, 2), None, torch.zeros(1, 192), noise=noise.take(0, frames),
+            )  # fmt: skip
+            if overlap is not None:
+                mel[:, :, :34] = mel[:, :, :34] * window[:34] + overlap * window[34:]
+            vocoder_in = mel if cache_mel is None else torch.cat([cache_mel, mel], dim=2)
+            if final:
+                out.append(hift.inference(vocoder_in, cache_source, generator)[0])
+                break
+            overlap, vocoder_in = vocoder_in[:, :, -34:], vocoder_in[:, :, :-34]
+            speech, source = hift.inference(vocoder_in, cache_source, generator)
+            cache_mel, cache_source = vocoder_in[:, :, -1:], source[:, :, -256:]
+            out.append(speech[:, :-256])
+            prompt, prompt_mel = prompt + block, torch.cat([prompt_mel, mel[:, :, :-34]], dim=2)
+    return torch.cat(out, dim=1)[0].numpy()
+
+
+def test_unbounded_stream_is_the_original_algorithm(decoder, codes):
+    blocks = [10, 25, 20, 5]  # the last block stays pending until finish(), like the original's final call
+    original = AudioDecoder.__new__(AudioDecoder)
+    original.__dict__.update(decoder.__dict__, seam_crossfade=False)
+    streamed, _ = stream_blocks(original, codes[:60], blocks, seed=4, prompt_window=None)
+    np.testing.assert_allclose(streamed, _reference_stream(decoder, codes[:60], blocks, seed=4), atol=2e-5)
+
+
+def test_streaming_has_no_seams(decoder, codes):
+    blocks = [10, 20, 30, 30]
+    streamed, seams = stream_blocks(decoder, codes, blocks, seed=3)
+    scores = seam_scores(streamed, seams)
+    assert len(seams) == 4 and scores.max() < SEAM_LIMIT, scores
+    # the metric sees a discontinuity: independently decoded blocks, concatenated
+    parts, start = [], 0
+    for size in blocks:
+        parts.append(decoder.decode(codes[start : start + size], seed=3))
+        start += size
+    naive_scores = seam_scores(np.concatenate(parts), list(np.cumsum([len(p) for p in parts])[:-1]))
+    assert naive_scores.min() > SEAM_LIMIT, naive_scores
+    # ... and in the original's scheme, whose vocoder restarts at each seam without left context
+    original = AudioDecoder.__new__(AudioDecoder)
+    original.__dict__.update(decoder.__dict__, seam_crossfade=False)
+    original_scores = seam_scores(*stream_blocks(original, codes, blocks, seed=3))
+    assert original_scores.max() > SEAM_LIMIT, original_scores
+
+
+def test_bounded_prompt_window(decoder, codes, monkeypatch):
+    calls = []
+    inference = decoder.flow.inference
+
+    def recording(**kwargs):
+        calls.append((kwargs["prompt_token"].shape[1], kwargs["token"].shape[1], kwargs["prompt_feat"].shape[1]))
+        return inference(**kwargs)
+
+    blocks = [10, 10, 20, 10, 20, 20]
+    monkeypatch.setattr(decoder.flow, "inference", recording)
+    bounded, seams = stream_blocks(decoder, codes, blocks, seed=5, prompt_window=20)
+    prompts = [c[0] for c in calls]
+    assert prompts == [0, 10, 20, 20, 20, 20] and max(prompts) < 20 + decoder.block_size
+    assert all(prompt_mel > 0 for p, _, prompt_mel in calls if p)  # the window keeps its mel
+    calls.clear()
+    unbounded, _ = stream_blocks(decoder, codes, blocks, seed=5, prompt_window=None)
+    assert [c[0] for c in calls] == [0, 10, 20, 40, 50, 70]
+    assert bounded.shape == unbounded.shape
+    # same seam quality as the unbounded stream (its own threshold)
+    bounded_scores, unbounded_scores = seam_scores(bounded, seams), seam_scores(unbounded, seams)
+    assert bounded_scores.max() < SEAM_LIMIT and unbounded_scores.max() < SEAM_LIMIT, (bounded_scores, unbounded_scores)
+    # while the answer fits the window, bounded and unbounded are the same computation
+    short_a, _ = stream_blocks(decoder, codes[:40], [10, 10, 20], seed=5, prompt_window=20)
+    short_b, _ = stream_blocks(decoder, codes[:40], [10, 10, 20], seed=5, prompt_window=None)
+    np.testing.assert_array_equal(short_a, short_b)
+
+
+def test_deterministic_with_a_seed(decoder, codes):
+    a, _ = stream_blocks(decoder, codes[:40], [10, 30], seed=11)
+    b, _ = stream_blocks(decoder, codes[:40], [10, 30], seed=11)
+    c, _ = stream_blocks(decoder, codes[:40], [10, 30], seed=12)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    np.testing.assert_array_equal(decoder.decode(codes[:30], seed=2), decoder.decode(codes[:30], seed=2))
+    stream = decoder.stream()
+    assert isinstance(stream.seed, int) and stream.seed != decoder.stream().seed
+    # the seed does not touch the global RNG
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    decoder.decode(codes[:12], seed=3)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_small_blocks_and_the_tail(decoder, codes):
+    one = decoder.decode(codes[:1], seed=0)
+    assert one.shape == (decoder.mel_frames(1) * MEL_HOP_LENGTH,) == (6 * 256,)
+    stream = decoder.stream(seed=0)
+    assert stream.feed(codes[:1]).size == 0 and stream.pending_tokens == 1  # waits for a block
+    assert stream.feed([]).size == 0
+    assert stream.finish().shape == one.shape
+    # a stream that ends on a block boundary still returns its held-back tail
+    stream = decoder.stream(seed=0)
+    first, second = stream.feed(codes[:10]), stream.feed(codes[10:20])
+    tail = stream.finish()
+    assert first.size and second.size and tail.size == (decoder.mel_frames(20) * MEL_HOP_LENGTH - first.size - second.size)
+    assert tail.size >= decoder.mel_overlap_len * MEL_HOP_LENGTH
+    assert decoder.stream(seed=0).finish().size == 0  # nothing fed, nothing to say
+
+
+def test_bad_input_gets_clear_errors(decoder):
+    with pytest.raises(DecoderError, match="no audio codes"):
+        decoder.decode([])
+    for bad, message in ((decoder.num_codes, "out of range"), (-1, "out of range"), (1.5, "integers"), (True, "integers")):
+        with pytest.raises(DecoderError, match=message):
+            decoder.decode([1, 2, bad])
+    with pytest.raises(DecoderError, match="integers"):
+        decoder.decode("123")
+    with pytest.raises(DecoderError, match="one sequence"):
+        decoder.decode(np.zeros((2, 3), dtype=np.int64))
+    with pytest.raises(DecoderError, match="out of range"):
+        decoder.stream().feed([0, 99999])
+    stream = decoder.stream(seed=0)
+    stream.finish()
+    with pytest.raises(DecoderError, match="finished"):
+        stream.feed([1] * 10)
+    with pytest.raises(ValueError, match="prompt_window"):
+        decoder.stream(prompt_window=5)
+    with pytest.raises(ValueError, match="seed"):
+        decoder.stream(seed=-1)
+    with pytest.raises(TypeError, match="new_state"):
+        decoder.token2wav(torch.tensor([[1, 2, 3]]), "some-uuid")
+
+
+def test_token2wav_keeps_the_original_block_api(decoder, codes):
+    state = decoder.new_state(seed=0)
+    speech, mel = decoder.token2wav(torch.tensor([codes[:10]]), state)
+    assert speech.shape == (1, (68 - 34) * 256 - 256) and mel.shape == (1, 80, 68 - 34)
+    speech2, mel2 = decoder.token2wav(
+        torch.tensor([codes[10:25]]), state, prompt_token=torch.tensor([codes[:10]]), prompt_feat=mel.transpose(1, 2), finalize=True
+    )
+    assert mel2.shape == (1, 80, decoder.mel_frames(25) - 34) and speech2.shape == (1, (mel2.shape[2] + 1) * 256)
+    assert state.mel_overlap is None and state.cache_mel is None
+
+
+def test_streams_from_threads(decoder, codes):
+    expected = {seed: stream_blocks(decoder, codes[:30], [10, 20], seed=seed)[0] for seed in (1, 2)}
+    results, errors = {}, []
+
+    def work(seed):
+        try:
+            results[seed] = stream_blocks(decoder, codes[:30], [10, 20], seed=seed)[0]
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for seed in (1, 2):
+        np.testing.assert_array_equal(results[seed], expected[seed])
+    stream = decoder.stream(seed=0)
+    stream._busy.acquire()  # another thread is inside feed()
+    with pytest.raises(RuntimeError, match="two threads"):
+        stream.feed(codes[:10])
