@@ -725,21 +725,6 @@ def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-def generate_sync(engine_source, prompts: Sequence[Sequence[int]], params: SamplingParams, config: EngineConfig | None = None) -> list[list[int]]:
-    """Convenience for scripts: run ``prompts`` concurrently on a fresh engine; token lists."""
-
-    async def run() -> list[list[int]]:
-        async with Engine(engine_source, config) as engine:
-            streams = [engine.submit(p, params) for p in prompts]
-            return list(await asyncio.gather(*(_collect(s) for s in streams)))
-
-    return asyncio.run(run())
-
-
-async def _collect(stream: GenerationStream) -> list[int]:
-    return [token async for token in stream]
-
-
 __all__ = [
     "Engine",
     "EngineBusyError",
