@@ -187,7 +187,8 @@ def create_demo(chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settin
         keep = gr.skip()
         try:
             async for event in chat.run_turn(ui.chat, request, options):
-                if ui.chat.epoch != epoch:  # Clear was pressed while this turn ran
+                if ui.chat.epoch != epoch:  # Clear was pressed while this turn ran: show the cleared page, stop
+                    yield list(ui.messages), live_player_html(), "", ui, keep, keep
                     return
                 if isinstance(event, InputAccepted):
                     streams.discard(ui.stream_id)
@@ -260,7 +261,8 @@ def create_demo(chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settin
             streams.discard(ui.stream_id)
             files.remove(ui.files)
 
-    with gr.Blocks(title="GLM-4-Voice Demo", delete_cache=(3600, 3600)) as demo:
+    # no telemetry or version-check thread; Gradio's copies of answer files are deleted after an hour
+    with gr.Blocks(title="GLM-4-Voice Demo", delete_cache=(3600, 3600), analytics_enabled=False) as demo:
         gr.Markdown("# GLM-4-Voice\nSpeak or type; the answer streams as text and speech.", elem_id="title")
         if settings.random_weights_notice:
             gr.HTML(RANDOM_WEIGHTS_NOTICE, elem_id="random-weights-notice", js_on_load=None)
@@ -306,9 +308,12 @@ def create_demo(chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settin
             trigger_mode="once",
             show_progress="minimal",
         )
-        for clear_event in (clear_button.click, chatbot.clear):  # the chat's own trash button clears too
+        # Clear (and the chat's own trash button) cancels a running turn. It runs through the queue so
+        # that its outputs travel on the session's event stream after anything the cancelled turn
+        # had already sent: a late message of that turn can never repaint the cleared chat.
+        for clear_event in (clear_button.click, chatbot.clear):
             clear_event(None, js=STOP_PLAYER_JS)
-            clear_event(clear, inputs=[ui_state], outputs=outputs, cancels=[turn], queue=False)
+            clear_event(clear, inputs=[ui_state], outputs=outputs, cancels=[turn], concurrency_limit=None)
         mode.change(switch_mode, inputs=[mode], outputs=[audio_box, text_box], queue=False)
     return demo
 
@@ -320,6 +325,7 @@ def create_app(chat: VoiceChat, settings: DemoSettings = DemoSettings(), *, clos
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await _check_server(chat)
         try:
             yield
         finally:
@@ -340,8 +346,23 @@ def create_app(chat: VoiceChat, settings: DemoSettings = DemoSettings(), *, clos
     head = f"<script>window.GLM4VOICE_SAMPLE_RATE = {int(chat.sample_rate)};</script>\n<script>{player}</script>"
     return gr.mount_gradio_app(
         app, demo, path="/", head=head, css=PAGE_CSS, allowed_paths=[str(RESOURCES)],
-        max_file_size=MAX_UPLOAD_SIZE, footer_links=[], show_error=True,
+        max_file_size=MAX_UPLOAD_SIZE, footer_links=[], show_error=True, run_history=False,
     )  # fmt: skip
+
+
+async def _check_server(chat: VoiceChat) -> None:
+    """Say at start whether the model server answers (the page works either way and reports it per turn)."""
+    health = getattr(chat.client, "health", None)
+    if health is None:
+        return
+    from glm4voice.client import TokenServerError
+
+    try:
+        info = await health()
+        logger.info("model server at %s is %s (%s)", chat.server_url, info.get("status"), info.get("model"))
+    except TokenServerError as error:
+        logger.warning("the model server at %s does not answer yet (%s); turns will fail until it does",
+                       chat.server_url, error)  # fmt: skip
 
 
 class _Throttle:
@@ -421,8 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-concurrent-turns must be at least 1")
     try:
         chat, client = load_chat(args)
-    except ValueError as error:
-        parser.error(str(error))
+    except (OSError, ValueError) as error:  # missing or malformed checkpoint folders, bad --block-sizes
+        logger.error("cannot start the web demo: %s", error)
+        return 1
     settings = DemoSettings(random_weights_notice=args.random_weights_notice,
                             max_concurrent_turns=args.max_concurrent_turns, server_url=args.server_url)  # fmt: skip
     app = create_app(chat, settings, close_client=client.aclose)

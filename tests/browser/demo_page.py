@@ -66,7 +66,8 @@ class DemoPage:
 
     # --- controls ------------------------------------------------------------------------------------
     def set_max_new_tokens(self, n: int) -> None:
-        self.page.click("#settings button.label-wrap")
+        if not self.page.locator("#max-new-tokens input").is_visible():
+            self.page.click("#settings button.label-wrap")
         self.page.wait_for_selector("#max-new-tokens input")
         self.page.fill("#max-new-tokens input", str(n))
         self.page.press("#max-new-tokens input", "Enter")

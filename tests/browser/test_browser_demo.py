@@ -311,14 +311,23 @@ def test_clear_resets_and_tabs_do_not_share_history(open_page, tiny_checkpoints)
     assert tab_b.prompt_tokens() == fresh  # tab B never saw tab A's history
     assert len(tab_b.messages("user")) == 1
 
+    # Clear in the middle of a long answer: the turn is cancelled, the page and the history reset
+    tab_a.set_max_new_tokens(1000)
+    tab_a.type("Tell me a long story.")
+    tab_a.submit()
+    tab_a.wait_status("Turn 3 · prompt")
     tab_a.clear()
     tab_a.page.wait_for_function("() => document.querySelectorAll('#chat [data-testid=\"user\"]').length === 0")
+    tab_a.page.wait_for_function("() => document.querySelector('#status').innerText.trim() === ''")
     tab_a.shot("02-cleared")
+    assert tab_a.player_stats()["state"] in ("stopped", "finished")
+    tab_a.set_max_new_tokens(MAX_NEW_TOKENS)
     tab_a.audio_mode()  # switching modes back and forth keeps the page working
     tab_a.text_mode()
     tab_a.type("Hi")
     tab_a.submit()
-    assert "Turn 3 · done" in tab_a.wait_turn(3)
+    status = tab_a.wait_turn(4)
+    assert "Turn 4 · done" in status, status
     assert tab_a.prompt_tokens() == fresh  # Clear started a new conversation
     assert len(tab_a.messages("user")) == 1
     for tab in (tab_a, tab_b):
