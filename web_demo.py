@@ -101,7 +101,9 @@ PAGE_CSS = """
 """
 
 LIVE_PLAYER_JS = """
-const attach = () => { if (window.glm4voicePlayer) window.glm4voicePlayer.attach(element.querySelector('[data-stream]')); };
+const attach = () => {
+  if (window.glm4voicePlayer) window.glm4voicePlayer.attach(element.querySelector('[data-stream]'));
+};
 attach();
 watch('value', attach);
 """
@@ -166,7 +168,9 @@ def failure_markdown(turn_number: int, message: str) -> str:
     return f"⚠️ **Turn {turn_number} failed:** {message}"
 
 
-def create_demo(chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settings: DemoSettings = DemoSettings()) -> gr.Blocks:
+def create_demo(
+    chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settings: DemoSettings = DemoSettings()
+) -> gr.Blocks:
     """The Gradio page. Its handlers are closures over the app's objects (no module globals)."""
 
     async def respond(mode, audio_path, text, temperature, top_p, max_new_tokens, ui: UISession | None):
@@ -211,11 +215,16 @@ def create_demo(chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settin
                     stream.push(event.samples)
                 elif isinstance(event, TurnFinished):
                     stream.close()
-                    ui.messages[answer_index] = {"role": "assistant", "content": event.text or "(no text in this answer)"}
+                    ui.messages[answer_index] = {
+                        "role": "assistant",
+                        "content": event.text or "(no text in this answer)",
+                    }
                     if len(event.audio):
                         path = files.write_answer(stream.id, event.audio, event.sample_rate)
                         ui.files.append(path)
-                        ui.messages.append({"role": "assistant", "content": {"path": str(path), "mime_type": "audio/wav"}})
+                        ui.messages.append(
+                            {"role": "assistant", "content": {"path": str(path), "mime_type": "audio/wav"}}
+                        )
                     first = event.timings.first_audio
                     summary = (f"Turn {turn_number} · done · {heard}answer: {event.audio_seconds:.1f} s of speech, "
                                f"{event.text_tokens} text tokens"
@@ -278,16 +287,30 @@ def create_demo(chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settin
                 mode = gr.Radio([InputMode.AUDIO.value, InputMode.TEXT.value], value=InputMode.AUDIO.value,
                                 label="Input mode", elem_id="input-mode")  # fmt: skip
                 with gr.Column(visible=True) as audio_box:
-                    audio_in = gr.Audio(sources=["microphone", "upload"], type="filepath", elem_id="audio-input", buttons=["download"],
-                                        label=f"Your question (record or upload, up to {MAX_INPUT_SECONDS:.0f} s)")  # fmt: skip
-                    samples = [(RESOURCES / name, label) for name, label in SAMPLE_PROMPTS if (RESOURCES / name).is_file()]
+                    audio_in = gr.Audio(
+                        sources=["microphone", "upload"],
+                        type="filepath",
+                        elem_id="audio-input",
+                        buttons=["download"],
+                        label=f"Your question (record or upload, up to {MAX_INPUT_SECONDS:.0f} s)",
+                    )
+                    samples = [
+                        (RESOURCES / name, label) for name, label in SAMPLE_PROMPTS if (RESOURCES / name).is_file()
+                    ]
                     if samples:
-                        gr.Examples([[str(path)] for path, _ in samples], inputs=[audio_in], label="Sample prompts (espeak-ng)",
-                                    example_labels=[label for _, label in samples], elem_id="audio-examples")  # fmt: skip
+                        gr.Examples(
+                            [[str(path)] for path, _ in samples],
+                            inputs=[audio_in],
+                            label="Sample prompts (espeak-ng)",
+                            example_labels=[label for _, label in samples],
+                            elem_id="audio-examples",
+                        )
                 with gr.Column(visible=False) as text_box:
                     text_in = gr.Textbox(label="Your message", lines=2, elem_id="text-input",
                                          placeholder="Type a message and press Enter")  # fmt: skip
-                    gr.Examples([[t] for t in TEXT_EXAMPLES], inputs=[text_in], label="Examples", elem_id="text-examples")
+                    gr.Examples(
+                        [[t] for t in TEXT_EXAMPLES], inputs=[text_in], label="Examples", elem_id="text-examples"
+                    )
                 with gr.Row():
                     submit = gr.Button("Submit", variant="primary", elem_id="submit")
                     clear_button = gr.Button("Clear", elem_id="clear")
@@ -391,19 +414,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
-    parser.add_argument("--model-path", default=PUBLISHED_LLM,
-                        help="glm-4-voice-9b folder or hub id: only its text tokenizer files are read (default %(default)s)")
-    parser.add_argument("--tokenizer-path", default=PUBLISHED_SPEECH_TOKENIZER,
-                        help="speech tokenizer folder or hub id (default %(default)s)")
-    parser.add_argument("--flow-path", default=PUBLISHED_DECODER, help="speech decoder folder or hub id (default %(default)s)")
-    parser.add_argument("--server-url", default=DEFAULT_SERVER_URL, help="model_server.py address (default %(default)s)")
-    parser.add_argument("--device", default=None, help="cuda:N or cpu for the tokenizer and decoder (default: cuda:0 if available)")
-    parser.add_argument("--block-sizes", default=",".join(str(s) for s in PipelineConfig().block_sizes),
-                        help="audio tokens per decoded block, first to last (default %(default)s)")
-    parser.add_argument("--max-concurrent-turns", type=int, default=DEFAULT_MAX_CONCURRENT_TURNS,
-                        help="turns handled at once across all users (default %(default)s)")
-    parser.add_argument("--random-weights-notice", action="store_true",
-                        help="say in the page that the checkpoints are random (set by glm4voice.launch)")
+    parser.add_argument(
+        "--model-path",
+        default=PUBLISHED_LLM,
+        help="glm-4-voice-9b folder or hub id: only its text tokenizer files are read (default %(default)s)",
+    )
+    parser.add_argument(
+        "--tokenizer-path",
+        default=PUBLISHED_SPEECH_TOKENIZER,
+        help="speech tokenizer folder or hub id (default %(default)s)",
+    )
+    parser.add_argument(
+        "--flow-path", default=PUBLISHED_DECODER, help="speech decoder folder or hub id (default %(default)s)"
+    )
+    parser.add_argument(
+        "--server-url", default=DEFAULT_SERVER_URL, help="model_server.py address (default %(default)s)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cuda:N or cpu for the tokenizer and decoder (default: cuda:0 if available)"
+    )
+    parser.add_argument(
+        "--block-sizes",
+        default=",".join(str(s) for s in PipelineConfig().block_sizes),
+        help="audio tokens per decoded block, first to last (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-concurrent-turns",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_TURNS,
+        help="turns handled at once across all users (default %(default)s)",
+    )
+    parser.add_argument(
+        "--random-weights-notice",
+        action="store_true",
+        help="say in the page that the checkpoints are random (set by glm4voice.launch)",
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
 

@@ -71,7 +71,12 @@ def choose_checkpoints(args: argparse.Namespace) -> Checkpoints:
         result = write_tiny_checkpoints(tiny_dir, seed=0)
         if result.missing:
             raise SystemExit(f"this version cannot write tiny model files for: {', '.join(result.missing)}")
-    print(RANDOM_WEIGHTS_BANNER.format(path=tiny_dir, llm=PUBLISHED_LLM, tok=PUBLISHED_SPEECH_TOKENIZER, dec=PUBLISHED_DECODER), flush=True)
+    print(
+        RANDOM_WEIGHTS_BANNER.format(
+            path=tiny_dir, llm=PUBLISHED_LLM, tok=PUBLISHED_SPEECH_TOKENIZER, dec=PUBLISHED_DECODER
+        ),
+        flush=True,
+    )
     return Checkpoints(
         str(tiny_dir / "glm-4-voice-9b"),
         str(tiny_dir / "glm-4-voice-tokenizer"),
@@ -100,10 +105,13 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float, what: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glm4voice.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m glm4voice.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-path", help=f"GLM-4-Voice-9B folder or hub id (e.g. {PUBLISHED_LLM})")
-    parser.add_argument("--tokenizer-path", help=f"speech tokenizer folder or hub id (e.g. {PUBLISHED_SPEECH_TOKENIZER})")
+    parser.add_argument(
+        "--tokenizer-path", help=f"speech tokenizer folder or hub id (e.g. {PUBLISHED_SPEECH_TOKENIZER})"
+    )
     parser.add_argument("--flow-path", help=f"speech decoder folder or hub id (e.g. {PUBLISHED_DECODER})")
     parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 if available)")
     parser.add_argument("--dtype", default="bfloat16", help="LLM weights: bfloat16, float16, int8 or int4")
@@ -120,11 +128,38 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
     server_url = f"http://127.0.0.1:{args.server_port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    server_cmd = [sys.executable, str(SERVER_SCRIPT), "--host", "127.0.0.1", "--port", str(args.server_port),
-                  "--model-path", checkpoints.llm, "--device", device, "--dtype", dtype]
-    demo_cmd = [sys.executable, str(DEMO_SCRIPT), "--host", args.host, "--port", str(args.port),
-                "--server-url", server_url, "--model-path", checkpoints.llm,
-                "--tokenizer-path", checkpoints.speech_tokenizer, "--flow-path", checkpoints.decoder, "--device", device]
+    server_cmd = [
+        sys.executable,
+        str(SERVER_SCRIPT),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.server_port),
+        "--model-path",
+        checkpoints.llm,
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+    ]
+    demo_cmd = [
+        sys.executable,
+        str(DEMO_SCRIPT),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--server-url",
+        server_url,
+        "--model-path",
+        checkpoints.llm,
+        "--tokenizer-path",
+        checkpoints.speech_tokenizer,
+        "--flow-path",
+        checkpoints.decoder,
+        "--device",
+        device,
+    ]
     if checkpoints.random_weights:
         demo_cmd.append("--random-weights-notice")
 

@@ -223,6 +223,10 @@ class BlockTiming:
 class TurnTimings:
     """Seconds since the turn began (None: the stage did not happen)."""
 
+    input_loaded: float | None = None
+    """Spoken input read and resampled to 16 kHz."""
+    speech_tokenized: float | None = None
+    """Speech tokenizer done."""
     input_ready: float | None = None
     """Input checked and tokenized, prompt built."""
     request_sent: float | None = None
@@ -412,7 +416,8 @@ class VoiceChat:
         consumer stops early, which cancels the turn and closes the server stream)."""
         clock = _TurnClock()
         if session.busy:
-            yield self._failed(TurnError(FailureKind.SESSION_BUSY, "Please wait: the previous answer is still being generated."), clock, "")
+            busy = TurnError(FailureKind.SESSION_BUSY, "Please wait: the previous answer is still being generated.")
+            yield self._failed(busy, clock, "")
             return
         session.busy = True
         session.turns_started += 1
@@ -420,7 +425,7 @@ class VoiceChat:
         try:
             try:
                 options.check()
-                user_input, speech_seconds = await self._prepare_input(request)
+                user_input, speech_seconds = await self._prepare_input(request, clock)
                 prompt_ids = session.conversation.prompt_for(user_input)
             except TurnError as error:
                 yield self._failed(error, clock, "")
@@ -436,14 +441,18 @@ class VoiceChat:
         finally:
             session.busy = False
 
-    async def _prepare_input(self, request: UserRequest) -> tuple[TextInput | AudioInput, float | None]:
+    async def _prepare_input(
+        self, request: UserRequest, clock: _TurnClock
+    ) -> tuple[TextInput | AudioInput, float | None]:
         if isinstance(request, UserText):
             text = (request.text or "").strip()
             if not text:
                 raise TurnError(FailureKind.EMPTY_INPUT, "Please type a message first.")
             if len(text) > self.config.max_text_chars:
-                raise TurnError(FailureKind.INPUT_TOO_LONG,
-                                f"The message has {len(text)} characters; the limit is {self.config.max_text_chars}.")
+                raise TurnError(
+                    FailureKind.INPUT_TOO_LONG,
+                    f"The message has {len(text)} characters; the limit is {self.config.max_text_chars}.",
+                )
             return TextInput(text), None
         if not isinstance(request, UserSpeech):
             raise TypeError(f"a turn takes UserText or UserSpeech, not {type(request).__name__}")
@@ -451,11 +460,23 @@ class VoiceChat:
             raise TurnError(FailureKind.EMPTY_INPUT, "Please record or upload some speech first.")
         loop = asyncio.get_running_loop()
         audio = await loop.run_in_executor(self._input_worker, self._load_speech, request.source)
+        clock.mark("input_loaded")
         if not np.any(np.abs(audio.samples) >= self.config.silence_peak):
-            raise TurnError(FailureKind.NO_SPEECH, f"No speech detected: the {audio.duration:.1f} s of audio are silent.")
-        codes = await loop.run_in_executor(self._input_worker, self.speech_tokenizer.tokenize, audio)
+            raise TurnError(
+                FailureKind.NO_SPEECH, f"No speech detected: the {audio.duration:.1f} s of audio are silent."
+            )
+        try:
+            codes = await loop.run_in_executor(self._input_worker, self.speech_tokenizer.tokenize, audio)
+        except AudioError as error:
+            raise TurnError(FailureKind.INVALID_INPUT, f"Unusable audio: {error}.") from error
+        except Exception as error:  # a model failure: say it in the page, keep the traceback in the log
+            logger.exception("speech tokenizer failed")
+            raise TurnError(FailureKind.INTERNAL, f"The speech tokenizer failed: {error}") from error
+        clock.mark("speech_tokenized")
         if not codes:
-            raise TurnError(FailureKind.NO_SPEECH, "No speech detected in the audio (the speech tokenizer found nothing).")
+            raise TurnError(
+                FailureKind.NO_SPEECH, "No speech detected in the audio (the speech tokenizer found nothing)."
+            )
         return AudioInput(tuple(int(c) for c in codes)), audio.duration
 
     def _load_speech(self, source: AudioSource | Audio) -> Audio:
@@ -470,12 +491,16 @@ class VoiceChat:
             raise TurnError(FailureKind.EMPTY_INPUT, f"The recording is empty: {error}.") from error
         except CorruptAudioError as error:
             logger.info("unreadable audio input: %s", error)
-            raise TurnError(FailureKind.INVALID_INPUT,
-                            "Unsupported or corrupt audio file: it could not be read as wav, flac, ogg or mp3.") from error
+            raise TurnError(
+                FailureKind.INVALID_INPUT,
+                "Unsupported or corrupt audio file: it could not be read as wav, flac, ogg or mp3.",
+            ) from error
         except AudioError as error:
             raise TurnError(FailureKind.INVALID_INPUT, f"Unusable audio: {error}.") from error
 
-    async def _reply(self, prompt_ids: list[int], options: GenerationOptions, clock: _TurnClock) -> AsyncIterator[TurnEvent]:
+    async def _reply(
+        self, prompt_ids: list[int], options: GenerationOptions, clock: _TurnClock
+    ) -> AsyncIterator[TurnEvent]:
         demuxer = Demuxer(self.text_tokenizer, self.special, self.schedule)
         out: asyncio.Queue = asyncio.Queue()
         blocks: asyncio.Queue = asyncio.Queue(maxsize=self.config.max_pending_blocks)
@@ -585,8 +610,11 @@ class VoiceChat:
             raise
         except Exception as error:
             logger.exception("speech decoder failed")
-            out.put_nowait(self._failed(TurnError(FailureKind.DECODER_FAILED, f"The speech decoder failed: {error}"),
-                                        clock, clock.text))
+            out.put_nowait(
+                self._failed(
+                    TurnError(FailureKind.DECODER_FAILED, f"The speech decoder failed: {error}"), clock, clock.text
+                )
+            )
             out.put_nowait(_DONE)
             return
         clock.mark("finished")
@@ -597,9 +625,20 @@ class VoiceChat:
             end = item.end
             audio_tokens = sum(1 for i in end.reply_ids if self.special.is_audio(i))
             audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
-            out.put_nowait(TurnFinished(end.text, audio, self.sample_rate, end.reason, end.reply_ids,
-                                        len(end.reply_ids) - audio_tokens, audio_tokens, item.ignored_tokens,
-                                        clock.timings(), clock.now()))
+            out.put_nowait(
+                TurnFinished(
+                    end.text,
+                    audio,
+                    self.sample_rate,
+                    end.reason,
+                    end.reply_ids,
+                    len(end.reply_ids) - audio_tokens,
+                    audio_tokens,
+                    item.ignored_tokens,
+                    clock.timings(),
+                    clock.now(),
+                )
+            )
         out.put_nowait(_DONE)
 
     # --- errors ---------------------------------------------------------------------------------------
@@ -608,10 +647,14 @@ class VoiceChat:
         url = self.server_url
         if isinstance(error, ServerUnavailableError):
             cause = error.__cause__ or error
-            return TurnError(FailureKind.SERVER_UNAVAILABLE,
-                             f"Cannot reach the model server at {url}. Is model_server.py running? ({cause})")
+            return TurnError(
+                FailureKind.SERVER_UNAVAILABLE,
+                f"Cannot reach the model server at {url}. Is model_server.py running? ({cause})",
+            )
         if isinstance(error, ServerBusyError):
-            wait = f" Please try again in {error.retry_after:g} s." if error.retry_after else " Please try again shortly."
+            wait = (
+                f" Please try again in {error.retry_after:g} s." if error.retry_after else " Please try again shortly."
+            )
             return TurnError(FailureKind.SERVER_BUSY, f"The model server is busy (every stream is in use).{wait}")
         if isinstance(error, RequestRejectedError):
             hint = " The conversation is too long: press Clear to start a new one." if error.status == 413 else ""

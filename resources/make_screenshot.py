@@ -38,7 +38,9 @@ def main() -> int:
                *[a for a in launch_args if a != "--"]]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
-        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        launcher = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         while "GLM-4-Voice demo: http://" not in log.read_text(errors="replace"):
             if launcher.poll() is not None:

@@ -125,7 +125,9 @@ def test_launcher_needs_all_three_checkpoints_or_none(tmp_path):
                                  tiny_dir=str(tmp_path), regenerate_tiny=False)  # fmt: skip
     with pytest.raises(SystemExit, match="all three"):
         choose_checkpoints(partial)
-    given = argparse.Namespace(model_path="a", tokenizer_path="b", flow_path="c", tiny_dir=str(tmp_path), regenerate_tiny=False)
+    given = argparse.Namespace(
+        model_path="a", tokenizer_path="b", flow_path="c", tiny_dir=str(tmp_path), regenerate_tiny=False
+    )
     chosen = choose_checkpoints(given)
     assert (chosen.llm, chosen.speech_tokenizer, chosen.decoder, chosen.random_weights) == ("a", "b", "c", False)
     assert not tiny_checkpoints_complete(tmp_path)
@@ -143,7 +145,9 @@ def test_one_command_starts_server_and_page_prints_the_url_and_stops_both(tiny_c
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "launch.log"
     with open(log, "wb") as out:
-        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        launcher = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         url = f"http://localhost:{port}"
         deadline = time.monotonic() + WAIT_S

@@ -123,7 +123,9 @@ class DemoPage:
         return self.page.inner_text("#status")
 
     def wait_status(self, text: str) -> str:
-        self.page.wait_for_function("t => document.querySelector('#status').innerText.includes(t)", arg=text, timeout=WAIT_MS)
+        self.page.wait_for_function(
+            "t => document.querySelector('#status').innerText.includes(t)", arg=text, timeout=WAIT_MS
+        )
         return self.status()
 
     def wait_turn(self, number: int) -> str:
@@ -161,7 +163,8 @@ class DemoPage:
     def audio_durations(self, role: str) -> list[str]:
         """The players' duration labels ("0:03"), once every player of ``role`` has loaded its file."""
         self.page.wait_for_function(
-            """role => Array.from(document.querySelectorAll(`#chat [data-testid='${role}'] .minimal-audio-player .timestamp`))
+            """role => Array.from(document.querySelectorAll(
+                          `#chat [data-testid='${role}'] .minimal-audio-player .timestamp`))
                        .every(t => t.innerText.trim() !== '0:00')""",
             arg=role, timeout=WAIT_MS,
         )  # fmt: skip

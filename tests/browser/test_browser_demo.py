@@ -262,7 +262,9 @@ def test_bad_inputs_and_a_busy_server_get_readable_messages(open_page, stack, tm
 
     # every stream of the server busy: 503, said so in the page
     holders = [TokenClient(stack.server_url) for _ in range(SERVER_SLOTS)]
-    streams = [h.stream(prompt="Keep talking.", max_new_tokens=3000, temperature=1.0, top_p=1.0, seed=5) for h in holders]
+    streams = [
+        h.stream(prompt="Keep talking.", max_new_tokens=3000, temperature=1.0, top_p=1.0, seed=5) for h in holders
+    ]
     try:
         for stream in streams:
             next(stream)

@@ -17,7 +17,14 @@ import httpx
 import numpy as np
 import pytest
 
-from glm4voice.audio import INPUT_SAMPLE_RATE, MEL_HOP_LENGTH, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, encode_wav, load_audio
+from glm4voice.audio import (
+    INPUT_SAMPLE_RATE,
+    MEL_HOP_LENGTH,
+    OUTPUT_SAMPLE_RATE,
+    SPEECH_TOKEN_RATE,
+    encode_wav,
+    load_audio,
+)
 from glm4voice.client import AsyncTokenClient, TokenClient
 from glm4voice.pipeline import (
     AssistantAudio,
@@ -136,7 +143,7 @@ def test_text_turn_streams_text_and_audio_and_records_history(models, server_url
     # the history is the prompt that was sent plus the reply
     assert session.turns == 1
     assert len(session.history_ids) == accepted.prompt_tokens + len(finished.reply_ids)
-    assert session.history_ids[accepted.prompt_tokens:] == list(finished.reply_ids)
+    assert session.history_ids[accepted.prompt_tokens :] == list(finished.reply_ids)
     t = finished.timings
     assert t.input_ready <= t.request_sent <= t.first_token <= t.last_token <= t.finished
     assert t.first_block_ready <= t.first_audio <= t.finished
@@ -168,6 +175,8 @@ def test_voice_turn_tokenizes_speech_into_the_prompt(models, server_url, special
     begin = prompt.index(special_tokens.begin_of_audio)
     assert prompt[begin + 1 : begin + 1 + len(expected_codes)] == [special_tokens.audio_id(c) for c in expected_codes]
     assert prompt[begin + 1 + len(expected_codes)] == special_tokens.end_of_audio
+    t = events[-1].timings
+    assert t.input_loaded <= t.speech_tokenized <= t.input_ready <= t.request_sent
 
 
 def test_speech_arrays_and_bytes_are_accepted(models, server_url):
@@ -273,7 +282,9 @@ def test_decoding_never_blocks_reading_the_token_stream(models, server_url):
 
     async def main():
         async with AsyncTokenClient(server_url) as client:
-            chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, WatchedClient(client, reader_done))
+            chat = VoiceChat(
+                models.text_tokenizer, models.speech_tokenizer, decoder, WatchedClient(client, reader_done)
+            )
             try:
                 session = chat.new_session()
                 return await collect(chat, session, UserText("Tell me a story."), options)
@@ -308,10 +319,22 @@ def test_missing_recording_is_rejected(models, server_url):
 @pytest.mark.parametrize(
     "make, kind, words",
     [
-        (lambda d: encode_wav(np.zeros(INPUT_SAMPLE_RATE * 2, np.float32), INPUT_SAMPLE_RATE), FailureKind.NO_SPEECH, "No speech"),
-        (lambda d: b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4, FailureKind.INVALID_INPUT, "Unsupported or corrupt"),
+        (
+            lambda d: encode_wav(np.zeros(INPUT_SAMPLE_RATE * 2, np.float32), INPUT_SAMPLE_RATE),
+            FailureKind.NO_SPEECH,
+            "No speech",
+        ),
+        (
+            lambda d: b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4,
+            FailureKind.INVALID_INPUT,
+            "Unsupported or corrupt",
+        ),
         (lambda d: b"", FailureKind.EMPTY_INPUT, "empty"),
-        (lambda d: encode_wav(0.1 * d.standard_normal(8000 * 7).astype(np.float32), 8000), FailureKind.INPUT_TOO_LONG, "too long"),
+        (
+            lambda d: encode_wav(0.1 * d.standard_normal(8000 * 7).astype(np.float32), 8000),
+            FailureKind.INPUT_TOO_LONG,
+            "too long",
+        ),
     ],
     ids=["silence", "corrupt", "empty-file", "too-long"],
 )
@@ -326,7 +349,9 @@ def test_bad_speech_input_gets_a_readable_message(models, server_url, tmp_path, 
 
 
 def test_invalid_settings_are_explained(models, server_url):
-    _, events = one_turn(models, server_url, UserText("Hi"), GenerationOptions(temperature=-1, top_p=0, max_new_tokens=0))
+    _, events = one_turn(
+        models, server_url, UserText("Hi"), GenerationOptions(temperature=-1, top_p=0, max_new_tokens=0)
+    )
     failed = events[0]
     assert failed.kind is FailureKind.INVALID_INPUT
     for word in ("temperature", "top-p", "max new tokens"):
