@@ -32,9 +32,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -198,7 +198,7 @@ class AudioDecoder:
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         **options,
-    ) -> "AudioDecoder":
+    ) -> AudioDecoder:
         """Load a ``glm-4-voice-decoder`` folder (local path or hub id) as published."""
         folder = resolve_checkpoint(folder_or_hub_id, allow_patterns=[CONFIG_FILE, FLOW_FILE, HIFT_FILE])
         if device is None:
@@ -206,7 +206,7 @@ class AudioDecoder:
         return cls(folder / CONFIG_FILE, folder / FLOW_FILE, folder / HIFT_FILE, device, dtype=dtype, **options)
 
     # ---- public API ------------------------------------------------------------------------------
-    def stream(self, seed: int | None = None, prompt_window=_DEFAULT, noise: NoiseSource | None = None) -> "DecoderStream":
+    def stream(self, seed: int | None = None, prompt_window=_DEFAULT, noise: NoiseSource | None = None) -> DecoderStream:
         """A new streaming decode. ``seed`` fixes the result (None: a fresh random seed);
         ``prompt_window``: prompt tokens kept (None: all, like the original; default: the decoder's)."""
         window = self.prompt_window if prompt_window is _DEFAULT else self._check_window(prompt_window)
@@ -428,7 +428,7 @@ class DecoderStream:
     def pending_tokens(self) -> int:
         return len(self._pending)
 
-    def __enter__(self) -> "DecoderStream":
+    def __enter__(self) -> DecoderStream:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -512,7 +512,7 @@ def _load_strict(module: torch.nn.Module, path: str | os.PathLike, what: str) ->
         raise FileNotFoundError(f"no {what} checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
+        raise TypeError(f"{path} does not hold a state dict (found {type(state).__name__})")
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:

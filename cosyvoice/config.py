@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ruamel.yaml
+import yaml
 from hyperpyyaml import load_hyperpyyaml
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,12 @@ UNUSED_TOP_LEVEL = ("llm",)
 OMEGACONF_TAG = "!new:omegaconf.DictConfig"
 OUR_DICTCONFIG_TAG = "!new:cosyvoice.config.DictConfig"
 REQUIRED_SECTIONS = ("flow", "hift")
+
+
+class _Loader(yaml.SafeLoader):
+    """The loader hyperpyyaml registers its ``!new:`` constructors on: PyYAML's, in a private class (hyperpyyaml's
+    default, ruamel's legacy ``Loader``, breaks with ruamel.yaml 0.19, and registering on a shared loader
+    class would leak the constructors into every other YAML load of the process)."""
 
 
 class DecoderConfigError(ValueError):
@@ -105,10 +112,10 @@ def load_decoder_config(path: str | Path) -> dict[str, Any]:
     except OSError as error:
         raise DecoderConfigError(f"cannot read the decoder config {path}: {error}") from error
     try:
-        config = load_hyperpyyaml(prepare_decoder_yaml(text))
+        config = load_hyperpyyaml(prepare_decoder_yaml(text), loader=_Loader)
     except DecoderConfigError:
         raise
-    except (ruamel.yaml.YAMLError, ImportError, AttributeError) as error:
+    except (ruamel.yaml.YAMLError, yaml.YAMLError, ImportError, AttributeError) as error:
         raise DecoderConfigError(f"{path} is not a loadable decoder config.yaml: {error}") from error
     missing = [name for name in REQUIRED_SECTIONS if name not in config]
     if missing:

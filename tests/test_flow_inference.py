@@ -83,7 +83,7 @@ def test_offline_and_streaming_have_the_same_length(decoder, codes):
     expected = decoder.mel_frames(len(codes)) * MEL_HOP_LENGTH
     assert offline.dtype == np.float32 and offline.shape == (expected,)
     for blocks in ([25, 50, 15], [13, 7, 70]):
-        streamed, seams = stream_blocks(decoder, codes, blocks, seed=1)
+        streamed, _ = stream_blocks(decoder, codes, blocks, seed=1)
         assert streamed.shape == (expected,), blocks
         assert np.isfinite(streamed).all() and np.abs(streamed).max() <= 0.99 + 1e-6
     # the original's entry points
@@ -267,3 +267,18 @@ def test_streams_from_threads(decoder, codes):
     stream._busy.acquire()  # another thread is inside feed()
     with pytest.raises(RuntimeError, match="two threads"):
         stream.feed(codes[:10])
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
+    graphs = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=True)
+    eager = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=False)
+    padded = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=True)
+    padded._solver.exact_frames = 0  # every length padded to a bucket
+    reference, _ = stream_blocks(eager, codes, [10, 25, 55], seed=1)
+    for decoder in (graphs, padded):
+        for _ in range(2):  # capture, then replay
+            streamed, _ = stream_blocks(decoder, codes, [10, 25, 55], seed=1)
+            np.testing.assert_allclose(streamed, reference, atol=1e-4)
+    assert graphs._solver.captured_shapes and padded._solver.captured_shapes
+    np.testing.assert_allclose(graphs.decode(codes, seed=2), eager.decode(codes, seed=2), atol=1e-4)

@@ -1,11 +1,12 @@
 """The whole Euler solve (10 steps x batched guidance = 20 estimator passes, ~10k small kernels) as one
 CUDA graph replay: the estimator is launch-bound, so this is where the decoder's time goes.
 
-Graphs have fixed shapes: the mel length is padded up to a multiple of ``bucket_frames`` and the
-estimator runs in its ``padded=True`` mode, in which padding is invisible to the valid frames (no
-attention to padded keys, GroupNorm statistics over valid frames only), so a replay gives the eager
-result of the unpadded input up to float rounding. One graph per (batch, padded length, steps) is
-captured on first use; all share one memory pool. Not thread-safe: the caller serialises replays
+Graphs have fixed shapes. Lengths up to ``exact_frames`` (first blocks: 68 mel frames for 10 tokens)
+get a graph of their own exact length. Longer ones are padded up to a multiple of ``bucket_frames`` and
+the estimator runs in its ``padded=True`` mode, in which padding is invisible to the valid frames (no
+attention to padded keys, GroupNorm statistics over valid frames only; a few more kernels), so a
+replay gives the eager result of the unpadded input up to float rounding. One graph per (batch,
+length, steps) is captured on first use; all share one memory pool. Not thread-safe: the caller serialises replays
 (``flow_inference.AudioDecoder`` holds a lock around all GPU work).
 """
 
@@ -22,6 +23,7 @@ from cosyvoice.flow.flow_matching import ConditionalCFM
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_FRAMES = 64
+DEFAULT_EXACT_FRAMES = 256
 DEFAULT_MAX_FRAMES = 8192
 WARMUP_RUNS = 2
 
@@ -51,6 +53,7 @@ class GraphedEulerSolver:
         bucket_frames: int = DEFAULT_BUCKET_FRAMES,
         max_frames: int = DEFAULT_MAX_FRAMES,
         autocast_dtype: torch.dtype | None = None,
+        exact_frames: int = DEFAULT_EXACT_FRAMES,
     ):
         if bucket_frames <= 0 or bucket_frames % 2:
             raise ValueError("bucket_frames must be a positive even number (the U-Net halves the length)")
@@ -58,14 +61,18 @@ class GraphedEulerSolver:
         self.bucket_frames = bucket_frames
         self.max_frames = max_frames
         self.autocast_dtype = autocast_dtype
-        self._graphs: dict[tuple[int, int, int], _Captured] = {}
+        self.exact_frames = exact_frames
+        self._graphs: dict[tuple[int, int, int, bool], _Captured] = {}
         self._pool = None
 
     @property
-    def captured_shapes(self) -> list[tuple[int, int, int]]:
+    def captured_shapes(self) -> list[tuple[int, int, int, bool]]:
+        """(batch, length, time points, padded) of the captured graphs."""
         return sorted(self._graphs)
 
     def padded_length(self, frames: int) -> int:
+        if frames <= self.exact_frames:
+            return frames
         return -(-frames // self.bucket_frames) * self.bucket_frames
 
     def _autocast(self, device: torch.device):
@@ -82,7 +89,7 @@ class GraphedEulerSolver:
         padded = self.padded_length(frames)
         if mu.device.type != "cuda" or padded > self.max_frames:
             return self.eager(z, mu, mask, spks, cond, t_span)
-        key = (batch, padded, int(t_span.shape[0]))
+        key = (batch, padded, int(t_span.shape[0]), frames > self.exact_frames)
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._capture(key, channels, spks.shape[1], cond.shape[1], mu.device)
@@ -95,20 +102,19 @@ class GraphedEulerSolver:
         captured.graph.replay()
         return captured.out[..., :frames].clone()
 
-    def _capture(self, key: tuple[int, int, int], channels: int, spk_channels: int, cond_channels: int, device) -> _Captured:
-        batch, frames, steps = key
-        logger.info("capturing the flow ODE as a CUDA graph: batch %d, %d frames, %d time points", batch, frames, steps)
+    def _capture(self, key: tuple[int, int, int, bool], channels: int, spk_channels: int, cond_channels: int, device) -> _Captured:
+        batch, frames, steps, padded = key
+        logger.info("capturing the flow ODE as a CUDA graph: batch %d, %d frames, %d time points, padded %s", batch, frames, steps, padded)
         z = torch.zeros(batch, channels, frames, device=device)
         mu = torch.zeros_like(z)
         cond = torch.zeros(batch, cond_channels, frames, device=device)
-        mask = torch.zeros(batch, 1, frames, device=device)
-        mask[..., :1] = 1  # warm-up runs need at least one valid frame
+        mask = torch.ones(batch, 1, frames, device=device)
         spks = torch.zeros(batch, spk_channels, device=device)
         t_span = self.cfm.time_span(steps - 1, device=device)
 
         def run() -> torch.Tensor:
             with self._autocast(device):
-                return self.cfm.solve(z, mu, mask, spks, cond, t_span, padded=True)
+                return self.cfm.solve(z, mu, mask, spks, cond, t_span, padded=padded)
 
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))

@@ -17,10 +17,9 @@ statistics, so every valid frame gets the same result as the unpadded computatio
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.downsampling import Downsample1D
 from diffusers.models.embeddings import TimestepEmbedding

@@ -3,7 +3,8 @@ the prompt and new tokens are encoded together and the mel length is computed fr
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F

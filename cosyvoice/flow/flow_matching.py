@@ -44,7 +44,7 @@ class ConditionalCFM(nn.Module):
         self.solver = _param(cfm_params, "solver", "euler")
         if self.solver != "euler":
             raise NotImplementedError(f"solver {self.solver!r} is not supported (the published decoder uses 'euler')")
-        self.sigma_min = _param(cfm_params, "sigma_min", 1e-4)
+        self.sigma_min = float(_param(cfm_params, "sigma_min", 1e-4))  # training only; YAML 1.1 reads 1e-06 as text
         self.t_scheduler = _param(cfm_params, "t_scheduler", "linear")
         if self.t_scheduler not in ("cosine", "linear"):
             raise NotImplementedError(f"t_scheduler {self.t_scheduler!r} is not supported")

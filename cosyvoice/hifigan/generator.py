@@ -12,7 +12,7 @@ installed library has it or the Snake activation. Weight-normed convolutions are
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch

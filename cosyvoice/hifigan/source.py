@@ -27,7 +27,7 @@ class SineGen(nn.Module):
         self.voiced_threshold = voiced_threshold
 
     def forward(self, f0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        batch, _, length = f0.shape
+        batch = f0.shape[0]
         harmonics = torch.arange(1, self.harmonic_num + 2, device=f0.device, dtype=torch.float32).view(1, -1, 1)
         cycles = f0.float() * harmonics / self.sampling_rate  # (B, H, N), cycles per sample
         theta = 2 * math.pi * (torch.cumsum(cycles, dim=-1) % 1)

@@ -10,7 +10,7 @@ state dict is loaded, so strict loading still rejects any unknown or missing key
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ def weight_normed_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def checkpoint_state_dict(root: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+def checkpoint_state_dict(root: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """``root.state_dict()`` in the published layout: each marked conv's ``weight`` stored as
     ``weight_g`` (its norm over all dims but 0) and ``weight_v`` (the weight itself), after its bias
     like torch's old ``weight_norm`` ordered them."""

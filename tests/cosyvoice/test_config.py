@@ -80,7 +80,7 @@ def test_dictconfig_stand_in():
     params = DictConfig(content={"solver": "euler", "inference_cfg_rate": 0.7})
     assert params.solver == "euler" and params["inference_cfg_rate"] == 0.7 and dict(params) == {"solver": "euler", "inference_cfg_rate": 0.7}
     with pytest.raises(AttributeError):
-        params.missing
+        _ = params.missing
 
 
 def test_tiny_writer_renders_the_published_file_form():

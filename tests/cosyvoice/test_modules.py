@@ -125,7 +125,7 @@ def test_padded_estimator_equals_unpadded(length):
     spks = torch.randn(1, 80, generator=g)
     t = torch.tensor(0.3)
     padded_len = 64
-    pad = lambda a: torch.cat([a, 5 * torch.randn(1, a.shape[1], padded_len - length, generator=g)], dim=2)  # noqa: E731
+    pad = lambda a: torch.cat([a, 5 * torch.randn(1, a.shape[1], padded_len - length, generator=g)], dim=2)
     mask = torch.zeros(1, 1, padded_len)
     mask[..., :length] = 1
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_time_embedding_formula():
 
 
 def test_mel_frames_uses_the_original_float32_arithmetic():
-    for n in list(range(0, 1000)) + [3392, 3776, 13440, 100_000]:
+    for n in list(range(1000)) + [3392, 3776, 13440, 100_000]:
         n32 = np.float32(n)
         expected = int(np.float32(np.float32(n32 / np.float32(12.5)) * np.float32(22050)) / np.float32(256))
         assert mel_frames(n, 12.5) == expected
