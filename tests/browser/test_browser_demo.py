@@ -141,9 +141,11 @@ def test_text_turn_shows_streamed_text_and_a_playable_answer(open_page, stack, t
     page.text_mode()
     page.type("Tell me a short story about a cat.")
     page.submit()
+    page.page.wait_for_function("() => window.glm4voicePlayer.stats.frames >= 1", timeout=120_000)
+    page.shot("02-first-audio-chunk")  # usually mid-answer: text streaming, speech started
     status = page.wait_turn(1)
     durations = page.audio_durations("bot")
-    page.shot("02-answered")
+    page.shot("03-answered")
     assert "Turn 1 · done" in status, status
     assert page.messages("user")[0].strip() == "Tell me a short story about a cat."
     bot = page.messages("bot")
