@@ -122,7 +122,7 @@ class Bench:
     def decoder(self, name: str) -> AudioDecoder:
         if name not in self.decoders:
             graphs = self.cuda and name.startswith("graph")
-            dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+            dtype = torch.bfloat16 if "bf16" in name else torch.float32
             started = time.perf_counter()
             self.decoders[name] = AudioDecoder(
                 self.folder / "config.yaml", self.folder / "flow.pt", self.folder / "hift.pt", self.device,
@@ -130,6 +130,8 @@ class Bench:
             )  # fmt: skip
             if name.endswith("_padded"):  # every length padded to a bucket (masked GroupNorm/attention)
                 self.decoders[name]._solver.exact_frames = 0
+            if name.endswith("_compiled"):  # experimental: torch.compile for exact-length (first-block) graphs
+                self.decoders[name]._solver.compile_exact = True
             log(f"  loaded {name} in {time.perf_counter() - started:.1f} s")
         return self.decoders[name]
 
@@ -140,7 +142,7 @@ class Bench:
     def correctness(self) -> dict:
         """Same tokens, prompt and noise: the mel of each variant against eager float32."""
         out = {}
-        for prompt_tokens, new_tokens in ((0, 50), (100, 60)) if not self.args.quick else ((0, 20),):
+        for prompt_tokens, new_tokens in ((0, 10), (0, 50), (100, 60)) if not self.args.quick else ((0, 20),):
             reference = None
             tokens = torch.tensor([self.codes[: prompt_tokens + new_tokens]], device=self.device)
             frames = self.decoder("eager_fp32").mel_frames(prompt_tokens + new_tokens)
@@ -234,6 +236,62 @@ class Bench:
         out["total"] = round(statistics.median(totals[1:]) * 1e3, 2)
         return out
 
+    def kernels(self) -> dict:
+        """CUDA kernels and GPU time of one eager ODE solve for a 10-token first block (68 frames)."""
+        out = {}
+        for name in ("eager_fp32", "eager_bf16"):
+            cfm = self.decoder(name).flow.decoder
+            frames = 68
+            z, mu, cond = (torch.randn(1, 80, frames, device=self.device) for _ in range(3))
+            spks = torch.randn(1, 80, device=self.device)
+            t_span = cfm.time_span(10, device=self.device)
+            with torch.inference_mode():
+                cfm.solve(z, mu, None, spks, cond, t_span)
+                self.sync()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    cfm.solve(z, mu, None, spks, cond, t_span)
+                    self.sync()
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            by_name: dict[str, float] = {}
+            for e in kernels:
+                by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.device_time_total
+            top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
+            out[name] = {
+                "kernels_per_solve": len(kernels),
+                "gpu_ms": round(sum(e.device_time_total for e in kernels) / 1e3, 2),
+                "top_us": {k: round(v) for k, v in top},
+            }
+        return out
+
+    def compiled_first_block(self) -> dict:
+        """Experimental: exact-length graphs of a torch.compile'd estimator (first block only)."""
+        decoder = self.decoder("graph_bf16_compiled")
+        started = time.perf_counter()
+        decoder.stream(seed=0).feed(self.codes[:10])  # compiles and captures
+        out = {"compile_and_capture_s": round(time.perf_counter() - started, 1)}
+        times = []
+        for r in range(10):
+            stream = decoder.stream(seed=r)
+            self.sync()
+            started = time.perf_counter()
+            stream.feed(self.codes[:10])
+            times.append(time.perf_counter() - started)
+        out["graph_bf16_compiled_10_tokens_ms"] = round(statistics.median(times) * 1e3, 2)
+        out["breakdown_ms"] = self.breakdown("graph_bf16_compiled", 10)
+        reference = self.decoder("eager_fp32")
+        tokens = torch.tensor([self.codes[:10]], device=self.device)
+        noise = NoiseTimeline(0).take(0, 68).to(self.device)
+        mels = []
+        for d in (reference, decoder):
+            with torch.inference_mode():
+                mels.append(d.flow.inference(
+                    tokens, None, tokens[:, :0], None, torch.zeros(1, 0, 80, device=self.device), None,
+                    torch.zeros(1, 192, device=self.device), noise=noise, solve=d._solve,
+                ).float())  # fmt: skip
+        diff = (mels[1] - mels[0]).abs()
+        out["mel_vs_eager_fp32"] = {"max_abs": float(diff.max()), "rms_rel": float(diff.pow(2).mean().sqrt() / mels[0].pow(2).mean().sqrt())}
+        return out
+
     def answer(self, name: str, sizes: tuple[int, ...], window, repeat: bool = True) -> dict:
         decoder = self.decoder(name)
         blocks = schedule(sizes, len(self.codes))
@@ -309,6 +367,9 @@ class Bench:
         self.section("streaming_60s", self.streaming, 60)
         self.section("offline_60s", self.offline, 20)
         self.section("memory", self.memory, 0)
+        if self.cuda:
+            self.section("kernels", self.kernels, 10)
+            self.section("compiled_first_block", self.compiled_first_block, 150)
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ length, steps) is captured on first use; all share one memory pool. Not thread-s
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     z: torch.Tensor
     mu: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     spks: torch.Tensor
     cond: torch.Tensor
     t_span: torch.Tensor
@@ -43,8 +42,8 @@ class _Captured:
 class GraphedEulerSolver:
     """Drop-in for ``ConditionalCFM.solve(z, mu, mask, spks, cond, t_span)`` on CUDA.
 
-    ``autocast_dtype`` (bfloat16/float16) runs the estimator under autocast; the ODE state stays float32.
-    Inputs longer than ``max_frames`` fall back to the eager solver.
+    The estimator runs in its parameters' dtype (see ``ConditionalCFM.solve``); its time conditioning
+    is computed once per graph, outside it. Inputs longer than ``max_frames`` fall back to eager.
     """
 
     def __init__(
@@ -52,51 +51,52 @@ class GraphedEulerSolver:
         cfm: ConditionalCFM,
         bucket_frames: int = DEFAULT_BUCKET_FRAMES,
         max_frames: int = DEFAULT_MAX_FRAMES,
-        autocast_dtype: torch.dtype | None = None,
         exact_frames: int = DEFAULT_EXACT_FRAMES,
+        compile_exact: bool = False,
     ):
+        """``compile_exact``: run the estimator of exact-length graphs (short first blocks, where the
+        ~1000 kernels per pass dominate) through ``torch.compile`` (fewer, fused kernels; each new
+        length compiles once, which takes a while: warm up before serving)."""
         if bucket_frames <= 0 or bucket_frames % 2:
             raise ValueError("bucket_frames must be a positive even number (the U-Net halves the length)")
         self.cfm = cfm
         self.bucket_frames = bucket_frames
         self.max_frames = max_frames
-        self.autocast_dtype = autocast_dtype
         self.exact_frames = exact_frames
         self._graphs: dict[tuple[int, int, int, bool], _Captured] = {}
         self._pool = None
+        self.compile_exact = compile_exact
+        self._compiled = None
 
     @property
     def captured_shapes(self) -> list[tuple[int, int, int, bool]]:
         """(batch, length, time points, padded) of the captured graphs."""
         return sorted(self._graphs)
 
-    def padded_length(self, frames: int) -> int:
-        if frames <= self.exact_frames:
-            return frames
-        return -(-frames // self.bucket_frames) * self.bucket_frames
-
-    def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
-
     def eager(self, z, mu, mask, spks, cond, t_span) -> torch.Tensor:
-        with self._autocast(mu.device):
-            return self.cfm.solve(z, mu, mask, spks, cond, t_span)
+        return self.cfm.solve(z, mu, mask, spks, cond, t_span)
 
     def __call__(self, z, mu, mask, spks, cond, t_span) -> torch.Tensor:
+        """``mask`` (B, 1, T) or None (every frame valid); a mask always takes the padded path."""
         batch, channels, frames = mu.shape
-        padded = self.padded_length(frames)
+        exact = mask is None and frames <= self.exact_frames
+        padded = frames if exact else -(-frames // self.bucket_frames) * self.bucket_frames
         if mu.device.type != "cuda" or padded > self.max_frames:
             return self.eager(z, mu, mask, spks, cond, t_span)
-        key = (batch, padded, int(t_span.shape[0]), frames > self.exact_frames)
+        key = (batch, padded, int(t_span.shape[0]), not exact)
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._capture(key, channels, spks.shape[1], cond.shape[1], mu.device)
             self._graphs[key] = captured
-        for static, value in ((captured.z, z), (captured.mu, mu), (captured.cond, cond), (captured.mask, mask)):
+        for static, value in ((captured.z, z), (captured.mu, mu), (captured.cond, cond)):
             static[..., frames:].zero_()
             static[..., :frames].copy_(value)
+        if captured.mask is not None:
+            captured.mask.zero_()
+            if mask is None:
+                captured.mask[..., :frames] = 1
+            else:
+                captured.mask[..., :frames].copy_(mask)
         captured.spks.copy_(spks)
         captured.t_span.copy_(t_span)
         captured.graph.replay()
@@ -108,13 +108,19 @@ class GraphedEulerSolver:
         z = torch.zeros(batch, channels, frames, device=device)
         mu = torch.zeros_like(z)
         cond = torch.zeros(batch, cond_channels, frames, device=device)
-        mask = torch.ones(batch, 1, frames, device=device)
+        mask = torch.ones(batch, 1, frames, device=device) if padded else None
         spks = torch.zeros(batch, spk_channels, device=device)
         t_span = self.cfm.time_span(steps - 1, device=device)
+        time_conds = self.cfm.time_conditioning(t_span)  # constants of the graph
+        estimator = None
+        if self.compile_exact and not padded:
+            if self._compiled is None:
+                self.cfm.solve(z, mu, mask, spks, cond, t_span, time_conds=time_conds)  # fills weight caches eagerly
+                self._compiled = torch.compile(self.cfm.estimator, dynamic=False)
+            estimator = self._compiled
 
         def run() -> torch.Tensor:
-            with self._autocast(device):
-                return self.cfm.solve(z, mu, mask, spks, cond, t_span, padded=padded)
+            return self.cfm.solve(z, mu, mask, spks, cond, t_span, padded=padded, time_conds=time_conds, estimator=estimator)
 
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))

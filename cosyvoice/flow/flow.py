@@ -95,7 +95,7 @@ class MaskedDiffWithXvec(nn.Module):
 
         ``feat_len`` overrides the total mel length (default: :func:`mel_frames` of prompt+new tokens);
         ``noise`` (1, 80, feat_len) or ``generator`` give the ODE's starting noise; ``solve(z, mu, mask,
-        spks, cond, t_span)`` replaces the eager ODE solver (CUDA graphs).
+        spks, cond, t_span)`` (mask None) replaces the eager ODE solver (CUDA graphs).
         """
         if token.shape[0] != 1:
             raise ValueError("MaskedDiffWithXvec.inference decodes one sequence (batch size 1)")
@@ -113,7 +113,6 @@ class MaskedDiffWithXvec(nn.Module):
         conds = torch.zeros(1, self.output_size, feat_len, device=mu.device, dtype=mu.dtype)
         if prompt_frames:
             conds[:, :, :prompt_frames] = prompt_feat.transpose(1, 2).to(mu.dtype)
-        mask = torch.ones(1, 1, feat_len, device=mu.device, dtype=mu.dtype)
         cfm = self.decoder
         if noise is None:
             noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
@@ -122,5 +121,5 @@ class MaskedDiffWithXvec(nn.Module):
         z = noise.to(device=mu.device, dtype=mu.dtype)
         t_span = cfm.time_span(n_timesteps, device=mu.device)
         solver = solve if solve is not None else cfm.solve
-        feat = solver(z, mu, mask, embedding, conds, t_span)
+        feat = solver(z, mu, None, embedding, conds, t_span)  # mask None: one sequence, every frame valid
         return feat[:, :, prompt_frames:]

@@ -81,38 +81,62 @@ class ConditionalCFM(nn.Module):
         z = noise.to(device=mu.device, dtype=mu.dtype) * temperature
         return self.solve(z, mu, mask, spks, cond, self.time_span(n_timesteps, device=mu.device))
 
+    def euler_times(self, t_span: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(t, dt) of each Euler step with the original's arithmetic (t advanced by dt, dt re-derived
+        from t_span), as 0-d tensors."""
+        steps = []
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        for step in range(1, t_span.shape[0]):
+            steps.append((t, dt))
+            t = t + dt
+            if step < t_span.shape[0] - 1:
+                dt = t_span[step + 1] - t
+        return steps
+
+    def time_conditioning(self, t_span: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """The estimator's time conditioning for every step (depends only on t_span)."""
+        return [self.estimator.time_conditioning(t) for t, _ in self.euler_times(t_span)]
+
     def solve(
         self,
         x: torch.Tensor,
         mu: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         spks: torch.Tensor | None,
         cond: torch.Tensor | None,
         t_span: torch.Tensor,
         padded: bool = False,
+        time_conds: list[tuple[torch.Tensor, ...]] | None = None,
+        estimator=None,
     ) -> torch.Tensor:
         """Fixed-step Euler from x (noise) over ``t_span``; with guidance rate r the velocity is
-        (1+r)·v(x | mu, spks, cond) − r·v(x | 0, 0, 0), both passes in one batch."""
+        (1+r)·v(x | mu, spks, cond) − r·v(x | 0, 0, 0), both passes in one batch. ``mask`` None: all
+        frames valid. The estimator runs in its own parameter dtype; the ODE state stays float32.
+        ``estimator`` replaces ``self.estimator`` as the callable (e.g. a compiled one)."""
+        dtype = next(self.estimator.parameters()).dtype
         rate = self.inference_cfg_rate
         guided = rate > 0
-        if guided:
-            batch = x.shape[0]
-            mask2 = torch.cat([mask, mask])
-            mu2 = torch.cat([mu, torch.zeros_like(mu)])
-            spks2 = None if spks is None else torch.cat([spks, torch.zeros_like(spks)])
-            cond2 = None if cond is None else torch.cat([cond, torch.zeros_like(cond)])
-        # the same time arithmetic as the original (t advanced by dt, dt re-derived from t_span)
-        t, dt = t_span[0], t_span[1] - t_span[0]
-        steps = t_span.shape[0] - 1
-        for step in range(1, steps + 1):
+        batch = x.shape[0]
+
+        def prepared(a: torch.Tensor | None) -> torch.Tensor | None:
+            if a is None:
+                return None
+            a = a.to(dtype)
+            return torch.cat([a, torch.zeros_like(a)]) if guided else a
+
+        mask_in = None if mask is None else (torch.cat([mask, mask]) if guided else mask).to(dtype)
+        mu_in, spks_in, cond_in = prepared(mu), prepared(spks), prepared(cond)
+        times = self.euler_times(t_span)
+        if time_conds is None:
+            time_conds = [self.estimator.time_conditioning(t) for t, _ in times]
+        for (t, dt), time_cond in zip(times, time_conds):
+            x_in = x.to(dtype)
             if guided:
-                velocity = self.estimator(torch.cat([x, x]), mask2, mu2, t, spks2, cond2, padded=padded)
-                conditional, unconditional = velocity[:batch], velocity[batch:]
-                velocity = (1.0 + rate) * conditional - rate * unconditional
-            else:
-                velocity = self.estimator(x, mask, mu, t, spks, cond, padded=padded)
+                x_in = torch.cat([x_in, x_in])
+            run = self.estimator if estimator is None else estimator
+            velocity = run(x_in, mask_in, mu_in, t, spks_in, cond_in, padded=padded, time_cond=time_cond)
+            velocity = velocity.float()
+            if guided:
+                velocity = (1.0 + rate) * velocity[:batch] - rate * velocity[batch:]
             x = x + dt * velocity
-            t = t + dt
-            if step < steps:
-                dt = t_span[step + 1] - t
         return x

@@ -39,11 +39,21 @@ class Snake(nn.Module):
         self.alpha_logscale = alpha_logscale
         self.alpha = nn.Parameter(torch.zeros(in_features) if alpha_logscale else torch.ones(in_features) * alpha)
 
+    def _coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α, 1/(α+ε)) as (1, C, 1), cached until α changes (saves two kernels per call)."""
+        key = (id(self.alpha), self.alpha._version, self.alpha.device, self.alpha.dtype)
+        cached = getattr(self, "_cache", None)
+        if cached is None or cached[0] != key:
+            alpha = self.alpha.detach().unsqueeze(0).unsqueeze(-1)
+            if self.alpha_logscale:
+                alpha = torch.exp(alpha)
+            cached = (key, alpha, 1.0 / (alpha + SNAKE_EPS))
+            self._cache = cached
+        return cached[1], cached[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = self.alpha.unsqueeze(0).unsqueeze(-1)
-        if self.alpha_logscale:
-            alpha = torch.exp(alpha)
-        return x + (1.0 / (alpha + SNAKE_EPS)) * torch.pow(torch.sin(x * alpha), 2)
+        alpha, inverse = self._coefficients()
+        return x + inverse * torch.pow(torch.sin(x * alpha), 2)
 
 
 class ResBlock(nn.Module):
