@@ -364,11 +364,12 @@ class Bench:
         self.section("checkpoint", self.write_checkpoint, 20)
         self.section("correctness", self.correctness, 30)
         self.section("first_block", self.first_block, 30)
+        if self.cuda:
+            self.section("kernels", self.kernels, 10)
         self.section("streaming_60s", self.streaming, 60)
         self.section("offline_60s", self.offline, 20)
         self.section("memory", self.memory, 0)
         if self.cuda:
-            self.section("kernels", self.kernels, 10)
             self.section("compiled_first_block", self.compiled_first_block, 150)
 
 

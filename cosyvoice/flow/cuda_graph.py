@@ -36,6 +36,8 @@ class _Captured:
     spks: torch.Tensor
     cond: torch.Tensor
     t_span: torch.Tensor
+    time_conds: list
+    """Read by the graph: must stay alive as long as the graph (like every static input)."""
     out: torch.Tensor
 
 
@@ -133,4 +135,4 @@ class GraphedEulerSolver:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = run()
-        return _Captured(graph, z, mu, mask, spks, cond, t_span, out)
+        return _Captured(graph, z, mu, mask, spks, cond, t_span, time_conds, out)
