@@ -434,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=None, help="cuda:N or cpu for the tokenizer and decoder (default: cuda:0 if available)"
     )
     parser.add_argument(
+        "--decoder-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="speech decoder estimator precision; auto = bfloat16 on CUDA (meets real time), float32 on CPU",
+    )
+    parser.add_argument(
         "--block-sizes",
         default=",".join(str(s) for s in PipelineConfig().block_sizes),
         help="audio tokens per decoded block, first to last (default %(default)s)",
@@ -470,7 +476,10 @@ def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
     llm_folder = resolve_checkpoint(args.model_path, allow_patterns=[TOKENIZER_MODEL_FILE, TOKENIZER_CONFIG_FILE])
     text_tokenizer = GLMTokenizer.from_pretrained(llm_folder)
     speech_tokenizer = SpeechTokenizer.from_pretrained(args.tokenizer_path, device=device)
-    decoder = AudioDecoder.from_pretrained(args.flow_path, device=device)
+    decoder_dtype = args.decoder_dtype
+    if decoder_dtype == "auto":
+        decoder_dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=getattr(torch, decoder_dtype))
     client = AsyncTokenClient(args.server_url)
     logger.info("models loaded on %s in %.1f s", device, time.perf_counter() - started)
     chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config, server_url=args.server_url)

@@ -68,9 +68,7 @@ def choose_checkpoints(args: argparse.Namespace) -> Checkpoints:
     tiny_dir = Path(args.tiny_dir)
     if args.regenerate_tiny or not tiny_checkpoints_complete(tiny_dir):
         logger.info("writing tiny random checkpoints to %s", tiny_dir)
-        result = write_tiny_checkpoints(tiny_dir, seed=0)
-        if result.missing:
-            raise SystemExit(f"this version cannot write tiny model files for: {', '.join(result.missing)}")
+        write_tiny_checkpoints(tiny_dir, seed=0)
     print(
         RANDOM_WEIGHTS_BANNER.format(
             path=tiny_dir, llm=PUBLISHED_LLM, tok=PUBLISHED_SPEECH_TOKENIZER, dec=PUBLISHED_DECODER

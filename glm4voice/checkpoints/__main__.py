@@ -19,10 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = write_tiny_checkpoints(args.out_dir, seed=args.seed)
     for path in (result.llm, result.speech_tokenizer, result.decoder):
-        status = "missing model files" if path.name in result.missing else "ok"
-        print(f"{path}  ({status})")
+        print(path)
     print("random weights: answers from these checkpoints are noise")
-    return 1 if result.missing else 0
+    return 0
 
 
 if __name__ == "__main__":

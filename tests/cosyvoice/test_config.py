@@ -1,13 +1,16 @@
 """The published decoder config.yaml builds our modules with the checkpoint's parameter names and shapes.
 
-``data/published_config.yaml`` is a verbatim copy of the published ``glm-4-voice-decoder/config.yaml``
-(4447 bytes, via github susameddin/sympatheia). ``data/published_decoder_keys.json`` lists the
+The published ``glm-4-voice-decoder/config.yaml`` (4447 bytes) is not copied into this repository:
+``render_decoder_config(PUBLISHED_DECODER_SIZES)`` reproduces it, checked here against the published
+file's SHA-256 (taken from a faithful public copy, github susameddin/sympatheia).
+``data/published_decoder_keys.json`` lists the
 state-dict keys and shapes of the ORIGINAL implementation's modules built from that file (the original
 loads flow.pt and hift.pt strictly into exactly these).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -21,7 +24,15 @@ from cosyvoice.config import DecoderConfigError, DictConfig, load_decoder_config
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, render_decoder_config
 
 DATA = Path(__file__).parent / "data"
-PUBLISHED_CONFIG = DATA / "published_config.yaml"
+PUBLISHED_CONFIG_SHA256 = "44c108d91a3d0ee97940252fbf64ffe1f3a0d13ff2103f8e6cea95f9db50fe88"
+PUBLISHED_CONFIG_BYTES = 4447
+
+
+@pytest.fixture(scope="module")
+def published_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("published-decoder") / "config.yaml"
+    path.write_text(render_decoder_config(PUBLISHED_DECODER_SIZES), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +41,9 @@ def published_keys() -> dict:
 
 
 @pytest.fixture(scope="module")
-def published_modules():
+def published_modules(published_config):
     with torch.device("meta"):
-        return load_decoder_config(PUBLISHED_CONFIG)
+        return load_decoder_config(published_config)
 
 
 def test_published_config_builds_the_checkpoint_layout_on_meta(published_modules, published_keys):
@@ -57,7 +68,7 @@ def test_published_config_values_reach_the_modules(published_modules):
     assert hift.upsample_scale == 256 and (hift.n_fft, hift.hop_len) == (16, 4) and hift.lrelu_slope == 0.1
 
 
-def test_loading_does_not_reseed_the_process():
+def test_loading_does_not_reseed_the_process(published_config):
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
@@ -66,14 +77,14 @@ def test_loading_does_not_reseed_the_process():
     np.random.seed(5)
     torch.manual_seed(5)
     with torch.device("meta"):
-        load_decoder_config(PUBLISHED_CONFIG)
+        load_decoder_config(published_config)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_prepared_yaml_drops_only_the_unused_nodes():
-    tree = ruamel.yaml.YAML().load(prepare_decoder_yaml(PUBLISHED_CONFIG.read_text()))
+def test_prepared_yaml_drops_only_the_unused_nodes(published_config):
+    tree = ruamel.yaml.YAML().load(prepare_decoder_yaml(published_config.read_text()))
     assert set(tree) == {"sample_rate", "text_encoder_input_size", "llm_input_size", "llm_output_size", "spk_embed_dim", "flow", "hift"}
-    assert "omegaconf" not in prepare_decoder_yaml(PUBLISHED_CONFIG.read_text())
+    assert "omegaconf" not in prepare_decoder_yaml(published_config.read_text())
 
 
 def test_dictconfig_stand_in():
@@ -83,8 +94,10 @@ def test_dictconfig_stand_in():
         _ = params.missing
 
 
-def test_tiny_writer_renders_the_published_file_form():
-    assert render_decoder_config(PUBLISHED_DECODER_SIZES) == PUBLISHED_CONFIG.read_text()
+def test_tiny_writer_renders_the_published_file_form(published_config):
+    published_bytes = published_config.read_bytes()
+    assert len(published_bytes) == PUBLISHED_CONFIG_BYTES
+    assert hashlib.sha256(published_bytes).hexdigest() == PUBLISHED_CONFIG_SHA256
 
     def shape(node, path=""):
         """(path, tag) of every node: same keys, nesting and tags, values aside."""
@@ -96,7 +109,7 @@ def test_tiny_writer_renders_the_published_file_form():
 
     yaml = ruamel.yaml.YAML()
     tiny = yaml.load(render_decoder_config(TINY_DECODER_SIZES))
-    published = yaml.load(PUBLISHED_CONFIG.read_text())
+    published = yaml.load(published_config.read_text())
     assert shape(tiny) == shape(published)
     assert tiny["flow"]["encoder"]["num_blocks"] < published["flow"]["encoder"]["num_blocks"]
 

@@ -34,12 +34,17 @@ def test_cli_writes_deterministic_checkpoints(tmp_path):
             [sys.executable, "-m", "glm4voice.checkpoints", "tiny", str(tmp_path / name), "--seed", "3"],
             cwd=ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
+        assert result.returncode == 0, result.stderr
         assert "glm-4-voice-9b" in result.stdout and "random weights" in result.stdout, result.stderr
     a, b = tmp_path / "a", tmp_path / "b"
-    for folder in (LLM_FOLDER, SPEECH_TOKENIZER_FOLDER, DECODER_FOLDER):
-        if not (a / folder).exists():
-            continue
+    expected_files = {
+        LLM_FOLDER: {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json"},
+        SPEECH_TOKENIZER_FOLDER: {"config.json", "model.safetensors", "preprocessor_config.json"},
+        DECODER_FOLDER: {"config.yaml", "flow.pt", "hift.pt"},
+    }
+    for folder, files in expected_files.items():
         names = sorted(p.name for p in (a / folder).iterdir())
+        assert files <= set(names), (folder, names)
         assert names == sorted(p.name for p in (b / folder).iterdir())
         match, mismatch, errors = filecmp.cmpfiles(a / folder, b / folder, names, shallow=False)
         assert not mismatch and not errors, (folder, mismatch, errors)
