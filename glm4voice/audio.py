@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 import numpy as np
 import soundfile as sf
@@ -48,6 +48,10 @@ DEFAULT_MAX_INPUT_SECONDS = 600.0
 """Longest input accepted by default (10 minutes); the demo sets a tighter limit."""
 MIN_INPUT_SECONDS = 0.0
 MAX_FILE_BYTES = 200 * 1024 * 1024
+
+ChannelMix = Literal["mean", "first"]
+"""How multi-channel audio becomes mono: the mean of the channels, or the first channel only (the
+original speech tokenizer's behaviour)."""
 
 AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, "tuple[np.ndarray, int]"]
 
@@ -90,18 +94,20 @@ def load_audio(
     *,
     source_rate: int | None = None,
     max_seconds: float | None = DEFAULT_MAX_INPUT_SECONDS,
+    mix: ChannelMix = "mean",
 ) -> Audio:
     """Read audio from a file path, encoded bytes (wav/flac/ogg/mp3), or an array.
 
     Arrays are (samples,) or (samples, channels) (the longer axis is taken as time if the
     shape is ambiguous in the other order) and need ``source_rate``; a ``(array, rate)`` tuple
-    also works. Multi-channel input is averaged to mono. The result is resampled to
+    also works. Multi-channel input is averaged to mono (``mix="first"`` keeps the first channel
+    instead). The result is resampled to
     ``sample_rate`` with soxr (``None`` keeps the source rate).
 
     Raises an :class:`AudioError` subclass for empty, unreadable, non-finite or too-long input.
     """
     samples, rate = _read(source, source_rate)
-    samples = _to_mono(samples)
+    samples = _to_mono(samples, mix)
     if samples.size == 0:
         raise EmptyAudioError("the audio is empty (no samples)")
     if not np.all(np.isfinite(samples)):
@@ -201,7 +207,11 @@ def _as_numpy(array) -> np.ndarray:
     return array
 
 
-def _to_mono(samples: np.ndarray) -> np.ndarray:
+def _to_mono(samples: np.ndarray, mix: ChannelMix) -> np.ndarray:
     if samples.ndim == 1:
         return samples
-    return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if mix == "first" or samples.shape[1] == 1:
+        return samples[:, 0]
+    if mix != "mean":
+        raise ValueError(f"unknown channel mix {mix!r}")
+    return samples.mean(axis=1)

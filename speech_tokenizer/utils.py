@@ -18,21 +18,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Union
 
 import numpy as np
-import soundfile as sf
 
-from glm4voice.audio import (
-    INPUT_SAMPLE_RATE,
-    MAX_FILE_BYTES,
-    AudioError,
-    AudioTooLongError,
-    CorruptAudioError,
-    EmptyAudioError,
-    load_audio,
-)
+from glm4voice.audio import INPUT_SAMPLE_RATE, AudioError, load_audio
 from speech_tokenizer.pipeline import DEFAULT_BATCH_SIZE, tokenize_waveforms
 
 Utterance = Union[str, os.PathLike, "tuple[object, int]"]
@@ -64,46 +54,8 @@ def first_channel_16k(utt: Utterance) -> np.ndarray:
     if isinstance(utt, tuple):
         if len(utt) != 2:
             raise AudioError("an utterance tuple must be (waveform, sample_rate)")
-        waveform, rate = utt
-        samples = _first_row(waveform)
-    elif isinstance(utt, (str, os.PathLike)):
-        samples, rate = _read_first_channel(Path(utt))
-    else:
+    elif not isinstance(utt, (str, os.PathLike)):
         raise AudioError(
             f"an utterance must be a file path or a (waveform, sample_rate) tuple, got {type(utt).__name__}"
         )
-    return load_audio((samples, rate), sample_rate=INPUT_SAMPLE_RATE, max_seconds=None).samples
-
-
-def _first_row(waveform) -> np.ndarray:
-    array = waveform.detach().cpu().numpy() if hasattr(waveform, "detach") else np.asarray(waveform)
-    if array.ndim == 1:
-        return array
-    if array.ndim != 2:
-        raise AudioError(f"a waveform must be (channels, samples) or (samples,), got shape {array.shape}")
-    if array.size == 0:
-        raise EmptyAudioError("the audio is empty (no samples)")
-    if array.shape[0] > array.shape[1]:
-        raise AudioError(
-            f"a waveform must be (channels, samples) as torchaudio.load gives it; shape {array.shape} looks transposed"
-        )
-    return array[0]
-
-
-def _read_first_channel(path: Path) -> tuple[np.ndarray, int]:
-    if not path.is_file():
-        raise AudioError(f"no audio file at {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise EmptyAudioError(f"the audio file {path.name} is empty (0 bytes)")
-    if size > MAX_FILE_BYTES:
-        raise AudioTooLongError(
-            f"the audio file {path.name} is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB"
-        )
-    try:
-        samples, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
-        raise CorruptAudioError(
-            f"the file {path.name} is not a readable audio file (wav, flac, ogg or mp3): {error}"
-        ) from error
-    return samples[:, 0], int(rate)
+    return load_audio(utt, sample_rate=INPUT_SAMPLE_RATE, max_seconds=None, mix="first").samples

@@ -144,3 +144,12 @@ def test_encode_wav_round_trip():
     decoded, rate = sf.read(io.BytesIO(data), dtype="float32")
     assert rate == 22050
     np.testing.assert_allclose(decoded, samples, atol=1 / 32767 + 1e-6)
+
+
+def test_first_channel_mix_keeps_channel_zero():
+    left, right = sine(300, 0.5, 16000), sine(300, 0.5, 16000, amplitude=0.1)
+    stereo = np.stack([left, right])  # (channels, samples)
+    np.testing.assert_array_equal(load_audio(stereo, source_rate=16000, mix="first").samples, left)
+    np.testing.assert_array_equal(load_audio(stereo.T, source_rate=16000, mix="first").samples, left)
+    with pytest.raises(ValueError):
+        load_audio(stereo, source_rate=16000, mix="loudest")

@@ -183,8 +183,12 @@ def test_compatible_api_rejects_bad_input_clearly(tokenizer, tmp_path):
         extract_speech_token(model, fe, [(torch.zeros(1, 0), RATE)])
     with pytest.raises(NonFiniteAudioError):
         extract_speech_token(model, fe, [(torch.full((1, 10), float("nan")), RATE)])
-    with pytest.raises(AudioError, match="transposed"):
-        extract_speech_token(model, fe, [(torch.zeros(1000, 2), RATE)])
+    # (samples, channels) is read as such: its first channel is the same as the channels-first form's
+    stereo = torch.stack([torch.linspace(-0.5, 0.5, 4000), torch.zeros(4000)])
+    assert extract_speech_token(model, fe, [(stereo.T, RATE)]) == extract_speech_token(model, fe, [(stereo, RATE)])
+    assert extract_speech_token(model, fe, [(stereo, RATE)]) == extract_speech_token(model, fe, [(stereo[0], RATE)])
+    with pytest.raises(AudioError):
+        extract_speech_token(model, fe, [(torch.zeros(2, 2, 10), RATE)])
     with pytest.raises(AudioError, match="no audio file"):
         extract_speech_token(model, fe, [str(tmp_path / "missing.wav")])
     (tmp_path / "bad.wav").write_bytes(b"garbage")
