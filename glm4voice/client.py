@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from typing import Any, AsyncIterator, Iterator
 
 import httpx
@@ -158,7 +159,7 @@ class TokenClient:
         Keyword arguments: see :func:`request_body`."""
         body = request_body(prompt, **params)
         reader = _LineReader()
-        try:
+        with _unavailable_on_transport_errors(self.base_url):
             with self._http.stream("POST", GENERATE_PATH, json=body) as response:
                 if response.status_code != 200:
                     raise _error_from_status(response.status_code, response.headers, response.read())
@@ -169,12 +170,6 @@ class TokenClient:
                             yield token
                 except (httpx.TransportError, httpx.StreamError) as error:
                     raise reader.lost(error) from error
-        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-            raise ServerUnavailableError(f"cannot connect to {self.base_url}: {error}") from error
-        except httpx.TimeoutException as error:
-            raise ServerUnavailableError(f"{self.base_url} did not answer in time: {error}") from error
-        except httpx.TransportError as error:
-            raise ServerUnavailableError(f"{self.base_url}: {error}") from error
 
     def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
         """The whole stream as a list."""
@@ -223,7 +218,7 @@ class AsyncTokenClient:
         """Async version of :meth:`TokenClient.stream` (use ``aclosing`` to stop early promptly)."""
         body = request_body(prompt, **params)
         reader = _LineReader()
-        try:
+        with _unavailable_on_transport_errors(self.base_url):
             async with self._http.stream("POST", GENERATE_PATH, json=body) as response:
                 if response.status_code != 200:
                     raise _error_from_status(response.status_code, response.headers, await response.aread())
@@ -234,12 +229,6 @@ class AsyncTokenClient:
                             yield token
                 except (httpx.TransportError, httpx.StreamError) as error:
                     raise reader.lost(error) from error
-        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
-            raise ServerUnavailableError(f"cannot connect to {self.base_url}: {error}") from error
-        except httpx.TimeoutException as error:
-            raise ServerUnavailableError(f"{self.base_url} did not answer in time: {error}") from error
-        except httpx.TransportError as error:
-            raise ServerUnavailableError(f"{self.base_url}: {error}") from error
 
     async def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
         return [token async for token in self.stream(prompt, **params)]
@@ -252,3 +241,16 @@ class AsyncTokenClient:
         if response.status_code != 200:
             raise _error_from_status(response.status_code, response.headers, response.content)
         return response.json()
+
+
+@contextmanager
+def _unavailable_on_transport_errors(base_url: str) -> Iterator[None]:
+    """Connection failures and timeouts outside a started stream mean the server is unavailable."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+        raise ServerUnavailableError(f"cannot connect to {base_url}: {error}") from error
+    except httpx.TimeoutException as error:
+        raise ServerUnavailableError(f"{base_url} did not answer in time: {error}") from error
+    except httpx.TransportError as error:
+        raise ServerUnavailableError(f"{base_url}: {error}") from error
