@@ -4,11 +4,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-# Debian packages the tests use: chromium (browser tests), espeak-ng and sox (spoken test inputs).
+# Debian packages the tests use: chromium (browser tests), espeak-ng and sox (spoken test inputs),
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v sox >/dev/null || need+=(sox)
+# a CJK font, so that browser screenshots of Mandarin text are readable
+[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || need+=(fonts-wqy-microhei)
 if [ ${#need[@]} -gt 0 ]; then
   echo "[test] installing ${need[*]} with apt-get"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
