@@ -28,18 +28,28 @@ Speed (H100, published size, docs/perf/decoder.md): ``dtype=torch.bfloat16`` run
 in bf16 (mel within ~1% rms of float32): a 60 s answer streams at RTF 0.012 with time per block flat,
 the first 10-token block takes ~45 ms. On CUDA the ODE is replayed as CUDA graphs.
 
+Many streams at once: :meth:`AudioDecoder.feed_many` decodes the next block of several streams together:
+blocks of the same shape (same token and prompt lengths, same carried state: streams that follow the
+same block schedule mostly are) run as one batch through the flow encoder, the ODE and the vocoder, so
+a launch-bound block costs about as much for 16 streams as for one. Each row keeps its own noise,
+prompt and vocoder randomness, so a stream's audio does not depend on its batch-mates (up to float
+rounding of batch-size-dependent kernels).
+
 Thread safety: one :class:`AudioDecoder` may serve many streams from many threads: all model work runs
-under one lock (the CUDA graphs have static buffers), so blocks of different streams are decoded one at
-a time. A :class:`DecoderStream` itself belongs to one caller at a time; concurrent calls on the same
-stream raise RuntimeError.
+under one lock (the CUDA graphs have static buffers), on the decoder's own CUDA stream (so the work of
+other components of the process, such as the speech tokenizer, can run beside it). A
+:class:`DecoderStream` itself belongs to one caller at a time; concurrent calls on the same stream
+raise RuntimeError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +144,26 @@ class VocoderCarry:
 
 
 @dataclass
+class _Block:
+    """The inputs of one stream's block: flow over ``tokens`` (the first ``prompt_tokens`` are the prompt,
+    whose mel is ``prompt_mel`` (1, 80, P)) into ``feat_len`` frames from ``noise``."""
+
+    tokens: torch.Tensor
+    prompt_tokens: int
+    prompt_mel: torch.Tensor
+    feat_len: int
+    noise: torch.Tensor
+    carry: "VocoderCarry"
+    finalize: bool
+
+    def shape_key(self) -> tuple:
+        """Blocks with equal keys can run as one batch with no padding."""
+        c = self.carry
+        return (self.tokens.shape[1], self.prompt_tokens, self.prompt_mel.shape[2], self.feat_len, self.finalize,
+                c.mel_overlap is None, c.cache_mel is None, c.cache_source is None, c.cache_speech is None)  # fmt: skip
+
+
+@dataclass
 class BlockResult:
     speech: torch.Tensor
     """(1, samples) float32 on the decoder's device."""
@@ -202,7 +232,10 @@ class AudioDecoder:
             self.flow.decoder.estimator.to(dtype)
         self._solver = GraphedEulerSolver(self.flow.decoder, compile_exact=compile_first_blocks)
         self._solve = self._solver if use_graphs else self._solver.eager
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._cuda_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self._cuda_stream is not None:
+            torch.cuda.synchronize(self.device)  # weights and constants are ready before the decoder's stream reads them
 
     @classmethod
     def from_pretrained(
@@ -231,12 +264,73 @@ class AudioDecoder:
         if not codes:
             raise DecoderError("no audio codes to decode")
         seed = _seed(seed)
-        tokens = torch.tensor([codes], dtype=torch.long, device=self.device)
-        frames = self.flow.mel_frames(len(codes))
-        noise = NoiseTimeline(seed).take(0, frames)
-        carry = VocoderCarry(self._generator(seed))
-        result = self._decode_block(tokens, 0, self._empty_mel(), frames, noise, carry, finalize=True)
-        return result.speech[0].float().cpu().numpy()
+        with self._device_context():
+            tokens = torch.tensor([codes], dtype=torch.long, device=self.device)
+            frames = self.flow.mel_frames(len(codes))
+            noise = NoiseTimeline(seed).take(0, frames)
+            carry = VocoderCarry(self._generator(seed))
+            result = self._decode_block(tokens, 0, self._empty_mel(), frames, noise, carry, finalize=True)
+            return result.speech[0].float().cpu().numpy()
+
+    def feed_many(
+        self,
+        jobs: Sequence[tuple["DecoderStream", Sequence[int]]],
+        on_result: Callable[[int, "np.ndarray | Exception"], None] | None = None,
+        max_batch: int | None = None,
+    ) -> list["np.ndarray | Exception"]:
+        """``stream.feed(codes)`` for each ``(stream, codes)`` job (each stream at most once), with the
+        blocks that have the same shape decoded as one batch of at most ``max_batch`` (default
+        ``self.max_batch``). Returns each job's PCM, or the exception its stream raised (bad codes, a
+        finished stream, a failed decode); ``on_result(index, result)`` is called as soon as a job is done
+        (first the groups whose streams have played the least audio: they are the most urgent)."""
+        results: list = [None] * len(jobs)
+        limit = max(1, int(max_batch or self.max_batch))
+        claimed: dict[int, DecoderStream] = {}
+
+        def done(index: int, result) -> None:
+            results[index] = result
+            stream = claimed.pop(index, None)
+            if stream is not None:  # free the stream before its caller hears of the result
+                stream._busy.release()
+            if on_result is not None:
+                on_result(index, result)
+
+        prepared: list[tuple[int, DecoderStream, _Block]] = []
+        try:
+            for index, (stream, codes) in enumerate(jobs):
+                try:
+                    block = stream._claim_and_prepare(codes)
+                except Exception as error:  # this job only: bad codes, finished or busy stream
+                    done(index, error)
+                    continue
+                claimed[index] = stream
+                if block is None:  # fewer than min_block_tokens pending: nothing to decode yet
+                    done(index, _EMPTY.copy())
+                else:
+                    prepared.append((index, stream, block))
+            groups: dict[tuple, list[tuple[int, DecoderStream, _Block]]] = {}
+            for item in prepared:
+                groups.setdefault(item[2].shape_key(), []).append(item)
+            batches = [members[i : i + limit] for members in groups.values() for i in range(0, len(members), limit)]
+            batches.sort(key=lambda batch: min(stream.samples_emitted for _, stream, _ in batch))
+            for batch in batches:
+                try:
+                    with self._device_context():
+                        outputs = self._decode_blocks([block for _, _, block in batch])
+                        pcms = [stream._commit(block, out) for (_, stream, block), out in zip(batch, outputs)]
+                except Exception as error:  # every stream of the batch fails (its pending tokens are gone)
+                    if not isinstance(error, DecoderError):
+                        logger.exception("decoding a batch of %d blocks failed", len(batch))
+                    for index, stream, _ in batch:
+                        stream.close()
+                        done(index, error)
+                    continue
+                for (index, _, _), pcm in zip(batch, pcms):
+                    done(index, pcm)
+        finally:
+            for stream in claimed.values():  # only after an unexpected error above
+                stream._busy.release()
+        return results
 
     def mel_frames(self, tokens: int) -> int:
         """Mel frames the flow makes for ``tokens`` tokens (the original's float32 arithmetic)."""
@@ -277,9 +371,10 @@ class AudioDecoder:
         if noise is None:  # the original's draw: seed 42, over prompt and new frames
             noise = original_noise((1, NUM_MEL_BINS, feat_len))
         embedding = self._embedding if embedding is None else embedding.to(self.device)
-        result = self._decode_block(
-            tokens, prompt_token.shape[1], prompt_feat.to(self.device).transpose(1, 2), feat_len, noise, state, finalize, embedding
-        )
+        with self._device_context():
+            result = self._decode_block(
+                tokens, prompt_token.shape[1], prompt_feat.to(self.device).transpose(1, 2), feat_len, noise, state, finalize, embedding
+            )
         return result.speech, result.mel
 
     def offline_inference(self, token: torch.Tensor, seed: int | None = None) -> torch.Tensor:
@@ -310,6 +405,46 @@ class AudioDecoder:
     def _empty_mel(self) -> torch.Tensor:
         return torch.zeros(1, NUM_MEL_BINS, 0, device=self.device)
 
+    @contextlib.contextmanager
+    def _device_context(self):
+        """The lock, inference mode and (on CUDA) the decoder's own stream, which first waits for the
+        work queued on the caller's stream (inputs the caller prepared there)."""
+        with self._lock, torch.inference_mode():
+            if self._cuda_stream is None:
+                yield
+                return
+            self._cuda_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._cuda_stream):
+                yield
+
+    def warm_up(self, block_sizes: Sequence[int], batch_sizes: Sequence[int] = (1,), repeats: int = 3) -> float:
+        """Decode throwaway answers through the block schedule ``block_sizes`` (the last size repeated
+        ``repeats`` times, after which the prompt window makes shapes repeat) with each batch size of
+        :meth:`feed_many`, so that the CUDA graphs of those shapes are captured before the first
+        listener needs them. Returns the seconds spent."""
+        started = time.perf_counter()
+        plan = list(block_sizes) + [block_sizes[-1]] * max(0, repeats - 1)
+        for batch in batch_sizes:
+            streams = [self.stream(seed=row) for row in range(batch)]
+            try:
+                offset = 0
+                for size in plan:
+                    codes = [(offset + 7 * k) % self.num_codes for k in range(size)]
+                    offset += size
+                    for result in self.feed_many([(s, codes) for s in streams], max_batch=batch):
+                        if isinstance(result, Exception):
+                            raise result
+            finally:
+                for stream in streams:
+                    stream.close()
+        logger.info("decoder warm-up (blocks %s, batches %s) in %.1f s", plan, list(batch_sizes), time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    @property
+    def max_batch(self) -> int:
+        """Most blocks decoded as one batch by :meth:`feed_many` (the ODE's graphs are captured per batch size)."""
+        return self._solver.max_batch
+
     def _decode_block(
         self,
         tokens: torch.Tensor,
@@ -321,59 +456,78 @@ class AudioDecoder:
         finalize: bool,
         embedding: torch.Tensor | None = None,
     ) -> BlockResult:
-        """Flow over ``tokens`` (the first ``prompt_tokens`` are the prompt, whose mel is ``prompt_mel``
-        (1, 80, P)), then cross-fade, vocoder and carry bookkeeping."""
-        overlap = self.mel_overlap_len
-        embedding = self._embedding if embedding is None else embedding
-        with self._lock, torch.inference_mode():
-            mel = self.flow.inference(
-                token=tokens[:, prompt_tokens:],
-                token_len=torch.tensor([tokens.shape[1] - prompt_tokens], dtype=torch.int32, device=self.device),
-                prompt_token=tokens[:, :prompt_tokens],
-                prompt_token_len=torch.tensor([prompt_tokens], dtype=torch.int32, device=self.device),
-                prompt_feat=prompt_mel.transpose(1, 2),
-                prompt_feat_len=torch.tensor([prompt_mel.shape[2]], dtype=torch.int32, device=self.device),
-                embedding=embedding,
-                feat_len=feat_len,
-                n_timesteps=N_TIMESTEPS,
-                noise=noise.to(self.device),
-                solve=self._solve,
-            ).float()
-            if carry.mel_overlap is not None:
-                faded = mel[:, :, :overlap] * self._fade[:overlap] + carry.mel_overlap * self._fade[overlap:]
-                mel = torch.cat([faded.to(mel.dtype), mel[:, :, overlap:]], dim=2)
-            vocoder_mel = mel if carry.cache_mel is None else torch.cat([carry.cache_mel, mel], dim=2)
-            if finalize:
-                speech, _ = self.hift.inference(vocoder_mel, carry.cache_source, carry.generator)
-                speech = self._join_seam(speech, carry)
-                carry.clear()
-                return BlockResult(speech, mel)
-            if vocoder_mel.shape[2] <= overlap:
-                raise DecoderError(f"a streamed block needs more than {overlap} mel frames; decode more tokens at once")
-            carry.mel_overlap = vocoder_mel[:, :, -overlap:]
-            vocoder_mel = vocoder_mel[:, :, :-overlap]
-            speech, source = self.hift.inference(vocoder_mel, carry.cache_source, carry.generator)
-            speech = self._join_seam(speech, carry)
-            carry.cache_mel = vocoder_mel[:, :, -MEL_CACHE_FRAMES:]
-            carry.cache_source = source[:, :, -self.source_cache_len :]
-            carry.cache_speech = speech[:, -self.source_cache_len :]
-            return BlockResult(speech[:, : -self.source_cache_len], mel[:, :, :-overlap])
+        """One block (see :class:`_Block`), with the cross-fade, vocoder and carry bookkeeping."""
+        block = _Block(tokens, prompt_tokens, prompt_mel, feat_len, noise, carry, finalize)
+        return self._decode_blocks([block], embedding)[0]
 
-    def _join_seam(self, speech: torch.Tensor, carry: VocoderCarry) -> torch.Tensor:
-        """Cross-fade the start of a block's audio (the carried frame) with the last block's version of it."""
-        if not self.seam_crossfade or carry.cache_speech is None:
+    def _decode_blocks(self, blocks: Sequence[_Block], embedding: torch.Tensor | None = None) -> list[BlockResult]:
+        """Blocks of the same :meth:`_Block.shape_key` (one per stream) as one batch. Call within
+        :meth:`_device_context`."""
+        overlap = self.mel_overlap_len
+        first = blocks[0]
+        batch = len(blocks)
+        prompt_tokens, finalize, carries = first.prompt_tokens, first.finalize, [b.carry for b in blocks]
+        tokens = torch.cat([b.tokens for b in blocks]).to(self.device)
+        embedding = (self._embedding if embedding is None else embedding).expand(batch, -1)
+        prompt_mel = torch.cat([b.prompt_mel for b in blocks])
+        lengths = torch.full((batch,), tokens.shape[1] - prompt_tokens, dtype=torch.int32, device=self.device)
+        mel = self.flow.inference(
+            token=tokens[:, prompt_tokens:],
+            token_len=lengths,
+            prompt_token=tokens[:, :prompt_tokens],
+            prompt_token_len=torch.full((batch,), prompt_tokens, dtype=torch.int32, device=self.device),
+            prompt_feat=prompt_mel.transpose(1, 2),
+            prompt_feat_len=torch.full((batch,), prompt_mel.shape[2], dtype=torch.int32, device=self.device),
+            embedding=embedding,
+            feat_len=first.feat_len,
+            n_timesteps=N_TIMESTEPS,
+            noise=torch.cat([b.noise.to(self.device) for b in blocks]),
+            solve=self._solve,
+        ).float()
+        if first.carry.mel_overlap is not None:
+            previous = torch.cat([c.mel_overlap for c in carries])
+            faded = mel[:, :, :overlap] * self._fade[:overlap] + previous * self._fade[overlap:]
+            mel = torch.cat([faded.to(mel.dtype), mel[:, :, overlap:]], dim=2)
+        vocoder_mel = mel if first.carry.cache_mel is None else torch.cat([torch.cat([c.cache_mel for c in carries]), mel], dim=2)
+        cache_source = None if first.carry.cache_source is None else torch.cat([c.cache_source for c in carries])
+        generators = [c.generator for c in carries]
+        generator = generators[0] if batch == 1 else generators
+        if finalize:
+            speech, _ = self.hift.inference(vocoder_mel, cache_source, generator)
+            speech = self._join_seam(speech, carries)
+            for c in carries:
+                c.clear()
+            return [BlockResult(speech[i : i + 1], mel[i : i + 1]) for i in range(batch)]
+        if vocoder_mel.shape[2] <= overlap:
+            raise DecoderError(f"a streamed block needs more than {overlap} mel frames; decode more tokens at once")
+        held_back = vocoder_mel[:, :, -overlap:]
+        vocoder_mel = vocoder_mel[:, :, :-overlap]
+        speech, source = self.hift.inference(vocoder_mel, cache_source, generator)
+        speech = self._join_seam(speech, carries)
+        n = self.source_cache_len
+        for i, c in enumerate(carries):
+            c.mel_overlap = held_back[i : i + 1]
+            c.cache_mel = vocoder_mel[i : i + 1, :, -MEL_CACHE_FRAMES:]
+            c.cache_source = source[i : i + 1, :, -n:]
+            c.cache_speech = speech[i : i + 1, -n:]
+        return [BlockResult(speech[i : i + 1, :-n], mel[i : i + 1, :, :-overlap]) for i in range(batch)]
+
+    def _join_seam(self, speech: torch.Tensor, carries: Sequence[VocoderCarry]) -> torch.Tensor:
+        """Cross-fade the start of each row's audio (the carried frame) with the last block's version of it."""
+        if not self.seam_crossfade or carries[0].cache_speech is None:
             return speech
         n = self.source_cache_len
         fade_in = self._seam_fade_in
-        head = speech[:, :n] * fade_in + carry.cache_speech * (1 - fade_in)
+        previous = torch.cat([c.cache_speech for c in carries])
+        head = speech[:, :n] * fade_in + previous * (1 - fade_in)
         return torch.cat([head, speech[:, n:]], dim=1)
 
     def _flush(self, carry: VocoderCarry) -> torch.Tensor:
         """Vocode the held-back overlap after the last block (the stream ended on a block boundary)."""
-        with self._lock, torch.inference_mode():
+        with self._device_context():
             mel = carry.mel_overlap if carry.cache_mel is None else torch.cat([carry.cache_mel, carry.mel_overlap], dim=2)
             speech, _ = self.hift.inference(mel, carry.cache_source, carry.generator)
-            speech = self._join_seam(speech, carry)
+            speech = self._join_seam(speech, [carry])
             carry.clear()
             return speech
 
@@ -402,18 +556,16 @@ class DecoderStream:
         """Mel frames whose audio is final (emitted, or held back only as the vocoder cache frame)."""
         self.samples_emitted = 0
         self.finished = False
+        self._new: torch.Tensor | None = None
         self._busy = threading.Lock()
 
     # ---- public ----------------------------------------------------------------------------------
     def feed(self, codes: Sequence[int]) -> np.ndarray:
-        codes = validate_codes(codes, self.decoder.num_codes)
-        with self._exclusive():
-            if self.finished:
-                raise DecoderError("this stream is finished; start a new one with decoder.stream()")
-            self._pending.extend(codes)
-            if len(self._pending) < self.decoder.min_block_tokens:
-                return _EMPTY.copy()
-            return self._emit(self._decode(finalize=False))
+        """Add codes; decode them (and earlier pending ones) once ``min_block_tokens`` are pending."""
+        result = self.decoder.feed_many([(self, codes)], max_batch=1)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def finish(self) -> np.ndarray:
         """Decode what is pending and the held-back tail; the stream cannot be fed afterwards."""
@@ -423,9 +575,12 @@ class DecoderStream:
             self.finished = True
             try:
                 if self._pending:
-                    return self._emit(self._decode(finalize=True))
+                    block = self._prepare(finalize=True)
+                    with self.decoder._device_context():
+                        return self._commit(block, self.decoder._decode_blocks([block])[0])
                 if self._carry.mel_overlap is not None:
-                    return self._emit(self.decoder._flush(self._carry))
+                    with self.decoder._device_context():
+                        return self._emit(self.decoder._flush(self._carry))
                 return _EMPTY.copy()
             finally:
                 self.close()
@@ -461,7 +616,25 @@ class DecoderStream:
         block = self.decoder.block_size
         return (tokens - self.prompt_window) // block * block
 
-    def _decode(self, finalize: bool) -> torch.Tensor:
+    def _claim_and_prepare(self, codes: Sequence[int]) -> _Block | None:
+        """For :meth:`AudioDecoder.feed_many`: take the stream (the caller releases ``_busy``), add the
+        codes, and return the block to decode (None: fewer than ``min_block_tokens`` pending)."""
+        codes = validate_codes(codes, self.decoder.num_codes)
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("DecoderStream is used from two threads at once; give each caller its own stream")
+        try:
+            if self.finished:
+                raise DecoderError("this stream is finished; start a new one with decoder.stream()")
+            self._pending.extend(codes)
+            if len(self._pending) < self.decoder.min_block_tokens:
+                return None
+            return self._prepare(finalize=False)
+        except BaseException:
+            self._busy.release()
+            raise
+
+    def _prepare(self, finalize: bool) -> _Block:
+        """The next block's inputs from the pending tokens and the kept prompt (tokens, mel, noise)."""
         decoder = self.decoder
         new = torch.tensor(self._pending, dtype=torch.long)
         self._pending = []
@@ -470,16 +643,22 @@ class DecoderStream:
         start_frame = decoder.mel_frames(start)
         end_frame = decoder.mel_frames(total)
         prompt = self._tokens[start - self._token_offset :]
-        tokens = torch.cat([prompt, new]).unsqueeze(0).to(decoder.device)
+        tokens = torch.cat([prompt, new]).unsqueeze(0)
         prompt_mel = self._mel[:, :, start_frame - self._mel_offset : self.frames_final - self._mel_offset]
         noise = self._noise.take(start_frame, end_frame)
-        result = decoder._decode_block(
-            tokens, prompt.numel(), prompt_mel, end_frame - start_frame, noise, self._carry, finalize
-        )
+        self._new = new
+        return _Block(tokens, prompt.numel(), prompt_mel, end_frame - start_frame, noise, self._carry, finalize)
+
+    def _commit(self, block: _Block, result: BlockResult) -> np.ndarray:
+        """Keep the block's tokens and mel as the next prompt (within the window); the PCM on the host.
+        Call within the decoder's device context."""
+        decoder = self.decoder
+        new, self._new = self._new, None
+        total = self.tokens_decoded + len(new)
         self.tokens_decoded = total
         self.frames_final += result.mel.shape[2]
-        if finalize:
-            return result.speech
+        if block.finalize:
+            return self._emit(result.speech)
         self._tokens = torch.cat([self._tokens, new])
         self._mel = torch.cat([self._mel, result.mel], dim=2)
         keep = self._window_start(total)
@@ -489,7 +668,7 @@ class DecoderStream:
         self._mel = self._mel[:, :, keep_frame - self._mel_offset :]
         self._mel_offset = keep_frame
         self._noise.forget_before(keep_frame)
-        return result.speech
+        return self._emit(result.speech)
 
     def _emit(self, speech: torch.Tensor) -> np.ndarray:
         pcm = speech[0].float().cpu().numpy()

@@ -13,7 +13,9 @@ decode each block to PCM (``AudioDecoder.stream()``) while tokens keep arriving.
 
 Overlap: a reader task reads the token stream and demultiplexes it; audio blocks go through a
 bounded queue to a decode task, which runs each block in a single worker thread shared by all
-sessions (so decoder calls never run concurrently and never block the event loop). The reader
+sessions (so decoder calls never run concurrently and never block the event loop); blocks of
+different sessions that wait at the same time are decoded as one batch
+(:class:`glm4voice.block_batcher.BlockBatcher`). The reader
 only waits on the decoder when ``max_pending_blocks`` blocks are already queued (the decoder
 is then far behind real time and backpressure on the server is the right answer).
 
@@ -48,6 +50,7 @@ from glm4voice.audio import (
     EmptyAudioError,
     load_audio,
 )
+from glm4voice.block_batcher import BlockBatcher
 from glm4voice.client import (
     ProtocolError,
     RequestRejectedError,
@@ -149,10 +152,14 @@ class PipelineConfig:
     max_text_chars: int = MAX_TEXT_CHARS
     silence_peak: float = SILENCE_PEAK
     max_pending_blocks: int = MAX_PENDING_BLOCKS
+    decode_batch: int | None = None
+    """Most blocks of different sessions decoded as one batch (None: as many as the decoder has
+    graphs for, 16; 1: one block at a time). See :mod:`glm4voice.block_batcher`."""
 
     def __post_init__(self) -> None:
         BlockSchedule(tuple(self.block_sizes))  # validates
-        if self.max_input_seconds <= 0 or self.max_text_chars < 1 or self.max_pending_blocks < 1:
+        bad_batch = self.decode_batch is not None and self.decode_batch < 1
+        if self.max_input_seconds <= 0 or self.max_text_chars < 1 or self.max_pending_blocks < 1 or bad_batch:
             raise ValueError(f"invalid pipeline limits: {self}")
 
 
@@ -396,6 +403,7 @@ class VoiceChat:
         # and run off the event loop; a thread waits on its queue, it does not poll.
         self._input_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-tokenize")
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
+        self.blocks = BlockBatcher(decoder, self._decode_worker, config.decode_batch)
 
     def close(self) -> None:
         self._input_worker.shutdown(wait=False, cancel_futures=True)
@@ -598,7 +606,7 @@ class VoiceChat:
                     break
                 block, ready = item
                 started = clock.now()
-                samples = await loop.run_in_executor(self._decode_worker, stream.feed, list(block.codes))
+                samples = await self.blocks.feed(stream, block.codes)
                 emit(samples, block.index, len(block.codes), ready, started)
             started = clock.now()
             tail = await loop.run_in_executor(self._decode_worker, stream.finish)

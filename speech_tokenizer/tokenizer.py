@@ -58,6 +58,12 @@ class SpeechTokenizer:
         self.model = model.eval()
         self.feature_extractor = feature_extractor
         self.options = options
+        self._cuda_stream = None
+        if self.model.device.type == "cuda":
+            # its own stream: in a process that also decodes speech, a new question's tokens do not
+            # wait behind the decoder's queued work
+            torch.cuda.synchronize(self.model.device)
+            self._cuda_stream = torch.cuda.Stream(self.model.device)
 
     @classmethod
     def from_pretrained(
@@ -108,7 +114,11 @@ class SpeechTokenizer:
         if isinstance(audios, (str, bytes, bytearray, np.ndarray, Audio, tuple)):
             raise TypeError("tokenize_batch takes a list of inputs; use tokenize() for one")
         waveforms = [self._waveform(audio, source_rate) for audio in audios]
-        return tokenize_waveforms(self.model, self.feature_extractor, waveforms, batch_size=self.options.batch_size)
+        if self._cuda_stream is None:
+            return tokenize_waveforms(self.model, self.feature_extractor, waveforms, batch_size=self.options.batch_size)
+        self._cuda_stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(self._cuda_stream):  # the codes are copied to the host inside: synchronised
+            return tokenize_waveforms(self.model, self.feature_extractor, waveforms, batch_size=self.options.batch_size)
 
     def _waveform(self, audio: SpeechInput, source_rate: int | None) -> np.ndarray:
         if isinstance(audio, Audio):

@@ -269,6 +269,35 @@ def test_streams_from_threads(decoder, codes):
         stream.feed(codes[:10])
 
 
+def test_feed_many_batches_streams_without_changing_them(decoder, codes):
+    """Blocks of several streams decoded together equal each stream decoded alone; a bad job fails alone."""
+    blocks, seeds = [10, 20, 15, 30], (3, 4, 5)
+    alone = {seed: stream_blocks(decoder, codes[:75], blocks, seed=seed, prompt_window=20)[0] for seed in seeds}
+    streams = {seed: decoder.stream(seed=seed, prompt_window=20) for seed in seeds}
+    pieces = {seed: [] for seed in seeds}
+    start = 0
+    for size in blocks:
+        heard = []
+        jobs = [(streams[seed], codes[start : start + size]) for seed in seeds]
+        results = decoder.feed_many(jobs, on_result=lambda index, result: heard.append(index))
+        assert sorted(heard) == [0, 1, 2] and not any(isinstance(r, Exception) for r in results)
+        for seed, pcm in zip(seeds, results):
+            pieces[seed].append(pcm)
+        start += size
+    for seed in seeds:
+        together = np.concatenate(pieces[seed] + [streams[seed].finish()])
+        np.testing.assert_allclose(together, alone[seed], rtol=0, atol=1e-5)
+    # one stream's bad codes or finished state is that job's error only; a short job waits for more codes
+    good, finished, short = decoder.stream(seed=1), decoder.stream(seed=2), decoder.stream(seed=3)
+    finished.finish()
+    results = decoder.feed_many([(good, codes[:10]), (finished, codes[:10]), (good_twin := decoder.stream(seed=1), [99999]), (short, codes[:3])])
+    assert results[0].size and results[3].size == 0 and short.pending_tokens == 3
+    assert isinstance(results[1], DecoderError) and "finished" in str(results[1])
+    assert isinstance(results[2], DecoderError) and "out of range" in str(results[2])
+    np.testing.assert_array_equal(results[0], decoder.stream(seed=1).feed(codes[:10]))
+    assert good_twin.pending_tokens == 0 and not good._busy.locked()
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     graphs = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=True)

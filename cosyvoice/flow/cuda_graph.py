@@ -1,7 +1,9 @@
 """The whole Euler solve (10 steps x batched guidance = 20 estimator passes, ~10k small kernels) as one
 CUDA graph replay: the estimator is launch-bound, so this is where the decoder's time goes.
 
-Graphs have fixed shapes. Lengths up to ``exact_frames`` (first blocks: 68 mel frames for 10 tokens)
+Graphs have fixed shapes. A batch of B sequences (several streams' blocks of the same length) runs in
+the graph of the smallest captured batch size >= B, the extra rows zero (rows are independent: per-row
+GroupNorm and attention). Lengths up to ``exact_frames`` (first blocks: 68 mel frames for 10 tokens)
 get a graph of their own exact length. Longer ones are padded up to a multiple of ``bucket_frames`` and
 the estimator runs in its ``padded=True`` mode, in which padding is invisible to the valid frames (no
 attention to padded keys, GroupNorm statistics over valid frames only; a few more kernels), so a
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BUCKET_FRAMES = 64
 DEFAULT_EXACT_FRAMES = 256
 DEFAULT_MAX_FRAMES = 8192
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 WARMUP_RUNS = 2
 
 
@@ -55,6 +58,7 @@ class GraphedEulerSolver:
         max_frames: int = DEFAULT_MAX_FRAMES,
         exact_frames: int = DEFAULT_EXACT_FRAMES,
         compile_exact: bool = False,
+        batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     ):
         """``compile_exact``: run the estimator of exact-length graphs (short first blocks, where the
         ~1000 kernels per pass dominate) through ``torch.compile`` (fewer, fused kernels; each new
@@ -65,6 +69,9 @@ class GraphedEulerSolver:
         self.bucket_frames = bucket_frames
         self.max_frames = max_frames
         self.exact_frames = exact_frames
+        if not batch_sizes or any(b < 1 for b in batch_sizes):
+            raise ValueError(f"batch_sizes must be positive, got {batch_sizes}")
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self._graphs: dict[tuple[int, int, int, bool], _Captured] = {}
         self._pool = None
         self.compile_exact = compile_exact
@@ -75,6 +82,11 @@ class GraphedEulerSolver:
         """(batch, length, time points, padded) of the captured graphs."""
         return sorted(self._graphs)
 
+    @property
+    def max_batch(self) -> int:
+        """Largest batch with a graph (larger batches run eagerly)."""
+        return self.batch_sizes[-1]
+
     def eager(self, z, mu, mask, spks, cond, t_span) -> torch.Tensor:
         return self.cfm.solve(z, mu, mask, spks, cond, t_span)
 
@@ -83,26 +95,30 @@ class GraphedEulerSolver:
         batch, channels, frames = mu.shape
         exact = mask is None and frames <= self.exact_frames
         padded = frames if exact else -(-frames // self.bucket_frames) * self.bucket_frames
-        if mu.device.type != "cuda" or padded > self.max_frames:
+        rows = next((b for b in self.batch_sizes if b >= batch), None)
+        if mu.device.type != "cuda" or padded > self.max_frames or rows is None:
             return self.eager(z, mu, mask, spks, cond, t_span)
-        key = (batch, padded, int(t_span.shape[0]), not exact)
+        key = (rows, padded, int(t_span.shape[0]), not exact)
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._capture(key, channels, spks.shape[1], cond.shape[1], mu.device)
             self._graphs[key] = captured
         for static, value in ((captured.z, z), (captured.mu, mu), (captured.cond, cond)):
-            static[..., frames:].zero_()
-            static[..., :frames].copy_(value)
+            static[:batch, :, frames:].zero_()
+            static[:batch, :, :frames].copy_(value)
+            static[batch:].zero_()
         if captured.mask is not None:
             captured.mask.zero_()
             if mask is None:
                 captured.mask[..., :frames] = 1
             else:
-                captured.mask[..., :frames].copy_(mask)
-        captured.spks.copy_(spks)
+                captured.mask[:batch, :, :frames].copy_(mask)
+                captured.mask[batch:, :, :frames] = 1
+        captured.spks[:batch].copy_(spks)
+        captured.spks[batch:].zero_()
         captured.t_span.copy_(t_span)
         captured.graph.replay()
-        return captured.out[..., :frames].clone()
+        return captured.out[:batch, :, :frames].clone()
 
     def _capture(self, key: tuple[int, int, int, bool], channels: int, spk_channels: int, cond_channels: int, device) -> _Captured:
         batch, frames, steps, padded = key

@@ -90,27 +90,29 @@ class MaskedDiffWithXvec(nn.Module):
         generator: torch.Generator | None = None,
         solve=None,
     ) -> torch.Tensor:
-        """The original's ``inference`` for one sequence (B = 1): returns the mel (1, 80, T) of the frames
-        after the prompt mel.
+        """The original's ``inference``: returns the mel (B, 80, T) of the frames after the prompt mel.
 
+        One sequence (B = 1) as the original, or a batch of B sequences of the same lengths (prompt
+        tokens, new tokens, prompt mel frames; no padding), each computed as it would be alone.
         ``feat_len`` overrides the total mel length (default: :func:`mel_frames` of prompt+new tokens);
-        ``noise`` (1, 80, feat_len) or ``generator`` give the ODE's starting noise; ``solve(z, mu, mask,
+        ``noise`` (B, 80, feat_len) or ``generator`` give the ODE's starting noise; ``solve(z, mu, mask,
         spks, cond, t_span)`` (mask None) replaces the eager ODE solver (CUDA graphs).
         """
-        if token.shape[0] != 1:
-            raise ValueError("MaskedDiffWithXvec.inference decodes one sequence (batch size 1)")
+        batch = token.shape[0]
+        if prompt_token.shape[0] != batch or prompt_feat.shape[0] != batch or embedding.shape[0] != batch:
+            raise ValueError("token, prompt_token, prompt_feat and embedding must have the same batch size")
         embedding = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
         tokens = torch.cat([prompt_token.to(token.dtype), token], dim=1)
         total = int(prompt_token.shape[1]) + int(token.shape[1])
         if feat_len is None:
             feat_len = self.mel_frames(total)
-        lengths = torch.tensor([total], dtype=torch.int32, device=token.device)
-        mu = self.encode(tokens, lengths, feat_len).transpose(1, 2).contiguous()  # (1, 80, T)
+        lengths = torch.full((batch,), total, dtype=torch.int32, device=token.device)
+        mu = self.encode(tokens, lengths, feat_len).transpose(1, 2).contiguous()  # (B, 80, T)
 
         prompt_frames = int(prompt_feat.shape[1])
         if prompt_frames > feat_len:
             raise ValueError(f"the prompt mel ({prompt_frames} frames) is longer than the whole mel ({feat_len} frames)")
-        conds = torch.zeros(1, self.output_size, feat_len, device=mu.device, dtype=mu.dtype)
+        conds = torch.zeros(batch, self.output_size, feat_len, device=mu.device, dtype=mu.dtype)
         if prompt_frames:
             conds[:, :, :prompt_frames] = prompt_feat.transpose(1, 2).to(mu.dtype)
         cfm = self.decoder
@@ -121,5 +123,5 @@ class MaskedDiffWithXvec(nn.Module):
         z = noise.to(device=mu.device, dtype=mu.dtype)
         t_span = cfm.time_span(n_timesteps, device=mu.device)
         solver = solve if solve is not None else cfm.solve
-        feat = solver(z, mu, None, embedding, conds, t_span)  # mask None: one sequence, every frame valid
+        feat = solver(z, mu, None, embedding, conds, t_span)  # mask None: equal lengths, every frame valid
         return feat[:, :, prompt_frames:]

@@ -10,6 +10,7 @@ generator state reproduces the original's draw from a freshly seeded global RNG.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -26,22 +27,34 @@ class SineGen(nn.Module):
         self.noise_std = noise_std
         self.voiced_threshold = voiced_threshold
 
-    def forward(self, f0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, f0: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """``generator``: one for the whole batch, or one per row (each row then draws exactly what it
+        would draw alone with its generator, so batching streams does not change their audio)."""
         batch = f0.shape[0]
+        per_row = isinstance(generator, (list, tuple))
+        if per_row and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
         harmonics = torch.arange(1, self.harmonic_num + 2, device=f0.device, dtype=torch.float32).view(1, -1, 1)
         cycles = f0.float() * harmonics / self.sampling_rate  # (B, H, N), cycles per sample
         theta = 2 * math.pi * (torch.cumsum(cycles, dim=-1) % 1)
         # start phase ~ U(-pi, pi) per harmonic (computed like torch.distributions.Uniform), 0 for the fundamental
         low = torch.tensor(-math.pi)
         width = torch.tensor(math.pi) - low
-        phase = low + torch.rand((batch, self.harmonic_num + 1, 1), generator=generator, device=_gen_device(generator, f0)) * width
-        phase = phase.to(f0.device)
+        shape = (self.harmonic_num + 1, 1)
+        if per_row:
+            uniform = torch.cat([torch.rand((1, *shape), generator=g, device=_gen_device(g, f0)).to(f0.device) for g in generator])
+        else:
+            uniform = torch.rand((batch, *shape), generator=generator, device=_gen_device(generator, f0))
+        phase = (low + uniform * width).to(f0.device)
         phase[:, 0, :] = 0
         sines = self.sine_amp * torch.sin(theta + phase)
         voiced = (f0 > self.voiced_threshold).float()
         noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
-        noise = noise_amp * torch.randn(sines.shape, generator=generator, device=sines.device)
-        return sines * voiced + noise
+        if per_row:
+            normal = torch.cat([torch.randn((1, *sines.shape[1:]), generator=g, device=sines.device) for g in generator])
+        else:
+            normal = torch.randn(sines.shape, generator=generator, device=sines.device)
+        return sines * voiced + noise_amp * normal
 
 
 def _gen_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
@@ -61,7 +74,7 @@ class SourceModuleHnNSF(nn.Module):
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
         self.l_tanh = nn.Tanh()
 
-    def forward(self, f0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """f0 (B, 1, N) at sample rate -> excitation (B, 1, N)."""
+    def forward(self, f0: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """f0 (B, 1, N) at sample rate -> excitation (B, 1, N); ``generator``: see :meth:`SineGen.forward`."""
         sines = self.l_sin_gen(f0, generator).transpose(1, 2)  # (B, N, H)
         return self.l_tanh(self.l_linear(sines.to(self.l_linear.weight.dtype))).transpose(1, 2)

@@ -279,6 +279,36 @@ class GLMModel(nn.Module):
             x = attn_out(block, x, context[0].transpose(0, 1).reshape(n, -1))
         return logits(self, x[-1:] if last_only else x)
 
+    def prefill_first_chunk(
+        self,
+        ids: torch.Tensor,
+        last: torch.Tensor,
+        slot: torch.Tensor,
+        cache: KVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """:meth:`prefill` of positions ``0 .. len(ids)-1`` with static shapes (what a prefill CUDA
+        graph captures): ``slot`` and ``last`` are 1-element device tensors, so one graph serves every
+        slot and prompt length up to ``len(ids)``. ``ids`` may be padded past the prompt: causal
+        attention keeps the padding out of the prompt's rows, and the keys/values it writes past the
+        prompt are overwritten by decode steps before any step reads them. Returns float32 logits
+        [1, vocab] of row ``last``."""
+        attn_in, attn_out, logits = self.steps
+        n = ids.shape[0]
+        cos, sin = rope[0][:n], rope[1][:n]
+        group = self.config.group_size
+        x = self.embed(ids)
+        for layer, block in enumerate(self.layers):
+            q, kv = attn_in(block, x, cos, sin)
+            new = kv.transpose(1, 2)  # [2, KV, n, d]
+            cache.kv[layer, :, :, :, :n].index_copy_(1, slot, new.unsqueeze(1))
+            keys = new[0].repeat_interleave(group, dim=0)
+            values = new[1].repeat_interleave(group, dim=0)
+            with sdpa_kernel(SDPA_BACKENDS):
+                context = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True)
+            x = attn_out(block, x, context[0].transpose(0, 1).reshape(n, -1))
+        return logits(self, x.index_select(0, last))
+
     # --- decode: one new token for each of the first b slots ----------------------------------------
     def decode(
         self,

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 MIN_KV_BUCKET = 256
+DEFAULT_PREFILL_GRAPH_LENGTHS = (64, 128, 256, 512)
+"""Padded prompt lengths with a prefill CUDA graph (a first-turn voice prompt is ~100-200 tokens)."""
 
 
 def kv_buckets(max_seq_len: int, smallest: int = MIN_KV_BUCKET) -> tuple[int, ...]:
@@ -72,6 +74,7 @@ class ModelRunner:
         graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
         kv_lengths: Sequence[int] | None = None,
         cache_dtype: torch.dtype | None = None,
+        prefill_graph_lengths: Sequence[int] = (),
     ) -> None:
         self.model = model
         self.device = model.device
@@ -108,6 +111,21 @@ class ModelRunner:
         else:
             model.eager_steps()
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # prefill graphs: whole prompts (start 0) padded to one of these lengths; static inputs are
+        # the ids, and [slot, last row, sampling counter]
+        lengths = sorted({int(n) for n in prefill_graph_lengths if 0 < n <= max_seq_len}) if self.cuda_graphs else []
+        self.prefill_graph_lengths = tuple(lengths)
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs_enabled = True
+        """Use the captured prefill graphs (switchable, e.g. to measure both paths in one run)."""
+        longest = max(lengths, default=1)
+        self._pf_ids = torch.zeros(longest, dtype=torch.long, device=device)
+        self._pf_meta = torch.zeros(3, dtype=torch.long, device=device)
+        self._pf_token = torch.zeros(1, dtype=torch.long, device=device)
+        self._pf_host_ids = torch.zeros(longest, dtype=torch.long, pin_memory=pin)
+        self._pf_host_meta = torch.zeros(3, dtype=torch.long, pin_memory=pin)
+        self._pf_host_token = torch.zeros(1, dtype=torch.long, pin_memory=pin)
+        self._pf_event = torch.cuda.Event() if pin else None
 
     # --- per-slot state -----------------------------------------------------------------------------
     def set_sampling(self, slot: int, temperature: float, top_p: float, seed: int) -> None:
@@ -119,7 +137,12 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int], start: int, sample: bool) -> int | None:
         """Write ``ids`` (positions ``start ..``) into ``slot``; with ``sample``, draw and return
-        the next token (the one at position ``start + len(ids)``)."""
+        the next token (the one at position ``start + len(ids)``). A whole prompt (``start`` 0,
+        ``sample``) that fits a captured prefill graph replays that graph."""
+        if sample and start == 0 and self.prefill_graphs_enabled:
+            length = _cover(self.prefill_graph_lengths, len(ids))
+            if length is not None and length in self.prefill_graphs:
+                return self._replay_prefill(length, slot, ids)
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         logits = self.model.prefill(ids_t, self.cache, slot, start, self.rope)
         if not sample:
@@ -128,6 +151,29 @@ class ModelRunner:
         token = self.sample(logits, self.temperature[slot : slot + 1], self.top_p[slot : slot + 1],
                             self.seeds[slot : slot + 1], counter)  # fmt: skip
         return int(token.item())
+
+    def _prefill_step(self, length: int) -> None:
+        """The body of a prefill graph: the padded prompt of ``length`` ids through the model into
+        the slot ``_pf_meta[0]``, then the first token drawn from row ``_pf_meta[1]``."""
+        slot, last, counter = self._pf_meta[0:1], self._pf_meta[1:2], self._pf_meta[2:3]
+        logits = self.model.prefill_first_chunk(self._pf_ids[:length], last, slot, self.cache, self.rope)
+        token = self.sample(logits, self.temperature.index_select(0, slot), self.top_p.index_select(0, slot),
+                            self.seeds.index_select(0, slot), counter)  # fmt: skip
+        self._pf_token.copy_(token)
+
+    def _replay_prefill(self, length: int, slot: int, ids: Sequence[int]) -> int:
+        n = len(ids)
+        host_ids = self._pf_host_ids.numpy()
+        host_ids[:n] = ids
+        host_ids[n:length] = 0  # padding (any valid id: causal attention keeps it out of the prompt)
+        self._pf_host_meta.numpy()[:] = (slot, n - 1, n)
+        self._pf_ids[:length].copy_(self._pf_host_ids[:length], non_blocking=True)
+        self._pf_meta.copy_(self._pf_host_meta, non_blocking=True)
+        self.prefill_graphs[length].replay()
+        self._pf_host_token.copy_(self._pf_token, non_blocking=True)
+        self._pf_event.record()
+        self._pf_event.synchronize()
+        return int(self._pf_host_token[0])
 
     # --- decode -------------------------------------------------------------------------------------
     def _step(self, b: int, kv_len: int) -> None:
@@ -230,6 +276,26 @@ class ModelRunner:
                     self._step(b, kv_len)
                 self.graphs[(b, kv_len)] = graph
         torch.cuda.synchronize(self.device)
-        logger.info("warm-up: %d decode graphs (batch %s x attention length %s) in %.1f s", len(self.graphs),
-                    self.batch_sizes, self.kv_lengths, time.perf_counter() - started)  # fmt: skip
+        self._capture_prefill_graphs(pool)
+        logger.info("warm-up: %d decode graphs (batch %s x attention length %s), prefill graphs %s in %.1f s",
+                    len(self.graphs), self.batch_sizes, self.kv_lengths, self.prefill_graph_lengths,
+                    time.perf_counter() - started)  # fmt: skip
+
+    def _capture_prefill_graphs(self, pool) -> None:
+        if not self.prefill_graph_lengths:
+            return
+        self._pf_meta.copy_(torch.tensor([0, 0, 1]))  # slot 0 (free during warm-up), row 0
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for length in self.prefill_graph_lengths:
+                self._prefill_step(length)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        for length in reversed(self.prefill_graph_lengths):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._prefill_step(length)
+            self.prefill_graphs[length] = graph
+        torch.cuda.synchronize(self.device)
 

@@ -1,4 +1,5 @@
-"""CUDA graphs and torch.compile give the same tokens as eager mode (GPU only).
+"""CUDA graphs (decode steps and whole-prompt prefills) and torch.compile give the same tokens as
+eager mode (GPU only).
 
 Self-contained (a random tiny model made on the GPU, no fixtures), so it also runs with
 ``pytest --noconftest`` on a machine without the audio packages."""
@@ -33,6 +34,7 @@ async def _generate(model, params, **config) -> tuple[list[list[int]], list[list
         together = await asyncio.gather(*(_collect(s) for s in streams))
         if config.get("eager") is not True:
             assert engine.runner.graphs, "no CUDA graph was captured"
+            assert sorted(engine.runner.prefill_graphs) == [32], "no prefill graph (prompts of <= 32 ids) was captured"
     return alone, list(together)
 
 

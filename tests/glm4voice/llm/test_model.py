@@ -120,6 +120,30 @@ def test_chunked_prefill_and_batched_decode_equal_full_forward(tiny_llm, attenti
     model.decode_attention = "matmul"
 
 
+def test_padded_first_chunk_prefill_equals_prefill_then_decodes_on(tiny_llm):
+    """The static-shape prefill of the prefill CUDA graphs: a prompt padded to a fixed length, slot
+    and last row as tensors, gives the prompt's logits and cache rows, and decoding continues."""
+    model = tiny_llm.model
+    full = model(torch.tensor(IDS))
+    n, padded = 9, 16
+    cache = KVCache.allocate(model.config, 3, 64, torch.float32, "cpu")
+    reference = KVCache.allocate(model.config, 3, 64, torch.float32, "cpu")
+    rope = model.rope_tables(65)
+    with torch.inference_mode():
+        ids = torch.tensor(IDS[:n] + [0] * (padded - n))
+        logits = model.prefill_first_chunk(ids, torch.tensor([n - 1]), torch.tensor([1]), cache, rope)
+        torch.testing.assert_close(logits[0], full[n - 1], rtol=1e-4, atol=1e-4)
+        model.prefill(torch.tensor(IDS[:n]), reference, 1, 0, rope)
+        torch.testing.assert_close(cache.kv[:, :, 1, :, :n], reference.kv[:, :, 1, :, :n], rtol=1e-5, atol=1e-5)
+        assert not cache.kv[:, :, (0, 2)].any(), "other slots were written"
+        scratch = cache.scratch_position
+        for position in range(n, len(IDS)):  # the padding's keys never leak into later tokens
+            tokens = torch.tensor([0, IDS[position], 0])
+            positions = torch.tensor([scratch, position, scratch])
+            step = model.decode(tokens, positions, cache, rope, kv_len=padded)
+            torch.testing.assert_close(step[1], full[position], rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_model_stays_close_to_float32(llm_folder, tiny_llm):
     from glm4voice.llm.checkpoint import load_model
 

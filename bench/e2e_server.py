@@ -1,0 +1,283 @@
+"""Bench-only token server for bench/e2e.py: model_server.py's app (``create_app``) around an engine
+built from full-size random weights made directly on the GPU, with the answers forced into the
+13 text / 26 audio interleave of a real conversation.
+
+    python bench/e2e_server.py --port 18123 --tokenizer-dir DIR [--config small --device cpu]
+
+Why forced: random weights never emit the 13/26 pattern (nor <|user|>), so neither the decoder
+nor the demultiplexer would see a real conversation's work. ``PatternBackend`` wraps the engine and
+replaces every sampled id by the id the pattern puts at that position; the engine still computes
+and samples every token exactly as in production (same prompt, same sampling, same steps), only
+the id that goes on the wire changes. A request's ``max_new_tokens`` sets the answer length: the
+last of those tokens is replaced by ``<|user|>`` (end of turn). The forcing lives only here.
+
+``/reference/generate_stream`` (same wire format) is the reference-style baseline the original
+server runs: transformers' ``GlmForCausalLM`` over the same weights (``glm4voice.llm.hf_glm``),
+``generate()`` in a thread feeding a token streamer, batch 1, with a LogitsProcessor that forces
+the same pattern. ``/bench/prefill_graphs`` switches the engine's prefill graphs on or off (to
+measure both in one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request  # at module level: the endpoints' annotations are resolved here
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+logger = logging.getLogger("bench.e2e_server")
+
+TEXT_RUN = 13
+AUDIO_RUN = 26
+PATTERN_TEXT = "Sure! Here is a short story about a curious little cat who loved music, and the weather was nice."
+
+
+@dataclass(frozen=True)
+class AnswerPattern:
+    """The id at position ``k`` of an answer of ``length`` tokens (the last one is ``end_id``)."""
+
+    text_ids: tuple[int, ...]
+    audio_offset: int
+    num_audio_codes: int
+    end_id: int
+
+    def token(self, k: int, length: int, seed: int = 0) -> int:
+        if k >= length - 1:
+            return self.end_id
+        cycle = k % (TEXT_RUN + AUDIO_RUN)
+        if cycle < TEXT_RUN:
+            return self.text_ids[k % len(self.text_ids)]
+        code = (k * 7919 + seed * 104729) % (self.num_audio_codes - 1)  # codes vary like real speech
+        return self.audio_offset + code
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "AnswerPattern":
+        from glm4voice.protocol import SpecialTokens
+
+        special = SpecialTokens.from_tokenizer(tokenizer)
+        return cls(
+            text_ids=tuple(tokenizer.encode(PATTERN_TEXT)),
+            audio_offset=special.audio_offset,
+            num_audio_codes=special.num_audio_codes,
+            end_id=special.user,
+        )
+
+
+class PatternStream:
+    """An engine stream whose ids are replaced by the pattern's (same count, same timing)."""
+
+    def __init__(self, inner, pattern: AnswerPattern, length: int, seed: int):
+        self.inner, self.pattern, self.length, self.seed = inner, pattern, length, seed
+        self.count = 0
+
+    def __aiter__(self) -> "PatternStream":
+        return self
+
+    async def __anext__(self) -> int:
+        await self.inner.__anext__()  # StopAsyncIteration / errors pass through
+        k, self.count = self.count, self.count + 1
+        return self.pattern.token(k, self.length, self.seed)
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+
+class PatternBackend:
+    """``glm4voice.server.engine_backend.EngineBackend`` with forced answers (see the module doc)."""
+
+    is_token_backend = True
+
+    def __init__(self, engine, pattern: AnswerPattern, folder: Path):
+        from glm4voice.server.engine_backend import EngineBackend
+
+        self.inner = EngineBackend(engine, folder)
+        self.engine = engine
+        self.pattern = pattern
+        self.checkpoint_folder = folder
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.inner.max_seq_len
+
+    @property
+    def counter_names(self) -> frozenset[str]:
+        return self.inner.counter_names
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
+
+    def submit(self, prompt_ids, request):
+        stream = self.inner.submit(prompt_ids, request)
+        return PatternStream(stream, self.pattern, request.max_new_tokens, request.seed or 0)
+
+
+# --- the reference-style server: HF generate + a streamer thread --------------------------------------
+
+
+def reference_app(model, pattern: AnswerPattern, max_new_tokens_cap: int):
+    """FastAPI app with ``POST /generate_stream`` served as the original server does."""
+    import torch
+    from fastapi import FastAPI
+    from starlette.responses import StreamingResponse
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.streamers import BaseStreamer
+
+    from glm4voice.llm.hf_glm import to_transformers_glm
+    from glm4voice.server import wire
+    from glm4voice.server.schema import parse_generate_request
+
+    hf = to_transformers_glm(model)
+    hf.generation_config.eos_token_id = None  # the answer ends by the forced <|user|> and its length
+    lock = threading.Lock()  # batch 1, one request at a time, as the original
+
+    class ForcePattern(LogitsProcessor):
+        def __init__(self, prompt_len: int, length: int, seed: int):
+            self.prompt_len, self.length, self.seed = prompt_len, length, seed
+
+        def __call__(self, input_ids, scores):
+            k = input_ids.shape[1] - self.prompt_len
+            forced = pattern.token(k, self.length, self.seed)
+            scores = torch.full_like(scores, -float("inf"))
+            scores[:, forced] = 0.0
+            return scores
+
+    class QueueStreamer(BaseStreamer):
+        def __init__(self):
+            self.queue: queue.Queue = queue.Queue()
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:  # generate() first puts the prompt
+                self.prompt_seen = True
+                return
+            for token in value.reshape(-1).tolist():
+                self.queue.put(token)
+
+        def end(self):
+            self.queue.put(None)
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request):
+        parsed = parse_generate_request(await request.body(), max_new_tokens_cap)
+        ids = torch.tensor([parsed.prompt_token_ids], device=model.device)
+        streamer = QueueStreamer()
+        kwargs = dict(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=parsed.max_new_tokens,
+            do_sample=True, temperature=parsed.temperature, top_p=parsed.top_p, streamer=streamer,
+            logits_processor=LogitsProcessorList([ForcePattern(ids.shape[1], parsed.max_new_tokens, parsed.seed or 0)]),
+        )  # fmt: skip
+
+        def run():
+            with lock:
+                try:
+                    hf.generate(**kwargs)
+                except Exception:
+                    logger.exception("reference generate failed")
+                    streamer.queue.put(None)
+
+        threading.Thread(target=run, daemon=True).start()
+
+        def lines():
+            while (token := streamer.queue.get()) is not None:
+                yield wire.token_line(token)
+
+        return StreamingResponse(lines(), media_type=wire.MEDIA_TYPE)
+
+    return app
+
+
+# --- main ---------------------------------------------------------------------------------------------
+
+
+def build(args):
+    import torch
+
+    from glm4voice.llm.checkpoint import random_model
+    from glm4voice.llm.engine import Engine, EngineConfig
+    from glm4voice.server.settings import ServerSettings
+    from glm4voice.text_tokenizer import GLMTokenizer
+    from model_server import create_app
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from llm import CONFIGS  # bench/llm.py: the published shape and a small CPU one
+
+    started = time.perf_counter()
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
+    model = random_model(CONFIGS[args.config], torch.device(args.device), dtype, seed=0)
+    logger.info("random %s model on %s in %.1f s", args.config, args.device, time.perf_counter() - started)
+    tokenizer = GLMTokenizer.from_pretrained(args.tokenizer_dir)
+    pattern = AnswerPattern.from_tokenizer(tokenizer)
+    config = EngineConfig(
+        device=args.device, dtype=args.dtype, max_batch_size=args.max_streams, max_seq_len=args.max_seq_len,
+        max_queue=2 * args.max_streams + 64, eager=args.eager,
+    )  # fmt: skip
+    engine = Engine.from_model(model, config, stop_ids=())  # the pattern's <|user|> ends answers
+    settings = ServerSettings(
+        host=args.host, port=args.port, model_path=str(args.tokenizer_dir), dtype=args.dtype, device=args.device,
+        max_concurrent_streams=args.max_streams, max_queue=256, max_seq_len=args.max_seq_len, eager=args.eager,
+        log_level="warning",
+    )  # fmt: skip
+    app = create_app(PatternBackend(engine, pattern, Path(args.tokenizer_dir)), settings, tokenizer)
+    if args.reference:
+        app.mount("/reference", reference_app(model, pattern, settings.max_new_tokens_cap))
+
+    from starlette.responses import JSONResponse
+
+    @app.post("/bench/prefill_graphs")
+    async def prefill_graphs(request: Request):
+        body = json.loads(await request.body())
+        runner = engine.runner
+        runner.prefill_graphs_enabled = bool(body["on"]) and bool(runner.prefill_graphs)
+        return JSONResponse({"on": runner.prefill_graphs_enabled, "lengths": sorted(runner.prefill_graphs)})
+
+    return app, settings
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tokenizer-dir", required=True, help="a text tokenizer folder (tokenizer.model + config)")
+    parser.add_argument("--config", choices=("published", "small"), default="published")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--max-streams", type=int, default=64)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--no-reference", dest="reference", action="store_false")
+    args = parser.parse_args(argv)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("this bench server only listens on loopback")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app, settings = build(args)
+    from model_server import serve
+
+    return serve(app, settings)
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    sys.exit(main())

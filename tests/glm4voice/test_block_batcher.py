@@ -1,0 +1,110 @@
+"""BlockBatcher: blocks that wait together are decoded in one feed_many call; results and errors
+reach the right session; a cancelled session's block is dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from glm4voice.block_batcher import BlockBatcher
+
+
+class GatedDecoder:
+    """feed_many that records its jobs and waits for the test to open a gate before returning."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+        self.gates: list[threading.Event] = []
+        self.entered = threading.Semaphore(0)
+
+    def feed_many(self, jobs, on_result=None, max_batch=None):
+        self.calls.append([stream for stream, _ in jobs])
+        gate = threading.Event()
+        self.gates.append(gate)
+        self.entered.release()
+        assert gate.wait(10)
+        results = []
+        for index, (stream, codes) in enumerate(jobs):
+            result = ValueError(f"bad codes for {stream}") if stream == "bad" else np.full(len(codes), len(codes), np.float32)
+            results.append(result)
+            if on_result is not None:
+                on_result(index, result)
+        return results
+
+
+async def _wait_entered(decoder: GatedDecoder) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, decoder.entered.acquire)
+
+
+def test_waiting_blocks_share_one_call_and_get_their_own_results():
+    async def scenario():
+        decoder = GatedDecoder()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            first = asyncio.create_task(batcher.feed("a", [1, 2]))
+            await _wait_entered(decoder)  # "a" is being decoded alone
+            later = [asyncio.create_task(batcher.feed(name, [1] * n)) for name, n in (("b", 3), ("bad", 1), ("c", 4))]
+            await asyncio.sleep(0.05)
+            assert decoder.calls == [["a"]], "blocks must wait for the running call, not start their own"
+            decoder.gates[0].set()
+            np.testing.assert_array_equal(await first, [2, 2])
+            await _wait_entered(decoder)
+            assert decoder.calls[1] == ["b", "bad", "c"]
+            decoder.gates[1].set()
+            b, bad, c = await asyncio.gather(*later, return_exceptions=True)
+            assert len(b) == 3 and len(c) == 4
+            assert isinstance(bad, ValueError) and "bad" in str(bad)
+            assert (batcher.calls, batcher.jobs) == (2, 4)
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_sessions_block_is_dropped_and_a_crash_reaches_every_job():
+    class Crashing(GatedDecoder):
+        def feed_many(self, jobs, on_result=None, max_batch=None):
+            super().feed_many([(stream, []) for stream, _ in jobs], None, max_batch)  # records, waits
+            raise RuntimeError("device lost")
+
+    async def scenario():
+        decoder = Crashing()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            first = asyncio.create_task(batcher.feed("a", [1]))
+            await _wait_entered(decoder)
+            gone = asyncio.create_task(batcher.feed("gone", [1]))
+            kept = asyncio.create_task(batcher.feed("kept", [1]))
+            await asyncio.sleep(0.01)
+            gone.cancel()
+            decoder.gates[0].set()
+            with pytest.raises(RuntimeError, match="device lost"):
+                await first
+            await _wait_entered(decoder)
+            assert decoder.calls[1] == ["kept"]
+            decoder.gates[1].set()
+            with pytest.raises(RuntimeError, match="device lost"):
+                await kept
+
+    asyncio.run(scenario())
+
+
+def test_a_decoder_without_feed_many_is_fed_block_by_block():
+    class Stream:
+        def __init__(self):
+            self.fed = []
+
+        def feed(self, codes):
+            self.fed.append(codes)
+            return np.zeros(len(codes), np.float32)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(object(), worker)
+            stream = Stream()
+            assert len(await batcher.feed(stream, (5, 6, 7))) == 3
+            assert stream.fed == [[5, 6, 7]] and batcher.calls == 0
+
+    asyncio.run(scenario())
