@@ -417,33 +417,45 @@ class AudioDecoder:
             with torch.cuda.stream(self._cuda_stream):
                 yield
 
-    def warm_up(self, block_sizes: Sequence[int], batch_sizes: Sequence[int] = (1,), repeats: int = 3) -> float:
-        """Decode throwaway answers through the block schedule ``block_sizes`` (the last size repeated
-        ``repeats`` times, after which the prompt window makes shapes repeat) with each batch size of
-        :meth:`feed_many`, so that the CUDA graphs of those shapes are captured before the first
-        listener needs them. Returns the seconds spent."""
+    def warm_up(self, block_sizes: Sequence[int], batch_sizes: Sequence[int] = (1,)) -> float:
+        """Capture, before the first listener, the ODE graphs of every block that streams following
+        ``block_sizes`` (early flushes included) can make, for each batch size of :meth:`feed_many`:
+        the exact-length first block and every padded length up to the prompt window plus the largest
+        block; then decode one throwaway answer (the encoder's and vocoder's kernels). Without it a
+        graph is captured at its first use (~0.5 s during which every stream waits). Returns seconds."""
         started = time.perf_counter()
-        plan = list(block_sizes) + [block_sizes[-1]] * max(0, repeats - 1)
-        for batch in batch_sizes:
-            streams = [self.stream(seed=row) for row in range(batch)]
-            try:
-                offset = 0
-                for size in plan:
-                    codes = [(offset + 7 * k) % self.num_codes for k in range(size)]
-                    offset += size
-                    for result in self.feed_many([(s, codes) for s in streams], max_batch=batch):
-                        if isinstance(result, Exception):
-                            raise result
-            finally:
-                for stream in streams:
-                    stream.close()
-        logger.info("decoder warm-up (blocks %s, batches %s) in %.1f s", plan, list(batch_sizes), time.perf_counter() - started)
-        return time.perf_counter() - started
+        captured = 0
+        if self._solve is self._solver and self.device.type == "cuda":
+            frames = [self.mel_frames(block_sizes[0])]
+            if self.prompt_window is not None:
+                bucket = self._solver.bucket_frames
+                longest = self.mel_frames(self.prompt_window + self.block_size + max(block_sizes))
+                frames += list(range(bucket, longest + bucket, bucket))
+            channels = self.flow.output_size
+            with self._device_context():
+                captured = self._solver.prepare(batch_sizes, frames, N_TIMESTEPS + 1, channels, channels, channels, self.device)
+        stream = self.stream(seed=0)
+        try:
+            offset = 0
+            for size in list(block_sizes) + [block_sizes[-1]]:
+                stream.feed([(offset + 7 * k) % self.num_codes for k in range(size)])
+                offset += size
+            stream.finish()
+        finally:
+            stream.close()
+        seconds = time.perf_counter() - started
+        logger.info("decoder warm-up: %d ODE graphs for batches %s in %.1f s", captured, list(batch_sizes), seconds)
+        return seconds
 
     @property
     def max_batch(self) -> int:
         """Most blocks decoded as one batch by :meth:`feed_many` (the ODE's graphs are captured per batch size)."""
         return self._solver.max_batch
+
+    @property
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes with ODE graphs (a batch runs in the next size up): what :meth:`warm_up` takes."""
+        return self._solver.batch_sizes
 
     def _decode_block(
         self,

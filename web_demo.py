@@ -76,6 +76,8 @@ MAX_NEW_TOKENS_LIMIT = 4096
 TEXT_REFRESH_S = 0.1
 """Streamed text is pushed to the page at most this often (every token would flood the page)."""
 DEFAULT_MAX_CONCURRENT_TURNS = 8
+GPU_MAX_CONCURRENT_TURNS = 32
+"""Default on CUDA: 32 conversations stay real time on one H100 (docs/PERFORMANCE.md)."""
 
 SAMPLE_PROMPTS = (
     ("sample_en.wav", "English: “Hello! Can you tell me a short story about a cat, please?”"),
@@ -447,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-concurrent-turns",
         type=int,
-        default=DEFAULT_MAX_CONCURRENT_TURNS,
-        help="turns handled at once across all users (default %(default)s)",
+        default=None,
+        help=f"turns handled at once across all users (default {GPU_MAX_CONCURRENT_TURNS} with a GPU, "
+        f"{DEFAULT_MAX_CONCURRENT_TURNS} on a CPU)",
     )
     parser.add_argument(
         "--random-weights-notice",
@@ -480,6 +483,8 @@ def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
     if decoder_dtype == "auto":
         decoder_dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=getattr(torch, decoder_dtype))
+    if decoder.device.type == "cuda":  # every block shape's CUDA graph now, not while a listener waits
+        decoder.warm_up(block_sizes, batch_sizes=decoder.graph_batch_sizes)  # ~1 min
     client = AsyncTokenClient(args.server_url)
     logger.info("models loaded on %s in %.1f s", device, time.perf_counter() - started)
     chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config, server_url=args.server_url)
@@ -492,13 +497,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.max_concurrent_turns < 1:
+    if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
         parser.error("--max-concurrent-turns must be at least 1")
     try:
         chat, client = load_chat(args)
     except (OSError, ValueError) as error:  # missing or malformed checkpoint folders, bad --block-sizes
         logger.error("cannot start the web demo: %s", error)
         return 1
+    if args.max_concurrent_turns is None:
+        on_gpu = getattr(chat.decoder, "device", None) is not None and chat.decoder.device.type == "cuda"
+        args.max_concurrent_turns = GPU_MAX_CONCURRENT_TURNS if on_gpu else DEFAULT_MAX_CONCURRENT_TURNS
     settings = DemoSettings(random_weights_notice=args.random_weights_notice,
                             max_concurrent_turns=args.max_concurrent_turns, server_url=args.server_url)  # fmt: skip
     app = create_app(chat, settings, close_client=client.aclose)

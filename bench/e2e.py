@@ -142,7 +142,7 @@ def turn_record(events: list, lead: float) -> dict:
     }
     record["audio_rtf"] = round(record["decode_s"] / end.audio_seconds, 4) if end.audio_seconds else None
     # the web player: starts `lead` after the first chunk; a chunk later than its slot is an underrun
-    underruns, slack = 0, float("inf")
+    underruns, slack, first_late = 0, float("inf"), None
     if chunks:
         start = chunks[0].elapsed + lead
         for chunk in chunks:
@@ -150,8 +150,11 @@ def turn_record(events: list, lead: float) -> dict:
             slack = min(slack, due - chunk.elapsed)
             if chunk.elapsed > due:
                 underruns += 1
+                first_late = first_late if first_late is not None else (chunk.block_index, chunk.start_sample / OUTPUT_SAMPLE_RATE)
                 start += chunk.elapsed - due  # the player restarts from now (lead aside)
     record["underruns"] = underruns
+    record["first_underrun"] = first_late
+    record["blocks"] = [b.codes for b in t.blocks if b.index is not None]
     record["min_slack_s"] = round(slack, 4) if chunks else None
     return record
 
@@ -325,6 +328,31 @@ class E2EBench:
             "audio_s": round(pcm.size / OUTPUT_SAMPLE_RATE, 3),
         }
 
+    def first_block_beside_generation(self, decoder: AudioDecoder) -> dict:
+        """The first block again while the token server generates one answer (GPU shared by two processes)."""
+        import threading
+
+        stop = threading.Event()
+        tokens = []
+
+        def generate():
+            with TokenClient(self.url) as client:
+                for token in client.stream(prompt_token_ids=[1, 2, 3] * 40, max_new_tokens=800, seed=1):
+                    tokens.append(token)
+                    if stop.is_set():
+                        break
+
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while len(tokens) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            return {**self.first_block(decoder), "tokens_streamed_meanwhile": len(tokens)}
+        finally:
+            stop.set()
+            thread.join(30)
+
     async def run_async(self, chat: VoiceChat, reference: VoiceChat) -> None:
         args = self.args
         question = QUESTION
@@ -413,6 +441,8 @@ class E2EBench:
             "failed": len(records) - len(ok),
             "failures": sorted({r["failed"] for r in records if "failed" in r})[:3],
             "with_underrun": sum(1 for r in ok if r["underruns"]),
+            "first_underruns": sorted(r["first_underrun"] for r in ok if r["first_underrun"])[:6],
+            "blocks_example": ok[0]["blocks"][:8] if ok else None,
             "all_real_time": len(ok) == count and not any(r["underruns"] for r in ok),
             "min_slack_s": min((r["min_slack_s"] for r in ok if r["min_slack_s"] is not None), default=None),
             "ttfa_p50": median(r["ttfa"] for r in ok),
@@ -430,7 +460,7 @@ class E2EBench:
             self.start_server()
             speech_tokenizer = self.build_speech_tokenizer()
             ours, reference_decoder = self.build_decoders()
-            batches = (1, 2, 4, 8, 16) if self.cuda else (1,)
+            batches = ours.graph_batch_sizes if self.cuda else (1,)
             warm = ours.warm_up(LOW_LATENCY_BLOCK_SIZES, batches)
             log(f"decoder graphs warmed up in {warm:.1f} s")
             self.section("first_block", self.first_block(ours))
@@ -439,6 +469,7 @@ class E2EBench:
                                       "speech_tokens": len(speech_tokenizer.tokenize(question))})  # fmt: skip
             health = self.wait_server()
             self.section("server", {k: health.get(k) for k in ("device", "dtype", "max_concurrent_streams")})
+            self.section("first_block_while_generating", self.first_block_beside_generation(ours))
             text_tokenizer = GLMTokenizer.from_pretrained(self.tokenizer_dir)
             return asyncio.run(self._chats(text_tokenizer, speech_tokenizer, ours, reference_decoder))
         finally:
@@ -457,7 +488,7 @@ class E2EBench:
                 AsyncTokenClient(self.url + "/reference") as reference_client:  # fmt: skip
             chat = VoiceChat(text_tokenizer, speech_tokenizer, ours, client, PipelineConfig())
             reference = VoiceChat(text_tokenizer, speech_tokenizer, reference_decoder, reference_client,
-                                  PipelineConfig(block_sizes=ORIGINAL_BLOCK_SIZES, decode_batch=1))  # fmt: skip
+                                  PipelineConfig(block_sizes=ORIGINAL_BLOCK_SIZES, decode_batch=1, adaptive_blocks=False))  # fmt: skip
             try:
                 await self.run_async(chat, reference)
             finally:

@@ -21,6 +21,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+LATENCY_WEIGHT = 0.3
+"""Weight of the newest call in :attr:`BlockBatcher.latency_s`."""
+
 
 class BlockBatcher:
     """Shared by every session of one event loop (the web demo's); ``max_batch`` None: the decoder's
@@ -34,6 +37,8 @@ class BlockBatcher:
         self._batched = hasattr(decoder, "feed_many")
         self._waiting: list[tuple[Any, list[int], asyncio.Future]] = []
         self._running = False
+        self.latency_s: float | None = None
+        """Moving average of a feed_many call's duration (what a block waits for once its call runs)."""
         self.calls = 0
         """``feed_many`` calls made (with ``jobs`` below: the mean batch a listener shared)."""
         self.jobs = 0
@@ -62,13 +67,15 @@ class BlockBatcher:
             future = jobs[index][2]
             future.get_loop().call_soon_threadsafe(_settle, future, result)
 
+        started = loop.time()
         call = loop.run_in_executor(
             self.worker, lambda: self.decoder.feed_many([(s, c) for s, c, _ in jobs], on_result=deliver, max_batch=self.max_batch)
         )
-        call.add_done_callback(lambda done: self._finished(loop, jobs, done))
+        call.add_done_callback(lambda done: self._finished(loop, jobs, done, loop.time() - started))
 
-    def _finished(self, loop: asyncio.AbstractEventLoop, jobs, call: asyncio.Future) -> None:
+    def _finished(self, loop: asyncio.AbstractEventLoop, jobs, call: asyncio.Future, seconds: float) -> None:
         self._running = False
+        self.latency_s = seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
         error = None if call.cancelled() else call.exception()
         if error is not None:  # feed_many itself failed (a bug): every job of the call hears of it
             logger.error("batched block decode failed: %r", error)

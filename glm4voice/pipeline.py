@@ -42,6 +42,7 @@ import numpy as np
 from glm4voice.audio import (
     INPUT_SAMPLE_RATE,
     OUTPUT_SAMPLE_RATE,
+    SPEECH_TOKEN_RATE,
     Audio,
     AudioError,
     AudioSource,
@@ -60,7 +61,9 @@ from glm4voice.client import (
     TokenServerError,
 )
 from glm4voice.protocol import (
+    AUDIO_TOKENS_PER_SEGMENT,
     LOW_LATENCY_BLOCK_SIZES,
+    TEXT_TOKENS_PER_SEGMENT,
     AudioBlock,
     AudioInput,
     BlockSchedule,
@@ -90,6 +93,18 @@ MAX_TEXT_CHARS = 4000
 SILENCE_PEAK = 10 ** (-60 / 20)
 """Input whose loudest sample is below -60 dBFS is treated as containing no speech."""
 MAX_PENDING_BLOCKS = 32
+EARLY_FLUSH_MIN_TOKENS = 10
+"""Smallest block handed out early (the decoder's own block size)."""
+EARLY_FLUSH_MARGIN_S = 0.5
+"""Time kept in hand for decoding a block under load when deciding on an early flush."""
+QUICK_START_MARGIN_S = 0.1
+QUICK_START_MAX_TURNS = 8
+"""A quick first block only while at most this many turns run (measured on an H100, bench/e2e.py:
+with 16 turns starting together, a quarter of the quick starts ran dry once; with 8, none)."""
+DECODER_HOLD_BACK_S = 0.4
+"""Audio the streaming decoder holds back until the next block (its 34-frame mel overlap)."""
+PLAYER_LEAD_S = 0.15
+"""The web player's lead before its first sample (``START_LEAD_S`` in glm4voice/web/player.js)."""
 
 
 class FailureKind(str, enum.Enum):
@@ -152,6 +167,13 @@ class PipelineConfig:
     max_text_chars: int = MAX_TEXT_CHARS
     silence_peak: float = SILENCE_PEAK
     max_pending_blocks: int = MAX_PENDING_BLOCKS
+    adaptive_blocks: bool = True
+    """Block sizes that follow the listener's buffer (see :class:`_Listener`): the first block is
+    ``block_sizes[0]`` tokens only if the answer's token rate and the decoder's latency let the next
+    block arrive before that short first chunk has played, else it waits for the end of the first
+    audio run; and when an audio run ends while the listener has little audio in hand, the pending
+    audio is decoded at once instead of waiting through the run of text tokens. Off: fixed sizes,
+    as the original."""
     decode_batch: int | None = None
     """Most blocks of different sessions decoded as one batch (None: as many as the decoder has
     graphs for, 16; 1: one block at a time). See :mod:`glm4voice.block_batcher`."""
@@ -358,6 +380,55 @@ class _TurnClock:
         return TurnTimings(**self.marks, tokens=self.tokens, blocks=tuple(self.blocks))
 
 
+class _Listener:
+    """The audio a listener has in hand during a turn (the early-flush decision of the reader).
+
+    Audio in hand = the tokens decoded or queued for decoding, less what the decoder holds back,
+    less what has played since the first PCM. Waiting for the next block costs its missing audio
+    tokens plus the text tokens of the interleave (13 per 26 audio; a text run starts now) at the
+    measured token rate. Under load (slow tokens, a busy decoder) the first block is held until the
+    end of the first audio run, so the listener starts with ~1.7 s in hand instead of ~0.4 s."""
+
+    def __init__(self, clock: _TurnClock, margin_s: float = EARLY_FLUSH_MARGIN_S):
+        self.clock = clock
+        self.margin_s = margin_s
+        self.audio_tokens_out = 0
+        """Audio tokens handed to the decoder so far."""
+
+    def in_hand_s(self) -> float:
+        first_audio = self.clock.marks.get("first_audio")
+        played = 0.0 if first_audio is None else self.clock.now() - first_audio
+        return self.audio_tokens_out / SPEECH_TOKEN_RATE - DECODER_HOLD_BACK_S - played
+
+    def wait_s(self, audio_missing: int) -> float:
+        first_token = self.clock.marks.get("first_token")
+        elapsed = 0.0 if first_token is None else self.clock.now() - first_token
+        if self.clock.tokens < 2 or elapsed <= 0:
+            return float("inf")
+        rate = (self.clock.tokens - 1) / elapsed
+        per_audio = (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT) / AUDIO_TOKENS_PER_SEGMENT
+        return (TEXT_TOKENS_PER_SEGMENT + audio_missing * per_audio) / rate
+
+    def should_flush(self, pending: int, scheduled: int) -> bool:
+        """At the end of an audio run: decode the pending audio now rather than after the text run?"""
+        if pending < EARLY_FLUSH_MIN_TOKENS:
+            return False
+        return self.in_hand_s() < self.wait_s(scheduled - pending) + self.margin_s
+
+    def quick_start(self, first: int, decoder_latency_s: float | None) -> bool:
+        """With ``first`` audio tokens of the first run in: is a first block of that size sustainable,
+        i.e. will the rest of the run be generated and decoded (one call to wait for, one to run)
+        before the short first chunk and the player's lead have played?"""
+        first_token = self.clock.marks.get("first_token")
+        elapsed = 0.0 if first_token is None else self.clock.now() - first_token
+        if self.clock.tokens < 2 or elapsed <= 0:
+            return True
+        rate = (self.clock.tokens - 1) / elapsed
+        rest_s = (AUDIO_TOKENS_PER_SEGMENT - first) / rate
+        chunk_s = first / SPEECH_TOKEN_RATE - DECODER_HOLD_BACK_S
+        return rest_s + 2 * (decoder_latency_s or 0.0) + QUICK_START_MARGIN_S <= chunk_s + PLAYER_LEAD_S
+
+
 @dataclass(frozen=True)
 class _EndOfStream:
     """Reader -> decode task: no more blocks; how the stream ended."""
@@ -404,6 +475,8 @@ class VoiceChat:
         self._input_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-tokenize")
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
         self.blocks = BlockBatcher(decoder, self._decode_worker, config.decode_batch)
+        self.active_turns = 0
+        """Turns running now (all sessions)."""
 
     def close(self) -> None:
         self._input_worker.shutdown(wait=False, cancel_futures=True)
@@ -428,6 +501,7 @@ class VoiceChat:
             yield self._failed(busy, clock, "")
             return
         session.busy = True
+        self.active_turns += 1
         session.turns_started += 1
         epoch = session.epoch
         try:
@@ -448,6 +522,7 @@ class VoiceChat:
                 yield event
         finally:
             session.busy = False
+            self.active_turns -= 1
 
     async def _prepare_input(
         self, request: UserRequest, clock: _TurnClock
@@ -509,7 +584,11 @@ class VoiceChat:
     async def _reply(
         self, prompt_ids: list[int], options: GenerationOptions, clock: _TurnClock
     ) -> AsyncIterator[TurnEvent]:
-        demuxer = Demuxer(self.text_tokenizer, self.special, self.schedule)
+        schedule = self.schedule
+        if self.config.adaptive_blocks:  # the first block is handed out early by the reader when it can be
+            first = max(schedule.sizes[0], AUDIO_TOKENS_PER_SEGMENT)
+            schedule = BlockSchedule((first,) + tuple(schedule.sizes[1:]))
+        demuxer = Demuxer(self.text_tokenizer, self.special, schedule)
         out: asyncio.Queue = asyncio.Queue()
         blocks: asyncio.Queue = asyncio.Queue(maxsize=self.config.max_pending_blocks)
         reader = asyncio.create_task(self._read_tokens(prompt_ids, options, demuxer, clock, out, blocks))
@@ -532,6 +611,10 @@ class VoiceChat:
                            out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
         end: EndOfTurn | None = None
         failure: TurnError | None = None
+        listener = _Listener(clock)
+        after_audio = False
+        adaptive = self.config.adaptive_blocks
+        quick = self.schedule.sizes[0]
         try:
             clock.mark("request_sent")
             stream = self.client.stream(
@@ -546,10 +629,26 @@ class VoiceChat:
                     clock.mark("first_token")
                     clock.mark("last_token", first=False)
                     clock.tokens += 1
-                    if self.special.is_audio(token_id):
+                    is_audio = self.special.is_audio(token_id)
+                    if is_audio:
                         clock.mark("first_audio_token")
+                    elif after_audio and adaptive and token_id not in self.special.stop_ids:
+                        scheduled = self.schedule.size(demuxer.blocks_emitted)
+                        if listener.should_flush(demuxer.pending_audio, scheduled):
+                            block = demuxer.flush_audio()
+                            listener.audio_tokens_out += len(block.codes)
+                            await self._route(block, clock, out, blocks)
+                    after_audio = is_audio
                     for event in demuxer.feed(token_id):
+                        if isinstance(event, AudioBlock):
+                            listener.audio_tokens_out += len(event.codes)
                         end = await self._route(event, clock, out, blocks) or end
+                    if (is_audio and adaptive and demuxer.blocks_emitted == 0 and demuxer.pending_audio == quick
+                            and self.active_turns <= QUICK_START_MAX_TURNS
+                            and listener.quick_start(quick, self.blocks.latency_s)):  # fmt: skip
+                        block = demuxer.flush_audio()
+                        listener.audio_tokens_out += len(block.codes)
+                        await self._route(block, clock, out, blocks)
                     if demuxer.finished:
                         break
             if not demuxer.finished:

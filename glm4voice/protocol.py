@@ -314,6 +314,19 @@ class Demuxer:
         self.finished = True
         return events + [StreamError(message)]
 
+    @property
+    def pending_audio(self) -> int:
+        """Audio codes received but not yet handed out in a block."""
+        return len(self._pending_audio)
+
+    def flush_audio(self) -> AudioBlock | None:
+        """Hand out the pending audio now as the next block (before its scheduled size is reached),
+        e.g. when the listener's buffer is running low and the model is about to spend a run of text
+        tokens; the schedule then goes on with the next size. None if nothing is pending."""
+        if self.finished or not self._pending_audio:
+            return None
+        return self._take_block()
+
     def _take_block(self) -> AudioBlock:
         block = AudioBlock(tuple(self._pending_audio), self._blocks)
         self._pending_audio = []

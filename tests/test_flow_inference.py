@@ -311,3 +311,21 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
             np.testing.assert_allclose(streamed, reference, atol=5e-3)  # TF32 convolutions, other kernels
     assert graphs._solver.captured_shapes and padded._solver.captured_shapes
     np.testing.assert_allclose(graphs.decode(codes, seed=2), eager.decode(codes, seed=2), atol=5e-3)
+
+
+@pytest.mark.gpu
+def test_warm_up_captures_every_graph_a_schedule_needs(tiny_checkpoints, codes):
+    """After warm_up, streams with any block sizes the schedule and early flushes make, alone or
+    batched, replay graphs only (no capture while a listener waits)."""
+    decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", prompt_window=30)
+    decoder.warm_up((10, 20, 40), batch_sizes=(1, 2, 4))
+    shapes = set(decoder._solver.captured_shapes)
+    assert shapes
+    for sizes in ([10, 20, 40, 40, 40], [10, 16, 26, 13, 40, 11, 40]):
+        streams = [decoder.stream(seed=s) for s in range(3)]
+        start = 0
+        for size in sizes:
+            for result in decoder.feed_many([(s, codes[start : start + size]) for s in streams]):
+                assert not isinstance(result, Exception), result
+            start += size
+    assert set(decoder._solver.captured_shapes) == shapes

@@ -23,10 +23,15 @@ from cosyvoice.flow.flow_matching import ConditionalCFM
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUCKET_FRAMES = 64
-DEFAULT_EXACT_FRAMES = 256
+DEFAULT_BUCKET_FRAMES = 128
+DEFAULT_EXACT_FRAMES = 72
+"""Exact-length graphs only up to the first 10-token block (68 frames, no prompt: the block that sets
+the time to first audio); every longer block is padded to a bucket, so a bounded set of graphs covers
+every block a schedule can make (``prepare`` captures them before the first listener)."""
 DEFAULT_MAX_FRAMES = 8192
-DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
+DEFAULT_BATCH_SIZES = (1, 4, 16)
+"""Few sizes keep the graphs to capture at warm-up few (~2 s each for the published size); a batch
+runs in the next size up (the extra rows cost little: the ODE is launch-bound at these sizes)."""
 WARMUP_RUNS = 2
 
 
@@ -90,15 +95,31 @@ class GraphedEulerSolver:
     def eager(self, z, mu, mask, spks, cond, t_span) -> torch.Tensor:
         return self.cfm.solve(z, mu, mask, spks, cond, t_span)
 
+    def _key(self, batch: int, frames: int, steps: int, masked: bool) -> tuple[int, int, int, bool] | None:
+        """(graph batch, graph length, time points, padded) serving this call; None: run eagerly."""
+        exact = not masked and frames <= self.exact_frames
+        length = frames if exact else -(-frames // self.bucket_frames) * self.bucket_frames
+        rows = next((b for b in self.batch_sizes if b >= batch), None)
+        if length > self.max_frames or rows is None:
+            return None
+        return (rows, length, steps, not exact)
+
+    def prepare(self, batch_sizes, frame_lengths, steps: int, channels: int, spk_channels: int, cond_channels: int,
+                device) -> int:  # fmt: skip
+        """Capture now the graphs that calls of these batch sizes and lengths (unmasked) will use, so
+        that no listener waits for a capture; returns how many were captured."""
+        keys = {self._key(b, f, steps, False) for b in batch_sizes for f in frame_lengths} - {None}
+        new = sorted(keys - set(self._graphs))
+        for key in new:
+            self._graphs[key] = self._capture(key, channels, spk_channels, cond_channels, device)
+        return len(new)
+
     def __call__(self, z, mu, mask, spks, cond, t_span) -> torch.Tensor:
         """``mask`` (B, 1, T) or None (every frame valid); a mask always takes the padded path."""
         batch, channels, frames = mu.shape
-        exact = mask is None and frames <= self.exact_frames
-        padded = frames if exact else -(-frames // self.bucket_frames) * self.bucket_frames
-        rows = next((b for b in self.batch_sizes if b >= batch), None)
-        if mu.device.type != "cuda" or padded > self.max_frames or rows is None:
+        key = None if mu.device.type != "cuda" else self._key(batch, frames, int(t_span.shape[0]), mask is not None)
+        if key is None:
             return self.eager(z, mu, mask, spks, cond, t_span)
-        key = (rows, padded, int(t_span.shape[0]), not exact)
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._capture(key, channels, spks.shape[1], cond.shape[1], mu.device)
@@ -143,7 +164,7 @@ class GraphedEulerSolver:
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
+            for _ in range(WARMUP_RUNS if not self._graphs else 1):  # lazy CUDA state exists after the first
                 run()
         torch.cuda.current_stream(device).wait_stream(side)
         if self._pool is None:

@@ -299,6 +299,47 @@ def test_decoding_never_blocks_reading_the_token_stream(models, server_url):
     assert finished.timings.last_token < events[first_audio].elapsed
 
 
+class ScriptedClient:
+    """Answers every request with the same ids (no server): an interleaved 13 text / 26 audio answer."""
+
+    base_url = "scripted"
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    async def stream(self, prompt=None, **params):
+        for token_id in self.ids:
+            yield token_id
+
+
+@pytest.mark.parametrize(
+    "adaptive, decoder_latency_s, expected",
+    [(True, None, [10, 16, 26]), (True, 1.0, [26, 20, 6]), (False, None, [10, 20, 22]), (False, 1.0, [10, 20, 22])],
+)
+def test_block_sizes_follow_what_the_listener_has_in_hand(models, special_tokens, adaptive, decoder_latency_s, expected):
+    """Adaptive blocks: a quick 10-token first block when the rest of the audio run can follow in
+    time (fast tokens, a quick decoder), else the whole first run; after the quick first block the
+    listener has ~0.4 s in hand, so the rest of the run is decoded when the text run starts instead
+    of waiting 13 text tokens for the 20-token block; once enough audio is in hand, blocks keep their
+    scheduled size. Fixed blocks: the schedule, whatever the load."""
+    text = (models.text_tokenizer.encode("Sure, here is a short answer for you today my friend") * 2)[:13]
+    audio = [special_tokens.audio_offset + 5 * k for k in range(26)]
+    ids = text + audio + text + audio + [special_tokens.user]
+
+    async def main():
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, ScriptedClient(ids),
+                         PipelineConfig(adaptive_blocks=adaptive))  # fmt: skip
+        chat.blocks.latency_s = decoder_latency_s  # what earlier calls measured (a busy decoder: 1 s)
+        try:
+            return await collect(chat, chat.new_session(), UserText("Hi"))
+        finally:
+            chat.close()
+
+    finished = assert_well_formed(asyncio.run(main()))
+    assert [b.codes for b in finished.timings.blocks if b.index is not None] == expected
+    assert finished.audio_tokens == 52 and finished.text_tokens == 26
+
+
 # --- failures: a readable message, the session unchanged, the next turn works ------------------------
 
 
