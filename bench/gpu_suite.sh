@@ -24,7 +24,7 @@ port=18123
 python bench/e2e_server.py --port "$port" --tokenizer-dir "$tokenizer_dir" --no-reference > "$out/server_bench_server.log" 2>&1 &
 server=$!
 for _ in $(seq 1 240); do
-    curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+    python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "http://127.0.0.1:$port/health" 2> /dev/null && break
     sleep 1
 done
 timeout 200 python -m bench.server --url "http://127.0.0.1:$port" --concurrency 1,8,32,64 --requests 64 \
