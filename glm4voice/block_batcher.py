@@ -39,6 +39,8 @@ class BlockBatcher:
         self._running = False
         self.latency_s: float | None = None
         """Moving average of a feed_many call's duration (what a block waits for once its call runs)."""
+        self.fastest_s: float | None = None
+        """The quickest call so far (a small block on an otherwise idle decoder)."""
         self.calls = 0
         """``feed_many`` calls made (with ``jobs`` below: the mean batch a listener shared)."""
         self.jobs = 0
@@ -76,6 +78,7 @@ class BlockBatcher:
     def _finished(self, loop: asyncio.AbstractEventLoop, jobs, call: asyncio.Future, seconds: float) -> None:
         self._running = False
         self.latency_s = seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
+        self.fastest_s = seconds if self.fastest_s is None else min(self.fastest_s, seconds)
         error = None if call.cancelled() else call.exception()
         if error is not None:  # feed_many itself failed (a bug): every job of the call hears of it
             logger.error("batched block decode failed: %r", error)

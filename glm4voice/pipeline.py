@@ -645,7 +645,7 @@ class VoiceChat:
                         end = await self._route(event, clock, out, blocks) or end
                     if (is_audio and adaptive and demuxer.blocks_emitted == 0 and demuxer.pending_audio == quick
                             and self.active_turns <= QUICK_START_MAX_TURNS
-                            and listener.quick_start(quick, self.blocks.latency_s)):  # fmt: skip
+                            and listener.quick_start(quick, self._decoder_wait_s())):  # fmt: skip
                         block = demuxer.flush_audio()
                         listener.audio_tokens_out += len(block.codes)
                         await self._route(block, clock, out, blocks)
@@ -747,6 +747,11 @@ class VoiceChat:
                 )
             )
         out.put_nowait(_DONE)
+
+    def _decoder_wait_s(self) -> float | None:
+        """Expected duration of the decoder call a new block joins: alone, a small block's (the fastest
+        call seen); with other turns running, the recent average (their blocks share the calls)."""
+        return self.blocks.fastest_s if self.active_turns <= 1 else self.blocks.latency_s
 
     # --- errors ---------------------------------------------------------------------------------------
 

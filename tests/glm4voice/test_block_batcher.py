@@ -59,6 +59,7 @@ def test_waiting_blocks_share_one_call_and_get_their_own_results():
             assert len(b) == 3 and len(c) == 4
             assert isinstance(bad, ValueError) and "bad" in str(bad)
             assert (batcher.calls, batcher.jobs) == (2, 4)
+            assert 0 < batcher.fastest_s <= batcher.latency_s  # call durations are tracked
 
     asyncio.run(scenario())
 
