@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,7 @@ from glm4voice.audio import OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE
 from glm4voice.checkpoints.decoder import (
     PUBLISHED_DECODER_SIZES,
     TINY_DECODER_SIZES,
-    build_random_decoder,
-    render_decoder_config,
+    write_random_decoder,
 )
 from glm4voice.protocol import LOW_LATENCY_BLOCK_SIZES, ORIGINAL_BLOCK_SIZES
 
@@ -109,11 +107,7 @@ class Bench:
 
     def write_checkpoint(self) -> dict:
         sizes = PUBLISHED_DECODER_SIZES if self.args.config == "published" else TINY_DECODER_SIZES
-        config = self.folder / "config.yaml"
-        config.write_text(render_decoder_config(sizes))
-        flow, hift = build_random_decoder(config, seed=0)
-        torch.save(OrderedDict(flow.state_dict()), self.folder / "flow.pt")
-        torch.save(hift.checkpoint_state_dict(), self.folder / "hift.pt")
+        flow, hift = write_random_decoder(self.folder, sizes, seed=0)
         return {
             "flow_params_M": round(sum(p.numel() for p in flow.parameters()) / 1e6, 2),
             "hift_params_M": round(sum(p.numel() for p in hift.parameters()) / 1e6, 2),

@@ -57,12 +57,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from flow_inference import AudioDecoder
 from glm4voice.audio import OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, load_audio
-from glm4voice.checkpoints.decoder import (
-    PUBLISHED_DECODER_SIZES,
-    TINY_DECODER_SIZES,
-    build_random_decoder,
-    render_decoder_config,
-)
+from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder
 from glm4voice.checkpoints.text import write_tiny_text_tokenizer
 from glm4voice.client import AsyncTokenClient, TokenClient
 from glm4voice.pipeline import (
@@ -274,12 +269,7 @@ class E2EBench:
     def build_decoders(self) -> tuple[AudioDecoder, AudioDecoder]:
         sizes = PUBLISHED_DECODER_SIZES if self.args.config == "published" else replace(TINY_DECODER_SIZES, vocab_size=16384)
         folder = self.tmp / "decoder"
-        folder.mkdir()
-        (folder / "config.yaml").write_text(render_decoder_config(sizes))
-        flow, hift = build_random_decoder(folder / "config.yaml", seed=0)
-        torch.save(OrderedDict(flow.state_dict()), folder / "flow.pt")
-        torch.save(hift.checkpoint_state_dict(), folder / "hift.pt")
-        del flow, hift
+        write_random_decoder(folder, sizes, seed=0)
         files = (folder / "config.yaml", folder / "flow.pt", folder / "hift.pt")
         ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32)
         reference = AudioDecoder(*files, self.device, dtype=torch.float32, prompt_window=None, cuda_graphs=False,

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import logging
-import queue
 import sys
 import threading
 import time
@@ -141,9 +140,8 @@ def reference_app(model, pattern: AnswerPattern, max_new_tokens_cap: int):
     from fastapi import FastAPI
     from starlette.responses import StreamingResponse
     from transformers import LogitsProcessor, LogitsProcessorList
-    from transformers.generation.streamers import BaseStreamer
 
-    from glm4voice.llm.hf_glm import to_transformers_glm
+    from glm4voice.llm.hf_glm import queue_streamer, to_transformers_glm
     from glm4voice.server import wire
     from glm4voice.server.schema import parse_generate_request
 
@@ -162,28 +160,13 @@ def reference_app(model, pattern: AnswerPattern, max_new_tokens_cap: int):
             scores[:, forced] = 0.0
             return scores
 
-    class QueueStreamer(BaseStreamer):
-        def __init__(self):
-            self.queue: queue.Queue = queue.Queue()
-            self.prompt_seen = False
-
-        def put(self, value):
-            if not self.prompt_seen:  # generate() first puts the prompt
-                self.prompt_seen = True
-                return
-            for token in value.reshape(-1).tolist():
-                self.queue.put(token)
-
-        def end(self):
-            self.queue.put(None)
-
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.post("/generate_stream")
     async def generate_stream(request: Request):
         parsed = parse_generate_request(await request.body(), max_new_tokens_cap)
         ids = torch.tensor([parsed.prompt_token_ids], device=model.device)
-        streamer = QueueStreamer()
+        streamer = queue_streamer()
         kwargs = dict(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=parsed.max_new_tokens,
             do_sample=True, temperature=parsed.temperature, top_p=parsed.top_p, streamer=streamer,

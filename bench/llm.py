@@ -17,7 +17,6 @@ import datetime
 import gc
 import json
 import platform
-import queue
 import shutil
 import statistics
 import sys
@@ -417,31 +416,15 @@ class Bench:
 
     def baseline(self, new_tokens: int) -> dict:
         """transformers GlmForCausalLM, generate() in a thread with a token streamer, batch 1."""
-        from transformers.generation.streamers import BaseStreamer
-
-        from glm4voice.llm.hf_glm import to_transformers_glm
+        from glm4voice.llm.hf_glm import queue_streamer, to_transformers_glm
 
         hf = to_transformers_glm(self.model)
         hf.generation_config.eos_token_id = None
 
-        class TokenStreamer(BaseStreamer):  # what the original model_server does
-            def __init__(self):
-                self.queue, self.prompt_seen = queue.Queue(), False
-
-            def put(self, value):
-                if not self.prompt_seen:
-                    self.prompt_seen = True
-                    return
-                for token in value.reshape(-1).tolist():
-                    self.queue.put(token)
-
-            def end(self):
-                self.queue.put(None)
-
         prompt = torch.tensor([self.prompt(300)], device=self.device)
         runs = []
         for tokens_wanted in (8, new_tokens):  # the first run warms up
-            streamer = TokenStreamer()
+            streamer = queue_streamer()
             kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens_wanted,
                           do_sample=True, streamer=streamer, **SAMPLING)  # fmt: skip
             submitted = time.perf_counter()

@@ -261,12 +261,18 @@ def build_random_decoder(config_path: Path, seed: int) -> tuple[nn.Module, nn.Mo
     return modules[0], modules[1]
 
 
-def write_tiny_decoder(folder: Path, vocab: TinyVocab, seed: int) -> None:
+def write_random_decoder(folder: Path, sizes: DecoderSizes, seed: int) -> tuple[nn.Module, nn.Module]:
+    """A ``glm-4-voice-decoder`` folder (config.yaml, flow.pt, hift.pt) of these sizes with random
+    weights (the benchmarks use the published sizes); returns the flow and hift modules written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sizes = replace(TINY_DECODER_SIZES, vocab_size=vocab.num_audio_codes)
     config_path = folder / CONFIG_FILE
     config_path.write_text(render_decoder_config(sizes), encoding="utf-8")
     flow, hift = build_random_decoder(config_path, seed)
     torch.save(OrderedDict(flow.state_dict()), folder / FLOW_FILE)
     torch.save(OrderedDict(hift.checkpoint_state_dict()), folder / HIFT_FILE)
+    return flow, hift
+
+
+def write_tiny_decoder(folder: Path, vocab: TinyVocab, seed: int) -> None:
+    write_random_decoder(folder, replace(TINY_DECODER_SIZES, vocab_size=vocab.num_audio_codes), seed)

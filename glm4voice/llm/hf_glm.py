@@ -80,3 +80,29 @@ def to_transformers_glm(model: GLMModel, attn_implementation: str = "sdpa"):
     hf.model.rotary_emb = rotary.to(model.device)
     hf.generation_config.pad_token_id = c.pad_token_id
     return hf.eval()
+
+
+def queue_streamer():
+    """A ``generate(streamer=...)`` object that puts each generated id on its ``queue`` (``None`` at
+    the end), skipping the prompt ``generate`` puts first: how the original model server streams
+    (the reference-style baselines of bench/ use it)."""
+    import queue
+
+    from transformers.generation.streamers import BaseStreamer
+
+    class QueueStreamer(BaseStreamer):
+        def __init__(self):
+            self.queue: queue.Queue = queue.Queue()
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            for token in value.reshape(-1).tolist():
+                self.queue.put(token)
+
+        def end(self):
+            self.queue.put(None)
+
+    return QueueStreamer()

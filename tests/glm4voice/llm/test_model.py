@@ -89,6 +89,22 @@ def test_logits_equal_transformers_glm(tiny_llm):
     torch.testing.assert_close(tiny_llm.model(torch.tensor(IDS)), theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_queue_streamer_hands_out_exactly_the_generated_ids(tiny_llm):
+    """The reference-style baselines stream transformers' generate() through queue_streamer."""
+    from glm4voice.llm.hf_glm import queue_streamer, to_transformers_glm
+
+    hf = to_transformers_glm(tiny_llm.model)
+    hf.generation_config.eos_token_id = None
+    prompt = torch.tensor([IDS[:6]])
+    streamer = queue_streamer()
+    out = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                      do_sample=False, streamer=streamer)  # fmt: skip
+    streamed = []
+    while (token := streamer.queue.get_nowait()) is not None:
+        streamed.append(token)
+    assert streamed == out[0, 6:].tolist() and len(streamed) == 5
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "matmul"])
 def test_chunked_prefill_and_batched_decode_equal_full_forward(tiny_llm, attention):
     model = tiny_llm.model
