@@ -168,7 +168,7 @@ class PipelineConfig:
     silence_peak: float = SILENCE_PEAK
     max_pending_blocks: int = MAX_PENDING_BLOCKS
     adaptive_blocks: bool = True
-    """Block sizes that follow the listener's buffer (see :class:`_Listener`): the first block is
+    """Block sizes that follow the listener's buffer (see :class:`_Pacer`): the first block is
     ``block_sizes[0]`` tokens only if the answer's token rate and the decoder's latency let the next
     block arrive before that short first chunk has played, else it waits for the end of the first
     audio run; and when an audio run ends while the listener has little audio in hand, the pending
@@ -380,53 +380,80 @@ class _TurnClock:
         return TurnTimings(**self.marks, tokens=self.tokens, blocks=tuple(self.blocks))
 
 
-class _Listener:
-    """The audio a listener has in hand during a turn (the early-flush decision of the reader).
+class _Pacer:
+    """Adaptive block sizes for one turn: hands blocks to the decoder when the listener needs them.
 
-    Audio in hand = the tokens decoded or queued for decoding, less what the decoder holds back,
-    less what has played since the first PCM. Waiting for the next block costs its missing audio
-    tokens plus the text tokens of the interleave (13 per 26 audio; a text run starts now) at the
-    measured token rate. Under load (slow tokens, a busy decoder) the first block is held until the
-    end of the first audio run, so the listener starts with ~1.7 s in hand instead of ~0.4 s."""
+    Audio in hand = the tokens handed to the decoder, less what the decoder holds back, less what
+    has played since the first PCM. Waiting for a block costs its missing audio tokens plus the text
+    tokens of the interleave (13 per 26 audio) at the answer's measured token rate.
 
-    def __init__(self, clock: _TurnClock, margin_s: float = EARLY_FLUSH_MARGIN_S):
+    - Quick start: the first block is ``block_sizes[0]`` tokens only if the rest of the first audio
+      run can be generated and decoded before that short chunk (~0.4 s) and the player's lead have
+      played, and at most ``QUICK_START_MAX_TURNS`` turns run; otherwise it is the whole first run
+      (~1.7 s in hand), which keeps many simultaneous listeners gapless.
+    - Early flush: when an audio run ends (a text token follows audio) and the audio in hand would
+      not last until the next block at its scheduled size, the pending audio is decoded at once
+      instead of waiting through the text run.
+    """
+
+    def __init__(self, clock: _TurnClock, chat: "VoiceChat"):
         self.clock = clock
-        self.margin_s = margin_s
+        self.chat = chat
+        self.schedule = chat.schedule
+        self.quick = chat.schedule.sizes[0]
         self.audio_tokens_out = 0
-        """Audio tokens handed to the decoder so far."""
+        self.after_audio = False
 
-    def in_hand_s(self) -> float:
+    @staticmethod
+    def demuxer_schedule(schedule: BlockSchedule) -> BlockSchedule:
+        """The Demuxer's own schedule: a first block of a whole audio run (a quick one is cut here)."""
+        sizes = schedule.sizes
+        return BlockSchedule((max(sizes[0], AUDIO_TOKENS_PER_SEGMENT),) + tuple(sizes[1:]))
+
+    def feed(self, token_id: int, is_audio: bool, demuxer: Demuxer) -> list:
+        """``demuxer.feed(token_id)``, with the blocks this pacing hands out early."""
+        events: list = []
+        if not is_audio and self.after_audio and token_id not in self.chat.special.stop_ids:
+            scheduled = self.schedule.size(demuxer.blocks_emitted)
+            if self._should_flush(demuxer.pending_audio, scheduled):
+                events.append(demuxer.flush_audio())
+        self.after_audio = is_audio
+        events += demuxer.feed(token_id)
+        if is_audio and demuxer.blocks_emitted == 0 and demuxer.pending_audio == self.quick and self._quick_start():
+            events.append(demuxer.flush_audio())
+        self.audio_tokens_out += sum(len(e.codes) for e in events if isinstance(e, AudioBlock))
+        return events
+
+    def _rate(self) -> float | None:
+        first_token = self.clock.marks.get("first_token")
+        elapsed = 0.0 if first_token is None else self.clock.now() - first_token
+        return (self.clock.tokens - 1) / elapsed if self.clock.tokens >= 2 and elapsed > 0 else None
+
+    def _in_hand_s(self) -> float:
         first_audio = self.clock.marks.get("first_audio")
         played = 0.0 if first_audio is None else self.clock.now() - first_audio
         return self.audio_tokens_out / SPEECH_TOKEN_RATE - DECODER_HOLD_BACK_S - played
 
-    def wait_s(self, audio_missing: int) -> float:
-        first_token = self.clock.marks.get("first_token")
-        elapsed = 0.0 if first_token is None else self.clock.now() - first_token
-        if self.clock.tokens < 2 or elapsed <= 0:
-            return float("inf")
-        rate = (self.clock.tokens - 1) / elapsed
-        per_audio = (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT) / AUDIO_TOKENS_PER_SEGMENT
-        return (TEXT_TOKENS_PER_SEGMENT + audio_missing * per_audio) / rate
-
-    def should_flush(self, pending: int, scheduled: int) -> bool:
-        """At the end of an audio run: decode the pending audio now rather than after the text run?"""
+    def _should_flush(self, pending: int, scheduled: int) -> bool:
         if pending < EARLY_FLUSH_MIN_TOKENS:
             return False
-        return self.in_hand_s() < self.wait_s(scheduled - pending) + self.margin_s
-
-    def quick_start(self, first: int, decoder_latency_s: float | None) -> bool:
-        """With ``first`` audio tokens of the first run in: is a first block of that size sustainable,
-        i.e. will the rest of the run be generated and decoded (one call to wait for, one to run)
-        before the short first chunk and the player's lead have played?"""
-        first_token = self.clock.marks.get("first_token")
-        elapsed = 0.0 if first_token is None else self.clock.now() - first_token
-        if self.clock.tokens < 2 or elapsed <= 0:
+        rate = self._rate()
+        if rate is None:
             return True
-        rate = (self.clock.tokens - 1) / elapsed
-        rest_s = (AUDIO_TOKENS_PER_SEGMENT - first) / rate
-        chunk_s = first / SPEECH_TOKEN_RATE - DECODER_HOLD_BACK_S
-        return rest_s + 2 * (decoder_latency_s or 0.0) + QUICK_START_MARGIN_S <= chunk_s + PLAYER_LEAD_S
+        per_audio = (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT) / AUDIO_TOKENS_PER_SEGMENT
+        wait_s = (TEXT_TOKENS_PER_SEGMENT + (scheduled - pending) * per_audio) / rate
+        return self._in_hand_s() < wait_s + EARLY_FLUSH_MARGIN_S
+
+    def _quick_start(self) -> bool:
+        if self.chat.active_turns > QUICK_START_MAX_TURNS:
+            return False
+        rate = self._rate()
+        if rate is None:
+            return True
+        rest_s = (AUDIO_TOKENS_PER_SEGMENT - self.quick) / rate
+        chunk_s = self.quick / SPEECH_TOKEN_RATE - DECODER_HOLD_BACK_S
+        decoder_s = self.chat.decoder_wait_s() or 0.0  # one call to wait for, one to run
+        return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S <= chunk_s + PLAYER_LEAD_S
 
 
 @dataclass(frozen=True)
@@ -584,10 +611,7 @@ class VoiceChat:
     async def _reply(
         self, prompt_ids: list[int], options: GenerationOptions, clock: _TurnClock
     ) -> AsyncIterator[TurnEvent]:
-        schedule = self.schedule
-        if self.config.adaptive_blocks:  # the first block is handed out early by the reader when it can be
-            first = max(schedule.sizes[0], AUDIO_TOKENS_PER_SEGMENT)
-            schedule = BlockSchedule((first,) + tuple(schedule.sizes[1:]))
+        schedule = _Pacer.demuxer_schedule(self.schedule) if self.config.adaptive_blocks else self.schedule
         demuxer = Demuxer(self.text_tokenizer, self.special, schedule)
         out: asyncio.Queue = asyncio.Queue()
         blocks: asyncio.Queue = asyncio.Queue(maxsize=self.config.max_pending_blocks)
@@ -611,10 +635,7 @@ class VoiceChat:
                            out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
         end: EndOfTurn | None = None
         failure: TurnError | None = None
-        listener = _Listener(clock)
-        after_audio = False
-        adaptive = self.config.adaptive_blocks
-        quick = self.schedule.sizes[0]
+        pacer = _Pacer(clock, self) if self.config.adaptive_blocks else None
         try:
             clock.mark("request_sent")
             stream = self.client.stream(
@@ -632,23 +653,9 @@ class VoiceChat:
                     is_audio = self.special.is_audio(token_id)
                     if is_audio:
                         clock.mark("first_audio_token")
-                    elif after_audio and adaptive and token_id not in self.special.stop_ids:
-                        scheduled = self.schedule.size(demuxer.blocks_emitted)
-                        if listener.should_flush(demuxer.pending_audio, scheduled):
-                            block = demuxer.flush_audio()
-                            listener.audio_tokens_out += len(block.codes)
-                            await self._route(block, clock, out, blocks)
-                    after_audio = is_audio
-                    for event in demuxer.feed(token_id):
-                        if isinstance(event, AudioBlock):
-                            listener.audio_tokens_out += len(event.codes)
+                    events = demuxer.feed(token_id) if pacer is None else pacer.feed(token_id, is_audio, demuxer)
+                    for event in events:
                         end = await self._route(event, clock, out, blocks) or end
-                    if (is_audio and adaptive and demuxer.blocks_emitted == 0 and demuxer.pending_audio == quick
-                            and self.active_turns <= QUICK_START_MAX_TURNS
-                            and listener.quick_start(quick, self._decoder_wait_s())):  # fmt: skip
-                        block = demuxer.flush_audio()
-                        listener.audio_tokens_out += len(block.codes)
-                        await self._route(block, clock, out, blocks)
                     if demuxer.finished:
                         break
             if not demuxer.finished:
@@ -748,7 +755,7 @@ class VoiceChat:
             )
         out.put_nowait(_DONE)
 
-    def _decoder_wait_s(self) -> float | None:
+    def decoder_wait_s(self) -> float | None:
         """Expected duration of the decoder call a new block joins: alone, a small block's (the fastest
         call seen); with other turns running, the recent average (their blocks share the calls)."""
         return self.blocks.fastest_s if self.active_turns <= 1 else self.blocks.latency_s
