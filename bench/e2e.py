@@ -69,14 +69,18 @@ from glm4voice.pipeline import (
     UserSpeech,
     VoiceChat,
 )
-from glm4voice.protocol import LOW_LATENCY_BLOCK_SIZES, ORIGINAL_BLOCK_SIZES
+from glm4voice.protocol import (
+    AUDIO_TOKENS_PER_SEGMENT,
+    LOW_LATENCY_BLOCK_SIZES,
+    ORIGINAL_BLOCK_SIZES,
+    TEXT_TOKENS_PER_SEGMENT,
+)
 from glm4voice.text_tokenizer import GLMTokenizer
 
 logger = logging.getLogger("bench.e2e")
 
 QUESTION = ROOT / "bench" / "data" / "question_5s.wav"
 PLAYER_JS = ROOT / "glm4voice" / "web" / "player.js"
-TEXT_RUN, AUDIO_RUN = 13, 26
 SERVER_READY_TIMEOUT_S = 420
 
 
@@ -95,7 +99,7 @@ def answer_length(audio_tokens: int) -> int:
     end-of-turn id)."""
     k = audio = 0
     while audio < audio_tokens:
-        audio += (k % (TEXT_RUN + AUDIO_RUN)) >= TEXT_RUN
+        audio += (k % (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT)) >= TEXT_TOKENS_PER_SEGMENT
         k += 1
     return k + 1
 

@@ -35,10 +35,10 @@ from fastapi import Request  # at module level: the endpoints' annotations are r
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT  # noqa: E402
+
 logger = logging.getLogger("bench.e2e_server")
 
-TEXT_RUN = 13
-AUDIO_RUN = 26
 PATTERN_TEXT = "Sure! Here is a short story about a curious little cat who loved music, and the weather was nice."
 
 
@@ -54,8 +54,8 @@ class AnswerPattern:
     def token(self, k: int, length: int, seed: int = 0) -> int:
         if k >= length - 1:
             return self.end_id
-        cycle = k % (TEXT_RUN + AUDIO_RUN)
-        if cycle < TEXT_RUN:
+        cycle = k % (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT)
+        if cycle < TEXT_TOKENS_PER_SEGMENT:
             return self.text_ids[k % len(self.text_ids)]
         code = (k * 7919 + seed * 104729) % (self.num_audio_codes - 1)  # codes vary like real speech
         return self.audio_offset + code

@@ -516,3 +516,13 @@ def wait_for_idle(url: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"{url} still has active streams after {WAIT_S} s")
+
+
+def test_the_pacing_assumes_the_web_players_start_lead():
+    """PLAYER_LEAD_S mirrors START_LEAD_S of the browser player (the pacing's budget for a quick start)."""
+    import re
+
+    from glm4voice.pipeline import PLAYER_LEAD_S
+
+    script = (ROOT / "glm4voice" / "web" / "player.js").read_text(encoding="utf-8")
+    assert float(re.search(r"START_LEAD_S\s*=\s*([0-9.]+)", script).group(1)) == PLAYER_LEAD_S
