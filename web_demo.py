@@ -42,12 +42,21 @@ import numpy as np
 from fastapi import FastAPI
 
 from glm4voice.audio import encode_wav
+from glm4voice.defaults import (
+    DEFAULT_SERVER_URL,
+    DEMO_MAX_NEW_TOKENS,
+    DEMO_TEMPERATURE,
+    DEMO_TOP_P,
+    GPU_MAX_CONCURRENT_TURNS,
+    MAX_CONCURRENT_TURNS,
+    MAX_INPUT_SECONDS,
+    MAX_NEW_TOKENS_CAP,
+    MAX_NEW_TOKENS_MIN,
+    WEB_DEMO_HOST,
+    WEB_DEMO_PORT,
+)
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 from glm4voice.pipeline import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    MAX_INPUT_SECONDS,
     AssistantAudio,
     AssistantText,
     ChatSession,
@@ -68,16 +77,9 @@ logger = logging.getLogger("glm4voice.web_demo")
 
 ROOT = Path(__file__).resolve().parent
 RESOURCES = ROOT / "resources"
-DEFAULT_SERVER_URL = "http://localhost:10000"
-DEFAULT_PORT = 8888
 MAX_UPLOAD_SIZE = "100mb"
-MAX_NEW_TOKENS_LIMIT = 4096
-"""The token server's default cap (``--max-new-tokens-cap``)."""
 TEXT_REFRESH_S = 0.1
 """Streamed text is pushed to the page at most this often (every token would flood the page)."""
-DEFAULT_MAX_CONCURRENT_TURNS = 8
-GPU_MAX_CONCURRENT_TURNS = 32
-"""Default on CUDA: 32 conversations stay real time on one H100 (docs/PERFORMANCE.md)."""
 
 SAMPLE_PROMPTS = (
     ("sample_en.wav", "English: “Hello! Can you tell me a short story about a cat, please?”"),
@@ -119,7 +121,7 @@ STOP_PLAYER_JS = "() => { if (window.glm4voicePlayer) window.glm4voicePlayer.sto
 @dataclass(frozen=True)
 class DemoSettings:
     random_weights_notice: bool = False
-    max_concurrent_turns: int = DEFAULT_MAX_CONCURRENT_TURNS
+    max_concurrent_turns: int = MAX_CONCURRENT_TURNS
     server_url: str = DEFAULT_SERVER_URL
 
 
@@ -162,7 +164,7 @@ def live_player_html(stream_id: str | None = None, url: str | None = None) -> st
         return '<div class="glm4voice-live idle"><span class="glm4voice-live-status"></span></div>'
     return (
         f'<div class="glm4voice-live" data-stream="{html.escape(url or "")}" data-turn="{html.escape(stream_id)}">'
-        f"{SPEAKER_ICON}<span class=\"glm4voice-live-status\">Waiting for speech…</span></div>"
+        f'{SPEAKER_ICON}<span class="glm4voice-live-status">Waiting for speech…</span></div>'
     )
 
 
@@ -317,11 +319,11 @@ def create_demo(
                     submit = gr.Button("Submit", variant="primary", elem_id="submit")
                     clear_button = gr.Button("Clear", elem_id="clear")
                 with gr.Accordion("Generation settings", open=False, elem_id="settings"):
-                    temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature",
+                    temperature = gr.Slider(0.0, 2.0, value=DEMO_TEMPERATURE, step=0.05, label="Temperature",
                                             elem_id="temperature")  # fmt: skip
-                    top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top p", elem_id="top-p")
-                    max_new_tokens = gr.Number(DEFAULT_MAX_NEW_TOKENS, label="Max new tokens", precision=0, minimum=1,
-                                               maximum=MAX_NEW_TOKENS_LIMIT, elem_id="max-new-tokens")  # fmt: skip
+                    top_p = gr.Slider(0.05, 1.0, value=DEMO_TOP_P, step=0.05, label="Top p", elem_id="top-p")
+                    max_new_tokens = gr.Number(DEMO_MAX_NEW_TOKENS, label="Max new tokens", precision=0, minimum=MAX_NEW_TOKENS_MIN,
+                                               maximum=MAX_NEW_TOKENS_CAP, elem_id="max-new-tokens")  # fmt: skip
 
         outputs = [chatbot, live, status, ui_state, text_in, audio_in]
         turn = gr.on(
@@ -414,8 +416,8 @@ def _user_content(request) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    parser.add_argument("--host", default=WEB_DEMO_HOST, help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="port (default %(default)s)")
     parser.add_argument(
         "--model-path",
         default=PUBLISHED_LLM,
@@ -451,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"turns handled at once across all users (default {GPU_MAX_CONCURRENT_TURNS} with a GPU, "
-        f"{DEFAULT_MAX_CONCURRENT_TURNS} on a CPU)",
+        f"{MAX_CONCURRENT_TURNS} on a CPU)",
     )
     parser.add_argument(
         "--random-weights-notice",
@@ -506,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.max_concurrent_turns is None:
         on_gpu = getattr(chat.decoder, "device", None) is not None and chat.decoder.device.type == "cuda"
-        args.max_concurrent_turns = GPU_MAX_CONCURRENT_TURNS if on_gpu else DEFAULT_MAX_CONCURRENT_TURNS
+        args.max_concurrent_turns = GPU_MAX_CONCURRENT_TURNS if on_gpu else MAX_CONCURRENT_TURNS
     settings = DemoSettings(random_weights_notice=args.random_weights_notice,
                             max_concurrent_turns=args.max_concurrent_turns, server_url=args.server_url)  # fmt: skip
     app = create_app(chat, settings, close_client=client.aclose)

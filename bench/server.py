@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 from glm4voice.client import AsyncTokenClient, ServerBusyError, TokenServerError
+from glm4voice.defaults import LOOPBACK_HOST, TOKEN_SERVER_PORT
 from glm4voice.protocol import TextInput, render_prompt_text
 
 MAX_CONCURRENCY = 256
@@ -209,7 +210,9 @@ def _fmt(value: float | None) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:10000", help="the token server (loopback only)")
+    parser.add_argument(
+        "--url", default=f"http://{LOOPBACK_HOST}:{TOKEN_SERVER_PORT}", help="the token server (loopback only)"
+    )
     parser.add_argument(
         "--concurrency", default="1,2,4,8,16", help="comma-separated client counts (default %(default)s)"
     )

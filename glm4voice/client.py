@@ -24,12 +24,12 @@ from typing import Any, AsyncIterator, Iterator
 
 import httpx
 
+from glm4voice.defaults import DEFAULT_SERVER_URL, WIRE_MAX_NEW_TOKENS, WIRE_TEMPERATURE, WIRE_TOP_P
 from glm4voice.server.wire import ErrorLine, WireFormatError, parse_line
 
-DEFAULT_URL = "http://localhost:10000"
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=180.0, write=30.0, pool=30.0)
 """``read`` bounds the wait for each line, the first one included (the server's own queue
-timeout, 60 s by default, answers 503 before that)."""
+timeout, ``glm4voice.defaults.QUEUE_TIMEOUT_S`` by default, answers 503 well before that)."""
 GENERATE_PATH = "/generate_stream"
 HEALTH_PATH = "/health"
 
@@ -78,12 +78,13 @@ def request_body(
     prompt: str | None = None,
     *,
     prompt_token_ids: list[int] | None = None,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 256,
+    temperature: float = WIRE_TEMPERATURE,
+    top_p: float = WIRE_TOP_P,
+    max_new_tokens: int = WIRE_MAX_NEW_TOKENS,
     seed: int | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of ``POST /generate_stream`` (exactly one of ``prompt`` / ``prompt_token_ids``)."""
+    """The JSON body of ``POST /generate_stream`` (exactly one of ``prompt`` / ``prompt_token_ids``);
+    the defaults are the server's own (:mod:`glm4voice.defaults`)."""
     if (prompt is None) == (prompt_token_ids is None):
         raise ValueError("give exactly one of prompt (text) and prompt_token_ids")
     body: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
@@ -140,7 +141,7 @@ class _LineReader:
 class TokenClient:
     """Blocking client (``httpx.Client``); one instance can serve many threads."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+    def __init__(self, base_url: str = DEFAULT_SERVER_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
                  transport: httpx.BaseTransport | None = None):  # fmt: skip
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
@@ -199,7 +200,7 @@ class TokenClient:
 class AsyncTokenClient:
     """Asynchronous client (``httpx.AsyncClient``) for event-loop code (e.g. the web demo)."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+    def __init__(self, base_url: str = DEFAULT_SERVER_URL, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
                  transport: httpx.AsyncBaseTransport | None = None, max_connections: int = 256):  # fmt: skip
         self.base_url = base_url.rstrip("/")
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from glm4voice.checkpoints import write_tiny_checkpoints
+from glm4voice.defaults import LOOPBACK_HOST, TOKEN_SERVER_PORT, WEB_DEMO_PORT
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 
 logger = logging.getLogger("glm4voice.launch")
@@ -113,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flow-path", help=f"speech decoder folder or hub id (e.g. {PUBLISHED_DECODER})")
     parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 if available)")
     parser.add_argument("--dtype", default="bfloat16", help="LLM weights: bfloat16, float16, int8 or int4")
-    parser.add_argument("--host", default="127.0.0.1", help="web UI address (0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, default=8888, help="web UI port")
-    parser.add_argument("--server-port", type=int, default=10000, help="model server port (loopback)")
+    parser.add_argument("--host", default=LOOPBACK_HOST, help="web UI address (0.0.0.0 to serve the network)")
+    parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="web UI port")
+    parser.add_argument("--server-port", type=int, default=TOKEN_SERVER_PORT, help="model server port (loopback)")
     parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
     parser.add_argument("--regenerate-tiny", action="store_true")
     args = parser.parse_args(argv)
@@ -124,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = choose_checkpoints(args)
     device = args.device or _default_device()
     dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
-    server_url = f"http://127.0.0.1:{args.server_port}"
+    server_url = f"http://{LOOPBACK_HOST}:{args.server_port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     server_cmd = [
         sys.executable,
         str(SERVER_SCRIPT),
         "--host",
-        "127.0.0.1",
+        LOOPBACK_HOST,
         "--port",
         str(args.server_port),
         "--model-path",
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_until_ready(f"{server_url}/health", processes[0], SERVER_READY_TIMEOUT_S, "model server")
         logger.info("starting the web demo: %s", " ".join(demo_cmd))
         processes.append(subprocess.Popen(demo_cmd, cwd=ROOT, env=env))
-        local_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        local_host = LOOPBACK_HOST if args.host in ("0.0.0.0", "::") else args.host
         wait_until_ready(f"http://{local_host}:{args.port}/", processes[1], DEMO_READY_TIMEOUT_S, "web demo")
         shown_host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
         notice = "  (random weights: answers are noise)" if checkpoints.random_weights else ""

@@ -60,6 +60,16 @@ from glm4voice.client import (
     StreamFailedError,
     TokenServerError,
 )
+from glm4voice.defaults import (
+    DEMO_MAX_NEW_TOKENS,
+    DEMO_TEMPERATURE,
+    DEMO_TOP_P,
+    MAX_INPUT_SECONDS,
+    MAX_TEXT_CHARS,
+    max_new_tokens_problem,
+    temperature_problem,
+    top_p_problem,
+)
 from glm4voice.protocol import (
     AUDIO_TOKENS_PER_SEGMENT,
     LOW_LATENCY_BLOCK_SIZES,
@@ -83,13 +93,6 @@ logger = logging.getLogger(__name__)
 
 # --- limits and defaults ------------------------------------------------------------------------------
 
-DEFAULT_TEMPERATURE = 0.2
-DEFAULT_TOP_P = 0.8
-DEFAULT_MAX_NEW_TOKENS = 2000
-"""The original web demo's generation defaults."""
-MAX_INPUT_SECONDS = 120.0
-"""Longest spoken input accepted by the demo (the tokenizer itself takes up to 10 minutes)."""
-MAX_TEXT_CHARS = 4000
 SILENCE_PEAK = 10 ** (-60 / 20)
 """Input whose loudest sample is below -60 dBFS is treated as containing no speech."""
 MAX_PENDING_BLOCKS = 32
@@ -139,21 +142,17 @@ class TurnError(Exception):
 class GenerationOptions:
     """Sampling settings of one turn (the UI's sliders)."""
 
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEMO_TEMPERATURE
+    top_p: float = DEMO_TOP_P
+    max_new_tokens: int = DEMO_MAX_NEW_TOKENS
     seed: int | None = None
     """Seeds the server's sampling and the decoder's noise: the same seed repeats a turn."""
 
     def check(self) -> None:
         """Raise :class:`TurnError` (INVALID_INPUT) with a readable message for bad settings."""
-        problems = []
-        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 10.0):
-            problems.append(f"temperature must be between 0 and 10 (got {self.temperature})")
-        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
-            problems.append(f"top-p must be in (0, 1] (got {self.top_p})")
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            problems.append(f"max new tokens must be a whole number of at least 1 (got {self.max_new_tokens})")
+        checks = (("temperature", temperature_problem(self.temperature)), ("top-p", top_p_problem(self.top_p)),
+                  ("max new tokens", max_new_tokens_problem(self.max_new_tokens)))  # fmt: skip
+        problems = [f"{name} {problem}" for name, problem in checks if problem is not None]
         if problems:
             raise TurnError(FailureKind.INVALID_INPUT, "Invalid settings: " + "; ".join(problems) + ".")
 

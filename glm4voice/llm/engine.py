@@ -28,7 +28,6 @@ import collections
 import enum
 import heapq
 import logging
-import math
 import operator
 import queue
 import secrets
@@ -40,6 +39,16 @@ from typing import Iterable, Sequence
 
 import torch
 
+from glm4voice.defaults import (
+    MAX_SEQ_LEN,
+    WIRE_MAX_NEW_TOKENS,
+    WIRE_TEMPERATURE,
+    WIRE_TOP_P,
+    max_new_tokens_problem,
+    seed_problem,
+    temperature_problem,
+    top_p_problem,
+)
 from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
 from glm4voice.llm.config import GLMConfig
 from glm4voice.llm.model import GLMModel
@@ -54,7 +63,6 @@ from glm4voice.llm.runner import (
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1
 ENGINE_DTYPES = ("bfloat16", "float16", "float32", INT8)
 
 
@@ -100,28 +108,19 @@ class PromptTooLongError(InvalidPromptError):
 class SamplingParams:
     """Per-request sampling. ``temperature == 0`` is greedy; ``seed=None`` draws a random seed."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
+    temperature: float = WIRE_TEMPERATURE
+    top_p: float = WIRE_TOP_P
+    max_new_tokens: int = WIRE_MAX_NEW_TOKENS
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()
     """Extra ids that end the reply, on top of the checkpoint's eos ids."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise InvalidSamplingParams(f"temperature must be a number, got {self.temperature!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidSamplingParams(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
-            raise InvalidSamplingParams(f"top_p must be a number, got {self.top_p!r}")
-        if not (0 < self.top_p <= 1):
-            raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InvalidSamplingParams(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
-        ):
-            raise InvalidSamplingParams(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        for name, check in (("temperature", temperature_problem), ("top_p", top_p_problem),
+                            ("max_new_tokens", max_new_tokens_problem), ("seed", seed_problem)):  # fmt: skip
+            problem = check(getattr(self, name))  # bounds shared with the server and the page
+            if problem is not None:
+                raise InvalidSamplingParams(f"{name} {problem}")
         try:
             stop_ids = frozenset(operator.index(i) for i in self.stop_ids)
         except TypeError as error:
@@ -139,7 +138,7 @@ class EngineConfig:
     """bfloat16 | float16 | float32 | int8 (weight-only int8; activations bfloat16 on CUDA, float32 on CPU)."""
     max_batch_size: int = 64
     """Concurrent streams (KV cache slots)."""
-    max_seq_len: int = 8192
+    max_seq_len: int = MAX_SEQ_LEN
     """Prompt + reply tokens per stream (capped by the checkpoint's seq_length)."""
     max_queue: int = 256
     """Requests waiting for a slot before submit() raises EngineBusyError."""

@@ -1,8 +1,8 @@
 """``POST /generate_stream`` request: the original's JSON body, validated strictly.
 
-The original read ``prompt``, ``temperature`` (1.0), ``top_p`` (1.0) and ``max_new_tokens`` (256)
-from any JSON body, whatever its Content-Type (its web demo posts ``data=json.dumps(...)`` with
-none). We accept the same bodies, plus ``prompt_token_ids`` (instead of ``prompt``) and ``seed``,
+The original read ``prompt``, ``temperature``, ``top_p`` and ``max_new_tokens`` (defaults:
+``glm4voice.defaults.WIRE_*``, the original's) from any JSON body, whatever its Content-Type (its
+web demo posts ``data=json.dumps(...)`` with none). We accept the same bodies, plus ``prompt_token_ids`` (instead of ``prompt``) and ``seed``,
 and refuse everything else with a clear message before any streaming starts.
 """
 
@@ -24,10 +24,15 @@ from pydantic import (
     model_validator,
 )
 
-DEFAULT_TEMPERATURE = 1.0
-DEFAULT_TOP_P = 1.0
-DEFAULT_MAX_NEW_TOKENS = 256
-MAX_SEED = 2**63 - 1
+from glm4voice.defaults import (
+    MAX_NEW_TOKENS_MIN,
+    MAX_SEED,
+    WIRE_MAX_NEW_TOKENS,
+    WIRE_TEMPERATURE,
+    WIRE_TOP_P,
+    temperature_problem,
+    top_p_problem,
+)
 
 
 class RequestError(Exception):
@@ -50,11 +55,21 @@ class GenerateRequest(BaseModel):
     ``[gMASK]<sop>`` is put in front, as the original's tokenizer does."""
     prompt_token_ids: list[StrictInt] | None = None
     """Prompt ids, taken as given (no prefix added)."""
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, allow_inf_nan=False)
-    """0 means greedy."""
-    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, allow_inf_nan=False)
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
+    temperature: float = Field(WIRE_TEMPERATURE, allow_inf_nan=False)
+    """0 means greedy. Bounds: ``glm4voice.defaults.TEMPERATURE`` (shared with the engine and the page)."""
+    top_p: float = Field(WIRE_TOP_P, allow_inf_nan=False)
+    max_new_tokens: int = Field(WIRE_MAX_NEW_TOKENS, ge=MAX_NEW_TOKENS_MIN)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_bounds(cls, value: float) -> float:
+        return _checked(value, temperature_problem(value))
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p_bounds(cls, value: float) -> float:
+        return _checked(value, top_p_problem(value))
 
     @field_validator("max_new_tokens", mode="before")
     @classmethod
@@ -77,6 +92,12 @@ class GenerateRequest(BaseModel):
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise ValueError("give exactly one of 'prompt' (text) and 'prompt_token_ids' (list of ints)")
         return self
+
+
+def _checked(value: float, problem: str | None) -> float:
+    if problem is not None:
+        raise ValueError(problem)
+    return value
 
 
 def _reject_constant(name: str) -> float:

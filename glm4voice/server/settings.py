@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from glm4voice.defaults import (
+    MAX_CONCURRENT_STREAMS,
+    MAX_NEW_TOKENS_CAP,
+    MAX_QUEUE,
+    MAX_SEQ_LEN,
+    QUEUE_TIMEOUT_S,
+    TOKEN_SERVER_HOST,
+    TOKEN_SERVER_PORT,
+)
 from glm4voice.hub import PUBLISHED_LLM
 
 DTYPES = ("bfloat16", "float16", "float32", "int8", "int4")
 """``--dtype`` values: the three float types, and weight-only int8 / int4 (if the engine has it)."""
 
-DEFAULT_PORT = 10000
-DEFAULT_MAX_CONCURRENT_STREAMS = 32
-DEFAULT_MAX_QUEUE = 64
-DEFAULT_QUEUE_TIMEOUT_S = 60.0
-DEFAULT_MAX_SEQ_LEN = 8192
-DEFAULT_MAX_NEW_TOKENS_CAP = 4096
-"""The original web demo asks for 2000 new tokens per turn; the cap leaves room for that."""
 DEFAULT_RETRY_AFTER_S = 2
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 MAX_BODY_BYTES_PER_TOKEN = 64
@@ -26,22 +28,22 @@ MIN_MAX_BODY_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "localhost"
-    port: int = DEFAULT_PORT
+    host: str = TOKEN_SERVER_HOST
+    port: int = TOKEN_SERVER_PORT
     model_path: str = PUBLISHED_LLM
     dtype: str = "bfloat16"
     device: str = "cuda:0"
-    max_concurrent_streams: int = DEFAULT_MAX_CONCURRENT_STREAMS
+    max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
     """Streams generated at once (the engine's batch size)."""
-    max_queue: int = DEFAULT_MAX_QUEUE
+    max_queue: int = MAX_QUEUE
     """Requests that may wait for a free stream; beyond that the answer is 503."""
-    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
+    queue_timeout_s: float = QUEUE_TIMEOUT_S
     """A request that waited this long for a stream gets 503."""
-    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    max_seq_len: int = MAX_SEQ_LEN
     """Prompt plus generated tokens per stream (the engine's KV cache length)."""
     max_prompt_tokens: int | None = None
     """Longest prompt accepted (413 beyond); default ``max_seq_len - 1``."""
-    max_new_tokens_cap: int = DEFAULT_MAX_NEW_TOKENS_CAP
+    max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
     """Largest ``max_new_tokens`` accepted (422 beyond). A request whose prompt plus
     ``max_new_tokens`` exceeds ``max_seq_len`` is served up to ``max_seq_len``."""
     eager: bool = False

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from glm4voice.defaults import WIRE_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
 from glm4voice.server import wire
 from glm4voice.server.schema import (
-    DEFAULT_MAX_NEW_TOKENS,
     PromptLimits,
     RequestError,
     check_prompt_ids,
