@@ -32,7 +32,8 @@ from glm4voice.server.backend import TokenBackend
 from glm4voice.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from glm4voice.server.metrics import Outcome, ServerMetrics
 from glm4voice.server.schema import PromptLimits, RequestError, check_prompt_ids, parse_generate_request
-from glm4voice.server.settings import DTYPES, ServerSettings
+from glm4voice.devices import DeviceError, device_name, llm_dtypes, resolve_device
+from glm4voice.server.settings import ServerSettings
 from glm4voice.server.streaming import StreamJob, TokenStreamResponse, busy_headers, json_response
 from glm4voice.text_tokenizer import GLMTokenizer
 
@@ -95,7 +96,7 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
                     GLMTokenizer.from_pretrained, backend.checkpoint_folder
                 )
             metrics.register_engine(backend.stats, getattr(backend, "counter_names", frozenset()))
-            state.device_name = _device_name(settings.device)
+            state.device_name = device_name(settings.device)
             state.ready = True
             logger.info(
                 "ready in %.1f s: serving on http://%s:%d", time.perf_counter() - started, settings.host, settings.port
@@ -190,18 +191,6 @@ async def _start_stream(state: ServerState, request: Request, arrived: float) ->
     return TokenStreamResponse(job, on_end=state.jobs.discard)
 
 
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
-    except OSError:
-        return "cpu"
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -228,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-path", default=defaults.model_path, help="glm-4-voice-9b folder or hub id (default %(default)s)"
     )
     parser.add_argument(
-        "--dtype", default=defaults.dtype, choices=DTYPES, help="weights and activations (default %(default)s)"
+        "--dtype",
+        default=defaults.dtype,
+        choices=llm_dtypes(),
+        help="weights and activations: what the engine implements (default %(default)s)",
     )
     parser.add_argument("--device", default=defaults.device, help="cuda:N or cpu (default %(default)s)")
     # serving
@@ -289,36 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.dtype == "int4":
-        parser.error(
-            "--dtype int4 (the original's bitsandbytes nf4) is not implemented by this engine; "
-            "use --dtype int8 (weight-only int8, about half the memory of bfloat16)"
-        )
-    from glm4voice.server.engine_backend import build_engine  # imports torch: after the cheap checks
+    try:
+        resolve_device(settings.device)
+    except DeviceError as error:
+        parser.error(f"--device {settings.device}: {error}")
+    from glm4voice.server.engine_backend import build_engine
 
-    _check_device(parser, settings.device)
     try:
         engine = build_engine(settings)
     except ValueError as error:  # e.g. a --dtype this engine does not implement
         parser.error(str(error))
     app = create_app(engine, settings)
     return serve(app, settings)
-
-
-def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as error:
-        parser.error(f"--device {device!r}: {error}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error(f"--device {device}: this machine has no usable CUDA GPU (use --device cpu)")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            parser.error(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
-    elif parsed.type != "cpu":
-        parser.error(f"--device {device}: use cuda, cuda:N or cpu")
 
 
 def serve(app: FastAPI, settings: ServerSettings) -> int:

@@ -55,6 +55,7 @@ from glm4voice.defaults import (
     WEB_DEMO_HOST,
     WEB_DEMO_PORT,
 )
+from glm4voice.devices import AUTO, DECODER_DTYPE_CHOICES, DeviceError, decoder_dtype, resolve_device
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 from glm4voice.pipeline import (
     AssistantAudio,
@@ -439,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--decoder-dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
+        default=AUTO,
+        choices=DECODER_DTYPE_CHOICES,
         help="speech decoder estimator precision; auto = bfloat16 on CUDA (meets real time), float32 on CPU",
     )
     parser.add_argument(
@@ -466,25 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
     """Load the models once (text tokenizer files, speech tokenizer, decoder) and the client."""
-    import torch
-
     from flow_inference import AudioDecoder
     from glm4voice.client import AsyncTokenClient
     from glm4voice.hub import resolve_checkpoint
     from glm4voice.text_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE, GLMTokenizer
     from speech_tokenizer import SpeechTokenizer
 
-    device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device))
     block_sizes = tuple(int(s) for s in args.block_sizes.split(",") if s.strip())
     config = PipelineConfig(block_sizes=block_sizes)
     started = time.perf_counter()
     llm_folder = resolve_checkpoint(args.model_path, allow_patterns=[TOKENIZER_MODEL_FILE, TOKENIZER_CONFIG_FILE])
     text_tokenizer = GLMTokenizer.from_pretrained(llm_folder)
     speech_tokenizer = SpeechTokenizer.from_pretrained(args.tokenizer_path, device=device)
-    decoder_dtype = args.decoder_dtype
-    if decoder_dtype == "auto":
-        decoder_dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=getattr(torch, decoder_dtype))
+    dtype = decoder_dtype(args.decoder_dtype, device)
+    decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=dtype)
     if decoder.device.type == "cuda":  # every block shape's CUDA graph now, not while a listener waits
         decoder.warm_up(block_sizes, batch_sizes=decoder.graph_batch_sizes)  # ~1 min
     client = AsyncTokenClient(args.server_url)
@@ -501,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
         parser.error("--max-concurrent-turns must be at least 1")
+    try:
+        resolve_device(args.device)
+    except DeviceError as error:
+        parser.error(f"--device {args.device}: {error}")
     try:
         chat, client = load_chat(args)
     except (OSError, ValueError) as error:  # missing or malformed checkpoint folders, bad --block-sizes

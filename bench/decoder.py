@@ -36,6 +36,7 @@ from glm4voice.checkpoints.decoder import (
     TINY_DECODER_SIZES,
     write_random_decoder,
 )
+from glm4voice.devices import default_device
 from glm4voice.protocol import LOW_LATENCY_BLOCK_SIZES, ORIGINAL_BLOCK_SIZES
 
 ANSWER_TOKENS = int(60 * SPEECH_TOKEN_RATE)  # a 60 s answer
@@ -369,7 +370,7 @@ class Bench:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--config", choices=["published", "tiny"], default="published")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens (dry runs)")
     parser.add_argument("--budget-s", type=float, default=480, help="skip sections that would not fit")

@@ -60,6 +60,7 @@ from glm4voice.audio import OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, load_audio
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder
 from glm4voice.checkpoints.text import write_tiny_text_tokenizer
 from glm4voice.client import AsyncTokenClient, TokenClient
+from glm4voice.devices import default_device
 from glm4voice.pipeline import (
     AssistantAudio,
     GenerationOptions,
@@ -505,7 +506,7 @@ class E2EBench:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--config", choices=("published", "small"), default="published",
                         help="model shapes: published (GPU) or small (CPU dry run)")  # fmt: skip
     parser.add_argument("--llm-dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")

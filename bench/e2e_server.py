@@ -35,6 +35,7 @@ from fastapi import Request  # at module level: the endpoints' annotations are r
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from glm4voice.devices import FLOAT_DTYPES  # noqa: E402
 from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT  # noqa: E402
 
 logger = logging.getLogger("bench.e2e_server")
@@ -198,6 +199,7 @@ def reference_app(model, pattern: AnswerPattern, max_new_tokens_cap: int):
 def build(args):
     import torch
 
+    from glm4voice.devices import torch_dtype
     from glm4voice.llm.checkpoint import random_model
     from glm4voice.llm.engine import Engine, EngineConfig
     from glm4voice.server.settings import ServerSettings
@@ -208,7 +210,7 @@ def build(args):
     from llm import CONFIGS  # bench/llm.py: the published shape and a small CPU one
 
     started = time.perf_counter()
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model = random_model(CONFIGS[args.config], torch.device(args.device), dtype, seed=0)
     logger.info("random %s model on %s in %.1f s", args.config, args.device, time.perf_counter() - started)
     tokenizer = GLMTokenizer.from_pretrained(args.tokenizer_dir)
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-dir", required=True, help="a text tokenizer folder (tokenizer.model + config)")
     parser.add_argument("--config", choices=("published", "small"), default="published")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--dtype", default="bfloat16", choices=FLOAT_DTYPES)
     parser.add_argument("--max-streams", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--eager", action="store_true")

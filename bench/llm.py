@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from glm4voice.devices import FLOAT_DTYPES, default_device  # noqa: E402
 from glm4voice.llm.checkpoint import load_model, published_key_names, random_model  # noqa: E402
 from glm4voice.llm.config import PUBLISHED_CONFIG, GLMConfig  # noqa: E402
 from glm4voice.llm.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
@@ -548,8 +549,8 @@ def _chatglm_dict(config: GLMConfig) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="published")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--dtype", choices=FLOAT_DTYPES, default="bfloat16")
     parser.add_argument("--quick", action="store_true", help="fewer tokens per measurement")
     parser.add_argument("--streams", default="1,8,32,64", help="concurrency levels (comma-separated)")
     parser.add_argument("--no-int8", dest="int8", action="store_false")

@@ -36,6 +36,7 @@ from glm4voice.checkpoints.speech_tokenizer import (
     published_config,
     tiny_config,
 )
+from glm4voice.devices import default_device
 from speech_tokenizer import SpeechTokenizer, TokenizerOptions, WhisperVQEncoder
 
 
@@ -184,7 +185,7 @@ def machine(device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--config", choices=("full", "tiny"), default="full")
     parser.add_argument("--batch-sizes", default=None, help="comma-separated (default: 1,16 on CUDA, 1 on CPU)")
     parser.add_argument("--seconds", type=float, default=30.0, help="audio per utterance")

@@ -30,6 +30,9 @@ LOOPBACK_HOST = "127.0.0.1"
 DEFAULT_SERVER_URL = f"http://localhost:{TOKEN_SERVER_PORT}"
 """The token server a client talks to unless told otherwise (``web_demo.py --server-url``)."""
 
+LLM_DTYPE = "bfloat16"
+"""Weights of the language model unless told otherwise (``model_server.py --dtype``, the original's)."""
+
 # --- POST /generate_stream: the original server's defaults for fields a body leaves out -----------
 
 WIRE_TEMPERATURE = 1.0

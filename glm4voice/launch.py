@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 
 from glm4voice.checkpoints import write_tiny_checkpoints
-from glm4voice.defaults import LOOPBACK_HOST, TOKEN_SERVER_PORT, WEB_DEMO_PORT
+from glm4voice.defaults import LLM_DTYPE, LOOPBACK_HOST, TOKEN_SERVER_PORT, WEB_DEMO_PORT
+from glm4voice.devices import DeviceError, default_device, llm_dtypes, resolve_device
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 
 logger = logging.getLogger("glm4voice.launch")
@@ -103,7 +104,7 @@ def wait_until_ready(url: str, process: subprocess.Popen, timeout: float, what: 
     raise SystemExit(f"the {what} was not ready at {url} after {timeout:.0f} s")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m glm4voice.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -113,17 +114,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--flow-path", help=f"speech decoder folder or hub id (e.g. {PUBLISHED_DECODER})")
     parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 if available)")
-    parser.add_argument("--dtype", default="bfloat16", help="LLM weights: bfloat16, float16, int8 or int4")
+    parser.add_argument("--dtype", default=LLM_DTYPE, choices=llm_dtypes(), help="LLM weights (default %(default)s)")
     parser.add_argument("--host", default=LOOPBACK_HOST, help="web UI address (0.0.0.0 to serve the network)")
     parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="web UI port")
     parser.add_argument("--server-port", type=int, default=TOKEN_SERVER_PORT, help="model server port (loopback)")
     parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
     parser.add_argument("--regenerate-tiny", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        resolve_device(args.device)
+    except DeviceError as error:
+        parser.error(f"--device {args.device}: {error}")
 
     checkpoints = choose_checkpoints(args)
-    device = args.device or _default_device()
+    device = args.device or default_device()
     dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
     server_url = f"http://{LOOPBACK_HOST}:{args.server_port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -185,12 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for process in reversed(processes):
             _stop(process)
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def _terminate(signum, frame) -> None:

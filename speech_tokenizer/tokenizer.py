@@ -81,12 +81,13 @@ class SpeechTokenizer:
         """
         from transformers import WhisperFeatureExtractor
 
+        from glm4voice.devices import default_device
         from glm4voice.hub import resolve_checkpoint
         from speech_tokenizer.checkpoint import CHECKPOINT_FILES, WEIGHTS_PATTERN
 
         folder = resolve_checkpoint(path_or_hub_id, allow_patterns=list(CHECKPOINT_FILES) + [WEIGHTS_PATTERN])
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = default_device()
         model = WhisperVQEncoder.from_pretrained(folder, device=device, dtype=dtype)
         feature_extractor = WhisperFeatureExtractor.from_pretrained(str(folder))
         logger.info("speech tokenizer loaded from %s on %s (%s)", folder, model.device, dtype)

@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 import torch
 
 from glm4voice.defaults import (
+    LLM_DTYPE,
     MAX_SEQ_LEN,
     WIRE_MAX_NEW_TOKENS,
     WIRE_TEMPERATURE,
@@ -49,6 +50,7 @@ from glm4voice.defaults import (
     temperature_problem,
     top_p_problem,
 )
+from glm4voice.devices import AUTO, default_device
 from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
 from glm4voice.llm.config import GLMConfig
 from glm4voice.llm.model import GLMModel
@@ -132,9 +134,9 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    device: str = "auto"
-    """"auto" (CUDA if present, else CPU), "cuda", "cuda:1", "cpu"."""
-    dtype: str = "bfloat16"
+    device: str = AUTO
+    """"auto" (``glm4voice.devices.default_device()``: CUDA if present, else CPU), "cuda", "cuda:1", "cpu"."""
+    dtype: str = LLM_DTYPE
     """bfloat16 | float16 | float32 | int8 (weight-only int8; activations bfloat16 on CUDA, float32 on CPU)."""
     max_batch_size: int = 64
     """Concurrent streams (KV cache slots)."""
@@ -174,7 +176,7 @@ class EngineConfig:
         return tuple(sorted({n for n in self.prefill_graph_lengths if n < self.prefill_chunk} | {self.prefill_chunk}))
 
     def torch_device(self) -> torch.device:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+        device = torch.device(default_device() if self.device == AUTO else self.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device

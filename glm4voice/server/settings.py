@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glm4voice.defaults import (
+    LLM_DTYPE,
     MAX_CONCURRENT_STREAMS,
     MAX_NEW_TOKENS_CAP,
     MAX_QUEUE,
@@ -13,10 +14,8 @@ from glm4voice.defaults import (
     TOKEN_SERVER_HOST,
     TOKEN_SERVER_PORT,
 )
+from glm4voice.devices import llm_dtypes
 from glm4voice.hub import PUBLISHED_LLM
-
-DTYPES = ("bfloat16", "float16", "float32", "int8", "int4")
-"""``--dtype`` values: the three float types, and weight-only int8 / int4 (if the engine has it)."""
 
 DEFAULT_RETRY_AFTER_S = 2
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
@@ -31,7 +30,7 @@ class ServerSettings:
     host: str = TOKEN_SERVER_HOST
     port: int = TOKEN_SERVER_PORT
     model_path: str = PUBLISHED_LLM
-    dtype: str = "bfloat16"
+    dtype: str = LLM_DTYPE
     device: str = "cuda:0"
     max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
     """Streams generated at once (the engine's batch size)."""
@@ -53,8 +52,8 @@ class ServerSettings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in llm_dtypes():
+            raise ValueError(f"dtype must be one of {', '.join(llm_dtypes())}, got {self.dtype!r}")
         for name in ("port", "max_concurrent_streams", "max_seq_len", "max_new_tokens_cap", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
