@@ -1,48 +1,41 @@
-"""One spoken-chat turn, end to end, independent of any UI.
-
-    chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, AsyncTokenClient(url))
-    session = chat.new_session()                       # one per user / browser tab
-    async for event in chat.run_turn(session, UserSpeech("question.wav"), GenerationOptions()):
-        ...   # InputAccepted, AssistantText, AssistantAudio, TurnFinished or TurnFailed
+"""The orchestration of a turn: :class:`VoiceChat` (shared by every session) and :class:`ChatSession`.
 
 A turn: check and tokenize the input (speech through the speech tokenizer, in a worker thread),
 build the prompt from the session's history ids (:class:`glm4voice.protocol.Conversation`), stream
 token ids from ``model_server.py`` (:class:`glm4voice.client.AsyncTokenClient`), split them into
-text and audio blocks (:class:`glm4voice.protocol.Demuxer`, block sizes from ``block_sizes``) and
-decode each block to PCM (``AudioDecoder.stream()``) while tokens keep arriving.
+text and audio blocks (:class:`glm4voice.protocol.Demuxer`, consulting the turn's
+:class:`~glm4voice.pipeline.policy.BlockPolicy` at every token) and decode each block to PCM
+(``AudioDecoder.stream()``) while tokens keep arriving.
 
 Overlap: a reader task reads the token stream and demultiplexes it; audio blocks go through a
 bounded queue to a decode task, which runs each block in a single worker thread shared by all
 sessions (so decoder calls never run concurrently and never block the event loop); blocks of
 different sessions that wait at the same time are decoded as one batch
-(:class:`glm4voice.block_batcher.BlockBatcher`). The reader
-only waits on the decoder when ``max_pending_blocks`` blocks are already queued (the decoder
-is then far behind real time and backpressure on the server is the right answer).
+(:class:`glm4voice.block_batcher.BlockBatcher`). The reader only waits on the decoder when
+``max_pending_blocks`` blocks are already queued (the decoder is then far behind real time and
+backpressure on the server is the right answer).
 
-Every failure ends the turn with one :class:`TurnFailed` event carrying a message meant for the
-person using the demo; the session stays usable and its history is unchanged (a failed or
-cancelled turn is not recorded). Every event carries ``elapsed`` (seconds since the turn began),
-and :class:`TurnFinished` carries :class:`TurnTimings` for latency measurements.
+Every failure ends the turn with one :class:`~glm4voice.pipeline.events.TurnFailed` event
+carrying a message meant for the person using the demo; the session stays usable and its history
+is unchanged (a failed or cancelled turn is not recorded).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, Sequence, Union
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 import numpy as np
 
 from glm4voice.audio import (
     INPUT_SAMPLE_RATE,
     OUTPUT_SAMPLE_RATE,
-    SPEECH_TOKEN_RATE,
     Audio,
     AudioError,
     AudioSource,
@@ -60,27 +53,32 @@ from glm4voice.client import (
     StreamFailedError,
     TokenServerError,
 )
-from glm4voice.defaults import (
-    DEMO_MAX_NEW_TOKENS,
-    DEMO_TEMPERATURE,
-    DEMO_TOP_P,
-    MAX_INPUT_SECONDS,
-    MAX_TEXT_CHARS,
-    max_new_tokens_problem,
-    temperature_problem,
-    top_p_problem,
+from glm4voice.defaults import MAX_INPUT_SECONDS, MAX_TEXT_CHARS, PLAYER_LEAD_S
+from glm4voice.pipeline.events import (
+    AssistantAudio,
+    AssistantText,
+    BlockTiming,
+    FailureKind,
+    GenerationOptions,
+    InputAccepted,
+    TurnError,
+    TurnEvent,
+    TurnFailed,
+    TurnFinished,
+    TurnTimings,
+    UserRequest,
+    UserSpeech,
+    UserText,
 )
+from glm4voice.pipeline.policy import AdaptiveBlocks, BlockPolicy, DemuxState, FixedBlocks, TokenKind
 from glm4voice.protocol import (
-    AUDIO_TOKENS_PER_SEGMENT,
     LOW_LATENCY_BLOCK_SIZES,
-    TEXT_TOKENS_PER_SEGMENT,
     AudioBlock,
     AudioInput,
     BlockSchedule,
     Conversation,
     Demuxer,
     EndOfTurn,
-    EndReason,
     InputMode,
     SpecialTokens,
     StreamError,
@@ -91,70 +89,13 @@ from glm4voice.text_tokenizer import GLMTokenizer
 
 logger = logging.getLogger(__name__)
 
-# --- limits and defaults ------------------------------------------------------------------------------
-
 SILENCE_PEAK = 10 ** (-60 / 20)
 """Input whose loudest sample is below -60 dBFS is treated as containing no speech."""
 MAX_PENDING_BLOCKS = 32
 EARLY_FLUSH_MIN_TOKENS = 10
 """Smallest block handed out early (the decoder's own block size)."""
-EARLY_FLUSH_MARGIN_S = 0.5
-"""Time kept in hand for decoding a block under load when deciding on an early flush."""
-QUICK_START_MARGIN_S = 0.1
-QUICK_START_MAX_TURNS = 8
-"""A quick first block only while at most this many turns run (measured on an H100, bench/e2e.py:
-with 16 turns starting together, a quarter of the quick starts ran dry once; with 8, none)."""
 DECODER_HOLD_BACK_S = 0.4
 """Audio the streaming decoder holds back until the next block (its 34-frame mel overlap)."""
-PLAYER_LEAD_S = 0.15
-"""The web player's lead before its first sample (``START_LEAD_S`` in glm4voice/web/player.js)."""
-
-
-class FailureKind(str, enum.Enum):
-    """Why a turn failed (the UI shows :attr:`TurnFailed.message`; tests and logs use the kind)."""
-
-    EMPTY_INPUT = "empty_input"  # no text typed, no recording, an empty file
-    INVALID_INPUT = "invalid_input"  # a file that is not audio, bad generation settings
-    INPUT_TOO_LONG = "input_too_long"
-    NO_SPEECH = "no_speech"
-    SESSION_BUSY = "session_busy"  # a turn of this session is still running
-    SERVER_UNAVAILABLE = "server_unavailable"
-    SERVER_BUSY = "server_busy"
-    SERVER_REJECTED = "server_rejected"
-    STREAM_FAILED = "stream_failed"
-    DECODER_FAILED = "decoder_failed"
-    INTERNAL = "internal"
-
-
-class TurnError(Exception):
-    """A failure with a message for the user (raised inside the pipeline, reported as TurnFailed)."""
-
-    def __init__(self, kind: FailureKind, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
-# --- options ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Sampling settings of one turn (the UI's sliders)."""
-
-    temperature: float = DEMO_TEMPERATURE
-    top_p: float = DEMO_TOP_P
-    max_new_tokens: int = DEMO_MAX_NEW_TOKENS
-    seed: int | None = None
-    """Seeds the server's sampling and the decoder's noise: the same seed repeats a turn."""
-
-    def check(self) -> None:
-        """Raise :class:`TurnError` (INVALID_INPUT) with a readable message for bad settings."""
-        checks = (("temperature", temperature_problem(self.temperature)), ("top-p", top_p_problem(self.top_p)),
-                  ("max new tokens", max_new_tokens_problem(self.max_new_tokens)))  # fmt: skip
-        problems = [f"{name} {problem}" for name, problem in checks if problem is not None]
-        if problems:
-            raise TurnError(FailureKind.INVALID_INPUT, "Invalid settings: " + "; ".join(problems) + ".")
 
 
 @dataclass(frozen=True)
@@ -167,12 +108,15 @@ class PipelineConfig:
     silence_peak: float = SILENCE_PEAK
     max_pending_blocks: int = MAX_PENDING_BLOCKS
     adaptive_blocks: bool = True
-    """Block sizes that follow the listener's buffer (see :class:`_Pacer`): the first block is
+    """Block sizes that follow the listener's buffer (:class:`~glm4voice.pipeline.policy.AdaptiveBlocks`): the first block is
     ``block_sizes[0]`` tokens only if the answer's token rate and the decoder's latency let the next
     block arrive before that short first chunk has played, else it waits for the end of the first
     audio run; and when an audio run ends while the listener has little audio in hand, the pending
     audio is decoded at once instead of waiting through the run of text tokens. Off: fixed sizes,
     as the original."""
+    player_lead_s: float = PLAYER_LEAD_S
+    """The listener's player starts this long after the first audio arrives (adaptive blocks count
+    it as audio in hand)."""
     decode_batch: int | None = None
     """Most blocks of different sessions decoded as one batch (None: as many as the decoder has
     graphs for, 16; 1: one block at a time). See :mod:`glm4voice.block_batcher`."""
@@ -180,128 +124,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         BlockSchedule(tuple(self.block_sizes))  # validates
         bad_batch = self.decode_batch is not None and self.decode_batch < 1
-        if self.max_input_seconds <= 0 or self.max_text_chars < 1 or self.max_pending_blocks < 1 or bad_batch:
+        limits_ok = self.max_input_seconds > 0 and self.max_text_chars >= 1 and self.max_pending_blocks >= 1
+        if not limits_ok or bad_batch or not self.player_lead_s >= 0:
             raise ValueError(f"invalid pipeline limits: {self}")
-
-
-# --- what a turn takes --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UserText:
-    text: str
-
-
-@dataclass(frozen=True)
-class UserSpeech:
-    """Spoken input: a file path, encoded bytes, an ``(array, rate)`` tuple or an :class:`Audio`."""
-
-    source: Union[AudioSource, Audio]
-
-
-UserRequest = Union[UserText, UserSpeech]
-
-
-# --- what a turn yields -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputAccepted:
-    mode: InputMode
-    prompt_tokens: int
-    """Length of the prompt sent to the server (history included)."""
-    speech_tokens: int
-    """Audio tokens of the spoken input (0 for text)."""
-    input_seconds: float | None
-    """Duration of the spoken input."""
-    elapsed: float
-
-
-@dataclass(frozen=True)
-class AssistantText:
-    text: str
-    """New text (may be several tokens' worth; a split UTF-8 character waits for its rest)."""
-    elapsed: float
-
-
-@dataclass(frozen=True)
-class AssistantAudio:
-    samples: np.ndarray
-    """float32 mono PCM at ``sample_rate``; never empty; consecutive chunks are contiguous."""
-    sample_rate: int
-    start_sample: int
-    """Position of the first sample in the turn's audio."""
-    block_index: int | None
-    """The decoded block (None: the decoder's final flush)."""
-    elapsed: float
-
-
-@dataclass(frozen=True)
-class BlockTiming:
-    index: int | None
-    codes: int
-    ready: float
-    """When the demultiplexer completed the block (s since turn start)."""
-    decode_started: float
-    decoded: float
-    samples: int
-
-
-@dataclass(frozen=True)
-class TurnTimings:
-    """Seconds since the turn began (None: the stage did not happen)."""
-
-    input_loaded: float | None = None
-    """Spoken input read and resampled to 16 kHz."""
-    speech_tokenized: float | None = None
-    """Speech tokenizer done."""
-    input_ready: float | None = None
-    """Input checked and tokenized, prompt built."""
-    request_sent: float | None = None
-    first_token: float | None = None
-    first_text: float | None = None
-    first_audio_token: float | None = None
-    first_block_ready: float | None = None
-    first_audio: float | None = None
-    """First PCM out of the decoder (what a listener waits for, minus the network)."""
-    last_token: float | None = None
-    finished: float | None = None
-    tokens: int = 0
-    blocks: tuple[BlockTiming, ...] = ()
-
-
-@dataclass(frozen=True)
-class TurnFinished:
-    text: str
-    audio: np.ndarray
-    """The whole answer: the concatenation of every AssistantAudio chunk (may be empty)."""
-    sample_rate: int
-    reason: EndReason
-    reply_ids: tuple[int, ...]
-    """Every generated id except the stop token (what the history records)."""
-    text_tokens: int
-    audio_tokens: int
-    ignored_tokens: int
-    """Generated ids past the audio codebook (padded embedding rows), left out of reply_ids."""
-    timings: TurnTimings
-    elapsed: float
-
-    @property
-    def audio_seconds(self) -> float:
-        return len(self.audio) / self.sample_rate
-
-
-@dataclass(frozen=True)
-class TurnFailed:
-    kind: FailureKind
-    message: str
-    """For the person using the demo."""
-    partial_text: str
-    timings: TurnTimings
-    elapsed: float
-
-
-TurnEvent = Union[InputAccepted, AssistantText, AssistantAudio, TurnFinished, TurnFailed]
 
 
 # --- the parts a pipeline drives ----------------------------------------------------------------------
@@ -379,80 +204,18 @@ class _TurnClock:
         return TurnTimings(**self.marks, tokens=self.tokens, blocks=tuple(self.blocks))
 
 
-class _Pacer:
-    """Adaptive block sizes for one turn: hands blocks to the decoder when the listener needs them.
+class TurnLoad:
+    """The :class:`~glm4voice.pipeline.policy.SharedLoad` a :class:`VoiceChat` gives its turns' block
+    policies: the turns running now, and the decoder calls' measured durations."""
 
-    Audio in hand = the tokens handed to the decoder, less what the decoder holds back, less what
-    has played since the first PCM. Waiting for a block costs its missing audio tokens plus the text
-    tokens of the interleave (13 per 26 audio) at the answer's measured token rate.
+    def __init__(self, blocks: BlockBatcher):
+        self.blocks = blocks
+        self.active_turns = 0
 
-    - Quick start: the first block is ``block_sizes[0]`` tokens only if the rest of the first audio
-      run can be generated and decoded before that short chunk (~0.4 s) and the player's lead have
-      played, and at most ``QUICK_START_MAX_TURNS`` turns run; otherwise it is the whole first run
-      (~1.7 s in hand), which keeps many simultaneous listeners gapless.
-    - Early flush: when an audio run ends (a text token follows audio) and the audio in hand would
-      not last until the next block at its scheduled size, the pending audio is decoded at once
-      instead of waiting through the text run.
-    """
-
-    def __init__(self, clock: _TurnClock, chat: "VoiceChat"):
-        self.clock = clock
-        self.chat = chat
-        self.schedule = chat.schedule
-        self.quick = chat.schedule.sizes[0]
-        self.audio_tokens_out = 0
-        self.after_audio = False
-
-    @staticmethod
-    def demuxer_schedule(schedule: BlockSchedule) -> BlockSchedule:
-        """The Demuxer's own schedule: a first block of a whole audio run (a quick one is cut here)."""
-        sizes = schedule.sizes
-        return BlockSchedule((max(sizes[0], AUDIO_TOKENS_PER_SEGMENT),) + tuple(sizes[1:]))
-
-    def feed(self, token_id: int, is_audio: bool, demuxer: Demuxer) -> list:
-        """``demuxer.feed(token_id)``, with the blocks this pacing hands out early."""
-        events: list = []
-        if not is_audio and self.after_audio and token_id not in self.chat.special.stop_ids:
-            scheduled = self.schedule.size(demuxer.blocks_emitted)
-            if self._should_flush(demuxer.pending_audio, scheduled):
-                events.append(demuxer.flush_audio())
-        self.after_audio = is_audio
-        events += demuxer.feed(token_id)
-        if is_audio and demuxer.blocks_emitted == 0 and demuxer.pending_audio == self.quick and self._quick_start():
-            events.append(demuxer.flush_audio())
-        self.audio_tokens_out += sum(len(e.codes) for e in events if isinstance(e, AudioBlock))
-        return events
-
-    def _rate(self) -> float | None:
-        first_token = self.clock.marks.get("first_token")
-        elapsed = 0.0 if first_token is None else self.clock.now() - first_token
-        return (self.clock.tokens - 1) / elapsed if self.clock.tokens >= 2 and elapsed > 0 else None
-
-    def _in_hand_s(self) -> float:
-        first_audio = self.clock.marks.get("first_audio")
-        played = 0.0 if first_audio is None else self.clock.now() - first_audio
-        return self.audio_tokens_out / SPEECH_TOKEN_RATE - DECODER_HOLD_BACK_S - played
-
-    def _should_flush(self, pending: int, scheduled: int) -> bool:
-        if pending < EARLY_FLUSH_MIN_TOKENS:
-            return False
-        rate = self._rate()
-        if rate is None:
-            return True
-        per_audio = (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT) / AUDIO_TOKENS_PER_SEGMENT
-        wait_s = (TEXT_TOKENS_PER_SEGMENT + (scheduled - pending) * per_audio) / rate
-        return self._in_hand_s() < wait_s + EARLY_FLUSH_MARGIN_S
-
-    def _quick_start(self) -> bool:
-        if self.chat.active_turns > QUICK_START_MAX_TURNS:
-            return False
-        rate = self._rate()
-        if rate is None:
-            return True
-        rest_s = (AUDIO_TOKENS_PER_SEGMENT - self.quick) / rate
-        chunk_s = self.quick / SPEECH_TOKEN_RATE - DECODER_HOLD_BACK_S
-        decoder_s = self.chat.decoder_wait_s() or 0.0  # one call to wait for, one to run
-        return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S <= chunk_s + PLAYER_LEAD_S
+    def decoder_wait_s(self) -> float | None:
+        """Alone, a small block's call (the fastest seen); with other turns running, the recent
+        average (their blocks share the calls)."""
+        return self.blocks.fastest_s if self.active_turns <= 1 else self.blocks.latency_s
 
 
 @dataclass(frozen=True)
@@ -501,8 +264,29 @@ class VoiceChat:
         self._input_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-tokenize")
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
         self.blocks = BlockBatcher(decoder, self._decode_worker, config.decode_batch)
-        self.active_turns = 0
+        self.load = TurnLoad(self.blocks)
+        """What every turn's block policy may know of the others (turns running, decoder call time)."""
+
+    @property
+    def active_turns(self) -> int:
         """Turns running now (all sessions)."""
+        return self.load.active_turns
+
+    def decoder_wait_s(self) -> float | None:
+        """Expected duration of the decoder call a new block joins (see :meth:`TurnLoad.decoder_wait_s`)."""
+        return self.load.decoder_wait_s()
+
+    def block_policy(self) -> BlockPolicy:
+        """A new turn's block policy (adaptive or fixed, as configured)."""
+        if not self.config.adaptive_blocks:
+            return FixedBlocks(self.schedule)
+        return AdaptiveBlocks(
+            self.schedule,
+            self.load,
+            hold_back_s=DECODER_HOLD_BACK_S,
+            min_block_tokens=EARLY_FLUSH_MIN_TOKENS,
+            player_lead_s=self.config.player_lead_s,
+        )
 
     def close(self) -> None:
         self._input_worker.shutdown(wait=False, cancel_futures=True)
@@ -527,7 +311,7 @@ class VoiceChat:
             yield self._failed(busy, clock, "")
             return
         session.busy = True
-        self.active_turns += 1
+        self.load.active_turns += 1
         session.turns_started += 1
         epoch = session.epoch
         try:
@@ -548,7 +332,7 @@ class VoiceChat:
                 yield event
         finally:
             session.busy = False
-            self.active_turns -= 1
+            self.load.active_turns -= 1
 
     async def _prepare_input(
         self, request: UserRequest, clock: _TurnClock
@@ -610,12 +394,12 @@ class VoiceChat:
     async def _reply(
         self, prompt_ids: list[int], options: GenerationOptions, clock: _TurnClock
     ) -> AsyncIterator[TurnEvent]:
-        schedule = _Pacer.demuxer_schedule(self.schedule) if self.config.adaptive_blocks else self.schedule
-        demuxer = Demuxer(self.text_tokenizer, self.special, schedule)
+        policy = self.block_policy()
+        demuxer = Demuxer(self.text_tokenizer, self.special, policy.demuxer_schedule)
         out: asyncio.Queue = asyncio.Queue()
         blocks: asyncio.Queue = asyncio.Queue(maxsize=self.config.max_pending_blocks)
-        reader = asyncio.create_task(self._read_tokens(prompt_ids, options, demuxer, clock, out, blocks))
-        decoder = asyncio.create_task(self._decode_blocks(options, clock, out, blocks))
+        reader = asyncio.create_task(self._read_tokens(prompt_ids, options, demuxer, policy, clock, out, blocks))
+        decoder = asyncio.create_task(self._decode_blocks(options, policy, clock, out, blocks))
         try:
             while True:
                 event = await out.get()
@@ -630,11 +414,10 @@ class VoiceChat:
                 task.cancel()
             await asyncio.gather(reader, decoder, return_exceptions=True)
 
-    async def _read_tokens(self, prompt_ids, options, demuxer: Demuxer, clock: _TurnClock,
+    async def _read_tokens(self, prompt_ids, options, demuxer: Demuxer, policy: BlockPolicy, clock: _TurnClock,
                            out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
         end: EndOfTurn | None = None
         failure: TurnError | None = None
-        pacer = _Pacer(clock, self) if self.config.adaptive_blocks else None
         try:
             clock.mark("request_sent")
             stream = self.client.stream(
@@ -649,11 +432,10 @@ class VoiceChat:
                     clock.mark("first_token")
                     clock.mark("last_token", first=False)
                     clock.tokens += 1
-                    is_audio = self.special.is_audio(token_id)
-                    if is_audio:
+                    kind = self._kind(token_id)
+                    if kind is TokenKind.AUDIO:
                         clock.mark("first_audio_token")
-                    events = demuxer.feed(token_id) if pacer is None else pacer.feed(token_id, is_audio, demuxer)
-                    for event in events:
+                    for event in self._demux(token_id, kind, clock.now(), demuxer, policy):
                         end = await self._route(event, clock, out, blocks) or end
                     if demuxer.finished:
                         break
@@ -672,6 +454,25 @@ class VoiceChat:
             failure = TurnError(FailureKind.INTERNAL, f"Internal error while reading the answer: {error}")
         await blocks.put(_EndOfStream(end, failure, demuxer.dropped_ids))
 
+    def _kind(self, token_id: int) -> TokenKind:
+        if self.special.is_audio(token_id):
+            return TokenKind.AUDIO
+        return TokenKind.STOP if token_id in self.special.stop_ids else TokenKind.TEXT
+
+    @staticmethod
+    def _demux(token_id: int, kind: TokenKind, now: float, demuxer: Demuxer, policy: BlockPolicy) -> list:
+        """``demuxer.feed(token_id)``, with the blocks the policy hands out early before or after it."""
+        events: list = []
+        if policy.before_token(now, kind, DemuxState(demuxer.pending_audio, demuxer.blocks_emitted)):
+            events.append(demuxer.flush_audio())
+        events += demuxer.feed(token_id)
+        if policy.after_token(now, kind, DemuxState(demuxer.pending_audio, demuxer.blocks_emitted)):
+            events.append(demuxer.flush_audio())
+        for event in events:
+            if isinstance(event, AudioBlock):
+                policy.block_out(len(event.codes))
+        return events
+
     async def _route(self, event, clock: _TurnClock, out: asyncio.Queue, blocks: asyncio.Queue) -> EndOfTurn | None:
         if isinstance(event, TextDelta):
             if event.text:
@@ -685,7 +486,7 @@ class VoiceChat:
             return event
         return None
 
-    async def _decode_blocks(self, options: GenerationOptions, clock: _TurnClock,
+    async def _decode_blocks(self, options: GenerationOptions, policy: BlockPolicy, clock: _TurnClock,
                              out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         chunks: list[np.ndarray] = []
@@ -697,7 +498,7 @@ class VoiceChat:
             decoded = clock.now()
             clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples)))
             if len(samples):
-                clock.mark("first_audio")
+                policy.audio_started(clock.mark("first_audio"))
                 chunks.append(samples)
                 out.put_nowait(AssistantAudio(samples, self.sample_rate, position, index, decoded))
                 position += len(samples)
@@ -753,11 +554,6 @@ class VoiceChat:
                 )
             )
         out.put_nowait(_DONE)
-
-    def decoder_wait_s(self) -> float | None:
-        """Expected duration of the decoder call a new block joins: alone, a small block's (the fastest
-        call seen); with other turns running, the recent average (their blocks share the calls)."""
-        return self.blocks.fastest_s if self.active_turns <= 1 else self.blocks.latency_s
 
     # --- errors ---------------------------------------------------------------------------------------
 

@@ -1,0 +1,66 @@
+"""One spoken-chat turn, end to end, independent of any UI.
+
+    chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, AsyncTokenClient(url))
+    session = chat.new_session()                       # one per user / browser tab
+    async for event in chat.run_turn(session, UserSpeech("question.wav"), GenerationOptions()):
+        ...   # InputAccepted, AssistantText, AssistantAudio, TurnFinished or TurnFailed
+
+Three modules:
+
+- :mod:`glm4voice.pipeline.events`: the turn's vocabulary (requests, options, events, failure kinds);
+- :mod:`glm4voice.pipeline.policy`: block policies, consulted at every token to decide when the
+  pending audio becomes a block for the decoder (fixed sizes, or adaptive to the listener's buffer);
+- :mod:`glm4voice.pipeline.chat`: the orchestration (:class:`VoiceChat`, :class:`ChatSession`).
+
+Every public name is importable from ``glm4voice.pipeline`` itself.
+"""
+
+from glm4voice.defaults import DEMO_MAX_NEW_TOKENS as DEFAULT_MAX_NEW_TOKENS
+from glm4voice.defaults import DEMO_TEMPERATURE as DEFAULT_TEMPERATURE
+from glm4voice.defaults import DEMO_TOP_P as DEFAULT_TOP_P
+from glm4voice.defaults import MAX_INPUT_SECONDS, MAX_TEXT_CHARS, PLAYER_LEAD_S
+from glm4voice.pipeline.chat import (
+    MAX_PENDING_BLOCKS,
+    SILENCE_PEAK,
+    AudioDecoderLike,
+    ChatSession,
+    DecoderStreamLike,
+    PipelineConfig,
+    SpeechTokenizerLike,
+    TokenStreamClient,
+    TurnLoad,
+    VoiceChat,
+)
+from glm4voice.pipeline.events import (
+    AssistantAudio,
+    AssistantText,
+    BlockTiming,
+    FailureKind,
+    GenerationOptions,
+    InputAccepted,
+    TurnError,
+    TurnEvent,
+    TurnFailed,
+    TurnFinished,
+    TurnTimings,
+    UserRequest,
+    UserSpeech,
+    UserText,
+)
+from glm4voice.pipeline.policy import (
+    AdaptiveBlocks,
+    BlockPolicy,
+    DemuxState,
+    FixedBlocks,
+    SharedLoad,
+    TokenKind,
+)
+
+__all__ = [
+    "AdaptiveBlocks", "AssistantAudio", "AssistantText", "AudioDecoderLike", "BlockPolicy", "BlockTiming",
+    "ChatSession", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "DecoderStreamLike",
+    "DemuxState", "FailureKind", "FixedBlocks", "GenerationOptions", "InputAccepted", "MAX_INPUT_SECONDS",
+    "MAX_PENDING_BLOCKS", "MAX_TEXT_CHARS", "PLAYER_LEAD_S", "PipelineConfig", "SILENCE_PEAK", "SharedLoad",
+    "SpeechTokenizerLike", "TokenKind", "TokenStreamClient", "TurnError", "TurnEvent", "TurnFailed", "TurnFinished",
+    "TurnLoad", "TurnTimings", "UserRequest", "UserSpeech", "UserText", "VoiceChat",
+]  # fmt: skip
