@@ -448,6 +448,11 @@ class AudioDecoder:
         return seconds
 
     @property
+    def hold_back_s(self) -> float:
+        """Audio a stream holds back until its next block (the mel overlap it cross-fades), in seconds."""
+        return self.mel_overlap_len * self.samples_per_frame / self.sample_rate
+
+    @property
     def max_batch(self) -> int:
         """Most blocks decoded as one batch by :meth:`feed_many` (the ODE's graphs are captured per batch size)."""
         return self._solver.max_batch

@@ -169,6 +169,12 @@ def live_player_html(stream_id: str | None = None, url: str | None = None) -> st
     )
 
 
+def player_settings_script(sample_rate: int, lead_s: float) -> str:
+    """The page settings ``player.js`` reads. A lead set before the page loads (a test's init
+    script, an embedding page) is kept."""
+    return f"window.GLM4VOICE_SAMPLE_RATE = {int(sample_rate)}; window.GLM4VOICE_PLAYER_LEAD_S ??= {float(lead_s)!r};"
+
+
 def failure_markdown(turn_number: int, message: str) -> str:
     return f"⚠️ **Turn {turn_number} failed:** {message}"
 
@@ -371,7 +377,7 @@ def create_app(chat: VoiceChat, settings: DemoSettings = DemoSettings(), *, clos
     demo = create_demo(chat, streams, files, settings)
     demo.queue(default_concurrency_limit=settings.max_concurrent_turns)
     player = player_script()
-    head = f"<script>window.GLM4VOICE_SAMPLE_RATE = {int(chat.sample_rate)};</script>\n<script>{player}</script>"
+    head = f"<script>{player_settings_script(chat.sample_rate, chat.config.player_lead_s)}</script>\n<script>{player}</script>"
     return gr.mount_gradio_app(
         app, demo, path="/", head=head, css=PAGE_CSS, allowed_paths=[str(RESOURCES)],
         max_file_size=MAX_UPLOAD_SIZE, footer_links=[], show_error=True, run_history=False,

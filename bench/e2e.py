@@ -21,8 +21,8 @@ Sections (each printed and written to ``--out`` as it finishes):
   block is complete (13 text + 10 audio), first block decode; also with the prefill CUDA graphs off;
 - ``answer_30s``: one 30 s answer: audio RTF (decoder time / audio time), token rate, underruns;
 - ``concurrency``: N conversations started together, each a 30 s answer; a conversation stays real
-  time if a player that starts ``START_LEAD_S`` (glm4voice/web/player.js) after the first chunk
-  never runs dry; also at one level with cross-session block batching off;
+  time if a player that starts ``PLAYER_LEAD_S`` (glm4voice/defaults.py: the page's player) after
+  the first chunk never runs dry; also at one level with cross-session block batching off;
 - ``reference``: the reference-style pipeline measured in the same run: transformers ``generate()``
   with a streamer thread (batch 1), the original block schedule (25, 50, 100, 150, 200), float32
   eager decoder with the unbounded prompt, no seam cross-fade; TTFA and the ratio to ours.
@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shlex
 import socket
 import statistics
@@ -60,6 +59,7 @@ from glm4voice.audio import OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, load_audio
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder
 from glm4voice.checkpoints.text import write_tiny_text_tokenizer
 from glm4voice.client import AsyncTokenClient, TokenClient
+from glm4voice.defaults import PLAYER_LEAD_S
 from glm4voice.devices import default_device
 from glm4voice.pipeline import (
     AssistantAudio,
@@ -81,18 +81,11 @@ from glm4voice.text_tokenizer import GLMTokenizer
 logger = logging.getLogger("bench.e2e")
 
 QUESTION = ROOT / "bench" / "data" / "question_5s.wav"
-PLAYER_JS = ROOT / "glm4voice" / "web" / "player.js"
 SERVER_READY_TIMEOUT_S = 420
 
 
 def log(*parts) -> None:
     print(*parts, flush=True)
-
-
-def player_start_lead() -> float:
-    """The web player's first-frame lead (its jitter buffer), read from player.js."""
-    match = re.search(r"START_LEAD_S\s*=\s*([0-9.]+)", PLAYER_JS.read_text(encoding="utf-8"))
-    return float(match.group(1))
 
 
 def answer_length(audio_tokens: int) -> int:
@@ -199,7 +192,7 @@ class E2EBench:
         self.results: dict = OrderedDict()
         self.started = time.monotonic()
         self.tmp = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
-        self.lead = player_start_lead()
+        self.lead = PLAYER_LEAD_S  # the web player's first-frame lead (its jitter buffer)
         self.server: subprocess.Popen | None = None
         self.url = ""
 

@@ -92,10 +92,6 @@ logger = logging.getLogger(__name__)
 SILENCE_PEAK = 10 ** (-60 / 20)
 """Input whose loudest sample is below -60 dBFS is treated as containing no speech."""
 MAX_PENDING_BLOCKS = 32
-EARLY_FLUSH_MIN_TOKENS = 10
-"""Smallest block handed out early (the decoder's own block size)."""
-DECODER_HOLD_BACK_S = 0.4
-"""Audio the streaming decoder holds back until the next block (its 34-frame mel overlap)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +138,18 @@ class DecoderStreamLike(Protocol):
 
 
 class AudioDecoderLike(Protocol):
+    """What the pipeline needs of the speech decoder (``flow_inference.AudioDecoder``)."""
+
+    @property
+    def hold_back_s(self) -> float:
+        """Audio a stream holds back until its next block (seconds)."""
+        ...
+
+    @property
+    def min_block_tokens(self) -> int:
+        """Fewest pending tokens a stream decodes; smaller early blocks are not worth handing out."""
+        ...
+
     def stream(self, seed: int | None = None) -> DecoderStreamLike: ...
 
 
@@ -283,8 +291,8 @@ class VoiceChat:
         return AdaptiveBlocks(
             self.schedule,
             self.load,
-            hold_back_s=DECODER_HOLD_BACK_S,
-            min_block_tokens=EARLY_FLUSH_MIN_TOKENS,
+            hold_back_s=self.decoder.hold_back_s,
+            min_block_tokens=self.decoder.min_block_tokens,
             player_lead_s=self.config.player_lead_s,
         )
 

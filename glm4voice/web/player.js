@@ -5,7 +5,7 @@
 // AudioBuffer, started exactly where the previous one ends (sample-accurate scheduling on an
 // AudioContext that runs at the decoder's rate, so no resampling happens at chunk seams): no gaps,
 // no overlaps, no clicks. Playback starts with the first frame, a small lead ahead of "now"
-// (START_LEAD_S, or window.GLM4VOICE_PLAYER_LEAD_S when the page sets it). If a frame arrives after
+// (window.GLM4VOICE_PLAYER_LEAD_S). If a frame arrives after
 // its slot has passed (the producer is slower than real time) it is scheduled a lead ahead again,
 // the lead doubles (up to MAX_LEAD_S: a jitter buffer that adapts), and the underrun is counted.
 //
@@ -17,7 +17,6 @@
   if (window.glm4voicePlayer) return;
 
   const HEADER_BYTES = 4;
-  const START_LEAD_S = 0.15;
   const MAX_LEAD_S = 2.0;
   const FADE_OUT_S = 0.015;
   const INT16_SCALE = 1 / 32768;
@@ -46,9 +45,18 @@
     };
   }
 
+  // Settings the page's head sets from Python (glm4voice/web/page.py): the decoder's sample rate
+  // (GLM4VOICE_SAMPLE_RATE) and the start lead (GLM4VOICE_PLAYER_LEAD_S, which the server's block
+  // pacing also counts on). Nothing here has a value of its own.
+  function pageSetting(name) {
+    const value = Number(window[name]);
+    if (!(value > 0)) throw new Error("glm4voice player: the page did not set window." + name);
+    return value;
+  }
+
   class StreamPlayer {
     constructor() {
-      this.sampleRate = window.GLM4VOICE_SAMPLE_RATE || 22050;
+      this.sampleRate = pageSetting("GLM4VOICE_SAMPLE_RATE");
       this.ctx = null;
       this.output = null;
       this.turn = null;
@@ -91,7 +99,7 @@
       this.turn = turn;
       this.t0 = null;
       this.scheduled = 0;
-      this.lead = Number(window.GLM4VOICE_PLAYER_LEAD_S) || START_LEAD_S;
+      this.lead = pageSetting("GLM4VOICE_PLAYER_LEAD_S");
       this.stats = freshStats(turn, this.sampleRate);
       this.stats.lead = this.lead;
       this.stats.contextRate = ctx.sampleRate;

@@ -241,6 +241,14 @@ class GatedDecoder:
         self.reader_done = reader_done
         self.gate_open_at_first_block: bool | None = None
 
+    @property
+    def hold_back_s(self) -> float:
+        return self.decoder.hold_back_s
+
+    @property
+    def min_block_tokens(self) -> int:
+        return self.decoder.min_block_tokens
+
     def stream(self, seed=None):
         inner = self.decoder.stream(seed=seed)
         gated = self
@@ -316,7 +324,9 @@ class ScriptedClient:
     "adaptive, decoder_latency_s, expected",
     [(True, None, [10, 16, 26]), (True, 1.0, [26, 20, 6]), (False, None, [10, 20, 22]), (False, 1.0, [10, 20, 22])],
 )
-def test_block_sizes_follow_what_the_listener_has_in_hand(models, special_tokens, adaptive, decoder_latency_s, expected):
+def test_block_sizes_follow_what_the_listener_has_in_hand(
+    models, special_tokens, adaptive, decoder_latency_s, expected
+):
     """Adaptive blocks: a quick 10-token first block when the rest of the audio run can follow in
     time (fast tokens, a quick decoder), else the whole first run; after the quick first block the
     listener has ~0.4 s in hand, so the rest of the run is decoded when the text run starts instead
@@ -518,11 +528,23 @@ def wait_for_idle(url: str) -> None:
     raise AssertionError(f"{url} still has active streams after {WAIT_S} s")
 
 
-def test_the_pacing_assumes_the_web_players_start_lead():
-    """PLAYER_LEAD_S mirrors START_LEAD_S of the browser player (the pacing's budget for a quick start)."""
-    import re
+def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(models):
+    """The pipeline copies none of the decoder's facts: the adaptive policy gets the hold-back and
+    the smallest block that the decoder publishes, and the player's lead from the config."""
+    from glm4voice.defaults import PLAYER_LEAD_S
+    from glm4voice.pipeline import AdaptiveBlocks, FixedBlocks
 
-    from glm4voice.pipeline import PLAYER_LEAD_S
-
-    script = (ROOT / "glm4voice" / "web" / "player.js").read_text(encoding="utf-8")
-    assert float(re.search(r"START_LEAD_S\s*=\s*([0-9.]+)", script).group(1)) == PLAYER_LEAD_S
+    decoder = models.decoder
+    chats = [
+        VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, ScriptedClient([]), config)
+        for config in (PipelineConfig(player_lead_s=0.3), PipelineConfig(adaptive_blocks=False))
+    ]
+    try:
+        adaptive, fixed = (chat.block_policy() for chat in chats)
+    finally:
+        for chat in chats:
+            chat.close()
+    assert isinstance(adaptive, AdaptiveBlocks) and type(fixed) is FixedBlocks
+    assert adaptive.hold_back_s == decoder.hold_back_s == decoder.mel_overlap_len * MEL_HOP_LENGTH / OUTPUT_SAMPLE_RATE
+    assert adaptive.min_block_tokens == decoder.min_block_tokens
+    assert adaptive.player_lead_s == 0.3 and PipelineConfig().player_lead_s == PLAYER_LEAD_S
