@@ -1,6 +1,6 @@
-"""Bench-only token server for bench/e2e.py: model_server.py's app (``create_app``) around an engine
-built from full-size random weights made directly on the GPU, with the answers forced into the
-13 text / 26 audio interleave of a real conversation.
+"""Bench-only token server for bench/e2e.py: the token server's app (``glm4voice.server.app.create_app``)
+around an engine built from full-size random weights made directly on the GPU, with the answers
+forced into the 13 text / 26 audio interleave of a real conversation.
 
     python bench/e2e_server.py --port 18123 --tokenizer-dir DIR [--config small --device cpu]
 
@@ -203,8 +203,8 @@ def build(args):
     from glm4voice.llm.checkpoint import random_model
     from glm4voice.llm.engine import Engine, EngineConfig
     from glm4voice.server.settings import ServerSettings
+    from glm4voice.server.app import create_app
     from glm4voice.text_tokenizer import GLMTokenizer
-    from model_server import create_app
 
     sys.path.insert(0, str(ROOT / "bench"))
     from llm import CONFIGS  # bench/llm.py: the published shape and a small CPU one
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
         parser.error("this bench server only listens on loopback")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, settings = build(args)
-    from model_server import serve
+    from glm4voice.server.app import serve
 
     return serve(app, settings)
 

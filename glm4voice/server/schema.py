@@ -27,6 +27,8 @@ from pydantic import (
 from glm4voice.defaults import (
     MAX_NEW_TOKENS_MIN,
     MAX_SEED,
+    TEMPERATURE,
+    TOP_P,
     WIRE_MAX_NEW_TOKENS,
     WIRE_TEMPERATURE,
     WIRE_TOP_P,
@@ -55,20 +57,21 @@ class GenerateRequest(BaseModel):
     ``[gMASK]<sop>`` is put in front, as the original's tokenizer does."""
     prompt_token_ids: list[StrictInt] | None = None
     """Prompt ids, taken as given (no prefix added)."""
-    temperature: float = Field(WIRE_TEMPERATURE, allow_inf_nan=False)
-    """0 means greedy. Bounds: ``glm4voice.defaults.TEMPERATURE`` (shared with the engine and the page)."""
-    top_p: float = Field(WIRE_TOP_P, allow_inf_nan=False)
+    temperature: float = Field(WIRE_TEMPERATURE, ge=TEMPERATURE.low, le=TEMPERATURE.high, allow_inf_nan=False)
+    """0 means greedy. Bounds (``glm4voice.defaults``) shared with the engine and the page."""
+    top_p: float = Field(WIRE_TOP_P, gt=TOP_P.low, le=TOP_P.high, allow_inf_nan=False)
     max_new_tokens: int = Field(WIRE_MAX_NEW_TOKENS, ge=MAX_NEW_TOKENS_MIN)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
+    # after the range checks above (pydantic's messages), the rest of the shared checks: float32
     @field_validator("temperature")
     @classmethod
-    def _temperature_bounds(cls, value: float) -> float:
+    def _temperature_float32(cls, value: float) -> float:
         return _checked(value, temperature_problem(value))
 
     @field_validator("top_p")
     @classmethod
-    def _top_p_bounds(cls, value: float) -> float:
+    def _top_p_float32(cls, value: float) -> float:
         return _checked(value, top_p_problem(value))
 
     @field_validator("max_new_tokens", mode="before")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 
+from glm4voice.server.app import create_app, serve
 from glm4voice.server.engine_backend import EngineBackend, build_engine
-from model_server import build_parser, create_app, serve, settings_from_args
+from model_server import build_parser, settings_from_args
 
 FAIL_AT_START_SEED = 4242
 FAIL_AFTER_SEED = 4343

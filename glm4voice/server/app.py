@@ -1,0 +1,223 @@
+"""The token server's FastAPI app: ``POST /generate_stream``, ``GET /health``, ``GET /metrics``.
+
+    app = create_app(engine, ServerSettings(...))   # engine: a glm4voice.llm Engine or a TokenBackend
+    serve(app, settings)                            # uvicorn until SIGINT/SIGTERM
+
+``model_server.py`` is the command line around these two. Everything a running server holds is in
+one :class:`ServerState` (``app.state.server``); nothing lives in module globals. The lifespan starts
+the engine (load, warm-up) and loads the text tokenizer before the port accepts connections.
+Wire formats: docs/API.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from glm4voice.devices import device_name
+from glm4voice.server import wire
+from glm4voice.server.admission import Admission, AdmissionClosed, QueueFull
+from glm4voice.server.backend import TokenBackend
+from glm4voice.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from glm4voice.server.metrics import Outcome, ServerMetrics
+from glm4voice.server.schema import PromptLimits, RequestError, check_prompt_ids, parse_generate_request
+from glm4voice.server.settings import ServerSettings
+from glm4voice.server.streaming import StreamJob, TokenStreamResponse, busy_headers, json_response
+from glm4voice.text_tokenizer import GLMTokenizer
+
+logger = logging.getLogger("glm4voice.server")
+
+
+@dataclass
+class ServerState:
+    """Per-app state (``app.state.server``): nothing lives in module globals."""
+
+    settings: ServerSettings
+    backend: TokenBackend
+    tokenizer: GLMTokenizer | None
+    admission: Admission
+    metrics: ServerMetrics
+    ready: bool = False
+    device_name: str = ""
+    request_ids: Any = field(default_factory=lambda: itertools.count(1))
+    jobs: set[StreamJob] = field(default_factory=set)
+    """Requests past validation whose response has not ended (queued or streaming)."""
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting work and end every open stream with an error line, at once (instead
+        of letting the server cut the connections after its grace period)."""
+        if not self.ready and self.admission.closed:
+            return
+        self.ready = False
+        self.admission.close()
+        for job in list(self.jobs):
+            job.stop_for_shutdown()
+        logger.info("shutting down: stopped %d open requests", len(self.jobs))
+
+    def limits(self) -> PromptLimits:
+        """Prompt limits (once the engine has started: they depend on the loaded model)."""
+        engine_limit = getattr(self.backend, "max_seq_len", self.settings.max_seq_len) - 1
+        return PromptLimits(min(self.settings.prompt_limit, engine_limit), vocab_size=self.backend.vocab_size)
+
+
+def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | None = None) -> FastAPI:
+    """The FastAPI app around ``engine`` (a ``glm4voice.llm`` engine, or any :class:`TokenBackend`).
+
+    The lifespan starts the engine (load + warm-up) and loads the text tokenizer from the
+    checkpoint folder unless one is given; only then does the server accept connections.
+    """
+    from glm4voice.server.engine_backend import as_backend
+
+    backend = as_backend(engine, settings)
+    admission = Admission(settings.max_concurrent_streams, settings.max_queue)
+    metrics = ServerMetrics(active_streams=lambda: admission.active, queue_length=lambda: admission.waiting)
+    state = ServerState(settings, backend, tokenizer, admission, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        started = time.perf_counter()
+        logger.info("starting the engine: %s on %s (%s)", settings.model_path, settings.device, settings.dtype)
+        await backend.start()
+        try:
+            if state.tokenizer is None:
+                state.tokenizer = await anyio.to_thread.run_sync(
+                    GLMTokenizer.from_pretrained, backend.checkpoint_folder
+                )
+            metrics.register_engine(backend.stats, getattr(backend, "counter_names", frozenset()))
+            state.device_name = device_name(settings.device)
+            state.ready = True
+            logger.info(
+                "ready in %.1f s: serving on http://%s:%d", time.perf_counter() - started, settings.host, settings.port
+            )
+            yield
+        finally:
+            state.begin_shutdown()
+            logger.info("stopping the engine")
+            await backend.stop()
+
+    app = FastAPI(title="GLM-4-Voice token server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        return json_response(error.status_code, wire.error_body(str(error.detail)), dict(error.headers or {}))
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: Request) -> Response:
+        arrived = time.perf_counter()
+        try:
+            return await _start_stream(state, request, arrived)
+        except RequestError as error:
+            metrics.count(Outcome.REJECTED)
+            return json_response(error.status, wire.error_body(error.text, error.detail))
+        except ClientDisconnect:  # gone while its body was being read: nobody to answer
+            metrics.count(Outcome.CANCELLED)
+            return Response(status_code=400)
+
+    @app.get("/health")
+    async def health() -> Response:
+        engine = backend.stats()
+        healthy = state.ready and engine.get("running", True)
+        body = {
+            "status": "ready" if healthy else ("engine stopped" if state.ready else "stopping"),
+            "active_streams": admission.active,
+            "queue_length": admission.waiting,
+            "open_requests": len(state.jobs),
+            "max_concurrent_streams": settings.max_concurrent_streams,
+            "max_queue": settings.max_queue,
+            "max_prompt_tokens": state.limits().max_prompt_tokens if state.ready else None,
+            "max_new_tokens_cap": settings.max_new_tokens_cap,
+            "model": settings.model_path,
+            "device": settings.device,
+            "device_name": state.device_name,
+            "dtype": settings.dtype,
+            "engine": engine,
+        }
+        return json_response(200 if healthy else 503, body)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    return app
+
+
+async def _start_stream(state: ServerState, request: Request, arrived: float) -> Response:
+    """Validate, tokenize and reserve a slot; every refusal here happens before streaming."""
+    settings = state.settings
+    if not state.ready:
+        state.metrics.count(Outcome.SHUTDOWN)
+        return json_response(503, wire.error_body("the server is shutting down"), busy_headers(settings.retry_after_s))
+    body = await _read_body(request, settings.max_body_bytes)
+    parsed = parse_generate_request(body, settings.max_new_tokens_cap)
+    if parsed.prompt is not None:
+        prompt_ids = await anyio.to_thread.run_sync(state.tokenizer.encode_prompt, parsed.prompt)
+    else:
+        prompt_ids = list(parsed.prompt_token_ids)
+    check_prompt_ids(prompt_ids, state.limits())
+    try:
+        ticket = state.admission.reserve()
+    except QueueFull as error:
+        state.metrics.count(Outcome.BUSY)
+        return json_response(503, wire.error_body(f"{error}; retry later"), busy_headers(settings.retry_after_s))
+    except AdmissionClosed as error:
+        state.metrics.count(Outcome.SHUTDOWN)
+        return json_response(503, wire.error_body(str(error)), busy_headers(settings.retry_after_s))
+    request_id = f"req-{next(state.request_ids)}"
+    logger.debug("%s: %d prompt tokens, %s", request_id, len(prompt_ids), parsed)
+    job = StreamJob(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        submit=lambda: state.backend.submit(prompt_ids, parsed),
+        ticket=ticket,
+        arrived=arrived,
+        queue_timeout_s=settings.queue_timeout_s,
+        retry_after_s=settings.retry_after_s,
+        metrics=state.metrics,
+    )
+    state.jobs.add(job)
+    return TokenStreamResponse(job, on_end=state.jobs.discard)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the request body has {declared} bytes; this server accepts at most {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve(app: FastAPI, settings: ServerSettings) -> int:
+    """Run ``app`` with uvicorn until SIGINT/SIGTERM; 1 if it never started."""
+    import uvicorn
+
+    class TokenServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.server.begin_shutdown()  # before uvicorn waits for open connections
+            await super().shutdown(sockets=sockets)
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        timeout_graceful_shutdown=settings.shutdown_grace_s, log_config=None,
+    )  # fmt: skip
+    server = TokenServer(config)
+    server.run()
+    if not server.started:
+        logger.error("the server did not start (see the errors above)")
+        return 1
+    return 0
