@@ -1,5 +1,6 @@
-"""The web demo's page pieces: per-turn audio streams (``streams``) and the gapless Web Audio
-player (``player.js``, loaded into the page's head by ``web_demo.py``)."""
+"""The web demo: the app (``app.create_app``), the Gradio page and its handlers (``page``), the
+per-turn audio streams (``streams``), the answer files (``files``) and the gapless Web Audio player
+(``player.js``, loaded into the page's head by ``page.page_head``)."""
 
 from importlib import resources
 

@@ -1,0 +1,78 @@
+"""The web demo's FastAPI app: the per-turn audio stream route, then the Gradio page mounted at ``/``.
+
+    app = create_app(chat, DemoSettings(...), close_client=client.aclose)   # chat: a VoiceChat
+    uvicorn.run(app, host=..., port=...)
+
+``web_demo.py`` is the command line around this (it loads the models and the token-server client).
+The app owns the turn streams (:class:`glm4voice.web.streams.AudioStreams`), the answer files
+(:class:`glm4voice.web.files.DemoFiles`) and, at shutdown, closes the chat (and the client, if
+``close_client`` is given). All of them are on ``app.state``: nothing lives in module globals.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Awaitable, Callable
+
+import gradio as gr
+from fastapi import FastAPI
+
+from glm4voice.client import TokenServerError
+from glm4voice.pipeline import VoiceChat
+from glm4voice.web.files import DemoFiles
+from glm4voice.web.page import PAGE_CSS, RESOURCES, DemoSettings, create_demo, page_head
+from glm4voice.web.streams import AudioStreams, add_stream_route
+
+logger = logging.getLogger("glm4voice.web_demo")
+
+MAX_UPLOAD_SIZE = "100mb"
+
+
+def create_app(
+    chat: VoiceChat,
+    settings: DemoSettings = DemoSettings(),
+    *,
+    close_client: Callable[[], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """The FastAPI app: the turn-stream route, then the Gradio page mounted at ``/``."""
+    streams = AudioStreams(chat.sample_rate)
+    files = DemoFiles()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await _check_server(chat)
+        try:
+            yield
+        finally:
+            streams.discard_all()
+            files.cleanup()
+            chat.close()
+            if close_client is not None:
+                await close_client()
+
+    app = FastAPI(title="GLM-4-Voice web demo", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.streams = streams
+    app.state.files = files
+    app.state.chat = chat
+    add_stream_route(app, streams)  # before the mount: "/" would catch everything
+    demo = create_demo(chat, streams, files, settings)
+    demo.queue(default_concurrency_limit=settings.max_concurrent_turns)
+    head = page_head(chat.sample_rate, chat.config.player_lead_s)
+    return gr.mount_gradio_app(
+        app, demo, path="/", head=head, css=PAGE_CSS, allowed_paths=[str(RESOURCES)],
+        max_file_size=MAX_UPLOAD_SIZE, footer_links=[], show_error=True, run_history=False,
+    )  # fmt: skip
+
+
+async def _check_server(chat: VoiceChat) -> None:
+    """Say at start whether the model server answers (the page works either way and reports it per turn)."""
+    health = getattr(chat.client, "health", None)
+    if health is None:
+        return
+    try:
+        info = await health()
+        logger.info("model server at %s is %s (%s)", chat.server_url, info.get("status"), info.get("model"))
+    except TokenServerError as error:
+        logger.warning("the model server at %s does not answer yet (%s); turns will fail until it does",
+                       chat.server_url, error)  # fmt: skip

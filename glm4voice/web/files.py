@@ -1,0 +1,31 @@
+"""The web demo's answer files: one temporary folder owned by the app, removed at shutdown."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from glm4voice.audio import encode_wav
+
+
+class DemoFiles:
+    """Answer wav files (the chat's audio player of each finished answer), in one temporary folder."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="glm4voice-demo-"))
+
+    def write_answer(self, name: str, samples: np.ndarray, sample_rate: int) -> Path:
+        path = self.folder / f"answer-{name}.wav"
+        path.write_bytes(encode_wav(samples, sample_rate))
+        return path
+
+    def remove(self, paths: list[Path]) -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        paths.clear()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,241 @@
+"""The page's turn handler and head, without a browser: a scripted chat yields the turn's events,
+the handler's named updates are checked field by field; the app is called through its ASGI interface."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+
+from glm4voice.audio import OUTPUT_SAMPLE_RATE
+from glm4voice.defaults import PLAYER_LEAD_S
+from glm4voice.pipeline import (
+    AssistantAudio,
+    AssistantText,
+    FailureKind,
+    InputAccepted,
+    PipelineConfig,
+    TurnFailed,
+    TurnFinished,
+    TurnTimings,
+    UserSpeech,
+    UserText,
+)
+from glm4voice.protocol import EndReason, InputMode
+from glm4voice.web import player_script
+from glm4voice.web.app import create_app
+from glm4voice.web.files import DemoFiles
+from glm4voice.web.page import (
+    PAGE_OUTPUTS,
+    DemoSettings,
+    PageUpdate,
+    TurnHandler,
+    UISession,
+    live_player_html,
+    page_head,
+)
+from glm4voice.web.streams import AudioStreams
+
+SKIP = gr.skip()
+AUDIO = InputMode.AUDIO.value
+TEXT = InputMode.TEXT.value
+
+
+@dataclass
+class FakeSession:
+    """The parts of a ChatSession the page uses."""
+
+    epoch: int = 0
+    turns_started: int = 0
+
+    def clear(self) -> None:
+        self.epoch += 1
+
+
+@dataclass
+class ScriptedChat:
+    """The parts of a VoiceChat the page uses; every turn yields ``events``."""
+
+    events: list
+    sample_rate: int = OUTPUT_SAMPLE_RATE
+    config: PipelineConfig = PipelineConfig()
+    server_url: str = "scripted"
+    client: object = None
+    requests: list = field(default_factory=list)
+    closed: bool = False
+
+    def new_session(self) -> FakeSession:
+        return FakeSession()
+
+    async def run_turn(self, session, request, options):
+        session.turns_started += 1
+        self.requests.append((request, options))
+        for event in self.events:
+            yield event
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def accepted(mode=InputMode.TEXT) -> InputAccepted:
+    return InputAccepted(mode, 42, 25 if mode is InputMode.AUDIO else 0, 2.0 if mode is InputMode.AUDIO else None, 0.1)
+
+
+def finished(text: str, audio: np.ndarray) -> TurnFinished:
+    timings = TurnTimings(first_audio=0.25)
+    return TurnFinished(text, audio, OUTPUT_SAMPLE_RATE, EndReason.USER, (1, 2), 2, 0, 0, timings, 1.0)
+
+
+def failed(kind=FailureKind.STREAM_FAILED, message="The answer was cut off.", partial="") -> TurnFailed:
+    return TurnFailed(kind, message, partial, TurnTimings(), 0.5)
+
+
+def updates(handler: TurnHandler, mode, audio_path, text, ui=None) -> list[PageUpdate]:
+    async def collect():
+        return [u async for u in handler.updates(mode, audio_path, text, 0.2, 0.8, 2000, ui)]
+
+    return asyncio.run(collect())
+
+
+@pytest.fixture
+def files():
+    files = DemoFiles()
+    yield files
+    files.cleanup()
+
+
+def handler_for(events, files) -> tuple[TurnHandler, ScriptedChat, AudioStreams]:
+    chat = ScriptedChat(events)
+    streams = AudioStreams(OUTPUT_SAMPLE_RATE)
+    return TurnHandler(chat, streams, files, text_refresh_s=0.0), chat, streams
+
+
+def test_a_turn_becomes_named_page_updates(files):
+    audio = np.linspace(-0.5, 0.5, 300, dtype=np.float32)
+    events = [accepted(), AssistantText("Hel", 0.2), AssistantText("lo", 0.3),
+              AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.4), finished("Hello", audio)]  # fmt: skip
+    handler, chat, streams = handler_for(events, files)
+    first, *texts, done = updates(handler, TEXT, None, "  Hi there ")
+    ui = first.session
+    assert isinstance(ui, UISession) and all(u.session is ui for u in (first, *texts, done))
+    (request, options), = chat.requests  # fmt: skip
+    assert request == UserText("  Hi there ") and (options.temperature, options.top_p, options.max_new_tokens) == (
+        0.2,
+        0.8,
+        2000,
+    )
+    # accepted: the question and a placeholder answer, the live player on the turn's stream, inputs emptied
+    assert first.chat == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "…"}]
+    stream = streams.get(ui.stream_id)
+    assert f'data-turn="{stream.id}"' in first.live_player and "data-stream=" in first.live_player
+    assert first.status == "Turn 1 · prompt 42 tokens · generating…"
+    assert (first.text_input, first.audio_input) == ("", None)
+    # text: the chat only
+    assert [u.chat[-1]["content"] for u in texts] == ["Hel", "Hello"]
+    assert all(u.live_player == u.status == u.text_input == u.audio_input == SKIP for u in texts)
+    # audio went to the stream; the end closes it and adds the whole answer as a file
+    assert stream.closed and stream.samples == 300
+    assert done.chat[1] == {"role": "assistant", "content": "Hello"}
+    assert done.chat[2]["content"]["mime_type"] == "audio/wav" and ui.files and ui.files[0].is_file()
+    assert done.status.startswith("Turn 1 · done · answer: 0.0 s of speech, 2 text tokens, first audio after 0.25 s")
+    assert done.live_player == done.text_input == done.audio_input == SKIP
+
+
+def test_a_refused_input_stays_in_place(files):
+    handler, _, _ = handler_for([failed(FailureKind.EMPTY_INPUT, "Please type a message first.")], files)
+    with pytest.warns(UserWarning, match="Please type a message first"):  # gr.Warning: the page's toast
+        (update,) = updates(handler, TEXT, None, "")
+    assert update.status == "⚠️ **Turn 1 failed:** Please type a message first."
+    assert update.chat == [] and update.live_player == update.text_input == update.audio_input == SKIP
+
+
+def test_a_failed_text_turn_puts_the_question_back_and_hides_the_silent_player(files):
+    handler, _, _ = handler_for([accepted(), AssistantText("Par", 0.2), failed(partial="Par")], files)
+    with pytest.warns(UserWarning, match="cut off"):
+        *_, update = updates(handler, TEXT, None, "Tell me more")
+    assert update.chat[-1]["content"] == "Par\n\n⚠️ The answer was cut off."
+    assert update.live_player == live_player_html()
+    assert (update.text_input, update.audio_input) == ("Tell me more", None)
+
+
+def test_a_failed_spoken_turn_puts_the_recording_back_and_keeps_the_player_that_spoke(files):
+    audio = np.ones(10, dtype=np.float32)
+    events = [accepted(InputMode.AUDIO), AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.3), failed()]
+    handler, chat, _ = handler_for(events, files)
+    with pytest.warns(UserWarning, match="cut off"):
+        first, update = updates(handler, AUDIO, "/tmp/question.wav", "")
+    assert chat.requests[0][0] == UserSpeech("/tmp/question.wav")
+    assert first.status.startswith("Turn 1 · heard 2.0 s of speech (25 speech tokens) · prompt 42 tokens")
+    assert first.chat[0] == {"role": "user", "content": {"path": "/tmp/question.wav"}}
+    assert update.live_player == SKIP  # some speech played: the player stays
+    assert (update.text_input, update.audio_input) == (SKIP, "/tmp/question.wav")
+
+
+def test_clear_empties_the_page_and_drops_the_turns_stream_and_files(files):
+    audio = np.ones(10, dtype=np.float32)
+    handler, _, streams = handler_for([accepted(), finished("x", audio)], files)
+    ui = updates(handler, TEXT, None, "Hi")[0].session
+    stream_id, answer = ui.stream_id, ui.files[0]
+    outputs = handler.clear(ui)
+    assert len(outputs) == len(PAGE_OUTPUTS) == 6
+    cleared = dict(zip(PAGE_OUTPUTS, outputs))
+    assert cleared == dict(chat=[], live_player=live_player_html(), status="", session=ui, text_input="",
+                           audio_input=None)  # fmt: skip
+    assert ui.chat.epoch == 1 and ui.messages == [] and ui.stream_id is None
+    assert streams.get(stream_id) is None and not answer.exists()
+    assert handler.clear(None)[PAGE_OUTPUTS.index("session")] is None
+
+
+def test_a_turn_cleared_while_it_runs_shows_the_cleared_page_and_stops(files):
+    class ClearingChat(ScriptedChat):
+        async def run_turn(self, session, request, options):
+            yield accepted()
+            session.clear()  # Clear pressed meanwhile
+            yield AssistantText("late", 0.3)
+            raise AssertionError("the handler kept reading a cleared turn")
+
+    chat = ClearingChat([])
+    handler = TurnHandler(chat, AudioStreams(OUTPUT_SAMPLE_RATE), files, text_refresh_s=0.0)
+    first, last = updates(handler, TEXT, None, "Hi")
+    assert last.live_player == live_player_html() and last.status == "" and last.chat == first.chat
+    assert streams_closed(handler, first.session)
+
+
+def streams_closed(handler: TurnHandler, ui: UISession) -> bool:
+    return handler.streams.get(ui.stream_id).closed
+
+
+def test_page_updates_are_positional_outputs_in_one_order():
+    update = PageUpdate(status="s", audio_input=None)
+    assert PAGE_OUTPUTS == ("chat", "live_player", "status", "session", "text_input", "audio_input")
+    assert update.outputs() == (SKIP, SKIP, "s", SKIP, SKIP, None)
+
+
+def test_the_page_head_hands_the_player_its_settings_from_python():
+    head = page_head(OUTPUT_SAMPLE_RATE, PLAYER_LEAD_S)
+    assert f"window.GLM4VOICE_SAMPLE_RATE = {OUTPUT_SAMPLE_RATE};" in head
+    assert f"window.GLM4VOICE_PLAYER_LEAD_S ??= {PLAYER_LEAD_S!r};" in head
+    assert head.index("GLM4VOICE_PLAYER_LEAD_S") < head.index("glm4voicePlayer")  # set before the player runs
+    script = player_script()
+    assert 'pageSetting("GLM4VOICE_PLAYER_LEAD_S")' in script and 'pageSetting("GLM4VOICE_SAMPLE_RATE")' in script
+    assert "22050" not in script and "0.15" not in script  # no values of its own
+
+
+def test_the_app_serves_the_page_with_the_chats_player_lead(files):
+    chat = ScriptedChat([], config=PipelineConfig(player_lead_s=0.25))
+    app = create_app(chat, DemoSettings(random_weights_notice=True))
+
+    async def fetch():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+            return await client.get("/config"), await client.get("/glm4voice/stream/unknown")
+
+    config, missing = asyncio.run(fetch())
+    assert config.status_code == 200
+    assert "GLM4VOICE_PLAYER_LEAD_S ??= 0.25" in config.text and "Random weights" in config.text
+    assert missing.status_code == 404
+    app.state.files.cleanup()
