@@ -61,6 +61,7 @@ from cosyvoice.flow.cuda_graph import GraphedEulerSolver
 from cosyvoice.flow.flow_matching import original_noise
 from cosyvoice.flow.noise import NoiseSource, NoiseTimeline, mix_seed
 from glm4voice.audio import MEL_HOP_LENGTH, NUM_MEL_BINS, OUTPUT_SAMPLE_RATE, SPEAKER_EMBEDDING_DIM
+from glm4voice.devices import default_device
 from glm4voice.hub import PUBLISHED_DECODER, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class AudioDecoder:
         """Load a ``glm-4-voice-decoder`` folder (local path or hub id) as published."""
         folder = resolve_checkpoint(folder_or_hub_id, allow_patterns=[CONFIG_FILE, FLOW_FILE, HIFT_FILE])
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = default_device()
         return cls(folder / CONFIG_FILE, folder / FLOW_FILE, folder / HIFT_FILE, device, dtype=dtype, **options)
 
     # ---- public API ------------------------------------------------------------------------------
