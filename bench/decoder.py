@@ -12,14 +12,10 @@ factors, offline decode, GPU memory, and a reference-style baseline (eager float
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from bench.common import BenchRun, log, machine_info, synchronize, time_call
 from cosyvoice.flow.noise import NoiseTimeline
 from flow_inference import AudioDecoder
 from glm4voice.audio import OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE
@@ -40,10 +37,6 @@ from glm4voice.devices import default_device
 from glm4voice.protocol import LOW_LATENCY_BLOCK_SIZES, ORIGINAL_BLOCK_SIZES
 
 ANSWER_TOKENS = int(60 * SPEECH_TOKEN_RATE)  # a 60 s answer
-
-
-def log(*parts) -> None:
-    print(*parts, flush=True)
 
 
 def schedule(sizes: tuple[int, ...], total: int) -> list[int]:
@@ -59,52 +52,20 @@ class Bench:
         self.args = args
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.results: dict = {}
-        self.deadline = time.monotonic() + args.budget_s
+        self.run_results = BenchRun(args.out, args.budget_s)
+        self.results = self.run_results.results
+        self.section = self.run_results.section
         self.codes = np.random.default_rng(0).integers(0, 16384, ANSWER_TOKENS).tolist()
         self.folder = Path(tempfile.mkdtemp(prefix="decoder-bench-"))
         self.decoders: dict[str, AudioDecoder] = {}
 
-    # --- bookkeeping ------------------------------------------------------------------------------
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def save(self) -> None:
-        if self.args.out:
-            Path(self.args.out).write_text(json.dumps(self.results, indent=2, default=str))
-
-    def section(self, name: str, fn, need_s: float) -> None:
-        left = self.deadline - time.monotonic()
-        if left < need_s:
-            self.results[name] = {"skipped": f"{left:.0f} s left, needs ~{need_s:.0f} s"}
-            log(f"[{name}] skipped")
-            return
-        log(f"[{name}] ...")
-        started = time.monotonic()
-        try:
-            self.results[name] = fn()
-        except Exception as error:  # record and go on: one broken section must not lose the rest
-            self.results[name] = {"error": repr(error), "traceback": traceback.format_exc()}
-            log(traceback.format_exc())
-        log(f"[{name}] {time.monotonic() - started:.1f} s: {json.dumps(self.results[name], default=str)[:2000]}")
-        self.save()
+        synchronize(self.device)
 
     # --- setup ------------------------------------------------------------------------------------
     def machine(self) -> dict:
-        info = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "config": self.args.config,
-            "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-        }
-        if self.cuda:
-            info["gpu"] = torch.cuda.get_device_name(self.device)
-        return info
+        return machine_info(self.device, config=self.args.config, matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+                            cudnn_tf32=torch.backends.cudnn.allow_tf32)  # fmt: skip
 
     def write_checkpoint(self) -> dict:
         sizes = PUBLISHED_DECODER_SIZES if self.args.config == "published" else TINY_DECODER_SIZES
@@ -142,9 +103,15 @@ class Bench:
             tokens = torch.tensor([self.codes[: prompt_tokens + new_tokens]], device=self.device)
             frames = self.decoder("eager_fp32").mel_frames(prompt_tokens + new_tokens)
             prompt_frames = self.decoder("eager_fp32").mel_frames(prompt_tokens) - 34 if prompt_tokens else 0
-            prompt_mel = torch.randn(1, prompt_frames, 80, generator=torch.Generator().manual_seed(1)).to(self.device) - 5
+            prompt_mel = (
+                torch.randn(1, prompt_frames, 80, generator=torch.Generator().manual_seed(1)).to(self.device) - 5
+            )
             noise = NoiseTimeline(0).take(0, frames).to(self.device)
-            for name in ["eager_fp32"] + [v for v in self.variants() if v != "eager_fp32"] + (["eager_bf16"] if self.cuda else []):
+            for name in (
+                ["eager_fp32"]
+                + [v for v in self.variants() if v != "eager_fp32"]
+                + (["eager_bf16"] if self.cuda else [])
+            ):
                 decoder = self.decoder(name)
                 with torch.inference_mode():
                     mel = decoder.flow.inference(
@@ -183,10 +150,7 @@ class Bench:
                 times = []
                 for r in range(repeats + 2):  # 2 warm-up runs (graph capture)
                     stream = decoder.stream(seed=r)
-                    self.sync()
-                    started = time.perf_counter()
-                    pcm = stream.feed(self.codes[:size])
-                    elapsed = time.perf_counter() - started
+                    pcm, elapsed = time_call(lambda: stream.feed(self.codes[:size]), self.device)
                     stream.close()
                     if r >= 2:
                         times.append(elapsed)
@@ -203,11 +167,8 @@ class Bench:
 
         def timed(label, fn):
             def wrapper(*args, **kwargs):
-                self.sync()
-                started = time.perf_counter()
-                result = fn(*args, **kwargs)
-                self.sync()
-                stages.setdefault(label, []).append(time.perf_counter() - started)
+                result, seconds = time_call(lambda: fn(*args, **kwargs), self.device)
+                stages.setdefault(label, []).append(seconds)
                 return result
 
             return wrapper
@@ -220,10 +181,7 @@ class Bench:
             totals = []
             for r in range(5):
                 stream = decoder.stream(seed=r)
-                self.sync()
-                started = time.perf_counter()
-                stream.feed(self.codes[:size])
-                totals.append(time.perf_counter() - started)
+                totals.append(time_call(lambda: stream.feed(self.codes[:size]), self.device)[1])
         finally:
             del decoder.flow.encode, decoder.hift.inference
             decoder._solve = solve
@@ -267,10 +225,7 @@ class Bench:
         times = []
         for r in range(10):
             stream = decoder.stream(seed=r)
-            self.sync()
-            started = time.perf_counter()
-            stream.feed(self.codes[:10])
-            times.append(time.perf_counter() - started)
+            times.append(time_call(lambda: stream.feed(self.codes[:10]), self.device)[1])
         out["graph_bf16_compiled_10_tokens_ms"] = round(statistics.median(times) * 1e3, 2)
         out["breakdown_ms"] = self.breakdown("graph_bf16_compiled", 10)
         reference = self.decoder("eager_fp32")
@@ -284,7 +239,10 @@ class Bench:
                     torch.zeros(1, 192, device=self.device), noise=noise, solve=d._solve,
                 ).float())  # fmt: skip
         diff = (mels[1] - mels[0]).abs()
-        out["mel_vs_eager_fp32"] = {"max_abs": float(diff.max()), "rms_rel": float(diff.pow(2).mean().sqrt() / mels[0].pow(2).mean().sqrt())}
+        out["mel_vs_eager_fp32"] = {
+            "max_abs": float(diff.max()),
+            "rms_rel": float(diff.pow(2).mean().sqrt() / mels[0].pow(2).mean().sqrt()),
+        }
         return out
 
     def answer(self, name: str, sizes: tuple[int, ...], window, repeat: bool = True) -> dict:
@@ -295,15 +253,12 @@ class Bench:
             stream = decoder.stream(seed=0, prompt_window=window)
             times, samples, start = [], 0, 0
             for size in blocks:
-                self.sync()
-                started = time.perf_counter()
-                pcm = stream.feed(self.codes[start : start + size])
-                times.append(time.perf_counter() - started)
+                pcm, seconds = time_call(lambda: stream.feed(self.codes[start : start + size]), self.device)
+                times.append(seconds)
                 samples += len(pcm)
                 start += size
-            started = time.perf_counter()
-            samples += len(stream.finish())
-            finish = time.perf_counter() - started
+            tail, finish = time_call(stream.finish, self.device)
+            samples += len(tail)
             total = sum(times) + finish
             result = {
                 "blocks": blocks,
@@ -327,8 +282,12 @@ class Bench:
                     out[key] = self.answer(name, sizes, window)
                     log(f"  {key}: rtf {out[key]['rtf']}, blocks ms {out[key]['block_ms']}")
         if self.cuda:  # reference-style baseline: eager float32, the original's unbounded prompt and schedule
-            out["baseline_eager_fp32_original_windowNone"] = self.answer("eager_fp32", ORIGINAL_BLOCK_SIZES, None, repeat=False)
-            out["eager_fp32_low_latency_window100"] = self.answer("eager_fp32", LOW_LATENCY_BLOCK_SIZES, 100, repeat=False)
+            out["baseline_eager_fp32_original_windowNone"] = self.answer(
+                "eager_fp32", ORIGINAL_BLOCK_SIZES, None, repeat=False
+            )
+            out["eager_fp32_low_latency_window100"] = self.answer(
+                "eager_fp32", LOW_LATENCY_BLOCK_SIZES, 100, repeat=False
+            )
         return out
 
     def offline(self) -> dict:
@@ -338,11 +297,13 @@ class Bench:
             decoder = self.decoder(name)
             times = []
             for _ in range(2):
-                self.sync()
-                started = time.perf_counter()
-                pcm = decoder.decode(codes, seed=0)
-                times.append(time.perf_counter() - started)
-            out[name] = {"s": round(times[-1], 3), "audio_s": round(len(pcm) / OUTPUT_SAMPLE_RATE, 2), "rtf": round(times[-1] / (len(pcm) / OUTPUT_SAMPLE_RATE), 4)}
+                pcm, seconds = time_call(lambda: decoder.decode(codes, seed=0), self.device)
+                times.append(seconds)
+            out[name] = {
+                "s": round(times[-1], 3),
+                "audio_s": round(len(pcm) / OUTPUT_SAMPLE_RATE, 2),
+                "rtf": round(times[-1] / (len(pcm) / OUTPUT_SAMPLE_RATE), 4),
+            }
         return out
 
     def memory(self) -> dict:
@@ -354,8 +315,7 @@ class Bench:
         return out
 
     def run(self) -> None:
-        self.results["machine"] = self.machine()
-        log(json.dumps(self.results["machine"]))
+        self.run_results.record("machine", self.machine())
         self.section("checkpoint", self.write_checkpoint, 20)
         self.section("correctness", self.correctness, 30)
         self.section("first_block", self.first_block, 30)

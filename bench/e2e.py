@@ -32,19 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import logging
-import os
-import platform
-import shlex
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from bench.common import BenchRun, free_port, log, machine_info, median, time_call
 from flow_inference import AudioDecoder
 from glm4voice.audio import OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, load_audio
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder
@@ -84,10 +77,6 @@ QUESTION = ROOT / "bench" / "data" / "question_5s.wav"
 SERVER_READY_TIMEOUT_S = 420
 
 
-def log(*parts) -> None:
-    print(*parts, flush=True)
-
-
 def answer_length(audio_tokens: int) -> int:
     """max_new_tokens of a forced answer with ``audio_tokens`` audio tokens (13/26 interleave, then the
     end-of-turn id)."""
@@ -96,17 +85,6 @@ def answer_length(audio_tokens: int) -> int:
         audio += (k % (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT)) >= TEXT_TOKENS_PER_SEGMENT
         k += 1
     return k + 1
-
-
-def median(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 4) if values else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- one turn's figures ---------------------------------------------------------------------------------
@@ -143,7 +121,11 @@ def turn_record(events: list, lead: float) -> dict:
             slack = min(slack, due - chunk.elapsed)
             if chunk.elapsed > due:
                 underruns += 1
-                first_late = first_late if first_late is not None else (chunk.block_index, chunk.start_sample / OUTPUT_SAMPLE_RATE)
+                first_late = (
+                    first_late
+                    if first_late is not None
+                    else (chunk.block_index, chunk.start_sample / OUTPUT_SAMPLE_RATE)
+                )
                 start += chunk.elapsed - due  # the player restarts from now (lead aside)
     record["underruns"] = underruns
     record["first_underrun"] = first_late
@@ -189,39 +171,19 @@ class E2EBench:
         self.args = args
         self.device = torch.device(args.device)
         self.cuda = self.device.type == "cuda"
-        self.results: dict = OrderedDict()
-        self.started = time.monotonic()
+        self.run_results = BenchRun(args.out, args.budget_s)
+        self.results = self.run_results.results
+        self.section = self.run_results.record
+        self.left_s = self.run_results.left_s
+        self.started = self.run_results.started
         self.tmp = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
         self.lead = PLAYER_LEAD_S  # the web player's first-frame lead (its jitter buffer)
         self.server: subprocess.Popen | None = None
         self.url = ""
 
-    def left_s(self) -> float:
-        return self.args.budget_s - (time.monotonic() - self.started)
-
-    def save(self) -> None:
-        if self.args.out:
-            Path(self.args.out).write_text(json.dumps(self.results, indent=2))
-
-    def section(self, name: str, value) -> None:
-        self.results[name] = value
-        log(f"== {name}: {json.dumps(value)}")
-        self.save()
-
     # --- set-up ------------------------------------------------------------------------------------
     def machine(self) -> dict:
-        info = {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_cores": os.cpu_count(),
-            "config": self.args.config,
-            "player_start_lead_s": self.lead,
-        }
-        if self.cuda:
-            info["gpu"] = torch.cuda.get_device_name(self.device)
-        return info
+        return machine_info(self.device, config=self.args.config, player_start_lead_s=self.lead)
 
     def start_server(self) -> None:
         tokenizer_dir = self.tmp / "text-tokenizer"
@@ -265,7 +227,11 @@ class E2EBench:
         return tokenizer
 
     def build_decoders(self) -> tuple[AudioDecoder, AudioDecoder]:
-        sizes = PUBLISHED_DECODER_SIZES if self.args.config == "published" else replace(TINY_DECODER_SIZES, vocab_size=16384)
+        sizes = (
+            PUBLISHED_DECODER_SIZES
+            if self.args.config == "published"
+            else replace(TINY_DECODER_SIZES, vocab_size=16384)
+        )
         folder = self.tmp / "decoder"
         write_random_decoder(folder, sizes, seed=0)
         files = (folder / "config.yaml", folder / "flow.pt", folder / "hift.pt")
@@ -282,27 +248,17 @@ class E2EBench:
         inner = decoder.hift.inference
 
         def timed(*a, **k):
-            sync()
-            t0 = time.perf_counter()
-            out = inner(*a, **k)
-            sync()
-            vocoder_times.append(time.perf_counter() - t0)
+            out, seconds = time_call(lambda: inner(*a, **k), self.device)
+            vocoder_times.append(seconds)
             return out
-
-        def sync():
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
 
         totals = []
         decoder.hift.inference = timed
         try:
             for i in range(3 + self.args.repeats):
                 stream = decoder.stream(seed=i)
-                sync()
-                t0 = time.perf_counter()
-                pcm = stream.feed(codes)
-                sync()
-                totals.append(time.perf_counter() - t0)
+                pcm, seconds = time_call(lambda: stream.feed(codes), self.device)
+                totals.append(seconds)
                 stream.close()
                 assert pcm.size, "the first block gave no audio"
         finally:

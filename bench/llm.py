@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import gc
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -30,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from bench.common import BenchRun, log, machine_info, synchronize  # noqa: E402
 from glm4voice.devices import FLOAT_DTYPES, default_device  # noqa: E402
 from glm4voice.llm.checkpoint import load_model, published_key_names, random_model  # noqa: E402
 from glm4voice.llm.config import PUBLISHED_CONFIG, GLMConfig  # noqa: E402
@@ -45,72 +44,27 @@ NOMINAL_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 SAMPLING = dict(temperature=0.8, top_p=0.8)
 
 
-def log(*parts) -> None:
-    print(*parts, flush=True)
-
-
 class Bench:
     def __init__(self, args) -> None:
         self.args = args
         self.config = CONFIGS[args.config]
         self.device = torch.device(args.device)
-        self.deadline = time.monotonic() + args.budget_s
-        self.results: dict = {}
+        self.run_results = BenchRun(args.out, args.budget_s)
+        self.results = self.run_results.results
+        self.section = self.run_results.section
         self.generator = torch.Generator().manual_seed(0)
-        self.out = Path(args.out) if args.out else None
-
-    # --- bookkeeping --------------------------------------------------------------------------------
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def save(self) -> None:
-        if self.out:
-            self.out.write_text(json.dumps(self.results, indent=2, default=str))
-
-    def section(self, name: str, fn, need_s: float) -> None:
-        if self.left() < need_s:
-            self.results[name] = {"skipped": f"{self.left():.0f} s left, needs ~{need_s:.0f} s"}
-            log(f"[{name}] skipped: {self.results[name]['skipped']}")
-            return
-        started = time.monotonic()
-        log(f"[{name}] ...")
-        try:
-            self.results[name] = fn()
-        except Exception as error:  # record and go on: one broken section must not lose the rest
-            import traceback
-
-            traceback.print_exc()
-            self.results[name] = {"error": f"{type(error).__name__}: {error}"}
-        self.results[name] = {**self.results[name], "section_s": round(time.monotonic() - started, 1)}
-        log(f"[{name}] {json.dumps(self.results[name], default=str)}")
-        self.save()
 
     def prompt(self, n: int) -> list[int]:
         return torch.randint(0, 150000 if self.config.vocab_size > 150000 else self.config.vocab_size, (n,),
                              generator=self.generator).tolist()  # fmt: skip
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     # --- sections -----------------------------------------------------------------------------------
     def machine(self) -> dict:
-        import transformers
-
-        info = {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "cpu_count": __import__("os").cpu_count(),
-            "config": self.args.config,
-            "parameters_b": round(self.config.num_parameters() / 1e9, 3),
-        }
-        if self.device.type == "cuda":
-            props = torch.cuda.get_device_properties(self.device)
-            info |= {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 1e9, 1), "cuda": torch.version.cuda}
-        return info
+        return machine_info(self.device, config=self.args.config,
+                            parameters_b=round(self.config.num_parameters() / 1e9, 3))  # fmt: skip
 
     def bandwidth(self) -> dict:
         if self.device.type != "cuda":
@@ -160,7 +114,9 @@ class Bench:
         return tokens, times, submitted
 
     def engine_config(self, **overrides) -> EngineConfig:
-        options = dict(device=str(self.device), dtype=self.args.dtype, max_batch_size=64, max_seq_len=4096, prefill_chunk=512)
+        options = dict(
+            device=str(self.device), dtype=self.args.dtype, max_batch_size=64, max_seq_len=4096, prefill_chunk=512
+        )
         return EngineConfig(**(options | overrides))
 
     def single_stream(self, engine, new_tokens: int) -> dict:
@@ -289,7 +245,9 @@ class Bench:
         return result
 
     def eager_section(self, graph_tokens: list[int]) -> dict:
-        engine = Engine.from_model(self.model, self.engine_config(eager=True, max_batch_size=8, max_seq_len=1024), stop_ids=())
+        engine = Engine.from_model(
+            self.model, self.engine_config(eager=True, max_batch_size=8, max_seq_len=1024), stop_ids=()
+        )
         self.loop.run_until_complete(engine.start())
         try:
             tokens, times, _ = self.loop.run_until_complete(
@@ -351,7 +309,9 @@ class Bench:
                 torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         device_us = [getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) for e in events]
-        rows = sorted(((e.key[:60], e.count / 3, us / 3 / 1e3) for e, us in zip(events, device_us)), key=lambda r: -r[2])
+        rows = sorted(
+            ((e.key[:60], e.count / 3, us / 3 / 1e3) for e, us in zip(events, device_us)), key=lambda r: -r[2]
+        )
         table = "\n".join(f"    {ms:8.3f} ms  {count:6.0f}x  {name}" for name, count, ms in rows[:18])
         log(f"  kernels of one decode step (batch 1, kv 1024), by GPU time:\n{table}")
         return {"kernels_per_step": round(sum(r[1] for r in rows)), "gpu_ms_per_step": round(sum(r[2] for r in rows), 3),

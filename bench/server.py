@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import os
-import platform
 import socket
 import statistics
 import sys
@@ -28,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from bench.common import machine_info, machine_line
 from glm4voice.client import AsyncTokenClient, ServerBusyError, TokenServerError
 from glm4voice.defaults import LOOPBACK_HOST, TOKEN_SERVER_PORT
 from glm4voice.protocol import TextInput, render_prompt_text
@@ -165,22 +164,6 @@ COLUMNS = (  # title, width, summary key
 )
 
 
-def machine() -> str:
-    """This (client) machine; the server's device is in its /health line (same host: loopback)."""
-    system = f"{platform.system()} {platform.release()}"
-    return f"{system}, {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine()
-            )
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
 async def main_async(args: argparse.Namespace) -> list[dict]:
     body = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens}
     if args.prompt_tokens:
@@ -248,12 +231,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_loopback(args.url)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_line(machine_info())}")
     print(f"command: python -m bench.server {' '.join(sys.argv[1:])}", flush=True)
     results = asyncio.run(main_async(args))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"machine": machine(), "command": sys.argv, "levels": results}, f, indent=2)
+            json.dump({"machine": machine_info(), "command": sys.argv, "levels": results}, f, indent=2)
     return 0
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -29,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from bench.common import machine_info, machine_line, timed
 from glm4voice.audio import INPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE
 from glm4voice.checkpoints.speech_tokenizer import (
     PUBLISHED_PREPROCESSOR_CONFIG,
@@ -62,24 +61,6 @@ def build(config_name: str, device: torch.device, seed: int = 0) -> SpeechTokeni
     return SpeechTokenizer(
         model, WhisperFeatureExtractor(**PUBLISHED_PREPROCESSOR_CONFIG), TokenizerOptions(batch_size=64)
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def prepared_features(tokenizer: SpeechTokenizer, waves: list[np.ndarray]):
@@ -163,26 +144,6 @@ def compare_dtypes(config_name: str, device: torch.device, batch: int, seconds: 
     torch.backends.cudnn.allow_tf32 = True
 
 
-def machine(device: torch.device) -> str:
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    parts = [f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"]
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        parts.append(f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB)")
-    parts.append(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}"
-    )
-    return "; ".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=default_device())
@@ -203,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("bench/speech_tokenizer.py")
     print("command:", shlex.join([sys.executable, *sys.argv]))
-    print("machine:", machine(device))
+    print("machine:", machine_line(machine_info(device)))
     start = time.perf_counter()
     tokenizer = build(args.config, device)
     config = tokenizer.model.config
