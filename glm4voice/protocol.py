@@ -1,6 +1,6 @@
 """The GLM-4-Voice chat protocol: special token ids, prompts, and the output demultiplexer.
 
-Prompt (DESIGN.md section 5)::
+Prompt (the original's; docs/ORIGINAL.md)::
 
     [gMASK]<sop><|system|>\\n{system prompt}<|user|>\\n{input}<|assistant|>streaming_transcription\\n
 

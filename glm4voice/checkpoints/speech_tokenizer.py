@@ -77,7 +77,7 @@ PUBLISHED_CONFIG: dict[str, Any] = {
     "use_weighted_layer_sum": False,
     "vocab_size": 51866,
 }
-"""The published ``config.json`` (REFERENCE.md 4.1; field set as transformers 4.44.1 writes it)."""
+"""The published ``config.json`` (docs/ORIGINAL.md; field set as transformers 4.44.1 writes it)."""
 
 PUBLISHED_PREPROCESSOR_CONFIG: dict[str, Any] = {
     "chunk_length": 30,

@@ -23,7 +23,7 @@ ROPE_BASE = 10_000.0
 
 DEFAULT_SEQ_LENGTH = 8192
 """Context length when ``config.json`` has no ``seq_length``. The published glm-4-voice-9b file
-does not appear to have one (REFERENCE.md 6.1); rotary embeddings have no built-in limit, so this
+does not appear to have one (docs/ORIGINAL.md); rotary embeddings have no built-in limit, so this
 only bounds our KV cache. 8192 is what the original's vLLM server used (max_model_len)."""
 
 PUBLISHED_CONFIG: dict[str, Any] = {
@@ -68,7 +68,7 @@ PUBLISHED_CONFIG: dict[str, Any] = {
     "use_cache": True,
     "vocab_size": 168960,
 }
-"""The published ``config.json`` as far as it is known (REFERENCE.md 6.1; no ``seq_length``)."""
+"""The published ``config.json`` as far as it is known (docs/ORIGINAL.md; no ``seq_length``)."""
 
 PUBLISHED_GENERATION_CONFIG: dict[str, Any] = {
     "do_sample": True,
@@ -79,7 +79,7 @@ PUBLISHED_GENERATION_CONFIG: dict[str, Any] = {
     "top_p": 0.8,
     "transformers_version": "4.44.1",
 }
-"""The published ``generation_config.json`` (a same-size third-party copy, REFERENCE.md 1)."""
+"""The published ``generation_config.json`` (a same-size third-party copy, docs/ORIGINAL.md)."""
 
 # Switches of the ChatGLM code and the only value this implementation computes correctly.
 _REQUIRED_SWITCHES = {

@@ -3,7 +3,7 @@
 Why our own module and not transformers' ``GlmForCausalLM``: the engine needs two entry points that
 a generic model does not offer: a chunked prefill that writes one slot of a static KV cache, and a
 batched one-token decode step over many slots of that cache, written with static shapes so that it
-can be captured as a single CUDA graph (the host is launch-bound; see DESIGN.md section 6). The
+can be captured as a single CUDA graph (the host is launch-bound; see docs/ORIGINAL.md). The
 math is 60 lines here, the checkpoint's fused ``query_key_value`` and ``dense_h_to_4h`` tensors stay
 fused (fewer, larger matmuls, and a rename-only key mapping), and the per-token parts of a layer are
 plain functions of ``(layer, tensors)`` so that ``torch.compile`` traces them once for all 40

@@ -29,7 +29,7 @@ QUICK_START_MARGIN_S = 0.1
 QUICK_START_MAX_TURNS = 8
 """A quick first block only while at most this many turns run: many turns starting together share
 the decoder's calls, and a short first chunk then runs dry before the next block arrives
-(bench/e2e.py's concurrency section; docs/perf/e2e.md)."""
+(bench/e2e.py's concurrency section; docs/PERFORMANCE.md, "Adaptive blocks")."""
 
 
 class TokenKind(enum.Enum):

@@ -13,7 +13,7 @@ from speech_tokenizer.checkpoint import required_shapes, skipped_shape
 
 
 def published_keys() -> dict[str, tuple[int, ...]]:
-    """The published model.safetensors (REFERENCE.md 4.4): 16 layers, codebook, EMA buffers."""
+    """The published model.safetensors (docs/ORIGINAL.md): 16 layers, codebook, EMA buffers."""
     d, ffn = 1280, 5120
     keys = {
         "conv1.weight": (d, 128, 3), "conv1.bias": (d,), "conv2.weight": (d, d, 3), "conv2.bias": (d,),

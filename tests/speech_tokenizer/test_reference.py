@@ -1,6 +1,6 @@
 """The model against a plain, loop-and-matmul reference of the Whisper-VQ computation.
 
-The reference is written from the description of the original (REFERENCE.md 4.3), in float64,
+The reference is written from the description of the original (docs/ORIGINAL.md), in float64,
 without transformers: it checks that transformers' layers, our masks, pooling and code search
 compute the same thing, for the published settings and for the other settings a config may have.
 """
