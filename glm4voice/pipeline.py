@@ -19,6 +19,11 @@ different sessions that wait at the same time are decoded as one batch
 only waits on the decoder when ``max_pending_blocks`` blocks are already queued (the decoder
 is then far behind real time and backpressure on the server is the right answer).
 
+Front ends that keep their own history (``glm4voice.conversation``: the OpenAI-compatible API)
+use the two halves of a turn: :meth:`VoiceChat.prepare_input` (check and tokenize an input) and
+:meth:`VoiceChat.generate` (stream the answer to prompt ids they built; optionally text only, without
+the decoder; a :class:`TurnProgress` shows the ids generated so far, also after a cancel).
+
 Every failure ends the turn with one :class:`TurnFailed` event carrying a message meant for the
 person using the demo; the session stays usable and its history is unchanged (a failed or
 cancelled turn is not recorded). Every event carries ``elapsed`` (seconds since the turn began),
@@ -353,6 +358,21 @@ class ChatSession:
         self.epoch += 1
 
 
+class TurnProgress:
+    """A live view of what a running turn has generated, for callers that may stop it early.
+
+    Pass one to :meth:`VoiceChat.generate`; :attr:`reply_ids` can be read at any time, also after the
+    turn was cancelled (a front end that cuts an answer keeps the part that was heard)."""
+
+    def __init__(self) -> None:
+        self._demuxer: Demuxer | None = None
+
+    @property
+    def reply_ids(self) -> tuple[int, ...]:
+        """Generated ids kept so far (stop tokens and ids past the audio codebook left out)."""
+        return self._demuxer.reply_ids if self._demuxer is not None else ()
+
+
 class _TurnClock:
     """Collects the stage times (and the text so far) of one turn."""
 
@@ -551,6 +571,41 @@ class VoiceChat:
             session.busy = False
             self.active_turns -= 1
 
+    async def prepare_input(self, request: UserRequest) -> TextInput | AudioInput:
+        """Check and tokenize one input without running a turn (speech through the speech tokenizer
+        in its worker thread), for callers that keep their own history (``glm4voice.conversation``).
+        Raises :class:`TurnError` with a message for the user."""
+        user_input, _ = await self._prepare_input(request, _TurnClock())
+        return user_input
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        options: GenerationOptions = GenerationOptions(),
+        *,
+        decode_audio: bool = True,
+        progress: TurnProgress | None = None,
+    ) -> AsyncIterator[TurnEvent]:
+        """The answer to a prompt the caller built (e.g. from its own history): AssistantText and
+        AssistantAudio events, then exactly one TurnFinished or TurnFailed (no InputAccepted). With
+        ``decode_audio=False`` the decoder is never called: audio tokens are generated (the model
+        interleaves them) and kept in ``reply_ids``, and no AssistantAudio comes. Stopping the
+        iteration early cancels the turn and closes the server stream, as with :meth:`run_turn`."""
+        clock = _TurnClock()
+        try:
+            options.check()
+        except TurnError as error:
+            yield self._failed(error, clock, "")
+            return
+        self.active_turns += 1
+        try:
+            async for event in self._reply(
+                list(prompt_ids), options, clock, decode_audio=decode_audio, progress=progress
+            ):
+                yield event
+        finally:
+            self.active_turns -= 1
+
     async def _prepare_input(
         self, request: UserRequest, clock: _TurnClock
     ) -> tuple[TextInput | AudioInput, float | None]:
@@ -609,14 +664,23 @@ class VoiceChat:
             raise TurnError(FailureKind.INVALID_INPUT, f"Unusable audio: {error}.") from error
 
     async def _reply(
-        self, prompt_ids: list[int], options: GenerationOptions, clock: _TurnClock
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        clock: _TurnClock,
+        *,
+        decode_audio: bool = True,
+        progress: TurnProgress | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        schedule = _Pacer.demuxer_schedule(self.schedule) if self.config.adaptive_blocks else self.schedule
+        adaptive = self.config.adaptive_blocks and decode_audio
+        schedule = _Pacer.demuxer_schedule(self.schedule) if adaptive else self.schedule
         demuxer = Demuxer(self.text_tokenizer, self.special, schedule)
+        if progress is not None:
+            progress._demuxer = demuxer
         out: asyncio.Queue = asyncio.Queue()
         blocks: asyncio.Queue = asyncio.Queue(maxsize=self.config.max_pending_blocks)
-        reader = asyncio.create_task(self._read_tokens(prompt_ids, options, demuxer, clock, out, blocks))
-        decoder = asyncio.create_task(self._decode_blocks(options, clock, out, blocks))
+        reader = asyncio.create_task(self._read_tokens(prompt_ids, options, demuxer, clock, out, blocks, adaptive))
+        decoder = asyncio.create_task(self._decode_blocks(options, clock, out, blocks, decode_audio))
         try:
             while True:
                 event = await out.get()
@@ -632,10 +696,10 @@ class VoiceChat:
             await asyncio.gather(reader, decoder, return_exceptions=True)
 
     async def _read_tokens(self, prompt_ids, options, demuxer: Demuxer, clock: _TurnClock,
-                           out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
+                           out: asyncio.Queue, blocks: asyncio.Queue, adaptive: bool) -> None:  # fmt: skip
         end: EndOfTurn | None = None
         failure: TurnError | None = None
-        pacer = _Pacer(clock, self) if self.config.adaptive_blocks else None
+        pacer = _Pacer(clock, self) if adaptive else None
         try:
             clock.mark("request_sent")
             stream = self.client.stream(
@@ -687,7 +751,7 @@ class VoiceChat:
         return None
 
     async def _decode_blocks(self, options: GenerationOptions, clock: _TurnClock,
-                             out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
+                             out: asyncio.Queue, blocks: asyncio.Queue, decode_audio: bool = True) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         chunks: list[np.ndarray] = []
         position = 0
@@ -705,18 +769,22 @@ class VoiceChat:
 
         stream = None
         try:
-            stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
-            while True:
-                item = await blocks.get()
-                if isinstance(item, _EndOfStream):
-                    break
-                block, ready = item
+            if not decode_audio:  # text only: the blocks are drained, the decoder never runs
+                while not isinstance(item := await blocks.get(), _EndOfStream):
+                    pass
+            else:
+                stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
+                while True:
+                    item = await blocks.get()
+                    if isinstance(item, _EndOfStream):
+                        break
+                    block, ready = item
+                    started = clock.now()
+                    samples = await self.blocks.feed(stream, block.codes)
+                    emit(samples, block.index, len(block.codes), ready, started)
                 started = clock.now()
-                samples = await self.blocks.feed(stream, block.codes)
-                emit(samples, block.index, len(block.codes), ready, started)
-            started = clock.now()
-            tail = await loop.run_in_executor(self._decode_worker, stream.finish)
-            emit(tail, None, 0, started, started)
+                tail = await loop.run_in_executor(self._decode_worker, stream.finish)
+                emit(tail, None, 0, started, started)
         except asyncio.CancelledError:
             if stream is not None and hasattr(stream, "close"):
                 # after the block the worker may still be decoding (the worker runs jobs in order)
