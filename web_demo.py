@@ -43,6 +43,7 @@ from fastapi import FastAPI
 
 from glm4voice.audio import encode_wav
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
+from glm4voice.openai_api import add_openai_routes
 from glm4voice.pipeline import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -365,6 +366,7 @@ def create_app(chat: VoiceChat, settings: DemoSettings = DemoSettings(), *, clos
     app.state.files = files
     app.state.chat = chat
     add_stream_route(app, streams)  # before the mount: "/" would catch everything
+    add_openai_routes(app, chat)  # /v1: OpenAI-compatible chat completions and realtime (docs/API.md)
     demo = create_demo(chat, streams, files, settings)
     demo.queue(default_concurrency_limit=settings.max_concurrent_turns)
     player = player_script()

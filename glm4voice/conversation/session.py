@@ -451,43 +451,65 @@ class ConversationSession:
 
     # --- items ----------------------------------------------------------------------------------------
 
-    async def add_user_text(self, text: str, previous_item_id: str | None = None) -> UserItem:
+    async def add_user_text(
+        self, text: str, previous_item_id: str | None = None, *, item_id: str | None = None
+    ) -> UserItem:
         user_input = await self._prepare(UserText(text))
-        return self.add_user_input(user_input, previous_item_id, text=user_input.text)
+        return self.add_user_input(user_input, previous_item_id, text=user_input.text, item_id=item_id)
 
     def add_user_audio(self, audio: Audio, previous_item_id: str | None = None, item_id: str | None = None) -> UserItem:
         """Spoken input (any rate: the speech tokenizer resamples); tokenized in the background."""
-        item = UserItem(item_id or new_id("item"), audio=audio)
+        item = UserItem(self._new_item_id(item_id), audio=audio)
         previous = self._insert(item, previous_item_id)
         item.ready = asyncio.create_task(self._tokenize(item))
         self.emit(ItemAdded(item, previous))
         return item
 
     def add_user_input(
-        self, user_input: UserInput, previous_item_id: str | None = None, *, text: str | None = None
+        self,
+        user_input: UserInput,
+        previous_item_id: str | None = None,
+        *,
+        text: str | None = None,
+        item_id: str | None = None,
     ) -> UserItem:
         """An input that is already checked and tokenized (:meth:`VoiceChat.prepare_input`)."""
-        item = UserItem(new_id("item"), text=text, input=user_input)
+        item = UserItem(self._new_item_id(item_id), text=text, input=user_input)
         previous = self._insert(item, previous_item_id)
         self.emit(ItemAdded(item, previous))
         return item
 
     def add_assistant_reply(
-        self, reply_ids: tuple[int, ...], text: str, *, has_audio: bool, previous_item_id: str | None = None
+        self,
+        reply_ids: tuple[int, ...],
+        text: str,
+        *,
+        has_audio: bool,
+        previous_item_id: str | None = None,
+        item_id: str | None = None,
     ) -> AssistantItem:
         """An earlier answer put back into the conversation by its exact ids."""
         item = AssistantItem(
-            new_id("item"), self.output_sample_rate, generated_ids=tuple(reply_ids), reply_ids=tuple(reply_ids),
+            self._new_item_id(item_id), self.output_sample_rate, generated_ids=tuple(reply_ids), reply_ids=tuple(reply_ids),
             text=text, has_audio=has_audio,
         )  # fmt: skip
         previous = self._insert(item, previous_item_id)
         self.emit(ItemAdded(item, previous))
         return item
 
-    def add_assistant_text(self, text: str, previous_item_id: str | None = None) -> AssistantItem:
+    def add_assistant_text(
+        self, text: str, previous_item_id: str | None = None, *, item_id: str | None = None
+    ) -> AssistantItem:
         """An answer given as text: its text tokens go into the history (no speech tokens)."""
         ids = tuple(self.chat.text_tokenizer.encode(text, allow_special=False))
-        return self.add_assistant_reply(ids, text, has_audio=False, previous_item_id=previous_item_id)
+        return self.add_assistant_reply(ids, text, has_audio=False, previous_item_id=previous_item_id, item_id=item_id)
+
+    def _new_item_id(self, item_id: str | None) -> str:
+        if item_id is None:
+            return new_id("item")
+        if any(item.id == item_id for item in self.items):
+            raise SessionError("duplicate_item_id", f"the conversation already has an item {item_id!r}", "item.id")
+        return item_id
 
     async def delete_item(self, item_id: str) -> None:
         item = self._find(item_id)

@@ -188,14 +188,28 @@ def _loaded_library(name: str) -> str | None:
     return None
 
 
+def _new_worker() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-vad", initializer=_one_intra_op_thread)
+
+
+def _load_module(path: Path) -> Any:
+    """The 16 kHz model of the TorchScript file (its stateless part: state in, state out)."""
+    import torch
+
+    with warnings.catch_warnings():  # the wheel ships TorchScript; torch 2.13 calls the loader deprecated
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    if not hasattr(module, "_model"):
+        raise RuntimeError(f"unexpected silero-vad model layout in {path} (no 16 kHz submodule)")
+    return module._model
+
+
 class SileroVAD:
     """The shared model and the worker thread its calls run on (one per app)."""
 
-    def __init__(self, module: Any):
+    def __init__(self, module: Any, worker: ThreadPoolExecutor | None = None):
         self._module = module
-        self._worker = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="glm4voice-vad", initializer=_one_intra_op_thread
-        )
+        self._worker = worker or _new_worker()
 
     @staticmethod
     def model_path() -> Path:
@@ -212,15 +226,10 @@ class SileroVAD:
     @classmethod
     async def load(cls) -> SileroVAD:
         """Load the bundled model (offline) and warm it up, on its worker thread."""
-        import torch
-
         path = cls.model_path()
-        with warnings.catch_warnings():  # the wheel ships TorchScript; torch 2.13 calls the loader deprecated
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu").eval()
-        if not hasattr(module, "_model"):
-            raise RuntimeError(f"unexpected silero-vad model layout in {path} (no 16 kHz submodule)")
-        vad = cls(module._model)
+        worker = _new_worker()
+        module = await asyncio.get_running_loop().run_in_executor(worker, _load_module, path)
+        vad = cls(module, worker)
         noise = (0.1 * np.random.default_rng(0).standard_normal(WARM_UP_FRAMES * FRAME_SAMPLES)).astype(np.float32)
         await vad.run(vad.probabilities, VadState(), noise)
         logger.info("silero-vad loaded from %s", path)

@@ -13,7 +13,6 @@ import pytest
 
 from glm4voice.conversation.vad import (
     FRAME_SAMPLES,
-    SileroVAD,
     SpeechSegmenter,
     SpeechStart,
     SpeechStop,
