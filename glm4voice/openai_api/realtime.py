@@ -72,6 +72,9 @@ SUBPROTOCOL = "realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 BETA_HEADER = "realtime=v1"
 POLICY_VIOLATION = 1008
+MAX_DELTA_SAMPLES = API_SAMPLE_RATE // 2
+"""Audio deltas carry at most 0.5 s (a decoder block can hold seconds; WebSocket clients often limit
+message sizes)."""
 
 
 def add_realtime_route(app: FastAPI, service: OpenAIService) -> None:
@@ -286,7 +289,13 @@ class RealtimeConnection:
             name = "response.output_audio_transcript.delta" if response.output_audio else "response.output_text.delta"
             self._send(name, delta=event.text, **_part_ids(response))
         elif isinstance(event, ResponseAudioDelta):
-            self._send("response.output_audio.delta", delta=pcm16_base64(event.samples), **_part_ids(event.response))
+            ids = _part_ids(event.response)
+            for start in range(0, len(event.samples), MAX_DELTA_SAMPLES):  # small messages for any client
+                self._send(
+                    "response.output_audio.delta",
+                    delta=pcm16_base64(event.samples[start : start + MAX_DELTA_SAMPLES]),
+                    **ids,
+                )
         elif isinstance(event, ResponseDone):
             self._response_done(event)
         elif isinstance(event, SessionFailure):
