@@ -621,6 +621,9 @@ class ConversationSession:
         previous = self._insert(item, None)
         self.emit(ItemAdded(item, previous))
         response.task = asyncio.create_task(self._run(response))
+        # ends the response whatever ended the task, also a cancel before it ever ran; added first, it runs
+        # before the callbacks of anyone waiting for the task (cancel_response returns after it)
+        response.task.add_done_callback(lambda _: self._finish(response))
         return response
 
     async def cancel_response(self, reason: CancelReason = CancelReason.CLIENT_CANCELLED) -> Response | None:
@@ -672,9 +675,7 @@ class ConversationSession:
                         response.error = SessionError(event.kind.value, event.message, kind=event.kind)
                         self._keep_heard(response)
         except asyncio.CancelledError:
-            response.status = ResponseStatus.CANCELLED
-            response.cancel_reason = response.cancel_reason or CancelReason.CLIENT_CANCELLED
-            self._keep_heard(response)
+            self._cancelled(response)
             raise
         except SessionError as error:
             response.status = ResponseStatus.FAILED
@@ -685,14 +686,25 @@ class ConversationSession:
             response.error = SessionError(
                 FailureKind.INTERNAL.value, f"internal error: {error}", kind=FailureKind.INTERNAL
             )
-        finally:
-            if response.status is ResponseStatus.IN_PROGRESS:  # the turn ended without a final event
+
+    def _cancelled(self, response: Response) -> None:
+        response.status = ResponseStatus.CANCELLED
+        response.cancel_reason = response.cancel_reason or CancelReason.CLIENT_CANCELLED
+        self._keep_heard(response)
+
+    def _finish(self, response: Response) -> None:
+        """The response's task is over: settle its status, free the session, report it."""
+        if response.status is ResponseStatus.IN_PROGRESS:
+            if response.task.cancelled():  # cancelled before it started
+                self._cancelled(response)
+            else:  # the turn ended without a final event
                 response.status = ResponseStatus.FAILED
                 response.error = response.error or SessionError(FailureKind.INTERNAL.value, "the answer ended early")
-            item.status = ItemStatus.COMPLETED if response.status is ResponseStatus.COMPLETED else ItemStatus.INCOMPLETE
-            if self.response is response:
-                self.response = None
-            self.emit(ResponseDone(response))
+        item = response.item
+        item.status = ItemStatus.COMPLETED if response.status is ResponseStatus.COMPLETED else ItemStatus.INCOMPLETE
+        if self.response is response:
+            self.response = None
+        self.emit(ResponseDone(response))
 
     def _emit_audio(self, response: Response, samples: np.ndarray) -> None:
         if len(samples):

@@ -397,3 +397,27 @@ def test_server_vad_answers_each_turn_and_speech_interrupts_the_answer(models, s
     assert client.prompts[1] == build_prompt(models.text_tokenizer, special_tokens, turns, user_two.input)
     assert assistant_two is answer_two.item and client.open_streams == 0
     assert any(isinstance(e, ItemAdded) and e.item is user_two for e in recorder.events)
+
+
+def test_an_answer_cancelled_before_it_started_still_ends_and_frees_the_session(models, special_tokens):
+    """A turn ended and the next began in one append: the answer's task is cancelled before it ever ran."""
+    answer = interleaved_answer(models.text_tokenizer, special_tokens, runs=1)
+
+    async def main():
+        client = ScriptedClient(answer)
+        async with conversation(models, client) as (chat, session, recorder):
+            session.add_user_input(TextInput("Hi"))
+            first = session.create_response()
+            await session.cancel_response()  # no await in between: the task has not run
+            free = session.response is None
+            await session.add_user_text("Hi again")
+            second = session.create_response()
+            await session.wait()
+        return recorder, first, free, second, client
+
+    recorder, first, free, second, client = asyncio.run(main())
+    assert first.status is ResponseStatus.CANCELLED and free and first.item.reply_ids == ()
+    assert [e.response for e in recorder.of(ResponseDone)] == [first, second]
+    assert second.status is ResponseStatus.COMPLETED and len(client.prompts) == 1
+    turns = [Turn(TextInput("Hi"), ())]  # the cancelled answer is an empty one
+    assert client.prompts[0] == build_prompt(models.text_tokenizer, special_tokens, turns, TextInput("Hi again"))
