@@ -2,40 +2,43 @@
 
 - :mod:`~glm4voice.conversation.session`: :class:`ConversationSession`, one conversation's state
   machine (items as token ids, the input audio buffer with turn detection, the answer in flight,
-  cancellation that closes the token stream, truncation to what was heard), reporting typed events;
+  cancellation that closes the token stream, truncation to what was heard), reporting the typed events
+  of :mod:`~glm4voice.conversation.events`; its data in :mod:`~glm4voice.conversation.items`;
 - :mod:`~glm4voice.conversation.history`: prompts from turns (as the page builds them) and the
   truncation rule;
 - :mod:`~glm4voice.conversation.vad`: silero-vad turn detection in audio time;
 - :mod:`~glm4voice.conversation.resampling`: streaming resampling without seams.
 """
 
-from glm4voice.conversation.history import Turn, build_prompt, heard_audio_tokens, heard_reply
-from glm4voice.conversation.resampling import StreamResampler
-from glm4voice.conversation.session import (
-    AssistantItem,
-    CancelReason,
-    ConversationSession,
+from glm4voice.conversation.events import (
     InputCleared,
     InputCommitted,
-    Item,
     ItemAdded,
     ItemDeleted,
-    ItemStatus,
     ItemTruncated,
-    Response,
     ResponseAudioDelta,
     ResponseCreated,
     ResponseDone,
-    ResponseStatus,
     ResponseTextDelta,
-    SessionConfig,
-    SessionError,
     SessionEvent,
     SessionFailure,
     SpeechStarted,
     SpeechStopped,
-    UserItem,
 )
+from glm4voice.conversation.history import Turn, build_prompt, heard_audio_tokens, heard_reply
+from glm4voice.conversation.items import (
+    AssistantItem,
+    CancelReason,
+    Item,
+    ItemStatus,
+    Response,
+    ResponseStatus,
+    SessionError,
+    UserItem,
+    new_id,
+)
+from glm4voice.conversation.resampling import StreamResampler
+from glm4voice.conversation.session import ConversationSession, SessionConfig
 from glm4voice.conversation.vad import SileroVAD, TurnDetection
 
 __all__ = [
@@ -69,4 +72,5 @@ __all__ = [
     "build_prompt",
     "heard_audio_tokens",
     "heard_reply",
+    "new_id",
 ]

@@ -33,17 +33,41 @@ its own task.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import secrets
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable
 
 import numpy as np
 
 from glm4voice.audio import INPUT_SAMPLE_RATE, Audio
+from glm4voice.conversation.events import (
+    InputCleared,
+    InputCommitted,
+    ItemAdded,
+    ItemDeleted,
+    ItemTruncated,
+    ResponseAudioDelta,
+    ResponseCreated,
+    ResponseDone,
+    ResponseTextDelta,
+    SessionEvent,
+    SessionFailure,
+    SpeechStarted,
+    SpeechStopped,
+)
 from glm4voice.conversation.history import Turn, build_prompt, heard_reply, reply_text
+from glm4voice.conversation.items import (
+    AssistantItem,
+    CancelReason,
+    Item,
+    ItemStatus,
+    Response,
+    ResponseStatus,
+    SessionError,
+    UserItem,
+    new_id,
+)
 from glm4voice.conversation.resampling import StreamResampler
 from glm4voice.conversation.vad import (
     SileroVAD,
@@ -61,7 +85,6 @@ from glm4voice.pipeline import (
     TurnError,
     TurnFailed,
     TurnFinished,
-    TurnProgress,
     UserSpeech,
     UserText,
     VoiceChat,
@@ -72,10 +95,6 @@ logger = logging.getLogger(__name__)
 
 MIN_COMMIT_MS = 100
 """Shortest audio buffer a manual commit accepts (OpenAI's rule)."""
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(10)}"
 
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -94,201 +113,6 @@ class SessionConfig:
     def __post_init__(self) -> None:
         if self.output_sample_rate is not None and self.output_sample_rate < 1:
             raise ValueError(f"invalid output sample rate {self.output_sample_rate}")
-
-
-class SessionError(Exception):
-    """A refused operation or a failed answer, with a message for the client. ``code`` is a short
-    machine-readable reason (for turn failures the :class:`glm4voice.pipeline.FailureKind` value)."""
-
-    def __init__(self, code: str, message: str, param: str | None = None, kind: FailureKind | None = None):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
-        self.kind = kind
-
-
-# --- items ---------------------------------------------------------------------------------------------
-
-
-class ItemStatus(str, enum.Enum):
-    COMPLETED = "completed"
-    INCOMPLETE = "incomplete"
-    IN_PROGRESS = "in_progress"
-
-
-@dataclass(eq=False)
-class UserItem:
-    id: str
-    text: str | None = None
-    """Typed input."""
-    audio: Audio | None = None
-    """Spoken input (16 kHz), kept until it is tokenized."""
-    input: UserInput | None = None
-    """The tokenized input (None while the speech tokenizer works, or if it failed)."""
-    ready: asyncio.Task | None = field(default=None, repr=False)
-    """The speech tokenizer's job for this item."""
-    status: ItemStatus = ItemStatus.COMPLETED
-
-    @property
-    def audio_ms(self) -> int:
-        return 0 if self.audio is None else len(self.audio.samples) * 1000 // self.audio.sample_rate
-
-
-@dataclass(eq=False)
-class AssistantItem:
-    id: str
-    sample_rate: int
-    """Rate of the emitted audio (what ``audio_samples`` counts)."""
-    response_id: str | None = None
-    generated_ids: tuple[int, ...] = ()
-    """Every id the model generated for this answer (stop token excluded)."""
-    reply_ids: tuple[int, ...] = ()
-    """What the history keeps: all of it, or the heard part of a cut answer."""
-    text: str = ""
-    """The transcript: the text streamed so far, then the text of ``reply_ids``."""
-    audio_samples: int = 0
-    """Samples of this answer's audio emitted to the front end (after a truncation: up to the cut)."""
-    has_audio: bool = True
-    truncated_ms: int | None = None
-    status: ItemStatus = ItemStatus.COMPLETED
-
-    @property
-    def audio_ms(self) -> int:
-        return self.audio_samples * 1000 // self.sample_rate
-
-
-Item = Union[UserItem, AssistantItem]
-
-
-# --- responses -----------------------------------------------------------------------------------------
-
-
-class ResponseStatus(str, enum.Enum):
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-    INCOMPLETE = "incomplete"  # stopped at the token limit
-
-
-class CancelReason(str, enum.Enum):
-    TURN_DETECTED = "turn_detected"  # barge-in: the user started speaking
-    CLIENT_CANCELLED = "client_cancelled"
-
-
-@dataclass(eq=False)
-class Response:
-    id: str
-    item: AssistantItem
-    output_audio: bool
-    options: GenerationOptions
-    status: ResponseStatus = ResponseStatus.IN_PROGRESS
-    cancel_reason: CancelReason | None = None
-    error: SessionError | None = None
-    prompt_tokens: int = 0
-    prompt_audio_tokens: int = 0
-    output_tokens: int = 0
-    output_audio_tokens: int = 0
-    progress: TurnProgress = field(default_factory=TurnProgress, repr=False)
-    task: asyncio.Task | None = field(default=None, repr=False)
-
-    @property
-    def done(self) -> bool:
-        return self.status is not ResponseStatus.IN_PROGRESS
-
-
-# --- events --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class SpeechStarted:
-    item_id: str
-    """The user item the speech will become."""
-    audio_start_ms: int
-    """Where that item's audio begins: the detected start of speech less ``prefix_padding_ms``."""
-
-
-@dataclass(frozen=True, eq=False)
-class SpeechStopped:
-    item_id: str
-    audio_end_ms: int
-    """Where the item's audio ends: the end of speech plus the ``silence_duration_ms`` that decided it."""
-
-
-@dataclass(frozen=True, eq=False)
-class InputCommitted:
-    item: UserItem
-    previous_item_id: str | None
-
-
-@dataclass(frozen=True, eq=False)
-class InputCleared:
-    pass
-
-
-@dataclass(frozen=True, eq=False)
-class ItemAdded:
-    item: Item
-    previous_item_id: str | None
-
-
-@dataclass(frozen=True, eq=False)
-class ItemDeleted:
-    item_id: str
-
-
-@dataclass(frozen=True, eq=False)
-class ItemTruncated:
-    item: AssistantItem
-    audio_end_ms: int
-
-
-@dataclass(frozen=True, eq=False)
-class ResponseCreated:
-    response: Response
-
-
-@dataclass(frozen=True, eq=False)
-class ResponseTextDelta:
-    response: Response
-    text: str
-    """The transcript of the speech (audio answers) or the answer (text answers)."""
-
-
-@dataclass(frozen=True, eq=False)
-class ResponseAudioDelta:
-    response: Response
-    samples: np.ndarray
-    """float32 mono at the session's output rate; consecutive deltas are contiguous."""
-
-
-@dataclass(frozen=True, eq=False)
-class ResponseDone:
-    response: Response
-
-
-@dataclass(frozen=True, eq=False)
-class SessionFailure:
-    """Something failed outside a client call (e.g. committed audio the speech tokenizer refused)."""
-
-    error: SessionError
-
-
-SessionEvent = Union[
-    SpeechStarted,
-    SpeechStopped,
-    InputCommitted,
-    InputCleared,
-    ItemAdded,
-    ItemDeleted,
-    ItemTruncated,
-    ResponseCreated,
-    ResponseTextDelta,
-    ResponseAudioDelta,
-    ResponseDone,
-    SessionFailure,
-]
 
 
 # --- the session ---------------------------------------------------------------------------------------
@@ -738,29 +562,4 @@ def _refused(item: Item) -> bool:
     return isinstance(item, UserItem) and item.input is None and item.ready is not None and item.ready.done()
 
 
-__all__ = [
-    "AssistantItem",
-    "CancelReason",
-    "ConversationSession",
-    "InputCleared",
-    "InputCommitted",
-    "Item",
-    "ItemAdded",
-    "ItemDeleted",
-    "ItemStatus",
-    "ItemTruncated",
-    "Response",
-    "ResponseAudioDelta",
-    "ResponseCreated",
-    "ResponseDone",
-    "ResponseStatus",
-    "ResponseTextDelta",
-    "SessionConfig",
-    "SessionError",
-    "SessionEvent",
-    "SessionFailure",
-    "SpeechStarted",
-    "SpeechStopped",
-    "UserItem",
-    "new_id",
-]
+__all__ = ["MIN_COMMIT_MS", "ConversationSession", "SessionConfig"]

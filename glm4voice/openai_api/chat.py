@@ -25,6 +25,7 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response as HTTPResponse
 from pydantic import ValidationError
 
 from glm4voice.conversation import (
@@ -37,8 +38,8 @@ from glm4voice.conversation import (
     SessionConfig,
     SessionError,
     SessionEvent,
+    new_id,
 )
-from glm4voice.conversation.session import new_id
 from glm4voice.openai_api.audio import API_SAMPLE_RATE, decode_base64, encode_answer, pcm16_base64, to_pcm16
 from glm4voice.openai_api.chat_schema import (
     AssistantMessage,
@@ -105,9 +106,31 @@ def add_chat_routes(app: FastAPI, service: OpenAIService) -> None:
         if completion.request.stream:
             return _ClosingStream(completion.events(), media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            return JSONResponse(await completion.collect())
+            body = await _unless_the_client_leaves(request, completion.collect())
         except APIError as error:
             return error_response(error)
+        return JSONResponse(body) if body is not None else HTTPResponse(status_code=499)  # nobody reads it
+
+
+async def _unless_the_client_leaves(request: Request, work) -> Any:
+    """``work``'s result, or None if the client disconnected first (``work`` is then cancelled, which
+    closes the answer's token stream: the token server frees the slot)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    return None if task.cancelled() else task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _model(service: OpenAIService) -> Model:

@@ -43,8 +43,8 @@ from glm4voice.conversation import (
     SpeechStarted,
     SpeechStopped,
     StreamResampler,
+    new_id,
 )
-from glm4voice.conversation.session import new_id
 from glm4voice.openai_api.audio import API_SAMPLE_RATE, decode_base64, pcm16_base64, pcm16_to_float
 from glm4voice.openai_api.errors import INVALID_REQUEST, SERVER_ERROR, APIError, invalid
 from glm4voice.openai_api.realtime_schema import (

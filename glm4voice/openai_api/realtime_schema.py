@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from glm4voice.conversation import SessionConfig, TurnDetection
-from glm4voice.conversation.session import AssistantItem, Item, Response, ResponseStatus, UserItem
+from glm4voice.conversation.items import AssistantItem, Item, Response, ResponseStatus, UserItem
 from glm4voice.openai_api.audio import API_SAMPLE_RATE
 from glm4voice.openai_api.chat_schema import OutModel
 from glm4voice.openai_api.errors import from_validation, invalid

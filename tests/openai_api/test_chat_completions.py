@@ -280,7 +280,7 @@ def test_a_busy_or_unreachable_model_server_answers_503_with_retry_after(web, to
     assert down.value.response.headers["retry-after"] == "2" and "model_server.py" in down.value.message
 
 
-def test_a_client_that_leaves_a_stream_frees_the_model_server_at_once(web, token_server):
+def test_a_client_that_leaves_frees_the_model_server_at_once(web, token_server):
     client = sdk(web)
     token_server.wait_idle()
     cancelled = token_server.cancelled()
@@ -291,8 +291,32 @@ def test_a_client_that_leaves_a_stream_frees_the_model_server_at_once(web, token
         if chunk.choices and chunk.choices[0].delta.audio is not None and chunk.choices[0].delta.audio.data:
             break
     answer.close()
+    wait_for_cancelled(token_server, cancelled + 1)
+    token_server.wait_idle()
+    # a whole (not streamed) answer whose client leaves once the answer is being generated: cancelled too
+    requests = len(token_server.requests())
+
+    async def leave_while_generating() -> None:
+        leaving = openai.AsyncOpenAI(base_url=web.api, api_key="unused", max_retries=0, timeout=WAIT_S)
+        ask = asyncio.ensure_future(leaving.chat.completions.create(
+            model=MODEL, messages=[user("Tell me a long story.")], modalities=["text", "audio"],
+            max_completion_tokens=1800,
+        ))  # fmt: skip
+        deadline = time.monotonic() + WAIT_S
+        while len(await asyncio.to_thread(token_server.requests)) == requests:
+            assert time.monotonic() < deadline and not ask.done(), "the answer never started"
+            await asyncio.sleep(0.05)
+        ask.cancel()  # the client gives up: its connection is closed
+        await asyncio.wait({ask})
+        assert ask.cancelled()
+
+    asyncio.run(leave_while_generating())
+    wait_for_cancelled(token_server, cancelled + 2)
+    token_server.wait_idle()
+
+
+def wait_for_cancelled(token_server, count: float) -> None:
     deadline = time.monotonic() + WAIT_S
-    while token_server.cancelled() < cancelled + 1:
+    while token_server.cancelled() < count:
         assert time.monotonic() < deadline, "the token server never saw the stream cancelled"
         time.sleep(0.05)
-    token_server.wait_idle()
