@@ -315,6 +315,12 @@ class Demuxer:
         return events + [StreamError(message)]
 
     @property
+    def reply_ids(self) -> tuple[int, ...]:
+        """The generated ids kept so far, in order (what :class:`EndOfTurn` will carry): stop tokens
+        and ids past the audio codebook are left out."""
+        return tuple(self._reply)
+
+    @property
     def pending_audio(self) -> int:
         """Audio codes received but not yet handed out in a block."""
         return len(self._pending_audio)

@@ -29,6 +29,7 @@ from glm4voice.pipeline.chat import (
     SpeechTokenizerLike,
     TokenStreamClient,
     TurnLoad,
+    TurnProgress,
     VoiceChat,
 )
 from glm4voice.pipeline.events import (
@@ -62,5 +63,5 @@ __all__ = [
     "DemuxState", "FailureKind", "FixedBlocks", "GenerationOptions", "InputAccepted", "MAX_INPUT_SECONDS",
     "MAX_PENDING_BLOCKS", "MAX_TEXT_CHARS", "PLAYER_LEAD_S", "PipelineConfig", "SILENCE_PEAK", "SharedLoad",
     "SpeechTokenizerLike", "TokenKind", "TokenStreamClient", "TurnError", "TurnEvent", "TurnFailed", "TurnFinished",
-    "TurnLoad", "TurnTimings", "UserRequest", "UserSpeech", "UserText", "VoiceChat",
+    "TurnLoad", "TurnProgress", "TurnTimings", "UserRequest", "UserSpeech", "UserText", "VoiceChat",
 ]  # fmt: skip

@@ -15,6 +15,11 @@ different sessions that wait at the same time are decoded as one batch
 ``max_pending_blocks`` blocks are already queued (the decoder is then far behind real time and
 backpressure on the server is the right answer).
 
+Front ends that keep their own history (``glm4voice.conversation``: the OpenAI-compatible API)
+use the two halves of a turn: :meth:`VoiceChat.prepare_input` (check and tokenize an input) and
+:meth:`VoiceChat.generate` (stream the answer to prompt ids they built; optionally text only, without
+the decoder; a :class:`TurnProgress` shows the ids generated so far, also after a cancel).
+
 Every failure ends the turn with one :class:`~glm4voice.pipeline.events.TurnFailed` event
 carrying a message meant for the person using the demo; the session stays usable and its history
 is unchanged (a failed or cancelled turn is not recorded).
@@ -185,6 +190,25 @@ class ChatSession:
         self.epoch += 1
 
 
+class TurnProgress:
+    """A live view of what a running turn has generated, for callers that may stop it early.
+
+    Pass one to :meth:`VoiceChat.generate`; :attr:`reply_ids` can be read at any time, also after the
+    turn was cancelled (a front end that cuts an answer keeps the part that was heard)."""
+
+    def __init__(self) -> None:
+        self._demuxer: Demuxer | None = None
+
+    def follow(self, demuxer: Demuxer) -> None:
+        """Report what ``demuxer`` (the running turn's) has kept."""
+        self._demuxer = demuxer
+
+    @property
+    def reply_ids(self) -> tuple[int, ...]:
+        """Generated ids kept so far (stop tokens and ids past the audio codebook left out)."""
+        return self._demuxer.reply_ids if self._demuxer is not None else ()
+
+
 class _TurnClock:
     """Collects the stage times (and the text so far) of one turn."""
 
@@ -342,6 +366,41 @@ class VoiceChat:
             session.busy = False
             self.load.active_turns -= 1
 
+    async def prepare_input(self, request: UserRequest) -> TextInput | AudioInput:
+        """Check and tokenize one input without running a turn (speech through the speech tokenizer
+        in its worker thread), for callers that keep their own history (``glm4voice.conversation``).
+        Raises :class:`TurnError` with a message for the user."""
+        user_input, _ = await self._prepare_input(request, _TurnClock())
+        return user_input
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        options: GenerationOptions = GenerationOptions(),
+        *,
+        decode_audio: bool = True,
+        progress: TurnProgress | None = None,
+    ) -> AsyncIterator[TurnEvent]:
+        """The answer to a prompt the caller built (e.g. from its own history): AssistantText and
+        AssistantAudio events, then exactly one TurnFinished or TurnFailed (no InputAccepted). With
+        ``decode_audio=False`` the decoder is never called: audio tokens are generated (the model
+        interleaves them) and kept in ``reply_ids``, and no AssistantAudio comes. Stopping the
+        iteration early cancels the turn and closes the server stream, as with :meth:`run_turn`."""
+        clock = _TurnClock()
+        try:
+            options.check()
+        except TurnError as error:
+            yield self._failed(error, clock, "")
+            return
+        self.load.active_turns += 1
+        try:
+            async for event in self._reply(
+                list(prompt_ids), options, clock, decode_audio=decode_audio, progress=progress
+            ):
+                yield event
+        finally:
+            self.load.active_turns -= 1
+
     async def _prepare_input(
         self, request: UserRequest, clock: _TurnClock
     ) -> tuple[TextInput | AudioInput, float | None]:
@@ -400,14 +459,23 @@ class VoiceChat:
             raise TurnError(FailureKind.INVALID_INPUT, f"Unusable audio: {error}.") from error
 
     async def _reply(
-        self, prompt_ids: list[int], options: GenerationOptions, clock: _TurnClock
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions,
+        clock: _TurnClock,
+        *,
+        decode_audio: bool = True,
+        progress: TurnProgress | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        policy = self.block_policy()
+        # text only: no decoder, so no pacing of its blocks
+        policy = self.block_policy() if decode_audio else FixedBlocks(self.schedule)
         demuxer = Demuxer(self.text_tokenizer, self.special, policy.demuxer_schedule)
+        if progress is not None:
+            progress.follow(demuxer)
         out: asyncio.Queue = asyncio.Queue()
         blocks: asyncio.Queue = asyncio.Queue(maxsize=self.config.max_pending_blocks)
         reader = asyncio.create_task(self._read_tokens(prompt_ids, options, demuxer, policy, clock, out, blocks))
-        decoder = asyncio.create_task(self._decode_blocks(options, policy, clock, out, blocks))
+        decoder = asyncio.create_task(self._decode_blocks(options, policy, clock, out, blocks, decode_audio))
         try:
             while True:
                 event = await out.get()
@@ -495,7 +563,7 @@ class VoiceChat:
         return None
 
     async def _decode_blocks(self, options: GenerationOptions, policy: BlockPolicy, clock: _TurnClock,
-                             out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
+                             out: asyncio.Queue, blocks: asyncio.Queue, decode_audio: bool = True) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         chunks: list[np.ndarray] = []
         position = 0
@@ -513,18 +581,22 @@ class VoiceChat:
 
         stream = None
         try:
-            stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
-            while True:
-                item = await blocks.get()
-                if isinstance(item, _EndOfStream):
-                    break
-                block, ready = item
+            if not decode_audio:  # text only: the blocks are drained, the decoder never runs
+                while not isinstance(item := await blocks.get(), _EndOfStream):
+                    pass
+            else:
+                stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
+                while True:
+                    item = await blocks.get()
+                    if isinstance(item, _EndOfStream):
+                        break
+                    block, ready = item
+                    started = clock.now()
+                    samples = await self.blocks.feed(stream, block.codes)
+                    emit(samples, block.index, len(block.codes), ready, started)
                 started = clock.now()
-                samples = await self.blocks.feed(stream, block.codes)
-                emit(samples, block.index, len(block.codes), ready, started)
-            started = clock.now()
-            tail = await loop.run_in_executor(self._decode_worker, stream.finish)
-            emit(tail, None, 0, started, started)
+                tail = await loop.run_in_executor(self._decode_worker, stream.finish)
+                emit(tail, None, 0, started, started)
         except asyncio.CancelledError:
             if stream is not None and hasattr(stream, "close"):
                 # after the block the worker may still be decoding (the worker runs jobs in order)

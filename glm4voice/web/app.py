@@ -19,6 +19,7 @@ import gradio as gr
 from fastapi import FastAPI
 
 from glm4voice.client import TokenServerError
+from glm4voice.openai_api import add_openai_routes
 from glm4voice.pipeline import VoiceChat
 from glm4voice.web.files import DemoFiles
 from glm4voice.web.page import PAGE_CSS, RESOURCES, DemoSettings, create_demo, page_head
@@ -56,6 +57,7 @@ def create_app(
     app.state.files = files
     app.state.chat = chat
     add_stream_route(app, streams)  # before the mount: "/" would catch everything
+    add_openai_routes(app, chat)  # /v1: OpenAI-compatible chat completions and realtime (docs/API.md)
     demo = create_demo(chat, streams, files, settings)
     demo.queue(default_concurrency_limit=settings.max_concurrent_turns)
     head = page_head(chat.sample_rate, chat.config.player_lead_s)

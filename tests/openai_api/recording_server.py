@@ -1,0 +1,63 @@
+"""The real token server for tests, recording what it is asked: ``python tests/openai_api/recording_server.py
+[model_server.py flags]``.
+
+Built like ``model_server.main`` (same settings, real engine, same uvicorn server); the backend keeps, for
+each request in order, the prompt ids it received and the ids it streamed back, served at
+``GET /test/requests`` (a test's view of "the prompt the token server received").
+"""
+
+from __future__ import annotations
+
+import logging
+
+from glm4voice.server.engine_backend import EngineBackend, build_engine
+from model_server import build_parser, create_app, serve, settings_from_args
+
+REQUESTS_PATH = "/test/requests"
+
+
+class RecordingStream:
+    def __init__(self, stream, record: dict):
+        self._stream = stream
+        self._record = record
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> int:
+        token_id = await anext(self._stream)
+        self._record["token_ids"].append(int(token_id))
+        return token_id
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+
+class RecordingBackend(EngineBackend):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requests: list[dict] = []
+
+    def submit(self, prompt_ids, request):
+        stream = super().submit(prompt_ids, request)
+        record = {"prompt_ids": [int(i) for i in prompt_ids], "token_ids": [], "seed": request.seed,
+                  "max_new_tokens": request.max_new_tokens}  # fmt: skip
+        self.requests.append(record)
+        return RecordingStream(stream, record)
+
+
+def main() -> None:
+    settings = settings_from_args(build_parser().parse_args())
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    backend = RecordingBackend(build_engine(settings), settings.model_path)
+    app = create_app(backend, settings)
+
+    @app.get(REQUESTS_PATH)
+    async def requests():
+        return backend.requests
+
+    raise SystemExit(serve(app, settings))
+
+
+if __name__ == "__main__":
+    main()
