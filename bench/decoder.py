@@ -123,9 +123,9 @@ class Bench:
                 dtype=dtype, cuda_graphs=graphs,
             )  # fmt: skip
             if name.endswith("_padded"):  # every length padded to a bucket (masked GroupNorm/attention)
-                self.decoders[name]._solver.exact_frames = 0
+                self.decoders[name].solver.exact_frames = 0
             if name.endswith("_compiled"):  # experimental: torch.compile for exact-length (first-block) graphs
-                self.decoders[name]._solver.compile_exact = True
+                self.decoders[name].solver.compile_exact = True
             log(f"  loaded {name} in {time.perf_counter() - started:.1f} s")
         return self.decoders[name]
 
@@ -141,14 +141,20 @@ class Bench:
             tokens = torch.tensor([self.codes[: prompt_tokens + new_tokens]], device=self.device)
             frames = self.decoder("eager_fp32").mel_frames(prompt_tokens + new_tokens)
             prompt_frames = self.decoder("eager_fp32").mel_frames(prompt_tokens) - 34 if prompt_tokens else 0
-            prompt_mel = torch.randn(1, prompt_frames, 80, generator=torch.Generator().manual_seed(1)).to(self.device) - 5
+            prompt_mel = (
+                torch.randn(1, prompt_frames, 80, generator=torch.Generator().manual_seed(1)).to(self.device) - 5
+            )
             noise = NoiseTimeline(0).take(0, frames).to(self.device)
-            for name in ["eager_fp32"] + [v for v in self.variants() if v != "eager_fp32"] + (["eager_bf16"] if self.cuda else []):
+            for name in (
+                ["eager_fp32"]
+                + [v for v in self.variants() if v != "eager_fp32"]
+                + (["eager_bf16"] if self.cuda else [])
+            ):
                 decoder = self.decoder(name)
                 with torch.inference_mode():
                     mel = decoder.flow.inference(
                         tokens[:, prompt_tokens:], None, tokens[:, :prompt_tokens], None, prompt_mel, None,
-                        torch.zeros(1, 192, device=self.device), noise=noise, solve=decoder._solve,
+                        torch.zeros(1, 192, device=self.device), noise=noise, solve=decoder.synthesizer.solve,
                     ).float()  # fmt: skip
                 if reference is None:
                     reference = mel
@@ -211,8 +217,8 @@ class Bench:
 
             return wrapper
 
-        flow_encode, solve, vocode = decoder.flow.encode, decoder._solve, decoder.hift.inference
-        decoder.flow.encode, decoder._solve, decoder.hift.inference = (
+        flow_encode, solve, vocode = decoder.flow.encode, decoder.synthesizer.solve, decoder.hift.inference
+        decoder.flow.encode, decoder.synthesizer.solve, decoder.hift.inference = (
             timed("encoder", flow_encode), timed("ode", solve), timed("vocoder", vocode)
         )  # fmt: skip
         try:
@@ -225,7 +231,7 @@ class Bench:
                 totals.append(time.perf_counter() - started)
         finally:
             del decoder.flow.encode, decoder.hift.inference
-            decoder._solve = solve
+            decoder.synthesizer.solve = solve
         out = {label: round(statistics.median(v[1:]) * 1e3, 2) for label, v in stages.items()}
         out["total"] = round(statistics.median(totals[1:]) * 1e3, 2)
         return out
@@ -280,10 +286,13 @@ class Bench:
             with torch.inference_mode():
                 mels.append(d.flow.inference(
                     tokens, None, tokens[:, :0], None, torch.zeros(1, 0, 80, device=self.device), None,
-                    torch.zeros(1, 192, device=self.device), noise=noise, solve=d._solve,
+                    torch.zeros(1, 192, device=self.device), noise=noise, solve=d.synthesizer.solve,
                 ).float())  # fmt: skip
         diff = (mels[1] - mels[0]).abs()
-        out["mel_vs_eager_fp32"] = {"max_abs": float(diff.max()), "rms_rel": float(diff.pow(2).mean().sqrt() / mels[0].pow(2).mean().sqrt())}
+        out["mel_vs_eager_fp32"] = {
+            "max_abs": float(diff.max()),
+            "rms_rel": float(diff.pow(2).mean().sqrt() / mels[0].pow(2).mean().sqrt()),
+        }
         return out
 
     def answer(self, name: str, sizes: tuple[int, ...], window, repeat: bool = True) -> dict:
@@ -326,8 +335,12 @@ class Bench:
                     out[key] = self.answer(name, sizes, window)
                     log(f"  {key}: rtf {out[key]['rtf']}, blocks ms {out[key]['block_ms']}")
         if self.cuda:  # reference-style baseline: eager float32, the original's unbounded prompt and schedule
-            out["baseline_eager_fp32_original_windowNone"] = self.answer("eager_fp32", ORIGINAL_BLOCK_SIZES, None, repeat=False)
-            out["eager_fp32_low_latency_window100"] = self.answer("eager_fp32", LOW_LATENCY_BLOCK_SIZES, 100, repeat=False)
+            out["baseline_eager_fp32_original_windowNone"] = self.answer(
+                "eager_fp32", ORIGINAL_BLOCK_SIZES, None, repeat=False
+            )
+            out["eager_fp32_low_latency_window100"] = self.answer(
+                "eager_fp32", LOW_LATENCY_BLOCK_SIZES, 100, repeat=False
+            )
         return out
 
     def offline(self) -> dict:
@@ -341,7 +354,11 @@ class Bench:
                 started = time.perf_counter()
                 pcm = decoder.decode(codes, seed=0)
                 times.append(time.perf_counter() - started)
-            out[name] = {"s": round(times[-1], 3), "audio_s": round(len(pcm) / OUTPUT_SAMPLE_RATE, 2), "rtf": round(times[-1] / (len(pcm) / OUTPUT_SAMPLE_RATE), 4)}
+            out[name] = {
+                "s": round(times[-1], 3),
+                "audio_s": round(len(pcm) / OUTPUT_SAMPLE_RATE, 2),
+                "rtf": round(times[-1] / (len(pcm) / OUTPUT_SAMPLE_RATE), 4),
+            }
         return out
 
     def memory(self) -> dict:
@@ -349,7 +366,7 @@ class Bench:
             return {}
         out = {"max_allocated_GiB": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)}
         out["allocated_GiB"] = round(torch.cuda.memory_allocated(self.device) / 2**30, 2)
-        out["graphs"] = {name: d._solver.captured_shapes for name, d in self.decoders.items()}
+        out["graphs"] = {name: d.solver.captured_shapes for name, d in self.decoders.items()}
         return out
 
     def run(self) -> None:
