@@ -338,35 +338,67 @@ def test_feed_many_batches_streams_without_changing_them(decoder, codes):
 
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
-    graphs = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=True)
+    """Every graphed path equals eager mode: whole first blocks (default), the ODE alone for them, every
+    length padded to a bucket; streamed, batched and offline."""
     eager = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=False)
-    padded = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=True)
+    graphs = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda")
+    ode_only = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_first_blocks=False)
+    padded = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_first_blocks=False)
     padded.solver.exact_frames = 0  # every length padded to a bucket
+    assert eager.captured_graphs == {"ode": [], "first_block_flow": [], "first_block_vocoder": []}
     reference, _ = stream_blocks(eager, codes, [10, 25, 55], seed=1)
-    for decoder in (graphs, padded):
+    for decoder in (graphs, ode_only, padded):
         for _ in range(2):  # capture, then replay
             streamed, _ = stream_blocks(decoder, codes, [10, 25, 55], seed=1)
             np.testing.assert_allclose(streamed, reference, atol=5e-3)  # TF32 convolutions, other kernels
-    assert graphs.solver.captured_shapes and padded.solver.captured_shapes
+    assert graphs.captured_graphs["first_block_flow"] and graphs.captured_graphs["first_block_vocoder"]
+    assert graphs.captured_graphs["ode"] and all(padded for *_, padded in graphs.captured_graphs["ode"])
+    assert not ode_only.captured_graphs["first_block_flow"] and (1, 68, 11, False) in ode_only.captured_graphs["ode"]
+    assert all(padded for *_, padded in padded.captured_graphs["ode"])
     np.testing.assert_allclose(graphs.decode(codes, seed=2), eager.decode(codes, seed=2), atol=5e-3)
+    np.testing.assert_allclose(
+        graphs.decode(codes[:8], seed=2), eager.decode(codes[:8], seed=2), atol=5e-3
+    )  # a graphed final first block
+    # first blocks of three streams in one batch (the graph of 4 rows) equal each stream alone, eagerly
+    streams = [graphs.stream(seed=s) for s in (3, 4, 5)]
+    batched = graphs.feed_many([(stream, codes[:10]) for stream in streams])
+    for seed, pcm in zip((3, 4, 5), batched):
+        np.testing.assert_allclose(pcm, eager.stream(seed=seed).feed(codes[:10]), atol=5e-3)
+    assert any(shape[0] == 4 for shape in graphs.captured_graphs["first_block_flow"])
+
+
+@pytest.mark.gpu
+def test_compiled_first_block_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
+    """torch.compile'd estimator and vocoder inside the first-block graphs (compiles: a minute or two)."""
+    eager = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=False)
+    compiled = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", compile_first_blocks=True)
+    reference, _ = stream_blocks(eager, codes, [10, 25], seed=1)
+    for _ in range(2):
+        streamed, _ = stream_blocks(compiled, codes, [10, 25], seed=1)
+        np.testing.assert_allclose(streamed, reference, atol=5e-3)
+    assert compiled.captured_graphs["first_block_flow"] and compiled.captured_graphs["first_block_vocoder"]
 
 
 @pytest.mark.gpu
 def test_warm_up_captures_every_graph_a_schedule_needs(tiny_checkpoints, codes):
     """After warm_up, streams with any block sizes the schedule and early flushes make, alone or
     batched, replay graphs only (no capture while a listener waits)."""
-    decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", prompt_window=30)
-    decoder.warm_up((10, 20, 40), batch_sizes=(1, 2, 4))
-    shapes = set(decoder.solver.captured_shapes)
-    assert shapes
+    decoder = AudioDecoder.from_pretrained(
+        tiny_checkpoints.decoder, device="cuda", prompt_window=30, graph_batch_sizes=(1, 2, 4)
+    )
+    decoder.warm_up((10, 20, 40))  # every graphed batch size
+    shapes = decoder.captured_graphs
+    assert all(shapes.values())
+    assert {shape[0] for shape in shapes["first_block_flow"]} == {1, 2, 4}
     for sizes in ([10, 20, 40, 40, 40], [10, 16, 26, 13, 40, 11, 40]):
-        streams = [decoder.stream(seed=s) for s in range(3)]
-        start = 0
-        for size in sizes:
-            for result in decoder.feed_many([(s, codes[start : start + size]) for s in streams]):
-                assert not isinstance(result, Exception), result
-            start += size
-    assert set(decoder.solver.captured_shapes) == shapes
+        for count in (1, 3):
+            streams = [decoder.stream(seed=s) for s in range(count)]
+            start = 0
+            for size in sizes:
+                for result in decoder.feed_many([(s, codes[start : start + size]) for s in streams]):
+                    assert not isinstance(result, Exception), result
+                start += size
+    assert decoder.captured_graphs == shapes
 
 
 def test_published_timing_facts_match_what_a_stream_does(decoder, codes):

@@ -58,9 +58,12 @@ from cosyvoice.flow.noise import NoiseSource, NoiseTimeline, OriginalNoise, mix_
 from glm4voice.audio import NUM_MEL_BINS, OUTPUT_SAMPLE_RATE, SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import BlockGeometry, caller_block, commit_block, take_block
 from glm4voice.decoder.codes import DecoderError, resolve_seed, validate_codes
+from glm4voice.decoder.graphs import FirstBlockGraphs
 from glm4voice.decoder.loading import decoder_files, load_modules
 from glm4voice.decoder.options import (
+    DEFAULT_GRAPH_BATCH_SIZES,
     DEFAULT_PROMPT_WINDOW,
+    FIRST_BLOCK_GRAPH_TOKENS,
     HIFT_SEED_STREAM,
     MEL_CACHE_FRAMES,
     N_TIMESTEPS,
@@ -96,7 +99,9 @@ class AudioDecoder:
         cuda_graphs: bool | None = None,
         min_block_tokens: int | None = None,
         seam_crossfade: bool = True,
-        compile_first_blocks: bool = False,
+        compile_first_blocks: bool | str = False,
+        graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
+        graph_first_blocks: bool | None = None,
     ):
         """``dtype``: float32 (exact) or bfloat16/float16 (the flow's estimator in that dtype: faster on
         a GPU, mel within about 1% rms of float32; docs/perf/decoder.md has the figures).
@@ -106,14 +111,20 @@ class AudioDecoder:
         ``seam_crossfade``: cross-fade the two vocodings of the frame at each block seam (the one the
         last block held back and the one the new block starts with); off, the audio equals the
         original's, whose vocoder restarts at each seam without left context.
-        ``compile_first_blocks`` (experimental, CUDA): ``torch.compile`` the estimator for the exact-length
-        graphs of short blocks (fewer, fused kernels for the block that sets the time to first audio),
-        at the price of a long compile at first use (warm up before serving)."""
+        ``graph_batch_sizes``: batch sizes with CUDA graphs; :meth:`feed_many` decodes at most the largest
+        as one batch, a smaller batch runs in the next size up.
+        ``graph_first_blocks``: replay whole first blocks (no prompt yet: the block that sets the time to
+        first audio) as CUDA graphs of the flow and of the vocoder (default: with ``cuda_graphs``).
+        ``compile_first_blocks`` (CUDA): ``torch.compile`` the estimator and the vocoder inside the
+        first-block graphs (True, or a compile mode such as ``"max-autotune-no-cudagraphs"``): fewer,
+        fused kernels, at the price of minutes of compiling at warm-up."""
         self.options = DecoderOptions(
-            dtype, prompt_window, cuda_graphs, min_block_tokens, seam_crossfade, compile_first_blocks
-        )
+            dtype, prompt_window, cuda_graphs, min_block_tokens, seam_crossfade, compile_first_blocks,
+            tuple(graph_batch_sizes), graph_first_blocks,
+        )  # fmt: skip
         self._device = torch.device(device)
         use_graphs = self.options.use_graphs(self._device)
+        first_block_graphs = self.options.use_first_block_graphs(self._device)
         self.flow, self.hift = load_modules(config_path, flow_ckpt_path, hift_ckpt_path, self._device)
         self._num_codes = int(self.flow.vocab_size)
         self._geometry = BlockGeometry(
@@ -127,7 +138,18 @@ class AudioDecoder:
         self._prompt_window = self.options.check_window(prompt_window, self.block_size)
         if dtype != torch.float32:  # the estimator alone; encoder, ODE state and vocoder stay float32
             self.flow.decoder.estimator.to(dtype)
-        self._solver = GraphedEulerSolver(self.flow.decoder, compile_exact=compile_first_blocks)
+        pool = torch.cuda.graph_pool_handle() if use_graphs else None  # one pool for every graph of the decoder
+        # with first-block graphs, the ODE graphs serve the longer blocks only (no compiling there)
+        compile_exact = False if first_block_graphs else self.options.compile_mode or False
+        self._solver = GraphedEulerSolver(
+            self.flow.decoder, compile_exact=compile_exact, batch_sizes=self.options.graph_batch_sizes, pool=pool
+        )
+        first_blocks = None
+        if first_block_graphs:
+            first_blocks = FirstBlockGraphs(
+                self.flow, self.hift, N_TIMESTEPS, self.options.graph_batch_sizes, self.mel_frames(FIRST_BLOCK_GRAPH_TOKENS), pool,
+                self.options.compile_mode,
+            )  # fmt: skip
         self._synth = BlockSynthesizer(
             self.flow,
             self.hift,
@@ -135,6 +157,7 @@ class AudioDecoder:
             self._device,
             self._mel_overlap_len,
             seam_crossfade,
+            first_blocks,
         )
         self._lock = threading.RLock()
         """Serialises model work (the CUDA graphs have static buffers)."""
@@ -216,13 +239,24 @@ class AudioDecoder:
 
     @property
     def max_batch(self) -> int:
-        """Most blocks decoded as one batch by :meth:`feed_many` (the ODE's graphs are captured per batch size)."""
-        return self._solver.max_batch
+        """Most blocks decoded as one batch by :meth:`feed_many` (graphs are captured per batch size)."""
+        return self.options.graph_batch_sizes[-1]
 
     @property
     def graph_batch_sizes(self) -> tuple[int, ...]:
-        """Batch sizes with ODE graphs (a batch runs in the next size up): what :meth:`warm_up` takes."""
-        return self._solver.batch_sizes
+        """Batch sizes with CUDA graphs (a batch runs in the next size up): what :meth:`warm_up` takes."""
+        return self.options.graph_batch_sizes
+
+    @property
+    def captured_graphs(self) -> dict[str, list[tuple]]:
+        """The CUDA graphs captured so far: the ODE's ``(batch, frames, time points, padded)`` and the
+        first-block stages' ``(batch, input shapes...)``."""
+        first = self._synth.first_blocks
+        return {
+            "ode": self._solver.captured_shapes,
+            "first_block_flow": first.flow_graphs.captured_shapes if first else [],
+            "first_block_vocoder": first.vocoder_graphs.captured_shapes if first else [],
+        }
 
     @property
     def solver(self) -> GraphedEulerSolver:
@@ -474,25 +508,51 @@ class AudioDecoder:
         return torch.from_numpy(np.concatenate(pieces)).unsqueeze(0)
 
     # ---- warm-up -----------------------------------------------------------------------------------
-    def warm_up(self, block_sizes: Sequence[int], batch_sizes: Sequence[int] = (1,)) -> float:
-        """Capture, before the first listener, the ODE graphs of every block that streams following
-        ``block_sizes`` (early flushes included) can make, for each batch size of :meth:`feed_many`:
-        the exact-length first block and every padded length up to the prompt window plus the largest
-        block; then decode one throwaway answer (the encoder's and vocoder's kernels). Without it a
-        graph is captured at its first use, while every stream waits. Returns seconds."""
+    def warm_up(
+        self,
+        block_sizes: Sequence[int],
+        batch_sizes: Sequence[int] | None = None,
+        first_block_sizes: Sequence[int] | None = None,
+    ) -> float:
+        """Capture, before the first listener, the CUDA graphs that streams following ``block_sizes``
+        (early flushes included) need, for each of ``batch_sizes`` (default: every graphed size) blocks
+        decoded together by :meth:`feed_many`: the flow and vocoder graphs of first blocks of
+        ``first_block_sizes`` tokens (default: ``block_sizes[0]``; e.g. add the pipeline's first audio
+        run; sizes past ``FIRST_BLOCK_GRAPH_TOKENS`` have no such graphs), the ODE graph of every padded
+        length up to the prompt window plus the largest block; then decode one throwaway answer (the
+        encoder's and vocoder's kernels). Without it a graph is captured at its first use, while every
+        stream waits. Returns seconds."""
         started = time.perf_counter()
-        captured = 0
+        batch_sizes = tuple(self.graph_batch_sizes if batch_sizes is None else batch_sizes)
+        first_sizes = tuple(block_sizes[:1] if first_block_sizes is None else first_block_sizes)
+        first_blocks = self._synth.first_blocks
+        before = sum(len(shapes) for shapes in self.captured_graphs.values())
         if self._synth.solve is self._solver and self._device.type == "cuda":
-            frames = [self.mel_frames(block_sizes[0])]
+            graphed_first = (
+                []
+                if first_blocks is None
+                else [n for n in first_sizes if self.mel_frames(n) <= first_blocks.max_frames]
+            )
+            frames = [self.mel_frames(n) for n in first_sizes if n not in graphed_first]
             if self._prompt_window is not None:
                 bucket = self._solver.bucket_frames
                 longest = self.mel_frames(self._prompt_window + self.block_size + max(block_sizes))
                 frames += list(range(bucket, longest + bucket, bucket))
             channels = self.flow.output_size
             with self._device_context():
-                captured = self._solver.prepare(
-                    batch_sizes, frames, N_TIMESTEPS + 1, channels, channels, channels, self._device
-                )
+                self._solver.prepare(batch_sizes, frames, N_TIMESTEPS + 1, channels, channels, channels, self._device)
+        if first_blocks is not None:
+            for size in first_sizes:
+                if self.mel_frames(size) > first_blocks.max_frames:
+                    continue
+                first = [(7 * k) % self._num_codes for k in range(size)]
+                for batch in batch_sizes:
+                    streams = [self.stream(seed=row) for row in range(min(batch, self.max_batch))]
+                    for result in self.feed_many([(stream, first) for stream in streams]):
+                        if isinstance(result, Exception):
+                            raise result
+                    for stream in streams:
+                        stream.close()
         stream = self.stream(seed=0)
         try:
             offset = 0
@@ -503,7 +563,8 @@ class AudioDecoder:
         finally:
             stream.close()
         seconds = time.perf_counter() - started
-        logger.info("decoder warm-up: %d ODE graphs for batches %s in %.1f s", captured, list(batch_sizes), seconds)
+        captured = sum(len(shapes) for shapes in self.captured_graphs.values()) - before
+        logger.info("decoder warm-up: %d CUDA graphs for batches %s in %.1f s", captured, list(batch_sizes), seconds)
         return seconds
 
     # ---- internals ---------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ One call decodes a batch of blocks of the same :meth:`~glm4voice.decoder.blocks.
   cross-faded with the previous block's version of them (the vocoder computes them without left
   context; without the fade the seam is an audible jump, as in the original).
 
+First blocks (no prompt, nothing carried) may run as CUDA graphs of whole stages
+(:mod:`glm4voice.decoder.graphs`); everything else runs the modules, with the ODE's own graphs when
+``solve`` is a :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver`.
+
 Not thread-safe: the caller (:class:`~glm4voice.decoder.AudioDecoder`) holds its lock and device
 context around every call.
 """
@@ -26,6 +30,7 @@ from torch import nn
 from glm4voice.audio import SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import Block, BlockResult
 from glm4voice.decoder.codes import DecoderError
+from glm4voice.decoder.graphs import FirstBlockGraphs
 from glm4voice.decoder.options import MEL_CACHE_FRAMES, N_TIMESTEPS
 from glm4voice.decoder.state import VocoderCarry
 
@@ -55,8 +60,10 @@ class BlockSynthesizer:
         device: torch.device,
         mel_overlap: int,
         seam_crossfade: bool,
+        first_blocks: FirstBlockGraphs | None = None,
     ):
         self.flow = flow
+        self.first_blocks = first_blocks
         self.hift = hift
         self.solve = solve
         self.device = device
@@ -72,6 +79,16 @@ class BlockSynthesizer:
         mel = self.flow_mel(blocks, embedding)
         return self.vocode(blocks, mel)
 
+    def graphed(self, blocks: Sequence[Block]) -> bool:
+        """Whether these blocks run as first-block graphs."""
+        first, c = blocks[0], blocks[0].carry
+        carried = not (
+            c.mel_overlap is None and c.cache_mel is None and c.cache_source is None and c.cache_speech is None
+        )
+        return self.first_blocks is not None and self.first_blocks.serves(
+            len(blocks), first.prompt_tokens, carried, first.feat_len
+        )
+
     def flow_mel(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> torch.Tensor:
         """The flow's mel (B, 80, frames after the prompt) of the blocks, float32."""
         first = blocks[0]
@@ -79,6 +96,9 @@ class BlockSynthesizer:
         prompt_tokens = first.prompt_tokens
         tokens = torch.cat([b.tokens for b in blocks]).to(self.device)
         embedding = (self.embedding if embedding is None else embedding).expand(batch, -1)
+        if self.first_blocks is not None and self.graphed(blocks):
+            noise = torch.cat([b.noise.to(self.device) for b in blocks])
+            return self.first_blocks.flow_mel(tokens, noise, embedding)
         prompt_mel = torch.cat([b.prompt_mel for b in blocks])
         lengths = torch.full((batch,), tokens.shape[1] - prompt_tokens, dtype=torch.int32, device=self.device)
         return self.flow.inference(
@@ -110,9 +130,9 @@ class BlockSynthesizer:
         )
         cache_source = None if first.carry.cache_source is None else torch.cat([c.cache_source for c in carries])
         generators = [c.generator for c in carries]
-        generator = generators[0] if batch == 1 else generators
+        graphed = self.graphed(blocks)
         if first.finalize:
-            speech, _ = self.hift.inference(vocoder_mel, cache_source, generator)
+            speech, _ = self.vocoder(vocoder_mel, cache_source, generators, graphed)
             speech = self.join_seam(speech, carries)
             for c in carries:
                 c.clear()
@@ -121,7 +141,7 @@ class BlockSynthesizer:
             raise DecoderError(f"a streamed block needs more than {overlap} mel frames; decode more tokens at once")
         held_back = vocoder_mel[:, :, -overlap:]
         vocoder_mel = vocoder_mel[:, :, :-overlap]
-        speech, source = self.hift.inference(vocoder_mel, cache_source, generator)
+        speech, source = self.vocoder(vocoder_mel, cache_source, generators, graphed)
         speech = self.join_seam(speech, carries)
         n = self.cache_samples
         for i, c in enumerate(carries):
@@ -130,6 +150,16 @@ class BlockSynthesizer:
             c.cache_source = source[i : i + 1, :, -n:]
             c.cache_speech = speech[i : i + 1, -n:]
         return [BlockResult(speech[i : i + 1, :-n], mel[i : i + 1, :, :-overlap]) for i in range(batch)]
+
+    def vocoder(
+        self, mel: torch.Tensor, cache_source: torch.Tensor | None, generators: Sequence[torch.Generator], graphed: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HiFT on mel (B, 80, frames) -> (speech (B, samples), source (B, 1, samples)), one generator per row."""
+        if graphed and self.first_blocks is not None:
+            randomness = self.hift.draw_randomness(len(generators), mel.shape[2], list(generators), self.device)
+            return self.first_blocks.vocode(mel, *randomness)
+        generator = generators[0] if len(generators) == 1 else list(generators)
+        return self.hift.inference(mel, cache_source, generator)
 
     def join_seam(self, speech: torch.Tensor, carries: Sequence[VocoderCarry]) -> torch.Tensor:
         """Cross-fade the start of each row's audio (the carried frame) with the last block's version of it."""
@@ -144,7 +174,7 @@ class BlockSynthesizer:
     def flush(self, carry: VocoderCarry) -> torch.Tensor:
         """Vocode the held-back overlap after the last block (the stream ended on a block boundary)."""
         mel = carry.mel_overlap if carry.cache_mel is None else torch.cat([carry.cache_mel, carry.mel_overlap], dim=2)
-        speech, _ = self.hift.inference(mel, carry.cache_source, carry.generator)
+        speech, _ = self.vocoder(mel, carry.cache_source, [carry.generator], graphed=False)
         speech = self.join_seam(speech, [carry])
         carry.clear()
         return speech
