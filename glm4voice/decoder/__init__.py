@@ -3,8 +3,9 @@
 Modules, one job each: :mod:`~glm4voice.decoder.codes` (input checks), :mod:`~glm4voice.decoder.options`
 (constants and options), :mod:`~glm4voice.decoder.state` (per-stream state as plain data),
 :mod:`~glm4voice.decoder.blocks` (block bookkeeping), :mod:`~glm4voice.decoder.synthesis` (the model
-work on a batch of blocks), :mod:`~glm4voice.decoder.loading` (the checkpoint folder),
-:mod:`~glm4voice.decoder.original` (the original's per-uuid ``token2wav`` table),
+work on a batch of blocks), :mod:`~glm4voice.decoder.graphs` (whole first blocks as CUDA graphs),
+:mod:`~glm4voice.decoder.loading` (the checkpoint folder), :mod:`~glm4voice.decoder.original` (the
+original's per-uuid ``token2wav`` table),
 :mod:`~glm4voice.decoder.decoder` (:class:`AudioDecoder`, which owns the states and every decode path)
 and :mod:`~glm4voice.decoder.stream` (:class:`DecoderStream`, a handle on one stream).
 """

@@ -18,13 +18,14 @@ def validate_codes(codes: Sequence[int] | np.ndarray | torch.Tensor, num_codes: 
     if isinstance(codes, torch.Tensor):
         codes = codes.detach().cpu().numpy()
     if isinstance(codes, np.ndarray):
-        if codes.ndim == 2 and codes.shape[0] == 1:
-            codes = codes[0]
-        if codes.ndim != 1:
-            raise DecoderError(f"audio codes must be one sequence, got an array of shape {codes.shape}")
-        if codes.size and not np.issubdtype(codes.dtype, np.integer):
-            raise DecoderError(f"audio codes must be integers, got dtype {codes.dtype}")
-        values = codes.tolist()
+        array: np.ndarray = codes
+        if array.ndim == 2 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 1:
+            raise DecoderError(f"audio codes must be one sequence, got an array of shape {array.shape}")
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise DecoderError(f"audio codes must be integers, got dtype {array.dtype}")
+        values = array.tolist()
     else:
         if isinstance(codes, (str, bytes)):
             raise DecoderError("audio codes must be a sequence of integers, not a string")

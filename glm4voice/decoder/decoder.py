@@ -138,7 +138,7 @@ class AudioDecoder:
         self._prompt_window = self.options.check_window(prompt_window, self.block_size)
         if dtype != torch.float32:  # the estimator alone; encoder, ODE state and vocoder stay float32
             self.flow.decoder.estimator.to(dtype)
-        pool = torch.cuda.graph_pool_handle() if use_graphs else None  # one pool for every graph of the decoder
+        pool = torch.cuda.graph_pool_handle() if use_graphs else None  # one memory pool for all the decoder's graphs
         # with first-block graphs, the ODE graphs serve the longer blocks only (no compiling there)
         compile_exact = False if first_block_graphs else self.options.compile_mode or False
         self._solver = GraphedEulerSolver(
@@ -165,10 +165,8 @@ class AudioDecoder:
         """Guards the ``busy`` flags of the states and the uuid table of :meth:`token2wav`."""
         self._uuids = UuidStates()
         self._cuda_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
-        if self._cuda_stream is not None:
-            torch.cuda.synchronize(
-                self._device
-            )  # weights and constants are ready before the decoder's stream reads them
+        if self._cuda_stream is not None:  # weights and constants are ready before the decoder's stream reads them
+            torch.cuda.synchronize(self._device)
 
     @classmethod
     def from_pretrained(
@@ -465,10 +463,9 @@ class AudioDecoder:
         if keyed and not isinstance(uuid, Hashable):
             raise TypeError(f"uuid must be hashable (a string, say), got {type(uuid).__name__}")
         with self._claims:
-            if keyed:
-                state = self._uuids.open(uuid, lambda: self._token2wav_state(seed))
-            else:
-                state = uuid
+            state = (
+                uuid if isinstance(uuid, StreamState) else self._uuids.open(uuid, lambda: self._token2wav_state(seed))
+            )
             self._mark_busy(state)
         try:
             if state.finished:
@@ -495,7 +492,7 @@ class AudioDecoder:
 
     def offline_inference(self, token: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """The original's one-shot decode: (1, n) codes -> (1, samples) float32 CPU tensor."""
-        return torch.from_numpy(self.decode(torch.as_tensor(token).reshape(-1), seed=seed)).unsqueeze(0)
+        return torch.from_numpy(self.decode(torch.as_tensor(token).reshape(-1).tolist(), seed=seed)).unsqueeze(0)
 
     def stream_inference(self, token: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """The original's streaming self-test: blocks of ``block_size`` tokens -> (1, samples) CPU tensor."""

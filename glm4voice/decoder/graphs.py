@@ -65,7 +65,7 @@ def cuda_capture(
             fn(*static)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # other threads may use CUDA meanwhile
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # type: ignore[arg-type]  # other threads may use CUDA meanwhile
         outputs = fn(*static)
     return graph.replay, tuple(outputs)  # the bound method keeps the graph alive
 
@@ -89,8 +89,8 @@ class GraphedFunction:
     ):
         self.name = name
         self.capture = capture
-        self.candidates = list(fn) if isinstance(fn, (list, tuple)) else [fn]
-        self.eager = eager or self.candidates[-1]
+        self.candidates: list[Callable[..., Tensors]] = list(fn) if isinstance(fn, (list, tuple)) else [fn]  # type: ignore[list-item]
+        self.eager: Callable[..., Tensors] = eager or self.candidates[-1]
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self._pool = pool
         self._graphs: dict[tuple, _Captured] = {}

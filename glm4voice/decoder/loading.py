@@ -19,7 +19,7 @@ HIFT_FILE = "hift.pt"
 
 def decoder_files(folder_or_hub_id: str | os.PathLike) -> tuple[Path, Path, Path]:
     """(config.yaml, flow.pt, hift.pt) of a local folder or hub id (fetched if needed)."""
-    folder = resolve_checkpoint(folder_or_hub_id, allow_patterns=[CONFIG_FILE, FLOW_FILE, HIFT_FILE])
+    folder = resolve_checkpoint(os.fspath(folder_or_hub_id), allow_patterns=[CONFIG_FILE, FLOW_FILE, HIFT_FILE])
     return folder / CONFIG_FILE, folder / FLOW_FILE, folder / HIFT_FILE
 
 
@@ -32,7 +32,7 @@ def load_modules(
     """(flow, hift) built from config.yaml (on the meta device, so no memory is spent on random
     weights), their checkpoints assigned strictly, moved to ``device`` in eval mode."""
     with torch.device("meta"):
-        config = load_decoder_config(config_path)
+        config = load_decoder_config(Path(config_path))
     flow, hift = config["flow"], config["hift"]
     load_strict(flow, flow_ckpt_path, "flow")
     load_strict(hift, hift_ckpt_path, "hift")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +41,7 @@ class DecoderOptions:
     min_block_tokens: int | None = None
     seam_crossfade: bool = True
     compile_first_blocks: bool | str = False
-    graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES
+    graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_BATCH_SIZES
     graph_first_blocks: bool | None = None
 
     def __post_init__(self) -> None:
