@@ -106,11 +106,11 @@ def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
     speech_tokenizer = SpeechTokenizer.from_pretrained(args.tokenizer_path, device=device)
     dtype = decoder_dtype(args.decoder_dtype, device)
     decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=dtype)
-    if decoder.device.type == "cuda":  # every block shape's CUDA graph now, not while a listener waits
-        decoder.warm_up(block_sizes, batch_sizes=decoder.graph_batch_sizes)  # ~1 min
     client = AsyncTokenClient(args.server_url)
-    logger.info("models loaded on %s in %.1f s", device, time.perf_counter() - started)
     chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config, server_url=args.server_url)
+    if decoder.device.type == "cuda":  # every block shape's CUDA graph now, not while a listener waits
+        decoder.warm_up(block_sizes, first_block_sizes=chat.first_block_sizes)
+    logger.info("models loaded on %s in %.1f s", device, time.perf_counter() - started)
     return chat, client
 
 

@@ -12,7 +12,7 @@ import torch
 
 from cosyvoice.flow.noise import NoiseTimeline, mix_seed
 from flow_inference import HIFT_SEED_STREAM, AudioDecoder, DecoderError
-from glm4voice.audio import MEL_HOP_LENGTH, OUTPUT_SAMPLE_RATE
+from glm4voice.audio import MEL_HOP_LENGTH, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE
 
 SEAM_LIMIT = 3.0
 """Largest allowed seam score: prediction error at/after a seam over the signal's 99th percentile."""
@@ -21,6 +21,12 @@ SEAM_LIMIT = 3.0
 @pytest.fixture(scope="module")
 def decoder(tiny_checkpoints) -> AudioDecoder:
     return AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def plain_decoder(tiny_checkpoints) -> AudioDecoder:
+    """The same decoder without the seam cross-fade (the original's seams)."""
+    return AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", seam_crossfade=False)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +94,10 @@ def test_offline_and_streaming_have_the_same_length(decoder, codes):
         assert np.isfinite(streamed).all() and np.abs(streamed).max() <= 0.99 + 1e-6
     # the original's entry points
     assert torch.equal(decoder.offline_inference(torch.tensor([codes]), seed=1)[0], torch.from_numpy(offline))
-    assert decoder.stream_inference(torch.tensor([codes[:40]]), seed=1).shape == (1, decoder.mel_frames(40) * MEL_HOP_LENGTH)
+    assert decoder.stream_inference(torch.tensor([codes[:40]]), seed=1).shape == (
+        1,
+        decoder.mel_frames(40) * MEL_HOP_LENGTH,
+    )
 
 
 def _reference_stream(decoder: AudioDecoder, codes: list[int], blocks: list[int], seed: int) -> np.ndarray:
@@ -123,15 +132,13 @@ def _reference_stream(decoder: AudioDecoder, codes: list[int], blocks: list[int]
     return torch.cat(out, dim=1)[0].numpy()
 
 
-def test_unbounded_stream_is_the_original_algorithm(decoder, codes):
+def test_unbounded_stream_is_the_original_algorithm(decoder, plain_decoder, codes):
     blocks = [10, 25, 20, 5]  # the last block stays pending until finish(), like the original's final call
-    original = AudioDecoder.__new__(AudioDecoder)
-    original.__dict__.update(decoder.__dict__, seam_crossfade=False)
-    streamed, _ = stream_blocks(original, codes[:60], blocks, seed=4, prompt_window=None)
+    streamed, _ = stream_blocks(plain_decoder, codes[:60], blocks, seed=4, prompt_window=None)
     np.testing.assert_allclose(streamed, _reference_stream(decoder, codes[:60], blocks, seed=4), atol=2e-5)
 
 
-def test_streaming_has_no_seams(decoder, codes):
+def test_streaming_has_no_seams(decoder, plain_decoder, codes):
     blocks = [10, 20, 30, 30]
     streamed, seams = stream_blocks(decoder, codes, blocks, seed=3)
     scores = seam_scores(streamed, seams)
@@ -144,9 +151,7 @@ def test_streaming_has_no_seams(decoder, codes):
     naive_scores = seam_scores(np.concatenate(parts), list(np.cumsum([len(p) for p in parts])[:-1]))
     assert naive_scores.min() > SEAM_LIMIT, naive_scores
     # ... and in the original's scheme, whose vocoder restarts at each seam without left context
-    original = AudioDecoder.__new__(AudioDecoder)
-    original.__dict__.update(decoder.__dict__, seam_crossfade=False)
-    original_scores = seam_scores(*stream_blocks(original, codes, blocks, seed=3))
+    original_scores = seam_scores(*stream_blocks(plain_decoder, codes, blocks, seed=3))
     assert original_scores.max() > SEAM_LIMIT, original_scores
 
 
@@ -205,7 +210,9 @@ def test_small_blocks_and_the_tail(decoder, codes):
     stream = decoder.stream(seed=0)
     first, second = stream.feed(codes[:10]), stream.feed(codes[10:20])
     tail = stream.finish()
-    assert first.size and second.size and tail.size == (decoder.mel_frames(20) * MEL_HOP_LENGTH - first.size - second.size)
+    assert (
+        first.size and second.size and tail.size == (decoder.mel_frames(20) * MEL_HOP_LENGTH - first.size - second.size)
+    )
     assert tail.size >= decoder.mel_overlap_len * MEL_HOP_LENGTH
     assert decoder.stream(seed=0).finish().size == 0  # nothing fed, nothing to say
 
@@ -213,7 +220,12 @@ def test_small_blocks_and_the_tail(decoder, codes):
 def test_bad_input_gets_clear_errors(decoder):
     with pytest.raises(DecoderError, match="no audio codes"):
         decoder.decode([])
-    for bad, message in ((decoder.num_codes, "out of range"), (-1, "out of range"), (1.5, "integers"), (True, "integers")):
+    for bad, message in (
+        (decoder.num_codes, "out of range"),
+        (-1, "out of range"),
+        (1.5, "integers"),
+        (True, "integers"),
+    ):
         with pytest.raises(DecoderError, match=message):
             decoder.decode([1, 2, bad])
     with pytest.raises(DecoderError, match="integers"):
@@ -230,19 +242,8 @@ def test_bad_input_gets_clear_errors(decoder):
         decoder.stream(prompt_window=5)
     with pytest.raises(ValueError, match="seed"):
         decoder.stream(seed=-1)
-    with pytest.raises(TypeError, match="new_state"):
-        decoder.token2wav(torch.tensor([[1, 2, 3]]), "some-uuid")
-
-
-def test_token2wav_keeps_the_original_block_api(decoder, codes):
-    state = decoder.new_state(seed=0)
-    speech, mel = decoder.token2wav(torch.tensor([codes[:10]]), state)
-    assert speech.shape == (1, (68 - 34) * 256 - 256) and mel.shape == (1, 80, 68 - 34)
-    speech2, mel2 = decoder.token2wav(
-        torch.tensor([codes[10:25]]), state, prompt_token=torch.tensor([codes[:10]]), prompt_feat=mel.transpose(1, 2), finalize=True
-    )
-    assert mel2.shape == (1, 80, decoder.mel_frames(25) - 34) and speech2.shape == (1, (mel2.shape[2] + 1) * 256)
-    assert state.mel_overlap is None and state.cache_mel is None
+    with pytest.raises(TypeError, match="DecoderStream"):
+        decoder.feed("not a stream", [1] * 10)
 
 
 def test_streams_from_threads(decoder, codes):
@@ -263,10 +264,45 @@ def test_streams_from_threads(decoder, codes):
     assert not errors
     for seed in (1, 2):
         np.testing.assert_array_equal(results[seed], expected[seed])
+
+
+def test_one_stream_used_from_two_threads_is_refused(decoder, codes, monkeypatch):
+    """While one thread decodes a stream's block, a second call on that stream fails at once with a
+    clear RuntimeError (it does not wait, and does not disturb the first); the first call completes."""
+    inside, leave = threading.Event(), threading.Event()
+    vocode = decoder.hift.inference
+
+    def held(*args, **kwargs):
+        inside.set()
+        assert leave.wait(120), "the test never let the first call finish"
+        return vocode(*args, **kwargs)
+
+    monkeypatch.setattr(decoder.hift, "inference", held)
     stream = decoder.stream(seed=0)
-    stream._busy.acquire()  # another thread is inside feed()
-    with pytest.raises(RuntimeError, match="two threads"):
-        stream.feed(codes[:10])
+    first: list = []
+    worker = threading.Thread(target=lambda: first.append(stream.feed(codes[:10])))
+    worker.start()
+    try:
+        assert inside.wait(120)
+        for call in (
+            lambda: stream.feed(codes[10:20]),
+            stream.finish,
+            lambda: decoder.feed_many([(stream, codes[10:20])])[0],
+        ):
+            with pytest.raises(RuntimeError, match="two threads"):
+                result = call()
+                if isinstance(result, Exception):
+                    raise result
+    finally:
+        leave.set()
+        worker.join(120)
+    monkeypatch.undo()
+    assert len(first) == 1 and first[0].size and stream.pending_tokens == 0 and not stream.finished
+    assert stream.feed(codes[10:20]).size  # free again once the first call returned
+    # one stream twice in one feed_many call: the second job is refused, the first decoded
+    twice = decoder.stream(seed=1)
+    results = decoder.feed_many([(twice, codes[:10]), (twice, codes[10:20])])
+    assert results[0].size and isinstance(results[1], RuntimeError)
 
 
 def test_feed_many_batches_streams_without_changing_them(decoder, codes):
@@ -290,42 +326,93 @@ def test_feed_many_batches_streams_without_changing_them(decoder, codes):
     # one stream's bad codes or finished state is that job's error only; a short job waits for more codes
     good, finished, short = decoder.stream(seed=1), decoder.stream(seed=2), decoder.stream(seed=3)
     finished.finish()
-    results = decoder.feed_many([(good, codes[:10]), (finished, codes[:10]), (good_twin := decoder.stream(seed=1), [99999]), (short, codes[:3])])
+    results = decoder.feed_many(
+        [(good, codes[:10]), (finished, codes[:10]), (good_twin := decoder.stream(seed=1), [99999]), (short, codes[:3])]
+    )
     assert results[0].size and results[3].size == 0 and short.pending_tokens == 3
     assert isinstance(results[1], DecoderError) and "finished" in str(results[1])
     assert isinstance(results[2], DecoderError) and "out of range" in str(results[2])
     np.testing.assert_array_equal(results[0], decoder.stream(seed=1).feed(codes[:10]))
-    assert good_twin.pending_tokens == 0 and not good._busy.locked()
+    assert good_twin.pending_tokens == 0 and not good.state.busy
 
 
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
-    graphs = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=True)
+    """Every graphed path equals eager mode: whole first blocks (default), the ODE alone for them, every
+    length padded to a bucket; streamed, batched and offline."""
     eager = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=False)
-    padded = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=True)
-    padded._solver.exact_frames = 0  # every length padded to a bucket
+    graphs = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda")
+    ode_only = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_first_blocks=False)
+    padded = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_first_blocks=False)
+    padded.solver.exact_frames = 0  # every length padded to a bucket
+    assert eager.captured_graphs == {"ode": [], "first_block_flow": [], "first_block_vocoder": []}
     reference, _ = stream_blocks(eager, codes, [10, 25, 55], seed=1)
-    for decoder in (graphs, padded):
+    for decoder in (graphs, ode_only, padded):
         for _ in range(2):  # capture, then replay
             streamed, _ = stream_blocks(decoder, codes, [10, 25, 55], seed=1)
             np.testing.assert_allclose(streamed, reference, atol=5e-3)  # TF32 convolutions, other kernels
-    assert graphs._solver.captured_shapes and padded._solver.captured_shapes
+    assert graphs.captured_graphs["first_block_flow"] and graphs.captured_graphs["first_block_vocoder"]
+    assert graphs.captured_graphs["ode"] and all(padded for *_, padded in graphs.captured_graphs["ode"])
+    assert not ode_only.captured_graphs["first_block_flow"] and (1, 68, 11, False) in ode_only.captured_graphs["ode"]
+    assert all(padded for *_, padded in padded.captured_graphs["ode"])
     np.testing.assert_allclose(graphs.decode(codes, seed=2), eager.decode(codes, seed=2), atol=5e-3)
+    np.testing.assert_allclose(
+        graphs.decode(codes[:8], seed=2), eager.decode(codes[:8], seed=2), atol=5e-3
+    )  # a graphed final first block
+    # first blocks of three streams in one batch (the graph of 4 rows) equal each stream alone, eagerly
+    streams = [graphs.stream(seed=s) for s in (3, 4, 5)]
+    batched = graphs.feed_many([(stream, codes[:10]) for stream in streams])
+    for seed, pcm in zip((3, 4, 5), batched):
+        np.testing.assert_allclose(pcm, eager.stream(seed=seed).feed(codes[:10]), atol=5e-3)
+    assert any(shape[0] == 4 for shape in graphs.captured_graphs["first_block_flow"])
+
+
+@pytest.mark.gpu
+def test_compiled_first_block_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
+    """torch.compile'd estimator and vocoder inside the first-block graphs (compiles: a minute or two)."""
+    eager = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=False)
+    compiled = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", compile_first_blocks=True)
+    reference, _ = stream_blocks(eager, codes, [10, 25], seed=1)
+    for _ in range(2):
+        streamed, _ = stream_blocks(compiled, codes, [10, 25], seed=1)
+        np.testing.assert_allclose(streamed, reference, atol=5e-3)
+    assert compiled.captured_graphs["first_block_flow"] and compiled.captured_graphs["first_block_vocoder"]
 
 
 @pytest.mark.gpu
 def test_warm_up_captures_every_graph_a_schedule_needs(tiny_checkpoints, codes):
     """After warm_up, streams with any block sizes the schedule and early flushes make, alone or
     batched, replay graphs only (no capture while a listener waits)."""
-    decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", prompt_window=30)
-    decoder.warm_up((10, 20, 40), batch_sizes=(1, 2, 4))
-    shapes = set(decoder._solver.captured_shapes)
-    assert shapes
+    decoder = AudioDecoder.from_pretrained(
+        tiny_checkpoints.decoder, device="cuda", prompt_window=30, graph_batch_sizes=(1, 2, 4)
+    )
+    decoder.warm_up((10, 20, 40))  # every graphed batch size
+    shapes = decoder.captured_graphs
+    assert all(shapes.values())
+    assert {shape[0] for shape in shapes["first_block_flow"]} == {1, 2, 4}
     for sizes in ([10, 20, 40, 40, 40], [10, 16, 26, 13, 40, 11, 40]):
-        streams = [decoder.stream(seed=s) for s in range(3)]
-        start = 0
-        for size in sizes:
-            for result in decoder.feed_many([(s, codes[start : start + size]) for s in streams]):
-                assert not isinstance(result, Exception), result
-            start += size
-    assert set(decoder._solver.captured_shapes) == shapes
+        for count in (1, 3):
+            streams = [decoder.stream(seed=s) for s in range(count)]
+            start = 0
+            for size in sizes:
+                for result in decoder.feed_many([(s, codes[start : start + size]) for s in streams]):
+                    assert not isinstance(result, Exception), result
+                start += size
+    assert decoder.captured_graphs == shapes
+
+
+def test_published_timing_facts_match_what_a_stream_does(decoder, codes):
+    """``hold_back_s`` and ``min_block_tokens`` (read by the pipeline's pacing) describe the stream."""
+    assert decoder.min_block_tokens == decoder.block_size == 10
+    stream = decoder.stream(seed=0)
+    assert stream.feed(codes[: decoder.min_block_tokens - 1]).size == 0
+    emitted = stream.feed(codes[decoder.min_block_tokens - 1 : 40]).size
+    fed_s = 40 / SPEECH_TOKEN_RATE
+    held_s = fed_s - emitted / decoder.sample_rate
+    # what is held back: the hold-back, plus less than one frame lost to the flow's rounding down
+    assert decoder.hold_back_s <= held_s < decoder.hold_back_s + MEL_HOP_LENGTH / decoder.sample_rate
+    assert decoder.hold_back_s == pytest.approx((34 + 1) * 256 / 22050)
+    assert stream.finish().size / decoder.sample_rate == pytest.approx(held_s, abs=MEL_HOP_LENGTH / decoder.sample_rate)
+    for name in ("hold_back_s", "min_block_tokens", "max_batch", "graph_batch_sizes", "sample_rate", "device"):
+        with pytest.raises(AttributeError):
+            setattr(decoder, name, getattr(decoder, name))

@@ -1,5 +1,6 @@
-"""The whole Euler solve (10 steps x batched guidance = 20 estimator passes, ~10k small kernels) as one
-CUDA graph replay: the estimator is launch-bound, so this is where the decoder's time goes.
+"""The whole Euler solve (10 steps x batched guidance = 20 estimator passes of about a thousand small
+kernels each) as one CUDA graph replay: the estimator is launch-bound, so this is where the decoder's
+time goes.
 
 Graphs have fixed shapes. A batch of B sequences (several streams' blocks of the same length) runs in
 the graph of the smallest captured batch size >= B, the extra rows zero (rows are independent: per-row
@@ -8,8 +9,13 @@ get a graph of their own exact length. Longer ones are padded up to a multiple o
 the estimator runs in its ``padded=True`` mode, in which padding is invisible to the valid frames (no
 attention to padded keys, GroupNorm statistics over valid frames only; a few more kernels), so a
 replay gives the eager result of the unpadded input up to float rounding. One graph per (batch,
-length, steps) is captured on first use; all share one memory pool. Not thread-safe: the caller serialises replays
-(``flow_inference.AudioDecoder`` holds a lock around all GPU work).
+length, steps) is captured on first use; all share one memory pool (which may be shared with other
+graphs: every replay's output is copied out before anything else replays). Not thread-safe: the caller
+serialises replays (the decoder holds a lock around all GPU work).
+
+Memory: the graphs of one batch size share their static input and output buffers (views of one
+arena sized for the longest length captured), so a graph costs little beyond the pool, whose size is
+the working set of the largest solve.
 """
 
 from __future__ import annotations
@@ -29,10 +35,30 @@ DEFAULT_EXACT_FRAMES = 72
 the time to first audio); every longer block is padded to a bucket, so a bounded set of graphs covers
 every block a schedule can make (``prepare`` captures them before the first listener)."""
 DEFAULT_MAX_FRAMES = 8192
-DEFAULT_BATCH_SIZES = (1, 4, 16)
-"""Few sizes keep the graphs to capture at warm-up few (~2 s each for the published size); a batch
-runs in the next size up (the extra rows cost little: the ODE is launch-bound at these sizes)."""
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+"""A batch runs in the next size up: the extra rows cost little while the ODE is launch-bound (small
+batches), and powers of two keep the padding below half for the large, compute-bound ones; each size
+adds its graphs to capture at warm-up."""
 WARMUP_RUNS = 2
+
+
+class _Arena:
+    """Static buffers of one batch size: each named buffer is a flat tensor, grown to the largest
+    (channels x frames) asked for; a graph's buffers are contiguous views of its first elements, so
+    graphs of one batch size share them (replays never overlap)."""
+
+    def __init__(self, rows: int, device):
+        self.rows = rows
+        self.device = device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def view(self, name: str, channels: int, frames: int) -> torch.Tensor:
+        size = self.rows * channels * frames
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < size:
+            flat = torch.zeros(size, device=self.device)  # earlier graphs keep the old buffer through their views
+            self._flat[name] = flat
+        return flat[:size].view(self.rows, channels, frames)
 
 
 @dataclass
@@ -62,12 +88,14 @@ class GraphedEulerSolver:
         bucket_frames: int = DEFAULT_BUCKET_FRAMES,
         max_frames: int = DEFAULT_MAX_FRAMES,
         exact_frames: int = DEFAULT_EXACT_FRAMES,
-        compile_exact: bool = False,
+        compile_exact: bool | str = False,
         batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+        pool=None,
     ):
         """``compile_exact``: run the estimator of exact-length graphs (short first blocks, where the
-        ~1000 kernels per pass dominate) through ``torch.compile`` (fewer, fused kernels; each new
-        length compiles once, which takes a while: warm up before serving)."""
+        kernel count dominates) through ``torch.compile`` (fewer, fused kernels; each new length compiles
+        once, which takes a while: warm up before serving); a string is the compile mode.
+        ``pool``: a CUDA graph memory pool to share (default: one of its own)."""
         if bucket_frames <= 0 or bucket_frames % 2:
             raise ValueError("bucket_frames must be a positive even number (the U-Net halves the length)")
         self.cfm = cfm
@@ -78,7 +106,8 @@ class GraphedEulerSolver:
             raise ValueError(f"batch_sizes must be positive, got {batch_sizes}")
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self._graphs: dict[tuple[int, int, int, bool], _Captured] = {}
-        self._pool = None
+        self._arenas: dict[int, _Arena] = {}
+        self._pool = pool
         self.compile_exact = compile_exact
         self._compiled = None
 
@@ -109,7 +138,7 @@ class GraphedEulerSolver:
         """Capture now the graphs that calls of these batch sizes and lengths (unmasked) will use, so
         that no listener waits for a capture; returns how many were captured."""
         keys = {self._key(b, f, steps, False) for b in batch_sizes for f in frame_lengths} - {None}
-        new = sorted(keys - set(self._graphs))
+        new = sorted(keys - set(self._graphs), key=lambda key: (key[0], -key[1]))  # longest first: one arena each
         for key in new:
             self._graphs[key] = self._capture(key, channels, spk_channels, cond_channels, device)
         return len(new)
@@ -141,12 +170,22 @@ class GraphedEulerSolver:
         captured.graph.replay()
         return captured.out[:batch, :, :frames].clone()
 
-    def _capture(self, key: tuple[int, int, int, bool], channels: int, spk_channels: int, cond_channels: int, device) -> _Captured:
+    def _capture(
+        self, key: tuple[int, int, int, bool], channels: int, spk_channels: int, cond_channels: int, device
+    ) -> _Captured:
         batch, frames, steps, padded = key
-        logger.info("capturing the flow ODE as a CUDA graph: batch %d, %d frames, %d time points, padded %s", batch, frames, steps, padded)
-        z = torch.zeros(batch, channels, frames, device=device)
-        mu = torch.zeros_like(z)
-        cond = torch.zeros(batch, cond_channels, frames, device=device)
+        logger.info(
+            "capturing the flow ODE as a CUDA graph: batch %d, %d frames, %d time points, padded %s",
+            batch,
+            frames,
+            steps,
+            padded,
+        )
+        arena = self._arenas.setdefault(batch, _Arena(batch, device))
+        z = arena.view("z", channels, frames).zero_()
+        mu = arena.view("mu", channels, frames).zero_()
+        cond = arena.view("cond", cond_channels, frames).zero_()
+        out = arena.view("out", channels, frames)
         mask = torch.ones(batch, 1, frames, device=device) if padded else None
         spks = torch.zeros(batch, spk_channels, device=device)
         t_span = self.cfm.time_span(steps - 1, device=device)
@@ -155,11 +194,15 @@ class GraphedEulerSolver:
         if self.compile_exact and not padded:
             if self._compiled is None:
                 self.cfm.solve(z, mu, mask, spks, cond, t_span, time_conds=time_conds)  # fills weight caches eagerly
-                self._compiled = torch.compile(self.cfm.estimator, dynamic=False)
+                mode = self.compile_exact if isinstance(self.compile_exact, str) else None
+                self._compiled = torch.compile(self.cfm.estimator, dynamic=False, mode=mode)
             estimator = self._compiled
 
         def run() -> torch.Tensor:
-            return self.cfm.solve(z, mu, mask, spks, cond, t_span, padded=padded, time_conds=time_conds, estimator=estimator)
+            x = self.cfm.solve(
+                z, mu, mask, spks, cond, t_span, padded=padded, time_conds=time_conds, estimator=estimator
+            )
+            return out.copy_(x)  # into the arena: the pool keeps nothing of this graph alive
 
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -170,6 +213,6 @@ class GraphedEulerSolver:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = run()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            run()
         return _Captured(graph, z, mu, mask, spks, cond, t_span, time_conds, out)

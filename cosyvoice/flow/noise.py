@@ -35,6 +35,10 @@ class NoiseSource(Protocol):
         """Noise (1, channels, end - start) for absolute mel frames [start, end)."""
         ...
 
+    def forget_before(self, frame: int) -> None:
+        """Frames before ``frame`` will not be asked for again (drop what is cached for them)."""
+        ...
+
 
 class NoiseTimeline:
     def __init__(self, seed: int, channels: int = 80, chunk_frames: int = NOISE_CHUNK_FRAMES):

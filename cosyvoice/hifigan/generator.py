@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.hifigan.source import SourceModuleHnNSF
+from cosyvoice.hifigan.source import Generator, SourceModuleHnNSF
 from cosyvoice.hifigan.weight_norm import checkpoint_key_shapes, checkpoint_state_dict, weight_normed
 
 SNAKE_EPS = 1e-9
@@ -30,10 +30,25 @@ def get_padding(kernel_size: int, dilation: int = 1) -> int:
     return int((kernel_size * dilation - dilation) / 2)
 
 
+def istft(spec: torch.Tensor, n_fft: int, hop: int, window: torch.Tensor) -> torch.Tensor:
+    """``torch.istft(spec, n_fft, hop, n_fft, window)`` (centred, one-sided) without its host-side check
+    of the window's overlap-add (a device-to-host sync that a CUDA graph cannot capture): the same
+    operations in the same order, so the same bits. spec (B, n_fft/2+1, frames) complex -> (B, samples)."""
+    frames = torch.fft.irfft(spec.transpose(1, 2), n=n_fft, dim=-1) * window.view(1, 1, n_fft)  # (B, T, n_fft)
+    batch, count = frames.shape[:2]
+    length = n_fft + hop * (count - 1)
+    y = torch.ops.aten.unfold_backward(frames, [batch, length], 1, n_fft, hop)  # overlap-add
+    envelope = torch.ops.aten.unfold_backward(window.pow(2).expand(1, count, n_fft), [1, length], 1, n_fft, hop)
+    half = n_fft // 2
+    return y[:, half:-half] / envelope[:, half:-half]
+
+
 class Snake(nn.Module):
     """x + sin²(αx)/α with one α per channel (linear scale, key ``alpha``)."""
 
-    def __init__(self, in_features: int, alpha: float = 1.0, alpha_trainable: bool = True, alpha_logscale: bool = False):
+    def __init__(
+        self, in_features: int, alpha: float = 1.0, alpha_trainable: bool = True, alpha_logscale: bool = False
+    ):
         super().__init__()
         del alpha_trainable
         self.alpha_logscale = alpha_logscale
@@ -62,11 +77,15 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int = 512, kernel_size: int = 3, dilations: Sequence[int] = (1, 3, 5)):
         super().__init__()
         self.convs1 = nn.ModuleList(
-            weight_normed(nn.Conv1d(channels, channels, kernel_size, 1, dilation=d, padding=get_padding(kernel_size, d)))
+            weight_normed(
+                nn.Conv1d(channels, channels, kernel_size, 1, dilation=d, padding=get_padding(kernel_size, d))
+            )
             for d in dilations
         )
         self.convs2 = nn.ModuleList(
-            weight_normed(nn.Conv1d(channels, channels, kernel_size, 1, dilation=1, padding=get_padding(kernel_size, 1)))
+            weight_normed(
+                nn.Conv1d(channels, channels, kernel_size, 1, dilation=1, padding=get_padding(kernel_size, 1))
+            )
             for _ in dilations
         )
         self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
@@ -126,7 +145,9 @@ class HiFTGenerator(nn.Module):
         )
         self.conv_pre = weight_normed(nn.Conv1d(in_channels, base_channels, 7, 1, padding=3))
         self.ups = nn.ModuleList(
-            weight_normed(nn.ConvTranspose1d(base_channels // 2**i, base_channels // 2 ** (i + 1), k, u, padding=(k - u) // 2))
+            weight_normed(
+                nn.ConvTranspose1d(base_channels // 2**i, base_channels // 2 ** (i + 1), k, u, padding=(k - u) // 2)
+            )
             for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes))
         )
         spec_channels = self.n_fft + 2
@@ -136,7 +157,11 @@ class HiFTGenerator(nn.Module):
         for i, (u, k, d) in enumerate(zip(down_rates, source_resblock_kernel_sizes, source_resblock_dilation_sizes)):
             width = base_channels // 2 ** (i + 1)
             u = int(u)
-            down = nn.Conv1d(spec_channels, width, 1, 1) if u == 1 else nn.Conv1d(spec_channels, width, u * 2, u, padding=u // 2)
+            down = (
+                nn.Conv1d(spec_channels, width, 1, 1)
+                if u == 1
+                else nn.Conv1d(spec_channels, width, u * 2, u, padding=u // 2)
+            )
             self.source_downs.append(down)
             self.source_resblocks.append(ResBlock(width, k, d))
         self.resblocks = nn.ModuleList()
@@ -167,27 +192,47 @@ class HiFTGenerator(nn.Module):
         return window
 
     def _stft(self, x: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(x, self.n_fft, self.hop_len, self.n_fft, window=self.stft_window(x.device), return_complex=True)
+        spec = torch.stft(
+            x, self.n_fft, self.hop_len, self.n_fft, window=self.stft_window(x.device), return_complex=True
+        )
         spec = torch.view_as_real(spec)
         return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
 
     def _istft(self, magnitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
         magnitude = torch.clip(magnitude, max=MAGNITUDE_CLIP)
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        return torch.istft(spec, self.n_fft, self.hop_len, self.n_fft, window=self.stft_window(magnitude.device))
+        return istft(spec, self.n_fft, self.hop_len, self.stft_window(magnitude.device))
 
-    def source(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw_randomness(
+        self, batch: int, frames: int, generator: Generator | None, device=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's randomness for a forward pass over ``frames`` mel frames (see ``SineGen.draw``)."""
+        return self.m_source.l_sin_gen.draw(batch, frames * self.upsample_scale, generator, device)
+
+    def source(
+        self,
+        mel: torch.Tensor,
+        generator: Generator | None = None,
+        randomness: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Harmonic excitation (B, 1, T·upsample_scale) from the predicted F0."""
         f0 = self.f0_predictor(mel)  # (B, T)
-        f0 = torch.repeat_interleave(f0.unsqueeze(1), self.upsample_scale, dim=2)  # nearest upsampling
-        return self.m_source(f0, generator)
+        batch, frames = f0.shape
+        f0 = f0.unsqueeze(-1).expand(batch, frames, self.upsample_scale).reshape(batch, 1, -1)  # nearest upsampling
+        return self.m_source(f0, generator, randomness)
 
     def forward(
-        self, mel: torch.Tensor, cache_source: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        mel: torch.Tensor,
+        cache_source: torch.Tensor | None = None,
+        generator: Generator | None = None,
+        randomness: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """mel (B, 80, T) -> (speech (B, T·256), source (B, 1, T·256)); the first samples of the source are
-        replaced by ``cache_source`` (B, 1, n) when given (continuity across streamed blocks)."""
-        s = self.source(mel, generator)
+        replaced by ``cache_source`` (B, 1, n) when given (continuity across streamed blocks). The source's
+        randomness comes from ``randomness`` (:meth:`draw_randomness`) if given, else from ``generator``
+        (one, or one per row). Free of host synchronisation (it can be captured in a CUDA graph)."""
+        s = self.source(mel, generator, randomness)
         if cache_source is not None and cache_source.shape[2]:
             s[:, :, : cache_source.shape[2]] = cache_source
         s_stft = self._stft(s.squeeze(1))
@@ -209,6 +254,10 @@ class HiFTGenerator(nn.Module):
         return torch.clamp(speech, -self.audio_limit, self.audio_limit), s
 
     def inference(
-        self, mel: torch.Tensor, cache_source: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        mel: torch.Tensor,
+        cache_source: torch.Tensor | None = None,
+        generator: Generator | None = None,
+        randomness: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward(mel, cache_source, generator)
+        return self.forward(mel, cache_source, generator, randomness)

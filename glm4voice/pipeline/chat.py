@@ -308,6 +308,11 @@ class VoiceChat:
         """Expected duration of the decoder call a new block joins (see :meth:`TurnLoad.decoder_wait_s`)."""
         return self.load.decoder_wait_s()
 
+    @property
+    def first_block_sizes(self) -> tuple[int, ...]:
+        """Every size a turn's first block can have (what the decoder's ``warm_up`` should capture)."""
+        return self.block_policy().first_block_sizes
+
     def block_policy(self) -> BlockPolicy:
         """A new turn's block policy (adaptive or fixed, as configured)."""
         if not self.config.adaptive_blocks:

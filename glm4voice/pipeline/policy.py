@@ -76,6 +76,11 @@ class BlockPolicy:
         """The schedule the demultiplexer cuts by on its own (blocks flushed early come on top)."""
         return self.schedule
 
+    @property
+    def first_block_sizes(self) -> tuple[int, ...]:
+        """Every size a turn's first block can have (the decoder captures a graph for each ahead)."""
+        return tuple(sorted({self.schedule.sizes[0], self.demuxer_schedule.sizes[0]}))
+
     def before_token(self, now: float, kind: TokenKind, demux: DemuxState) -> bool:
         """A token arrived at ``now`` (s since the turn began; called once per token, before the
         token is demultiplexed). True: hand out the pending audio as a block first."""

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from cosyvoice.flow.cuda_graph import _Arena
 from cosyvoice.flow.decoder import ConditionalDecoder, SinusoidalPosEmb, masked_group_norm
 from cosyvoice.flow.flow import mel_frames
 from cosyvoice.flow.flow_matching import ConditionalCFM, original_noise
 from cosyvoice.hifigan.f0_predictor import ConvRNNF0Predictor
-from cosyvoice.hifigan.generator import HiFTGenerator, Snake
+from cosyvoice.hifigan.generator import HiFTGenerator, Snake, istft
 from cosyvoice.transformer.attention import RelPositionMultiHeadedAttention, block_causal_mask, shift_relative
 from cosyvoice.transformer.embedding import relative_position_table
 from cosyvoice.transformer.encoder import BlockConformerEncoder
@@ -85,14 +86,18 @@ def test_relative_position_attention_matches_a_naive_loop():
 
 
 def test_encoder_is_block_causal():
-    encoder = _randomize(BlockConformerEncoder(16, 16, attention_heads=2, linear_units=32, num_blocks=2, block_size=10), 2)
+    encoder = _randomize(
+        BlockConformerEncoder(16, 16, attention_heads=2, linear_units=32, num_blocks=2, block_size=10), 2
+    )
     x = torch.randn(1, 27, 16)
     with torch.no_grad():
         full, masks = encoder(x, torch.tensor([27]))
         prefix, _ = encoder(x[:, :20], torch.tensor([20]))
         partial, _ = encoder(x[:, :25], torch.tensor([25]))
     assert masks.shape == (1, 1, 27) and bool(masks.all())
-    torch.testing.assert_close(prefix, full[:, :20], atol=1e-5, rtol=1e-5)  # tokens >= 20 are invisible to the first two blocks
+    torch.testing.assert_close(
+        prefix, full[:, :20], atol=1e-5, rtol=1e-5
+    )  # tokens >= 20 are invisible to the first two blocks
     assert not torch.allclose(partial[:, 20:25], full[:, 20:25], atol=1e-4)  # within a block they see ahead
 
 
@@ -112,7 +117,17 @@ def test_masked_group_norm_equals_group_norm_of_the_valid_frames():
 
 
 def _tiny_estimator(seed: int = 3) -> ConditionalDecoder:
-    estimator = ConditionalDecoder(320, 80, channels=(16, 16), dropout=0, attention_head_dim=8, n_blocks=1, num_mid_blocks=2, num_heads=2, act_fn="gelu")
+    estimator = ConditionalDecoder(
+        320,
+        80,
+        channels=(16, 16),
+        dropout=0,
+        attention_head_dim=8,
+        n_blocks=1,
+        num_mid_blocks=2,
+        num_heads=2,
+        act_fn="gelu",
+    )
     return _randomize(estimator, seed)
 
 
@@ -146,7 +161,13 @@ def test_padded_estimator_equals_unpadded(length):
 
 def test_batched_guidance_equals_the_original_two_pass_euler():
     estimator = _tiny_estimator(5)
-    cfm = ConditionalCFM(240, {"solver": "euler", "t_scheduler": "cosine", "inference_cfg_rate": 0.7, "sigma_min": 1e-6}, 1, 80, estimator).eval()
+    cfm = ConditionalCFM(
+        240,
+        {"solver": "euler", "t_scheduler": "cosine", "inference_cfg_rate": 0.7, "sigma_min": 1e-6},
+        1,
+        80,
+        estimator,
+    ).eval()
     g = _seeded(6)
     mu, cond = torch.randn(1, 80, 21, generator=g), torch.randn(1, 80, 21, generator=g)
     spks = torch.randn(1, 80, generator=g)
@@ -221,7 +242,12 @@ def test_weight_norm_checkpoint_layouts_load_folded():
         reference.parametrizations.weight.original1.copy_(v)
     torch.testing.assert_close(fresh.conv_pre.weight.detach(), reference.weight.detach())
     # the newer parametrization layout is accepted too
-    renamed = {k.replace("weight_g", "parametrizations.weight.original0").replace("weight_v", "parametrizations.weight.original1"): t for k, t in state.items()}
+    renamed = {
+        k.replace("weight_g", "parametrizations.weight.original0").replace(
+            "weight_v", "parametrizations.weight.original1"
+        ): t
+        for k, t in state.items()
+    }
     again = _tiny_hift()
     again.load_state_dict(renamed, strict=True)
     torch.testing.assert_close(again.conv_pre.weight, fresh.conv_pre.weight)
@@ -245,5 +271,50 @@ def test_hift_is_deterministic_per_generator_and_honours_the_source_cache():
         _, source_cached = hift.inference(mel, cache, generator=_seeded(1))
     assert a.shape == (1, 12 * 256) and source_a.shape == (1, 1, 12 * 256)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(source_cached[:, :, :256], cache) and torch.equal(source_cached[:, :, 256:], source_a[:, :, 256:])
+    assert torch.equal(source_cached[:, :, :256], cache) and torch.equal(
+        source_cached[:, :, 256:], source_a[:, :, 256:]
+    )
     assert float(a.abs().max()) <= 0.99 + 1e-6  # audio_limit
+
+
+def test_sync_free_istft_is_torch_istft_bit_for_bit():
+    n_fft, hop = 16, 4
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64).float()
+    generator = _seeded(3)
+    for batch, frames in ((1, 9), (3, 2177)):
+        magnitude = torch.rand(batch, n_fft // 2 + 1, frames, generator=generator) * 3
+        phase = torch.randn(batch, n_fft // 2 + 1, frames, generator=generator)
+        spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        assert torch.equal(istft(spec, n_fft, hop, window), torch.istft(spec, n_fft, hop, n_fft, window=window))
+
+
+def test_hift_with_predrawn_randomness_equals_drawing_it():
+    """The randomness drawn beforehand (what a CUDA graph replays with) gives the same audio as drawing
+    it inside, for one generator and for one generator per row."""
+    hift = _tiny_hift()
+    mel = torch.randn(3, 80, 12, generator=_seeded(4))
+    with torch.no_grad():
+        drawn = hift.inference(mel[:1], generator=_seeded(1))
+        given = hift.inference(mel[:1], randomness=hift.draw_randomness(1, 12, _seeded(1)))
+        assert all(torch.equal(a, b) for a, b in zip(drawn, given))
+        rows = [_seeded(s) for s in (5, 6, 7)]
+        randomness = hift.draw_randomness(3, 12, rows)
+        given = hift.inference(mel, randomness=randomness)
+        drawn = hift.inference(mel, generator=[_seeded(s) for s in (5, 6, 7)])
+        assert all(torch.equal(a, b) for a, b in zip(drawn, given))
+        # each row draws what it would draw alone with its generator
+        assert torch.equal(randomness[1][1:2], hift.draw_randomness(1, 12, _seeded(6))[1])
+    uniform, normal = randomness
+    assert uniform.shape == (3, 9, 1) and normal.shape == (3, 9, 12 * 256)
+    with pytest.raises(ValueError, match="generators"):
+        hift.draw_randomness(2, 12, rows)
+
+
+def test_ode_graph_arena_views_share_one_buffer_per_batch_size():
+    arena = _Arena(rows=4, device="cpu")
+    long = arena.view("z", 80, 256)
+    short = arena.view("z", 80, 128)
+    assert long.is_contiguous() and short.is_contiguous() and short.data_ptr() == long.data_ptr()
+    assert arena.view("mu", 80, 128).data_ptr() != short.data_ptr()  # another buffer per name
+    longer = arena.view("z", 80, 512)  # grows: a new buffer, the old views stay valid
+    assert longer.shape == (4, 80, 512) and longer.data_ptr() != long.data_ptr() and long.shape == (4, 80, 256)

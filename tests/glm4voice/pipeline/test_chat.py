@@ -545,6 +545,7 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
         for chat in chats:
             chat.close()
     assert isinstance(adaptive, AdaptiveBlocks) and type(fixed) is FixedBlocks
-    assert adaptive.hold_back_s == decoder.hold_back_s == decoder.mel_overlap_len * MEL_HOP_LENGTH / OUTPUT_SAMPLE_RATE
+    assert adaptive.hold_back_s == decoder.hold_back_s
+    assert decoder.hold_back_s >= decoder.mel_overlap_len * MEL_HOP_LENGTH / OUTPUT_SAMPLE_RATE  # at least the overlap
     assert adaptive.min_block_tokens == decoder.min_block_tokens
     assert adaptive.player_lead_s == 0.3 and PipelineConfig().player_lead_s == PLAYER_LEAD_S

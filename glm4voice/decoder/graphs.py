@@ -1,0 +1,234 @@
+"""Whole first blocks as CUDA graphs: the flow (encoder, length regulator, ODE) and the vocoder.
+
+The block that sets the time to first audio (no prompt, no carried state, a few dozen tokens) is
+launch-bound from end to end: the flow encoder, the length regulator, the 20 estimator passes of the
+ODE and the vocoder are each hundreds of small kernels, and outside a graph every one of them costs a
+host-side launch. :class:`FirstBlockGraphs` captures each of the two stages as one graph per (batch,
+length), so a first block is two replays (two, not one: a benchmark can time the stages, and the
+vocoder's randomness is drawn between them). Longer blocks keep the ODE graphs of
+:class:`cosyvoice.flow.cuda_graph.GraphedEulerSolver` (padded lengths, any prompt) with the encoder and
+vocoder eager: there the kernels are large and launches matter little.
+
+The vocoder's randomness is drawn eagerly from each stream's generator (the same draws as the eager
+vocoder makes, in the same order) into the graph's static buffers, so a replayed block sounds like the
+eager one. Optionally the estimator and the vocoder run through ``torch.compile`` inside the graphs
+(fused kernels: fewer of them per block; compiling takes minutes at warm-up).
+
+Not thread-safe: the decoder holds its lock around every call, and copies every output before anything
+else replays (the graphs share one memory pool with the ODE graphs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glm4voice.audio import NUM_MEL_BINS
+
+logger = logging.getLogger(__name__)
+
+WARMUP_RUNS = 2
+"""Eager runs on a side stream before a capture (lazy CUDA state, cuBLAS workspaces, compiled code)."""
+COMPILE_RECOMPILE_LIMIT = 64
+"""torch.compile keeps a compiled variant per input shape (batch size x length); its default limit is
+lower than the number of graphs a decoder captures."""
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclass(eq=False)
+class _Captured:
+    replay: Callable[[], None]
+    inputs: Tensors
+    outputs: Tensors
+
+
+Capture = Callable[[Callable[..., Tensors], Tensors, object, Callable[..., object]], tuple[Callable[[], None], Tensors]]
+"""``capture(fn, static_inputs, pool, warm_up) -> (replay, static_outputs)`` (default :func:`cuda_capture`)."""
+
+
+def cuda_capture(
+    fn: Callable[..., Tensors], static: Tensors, pool: object, warm_up: Callable[..., object]
+) -> tuple[Callable[[], None], Tensors]:
+    """Capture ``fn(*static)`` as a CUDA graph (after ``warm_up(*static)`` and a few runs of ``fn`` on a
+    side stream); returns its replay and its static outputs."""
+    device = static[0].device
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        warm_up(*static)
+        for _ in range(WARMUP_RUNS):
+            fn(*static)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):  # type: ignore[arg-type]  # other threads may use CUDA meanwhile
+        outputs = fn(*static)
+    return graph.replay, tuple(outputs)  # the bound method keeps the graph alive
+
+
+class GraphedFunction:
+    """``fn(*inputs) -> tuple of tensors`` replayed from CUDA graphs, one per input shape. A batch of B
+    rows (dimension 0 of every input) runs in the graph of the smallest batch size >= B with zero rows
+    added, so ``fn`` must treat rows independently. ``fn`` may be a list of equivalent functions in order
+    of preference (a compiled one first): a shape whose capture fails with one tries the next; batches
+    larger than every size, and shapes that no function could capture, run ``eager`` (default: the last
+    function) without a graph."""
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[..., Tensors] | Sequence[Callable[..., Tensors]],
+        batch_sizes: Sequence[int],
+        pool: object,
+        eager: Callable[..., Tensors] | None = None,
+        capture: Capture | None = None,
+    ):
+        self.name = name
+        self.capture = capture
+        self.candidates: list[Callable[..., Tensors]] = list(fn) if isinstance(fn, (list, tuple)) else [fn]  # type: ignore[list-item]
+        self.eager: Callable[..., Tensors] = eager or self.candidates[-1]
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        self._pool = pool
+        self._graphs: dict[tuple, _Captured] = {}
+        self._failed: set[tuple] = set()
+
+    @property
+    def captured_shapes(self) -> list[tuple]:
+        """(graph batch, (shape of each input past dimension 0)...) of the captured graphs."""
+        return sorted((key[0], *(shape for shape, _ in key[1:])) for key in self._graphs)
+
+    def rows_for(self, batch: int) -> int | None:
+        return next((b for b in self.batch_sizes if b >= batch), None)
+
+    def __call__(self, *inputs: torch.Tensor) -> Tensors:
+        batch = inputs[0].shape[0]
+        rows = self.rows_for(batch)
+        key = (rows, *((tuple(x.shape[1:]), x.dtype) for x in inputs))
+        if rows is None or key in self._failed:
+            return self.eager(*inputs)
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._first_capture(rows, inputs)
+            if captured is None:
+                self._failed.add(key)
+                return self.eager(*inputs)
+            self._graphs[key] = captured
+        for static, value in zip(captured.inputs, inputs):
+            static[:batch].copy_(value)
+            static[batch:].zero_()
+        captured.replay()
+        return tuple(out[:batch].clone() for out in captured.outputs)
+
+    def _first_capture(self, rows: int, inputs: Sequence[torch.Tensor]) -> _Captured | None:
+        for index, fn in enumerate(self.candidates):
+            try:
+                return self._capture(fn, rows, inputs)
+            except Exception:
+                fallback = "the next variant" if index + 1 < len(self.candidates) else "eager mode, without a graph"
+                logger.exception("%s: capturing batch %d failed; this shape runs in %s", self.name, rows, fallback)
+        return None
+
+    def _capture(self, fn: Callable[..., Tensors], rows: int, inputs: Sequence[torch.Tensor]) -> _Captured:
+        logger.info(
+            "capturing %s as a CUDA graph: batch %d, inputs %s", self.name, rows, [tuple(x.shape[1:]) for x in inputs]
+        )
+        static = tuple(torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in inputs)
+        for buffer, value in zip(static, inputs):
+            buffer[: value.shape[0]].copy_(value)
+        # the eager function first fills lazy caches (it is also what torch.compile traces against)
+        replay, outputs = (self.capture or cuda_capture)(fn, static, self._pool, self.eager)
+        return _Captured(replay, static, outputs)
+
+
+class FirstBlockGraphs:
+    """The two graphed stages of a first block (see the module docstring). ``max_frames``: longest
+    first block (mel frames) served; ``compile_mode``: None, or a ``torch.compile`` mode for the
+    estimator and the vocoder inside the graphs."""
+
+    def __init__(
+        self,
+        flow: nn.Module,
+        hift: nn.Module,
+        n_timesteps: int,
+        batch_sizes: Sequence[int],
+        max_frames: int,
+        pool: object,
+        compile_mode: str | None = None,
+        capture: Capture | None = None,
+    ):
+        self.flow = flow
+        self.hift = hift
+        self.n_timesteps = n_timesteps
+        self.max_frames = max_frames
+        self.compile_mode = compile_mode
+        flows: list[Callable[..., Tensors]] = [self._flow_with(None)]
+        vocoders: list[Callable[..., Tensors]] = [self._vocode_eager]
+        if compile_mode is not None:
+            _raise_recompile_limit()
+            compiled = torch.compile(flow.decoder.estimator, dynamic=False, mode=compile_mode)
+            flows.insert(0, self._flow_with(compiled))
+            vocoders.insert(0, torch.compile(self._vocode_eager, dynamic=False, mode=compile_mode))
+        self.flow_graphs = GraphedFunction("the first-block flow", flows, batch_sizes, pool, capture=capture)
+        self.vocoder_graphs = GraphedFunction("the first-block vocoder", vocoders, batch_sizes, pool, capture=capture)
+
+    @property
+    def max_batch(self) -> int:
+        return self.flow_graphs.batch_sizes[-1]
+
+    def serves(self, batch: int, prompt_tokens: int, carried: bool, feat_len: int) -> bool:
+        """Whether a batch of blocks with this shape is a first block these graphs replay."""
+        return not prompt_tokens and not carried and feat_len <= self.max_frames and batch <= self.max_batch
+
+    def flow_mel(self, tokens: torch.Tensor, noise: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """tokens (B, n) int64, noise (B, 80, frames), embedding (B, 192) -> mel (B, 80, frames) float32."""
+        return self.flow_graphs(tokens, noise, embedding)[0]
+
+    def vocode(
+        self, mel: torch.Tensor, uniform: torch.Tensor, normal: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mel (B, 80, frames) and the source's randomness (``hift.draw_randomness``) -> (speech, source)."""
+        speech, source = self.vocoder_graphs(mel, uniform, normal)
+        return speech, source
+
+    # -- the captured functions (rows independent, no host synchronisation) ------------------------
+    def _flow_with(self, estimator) -> Callable[..., Tensors]:
+        cfm = self.flow.decoder
+
+        def solve(z, mu, mask, spks, cond, t_span):
+            return cfm.solve(z, mu, mask, spks, cond, t_span, estimator=estimator)
+
+        def run(tokens: torch.Tensor, noise: torch.Tensor, embedding: torch.Tensor) -> Tensors:
+            batch, device = tokens.shape[0], tokens.device
+            none = torch.zeros(batch, dtype=torch.int32, device=device)
+            mel = self.flow.inference(
+                token=tokens,
+                token_len=torch.full((batch,), tokens.shape[1], dtype=torch.int32, device=device),
+                prompt_token=tokens[:, :0],
+                prompt_token_len=none,
+                prompt_feat=torch.zeros(batch, 0, NUM_MEL_BINS, device=device),
+                prompt_feat_len=none,
+                embedding=embedding,
+                feat_len=noise.shape[2],
+                n_timesteps=self.n_timesteps,
+                noise=noise,
+                solve=solve,
+            )
+            return (mel.float(),)
+
+        return run
+
+    def _vocode_eager(self, mel: torch.Tensor, uniform: torch.Tensor, normal: torch.Tensor) -> Tensors:
+        speech, source = self.hift.inference(mel, None, randomness=(uniform, normal))
+        return speech, source
+
+
+def _raise_recompile_limit() -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < COMPILE_RECOMPILE_LIMIT:
+            logger.info("torch.compile: raising torch._dynamo.config.%s to %d", name, COMPILE_RECOMPILE_LIMIT)
+            setattr(config, name, COMPILE_RECOMPILE_LIMIT)

@@ -1,0 +1,180 @@
+"""Blocks -> mel -> speech: the flow and the vocoder with the seam bookkeeping between blocks.
+
+One call decodes a batch of blocks of the same :meth:`~glm4voice.decoder.blocks.Block.shape_key`
+(one per stream) and updates their carries:
+
+- the flow makes the block's mel (prompt tokens + new tokens, conditioned on the prompt's mel);
+- the first 34 frames (5 tokens) are cross-faded (Hamming) with the previous block's version of them,
+  and the last 34 are held back for the next block (unless the block is final);
+- the vocoder starts from the frame it carried over (one mel frame and its 256 source samples) and
+  holds back the audio of its new last frame; with ``seam_crossfade`` the first 256 samples are
+  cross-faded with the previous block's version of them (the vocoder computes them without left
+  context; without the fade the seam is an audible jump, as in the original).
+
+First blocks (no prompt, nothing carried) may run as CUDA graphs of whole stages
+(:mod:`glm4voice.decoder.graphs`); everything else runs the modules, with the ODE's own graphs when
+``solve`` is a :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver`.
+
+Not thread-safe: the caller (:class:`~glm4voice.decoder.AudioDecoder`) holds its lock and device
+context around every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from glm4voice.audio import SPEAKER_EMBEDDING_DIM
+from glm4voice.decoder.blocks import Block, BlockResult
+from glm4voice.decoder.codes import DecoderError
+from glm4voice.decoder.graphs import FirstBlockGraphs
+from glm4voice.decoder.options import MEL_CACHE_FRAMES, N_TIMESTEPS
+from glm4voice.decoder.state import VocoderCarry
+
+Solve = Callable[..., torch.Tensor]
+"""``solve(z, mu, mask, spks, cond, t_span) -> mel`` (the eager ODE or its CUDA graphs)."""
+
+
+def hamming_fade(length: int, device) -> torch.Tensor:
+    """The original's mel cross-fade window (symmetric Hamming of twice the overlap, float64)."""
+    return torch.from_numpy(np.hamming(2 * length)).to(device)
+
+
+def raised_cosine_fade_in(length: int, device) -> torch.Tensor:
+    """sin² ramp over ``length`` samples; with 1 - ramp as fade-out the gains sum to 1."""
+    phase = (torch.arange(length, dtype=torch.float64) + 0.5) / length * (np.pi / 2)
+    return torch.sin(phase).pow(2).float().to(device)
+
+
+class BlockSynthesizer:
+    """The decoder's model work on blocks (see the module docstring)."""
+
+    def __init__(
+        self,
+        flow: nn.Module,
+        hift: nn.Module,
+        solve: Solve,
+        device: torch.device,
+        mel_overlap: int,
+        seam_crossfade: bool,
+        first_blocks: FirstBlockGraphs | None = None,
+    ):
+        self.flow = flow
+        self.first_blocks = first_blocks
+        self.hift = hift
+        self.solve = solve
+        self.device = device
+        self.mel_overlap = mel_overlap
+        self.cache_samples = MEL_CACHE_FRAMES * int(hift.upsample_scale)
+        self.seam_crossfade = seam_crossfade
+        self.fade = hamming_fade(mel_overlap, device)
+        self.seam_fade_in = raised_cosine_fade_in(self.cache_samples, device)
+        self.embedding = torch.zeros(1, SPEAKER_EMBEDDING_DIM, device=device)
+
+    def run(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[BlockResult]:
+        """Decode ``blocks`` (same shape key) as one batch; their carries move on to the next block."""
+        mel = self.flow_mel(blocks, embedding)
+        return self.vocode(blocks, mel)
+
+    def graphed(self, blocks: Sequence[Block]) -> bool:
+        """Whether these blocks run as first-block graphs."""
+        first, c = blocks[0], blocks[0].carry
+        carried = not (
+            c.mel_overlap is None and c.cache_mel is None and c.cache_source is None and c.cache_speech is None
+        )
+        return self.first_blocks is not None and self.first_blocks.serves(
+            len(blocks), first.prompt_tokens, carried, first.feat_len
+        )
+
+    def flow_mel(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow's mel (B, 80, frames after the prompt) of the blocks, float32."""
+        first = blocks[0]
+        batch = len(blocks)
+        prompt_tokens = first.prompt_tokens
+        tokens = torch.cat([b.tokens for b in blocks]).to(self.device)
+        embedding = (self.embedding if embedding is None else embedding).expand(batch, -1)
+        if self.first_blocks is not None and self.graphed(blocks):
+            noise = torch.cat([b.noise.to(self.device) for b in blocks])
+            return self.first_blocks.flow_mel(tokens, noise, embedding)
+        prompt_mel = torch.cat([b.prompt_mel for b in blocks])
+        lengths = torch.full((batch,), tokens.shape[1] - prompt_tokens, dtype=torch.int32, device=self.device)
+        return self.flow.inference(
+            token=tokens[:, prompt_tokens:],
+            token_len=lengths,
+            prompt_token=tokens[:, :prompt_tokens],
+            prompt_token_len=torch.full((batch,), prompt_tokens, dtype=torch.int32, device=self.device),
+            prompt_feat=prompt_mel.transpose(1, 2),
+            prompt_feat_len=torch.full((batch,), prompt_mel.shape[2], dtype=torch.int32, device=self.device),
+            embedding=embedding,
+            feat_len=first.feat_len,
+            n_timesteps=N_TIMESTEPS,
+            noise=torch.cat([b.noise.to(self.device) for b in blocks]),
+            solve=self.solve,
+        ).float()
+
+    def vocode(self, blocks: Sequence[Block], mel: torch.Tensor) -> list[BlockResult]:
+        """The blocks' speech from their flow mel (B, 80, frames), with the cross-fades and carries."""
+        overlap = self.mel_overlap
+        first = blocks[0]
+        batch = len(blocks)
+        carries = [b.carry for b in blocks]
+        if first.carry.mel_overlap is not None:
+            previous = torch.cat([c.mel_overlap for c in carries])
+            faded = mel[:, :, :overlap] * self.fade[:overlap] + previous * self.fade[overlap:]
+            mel = torch.cat([faded.to(mel.dtype), mel[:, :, overlap:]], dim=2)
+        vocoder_mel = (
+            mel if first.carry.cache_mel is None else torch.cat([torch.cat([c.cache_mel for c in carries]), mel], dim=2)
+        )
+        cache_source = None if first.carry.cache_source is None else torch.cat([c.cache_source for c in carries])
+        generators = [c.generator for c in carries]
+        graphed = self.graphed(blocks)
+        if first.finalize:
+            speech, _ = self.vocoder(vocoder_mel, cache_source, generators, graphed)
+            speech = self.join_seam(speech, carries)
+            for c in carries:
+                c.clear()
+            return [BlockResult(speech[i : i + 1], mel[i : i + 1]) for i in range(batch)]
+        if vocoder_mel.shape[2] <= overlap:
+            raise DecoderError(f"a streamed block needs more than {overlap} mel frames; decode more tokens at once")
+        held_back = vocoder_mel[:, :, -overlap:]
+        vocoder_mel = vocoder_mel[:, :, :-overlap]
+        speech, source = self.vocoder(vocoder_mel, cache_source, generators, graphed)
+        speech = self.join_seam(speech, carries)
+        n = self.cache_samples
+        for i, c in enumerate(carries):
+            c.mel_overlap = held_back[i : i + 1]
+            c.cache_mel = vocoder_mel[i : i + 1, :, -MEL_CACHE_FRAMES:]
+            c.cache_source = source[i : i + 1, :, -n:]
+            c.cache_speech = speech[i : i + 1, -n:]
+        return [BlockResult(speech[i : i + 1, :-n], mel[i : i + 1, :, :-overlap]) for i in range(batch)]
+
+    def vocoder(
+        self, mel: torch.Tensor, cache_source: torch.Tensor | None, generators: Sequence[torch.Generator], graphed: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HiFT on mel (B, 80, frames) -> (speech (B, samples), source (B, 1, samples)), one generator per row."""
+        if graphed and self.first_blocks is not None:
+            randomness = self.hift.draw_randomness(len(generators), mel.shape[2], list(generators), self.device)
+            return self.first_blocks.vocode(mel, *randomness)
+        generator = generators[0] if len(generators) == 1 else list(generators)
+        return self.hift.inference(mel, cache_source, generator)
+
+    def join_seam(self, speech: torch.Tensor, carries: Sequence[VocoderCarry]) -> torch.Tensor:
+        """Cross-fade the start of each row's audio (the carried frame) with the last block's version of it."""
+        if not self.seam_crossfade or carries[0].cache_speech is None:
+            return speech
+        n = self.cache_samples
+        fade_in = self.seam_fade_in
+        previous = torch.cat([c.cache_speech for c in carries])
+        head = speech[:, :n] * fade_in + previous * (1 - fade_in)
+        return torch.cat([head, speech[:, n:]], dim=1)
+
+    def flush(self, carry: VocoderCarry) -> torch.Tensor:
+        """Vocode the held-back overlap after the last block (the stream ended on a block boundary)."""
+        mel = carry.mel_overlap if carry.cache_mel is None else torch.cat([carry.cache_mel, carry.mel_overlap], dim=2)
+        speech, _ = self.vocoder(mel, carry.cache_source, [carry.generator], graphed=False)
+        speech = self.join_seam(speech, [carry])
+        carry.clear()
+        return speech
