@@ -16,9 +16,14 @@ admits waiting requests into free cache slots, runs up to ``prefill_chunk`` prom
 chunked prefill, then one batched decode step for every running stream (launched before the
 previous step's tokens are read, so host work overlaps device work), and hands the new tokens to
 the event loop with one ``call_soon_threadsafe`` per phase. The event loop never waits on the device.
-A failure in a prefill ends that request's stream with :class:`GenerationError`; a failure in a
-decode step ends the streams of that batch; the worker goes on serving the others. Cancelling a
-stream frees its slot before the next step.
+A failure that belongs to requests ends only their streams, with :class:`GenerationError`: a
+request whose sampling setup or prefill fails alone, the streams of a decode step that fails; the
+worker goes on serving the others. The worker itself stops only on errors that leave the device
+unusable (a CUDA error, or MAX_CONSECUTIVE_FAILURES failed steps in a row) or on a bug in its own
+loop; then every stream ends with GenerationError, :attr:`Engine.dead` is true, :attr:`Engine.failure`
+holds the error, and :meth:`Engine.wait_closed` / :meth:`Engine.add_failure_callback` tell the owner
+(a server should exit non-zero so that a supervisor restarts it). Cancelling a stream frees its
+slot before the next step.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -56,6 +61,12 @@ logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**63 - 1
 ENGINE_DTYPES = ("bfloat16", "float16", "float32", INT8)
+MAX_TEMPERATURE = 100.0
+"""Largest sampling temperature accepted. Far above any useful value (the distribution is already
+close to uniform), and well inside float32, where the device does the sampling maths."""
+MAX_CONSECUTIVE_FAILURES = 16
+"""Failed steps in a row (prefill or decode, no success between them) after which the device is
+taken to be broken: the worker stops with an error instead of failing every request forever."""
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -108,14 +119,17 @@ class SamplingParams:
     """Extra ids that end the reply, on top of the checkpoint's eos ids."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise InvalidSamplingParams(f"temperature must be a number, got {self.temperature!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidSamplingParams(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
-            raise InvalidSamplingParams(f"top_p must be a number, got {self.top_p!r}")
-        if not (0 < self.top_p <= 1):
-            raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p}")
+        temperature = _as_float("temperature", self.temperature)
+        if not 0 <= temperature <= MAX_TEMPERATURE:
+            raise InvalidSamplingParams(
+                f"temperature must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature!r}"
+            )
+        top_p = _as_float("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p!r}")
+        # plain floats from here on (an int temperature is fine; the device gets float32 of these)
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_p", top_p)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidSamplingParams(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if self.seed is not None and (
@@ -129,6 +143,20 @@ class SamplingParams:
         if any(i < 0 for i in stop_ids):
             raise InvalidSamplingParams(f"stop_ids must be >= 0, got {sorted(stop_ids)}")
         object.__setattr__(self, "stop_ids", stop_ids)
+
+
+def _as_float(name: str, value) -> float:
+    """``value`` as a finite float; InvalidSamplingParams for non-numbers, NaN, infinities and
+    integers too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidSamplingParams(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidSamplingParams(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -175,7 +203,9 @@ class EngineConfig:
         return tuple(sorted({n for n in self.prefill_graph_lengths if n < self.prefill_chunk} | {self.prefill_chunk}))
 
     def torch_device(self) -> torch.device:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        )
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device
@@ -338,6 +368,9 @@ class Engine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running = False
         self._fatal: BaseException | None = None
+        self._closed: asyncio.Future | None = None
+        self._failure_callbacks: list[Callable[[BaseException], object]] = []
+        self._failures_in_a_row = 0
         self._next_id = 0
         self._lock = threading.Lock()
         self._queued = 0
@@ -357,7 +390,9 @@ class Engine:
         return cls(path_or_id, config, **kwargs)
 
     @classmethod
-    def from_model(cls, model: GLMModel, config: EngineConfig | None = None, *, stop_ids: Iterable[int] = ()) -> "Engine":
+    def from_model(
+        cls, model: GLMModel, config: EngineConfig | None = None, *, stop_ids: Iterable[int] = ()
+    ) -> "Engine":
         loaded = LoadedModel(model, model.config, frozenset(int(i) for i in stop_ids), Path("."))
         return cls(loaded, config, stop_ids=stop_ids)
 
@@ -384,6 +419,32 @@ class Engine:
     @property
     def running(self) -> bool:
         return self._running and self._fatal is None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the worker died (or why start() failed); None while it runs and after a clean stop()."""
+        return self._fatal
+
+    @property
+    def dead(self) -> bool:
+        """The worker ended on an error (not by stop()): every later submit() raises
+        EngineNotRunningError. The owning process should exit non-zero (see :meth:`wait_closed`)."""
+        return self._fatal is not None
+
+    async def wait_closed(self) -> BaseException | None:
+        """Until the worker thread has ended: None after :meth:`stop`, the error if it died.
+        A server runs this as a task and exits non-zero when it returns an error."""
+        if self._closed is None:
+            raise EngineNotRunningError("the engine has not been started")
+        return await asyncio.shield(self._closed)
+
+    def add_failure_callback(self, callback: Callable[[BaseException], object]) -> None:
+        """Call ``callback(error)`` on the event loop if the worker dies (at once if it already has).
+        Not called after a clean :meth:`stop`."""
+        if self._fatal is not None and self._closed is not None and self._closed.done():
+            callback(self._fatal)
+        else:
+            self._failure_callbacks.append(callback)
 
     @property
     def runner(self) -> ModelRunner:
@@ -418,7 +479,10 @@ class Engine:
             raise EngineError("start() was already called")
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future = self._loop.create_future()
-        self._thread = threading.Thread(target=self._worker_main, args=(ready,), name="glm4voice-llm-engine", daemon=True)
+        self._closed = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._worker_main, args=(ready,), name="glm4voice-llm-engine", daemon=True
+        )
         self._thread.start()
         await ready
         self._running = True
@@ -455,7 +519,9 @@ class Engine:
         prompt = self._validate_prompt(prompt_ids)
         with self._lock:
             if self._queued >= self.config.max_queue:
-                raise EngineBusyError(f"{self._queued} requests are already waiting (max_queue={self.config.max_queue})")
+                raise EngineBusyError(
+                    f"{self._queued} requests are already waiting (max_queue={self.config.max_queue})"
+                )
             self._queued += 1
         request_id = self._next_id
         self._next_id += 1
@@ -516,19 +582,39 @@ class Engine:
             logger.exception("engine start failed")
             self._fatal = error
             self._loop.call_soon_threadsafe(_resolve, ready, error)
+            self._signal_closed(error)
             return
         self._loop.call_soon_threadsafe(_resolve, ready, None)
         reason: BaseException = EngineStoppedError("the engine was stopped")
         try:
             with torch.inference_mode():
                 self._serve()
-        except BaseException as error:  # a bug in the loop itself: fail loudly, never silently
-            logger.exception("engine worker crashed")
+        except BaseException as error:  # the device is broken, or a bug in the loop: fail loudly
+            logger.critical("engine worker died: %s: %s", type(error).__name__, error, exc_info=error)
             self._fatal = error
             reason = error
         finally:
             self._running = False
             self._end_all(reason)
+            self._signal_closed(self._fatal)
+
+    def _signal_closed(self, error: BaseException | None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_closed, error)
+        except RuntimeError:  # the event loop is closed: nobody is waiting
+            pass
+
+    def _on_closed(self, error: BaseException | None) -> None:
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(error)
+        if error is None:
+            return
+        for callback in self._failure_callbacks:
+            try:
+                callback(error)
+            except Exception:
+                logger.exception("engine failure callback %r raised", callback)
+        self._failure_callbacks.clear()
 
     def _prepare(self) -> None:
         config = self.config
@@ -565,12 +651,16 @@ class Engine:
             self._admit()
             if self._prefilling:
                 events: list[_Event] = []
-                self._prefill(events)
-                self._post(events)  # first tokens go out before the decode step
+                try:
+                    self._prefill(events)
+                finally:  # first tokens go out before the decode step (and even if the worker stops)
+                    self._post(events)
             if self._decoding or self._inflight:
                 events = []
-                self._decode(events)
-                self._post(events)
+                try:
+                    self._decode(events)
+                finally:
+                    self._post(events)
 
     def _take_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if ``block``); False once asked to stop."""
@@ -612,8 +702,24 @@ class Engine:
             self._dequeued()
             request.slot = heapq.heappop(self._free_slots)
             params = request.params
-            self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
+            try:
+                self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
+            except Exception as error:
+                logger.exception("sampling setup of request %d failed", request.id)
+                self._fail(request, error)
+                self._step_failed(error)
+                continue
             self._prefilling.append(request)
+
+    def _step_failed(self, error: BaseException) -> None:
+        """Bookkeeping of a failed step: re-raise (ending the worker) if the device is unusable."""
+        self._failures_in_a_row += 1
+        if _device_is_broken(error):
+            raise EngineError(f"the device failed: {type(error).__name__}: {error}") from error
+        if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            raise EngineError(
+                f"{self._failures_in_a_row} steps failed in a row; last: {type(error).__name__}: {error}"
+            ) from error
 
     def _release(self, request: _Request) -> None:
         if request.slot >= 0:
@@ -634,8 +740,10 @@ class Engine:
             except Exception as error:
                 logger.exception("prefill of request %d failed", request.id)
                 self._prefilling.pop(0)
-                self._fail(request, error, events)
+                self._fail(request, error)
+                self._step_failed(error)
                 continue
+            self._failures_in_a_row = 0
             self._counters["prefill_chunks"] += 1
             self._counters["prefill_seconds"] += time.perf_counter() - started
             self._counters["prompt_tokens"] += len(chunk)
@@ -668,11 +776,14 @@ class Engine:
                 self._counters["decode_steps"] += 1
         except Exception as error:
             failed = list(self._decoding)
-            logger.exception("decode step failed for %d streams", len(failed))
             self._inflight = None
             self._decoding.clear()
             for request in failed:
-                self._fail(request, error, events)
+                self._fail(request, error)
+            self._step_failed(error)
+            logger.exception("decode step failed for %d streams", len(failed))
+        else:
+            self._failures_in_a_row = 0
         self._counters["decode_seconds"] += time.perf_counter() - started
 
     def _take_tokens(self, batch: list[_Request], tokens: list[int], events: list[_Event]) -> None:
@@ -693,7 +804,10 @@ class Engine:
         reason = None
         if token in request.stop_ids:
             reason = FinishReason.STOP
-        elif request.generated >= request.params.max_new_tokens or len(request.prompt) + request.generated >= self.max_seq_len:
+        elif (
+            request.generated >= request.params.max_new_tokens
+            or len(request.prompt) + request.generated >= self.max_seq_len
+        ):
             reason = FinishReason.LENGTH
         if reason is None:
             events.append((request.stream, token, None))
@@ -703,12 +817,13 @@ class Engine:
         events.append((request.stream, token, _End(reason)))
         return False
 
-    def _fail(self, request: _Request, error: BaseException, events: list[_Event]) -> None:
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        """End ``request``'s stream with GenerationError (posted at once: the worker may stop next)."""
         self._release(request)
         self._counters["failed"] += 1
         failure = GenerationError(f"generation failed: {type(error).__name__}: {error}")
         failure.__cause__ = error
-        events.append((request.stream, None, _End(FinishReason.ERROR, failure)))
+        self._post([(request.stream, None, _End(FinishReason.ERROR, failure))])
 
     def _end_all(self, reason: BaseException) -> None:
         events: list[_Event] = []
@@ -733,6 +848,15 @@ class Engine:
         self._decoding.clear()
         self._inflight = None
         self._post(events)
+
+
+def _device_is_broken(error: BaseException) -> bool:
+    """A CUDA error (e.g. a device-side assert) leaves the context unusable for every request."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    text = str(error)
+    return "CUDA error" in text or "device-side assert" in text
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
@@ -760,4 +884,3 @@ __all__ = [
     "PromptTooLongError",
     "SamplingParams",
 ]
-
