@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
-from glm4voice.llm.config import GLMConfig
+from glm4voice.llm.config import GLMConfig, context_limit
 from glm4voice.llm.model import GLMModel
 from glm4voice.llm.quant import INT8
 from glm4voice.llm.runner import (
@@ -168,7 +168,8 @@ class EngineConfig:
     max_batch_size: int = 64
     """Concurrent streams (KV cache slots)."""
     max_seq_len: int = 8192
-    """Prompt + reply tokens per stream (capped by the checkpoint's seq_length)."""
+    """Prompt + reply tokens per stream (capped by config.json's seq_length where it states one;
+    without one the original ChatGLM code stops at 2048: the start log says which limit is used)."""
     max_queue: int = 256
     """Requests waiting for a slot before submit() raises EngineBusyError."""
     prefill_chunk: int = 512
@@ -409,8 +410,10 @@ class Engine:
 
     @property
     def max_seq_len(self) -> int:
+        """Positions per stream (prompt + reply): ``config.max_seq_len``, capped by config.json's
+        ``seq_length`` if it states one (:func:`glm4voice.llm.config.context_limit`; logged at start)."""
         self._require_loaded()
-        return min(self.config.max_seq_len, self._loaded.config.seq_length)
+        return context_limit(self._loaded.config, self.config.max_seq_len)[0]
 
     @property
     def vocab_size(self) -> int:
@@ -626,6 +629,10 @@ class Engine:
             )  # fmt: skip
         elif self._loaded.model.device != device:
             raise EngineError(f"the model is on {self._loaded.model.device}, the engine is configured for {device}")
+        limit, why = context_limit(self._loaded.config, config.max_seq_len)
+        (logger.warning if limit < config.max_seq_len else logger.info)(
+            "context: %d positions per stream: %s", limit, why
+        )
         self._runner = ModelRunner(
             self._loaded.model,
             config.max_batch_size,

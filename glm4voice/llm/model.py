@@ -305,7 +305,9 @@ class GLMModel(nn.Module):
             keys = new[0].repeat_interleave(group, dim=0)
             values = new[1].repeat_interleave(group, dim=0)
             with sdpa_kernel(SDPA_BACKENDS):
-                context = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True)
+                context = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], keys[None], values[None], is_causal=True
+                )
             x = attn_out(block, x, context[0].transpose(0, 1).reshape(n, -1))
         return logits(self, x.index_select(0, last))
 

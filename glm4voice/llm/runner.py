@@ -298,4 +298,3 @@ class ModelRunner:
                 self._prefill_step(length)
             self.prefill_graphs[length] = graph
         torch.cuda.synchronize(self.device)
-

@@ -435,6 +435,38 @@ def test_engine_from_folder_path_and_int8(llm_folder, tiny_llm):
     assert len(int8_tokens) == 20 and all(0 <= t < tiny_llm.config.vocab_size for t in int8_tokens)
 
 
+@pytest.mark.parametrize("seq_length, expected", [(None, 256), (64, 64), (8192, 256)])
+def test_start_logs_the_context_limit_and_why(tiny_llm, caplog, seq_length, expected):
+    """config.json's seq_length caps max_seq_len; without one the configured value is used and the
+    log says that the original would stop at 2048 positions."""
+    import dataclasses
+    import logging
+
+    from glm4voice.llm.checkpoint import LoadedModel
+
+    config = dataclasses.replace(tiny_llm.config, seq_length=seq_length)
+    loaded = LoadedModel(tiny_llm.model, config, tiny_llm.stop_ids, tiny_llm.folder)
+
+    async def main():
+        async with Engine(loaded, cpu_config(max_seq_len=256), stop_ids=()) as engine:
+            with pytest.raises(PromptTooLongError, match=f"at most {expected - 1} fit"):
+                engine.submit([5] * expected, GREEDY)
+            return engine.max_seq_len, engine.runner.cache.max_seq_len
+
+    with caplog.at_level(logging.INFO, logger="glm4voice.llm.engine"):
+        limits = run(main())
+    assert limits == (expected, expected)
+    record = next(r for r in caplog.records if "positions per stream" in r.getMessage())
+    message = record.getMessage()
+    assert f"context: {expected} positions per stream" in message
+    if seq_length is None:
+        assert "no seq_length" in message and "2048" in message and record.levelno == logging.INFO
+    elif seq_length < 256:
+        assert "seq_length is 64" in message and record.levelno == logging.WARNING
+    else:
+        assert "as configured" in message
+
+
 def test_engine_config_validation():
     with pytest.raises(ValueError, match="dtype"):
         EngineConfig(dtype="int4")
