@@ -159,7 +159,9 @@ class Bench:
         return tokens, times, submitted
 
     def engine_config(self, **overrides) -> EngineConfig:
-        options = dict(device=str(self.device), dtype=self.args.dtype, max_batch_size=64, max_seq_len=4096, prefill_chunk=512)
+        options = dict(
+            device=str(self.device), dtype=self.args.dtype, max_batch_size=64, max_seq_len=4096, prefill_chunk=512
+        )
         return EngineConfig(**(options | overrides))
 
     def single_stream(self, engine, new_tokens: int) -> dict:
@@ -194,11 +196,12 @@ class Bench:
         for n in (300, 2000):
             prompt = self.prompt(n)
 
-            async def ttft():
+            async def ttft(prompt):
                 _, times, submitted = await self.stream_times(engine, prompt, SamplingParams(max_new_tokens=1))
                 return times[0] - submitted
 
-            engine_ttft = [self.loop.run_until_complete(ttft()) for _ in range(3)]
+            # a new prompt each time: a repeated one would be a prefix-cache hit
+            engine_ttft = [self.loop.run_until_complete(ttft(self.prompt(n))) for _ in range(3)]
             self.loop.run_until_complete(engine.wait_idle())
             runner = engine.runner
             raw = []
@@ -207,6 +210,7 @@ class Bench:
                 start = time.perf_counter()
                 runner.prefill(0, prompt, 0, sample=True)
                 raw.append(time.perf_counter() - start)
+            engine.drop_prefix_cache()  # slot 0's keys and values were overwritten behind its back
             out[f"prefill_{n}_one_chunk_ms"] = round(statistics.median(raw) * 1e3, 1)
             out[f"ttft_{n}_engine_chunked_ms"] = round(statistics.median(engine_ttft) * 1e3, 1)
         return out
@@ -251,6 +255,46 @@ class Bench:
             log(f"  {n} streams: {out[str(n)]}")
         return out
 
+    def multi_turn(self, engine, turns: int = 5, reply: int = 300, user: int = 150, repeats: int = 3) -> dict:
+        """Time to first token of each turn of a conversation (prompt = previous prompt + reply + a new
+        user message of ``user`` tokens; the 5th turn's history is >= 2000 tokens), with the engine's
+        prefix cache; against it, a prompt of the 5th turn's length that shares nothing (what every
+        turn costs without the cache). Medians over ``repeats`` conversations, one at a time, each with
+        its own 60-token system prompt (so every 1st turn is a full prefill)."""
+        ttft: list[list[float]] = [[] for _ in range(turns)]
+        unshared, lengths = [], []
+        before = engine.stats()
+
+        async def conversation():
+            history = self.prompt(60)
+            for turn in range(turns):
+                prompt = history + self.prompt(user)
+                params = SamplingParams(**SAMPLING, max_new_tokens=reply if turn < turns - 1 else 1, seed=turn)
+                tokens, times, submitted = await self.stream_times(engine, prompt, params)
+                ttft[turn].append(times[0] - submitted)
+                if turn == turns - 1:
+                    lengths.append(len(prompt))
+                    _, times, submitted = await self.stream_times(
+                        engine, self.prompt(len(prompt)), SamplingParams(max_new_tokens=1)
+                    )
+                    unshared.append(times[0] - submitted)
+                history = prompt + tokens
+
+        for _ in range(repeats):
+            self.loop.run_until_complete(conversation())
+        after = engine.stats()
+        ms = [round(statistics.median(t) * 1e3, 1) for t in ttft]
+        return {
+            "ttft_ms_median_per_turn": ms,
+            "turn5_minus_turn1_ms": round(ms[-1] - ms[0], 1),
+            "turn5_prompt_tokens": statistics.median(lengths),
+            "ttft_ms_same_length_unshared": round(statistics.median(unshared) * 1e3, 1),
+            "prefix_hits": after.prefix_hits - before.prefix_hits,
+            "prefix_tokens_reused": after.prefix_tokens_reused - before.prefix_tokens_reused,
+            "continuation_graphs": len(getattr(engine.runner, "continued_graphs", {})),
+            "repeats": repeats,
+        }
+
     def memory(self, engine=None) -> dict:
         if self.device.type != "cuda":
             return {}
@@ -276,6 +320,8 @@ class Bench:
             if dtype_label != INT8:
                 result["prefill"] = self.prefill_times(engine)
                 log(f"  prefill: {result['prefill']}")
+                result["multi_turn"] = self.multi_turn(engine, reply=64 if quick else 300, repeats=2 if quick else 3)
+                log(f"  multi-turn (prefix cache): {result['multi_turn']}")
             result["concurrency"] = self.concurrency(engine, levels, 32 if quick else 256)
             result["greedy_tokens"] = self.loop.run_until_complete(
                 self.stream_times(engine, self.reference_prompt, SamplingParams(temperature=0, max_new_tokens=48))
@@ -288,7 +334,9 @@ class Bench:
         return result
 
     def eager_section(self, graph_tokens: list[int]) -> dict:
-        engine = Engine.from_model(self.model, self.engine_config(eager=True, max_batch_size=8, max_seq_len=1024), stop_ids=())
+        engine = Engine.from_model(
+            self.model, self.engine_config(eager=True, max_batch_size=8, max_seq_len=1024), stop_ids=()
+        )
         self.loop.run_until_complete(engine.start())
         try:
             tokens, times, _ = self.loop.run_until_complete(
@@ -350,7 +398,9 @@ class Bench:
                 torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         device_us = [getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0) for e in events]
-        rows = sorted(((e.key[:60], e.count / 3, us / 3 / 1e3) for e, us in zip(events, device_us)), key=lambda r: -r[2])
+        rows = sorted(
+            ((e.key[:60], e.count / 3, us / 3 / 1e3) for e, us in zip(events, device_us)), key=lambda r: -r[2]
+        )
         table = "\n".join(f"    {ms:8.3f} ms  {count:6.0f}x  {name}" for name, count, ms in rows[:18])
         log(f"  kernels of one decode step (batch 1, kv 1024), by GPU time:\n{table}")
         return {"kernels_per_step": round(sum(r[1] for r in rows)), "gpu_ms_per_step": round(sum(r[2] for r in rows), 3),
@@ -531,6 +581,7 @@ class Bench:
             log(f"{key}: start {e.get('start_warmup_s')} s, graphs {e.get('graphs')}, error {e.get('error')}")
             log(f"  single: {json.dumps(e.get('single_stream'))}")
             log(f"  prefill: {json.dumps(e.get('prefill'))}")
+            log(f"  multi-turn: {json.dumps(e.get('multi_turn'))}")
             for n, c in (e.get("concurrency") or {}).items():
                 log(f"  {n:>3} streams: {json.dumps(c)}")
             log(f"  memory: {json.dumps(e.get('memory'))}")

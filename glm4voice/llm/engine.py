@@ -10,6 +10,12 @@ Usage (inside an asyncio program)::
     stream.finish_reason                      # "stop" | "length" | "cancelled" | "error"
     await engine.stop()
 
+Prefix caching (``EngineConfig.prefix_cache``, on by default): a finished stream's keys and values
+stay in its cache slot until a new request needs the slot (least recently used first); a request
+whose prompt starts with a cached sequence (prompt + reply) starts from there and prefills only
+the rest, so a conversation's next turn costs its new tokens, not its whole history
+(glm4voice.llm.prefix_cache; figures in EngineStats.prefix_*).
+
 Concurrency model: one worker thread owns the model and the device. It blocks on a command queue
 while there is nothing to do (no polling); otherwise each iteration it takes new commands,
 admits waiting requests into free cache slots, runs up to ``prefill_chunk`` prompt tokens of
@@ -31,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import heapq
 import logging
 import math
 import operator
@@ -48,6 +53,7 @@ import torch
 from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
 from glm4voice.llm.config import GLMConfig, context_limit
 from glm4voice.llm.model import GLMModel
+from glm4voice.llm.prefix_cache import PrefixCache
 from glm4voice.llm.quant import INT8
 from glm4voice.llm.runner import (
     DEFAULT_GRAPH_BATCH_SIZES,
@@ -179,6 +185,10 @@ class EngineConfig:
     """Prompt lengths (padded up to one of these, capped at ``prefill_chunk``) whose whole-prompt
     prefill is replayed as a CUDA graph: a short prompt's prefill is host-bound in eager mode
     (~40 ms for 150 tokens of the 9B model on an H100). Empty: always eager."""
+    prefix_cache: bool = True
+    """Keep a finished stream's keys and values in its slot until a new request needs the slot, and
+    start a request whose prompt begins with a cached sequence (prompt + reply) from there: a
+    conversation's next turn prefills only its new tokens (see glm4voice.llm.prefix_cache)."""
     eager: bool = False
     """No torch.compile and no CUDA graphs (the debugging fallback)."""
     compile: bool | None = None
@@ -241,6 +251,7 @@ class EngineStats:
     """Requests waiting for a slot."""
     tokens_generated: int
     prompt_tokens: int
+    """Prompt tokens run through the model (prefix-cache hits excluded: see prefix_tokens_reused)."""
     requests_finished: int
     requests_failed: int
     decode_steps: int
@@ -248,6 +259,12 @@ class EngineStats:
     decode_seconds: float
     """Worker time spent in decode steps (device work and its launch)."""
     prefill_seconds: float
+    prefix_hits: int = 0
+    """Requests that started from keys and values already in the cache (a cached prefix)."""
+    prefix_tokens_reused: int = 0
+    """Prompt tokens not computed because the cache held them."""
+    prefix_evictions: int = 0
+    """Cached sequences dropped to make room for a request (least recently used first)."""
 
 
 # --- streams -----------------------------------------------------------------------------------------
@@ -382,7 +399,7 @@ class Engine:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._prefilling: list[_Request] = []
         self._decoding: list[_Request] = []
-        self._free_slots: list[int] = []
+        self._prefix: PrefixCache | None = None
         self._inflight: tuple[list[_Request], Launch] | None = None
         self._counters = collections.Counter()
 
@@ -473,6 +490,9 @@ class Engine:
             prefill_chunks=c["prefill_chunks"],
             decode_seconds=c["decode_seconds"],
             prefill_seconds=c["prefill_seconds"],
+            prefix_hits=c["prefix_hits"],
+            prefix_tokens_reused=c["prefix_tokens_reused"],
+            prefix_evictions=c["prefix_evictions"],
         )
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -554,6 +574,12 @@ class Engine:
         if bad:
             raise InvalidPromptError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         return prompt
+
+    def drop_prefix_cache(self) -> None:
+        """Forget every cached sequence (slots of running requests are kept); applied before the
+        worker's next step."""
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(("drop_cache", None))
 
     def _cancel(self, request_id: int) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -641,9 +667,9 @@ class Engine:
             compile=config.use_compile(),
             graph_batch_sizes=config.cuda_graph_batch_sizes,
             prefill_graph_lengths=config.prefill_graph_sizes(),
+            continued_prefill_graphs=config.prefix_cache,
         )
-        self._free_slots = list(range(config.max_batch_size))
-        heapq.heapify(self._free_slots)
+        self._prefix = PrefixCache(config.max_batch_size, self.max_seq_len, enabled=config.prefix_cache)
         if config.warmup:
             self._runner.warm_up()
         logger.info("engine ready on %s: %d slots x %d tokens, KV cache %.2f GB, stop ids %s", device,
@@ -683,6 +709,8 @@ class Engine:
                 self._waiting.append(payload)
             elif kind == "cancel":
                 self._cancel_request(payload)
+            elif kind == "drop_cache":
+                self._prefix.drop_cached()
 
     def _cancel_request(self, request_id: int) -> None:
         for request in self._waiting:
@@ -695,7 +723,7 @@ class Engine:
             for request in group:
                 if request.id == request_id:
                     group.remove(request)
-                    self._release(request)
+                    self._release(request, keep=True)
                     self._post([(request.stream, None, _End(FinishReason.CANCELLED))])
                     return
 
@@ -704,18 +732,25 @@ class Engine:
             self._queued -= 1
 
     def _admit(self) -> None:
-        while self._waiting and self._free_slots:
+        while self._waiting and self._prefix.has_free_slot():
             request = self._waiting.popleft()
             self._dequeued()
-            request.slot = heapq.heappop(self._free_slots)
+            placement = self._prefix.place(request.prompt)
+            request.slot, request.prefilled = placement.slot, placement.reuse
             params = request.params
             try:
+                if placement.copy_from is not None:
+                    self._runner.copy_prefix(placement.copy_from, placement.slot, placement.reuse)
                 self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
             except Exception as error:
                 logger.exception("sampling setup of request %d failed", request.id)
                 self._fail(request, error)
                 self._step_failed(error)
                 continue
+            if placement.reuse:
+                self._counters["prefix_hits"] += 1
+                self._counters["prefix_tokens_reused"] += placement.reuse
+            self._counters["prefix_evictions"] += placement.evicted
             self._prefilling.append(request)
 
     def _step_failed(self, error: BaseException) -> None:
@@ -728,9 +763,10 @@ class Engine:
                 f"{self._failures_in_a_row} steps failed in a row; last: {type(error).__name__}: {error}"
             ) from error
 
-    def _release(self, request: _Request) -> None:
+    def _release(self, request: _Request, keep: bool) -> None:
+        """Free the request's slot; ``keep``: its keys and values stay cached for later requests."""
         if request.slot >= 0:
-            heapq.heappush(self._free_slots, request.slot)
+            self._prefix.release(request.slot, keep)
             request.slot = -1
 
     def _prefill(self, events: list[_Event]) -> None:
@@ -754,6 +790,7 @@ class Engine:
             self._counters["prefill_chunks"] += 1
             self._counters["prefill_seconds"] += time.perf_counter() - started
             self._counters["prompt_tokens"] += len(chunk)
+            self._prefix.written(request.slot, start, chunk)
             request.prefilled += len(chunk)
             budget -= len(chunk)
             if last:
@@ -807,6 +844,7 @@ class Engine:
         """Record a new token; True if the request goes on."""
         request.generated += 1
         request.last_token = token
+        self._prefix.drawn(request.slot, request.position, token)
         self._counters["tokens"] += 1
         reason = None
         if token in request.stop_ids:
@@ -819,14 +857,14 @@ class Engine:
         if reason is None:
             events.append((request.stream, token, None))
             return True
-        self._release(request)
+        self._release(request, keep=True)
         self._counters["finished"] += 1
         events.append((request.stream, token, _End(reason)))
         return False
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         """End ``request``'s stream with GenerationError (posted at once: the worker may stop next)."""
-        self._release(request)
+        self._release(request, keep=False)
         self._counters["failed"] += 1
         failure = GenerationError(f"generation failed: {type(error).__name__}: {error}")
         failure.__cause__ = error
@@ -844,7 +882,7 @@ class Engine:
         for request in [*self._waiting, *self._prefilling, *self._decoding]:
             if request in self._waiting:
                 self._dequeued()
-            self._release(request)
+            self._release(request, keep=False)
             error = EngineStoppedError(str(reason)) if isinstance(reason, EngineStoppedError) else None
             if error is None:
                 error = GenerationError(f"the engine worker failed: {type(reason).__name__}: {reason}")

@@ -311,6 +311,50 @@ class GLMModel(nn.Module):
             x = attn_out(block, x, context[0].transpose(0, 1).reshape(n, -1))
         return logits(self, x.index_select(0, last))
 
+    def prefill_continued_chunk(
+        self,
+        ids: torch.Tensor,
+        meta: torch.Tensor,
+        cache: KVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_len: int,
+    ) -> torch.Tensor:
+        """:meth:`prefill` of a chunk that continues a sequence already in the cache (a new turn after a
+        prefix-cache hit), with static shapes (what a continuation prefill CUDA graph captures).
+
+        ``ids`` [L]: the chunk padded to a fixed length L; ``meta`` int64 [3] on the device: (slot,
+        start position, number of real ids n). Row i (< n) sits at position ``start + i``, writes its
+        key/value there and attends over the slot's positions ``<= start + i`` among the first
+        ``kv_len`` (``start + n <= kv_len``); padding rows write to the cache's scratch position and
+        their outputs are ignored. Returns float32 logits [1, vocab] of the last real row."""
+        attn_in, attn_out, logits = self.steps
+        L = ids.shape[0]
+        kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
+        slot, start, n = meta[0:1], meta[1:2], meta[2:3]
+        rows = torch.arange(L, device=ids.device)
+        real = rows < n  # [L]
+        positions = torch.where(real, start + rows, cache.scratch_position)  # [L]
+        cos, sin = rope[0][positions], rope[1][positions]  # [L, rotary/2]
+        cache_rows = cache.row_index(slot.expand(L), positions)  # [2 * L * KV]
+        # [group * L, kv_len]: query row (g, i) sees positions <= its own; a padding row sees
+        # position 0 only (any valid row keeps its softmax finite)
+        visible = torch.arange(kv_len, device=ids.device)[None, :] <= torch.where(real, positions, 0)[:, None]
+        mask = visible.repeat(group, 1)
+        x = self.embed(ids)  # [L, hidden]
+        for layer, block in enumerate(self.layers):
+            q, kv = attn_in(block, x, cos, sin)  # [L, H, d], [2, L, KV, d]
+            layer_cache = cache.kv[layer]  # [2, slots, KV, capacity, d]
+            layer_cache.view(-1, head_dim).index_copy_(0, cache_rows, kv.reshape(-1, head_dim))
+            slot_kv = layer_cache.index_select(1, slot)[:, 0, :, :kv_len]  # [2, KV, kv_len, d]
+            # the query heads of a group and the rows become one query axis: [KV, group * L, d]
+            q = q.view(L, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, group * L, head_dim)
+            with sdpa_kernel(SDPA_BACKENDS):
+                context = F.scaled_dot_product_attention(q[None], slot_kv[0][None], slot_kv[1][None], attn_mask=mask)
+            # [1, KV, group * L, d] -> [L, KV * group * d] (head h = kv * group + g, as the q rows)
+            context = context[0].view(kv_heads, group, L, head_dim).permute(2, 0, 1, 3).reshape(L, -1)
+            x = attn_out(block, x, context)
+        return logits(self, x.index_select(0, n - 1))
+
     # --- decode: one new token for each of the first b slots ----------------------------------------
     def decode(
         self,

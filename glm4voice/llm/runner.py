@@ -75,6 +75,7 @@ class ModelRunner:
         kv_lengths: Sequence[int] | None = None,
         cache_dtype: torch.dtype | None = None,
         prefill_graph_lengths: Sequence[int] = (),
+        continued_prefill_graphs: bool = False,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -116,11 +117,16 @@ class ModelRunner:
         lengths = sorted({int(n) for n in prefill_graph_lengths if 0 < n <= max_seq_len}) if self.cuda_graphs else []
         self.prefill_graph_lengths = tuple(lengths)
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.continued_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        """Graphs of chunks that continue a cached sequence (prefix-cache hits), keyed by (padded
+        chunk length, attention length)."""
+        self._want_continued_graphs = continued_prefill_graphs and bool(lengths)
         self.prefill_graphs_enabled = True
         """Use the captured prefill graphs (switchable, e.g. to measure both paths in one run)."""
         longest = max(lengths, default=1)
         self._pf_ids = torch.zeros(longest, dtype=torch.long, device=device)
         self._pf_meta = torch.zeros(3, dtype=torch.long, device=device)
+        self._pfc_meta = torch.zeros(3, dtype=torch.long, device=device)  # slot, start, real ids
         self._pf_token = torch.zeros(1, dtype=torch.long, device=device)
         self._pf_host_ids = torch.zeros(longest, dtype=torch.long, pin_memory=pin)
         self._pf_host_meta = torch.zeros(3, dtype=torch.long, pin_memory=pin)
@@ -133,6 +139,14 @@ class ModelRunner:
         self.top_p[slot] = top_p
         self.seeds[slot] = seed
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Keys and values of positions ``[0, length)`` of slot ``source`` into slot ``target`` (every
+        layer; one strided device copy, ordered after every step already launched)."""
+        if source == target or length <= 0:
+            return
+        kv = self.cache.kv  # [layers, 2, slots, kv_heads, capacity, head_dim]
+        kv[:, :, target, :, :length].copy_(kv[:, :, source, :, :length], non_blocking=True)
+
     # --- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int], start: int, sample: bool) -> int | None:
@@ -143,6 +157,11 @@ class ModelRunner:
             length = _cover(self.prefill_graph_lengths, len(ids))
             if length is not None and length in self.prefill_graphs:
                 return self._replay_prefill(length, slot, ids)
+        if start > 0 and self.prefill_graphs_enabled and self.continued_graphs:
+            key = (_cover(self.prefill_graph_lengths, len(ids)), _cover(self.kv_lengths, start + len(ids)))
+            if key in self.continued_graphs:
+                token = self._replay_continued(key, slot, ids, start)
+                return token if sample else None
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         logits = self.model.prefill(ids_t, self.cache, slot, start, self.rope)
         if not sample:
@@ -160,6 +179,30 @@ class ModelRunner:
         token = self.sample(logits, self.temperature.index_select(0, slot), self.top_p.index_select(0, slot),
                             self.seeds.index_select(0, slot), counter)  # fmt: skip
         self._pf_token.copy_(token)
+
+    def _continued_step(self, length: int, kv_len: int) -> None:
+        """The body of a continuation prefill graph: ``_pf_ids[:length]`` at positions ``start ..``
+        of slot ``_pfc_meta = (slot, start, n)``, then the token drawn for position ``start + n``."""
+        meta = self._pfc_meta
+        slot, counter = meta[0:1], meta[1:2] + meta[2:3]
+        logits = self.model.prefill_continued_chunk(self._pf_ids[:length], meta, self.cache, self.rope, kv_len)
+        token = self.sample(logits, self.temperature.index_select(0, slot), self.top_p.index_select(0, slot),
+                            self.seeds.index_select(0, slot), counter)  # fmt: skip
+        self._pf_token.copy_(token)
+
+    def _replay_continued(self, key: tuple[int, int], slot: int, ids: Sequence[int], start: int) -> int:
+        length, n = key[0], len(ids)
+        host_ids = self._pf_host_ids.numpy()
+        host_ids[:n] = ids
+        host_ids[n:length] = 0
+        self._pf_host_meta.numpy()[:] = (slot, start, n)
+        self._pf_ids[:length].copy_(self._pf_host_ids[:length], non_blocking=True)
+        self._pfc_meta.copy_(self._pf_host_meta, non_blocking=True)
+        self.continued_graphs[key].replay()
+        self._pf_host_token.copy_(self._pf_token, non_blocking=True)
+        self._pf_event.record()
+        self._pf_event.synchronize()
+        return int(self._pf_host_token[0])
 
     def _replay_prefill(self, length: int, slot: int, ids: Sequence[int]) -> int:
         n = len(ids)
@@ -277,9 +320,16 @@ class ModelRunner:
                 self.graphs[(b, kv_len)] = graph
         torch.cuda.synchronize(self.device)
         self._capture_prefill_graphs(pool)
-        logger.info("warm-up: %d decode graphs (batch %s x attention length %s), prefill graphs %s in %.1f s",
-                    len(self.graphs), self.batch_sizes, self.kv_lengths, self.prefill_graph_lengths,
-                    time.perf_counter() - started)  # fmt: skip
+        logger.info("warm-up: %d decode graphs (batch %s x attention length %s), prefill graphs %s, %d continuation "
+                    "prefill graphs in %.1f s", len(self.graphs), self.batch_sizes, self.kv_lengths,
+                    self.prefill_graph_lengths, len(self.continued_graphs), time.perf_counter() - started)  # fmt: skip
+
+    def continued_graph_shapes(self) -> list[tuple[int, int]]:
+        """(padded chunk length, attention length) pairs with a continuation graph: every prefill
+        graph length below every attention length."""
+        if not self._want_continued_graphs:
+            return []
+        return [(n, k) for n in self.prefill_graph_lengths for k in self.kv_lengths if n < k]
 
     def _capture_prefill_graphs(self, pool) -> None:
         if not self.prefill_graph_lengths:
@@ -297,4 +347,22 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool):
                 self._prefill_step(length)
             self.prefill_graphs[length] = graph
+        torch.cuda.synchronize(self.device)
+        shapes = self.continued_graph_shapes()
+        if not shapes:
+            return
+        # slot 0 is free during warm-up: one real id at position 1, the padding to its scratch position
+        self._pfc_meta.copy_(torch.tensor([0, 1, 1]))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for length, kv_len in shapes:
+                self._continued_step(length, kv_len)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        for length, kv_len in reversed(shapes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._continued_step(length, kv_len)
+            self.continued_graphs[(length, kv_len)] = graph
         torch.cuda.synchronize(self.device)

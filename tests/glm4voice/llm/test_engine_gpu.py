@@ -63,3 +63,39 @@ def test_bfloat16_compiled_prefill_close_to_eager():
     finally:
         model.eager_steps()
     assert torch.nn.functional.cosine_similarity(eager, compiled, dim=-1).min() > 0.999
+
+
+def test_prefix_cache_graphs_equal_eager_over_a_conversation(monkeypatch):
+    """Five turns per conversation, three conversations at once: later turns start from the cached
+    prefix through the continuation prefill graphs; tokens equal the eager engine's."""
+    from glm4voice.llm.runner import ModelRunner
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = random_model(TINY, "cuda", torch.float32, seed=3)
+    replays = []
+    real = ModelRunner._replay_continued
+    monkeypatch.setattr(ModelRunner, "_replay_continued", lambda self, *a: replays.append(a[0]) or real(self, *a))
+
+    async def conversation(engine, c):
+        history, replies = [5, 6, 7, 8], []
+        for turn in range(5):
+            prompt = history + [100 + 37 * c + 11 * turn + k for k in range(20 + 7 * turn)]
+            # a peaked distribution: the continuation graph's attention (grouped heads, one masked SDPA
+            # over the attention length) rounds differently from the eager chunk's (expanded heads)
+            params = SamplingParams(temperature=0.3, top_p=0.9, max_new_tokens=40, seed=10 * c + turn)
+            reply = await _collect(engine.submit(prompt, params))
+            replies.append(reply)
+            history = prompt + reply
+        return replies
+
+    async def run(**config):
+        options = dict(device="cuda", dtype="float32", max_batch_size=4, max_seq_len=512, prefill_chunk=64,
+                       cuda_graph_batch_sizes=(1, 2, 4))  # fmt: skip
+        async with Engine.from_model(model, EngineConfig(**(options | config)), stop_ids=()) as engine:
+            replies = await asyncio.gather(*(conversation(engine, c) for c in range(3)))
+            return replies, engine.stats(), len(engine.runner.continued_graphs)
+
+    eager, eager_stats, _ = asyncio.run(run(eager=True))
+    graphs, stats, captured = asyncio.run(run(compile=False))
+    assert captured > 0 and len(replays) >= 3 * 4 and stats.prefix_hits >= 3 * 4
+    assert graphs == eager

@@ -210,6 +210,34 @@ def test_padded_first_chunk_prefill_equals_prefill_then_decodes_on(tiny_llm):
             torch.testing.assert_close(step[1], full[position], rtol=1e-4, atol=1e-4)
 
 
+def test_padded_continued_chunk_equals_prefill_then_decodes_on(tiny_llm):
+    """The static-shape prefill of the continuation graphs (a chunk after a cached prefix, padded,
+    slot/start/length as a tensor) gives the chunk's last logits and cache rows; padding writes only
+    the scratch position; decoding continues from there."""
+    model = tiny_llm.model
+    full = model(torch.tensor(IDS))
+    start, n, padded, kv_len = 6, 5, 8, 16
+    cache = KVCache.allocate(model.config, 3, 32, torch.float32, "cpu")
+    reference = KVCache.allocate(model.config, 3, 32, torch.float32, "cpu")
+    rope = model.rope_tables(33)
+    with torch.inference_mode():
+        for kv in (cache, reference):
+            model.prefill(torch.tensor(IDS[:start]), kv, 2, 0, rope)
+        ids = torch.tensor(IDS[start : start + n] + [0] * (padded - n))
+        logits = model.prefill_continued_chunk(ids, torch.tensor([2, start, n]), cache, rope, kv_len)
+        torch.testing.assert_close(logits[0], full[start + n - 1], rtol=1e-4, atol=1e-4)
+        model.prefill(torch.tensor(IDS[start : start + n]), reference, 2, start, rope)
+        end = start + n
+        torch.testing.assert_close(cache.kv[:, :, 2, :, :end], reference.kv[:, :, 2, :, :end], rtol=1e-5, atol=1e-5)
+        assert not cache.kv[:, :, 2, :, end:-1].any(), "padding wrote past the chunk"
+        assert not cache.kv[:, :, :2].any(), "other slots were written"
+        scratch = cache.scratch_position
+        for position in range(end, len(IDS)):
+            step = model.decode(torch.tensor([0, 0, IDS[position]]), torch.tensor([scratch, scratch, position]),
+                                cache, rope, kv_len=kv_len)  # fmt: skip
+            torch.testing.assert_close(step[2], full[position], rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_model_stays_close_to_float32(llm_folder, tiny_llm):
     from glm4voice.llm.checkpoint import load_model
 
