@@ -2,15 +2,17 @@
 
 Grouped-query attention: the ``G`` query heads of key/value head ``h`` (query heads ``h*G .. h*G+G-1``)
 share its keys, so the query of a row is laid out ``[b, KV, G, d]`` and every key is read once for
-its whole group. Row ``i`` sees cache positions ``0 .. positions[i]`` among the first ``kv_len``
+its whole group. Row ``i`` works on cache slot ``slots[i]`` (a decode batch holds the running
+streams whatever their slots) and sees positions ``0 .. positions[i]`` among the first ``kv_len``
 (all of them for an idle row parked at the scratch position, whose output is ignored).
 
 Backends (``DECODE_ATTENTION``):
 
 * ``"matmul"``: two batched matmuls around a masked float32 softmax, pure torch (the reference, and
-  the path on the CPU);
-* ``"sdpa"``: one ``scaled_dot_product_attention`` call with an additive mask;
-* ``"triton"``: split-K flash decoding in two Triton kernels. Kernel 1 runs one program per (row,
+  the path on the CPU), on the rows' slots gathered from the cache;
+* ``"sdpa"``: one ``scaled_dot_product_attention`` call with an additive mask, likewise;
+* ``"triton"``: split-K flash decoding in two Triton kernels, reading the cache in place through the
+  slot indices. Kernel 1 runs one program per (row,
   key/value head, split of the positions): it streams its keys and values once, in blocks of
   ``BLOCK_N``, with an online softmax, and writes its partial maximum, sum and weighted values;
   kernel 2 merges the splits. Splits give a batch-1 step enough programs to use the GPU; their
@@ -94,13 +96,23 @@ def split_plan(rows: int, kv_len: int) -> tuple[int, int]:
     return -(-kv_len // per_split), per_split
 
 
-def attend_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                  scale: float) -> torch.Tensor:  # fmt: skip
-    """Split-K flash decoding (see the module docstring). ``keys``/``values`` may be strided views of
-    the cache (only their last dimension must be contiguous). Returns [b, KV, G, d] in q's dtype."""
+def gather(layer_cache: torch.Tensor, slots: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [b, KV, kv_len, d] of the rows' slots from one layer of the cache
+    ``[2, slots, KV, capacity, d]`` (a view when the rows are slots 0..b-1, else a copy)."""
+    b = slots.shape[0]
+    if slots.device.type == "cpu" and torch.equal(slots, torch.arange(b)):
+        return layer_cache[0, :b, :, :kv_len], layer_cache[1, :b, :, :kv_len]
+    window = layer_cache[:, :, :, :kv_len]
+    return window[0].index_select(0, slots), window[1].index_select(0, slots)
+
+
+def attend_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+                  positions: torch.Tensor, kv_len: int, scale: float) -> torch.Tensor:  # fmt: skip
+    """Split-K flash decoding (see the module docstring). ``keys``/``values`` [slots, KV, capacity, d]
+    (strided views of the cache are fine: only their last dimension must be contiguous); row i reads
+    slot ``slots[i]``'s first ``kv_len`` positions. Returns [b, KV, G, d] in q's dtype."""
     kernels = _triton_kernels()
     b, kv_heads, group, head_dim = q.shape
-    kv_len = keys.shape[2]
     if head_dim & (head_dim - 1) or keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("the Triton decode attention needs a power-of-two head size and contiguous head rows")
     splits, per_split = split_plan(b * kv_heads, kv_len)
@@ -111,7 +123,7 @@ def attend_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     part_acc = torch.empty(b * kv_heads, splits, block_g, head_dim, dtype=torch.float32, device=q.device)
     out = torch.empty(b, kv_heads, group, head_dim, dtype=q.dtype, device=q.device)
     kernels.split[(b * kv_heads, splits)](
-        q, keys, values, positions, part_max, part_sum, part_acc,
+        q, keys, values, slots, positions, part_max, part_sum, part_acc,
         q.stride(0), q.stride(1), q.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
@@ -125,13 +137,17 @@ def attend_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos
     return out
 
 
-def attend(backend: str, q, keys, values, positions, scale, mask=None, softmax=masked_softmax) -> torch.Tensor:
-    """One decode step's attention with ``backend`` (resolved: not "auto"); ``mask`` (from
-    :func:`visible_mask`) is needed by "matmul" and "sdpa" only."""
+def attend(backend: str, q: torch.Tensor, layer_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+           kv_len: int, scale: float, mask=None, softmax=masked_softmax) -> torch.Tensor:  # fmt: skip
+    """One decode step's attention with ``backend`` (resolved: not "auto"): queries [b, KV, G, d]
+    against one layer of the cache [2, slots, KV, capacity, d] for the rows' ``slots`` [b] up to
+    their ``positions`` [b] within ``kv_len``; ``mask`` (from :func:`visible_mask`) is needed by
+    "matmul" and "sdpa" only."""
     if backend == "triton":
-        return attend_triton(q, keys, values, positions, scale)
+        return attend_triton(q, layer_cache[0], layer_cache[1], slots, positions, kv_len, scale)
+    keys, values = gather(layer_cache, slots, kv_len)
     if mask is None:
-        mask = visible_mask(positions, keys.shape[2], q.dtype)
+        mask = visible_mask(positions, kv_len, q.dtype)
     if backend == "sdpa":
         return attend_sdpa(q, keys, values, mask)
     return attend_matmul(q, keys, values, mask, scale, softmax)
@@ -144,7 +160,7 @@ def _triton_kernels():
     import triton.language as tl
 
     @triton.jit
-    def split(Q, K, V, POS, MAX, SUM, ACC,
+    def split(Q, K, V, SLOTS, POS, MAX, SUM, ACC,
               stride_qb, stride_qh, stride_qg, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
               kv_len, per_split, scale,
               KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -164,8 +180,9 @@ def _triton_kernels():
         running_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        k_base = K + row * stride_kb + head * stride_kh
-        v_base = V + row * stride_vb + head * stride_vh
+        slot = tl.load(SLOTS + row)
+        k_base = K + slot * stride_kb + head * stride_kh
+        v_base = V + slot * stride_vb + head * stride_vh
         for first in range(start, end, BLOCK_N):
             n = first + tl.arange(0, BLOCK_N)
             valid = n < end
@@ -185,10 +202,10 @@ def _triton_kernels():
             else:
                 acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
             running_max = new_max
-        slot = (row_head * tl.num_programs(1) + part) * BLOCK_G + g
-        tl.store(MAX + slot, running_max)
-        tl.store(SUM + slot, running_sum)
-        tl.store(ACC + slot[:, None] * D + d[None, :], acc)
+        out = (row_head * tl.num_programs(1) + part) * BLOCK_G + g
+        tl.store(MAX + out, running_max)
+        tl.store(SUM + out, running_sum)
+        tl.store(ACC + out[:, None] * D + d[None, :], acc)
 
     @triton.jit
     def combine(MAX, SUM, ACC, OUT, splits, stride_ob, stride_oh, stride_og,

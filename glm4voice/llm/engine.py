@@ -732,26 +732,36 @@ class Engine:
             self._queued -= 1
 
     def _admit(self) -> None:
-        while self._waiting and self._prefix.has_free_slot():
-            request = self._waiting.popleft()
-            self._dequeued()
-            placement = self._prefix.place(request.prompt)
-            request.slot, request.prefilled = placement.slot, placement.reuse
-            params = request.params
-            try:
-                if placement.copy_from is not None:
-                    self._runner.copy_prefix(placement.copy_from, placement.slot, placement.reuse)
-                self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
-            except Exception as error:
-                logger.exception("sampling setup of request %d failed", request.id)
-                self._fail(request, error)
-                self._step_failed(error)
-                continue
-            if placement.reuse:
-                self._counters["prefix_hits"] += 1
-                self._counters["prefix_tokens_reused"] += placement.reuse
-            self._counters["prefix_evictions"] += placement.evicted
+        events: list[_Event] = []
+        try:
+            while self._waiting and self._prefix.has_free_slot():
+                self._place(self._waiting.popleft(), events)
+        finally:
+            self._post(events)  # first tokens of repeated prompts (no prefill needed)
+
+    def _place(self, request: _Request, events: list[_Event]) -> None:
+        self._dequeued()
+        placement = self._prefix.place(request.prompt)
+        request.slot, request.prefilled = placement.slot, placement.reuse
+        params = request.params
+        try:
+            if placement.copy_from is not None:
+                self._runner.copy_prefix(placement.copy_from, placement.slot, placement.reuse, placement.repeat)
+            self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
+            token = self._runner.sample_first(request.slot, len(request.prompt)) if placement.repeat else None
+        except Exception as error:
+            logger.exception("setting up request %d failed", request.id)
+            self._fail(request, error)
+            self._step_failed(error)
+            return
+        if placement.reuse:
+            self._counters["prefix_hits"] += 1
+            self._counters["prefix_tokens_reused"] += placement.reuse
+        self._counters["prefix_evictions"] += placement.evicted
+        if token is None:
             self._prefilling.append(request)
+        elif self._accept(request, token, events):
+            self._decoding.append(request)
 
     def _step_failed(self, error: BaseException) -> None:
         """Bookkeeping of a failed step: re-raise (ending the worker) if the device is unusable."""
@@ -795,6 +805,7 @@ class Engine:
             budget -= len(chunk)
             if last:
                 self._prefilling.pop(0)
+                self._prefix.prompt_done(request.slot, len(request.prompt))
                 if self._accept(request, token, events):
                     self._decoding.append(request)
 

@@ -387,28 +387,28 @@ class GLMModel(nn.Module):
         cache: KVCache,
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_len: int,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``tokens``/``positions`` [b]: row i is slot i. Writes each row's key/value at its
-        position and attends over the slot's first ``kv_len`` positions (masked beyond its own
-        position). Static shapes for a given (b, kv_len): this is what a CUDA graph captures.
-        Returns float32 logits [b, vocab]."""
+        """``tokens``/``positions``/``slots`` [b]: row i works on cache slot ``slots[i]`` (default:
+        slot i). Writes each row's key/value at its position and attends over the slot's first
+        ``kv_len`` positions (masked beyond its own position). Static shapes for a given (b, kv_len):
+        this is what a CUDA graph captures. Returns float32 logits [b, vocab]."""
         layer_inputs, layer_outputs, logits = self.decode_steps
         b = tokens.shape[0]
-        rows = torch.arange(b, device=tokens.device)
+        slots = torch.arange(b, device=tokens.device) if slots is None else slots
         cos, sin = rope[0][positions], rope[1][positions]  # [b, rotary/2]
         kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
         backend, scale = attention.resolve(self.decode_attention, tokens.device, head_dim), head_dim**-0.5
         # additive mask [b, 1, 1, kv_len] shared by all layers and heads (the Triton kernel reads positions)
         mask = None if backend == "triton" else attention.visible_mask(positions, kv_len, self.dtype)
-        cache_rows = cache.row_index(rows, positions)  # [2 * b * KV]
+        cache_rows = cache.row_index(slots, positions)  # [2 * b * KV]
         x, delta = self.embed(tokens), None  # [b, hidden]
         for layer, block in enumerate(self.layers):
             layer_cache = cache.kv[layer]  # [2, slots, KV, capacity, d]
             x, q = layer_inputs(block, x, delta, cos, sin, layer_cache.view(-1, head_dim), cache_rows)
             # the query heads of a group become the query axis: no key/value expansion needed
             q = q.view(b, kv_heads, group, head_dim)
-            keys, values = layer_cache[0, :b, :, :kv_len], layer_cache[1, :b, :, :kv_len]  # [b, KV, kv_len, d]
-            context = attention.attend(backend, q, keys, values, positions, scale, mask, self.softmax)
+            context = attention.attend(backend, q, layer_cache, slots, positions, kv_len, scale, mask, self.softmax)
             x, delta = layer_outputs(block, x, context.reshape(b, -1))
         return logits(self, x, delta)
 

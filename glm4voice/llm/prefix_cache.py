@@ -10,12 +10,18 @@ last one was drawn, never fed back).
 Placing a request (:meth:`PrefixCache.place`):
 
 * the *source* is the slot, busy or not, whose valid prefix agrees longest with the prompt (at most
-  ``len(prompt) - 1`` tokens: the last prompt token is always computed, its logits give the first
-  reply token); only the common prefix is reused, whatever follows a divergence is recomputed;
-* the *target* is the lowest free slot whose loss is nothing: an empty slot, or a cached one whose
-  whole content is a prefix of the prompt (the same conversation, going on). Low slots keep decode
-  batches small (a step covers the rows up to the highest busy slot). If every free slot holds
-  another conversation, the least recently used one is evicted;
+  ``len(prompt) - 1`` tokens: the last prompt token is computed, its logits give the first reply
+  token); only the common prefix is reused, whatever follows a divergence is recomputed;
+* a prompt that a slot holds whole *as its prompt* (the same request again: a retry) reuses all of
+  it and the first-token logits kept with it, so nothing is recomputed and the same seed draws the
+  same reply: recomputing the last token alone would round differently from the first time, and
+  that is enough to change a sampled token;
+* the *target* is the lowest free slot whose loss is nothing: an empty slot, a cached one whose
+  whole content is a prefix of the prompt (the same conversation, going on), or one whose content
+  begins with the whole prompt (a retry replaces the old reply); a repeat stays in the slot that
+  holds it (no copy). If every free slot holds another conversation, the least recently used one
+  is evicted. (Where a slot lies does not matter for speed: decode batches are compact, see
+  glm4voice.llm.runner);
 * if source and target differ, the engine copies positions ``[0, reuse)`` from source to target (a
   device copy of ``reuse`` positions in every layer: microseconds against the prefill it saves), and
   a cached source that the prompt supersedes becomes empty (its content lives on in the target).
@@ -37,11 +43,15 @@ class Placement:
     slot: int
     """The slot the request gets."""
     reuse: int
-    """Leading prompt tokens whose keys and values the slot holds once ``copy_from`` is copied."""
+    """Leading prompt tokens whose keys and values the slot holds once ``copy_from`` is copied.
+    The whole prompt (a repeat): its first-token logits are kept too, no prefill is needed."""
     copy_from: int | None
-    """Copy positions ``[0, reuse)`` from this slot into ``slot`` first (None: already in place)."""
+    """Copy positions ``[0, reuse)`` (and the first-token logits, for a repeat) from this slot into
+    ``slot`` first (None: already in place)."""
     evicted: bool
     """A cached conversation other than this prompt's was dropped to make room."""
+    repeat: bool = False
+    """``reuse`` is the whole prompt: draw the first token from the kept logits."""
 
 
 class PrefixCache:
@@ -52,6 +62,8 @@ class PrefixCache:
         self.length = np.zeros(slots, dtype=np.int64)
         """Leading positions of each slot whose keys and values are written and match ``tokens``."""
         self.busy = np.zeros(slots, dtype=bool)
+        self.prompt_len = np.zeros(slots, dtype=np.int64)
+        """Length of the prompt whose first-token logits the slot keeps (0: none)."""
         self.last_used = np.zeros(slots, dtype=np.int64)
         self._clock = 0
 
@@ -87,14 +99,22 @@ class PrefixCache:
             slot = int(np.flatnonzero(free)[0])
             self._take(slot, ids, 0)
             return Placement(slot, 0, None, False)
-        agree = self.common_prefix(ids, n)  # up to the whole prompt: does a slot hold nothing else?
-        superseded = (self.length > 0) & (agree == self.length)
-        reusable = np.minimum(agree, n - 1)
-        source = int(reusable.argmax())
-        reuse = int(reusable[source])
-        no_loss = free & ((self.length == 0) | superseded)
+        agree = self.common_prefix(ids, n)  # up to the whole prompt
+        superseded = (self.length > 0) & (agree == self.length)  # all it holds is in the prompt
+        retried = agree == n  # it holds the whole prompt, then an old reply
+        repeats = retried & (self.prompt_len == n)  # ... as its prompt, with the first-token logits
+        if repeats.any():
+            source = int(np.flatnonzero(repeats & free)[0] if (repeats & free).any() else np.flatnonzero(repeats)[0])
+            reuse = n
+        else:
+            reusable = np.minimum(agree, n - 1)
+            source = int(reusable.argmax())
+            reuse = int(reusable[source])
+        no_loss = free & ((self.length == 0) | superseded | retried)
         evicted = False
-        if no_loss.any():
+        if reuse == n and free[source]:  # a repeat stays in its slot: the same decode rows, the same reply
+            target = source
+        elif no_loss.any():
             target = int(np.flatnonzero(no_loss)[0])
         else:  # every free slot holds another conversation: drop the least recently used one
             candidates = np.flatnonzero(free)
@@ -104,15 +124,27 @@ class PrefixCache:
         if reuse > 0 and source != target:
             copy_from = source
             if free[source] and superseded[source]:
-                self.length[source] = 0  # its whole content is about to live on in the target
+                self._forget(source)  # its whole content is about to live on in the target
+        repeat = reuse == n
         self._take(target, ids, reuse)
-        return Placement(target, reuse, copy_from, evicted)
+        if repeat:
+            self.prompt_len[target] = n
+        return Placement(target, reuse, copy_from, evicted, repeat)
 
     def _take(self, slot: int, ids: np.ndarray, reuse: int) -> None:
         self.busy[slot] = True
         self.tokens[slot, :reuse] = ids[:reuse]
         self.length[slot] = reuse
+        self.prompt_len[slot] = 0
         self._touch(slot)
+
+    def _forget(self, slot: int) -> None:
+        self.length[slot] = 0
+        self.prompt_len[slot] = 0
+
+    def prompt_done(self, slot: int, n: int) -> None:
+        """The slot's whole prompt (``n`` tokens) is written and its first-token logits are kept."""
+        self.prompt_len[slot] = n
 
     def written(self, slot: int, start: int, ids: Sequence[int]) -> None:
         """Positions ``start ..`` of ``slot`` now hold ``ids`` (a prefill chunk)."""
@@ -130,12 +162,13 @@ class PrefixCache:
         """The slot's request ended; ``keep``: its keys and values stay valid for later requests."""
         self.busy[slot] = False
         if not (keep and self.enabled):
-            self.length[slot] = 0
+            self._forget(slot)
         self._touch(slot)
 
     def drop_cached(self) -> None:
         """Forget the cached content of every free slot."""
         self.length[~self.busy] = 0
+        self.prompt_len[~self.busy] = 0
 
     def _touch(self, slot: int) -> None:
         self._clock += 1

@@ -71,10 +71,9 @@ def test_greedy_is_the_same_alone_and_in_a_batch_of_8(tiny_llm):
     for prompt, tokens in zip(PROMPTS[:2], alone):
         assert tokens == greedy_reference(tiny_llm.model, prompt, 20)
     assert stats.tokens_generated == 2 * 20 * len(PROMPTS) and stats.requests_finished == 2 * len(PROMPTS)
-    # the second time, each prompt but the one-token one is cached whole (with its reply): all but
-    # its last token are reused
-    assert stats.prefix_tokens_reused == sum(len(p) - 1 for p in PROMPTS) and stats.prefix_hits == len(PROMPTS) - 1
-    assert stats.prompt_tokens + stats.prefix_tokens_reused == 2 * sum(map(len, PROMPTS))
+    # the second time, each prompt is a repeat: kept whole with its first-token logits, nothing computed
+    assert stats.prefix_tokens_reused == sum(map(len, PROMPTS)) and stats.prefix_hits == len(PROMPTS)
+    assert stats.prompt_tokens == sum(map(len, PROMPTS))
     assert stats.active_streams == 0 and stats.queued == 0
 
 

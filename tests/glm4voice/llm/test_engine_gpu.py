@@ -111,14 +111,15 @@ def test_triton_decode_attention_equals_matmul(dtype, tolerance, b, kv_len):
     generator = torch.Generator(device="cuda").manual_seed(b * kv_len)
     layer = torch.randn(2, 64, 2, 4097, 128, generator=generator, device="cuda").to(dtype)
     q = torch.randn(b, 2, 16, 128, generator=generator, device="cuda").to(dtype)
-    keys, values = layer[0, :b, :, :kv_len], layer[1, :b, :, :kv_len]
+    slots = torch.randperm(64, generator=generator, device="cuda")[:b]  # rows on any slots
     positions = torch.randint(0, kv_len, (b,), generator=generator, device="cuda")
     positions[0] = kv_len - 1
     if b > 2:
         positions[1], positions[2] = 0, 4096  # one position; an idle row at the scratch position
     mask = attention.visible_mask(positions, kv_len, torch.float32)
+    keys, values = attention.gather(layer, slots, kv_len)
     expected = attention.attend_matmul(q.float(), keys.float(), values.float(), mask, 128**-0.5)
-    got = attention.attend_triton(q, keys, values, positions, 128**-0.5)
+    got = attention.attend_triton(q, layer[0], layer[1], slots, positions, kv_len, 128**-0.5)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), expected, rtol=tolerance, atol=tolerance)
 

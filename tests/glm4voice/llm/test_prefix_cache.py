@@ -82,6 +82,7 @@ def finish(cache: PrefixCache, prompt, reply) -> int:
     """Place ``prompt``, record it and its reply as an engine would, release; returns the slot."""
     placement = cache.place(prompt)
     cache.written(placement.slot, placement.reuse, prompt[placement.reuse :])
+    cache.prompt_done(placement.slot, len(prompt))
     for i, token in enumerate(reply):
         cache.drawn(placement.slot, len(prompt) + i, token)
     cache.release(placement.slot, keep=True)
@@ -94,10 +95,28 @@ def test_next_turn_reuses_everything_but_the_unfed_last_token():
     assert finish(cache, prompt, reply) == 0
     assert cache.length[0] == len(prompt) + len(reply) - 1  # the last reply token was never fed
     placement = cache.place(prompt + reply + [5, 6])
-    assert placement == type(placement)(slot=0, reuse=6, copy_from=None, evicted=False)
-    # the same prompt again (a retry): all but its last token
+    assert placement == type(placement)(slot=0, reuse=6, copy_from=None, evicted=False, repeat=False)
     cache.release(0, keep=True)
-    assert cache.place([1, 2, 3, 4]).reuse == 3
+    # a prompt inside the cached one that was not its prompt: all but its last token are reused
+    assert cache.place([1, 2, 3]).reuse == 2
+
+
+def test_a_repeated_prompt_is_reused_whole_in_its_own_slot():
+    """The same request again (a retry, the same seed): its whole prompt and first-token logits,
+    in the slot that holds it (same slot, same decode batch rows: the same reply), even with a
+    lower slot empty; the old reply is dropped."""
+    cache = PrefixCache(slots=4, capacity=64)
+    failed = cache.place([9, 9])  # slot 0, freed empty below
+    assert finish(cache, [1, 2, 3, 4], [7, 8, 9]) == 1
+    cache.release(failed.slot, keep=False)
+    placement = cache.place([1, 2, 3, 4])
+    assert (placement.slot, placement.reuse, placement.copy_from, placement.repeat) == (1, 4, None, True)
+    assert cache.length[1] == 4 and cache.prompt_len[1] == 4
+    # while it runs, the same prompt again comes from it (a copy of keys, values and logits)
+    again = cache.place([1, 2, 3, 4])
+    assert (again.slot, again.reuse, again.copy_from, again.repeat) == (0, 4, 1, True)
+    # a longer prompt is no repeat
+    assert not cache.place([1, 2, 3, 4, 5]).repeat
 
 
 def test_divergence_reuses_only_the_common_prefix_and_keeps_the_other_history():
@@ -294,3 +313,62 @@ def test_drop_prefix_cache_forgets_cached_sequences(tiny_llm):
 
     hits_after_drop, stats = run_engine(tiny_llm, cpu_config(), body)
     assert hits_after_drop == 0 and stats.prefix_hits == 1
+
+
+def test_sample_first_draws_what_the_prefill_drew(tiny_llm):
+    from glm4voice.llm.runner import ModelRunner
+
+    runner = ModelRunner(tiny_llm.model, 3, 64, cuda_graphs=False, compile=False)
+    prompt = SYSTEM + user_turn(0)
+    for seed in (1, 2, 3, 4):
+        runner.set_sampling(2, 1.0, 0.9, seed)
+        drawn = runner.prefill(2, prompt, 0, sample=True)
+        runner.copy_prefix(2, 0, len(prompt), first_logits=True)
+        runner.set_sampling(0, 1.0, 0.9, seed)
+        assert runner.sample_first(2, len(prompt)) == drawn == runner.sample_first(0, len(prompt))
+    torch.testing.assert_close(runner.first_logits[0], runner.first_logits[2])
+
+
+def test_the_same_seed_repeats_the_reply_with_the_cache(tiny_llm):
+    """float32 and temperature 1 on the nearly flat tiny model, where any rounding difference would
+    show: a repeated request (and a replayed conversation) gets exactly the same tokens, with other
+    conversations' caches around."""
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=30, seed=1234)
+
+    async def body(engine):
+        await collect(engine.submit(SYSTEM + [7, 7, 7], params))  # another conversation, cached
+        first = await converse(engine, 3, 3, lambda c, t: params)
+        again = await converse(engine, 3, 3, lambda c, t: params)
+        return first, again
+
+    (first, again), stats = run_engine(tiny_llm, cpu_config(), body)
+    assert first == again
+    assert stats.prefix_hits >= 5
+
+
+def test_a_lone_stream_decodes_as_one_row_whatever_its_slot(tiny_llm):
+    """Cached conversations keep the low slots; a new stream in a high slot still decodes in a batch
+    of one row (decode batches are compact: row j works on any slot)."""
+    from glm4voice.llm.runner import DecodeRow
+
+    async def body(engine):
+        for c in range(3):
+            await collect(engine.submit(SYSTEM[:3] + user_turn(0, c), greedy(c, 0)))
+        batches = []
+        real_launch = engine.runner.launch
+        engine.runner.launch = lambda rows, after=None: (
+            batches.append((tuple(r.slot for r in (after.rows if after else rows)), len(rows)))
+            or real_launch(rows, after)
+        )
+        tokens = await collect(engine.submit(user_turn(5, 9), greedy(9, 0)))
+        return batches, tokens
+
+    (batches, tokens), stats = run_engine(tiny_llm, cpu_config(), body)
+    assert {slots for slots, _ in batches} == {(3,)} and {n for _, n in batches} == {1}
+    assert stats.prefix_evictions == 0 and len(tokens) == 12
+    with pytest.raises(ValueError, match="at most once"):
+        from glm4voice.llm.runner import ModelRunner
+
+        ModelRunner(tiny_llm.model, 2, 32, cuda_graphs=False, compile=False).launch(
+            [DecodeRow(1, 5, 3), DecodeRow(1, 6, 4)]
+        )
