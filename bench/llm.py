@@ -1,9 +1,13 @@
 """Benchmark of the GLM-4-Voice-9B engine (random weights, full size) and the reference-style baseline.
 
 Prints the machine, the command, and: memory-bandwidth bound and single-stream decode tokens/s,
-prefill time for 300 and 2000 prompt tokens, aggregate and per-stream tokens/s at 1/8/32/64
-concurrent streams, GPU memory, the eager fallback, int8 weights, a full-size safetensors load, and
-transformers' GLM with ``generate`` + a streamer thread at batch 1 (how the original serves).
+the GPU time and kernels (torch.profiler) of one decode step for each decode attention backend,
+prefill time for 300 and 2000 prompt tokens, the time to first token of each turn of a 5-turn
+conversation (prefix cache), aggregate and per-stream tokens/s at 1/8/32/64 concurrent streams,
+GPU memory, the eager fallback (and whether its 256 greedy tokens equal the engine's), int8
+weights, a full-size safetensors load, and transformers' GLM with ``generate`` + a streamer thread
+at batch 1 (how the original serves). The last lines (``=== headline ===``) repeat the figures the
+issues set bars for.
 
     python bench/llm.py                           # the published 9B shape on the GPU
     python bench/llm.py --config small --device cpu --quick   # a dry run of the script on a CPU
@@ -32,6 +36,7 @@ from bench.common import BenchRun, log, machine_info, synchronize  # noqa: E402
 from glm4voice.devices import FLOAT_DTYPES, default_device  # noqa: E402
 from glm4voice.llm.checkpoint import load_model, published_key_names, random_model  # noqa: E402
 from glm4voice.llm.config import PUBLISHED_CONFIG, GLMConfig  # noqa: E402
+from glm4voice.llm.decode_attention import DECODE_ATTENTION, resolve, triton_available  # noqa: E402
 from glm4voice.llm.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 from glm4voice.llm.quant import INT8, weight_bytes  # noqa: E402
 
@@ -138,7 +143,7 @@ class Bench:
             "decode_tokens_per_s": round(rate, 1),
             "ttft_ms": round((times[0] - submitted) * 1e3, 1),
             "bytes_per_step_gb": round(bytes_per_step / 1e9, 3),
-            "decode_attention": self.model.decode_attention,
+            "decode_attention": resolve(self.model.decode_attention, self.device, self.config.head_dim),
             "worker_decode_step_ms_all_runs": round(1e3 * stats.decode_seconds / max(1, stats.decode_steps), 3),
         }
         if hasattr(self, "copy_bandwidth"):
@@ -151,11 +156,12 @@ class Bench:
         for n in (300, 2000):
             prompt = self.prompt(n)
 
-            async def ttft():
+            async def ttft(prompt):
                 _, times, submitted = await self.stream_times(engine, prompt, SamplingParams(max_new_tokens=1))
                 return times[0] - submitted
 
-            engine_ttft = [self.loop.run_until_complete(ttft()) for _ in range(3)]
+            # a new prompt each time: a repeated one would be a prefix-cache hit
+            engine_ttft = [self.loop.run_until_complete(ttft(self.prompt(n))) for _ in range(3)]
             self.loop.run_until_complete(engine.wait_idle())
             runner = engine.runner
             raw = []
@@ -164,6 +170,7 @@ class Bench:
                 start = time.perf_counter()
                 runner.prefill(0, prompt, 0, sample=True)
                 raw.append(time.perf_counter() - start)
+            engine.drop_prefix_cache()  # slot 0's keys and values were overwritten behind its back
             out[f"prefill_{n}_one_chunk_ms"] = round(statistics.median(raw) * 1e3, 1)
             out[f"ttft_{n}_engine_chunked_ms"] = round(statistics.median(engine_ttft) * 1e3, 1)
         return out
@@ -208,6 +215,46 @@ class Bench:
             log(f"  {n} streams: {out[str(n)]}")
         return out
 
+    def multi_turn(self, engine, turns: int = 5, reply: int = 300, user: int = 150, repeats: int = 3) -> dict:
+        """Time to first token of each turn of a conversation (prompt = previous prompt + reply + a new
+        user message of ``user`` tokens; the 5th turn's history is >= 2000 tokens), with the engine's
+        prefix cache; against it, a prompt of the 5th turn's length that shares nothing (what every
+        turn costs without the cache). Medians over ``repeats`` conversations, one at a time, each with
+        its own 60-token system prompt (so every 1st turn is a full prefill)."""
+        ttft: list[list[float]] = [[] for _ in range(turns)]
+        unshared, lengths = [], []
+        before = engine.stats()
+
+        async def conversation():
+            history = self.prompt(60)
+            for turn in range(turns):
+                prompt = history + self.prompt(user)
+                params = SamplingParams(**SAMPLING, max_new_tokens=reply if turn < turns - 1 else 1, seed=turn)
+                tokens, times, submitted = await self.stream_times(engine, prompt, params)
+                ttft[turn].append(times[0] - submitted)
+                if turn == turns - 1:
+                    lengths.append(len(prompt))
+                    _, times, submitted = await self.stream_times(
+                        engine, self.prompt(len(prompt)), SamplingParams(max_new_tokens=1)
+                    )
+                    unshared.append(times[0] - submitted)
+                history = prompt + tokens
+
+        for _ in range(repeats):
+            self.loop.run_until_complete(conversation())
+        after = engine.stats()
+        ms = [round(statistics.median(t) * 1e3, 1) for t in ttft]
+        return {
+            "ttft_ms_median_per_turn": ms,
+            "turn5_minus_turn1_ms": round(ms[-1] - ms[0], 1),
+            "turn5_prompt_tokens": statistics.median(lengths),
+            "ttft_ms_same_length_unshared": round(statistics.median(unshared) * 1e3, 1),
+            "prefix_hits": after.prefix_hits - before.prefix_hits,
+            "prefix_tokens_reused": after.prefix_tokens_reused - before.prefix_tokens_reused,
+            "continuation_graphs": len(getattr(engine.runner, "continued_graphs", {})),
+            "repeats": repeats,
+        }
+
     def memory(self, engine=None) -> dict:
         if self.device.type != "cuda":
             return {}
@@ -233,9 +280,12 @@ class Bench:
             if dtype_label != INT8:
                 result["prefill"] = self.prefill_times(engine)
                 log(f"  prefill: {result['prefill']}")
+                result["multi_turn"] = self.multi_turn(engine, reply=64 if quick else 300, repeats=2 if quick else 3)
+                log(f"  multi-turn (prefix cache): {result['multi_turn']}")
             result["concurrency"] = self.concurrency(engine, levels, 32 if quick else 256)
+            greedy = SamplingParams(temperature=0, max_new_tokens=self.greedy_steps)
             result["greedy_tokens"] = self.loop.run_until_complete(
-                self.stream_times(engine, self.reference_prompt, SamplingParams(temperature=0, max_new_tokens=48))
+                self.stream_times(engine, self.reference_prompt, greedy)
             )[0]
             result["memory"] = self.memory(engine)
         finally:
@@ -245,16 +295,19 @@ class Bench:
         return result
 
     def eager_section(self, graph_tokens: list[int]) -> dict:
+        """The eager path (no compile, no graphs, the reference matmul attention): its speed, and how
+        many of its greedy tokens equal the engine's (bf16 on random weights may part ways)."""
+        shipped, self.model.decode_attention = self.model.decode_attention, "matmul"
         engine = Engine.from_model(
             self.model, self.engine_config(eager=True, max_batch_size=8, max_seq_len=1024), stop_ids=()
         )
         self.loop.run_until_complete(engine.start())
+        greedy = SamplingParams(temperature=0, max_new_tokens=self.greedy_steps)
         try:
-            tokens, times, _ = self.loop.run_until_complete(
-                self.stream_times(engine, self.reference_prompt, SamplingParams(temperature=0, max_new_tokens=48))
-            )
+            tokens, times, _ = self.loop.run_until_complete(self.stream_times(engine, self.reference_prompt, greedy))
         finally:
             self.loop.run_until_complete(engine.stop())
+            self.model.decode_attention = shipped
         agree = next((i for i, (a, b) in enumerate(zip(tokens, graph_tokens)) if a != b), len(tokens))
         return {
             "decode_tokens_per_s": round((len(tokens) - 1) / (times[-1] - times[0]), 1),
@@ -264,37 +317,55 @@ class Bench:
 
     def decode_microbench(self) -> dict:
         """GPU time of one decode step (CUDA graph replays, no host work) for each decode
-        attention variant; a kernel profile of the step; picks the faster variant."""
-        from glm4voice.llm.model import DECODE_ATTENTION
+        attention variant, and a kernel profile of each; the engine's variant again with cuBLASLt
+        preferred for the weight matmuls (its algorithms for one-row products may avoid the split-K
+        reduce kernels that cuBLAS adds)."""
+        out, best = {}, None
+        variants = [v for v in DECODE_ATTENTION if v != "auto" and (v != "triton" or triton_available())]
+        for variant in variants:
+            out[variant], out[f"profile_{variant}"] = self.time_decode_step(variant)
+            log(f"  {variant}: {out[variant]}")
+            if best is None or out[variant]["b1_kv1024_ms"] < out[best]["b1_kv1024_ms"]:
+                best = variant
+        used = resolve(self.args.decode_attention, self.device, self.config.head_dim)
+        blas = getattr(torch.backends.cuda, "preferred_blas_library", None)
+        if blas is not None:
+            previous = blas()
+            try:
+                blas("cublaslt")
+                out["cublaslt"], out["profile_cublaslt"] = self.time_decode_step(used)
+                log(f"  {used} with cuBLASLt: {out['cublaslt']}")
+            except Exception as error:  # an unsupported backend must not lose the section
+                out["cublaslt"] = {"error": f"{type(error).__name__}: {error}"}
+            finally:
+                blas(previous)
+        self.model.decode_attention = self.args.decode_attention  # the engine as shipped (or as asked)
+        out["faster_at_batch_1"] = best
+        out["engine_uses"] = used
+        return out
+
+    def time_decode_step(self, variant: str) -> tuple[dict, dict]:
         from glm4voice.llm.runner import ModelRunner
 
-        out, best = {}, None
-        for variant in DECODE_ATTENTION:
-            self.model.decode_attention = variant
-            runner = ModelRunner(self.model, 64, 4096, cuda_graphs=True, compile=True,
-                                 graph_batch_sizes=(1, 64), kv_lengths=(1024, 4096))  # fmt: skip
-            runner.warm_up()
-            times = {}
-            for (b, kv_len), graph in sorted(runner.graphs.items()):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.model.decode_attention = variant
+        runner = ModelRunner(self.model, 64, 4096, cuda_graphs=True, compile=True,
+                             graph_batch_sizes=(1, 64), kv_lengths=(1024, 4096))  # fmt: skip
+        runner.warm_up()
+        times = {}
+        for (b, kv_len), graph in sorted(runner.graphs.items()):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph.replay()
+            start.record()
+            for _ in range(20):
                 graph.replay()
-                start.record()
-                for _ in range(20):
-                    graph.replay()
-                end.record()
-                end.synchronize()
-                times[f"b{b}_kv{kv_len}_ms"] = round(start.elapsed_time(end) / 20, 3)
-            out[variant] = times
-            log(f"  {variant}: {times}")
-            if best is None or times["b1_kv1024_ms"] < out[best]["b1_kv1024_ms"]:
-                best = variant
-            out[f"profile_{variant}"] = self.profile_step(runner)
-            del runner
-            gc.collect()
-            torch.cuda.empty_cache()
-        self.model.decode_attention = DECODE_ATTENTION[0]  # measure the engine as shipped
-        out["faster_at_batch_1"] = best
-        return out
+            end.record()
+            end.synchronize()
+            times[f"b{b}_kv{kv_len}_ms"] = round(start.elapsed_time(end) / 20, 3)
+        profile = self.profile_step(runner)
+        del runner
+        gc.collect()
+        torch.cuda.empty_cache()
+        return times, profile
 
     def profile_step(self, runner) -> dict:
         """Kernels of one compiled (not graph-replayed) decode step at batch 1, attention over 1024."""
@@ -450,6 +521,7 @@ class Bench:
     # --- the run ------------------------------------------------------------------------------------
     def run(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.greedy_steps = 48 if self.args.quick else 256
         levels = tuple(int(n) for n in self.args.streams.split(","))
         self.reference_prompt = self.prompt(64)
         self.section("machine", self.machine, 0)
@@ -458,6 +530,7 @@ class Bench:
         if self.device.type == "cpu" and self.args.dtype == "float32":
             dtype = torch.float32
         self.section("build", lambda: self.build(dtype), 10)
+        self.model.decode_attention = self.args.decode_attention
         self.section("compiled_vs_eager_logits", self.compiled_logits_check, 60)
         if self.device.type == "cuda":
             self.section("decode_microbench", self.decode_microbench, 90)
@@ -492,9 +565,39 @@ class Bench:
             log(f"{key}: start {e.get('start_warmup_s')} s, graphs {e.get('graphs')}, error {e.get('error')}")
             log(f"  single: {json.dumps(e.get('single_stream'))}")
             log(f"  prefill: {json.dumps(e.get('prefill'))}")
+            log(f"  multi-turn: {json.dumps(e.get('multi_turn'))}")
             for n, c in (e.get("concurrency") or {}).items():
                 log(f"  {n:>3} streams: {json.dumps(c)}")
             log(f"  memory: {json.dumps(e.get('memory'))}")
+        self.headline()
+
+    def headline(self) -> None:
+        """The figures of the issues' bars, one line each."""
+        r = self.results
+        engine = r.get("engine", {})
+        single = engine.get("single_stream") or {}
+        micro = r.get("decode_microbench", {})
+        used = micro.get("engine_uses") or single.get("decode_attention")
+        profile = micro.get(f"profile_{used}") or {}
+        log("\n=== headline ===")
+        log(f"single-stream decode: {single.get('decode_tokens_per_s')} tokens/s "
+            f"(bound {single.get('bound_tokens_per_s_at_copy_bw')}, fraction {single.get('fraction_of_bound')}), "
+            f"attention {used}")  # fmt: skip
+        log(f"decode step (batch 1, kv 1024): {profile.get('kernels_per_step')} kernels, "
+            f"{profile.get('gpu_ms_per_step')} ms of kernel time; "
+            f"graph replay {micro.get(used, {}).get('b1_kv1024_ms')} ms")  # fmt: skip
+        for n in ("32", "64"):
+            c = (engine.get("concurrency") or {}).get(n) or {}
+            log(f"{n} streams: per-stream median {c.get('per_stream_tokens_per_s_median')} / min "
+                f"{c.get('per_stream_tokens_per_s_min')} tokens/s, "
+                f"steady aggregate {c.get('steady_aggregate_tokens_per_s')}, decode step {c.get('decode_step_ms')} ms")  # fmt: skip
+        turns = engine.get("multi_turn") or {}
+        log(f"multi-turn TTFT per turn (ms): {turns.get('ttft_ms_median_per_turn')}; 5th - 1st: "
+            f"{turns.get('turn5_minus_turn1_ms')} ms (history {turns.get('turn5_prompt_tokens')} tokens; "
+            f"without the cache {turns.get('ttft_ms_same_length_unshared')} ms)")  # fmt: skip
+        eager = r.get("eager_fallback", {})
+        log(f"greedy tokens equal to the eager path: {eager.get('greedy_tokens_equal_to_graph_engine')} "
+            f"of {eager.get('of')}")  # fmt: skip
 
 
 def _chatglm_dict(config: GLMConfig) -> dict:
@@ -512,6 +615,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtype", choices=FLOAT_DTYPES, default="bfloat16")
     parser.add_argument("--quick", action="store_true", help="fewer tokens per measurement")
+    parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default="auto",
+                        help="the engine's decode attention (the microbench measures every backend)")  # fmt: skip
     parser.add_argument("--streams", default="1,8,32,64", help="concurrency levels (comma-separated)")
     parser.add_argument("--no-int8", dest="int8", action="store_false")
     parser.add_argument("--no-loader", dest="loader", action="store_false")

@@ -116,6 +116,10 @@ MAX_SEED = 2**63 - 1
 def _float_problem(value: object, bounds: Bounds, hint: str = "") -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"must be a number, got {value!r}"
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        return f"must be in {bounds}{hint}, got an integer of {value.bit_length()} bits"
     if not math.isfinite(value) or value not in bounds:
         return f"must be in {bounds}{hint}, got {value}"
     if value != 0 and abs(value) < FLOAT32_SMALLEST_NORMAL:

@@ -162,7 +162,9 @@ def load_model(
     if ROTARY_BUFFER_KEY in files:
         _check_rotary_buffer(files[ROTARY_BUFFER_KEY], config)
     params = dict(model.named_parameters())
-    linear_weights = {f"{name}.weight": module for name, module in model.named_modules() if hasattr(module, "int8_kernel")}
+    linear_weights = {
+        f"{name}.weight": module for name, module in model.named_modules() if hasattr(module, "int8_kernel")
+    }
     for key, tensor in _read_tensors(files, mapping, device):
         name = mapping[key]
         expected = tuple(params[name].shape)
@@ -170,6 +172,8 @@ def load_model(
             raise CheckpointError(f"{key}: shape {tuple(tensor.shape)}, but config.json implies {expected}")
         if not tensor.is_floating_point():
             raise CheckpointError(f"{key}: dtype {tensor.dtype} is not floating point")
+        if config.qkv_per_head and name.rsplit(".", 2)[-2] == "qkv":
+            tensor = per_head_qkv_to_grouped(tensor, config.num_heads, config.head_dim)
         tensor = tensor.to(dtype)
         if quantize == INT8 and name in linear_weights:
             quantize_linear_int8(linear_weights[name], tensor)
@@ -183,7 +187,18 @@ def load_model(
     return LoadedModel(model, config, stop_ids, folder)
 
 
-def _read_tensors(files: dict[str, Path], mapping: dict[str, str], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def per_head_qkv_to_grouped(tensor: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """``query_key_value`` rows (weight [3*H*d, hidden] or bias [3*H*d]) from the per-head layout of
+    ``multi_query_attention: false`` checkpoints, ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``, into
+    ``[q_0 .. q_{H-1} | k_0 .. | v_0 ..]`` (each piece ``d`` rows)."""
+    rest = tensor.shape[1:]
+    # [H, 3, d, *rest] -> [3, H, d, *rest]
+    return tensor.unflatten(0, (heads, 3, head_dim)).transpose(0, 1).reshape(3 * heads * head_dim, *rest).contiguous()
+
+
+def _read_tensors(
+    files: dict[str, Path], mapping: dict[str, str], device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
     by_file: dict[Path, list[str]] = {}
     for key in mapping:
         by_file.setdefault(files[key], []).append(key)

@@ -8,12 +8,11 @@ computation, checks the switches we do not implement, and is frozen.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-logger = logging.getLogger(__name__)
+from glm4voice.defaults import MAX_SEQ_LEN
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -21,10 +20,16 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 ROPE_BASE = 10_000.0
 """RoPE base of the ChatGLM code before ``rope_ratio`` scales it."""
 
-DEFAULT_SEQ_LENGTH = 8192
-"""Context length when ``config.json`` has no ``seq_length``. The published glm-4-voice-9b file
-does not appear to have one (docs/ORIGINAL.md); rotary embeddings have no built-in limit, so this
-only bounds our KV cache. 8192 is what the original's vLLM server used (max_model_len)."""
+DEFAULT_SEQ_LENGTH = MAX_SEQ_LEN
+"""A context length for tools that need one number when ``config.json`` states no ``seq_length``
+(the transformers view's ``max_position_embeddings``). The engine's own limit is its
+``EngineConfig.max_seq_len`` (see :func:`context_limit`). 8192 is what the original's vLLM server
+used (max_model_len)."""
+
+CHATGLM_DEFAULT_SEQ_LENGTH = 2048
+"""``seq_length`` of the ChatGLM code's config class when ``config.json`` has none: the original
+then builds its rotary table for 2048 positions and cannot go past them. The published
+glm-4-voice-9b ``config.json`` does not appear to state one."""
 
 PUBLISHED_CONFIG: dict[str, Any] = {
     "_name_or_path": "THUDM/glm-4-voice-9b",
@@ -109,8 +114,13 @@ class GLMConfig:
     vocab_size: int
     layernorm_epsilon: float
     rope_ratio: float = 1.0
-    seq_length: int = DEFAULT_SEQ_LENGTH
+    seq_length: int | None = None
+    """``config.json``'s ``seq_length``; None when it states none (see :func:`context_limit`)."""
     qkv_bias: bool = True
+    qkv_per_head: bool = False
+    """The checkpoint's ``query_key_value`` rows are grouped per head, ``[q_h | k_h | v_h]`` for each
+    head ``h`` (``multi_query_attention: false``, where every head has its own key and value); the
+    loader reorders them into this module's ``[q | k | v]``. False: ``[q | k | v]`` as published."""
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str = "bfloat16"
@@ -119,8 +129,12 @@ class GLMConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
                      "vocab_size", "seq_length"):  # fmt: skip
             value = getattr(self, name)
+            if name == "seq_length" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.qkv_per_head and self.num_kv_heads != self.num_heads:
+            raise ConfigError("a per-head query_key_value layout needs as many key/value heads as query heads")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 4:
@@ -178,12 +192,13 @@ class GLMConfig:
             num_heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
             head_dim = int(raw["kv_channels"]) if raw.get("kv_channels") is not None else hidden // num_heads
-            kv_heads = int(raw["multi_query_group_num"]) if raw.get("multi_query_attention") else num_heads
+            # ChatGLM: with multi_query_attention, multi_query_group_num key/value heads after all
+            # query rows; without it, one key/value head per query head, rows grouped per head
+            grouped = bool(raw.get("multi_query_attention", False))
+            kv_heads = int(raw["multi_query_group_num"]) if grouped else num_heads
             vocab = int(raw.get("padded_vocab_size") or raw["vocab_size"])
             eos = raw.get("eos_token_id", ())
             seq_length = raw.get("seq_length")
-            if seq_length is None:
-                logger.info("config.json has no seq_length; using %d", DEFAULT_SEQ_LENGTH)
             return cls(
                 hidden_size=hidden,
                 num_layers=int(raw["num_layers"]),
@@ -194,8 +209,9 @@ class GLMConfig:
                 vocab_size=vocab,
                 layernorm_epsilon=float(raw["layernorm_epsilon"]),
                 rope_ratio=float(raw.get("rope_ratio", 1)),
-                seq_length=int(seq_length) if seq_length is not None else DEFAULT_SEQ_LENGTH,
+                seq_length=int(seq_length) if seq_length is not None else None,
                 qkv_bias=bool(raw.get("add_qkv_bias", False) or raw.get("add_bias_linear", False)),
+                qkv_per_head=not grouped,
                 eos_token_ids=tuple(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])),
                 pad_token_id=None if raw.get("pad_token_id") is None else int(raw["pad_token_id"]),
                 torch_dtype=str(raw.get("torch_dtype", "bfloat16")),
@@ -215,6 +231,28 @@ class GLMConfig:
     def published(cls) -> "GLMConfig":
         """The real glm-4-voice-9b shape (for meta-device checks and benchmarks)."""
         return cls.from_chatglm(PUBLISHED_CONFIG)
+
+
+def context_limit(config: GLMConfig, requested: int) -> tuple[int, str]:
+    """The number of positions (prompt + reply) an engine serves when asked for ``requested``
+    (``EngineConfig.max_seq_len``, the server's ``--max-seq-len``), and why, for the load log.
+
+    ``config.json``'s ``seq_length`` caps it. Without one, the original ChatGLM code stops at
+    :data:`CHATGLM_DEFAULT_SEQ_LENGTH` positions; our rotary table has no such limit, so the
+    caller's choice is used as it is (say so at load, so nobody is surprised either way)."""
+    if config.seq_length is None:
+        return requested, (
+            f"config.json states no seq_length, with which the original ChatGLM code stops at "
+            f"{CHATGLM_DEFAULT_SEQ_LENGTH} positions (its config's default); this engine's rotary positions "
+            f"have no such limit and it serves max_seq_len={requested} as configured "
+            f"(EngineConfig.max_seq_len, the server's --max-seq-len)"
+        )
+    if requested > config.seq_length:
+        return config.seq_length, (
+            f"max_seq_len={requested} was asked for, but config.json's seq_length is {config.seq_length}: "
+            f"serving {config.seq_length} positions"
+        )
+    return requested, f"max_seq_len={requested} as configured (config.json's seq_length {config.seq_length} allows it)"
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -10,15 +10,26 @@ Usage (inside an asyncio program)::
     stream.finish_reason                      # "stop" | "length" | "cancelled" | "error"
     await engine.stop()
 
+Prefix caching (``EngineConfig.prefix_cache``, on by default): a finished stream's keys and values
+stay in its cache slot until a new request needs the slot (least recently used first); a request
+whose prompt starts with a cached sequence (prompt + reply) starts from there and prefills only
+the rest, so a conversation's next turn costs its new tokens, not its whole history
+(glm4voice.llm.prefix_cache; figures in EngineStats.prefix_*).
+
 Concurrency model: one worker thread owns the model and the device. It blocks on a command queue
 while there is nothing to do (no polling); otherwise each iteration it takes new commands,
 admits waiting requests into free cache slots, runs up to ``prefill_chunk`` prompt tokens of
 chunked prefill, then one batched decode step for every running stream (launched before the
 previous step's tokens are read, so host work overlaps device work), and hands the new tokens to
 the event loop with one ``call_soon_threadsafe`` per phase. The event loop never waits on the device.
-A failure in a prefill ends that request's stream with :class:`GenerationError`; a failure in a
-decode step ends the streams of that batch; the worker goes on serving the others. Cancelling a
-stream frees its slot before the next step.
+A failure that belongs to requests ends only their streams, with :class:`GenerationError`: a
+request whose sampling setup or prefill fails alone, the streams of a decode step that fails; the
+worker goes on serving the others. The worker itself stops only on errors that leave the device
+unusable (a CUDA error, or MAX_CONSECUTIVE_FAILURES failed steps in a row) or on a bug in its own
+loop; then every stream ends with GenerationError, :attr:`Engine.dead` is true, :attr:`Engine.failure`
+holds the error, and :meth:`Engine.wait_closed` / :meth:`Engine.add_failure_callback` tell the owner
+(a server should exit non-zero so that a supervisor restarts it). Cancelling a stream frees its
+slot before the next step.
 """
 
 from __future__ import annotations
@@ -26,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import heapq
 import logging
 import operator
 import queue
@@ -35,7 +45,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -52,8 +62,9 @@ from glm4voice.defaults import (
 )
 from glm4voice.devices import AUTO, default_device
 from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
-from glm4voice.llm.config import GLMConfig
+from glm4voice.llm.config import GLMConfig, context_limit
 from glm4voice.llm.model import GLMModel
+from glm4voice.llm.prefix_cache import PrefixCache
 from glm4voice.llm.quant import INT8
 from glm4voice.llm.runner import (
     DEFAULT_GRAPH_BATCH_SIZES,
@@ -66,6 +77,9 @@ from glm4voice.llm.runner import (
 logger = logging.getLogger(__name__)
 
 ENGINE_DTYPES = ("bfloat16", "float16", "float32", INT8)
+MAX_CONSECUTIVE_FAILURES = 16
+"""Failed steps in a row (prefill or decode, no success between them) after which the device is
+taken to be broken: the worker stops with an error instead of failing every request forever."""
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -123,6 +137,9 @@ class SamplingParams:
             problem = check(getattr(self, name))  # bounds shared with the server and the page
             if problem is not None:
                 raise InvalidSamplingParams(f"{name} {problem}")
+        # plain floats from here on (an int temperature is fine; the device gets float32 of these)
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
         try:
             stop_ids = frozenset(operator.index(i) for i in self.stop_ids)
         except TypeError as error:
@@ -151,6 +168,10 @@ class EngineConfig:
     """Prompt lengths (padded up to one of these, capped at ``prefill_chunk``) whose whole-prompt
     prefill is replayed as a CUDA graph: a short prompt's prefill is host-bound in eager mode
     (~40 ms for 150 tokens of the 9B model on an H100). Empty: always eager."""
+    prefix_cache: bool = True
+    """Keep a finished stream's keys and values in its slot until a new request needs the slot, and
+    start a request whose prompt begins with a cached sequence (prompt + reply) from there: a
+    conversation's next turn prefills only its new tokens (see glm4voice.llm.prefix_cache)."""
     eager: bool = False
     """No torch.compile and no CUDA graphs (the debugging fallback)."""
     compile: bool | None = None
@@ -211,6 +232,7 @@ class EngineStats:
     """Requests waiting for a slot."""
     tokens_generated: int
     prompt_tokens: int
+    """Prompt tokens run through the model (prefix-cache hits excluded: see prefix_tokens_reused)."""
     requests_finished: int
     requests_failed: int
     decode_steps: int
@@ -218,6 +240,12 @@ class EngineStats:
     decode_seconds: float
     """Worker time spent in decode steps (device work and its launch)."""
     prefill_seconds: float
+    prefix_hits: int = 0
+    """Requests that started from keys and values already in the cache (a cached prefix)."""
+    prefix_tokens_reused: int = 0
+    """Prompt tokens not computed because the cache held them."""
+    prefix_evictions: int = 0
+    """Cached sequences dropped to make room for a request (least recently used first)."""
 
 
 # --- streams -----------------------------------------------------------------------------------------
@@ -339,6 +367,9 @@ class Engine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running = False
         self._fatal: BaseException | None = None
+        self._closed: asyncio.Future | None = None
+        self._failure_callbacks: list[Callable[[BaseException], object]] = []
+        self._failures_in_a_row = 0
         self._next_id = 0
         self._lock = threading.Lock()
         self._queued = 0
@@ -349,7 +380,7 @@ class Engine:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._prefilling: list[_Request] = []
         self._decoding: list[_Request] = []
-        self._free_slots: list[int] = []
+        self._prefix: PrefixCache | None = None
         self._inflight: tuple[list[_Request], Launch] | None = None
         self._counters = collections.Counter()
 
@@ -358,7 +389,9 @@ class Engine:
         return cls(path_or_id, config, **kwargs)
 
     @classmethod
-    def from_model(cls, model: GLMModel, config: EngineConfig | None = None, *, stop_ids: Iterable[int] = ()) -> "Engine":
+    def from_model(
+        cls, model: GLMModel, config: EngineConfig | None = None, *, stop_ids: Iterable[int] = ()
+    ) -> "Engine":
         loaded = LoadedModel(model, model.config, frozenset(int(i) for i in stop_ids), Path("."))
         return cls(loaded, config, stop_ids=stop_ids)
 
@@ -375,8 +408,10 @@ class Engine:
 
     @property
     def max_seq_len(self) -> int:
+        """Positions per stream (prompt + reply): ``config.max_seq_len``, capped by config.json's
+        ``seq_length`` if it states one (:func:`glm4voice.llm.config.context_limit`; logged at start)."""
         self._require_loaded()
-        return min(self.config.max_seq_len, self._loaded.config.seq_length)
+        return context_limit(self._loaded.config, self.config.max_seq_len)[0]
 
     @property
     def vocab_size(self) -> int:
@@ -385,6 +420,32 @@ class Engine:
     @property
     def running(self) -> bool:
         return self._running and self._fatal is None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the worker died (or why start() failed); None while it runs and after a clean stop()."""
+        return self._fatal
+
+    @property
+    def dead(self) -> bool:
+        """The worker ended on an error (not by stop()): every later submit() raises
+        EngineNotRunningError. The owning process should exit non-zero (see :meth:`wait_closed`)."""
+        return self._fatal is not None
+
+    async def wait_closed(self) -> BaseException | None:
+        """Until the worker thread has ended: None after :meth:`stop`, the error if it died.
+        A server runs this as a task and exits non-zero when it returns an error."""
+        if self._closed is None:
+            raise EngineNotRunningError("the engine has not been started")
+        return await asyncio.shield(self._closed)
+
+    def add_failure_callback(self, callback: Callable[[BaseException], object]) -> None:
+        """Call ``callback(error)`` on the event loop if the worker dies (at once if it already has).
+        Not called after a clean :meth:`stop`."""
+        if self._fatal is not None and self._closed is not None and self._closed.done():
+            callback(self._fatal)
+        else:
+            self._failure_callbacks.append(callback)
 
     @property
     def runner(self) -> ModelRunner:
@@ -410,6 +471,9 @@ class Engine:
             prefill_chunks=c["prefill_chunks"],
             decode_seconds=c["decode_seconds"],
             prefill_seconds=c["prefill_seconds"],
+            prefix_hits=c["prefix_hits"],
+            prefix_tokens_reused=c["prefix_tokens_reused"],
+            prefix_evictions=c["prefix_evictions"],
         )
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -419,7 +483,10 @@ class Engine:
             raise EngineError("start() was already called")
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future = self._loop.create_future()
-        self._thread = threading.Thread(target=self._worker_main, args=(ready,), name="glm4voice-llm-engine", daemon=True)
+        self._closed = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._worker_main, args=(ready,), name="glm4voice-llm-engine", daemon=True
+        )
         self._thread.start()
         await ready
         self._running = True
@@ -456,7 +523,9 @@ class Engine:
         prompt = self._validate_prompt(prompt_ids)
         with self._lock:
             if self._queued >= self.config.max_queue:
-                raise EngineBusyError(f"{self._queued} requests are already waiting (max_queue={self.config.max_queue})")
+                raise EngineBusyError(
+                    f"{self._queued} requests are already waiting (max_queue={self.config.max_queue})"
+                )
             self._queued += 1
         request_id = self._next_id
         self._next_id += 1
@@ -486,6 +555,12 @@ class Engine:
         if bad:
             raise InvalidPromptError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         return prompt
+
+    def drop_prefix_cache(self) -> None:
+        """Forget every cached sequence (slots of running requests are kept); applied before the
+        worker's next step."""
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(("drop_cache", None))
 
     def _cancel(self, request_id: int) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -517,19 +592,39 @@ class Engine:
             logger.exception("engine start failed")
             self._fatal = error
             self._loop.call_soon_threadsafe(_resolve, ready, error)
+            self._signal_closed(error)
             return
         self._loop.call_soon_threadsafe(_resolve, ready, None)
         reason: BaseException = EngineStoppedError("the engine was stopped")
         try:
             with torch.inference_mode():
                 self._serve()
-        except BaseException as error:  # a bug in the loop itself: fail loudly, never silently
-            logger.exception("engine worker crashed")
+        except BaseException as error:  # the device is broken, or a bug in the loop: fail loudly
+            logger.critical("engine worker died: %s: %s", type(error).__name__, error, exc_info=error)
             self._fatal = error
             reason = error
         finally:
             self._running = False
             self._end_all(reason)
+            self._signal_closed(self._fatal)
+
+    def _signal_closed(self, error: BaseException | None) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_closed, error)
+        except RuntimeError:  # the event loop is closed: nobody is waiting
+            pass
+
+    def _on_closed(self, error: BaseException | None) -> None:
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(error)
+        if error is None:
+            return
+        for callback in self._failure_callbacks:
+            try:
+                callback(error)
+            except Exception:
+                logger.exception("engine failure callback %r raised", callback)
+        self._failure_callbacks.clear()
 
     def _prepare(self) -> None:
         config = self.config
@@ -541,6 +636,10 @@ class Engine:
             )  # fmt: skip
         elif self._loaded.model.device != device:
             raise EngineError(f"the model is on {self._loaded.model.device}, the engine is configured for {device}")
+        limit, why = context_limit(self._loaded.config, config.max_seq_len)
+        (logger.warning if limit < config.max_seq_len else logger.info)(
+            "context: %d positions per stream: %s", limit, why
+        )
         self._runner = ModelRunner(
             self._loaded.model,
             config.max_batch_size,
@@ -549,9 +648,9 @@ class Engine:
             compile=config.use_compile(),
             graph_batch_sizes=config.cuda_graph_batch_sizes,
             prefill_graph_lengths=config.prefill_graph_sizes(),
+            continued_prefill_graphs=config.prefix_cache,
         )
-        self._free_slots = list(range(config.max_batch_size))
-        heapq.heapify(self._free_slots)
+        self._prefix = PrefixCache(config.max_batch_size, self.max_seq_len, enabled=config.prefix_cache)
         if config.warmup:
             self._runner.warm_up()
         logger.info("engine ready on %s: %d slots x %d tokens, KV cache %.2f GB, stop ids %s", device,
@@ -566,12 +665,16 @@ class Engine:
             self._admit()
             if self._prefilling:
                 events: list[_Event] = []
-                self._prefill(events)
-                self._post(events)  # first tokens go out before the decode step
+                try:
+                    self._prefill(events)
+                finally:  # first tokens go out before the decode step (and even if the worker stops)
+                    self._post(events)
             if self._decoding or self._inflight:
                 events = []
-                self._decode(events)
-                self._post(events)
+                try:
+                    self._decode(events)
+                finally:
+                    self._post(events)
 
     def _take_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if ``block``); False once asked to stop."""
@@ -587,6 +690,8 @@ class Engine:
                 self._waiting.append(payload)
             elif kind == "cancel":
                 self._cancel_request(payload)
+            elif kind == "drop_cache":
+                self._prefix.drop_cached()
 
     def _cancel_request(self, request_id: int) -> None:
         for request in self._waiting:
@@ -599,7 +704,7 @@ class Engine:
             for request in group:
                 if request.id == request_id:
                     group.remove(request)
-                    self._release(request)
+                    self._release(request, keep=True)
                     self._post([(request.stream, None, _End(FinishReason.CANCELLED))])
                     return
 
@@ -608,17 +713,51 @@ class Engine:
             self._queued -= 1
 
     def _admit(self) -> None:
-        while self._waiting and self._free_slots:
-            request = self._waiting.popleft()
-            self._dequeued()
-            request.slot = heapq.heappop(self._free_slots)
-            params = request.params
-            self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
-            self._prefilling.append(request)
+        events: list[_Event] = []
+        try:
+            while self._waiting and self._prefix.has_free_slot():
+                self._place(self._waiting.popleft(), events)
+        finally:
+            self._post(events)  # first tokens of repeated prompts (no prefill needed)
 
-    def _release(self, request: _Request) -> None:
+    def _place(self, request: _Request, events: list[_Event]) -> None:
+        self._dequeued()
+        placement = self._prefix.place(request.prompt)
+        request.slot, request.prefilled = placement.slot, placement.reuse
+        params = request.params
+        try:
+            if placement.copy_from is not None:
+                self._runner.copy_prefix(placement.copy_from, placement.slot, placement.reuse, placement.repeat)
+            self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
+            token = self._runner.sample_first(request.slot, len(request.prompt)) if placement.repeat else None
+        except Exception as error:
+            logger.exception("setting up request %d failed", request.id)
+            self._fail(request, error)
+            self._step_failed(error)
+            return
+        if placement.reuse:
+            self._counters["prefix_hits"] += 1
+            self._counters["prefix_tokens_reused"] += placement.reuse
+        self._counters["prefix_evictions"] += placement.evicted
+        if token is None:
+            self._prefilling.append(request)
+        elif self._accept(request, token, events):
+            self._decoding.append(request)
+
+    def _step_failed(self, error: BaseException) -> None:
+        """Bookkeeping of a failed step: re-raise (ending the worker) if the device is unusable."""
+        self._failures_in_a_row += 1
+        if _device_is_broken(error):
+            raise EngineError(f"the device failed: {type(error).__name__}: {error}") from error
+        if self._failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            raise EngineError(
+                f"{self._failures_in_a_row} steps failed in a row; last: {type(error).__name__}: {error}"
+            ) from error
+
+    def _release(self, request: _Request, keep: bool) -> None:
+        """Free the request's slot; ``keep``: its keys and values stay cached for later requests."""
         if request.slot >= 0:
-            heapq.heappush(self._free_slots, request.slot)
+            self._prefix.release(request.slot, keep)
             request.slot = -1
 
     def _prefill(self, events: list[_Event]) -> None:
@@ -635,15 +774,19 @@ class Engine:
             except Exception as error:
                 logger.exception("prefill of request %d failed", request.id)
                 self._prefilling.pop(0)
-                self._fail(request, error, events)
+                self._fail(request, error)
+                self._step_failed(error)
                 continue
+            self._failures_in_a_row = 0
             self._counters["prefill_chunks"] += 1
             self._counters["prefill_seconds"] += time.perf_counter() - started
             self._counters["prompt_tokens"] += len(chunk)
+            self._prefix.written(request.slot, start, chunk)
             request.prefilled += len(chunk)
             budget -= len(chunk)
             if last:
                 self._prefilling.pop(0)
+                self._prefix.prompt_done(request.slot, len(request.prompt))
                 if self._accept(request, token, events):
                     self._decoding.append(request)
 
@@ -669,11 +812,14 @@ class Engine:
                 self._counters["decode_steps"] += 1
         except Exception as error:
             failed = list(self._decoding)
-            logger.exception("decode step failed for %d streams", len(failed))
             self._inflight = None
             self._decoding.clear()
             for request in failed:
-                self._fail(request, error, events)
+                self._fail(request, error)
+            self._step_failed(error)
+            logger.exception("decode step failed for %d streams", len(failed))
+        else:
+            self._failures_in_a_row = 0
         self._counters["decode_seconds"] += time.perf_counter() - started
 
     def _take_tokens(self, batch: list[_Request], tokens: list[int], events: list[_Event]) -> None:
@@ -690,26 +836,31 @@ class Engine:
         """Record a new token; True if the request goes on."""
         request.generated += 1
         request.last_token = token
+        self._prefix.drawn(request.slot, request.position, token)
         self._counters["tokens"] += 1
         reason = None
         if token in request.stop_ids:
             reason = FinishReason.STOP
-        elif request.generated >= request.params.max_new_tokens or len(request.prompt) + request.generated >= self.max_seq_len:
+        elif (
+            request.generated >= request.params.max_new_tokens
+            or len(request.prompt) + request.generated >= self.max_seq_len
+        ):
             reason = FinishReason.LENGTH
         if reason is None:
             events.append((request.stream, token, None))
             return True
-        self._release(request)
+        self._release(request, keep=True)
         self._counters["finished"] += 1
         events.append((request.stream, token, _End(reason)))
         return False
 
-    def _fail(self, request: _Request, error: BaseException, events: list[_Event]) -> None:
-        self._release(request)
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        """End ``request``'s stream with GenerationError (posted at once: the worker may stop next)."""
+        self._release(request, keep=False)
         self._counters["failed"] += 1
         failure = GenerationError(f"generation failed: {type(error).__name__}: {error}")
         failure.__cause__ = error
-        events.append((request.stream, None, _End(FinishReason.ERROR, failure)))
+        self._post([(request.stream, None, _End(FinishReason.ERROR, failure))])
 
     def _end_all(self, reason: BaseException) -> None:
         events: list[_Event] = []
@@ -723,7 +874,7 @@ class Engine:
         for request in [*self._waiting, *self._prefilling, *self._decoding]:
             if request in self._waiting:
                 self._dequeued()
-            self._release(request)
+            self._release(request, keep=False)
             error = EngineStoppedError(str(reason)) if isinstance(reason, EngineStoppedError) else None
             if error is None:
                 error = GenerationError(f"the engine worker failed: {type(reason).__name__}: {reason}")
@@ -734,6 +885,15 @@ class Engine:
         self._decoding.clear()
         self._inflight = None
         self._post(events)
+
+
+def _device_is_broken(error: BaseException) -> bool:
+    """A CUDA error (e.g. a device-side assert) leaves the context unusable for every request."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    text = str(error)
+    return "CUDA error" in text or "device-side assert" in text
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
@@ -761,4 +921,3 @@ __all__ = [
     "PromptTooLongError",
     "SamplingParams",
 ]
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from glm4voice.llm.config import DEFAULT_SEQ_LENGTH
 from glm4voice.llm.model import GLMModel
 
 
@@ -26,7 +27,7 @@ def transformers_glm_config(model: GLMModel, **overrides):
         num_attention_heads=c.num_heads,
         num_key_value_heads=c.num_kv_heads,
         head_dim=c.head_dim,
-        max_position_embeddings=c.seq_length,
+        max_position_embeddings=c.seq_length or DEFAULT_SEQ_LENGTH,
         rms_norm_eps=c.layernorm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": c.rope_base, "partial_rotary_factor": 0.5},
         attention_bias=c.qkv_bias,

@@ -25,9 +25,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
+from glm4voice.llm import decode_attention as attention
 from glm4voice.llm.config import GLMConfig
+from glm4voice.llm.decode_attention import SDPA_BACKENDS, masked_softmax
 
 
 class RMSNorm(nn.Module):
@@ -124,21 +126,39 @@ def final_logits(model: "GLMModel", x: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.final_norm(x)).float()
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(scores * scale + mask) in float32, cast back to the scores' dtype."""
-    return torch.softmax(scores.float() * scale + mask.float(), dim=-1).to(scores.dtype)
+# The decode step's per-layer functions. They cut a layer where the attention kernel sits, and carry
+# each layer's MLP output (``delta``) into the next function instead of adding it at once: the next
+# layer's residual add and RMSNorm then compile into one kernel, and the new keys/values are written
+# into the cache by the kernel that applies the rotary embedding (no separate copy kernels).
 
 
-DECODE_ATTENTION = ("matmul", "sdpa")
-"""Decode attention: two batched matmuls (cuBLAS) around a compiled softmax, or one SDPA call
-(memory-efficient kernel: few thread blocks per row). Per 9B decode step on an H100 (bench/llm.py,
-CUDA graph replay): batch 1 over 1024 positions 7.95 ms vs 9.53 ms; batch 64 over 4096 positions
-15.0 ms vs 16.8 ms. "matmul" is the default."""
+def decode_layer_inputs(block: Block, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor,
+                        sin: torch.Tensor, layer_cache: torch.Tensor, cache_rows: torch.Tensor):  # fmt: skip
+    """``x`` [b, hidden] the residual stream, ``delta`` [b, hidden] the previous layer's MLP output not
+    yet added (None for the first layer). Writes the rows' new keys and values into ``layer_cache``
+    (one layer of the cache viewed as rows of ``head_dim``) at ``cache_rows`` [2 * b * KV]; returns
+    (x + delta, q [b, H, d])."""
+    if delta is not None:
+        x = x + delta
+    q, kv = attention_inputs(block, x, cos, sin)  # kv [2, b, KV, d]
+    layer_cache.index_copy_(0, cache_rows, kv.reshape(-1, kv.shape[-1]))
+    return x, q
 
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-"""cuDNN attention is left out: it builds a plan for every new shape, and with varying prompt
-chunks that made prefill under load several times slower (H100, torch 2.11: time to first token at
-8 concurrent 300-token prompts 1.17 s with it, 0.41 s without)."""
+
+def decode_layer_outputs(block: Block, x: torch.Tensor, context: torch.Tensor):
+    """Output projection, residual, SwiGLU MLP: returns (x + attention output, MLP output), the
+    MLP output to be added by the next layer's :func:`decode_layer_inputs` (or :func:`decode_logits`)."""
+    x = x + block.out(context)
+    gate, up = block.gate_up(block.mlp_norm(x)).chunk(2, dim=-1)
+    return x, block.down(F.silu(gate) * up)
+
+
+def decode_logits(model: "GLMModel", x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    return final_logits(model, x + delta)
+
+
+DECODE_STEPS = (decode_layer_inputs, decode_layer_outputs, decode_logits)
+PREFILL_STEPS = (attention_inputs, attention_output_and_mlp, final_logits)
 
 
 @dataclass
@@ -209,11 +229,14 @@ class GLMModel(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.steps: StepFunctions = (attention_inputs, attention_output_and_mlp, final_logits)
-        """The per-token functions; :meth:`compile_steps` swaps in compiled versions."""
+        self.steps: StepFunctions = PREFILL_STEPS
+        """The per-token functions of prefill; :meth:`compile_steps` swaps in compiled versions."""
+        self.decode_steps: StepFunctions = DECODE_STEPS
+        """The per-layer functions of a decode step (compiled likewise)."""
         self.softmax: Callable = masked_softmax
-        self.decode_attention = "matmul"
-        """One of DECODE_ATTENTION."""
+        self.decode_attention = "auto"
+        """One of glm4voice.llm.decode_attention.DECODE_ATTENTION ("auto": the Triton kernel on CUDA
+        when Triton is importable, else "matmul")."""
 
     @property
     def device(self) -> torch.device:
@@ -227,12 +250,13 @@ class GLMModel(nn.Module):
     def compile_steps(self, **compile_options) -> None:
         """torch.compile the per-token functions (compiled once, shared by all layers; the
         number of tokens is dynamic)."""
-        self.steps = tuple(dynamic_rows(torch.compile(fn, **compile_options)) for fn in
-                           (attention_inputs, attention_output_and_mlp, final_logits))  # fmt: skip
+        self.steps = tuple(dynamic_rows(torch.compile(fn, **compile_options)) for fn in PREFILL_STEPS)
+        self.decode_steps = tuple(dynamic_rows(torch.compile(fn, **compile_options)) for fn in DECODE_STEPS)
         self.softmax = dynamic_rows(torch.compile(masked_softmax, **compile_options), last_dim=True)
 
     def eager_steps(self) -> None:
-        self.steps = (attention_inputs, attention_output_and_mlp, final_logits)
+        self.steps = PREFILL_STEPS
+        self.decode_steps = DECODE_STEPS
         self.softmax = masked_softmax
 
     def rope_tables(self, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,9 +329,55 @@ class GLMModel(nn.Module):
             keys = new[0].repeat_interleave(group, dim=0)
             values = new[1].repeat_interleave(group, dim=0)
             with sdpa_kernel(SDPA_BACKENDS):
-                context = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], is_causal=True)
+                context = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], keys[None], values[None], is_causal=True
+                )
             x = attn_out(block, x, context[0].transpose(0, 1).reshape(n, -1))
         return logits(self, x.index_select(0, last))
+
+    def prefill_continued_chunk(
+        self,
+        ids: torch.Tensor,
+        meta: torch.Tensor,
+        cache: KVCache,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_len: int,
+    ) -> torch.Tensor:
+        """:meth:`prefill` of a chunk that continues a sequence already in the cache (a new turn after a
+        prefix-cache hit), with static shapes (what a continuation prefill CUDA graph captures).
+
+        ``ids`` [L]: the chunk padded to a fixed length L; ``meta`` int64 [3] on the device: (slot,
+        start position, number of real ids n). Row i (< n) sits at position ``start + i``, writes its
+        key/value there and attends over the slot's positions ``<= start + i`` among the first
+        ``kv_len`` (``start + n <= kv_len``); padding rows write to the cache's scratch position and
+        their outputs are ignored. Returns float32 logits [1, vocab] of the last real row."""
+        attn_in, attn_out, logits = self.steps
+        L = ids.shape[0]
+        kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
+        slot, start, n = meta[0:1], meta[1:2], meta[2:3]
+        rows = torch.arange(L, device=ids.device)
+        real = rows < n  # [L]
+        positions = torch.where(real, start + rows, cache.scratch_position)  # [L]
+        cos, sin = rope[0][positions], rope[1][positions]  # [L, rotary/2]
+        cache_rows = cache.row_index(slot.expand(L), positions)  # [2 * L * KV]
+        # [group * L, kv_len]: query row (g, i) sees positions <= its own; a padding row sees
+        # position 0 only (any valid row keeps its softmax finite)
+        visible = torch.arange(kv_len, device=ids.device)[None, :] <= torch.where(real, positions, 0)[:, None]
+        mask = visible.repeat(group, 1)
+        x = self.embed(ids)  # [L, hidden]
+        for layer, block in enumerate(self.layers):
+            q, kv = attn_in(block, x, cos, sin)  # [L, H, d], [2, L, KV, d]
+            layer_cache = cache.kv[layer]  # [2, slots, KV, capacity, d]
+            layer_cache.view(-1, head_dim).index_copy_(0, cache_rows, kv.reshape(-1, head_dim))
+            slot_kv = layer_cache.index_select(1, slot)[:, 0, :, :kv_len]  # [2, KV, kv_len, d]
+            # the query heads of a group and the rows become one query axis: [KV, group * L, d]
+            q = q.view(L, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, group * L, head_dim)
+            with sdpa_kernel(SDPA_BACKENDS):
+                context = F.scaled_dot_product_attention(q[None], slot_kv[0][None], slot_kv[1][None], attn_mask=mask)
+            # [1, KV, group * L, d] -> [L, KV * group * d] (head h = kv * group + g, as the q rows)
+            context = context[0].view(kv_heads, group, L, head_dim).permute(2, 0, 1, 3).reshape(L, -1)
+            x = attn_out(block, x, context)
+        return logits(self, x.index_select(0, n - 1))
 
     # --- decode: one new token for each of the first b slots ----------------------------------------
     def decode(
@@ -317,38 +387,30 @@ class GLMModel(nn.Module):
         cache: KVCache,
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_len: int,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``tokens``/``positions`` [b]: row i is slot i. Writes each row's key/value at its
-        position and attends over the slot's first ``kv_len`` positions (masked beyond its own
-        position). Static shapes for a given (b, kv_len): this is what a CUDA graph captures.
-        Returns float32 logits [b, vocab]."""
-        attn_in, attn_out, logits = self.steps
+        """``tokens``/``positions``/``slots`` [b]: row i works on cache slot ``slots[i]`` (default:
+        slot i). Writes each row's key/value at its position and attends over the slot's first
+        ``kv_len`` positions (masked beyond its own position). Static shapes for a given (b, kv_len):
+        this is what a CUDA graph captures. Returns float32 logits [b, vocab]."""
+        layer_inputs, layer_outputs, logits = self.decode_steps
         b = tokens.shape[0]
-        rows = torch.arange(b, device=tokens.device)
-        cos, sin = rope[0][positions], rope[1][positions]
-        visible = torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~visible, float("-inf"))
-        mask = mask[:, None, None, :]  # additive, shared by all layers and heads
+        slots = torch.arange(b, device=tokens.device) if slots is None else slots
+        cos, sin = rope[0][positions], rope[1][positions]  # [b, rotary/2]
         kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
-        if self.decode_attention not in DECODE_ATTENTION:
-            raise ValueError(f"decode_attention must be one of {DECODE_ATTENTION}, got {self.decode_attention!r}")
-        use_sdpa, scale = self.decode_attention == "sdpa", head_dim**-0.5
-        cache_rows = cache.row_index(rows, positions)
-        x = self.embed(tokens)
+        backend, scale = attention.resolve(self.decode_attention, tokens.device, head_dim), head_dim**-0.5
+        # additive mask [b, 1, 1, kv_len] shared by all layers and heads (the Triton kernel reads positions)
+        mask = None if backend == "triton" else attention.visible_mask(positions, kv_len, self.dtype)
+        cache_rows = cache.row_index(slots, positions)  # [2 * b * KV]
+        x, delta = self.embed(tokens), None  # [b, hidden]
         for layer, block in enumerate(self.layers):
-            q, kv = attn_in(block, x, cos, sin)
-            layer_cache = cache.kv[layer]
-            layer_cache.view(-1, head_dim).index_copy_(0, cache_rows, kv.reshape(-1, head_dim))
+            layer_cache = cache.kv[layer]  # [2, slots, KV, capacity, d]
+            x, q = layer_inputs(block, x, delta, cos, sin, layer_cache.view(-1, head_dim), cache_rows)
             # the query heads of a group become the query axis: no key/value expansion needed
             q = q.view(b, kv_heads, group, head_dim)
-            keys, values = layer_cache[0, :b, :, :kv_len], layer_cache[1, :b, :, :kv_len]
-            if use_sdpa:
-                with sdpa_kernel(SDPA_BACKENDS):
-                    context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            else:
-                context = torch.matmul(self.softmax(torch.matmul(q, keys.transpose(-1, -2)), mask, scale), values)
-            x = attn_out(block, x, context.reshape(b, -1))
-        return logits(self, x)
+            context = attention.attend(backend, q, layer_cache, slots, positions, kv_len, scale, mask, self.softmax)
+            x, delta = layer_outputs(block, x, context.reshape(b, -1))
+        return logits(self, x, delta)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

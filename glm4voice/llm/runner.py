@@ -1,12 +1,14 @@
 """Device side of the engine: the KV cache, per-slot sampling state, chunked prefill, and the
 batched decode step captured as CUDA graphs.
 
-Slot ``i`` of the cache is row ``i`` of a decode batch. A decode step runs the first ``b`` rows,
-``b`` the smallest captured batch size covering the highest busy slot; rows of idle slots write to
-the cache's scratch position and their tokens are ignored. Attention reads the first ``kv_len``
-positions of each slot, ``kv_len`` the smallest captured length covering the longest sequence. One
-CUDA graph per (b, kv_len) pair replays embedding, 40 layers, logits and sampling with no host
-work; the host only writes the new tokens and positions before and reads the sampled ids after.
+Row ``j`` of a decode batch works on cache slot ``row_slots[j]``: a step runs ``b`` rows, ``b`` the
+smallest captured batch size covering the running streams, wherever their slots are (with the
+prefix cache, finished conversations keep low slots while new ones take higher ones). Padding rows
+point at slot 0's scratch position, where they write, and their tokens are ignored. Attention reads
+the first ``kv_len`` positions of each row's slot, ``kv_len`` the smallest captured length covering
+the longest sequence. One CUDA graph per (b, kv_len) pair replays embedding, 40 layers, logits and
+sampling with no host work; the host only writes the rows' tokens, positions and slots before and
+reads the sampled ids after.
 
 Everything here runs on one thread (the engine's worker).
 """
@@ -75,6 +77,7 @@ class ModelRunner:
         kv_lengths: Sequence[int] | None = None,
         cache_dtype: torch.dtype | None = None,
         prefill_graph_lengths: Sequence[int] = (),
+        continued_prefill_graphs: bool = False,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -91,15 +94,21 @@ class ModelRunner:
             raise ValueError(f"kv lengths {self.kv_lengths} do not reach max_seq_len {max_seq_len}")
         device = self.device
         self.tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.row_slots = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.positions = torch.full((max_slots,), self.scratch, dtype=torch.long, device=device)
         self.temperature = torch.ones(max_slots, dtype=torch.float32, device=device)
         self.top_p = torch.ones(max_slots, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(max_slots, dtype=torch.long, device=device)
         self.next_tokens = torch.zeros(max_slots, dtype=torch.long, device=device)
+        self.first_logits = torch.zeros(max_slots, model.config.vocab_size, dtype=torch.float32, device=device)
+        """Each slot's logits for its first reply token (kept so that a repeated prompt draws from
+        exactly the same distribution without a prefill; see glm4voice.llm.prefix_cache)."""
         pin = device.type == "cuda"
         self._host_tokens = torch.zeros(max_slots, dtype=torch.long, pin_memory=pin)
         self._host_positions = torch.full((max_slots,), self.scratch, dtype=torch.long, pin_memory=pin)
+        self._host_slots = torch.zeros(max_slots, dtype=torch.long, pin_memory=pin)
         self._tokens_np, self._positions_np = self._host_tokens.numpy(), self._host_positions.numpy()
+        self._slots_np = self._host_slots.numpy()
         # two output buffers and events: step k+1 may be launched before step k is collected
         self._outputs = [torch.zeros(max_slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._events = [torch.cuda.Event() if pin else None for _ in range(2)]
@@ -116,11 +125,16 @@ class ModelRunner:
         lengths = sorted({int(n) for n in prefill_graph_lengths if 0 < n <= max_seq_len}) if self.cuda_graphs else []
         self.prefill_graph_lengths = tuple(lengths)
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.continued_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        """Graphs of chunks that continue a cached sequence (prefix-cache hits), keyed by (padded
+        chunk length, attention length)."""
+        self._want_continued_graphs = continued_prefill_graphs and bool(lengths)
         self.prefill_graphs_enabled = True
         """Use the captured prefill graphs (switchable, e.g. to measure both paths in one run)."""
         longest = max(lengths, default=1)
         self._pf_ids = torch.zeros(longest, dtype=torch.long, device=device)
         self._pf_meta = torch.zeros(3, dtype=torch.long, device=device)
+        self._pfc_meta = torch.zeros(3, dtype=torch.long, device=device)  # slot, start, real ids
         self._pf_token = torch.zeros(1, dtype=torch.long, device=device)
         self._pf_host_ids = torch.zeros(longest, dtype=torch.long, pin_memory=pin)
         self._pf_host_meta = torch.zeros(3, dtype=torch.long, pin_memory=pin)
@@ -133,6 +147,26 @@ class ModelRunner:
         self.top_p[slot] = top_p
         self.seeds[slot] = seed
 
+    def copy_prefix(self, source: int, target: int, length: int, first_logits: bool = False) -> None:
+        """Keys and values of positions ``[0, length)`` of slot ``source`` into slot ``target`` (every
+        layer; one strided device copy, ordered after every step already launched); with
+        ``first_logits``, the source's first-token logits too."""
+        if source == target or length <= 0:
+            return
+        kv = self.cache.kv  # [layers, 2, slots, kv_heads, capacity, head_dim]
+        kv[:, :, target, :, :length].copy_(kv[:, :, source, :, :length], non_blocking=True)
+        if first_logits:
+            self.first_logits[target].copy_(self.first_logits[source], non_blocking=True)
+
+    @torch.inference_mode()
+    def sample_first(self, slot: int, counter: int) -> int:
+        """The first reply token of ``slot`` drawn from its kept first-token logits (for the token at
+        position ``counter``, as the prefill that made them would have)."""
+        row = slice(slot, slot + 1)
+        counter_t = torch.tensor([counter], dtype=torch.long, device=self.device)
+        token = self.sample(self.first_logits[row], self.temperature[row], self.top_p[row], self.seeds[row], counter_t)
+        return int(token.item())
+
     # --- prefill ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int], start: int, sample: bool) -> int | None:
@@ -143,10 +177,16 @@ class ModelRunner:
             length = _cover(self.prefill_graph_lengths, len(ids))
             if length is not None and length in self.prefill_graphs:
                 return self._replay_prefill(length, slot, ids)
+        if start > 0 and self.prefill_graphs_enabled and self.continued_graphs:
+            key = (_cover(self.prefill_graph_lengths, len(ids)), _cover(self.kv_lengths, start + len(ids)))
+            if key in self.continued_graphs:
+                token = self._replay_continued(key, slot, ids, start)
+                return token if sample else None
         ids_t = torch.tensor(ids, dtype=torch.long, device=self.device)
         logits = self.model.prefill(ids_t, self.cache, slot, start, self.rope)
         if not sample:
             return None
+        self.first_logits[slot].copy_(logits[0])
         counter = torch.tensor([start + len(ids)], dtype=torch.long, device=self.device)
         token = self.sample(logits, self.temperature[slot : slot + 1], self.top_p[slot : slot + 1],
                             self.seeds[slot : slot + 1], counter)  # fmt: skip
@@ -157,9 +197,35 @@ class ModelRunner:
         the slot ``_pf_meta[0]``, then the first token drawn from row ``_pf_meta[1]``."""
         slot, last, counter = self._pf_meta[0:1], self._pf_meta[1:2], self._pf_meta[2:3]
         logits = self.model.prefill_first_chunk(self._pf_ids[:length], last, slot, self.cache, self.rope)
+        self.first_logits.index_copy_(0, slot, logits)
         token = self.sample(logits, self.temperature.index_select(0, slot), self.top_p.index_select(0, slot),
                             self.seeds.index_select(0, slot), counter)  # fmt: skip
         self._pf_token.copy_(token)
+
+    def _continued_step(self, length: int, kv_len: int) -> None:
+        """The body of a continuation prefill graph: ``_pf_ids[:length]`` at positions ``start ..``
+        of slot ``_pfc_meta = (slot, start, n)``, then the token drawn for position ``start + n``."""
+        meta = self._pfc_meta
+        slot, counter = meta[0:1], meta[1:2] + meta[2:3]
+        logits = self.model.prefill_continued_chunk(self._pf_ids[:length], meta, self.cache, self.rope, kv_len)
+        self.first_logits.index_copy_(0, slot, logits)
+        token = self.sample(logits, self.temperature.index_select(0, slot), self.top_p.index_select(0, slot),
+                            self.seeds.index_select(0, slot), counter)  # fmt: skip
+        self._pf_token.copy_(token)
+
+    def _replay_continued(self, key: tuple[int, int], slot: int, ids: Sequence[int], start: int) -> int:
+        length, n = key[0], len(ids)
+        host_ids = self._pf_host_ids.numpy()
+        host_ids[:n] = ids
+        host_ids[n:length] = 0
+        self._pf_host_meta.numpy()[:] = (slot, start, n)
+        self._pf_ids[:length].copy_(self._pf_host_ids[:length], non_blocking=True)
+        self._pfc_meta.copy_(self._pf_host_meta, non_blocking=True)
+        self.continued_graphs[key].replay()
+        self._pf_host_token.copy_(self._pf_token, non_blocking=True)
+        self._pf_event.record()
+        self._pf_event.synchronize()
+        return int(self._pf_host_token[0])
 
     def _replay_prefill(self, length: int, slot: int, ids: Sequence[int]) -> int:
         n = len(ids)
@@ -179,22 +245,22 @@ class ModelRunner:
     def _step(self, b: int, kv_len: int) -> None:
         """One decode step over rows ``:b``; it also leaves the inputs of the next step in place
         (each busy row's new token, its position + 1), so steps can be chained on the device."""
-        positions = self.positions[:b]
-        logits = self.model.decode(self.tokens[:b], positions, self.cache, self.rope, kv_len)
-        token = self.sample(logits, self.temperature[:b], self.top_p[:b], self.seeds[:b], positions + 1)
+        positions, slots = self.positions[:b], self.row_slots[:b]
+        logits = self.model.decode(self.tokens[:b], positions, self.cache, self.rope, kv_len, slots)
+        token = self.sample(logits, self.temperature.index_select(0, slots), self.top_p.index_select(0, slots),
+                            self.seeds.index_select(0, slots), positions + 1)  # fmt: skip
         self.next_tokens[:b].copy_(token)
         self.tokens[:b].copy_(token)
         positions.copy_(torch.where(positions >= self.scratch, positions, positions + 1))
 
     def shape_for(self, rows: Sequence[DecodeRow]) -> tuple[int, int, bool]:
         """(batch rows, attention length, replay a graph?) for a decode step over ``rows``."""
-        highest = max(row.slot for row in rows) + 1
         longest = max(row.position for row in rows) + 1
         if self.cuda_graphs:
-            b, kv_len = _cover(self.batch_sizes, highest), _cover(self.kv_lengths, longest)
+            b, kv_len = _cover(self.batch_sizes, len(rows)), _cover(self.kv_lengths, longest)
             if b is not None and kv_len is not None and (b, kv_len) in self.graphs:
                 return b, kv_len, True
-        return highest, longest, False
+        return len(rows), longest, False
 
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> list[int]:
@@ -208,9 +274,12 @@ class ModelRunner:
         """Start a decode step and return at once (the device works on). With ``after`` (a step
         over the same rows, still running or not yet collected) the step continues from that
         step's outputs on the device: each row's input is the token it drew, one position further;
-        ``rows`` then only give slots and the positions before ``after``."""
+        ``rows`` then only give slots and the positions before ``after``. Row j of the batch is
+        ``rows[j]`` (any slots, each at most once)."""
         if not rows:
             raise ValueError("a decode step needs at least one row")
+        if len({row.slot for row in rows}) != len(rows) or len(rows) > self.max_slots:
+            raise ValueError("a decode step takes each slot at most once")
         if after is not None:
             rows = [DecodeRow(row.slot, -1, row.position + 1) for row in after.rows]
         b, kv_len, replay = self.shape_for(rows)
@@ -218,13 +287,14 @@ class ModelRunner:
             if not 0 <= row.position < self.max_seq_len:
                 raise ValueError(f"slot {row.slot}: position {row.position} outside the cache")
         if after is None:
-            tokens_np, positions_np = self._tokens_np, self._positions_np
-            positions_np[:b] = self.scratch
-            for row in rows:
-                tokens_np[row.slot] = row.token
-                positions_np[row.slot] = row.position
+            tokens_np, positions_np, slots_np = self._tokens_np, self._positions_np, self._slots_np
+            positions_np[:b] = self.scratch  # padding rows: slot 0's scratch position
+            slots_np[:b] = 0
+            for j, row in enumerate(rows):
+                tokens_np[j], positions_np[j], slots_np[j] = row.token, row.position, row.slot
             self.tokens[:b].copy_(self._host_tokens[:b], non_blocking=True)
             self.positions[:b].copy_(self._host_positions[:b], non_blocking=True)
+            self.row_slots[:b].copy_(self._host_slots[:b], non_blocking=True)
         elif after.b != b:
             raise ValueError("a chained step must cover the same slots")
         if replay:
@@ -243,7 +313,7 @@ class ModelRunner:
         if launch.event is not None:
             launch.event.synchronize()
         values = launch.out.numpy()
-        return [int(values[row.slot]) for row in launch.rows]
+        return [int(values[j]) for j in range(len(launch.rows))]
 
     # --- warm-up and graph capture ------------------------------------------------------------------
     @torch.inference_mode()
@@ -255,6 +325,7 @@ class ModelRunner:
         self.prefill(0, warm_ids[:1], len(warm_ids), sample=True)
         self.positions.fill_(self.scratch)
         self._host_positions.fill_(self.scratch)
+        self.row_slots.zero_()
         if not self.cuda_graphs:
             for b in sorted({1, 2, self.max_slots}):
                 self._step(min(b, self.max_slots), self.kv_lengths[0])
@@ -277,9 +348,16 @@ class ModelRunner:
                 self.graphs[(b, kv_len)] = graph
         torch.cuda.synchronize(self.device)
         self._capture_prefill_graphs(pool)
-        logger.info("warm-up: %d decode graphs (batch %s x attention length %s), prefill graphs %s in %.1f s",
-                    len(self.graphs), self.batch_sizes, self.kv_lengths, self.prefill_graph_lengths,
-                    time.perf_counter() - started)  # fmt: skip
+        logger.info("warm-up: %d decode graphs (batch %s x attention length %s), prefill graphs %s, %d continuation "
+                    "prefill graphs in %.1f s", len(self.graphs), self.batch_sizes, self.kv_lengths,
+                    self.prefill_graph_lengths, len(self.continued_graphs), time.perf_counter() - started)  # fmt: skip
+
+    def continued_graph_shapes(self) -> list[tuple[int, int]]:
+        """(padded chunk length, attention length) pairs with a continuation graph: every prefill
+        graph length below every attention length."""
+        if not self._want_continued_graphs:
+            return []
+        return [(n, k) for n in self.prefill_graph_lengths for k in self.kv_lengths if n < k]
 
     def _capture_prefill_graphs(self, pool) -> None:
         if not self.prefill_graph_lengths:
@@ -298,4 +376,21 @@ class ModelRunner:
                 self._prefill_step(length)
             self.prefill_graphs[length] = graph
         torch.cuda.synchronize(self.device)
-
+        shapes = self.continued_graph_shapes()
+        if not shapes:
+            return
+        # slot 0 is free during warm-up: one real id at position 1, the padding to its scratch position
+        self._pfc_meta.copy_(torch.tensor([0, 1, 1]))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for length, kv_len in shapes:
+                self._continued_step(length, kv_len)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        for length, kv_len in reversed(shapes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._continued_step(length, kv_len)
+            self.continued_graphs[(length, kv_len)] = graph
+        torch.cuda.synchronize(self.device)

@@ -53,7 +53,9 @@ def sample_next(
     sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
     keep = (cumulative - sorted_probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    kept = keep.sum(dim=-1, keepdim=True)  # a prefix of the sorted order, at least one token
+    # a prefix of the sorted order; at least the most probable token even when top_p is 0 in float32
+    # (a positive top_p below float32's range, e.g. 1e-50, arrives here as 0.0)
+    kept = keep.sum(dim=-1, keepdim=True).clamp_min(1)
     kept_mass = cumulative.gather(-1, kept - 1)
     target = uniform(seeds, counters)[:, None] * kept_mass
     index = (cumulative <= target).sum(dim=-1, keepdim=True).clamp_max(kept - 1)

@@ -17,7 +17,14 @@ from glm4voice.llm.checkpoint import (
     map_key,
     published_key_names,
 )
-from glm4voice.llm.config import DEFAULT_SEQ_LENGTH, PUBLISHED_CONFIG, ConfigError, GLMConfig, generation_stop_ids
+from glm4voice.llm.config import (
+    CHATGLM_DEFAULT_SEQ_LENGTH,
+    PUBLISHED_CONFIG,
+    ConfigError,
+    GLMConfig,
+    context_limit,
+    generation_stop_ids,
+)
 from glm4voice.llm.model import build_meta_model
 from glm4voice.llm.quant import quantize_int8, weight_bytes
 
@@ -37,7 +44,7 @@ def test_real_size_config_on_meta_device():
     config = GLMConfig.published()
     assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (40, 32, 2, 128)
     assert config.vocab_size == 168960 and config.rotary_dim == 64 and config.qkv_size == 4608
-    assert config.seq_length == DEFAULT_SEQ_LENGTH  # the published file has no seq_length
+    assert config.seq_length is None  # the published file has no seq_length
     model = build_meta_model(config)
     params = dict(model.named_parameters())
     assert all(p.device.type == "meta" for p in params.values())
@@ -82,6 +89,44 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="multiple"):
         GLMConfig.from_chatglm(PUBLISHED_CONFIG | {"multi_query_group_num": 3})
     assert GLMConfig.from_chatglm(PUBLISHED_CONFIG | {"seq_length": 2048}).seq_length == 2048
+    with pytest.raises(ConfigError, match="seq_length"):
+        GLMConfig.from_chatglm(PUBLISHED_CONFIG | {"seq_length": 0})
+
+
+def test_context_limit_says_which_limit_and_why():
+    unstated = GLMConfig.published()
+    limit, why = context_limit(unstated, 8192)
+    assert limit == 8192 and "no seq_length" in why and str(CHATGLM_DEFAULT_SEQ_LENGTH) in why
+    assert "--max-seq-len" in why and "max_seq_len=8192" in why
+    assert context_limit(unstated, 1000)[0] == 1000  # the caller chooses
+    stated = GLMConfig.from_chatglm(PUBLISHED_CONFIG | {"seq_length": 4096})
+    limit, why = context_limit(stated, 8192)
+    assert limit == 4096 and "seq_length is 4096" in why
+    limit, why = context_limit(stated, 2000)
+    assert limit == 2000 and "as configured" in why
+
+
+def test_multi_query_attention_false_means_one_key_value_head_per_query_head():
+    config = GLMConfig.from_chatglm(PUBLISHED_CONFIG | {"multi_query_attention": False})
+    assert config.num_kv_heads == config.num_heads == 32 and config.qkv_per_head
+    assert config.qkv_size == 3 * 4096
+    assert not GLMConfig.published().qkv_per_head
+    with pytest.raises(ConfigError, match="per-head"):
+        GLMConfig(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden_size=64,
+                  vocab_size=100, layernorm_epsilon=1e-6, qkv_per_head=True)  # fmt: skip
+
+
+def test_per_head_qkv_rows_are_reordered():
+    from glm4voice.llm.checkpoint import per_head_qkv_to_grouped
+
+    heads, dim, hidden = 3, 2, 5
+    # row r of the per-head layout belongs to head r // (3*dim), part (r // dim) % 3, element r % dim
+    rows = torch.arange(3 * heads * dim)
+    weight = rows[:, None].float() * 10 + torch.arange(hidden)
+    grouped = per_head_qkv_to_grouped(weight, heads, dim)
+    expected_rows = [h * 3 * dim + part * dim + e for part in range(3) for h in range(heads) for e in range(dim)]
+    torch.testing.assert_close(grouped, weight[expected_rows])
+    torch.testing.assert_close(per_head_qkv_to_grouped(rows.float(), heads, dim), rows[expected_rows].float())
 
 
 def test_tiny_folder_is_in_the_published_format(llm_folder, tiny_checkpoints):

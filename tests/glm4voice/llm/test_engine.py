@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from glm4voice.defaults import FLOAT32_SMALLEST_NORMAL, TEMPERATURE
 from glm4voice.llm.engine import (
     Engine,
     EngineBusyError,
@@ -70,7 +71,10 @@ def test_greedy_is_the_same_alone_and_in_a_batch_of_8(tiny_llm):
     for prompt, tokens in zip(PROMPTS[:2], alone):
         assert tokens == greedy_reference(tiny_llm.model, prompt, 20)
     assert stats.tokens_generated == 2 * 20 * len(PROMPTS) and stats.requests_finished == 2 * len(PROMPTS)
-    assert stats.prompt_tokens == 2 * sum(map(len, PROMPTS)) and stats.active_streams == 0 and stats.queued == 0
+    # the second time, each prompt is a repeat: kept whole with its first-token logits, nothing computed
+    assert stats.prefix_tokens_reused == sum(map(len, PROMPTS)) and stats.prefix_hits == len(PROMPTS)
+    assert stats.prompt_tokens == sum(map(len, PROMPTS))
+    assert stats.active_streams == 0 and stats.queued == 0
 
 
 def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(tiny_llm):
@@ -83,7 +87,9 @@ def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(tiny_llm):
             others = [engine.submit(p, SamplingParams(temperature=1.0, max_new_tokens=16)) for p in PROMPTS[:4]]
             in_batch = engine.submit(PROMPTS[3], params)
             results = await asyncio.gather(collect(in_batch), *(collect(s) for s in others))
-            other_seed = await collect(engine.submit(PROMPTS[3], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=99)))
+            other_seed = await collect(
+                engine.submit(PROMPTS[3], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=99))
+            )
             return first, again, results[0], other_seed
 
     first, again, in_batch, other_seed = run(main())
@@ -163,8 +169,14 @@ def test_async_with_cancels_on_early_exit(tiny_llm):
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": math.nan}, "temperature"),
         ({"temperature": "1"}, "temperature"),
+        ({"temperature": 1e39}, "temperature"),  # overflows float32 (it used to kill the worker)
+        ({"temperature": 10**400}, "temperature"),  # too large for a float at all
+        ({"temperature": math.inf}, "temperature"),
+        ({"temperature": TEMPERATURE.high * 1.01}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"top_p": -math.inf}, "top_p"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"max_new_tokens": 2.5}, "max_new_tokens"),
         ({"seed": -1}, "seed"),
@@ -177,6 +189,32 @@ def test_bad_sampling_values_are_rejected(kwargs, message):
     with pytest.raises(InvalidSamplingParams, match=message):
         SamplingParams(**kwargs)
     assert issubclass(InvalidSamplingParams, ValueError)
+
+
+def test_extreme_but_valid_sampling_values_are_served(tiny_llm):
+    """The smallest top_p and temperature float32 can hold both mean the most probable token (no
+    index error); the largest temperature is served too. Below float32 (1e-50) they are refused."""
+    for name in ("top_p", "temperature"):
+        with pytest.raises(InvalidSamplingParams, match=name):
+            SamplingParams(**{name: 1e-50})
+    params = [
+        SamplingParams(temperature=1.0, top_p=FLOAT32_SMALLEST_NORMAL, max_new_tokens=20, seed=3),
+        SamplingParams(temperature=FLOAT32_SMALLEST_NORMAL, max_new_tokens=20, seed=3),
+        SamplingParams(temperature=TEMPERATURE.high, max_new_tokens=20, seed=3),
+        SamplingParams(temperature=2, top_p=1, max_new_tokens=20, seed=3),
+    ]
+    assert isinstance(params[3].temperature, float) and isinstance(params[3].top_p, float)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            greedy = await collect(engine.submit(PROMPTS[1], GREEDY))
+            results = await asyncio.gather(*(collect(engine.submit(PROMPTS[1], p)) for p in params))
+            return greedy, results, engine.stats()
+
+    greedy, (tiny_top_p, tiny_temperature, hottest, _), stats = run(main())
+    assert tiny_top_p == greedy and tiny_temperature == greedy
+    assert len(hottest) == 20 and hottest != greedy
+    assert stats.requests_failed == 0 and stats.running
 
 
 def test_bad_requests_are_rejected_at_submit(tiny_llm):
@@ -255,13 +293,108 @@ def test_a_failing_request_does_not_take_the_others_down(tiny_llm):
     assert stats.requests_failed == 3 and stats.running
 
 
+def test_a_request_whose_sampling_setup_fails_fails_alone(tiny_llm):
+    """A value that gets past validation and cannot be set on the device (float32 overflow) ends
+    that request only; streams already running and later requests go on."""
+    bad = SamplingParams(temperature=1.0, max_new_tokens=20)
+    object.__setattr__(bad, "temperature", 1e39)  # what the validation now refuses
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            running = engine.submit(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=40))
+            first = await running.__anext__()
+            failing = engine.submit(PROMPTS[0], bad)
+            with pytest.raises(GenerationError, match="overflow"):
+                await collect(failing)
+            rest = await collect(running)
+            after = await collect(engine.submit(PROMPTS[0], GREEDY))
+            return [first, *rest], failing, after, engine
+
+    tokens, failing, after, engine = run(main())
+    assert len(tokens) == 40 and tokens[:20] == greedy_reference(tiny_llm.model, PROMPTS[1], 20)
+    assert failing.finish_reason is FinishReason.ERROR and len(after) == 20
+    assert engine.stats().requests_failed == 1 and not engine.dead and engine.failure is None
+
+
+def test_a_broken_device_stops_the_worker_and_says_so(tiny_llm):
+    """A CUDA error poisons the device for everyone: the worker stops, every stream ends with an
+    error, submit() refuses, and the owner learns it through wait_closed() and the callback."""
+
+    async def main():
+        engine = Engine(tiny_llm, cpu_config(), stop_ids=())
+        await engine.start()
+        failures = []
+        engine.add_failure_callback(failures.append)
+        runner = engine.runner
+        real_launch = runner.launch
+
+        def launch(rows, after=None):
+            if len(rows) == 2:
+                raise RuntimeError("CUDA error: device-side assert triggered")
+            return real_launch(rows, after)
+
+        runner.launch = launch
+        first = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=200))
+        await first.__anext__()
+        second = engine.submit(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=200))
+        queued = [engine.submit(PROMPTS[2], GREEDY) for _ in range(8)]  # 6 of them wait for a slot
+        outcomes = await asyncio.gather(*(collect(s) for s in (first, second, *queued)), return_exceptions=True)
+        error = await asyncio.wait_for(engine.wait_closed(), timeout=60)
+        with pytest.raises(EngineNotRunningError, match="device-side assert"):
+            engine.submit(PROMPTS[0], GREEDY)
+        late = []
+        engine.add_failure_callback(late.append)  # registered after the death: called at once
+        await engine.stop()  # harmless on a dead engine
+        return engine, outcomes, error, failures, late
+
+    engine, outcomes, error, failures, late = run(main())
+    assert all(isinstance(o, GenerationError) for o in outcomes), outcomes
+    assert engine.dead and not engine.running and not engine.stats().running
+    assert error is engine.failure and failures == [error] and late == [error]
+    assert "device" in str(error) and "device-side assert" in str(error.__cause__)
+
+
+def test_repeated_failures_stop_the_worker(tiny_llm, monkeypatch):
+    import glm4voice.llm.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_CONSECUTIVE_FAILURES", 3)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            engine.runner.prefill = lambda *args: (_ for _ in ()).throw(MemoryError("no memory"))
+            streams = [engine.submit(p, GREEDY) for p in PROMPTS[:5]]
+            outcomes = await asyncio.gather(*(collect(s) for s in streams), return_exceptions=True)
+            return engine, outcomes, await engine.wait_closed()
+
+    engine, outcomes, error = run(main())
+    assert all(isinstance(o, GenerationError) for o in outcomes)
+    assert engine.dead and "3 steps failed in a row" in str(error)
+
+
+def test_a_clean_stop_is_not_a_failure(tiny_llm):
+    async def main():
+        engine = Engine(tiny_llm, cpu_config(), stop_ids=())
+        with pytest.raises(EngineNotRunningError):
+            await engine.wait_closed()
+        await engine.start()
+        called = []
+        engine.add_failure_callback(called.append)
+        await engine.stop()
+        return engine, await engine.wait_closed(), called
+
+    engine, closed, called = run(main())
+    assert closed is None and called == [] and not engine.dead and engine.failure is None
+
+
 def test_long_prefill_is_chunked_between_decode_steps(tiny_llm):
     async def main():
         async with Engine(tiny_llm, cpu_config(prefill_chunk=16), stop_ids=()) as engine:
             runner = engine.runner
             trace = []
             real_prefill, real_launch = runner.prefill, runner.launch
-            runner.prefill = lambda slot, ids, start, sample: trace.append(("P", slot)) or real_prefill(slot, ids, start, sample)
+            runner.prefill = lambda slot, ids, start, sample: (
+                trace.append(("P", slot)) or real_prefill(slot, ids, start, sample)
+            )
             runner.launch = lambda rows, after=None: trace.append(("D", len(rows))) or real_launch(rows, after)
             running = engine.submit(PROMPTS[0], SamplingParams(temperature=0, max_new_tokens=60))
             await running.__anext__()
@@ -306,6 +439,38 @@ def test_engine_from_folder_path_and_int8(llm_folder, tiny_llm):
     assert run(generate(cpu_config())) == run(reference())
     int8_tokens = run(generate(cpu_config(dtype="int8")))
     assert len(int8_tokens) == 20 and all(0 <= t < tiny_llm.config.vocab_size for t in int8_tokens)
+
+
+@pytest.mark.parametrize("seq_length, expected", [(None, 256), (64, 64), (8192, 256)])
+def test_start_logs_the_context_limit_and_why(tiny_llm, caplog, seq_length, expected):
+    """config.json's seq_length caps max_seq_len; without one the configured value is used and the
+    log says that the original would stop at 2048 positions."""
+    import dataclasses
+    import logging
+
+    from glm4voice.llm.checkpoint import LoadedModel
+
+    config = dataclasses.replace(tiny_llm.config, seq_length=seq_length)
+    loaded = LoadedModel(tiny_llm.model, config, tiny_llm.stop_ids, tiny_llm.folder)
+
+    async def main():
+        async with Engine(loaded, cpu_config(max_seq_len=256), stop_ids=()) as engine:
+            with pytest.raises(PromptTooLongError, match=f"at most {expected - 1} fit"):
+                engine.submit([5] * expected, GREEDY)
+            return engine.max_seq_len, engine.runner.cache.max_seq_len
+
+    with caplog.at_level(logging.INFO, logger="glm4voice.llm.engine"):
+        limits = run(main())
+    assert limits == (expected, expected)
+    record = next(r for r in caplog.records if "positions per stream" in r.getMessage())
+    message = record.getMessage()
+    assert f"context: {expected} positions per stream" in message
+    if seq_length is None:
+        assert "no seq_length" in message and "2048" in message and record.levelno == logging.INFO
+    elif seq_length < 256:
+        assert "seq_length is 64" in message and record.levelno == logging.WARNING
+    else:
+        assert "as configured" in message
 
 
 def test_engine_config_validation():

@@ -61,7 +61,9 @@ def test_greedy_rows_and_mixed_batch():
     assert torch.equal(out[greedy], logits.argmax(-1)[greedy])
     # each row's draw does not depend on the other rows of the batch
     for i in range(6):
-        alone = sample_next(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], seeds[i : i + 1], counters[i : i + 1])
+        alone = sample_next(
+            logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], seeds[i : i + 1], counters[i : i + 1]
+        )
         assert alone.item() == out[i].item()
 
 
@@ -77,3 +79,12 @@ def test_draws_are_reproducible_and_vary_with_seed_and_counter():
     assert len(set(u.tolist())) > 4000  # distinct seeds give distinct draws
     counters = uniform(torch.zeros(4096, dtype=torch.long), torch.arange(4096))
     assert abs(counters.mean().item() - 0.5) < 0.01 and len(set(counters.tolist())) > 4000
+
+
+def test_top_p_below_float32_range_keeps_the_most_probable_token():
+    """A positive top_p such as 1e-50 is 0.0 in float32: the top token is kept (no index -1)."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    top_p = torch.tensor([1e-50, 0.0, 1e-50, 1.0], dtype=torch.float32)
+    assert top_p[0] == 0
+    out = sample_next(logits, torch.ones(4), top_p, torch.arange(4), torch.full((4,), 9))
+    torch.testing.assert_close(out[:3], logits[:3].argmax(-1))
