@@ -53,6 +53,9 @@ right shape, not required."""
 _COMPILED_TABLE = tuple((re.compile(pattern), target) for pattern, target in KEY_TABLE)
 
 
+EMBEDDING_WEIGHT = "embed.weight"
+
+
 class CheckpointError(ValueError):
     """The folder's weights do not match the model its config.json describes."""
 
@@ -148,12 +151,11 @@ def load_model(
     """Read a glm-4-voice-9b folder (or hub id) into :class:`GLMModel` on ``device``.
 
     ``dtype``: activation and (unquantized) weight dtype. ``quantize``: ``"int8"``, ``"fp8"`` or
-    ``"int4"`` weights for every linear layer (embedding and norms stay ``dtype``), with ``method``
-    (None: the dtype's default; glm4voice.llm.quant.METHODS). A dtype this device cannot run is a
-    :class:`glm4voice.llm.quant.QuantizationUnsupported` error before anything is read.
+    ``"int4"`` weights for every linear layer, with ``method`` (None: the dtype's default;
+    glm4voice.llm.quant.METHODS), and an int8 embedding table (the norms stay ``dtype``). A dtype
+    this device cannot run is a :class:`glm4voice.llm.quant.QuantizationUnsupported` error before
+    anything is read.
     """
-    from glm4voice.llm import quant
-
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
     chosen = _quant_method(quantize, method, device)
@@ -176,10 +178,7 @@ def load_model(
         if config.qkv_per_head and name.rsplit(".", 2)[-2] == "qkv":
             tensor = per_head_qkv_to_grouped(tensor, config.num_heads, config.head_dim)
         tensor = tensor.to(dtype)
-        if chosen is not None and name in linear_weights:
-            quant.quantize_linear(model, linear_weights[name], tensor, chosen)
-        else:
-            _assign(model, name, tensor)
+        _place(model, name, tensor, chosen, linear_weights)
     model.eval()
     stop_ids = generation_stop_ids(folder, config)
     logger.info("loaded %s: %d layers, %.2f B parameters, %s%s on %s", folder, config.num_layers,
@@ -236,8 +235,6 @@ def random_model(
     benchmarks: no 19 GB host tensors), optionally quantized as :func:`load_model` does. Scales keep
     activations O(1) through the layers. The same seed gives the same floating-point weights
     whatever ``quantize`` is (so quantized variants compare against the same model)."""
-    from glm4voice.llm import quant
-
     chosen = _quant_method(quantize, method, torch.device(device))
     model = build_meta_model(config)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -249,14 +246,22 @@ def random_model(
             tensor = 0.1 * torch.randn(param.shape, generator=generator, device=device)
         else:
             fan_in = param.shape[1]
-            std = 1.0 if name == "embed.weight" else fan_in**-0.5
+            std = 1.0 if name == EMBEDDING_WEIGHT else fan_in**-0.5
             tensor = std * torch.randn(param.shape, generator=generator, device=device)
-        tensor = tensor.to(dtype)
-        if chosen is not None and name in linears:
-            quant.quantize_linear(model, linears[name], tensor, chosen)
-        else:
-            _assign(model, name, tensor)
+        _place(model, name, tensor.to(dtype), chosen, linears)
     return model.eval()
+
+
+def _place(model: GLMModel, name: str, tensor: torch.Tensor, method, linears: dict[str, str]) -> None:
+    """Assign one tensor, quantized if ``method`` is set and it is a linear weight or the embedding."""
+    from glm4voice.llm import quant
+
+    if method is not None and name in linears:
+        quant.quantize_linear(model, linears[name], tensor, method)
+    elif method is not None and name == EMBEDDING_WEIGHT:
+        quant.quantize_embedding(model, EMBEDDING_WEIGHT.rpartition(".")[0], tensor)
+    else:
+        _assign(model, name, tensor)
 
 
 def _linear_weight_names(model: GLMModel) -> dict[str, str]:

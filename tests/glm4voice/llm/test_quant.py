@@ -45,7 +45,10 @@ def test_engine_dtypes_and_methods():
 def test_int8_fused_keeps_quality_and_cuts_memory(llm_folder, tiny_llm):
     int8 = load_model(llm_folder, dtype="float32", quantize="int8").model
     assert isinstance(int8.layers[0].qkv, FusedInt8Linear) and int8.layers[0].qkv.weight.dtype == torch.int8
-    assert int8.lm_head.weight.dtype == torch.int8 and int8.embed.weight.dtype == torch.float32  # lookups stay float
+    assert int8.lm_head.weight.dtype == torch.int8
+    assert isinstance(int8.embed, quant.Int8Embedding) and int8.embed.weight.dtype == torch.int8
+    assert int8.embed(IDS).dtype == torch.float32  # lookups give the activation dtype
+    torch.testing.assert_close(int8.embed(IDS), tiny_llm.model.embed(IDS), rtol=0, atol=float(int8.embed.scale.max()))
     assert int8.layers[0].qkv.bias is not None and int8.layers[0].qkv.bias.dtype == torch.float32
     assert quant.is_quantized(int8) and not quant.is_quantized(tiny_llm.model)
     linear_float = linear_float_bytes(tiny_llm.model)
@@ -81,7 +84,8 @@ def test_int8_torchao_loads_per_tensor_and_matches_float(llm_folder, tiny_llm):
     assert type(model.layers[0].qkv) is Linear and model.layers[0].qkv.bias.dtype == torch.float32
     linear_float = linear_float_bytes(tiny_llm.model)
     assert weight_bytes(model) < weight_bytes(tiny_llm.model) - 0.7 * linear_float
-    assert weight_bytes(model) > weight_bytes(tiny_llm.model) - linear_float  # the int8 data is counted
+    int8_values = sum(m.weight.numel() for m in model.modules() if isinstance(m, Linear)) + model.embed.weight.numel()
+    assert weight_bytes(model) > int8_values  # torchao's int8 data is counted (and the scales)
     close_logits(tiny_llm.model(IDS), model(IDS), cosine=0.995, top1=0.9)
     fused = load_model(llm_folder, dtype="float32", quantize="int8").model
     close_logits(fused(IDS), model(IDS), cosine=0.999, top1=0.9)  # the same rounding up to the scale's 127 vs 127.5
@@ -99,7 +103,9 @@ def test_fp8_weight_only_plumbing_runs_on_the_cpu():
     assert quant.weight_formats(model) == {"Float8Tensor": 4 * SMALL.num_layers + 1}
     params = sum(m.weight.numel() for m in reference.modules() if isinstance(m, Linear))
     rows = sum(m.weight.shape[0] for m in reference.modules() if isinstance(m, Linear))
-    assert weight_bytes(reference) - weight_bytes(model) == linear_float_bytes(reference) - params - 4 * rows
+    table = reference.embed.weight  # int8 rows + a float32 scale each
+    saved = linear_float_bytes(reference) - params - 4 * rows + 3 * table.numel() - 4 * table.shape[0]
+    assert weight_bytes(reference) - weight_bytes(model) == saved
     close_logits(reference(IDS), model(IDS), cosine=0.99, top1=0.75)
 
 
