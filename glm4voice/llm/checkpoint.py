@@ -180,6 +180,7 @@ def load_model(
         tensor = tensor.to(dtype)
         _place(model, name, tensor, chosen, linear_weights)
     model.eval()
+    _release_staging(chosen, device)
     stop_ids = generation_stop_ids(folder, config)
     logger.info("loaded %s: %d layers, %.2f B parameters, %s%s on %s", folder, config.num_layers,
                 config.num_parameters() / 1e9, str(dtype).removeprefix("torch."),
@@ -249,6 +250,7 @@ def random_model(
             std = 1.0 if name == EMBEDDING_WEIGHT else fan_in**-0.5
             tensor = std * torch.randn(param.shape, generator=generator, device=device)
         _place(model, name, tensor.to(dtype), chosen, linears)
+    _release_staging(chosen, torch.device(device))
     return model.eval()
 
 
@@ -262,6 +264,14 @@ def _place(model: GLMModel, name: str, tensor: torch.Tensor, method, linears: di
         quant.quantize_embedding(model, EMBEDDING_WEIGHT.rpartition(".")[0], tensor)
     else:
         _assign(model, name, tensor)
+
+
+def _release_staging(method, device: torch.device) -> None:
+    """After a quantized load on a GPU: hand the 16-bit staging copies (and the quantizer's float32
+    temporaries, up to a few GB for the output layer) back to the driver, so the process holds about
+    the quantized size and not the largest temporary too (what a small card and nvidia-smi see)."""
+    if method is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _linear_weight_names(model: GLMModel) -> dict[str, str]:

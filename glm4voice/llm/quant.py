@@ -244,7 +244,7 @@ def quantize_embedding(model: nn.Module, name: str, weight: torch.Tensor) -> Non
     setattr(model.get_submodule(parent) if parent else model, attr, Int8Embedding.from_float(weight))
 
 
-def quantize_model(model: "GLMModel", method: Method) -> "GLMModel":
+def quantize_model(model: GLMModel, method: Method) -> GLMModel:
     """Quantize every linear layer and the embedding of an already loaded floating-point ``model`` in
     place (the loader does this tensor by tensor instead; this is for models built in memory: tests,
     benchmarks)."""
@@ -335,7 +335,7 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scale", torch.empty(num_embeddings, device="meta"))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8Embedding":
+    def from_float(cls, weight: torch.Tensor) -> Int8Embedding:
         """The int8 form of ``weight`` [rows, dim]; lookups return ``weight``'s dtype."""
         module = cls(*weight.shape)
         q, scale = quantize_int8(weight)
@@ -363,7 +363,7 @@ class FusedInt8Linear(Linear):
         """Use ``torch._weight_int8pack_mm`` (enabled on the CPU, where it is fast)."""
 
     @classmethod
-    def from_float(cls, linear: Linear, weight: torch.Tensor) -> "FusedInt8Linear":
+    def from_float(cls, linear: Linear, weight: torch.Tensor) -> FusedInt8Linear:
         """``linear``'s replacement holding the int8 form of ``weight`` (and ``linear``'s bias)."""
         module = cls(linear.in_features, linear.out_features, bias=False)
         module.bias = linear.bias

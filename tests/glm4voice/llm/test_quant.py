@@ -109,6 +109,43 @@ def test_fp8_weight_only_plumbing_runs_on_the_cpu():
     close_logits(reference(IDS), model(IDS), cosine=0.99, top1=0.75)
 
 
+@pytest.mark.slow
+def test_fp8_dynamic_plumbing_and_compiled_decode_on_the_cpu(monkeypatch):
+    """fp8:dynamic (float8 weights and per-row float8 activations, torch._scaled_mm) through our Linear,
+    eager and inside the compiled decode step. torchao refuses to build these tensors without a float8
+    GPU; torch's CPU _scaled_mm computes the same thing, so the check is lifted for this test only (the
+    GPU kernel itself: test_quant_gpu.py)."""
+    from torchao.quantization import quant_api
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *args, **kwargs: None)
+    reference = random_model(SMALL, "cpu", torch.bfloat16, seed=3)  # per-row float8 needs bf16 weights
+    model = quant.quantize_model(copy.deepcopy(reference), quant.parse_spec("fp8:dynamic"))
+    assert quant.weight_formats(model) == {"Float8Tensor": 4 * SMALL.num_layers + 1}
+    assert model.layers[0].qkv.weight.act_quant_kwargs is not None  # activations are quantized too
+    close_logits(reference(IDS), model(IDS), cosine=0.98, top1=0.75)
+    zeros = model.layers[0].gate_up(
+        torch.zeros(2, SMALL.hidden_size, dtype=torch.bfloat16)
+    )  # an all-zero row: no 0/0 scale
+    assert torch.isfinite(zeros).all()
+    compiled = copy.deepcopy(model)
+    compiled.compile_steps()
+    rope = model.rope_tables(65)
+    caches = [KVCache.allocate(model.config, 4, 64, torch.bfloat16, "cpu") for _ in range(2)]
+    with torch.inference_mode():
+        for m, cache in zip((model, compiled), caches):
+            m.prefill(IDS[:9], cache, 1, 0, rope)
+        scratch = caches[0].scratch_position
+        for tokens, positions in (([0, IDS[9]], [scratch, 9]), ([0, IDS[10], 0, 7], [scratch, 10, scratch, scratch])):
+            logits = [
+                m.decode(torch.tensor(tokens), torch.tensor(positions), cache, rope, kv_len=16)
+                for m, cache in zip((model, compiled), caches)
+            ]
+            # a compiled kernel's last-bit differences may move an activation across a float8 step
+            # (3 mantissa bits): close, not equal (bf16 alone gives cosines > 0.9999 here)
+            cosine = torch.nn.functional.cosine_similarity(logits[0].float(), logits[1].float(), dim=-1)
+            assert cosine.min() > 0.995, cosine
+
+
 def test_torchao_leaving_a_layer_unquantized_is_an_error():
     """int4 groups of 128 input channels: the tiny checkpoint's 64 do not divide; torchao would skip the
     layer silently, we refuse (int4's own kernel is GPU-only, so the check is run on the bare helper)."""

@@ -141,3 +141,56 @@ def test_published_shape_weights_meet_the_memory_bars():
     assert totals, "no quantized dtype runs on this GPU"
     if "int4:tinygemm" in totals:
         assert totals["int4:tinygemm"] < 0.6 * totals["int8:torchao"]
+
+
+QUANTIZABLE_TINY_DIMS = {"hidden_size": 256, "num_attention_heads": 4, "kv_channels": 64, "ffn_hidden_size": 512}
+"""A tiny checkpoint whose layers int4 (groups of 128 input channels) and float8 (sizes divisible by 16) take."""
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "int4"])
+def test_quality_command_on_a_quantizable_tiny_checkpoint(tmp_path, capsys, dtype):
+    """python -m glm4voice.llm.quality with a GPU-only dtype, end to end: bf16 then the dtype, every text
+    prompt (and the spoken ones where espeak-ng is installed) answered and scored; the verdict decides the
+    exit status; the tiny random model's figures stay within the kernel bounds above. Eager (the compiled
+    engine with quantized weights: test_engine_serves_quantized_weights_with_graphs_and_batching)."""
+    import json
+
+    from glm4voice.checkpoints import write_tiny_checkpoints
+    from glm4voice.checkpoints.llm import write_tiny_llm
+    from glm4voice.espeak import espeak_available
+    from glm4voice.llm import quality
+
+    spec = quant.resolve_method(dtype).spec
+    if not runs_here(spec):
+        pytest.skip(f"{spec} needs compute capability {quant.resolve_method(dtype).min_capability}")
+    checkpoints = write_tiny_checkpoints(tmp_path / "tiny", seed=0)
+    write_tiny_llm(checkpoints.llm, checkpoints.vocab, seed=0, dims=QUANTIZABLE_TINY_DIMS)
+    out = tmp_path / "quality.json"
+    code = quality.main(
+        ["--model-path", str(checkpoints.llm), "--tokenizer-path", str(checkpoints.speech_tokenizer), "--dtype", dtype,
+         "--device", "cuda", "--steps", "64", "--eager", "--json", str(out)] + ([] if espeak_available() else ["--no-spoken"])
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["tested"] == spec and report["reference"] == "bfloat16"
+    spoken = len(quality.SPOKEN_PROMPTS) if espeak_available() else 0
+    assert len(report["prompts"]) == len(quality.TEXT_PROMPTS) + spoken
+    assert all(0 < p["steps"] <= 64 for p in report["prompts"])
+    assert report["mean_kl"] <= BOUNDS[spec][0]
+    assert code == (1 if report["verdict"] == "FAIL" else 0)
+    assert f"{spec} against bfloat16" in table
+
+
+def test_quantized_load_gives_its_staging_memory_back():
+    """After a quantized load the process holds about the quantized weights, not also the 16-bit copies
+    and quantizer temporaries it went through (what nvidia-smi shows, and what a 12 GB card must fit)."""
+    if not runs_here("int4:tinygemm"):
+        pytest.skip("int4 needs compute capability 8.0")
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    model = random_model(MID, "cuda", torch.bfloat16, seed=0, quantize="int4")
+    held = torch.cuda.memory_reserved() - before
+    weights = quant.weight_bytes(model)
+    assert held <= 1.25 * weights + 64 * 2**20, (
+        f"reserved {held / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights"
+    )
