@@ -1,8 +1,11 @@
 """GLM-4-Voice web demo: talk (or type) to the model in the browser and hear it answer as it speaks.
 
-    python web_demo.py --host 0.0.0.0 --port 8888 --server-url http://localhost:10000 \\
+    python web_demo.py --port 8888 --server-url http://localhost:10000 \\
         --model-path THUDM/glm-4-voice-9b --tokenizer-path THUDM/glm-4-voice-tokenizer \\
         --flow-path THUDM/glm-4-voice-decoder --device cuda:0
+
+It listens on 127.0.0.1 unless ``--host`` says otherwise (the README's "Exposing the demo" says what
+the page guards by itself and what a reverse proxy must add before ``--host 0.0.0.0``).
 
 A client of ``model_server.py``: this process loads the speech tokenizer, the speech decoder and
 the text tokenizer (only the tokenizer files of ``--model-path``) once at start; each turn runs
