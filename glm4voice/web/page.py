@@ -459,10 +459,12 @@ def create_demo(
                             example_labels=[label for _, label in samples],
                             elem_id="audio-examples",
                         )
-                        if uploads is not None:  # the copies in Gradio's cache that a click puts in the input
-                            uploads.share(
-                                f["path"] for f in named_files(list(examples.non_none_processed_examples.values()))
-                            )
+                        # the copies in Gradio's cache that a click puts in the input: every session may
+                        # submit them, and Gradio's hourly clean-up (delete_cache) keeps them
+                        cached = [f["path"] for f in named_files(list(examples.non_none_processed_examples.values()))]
+                        audio_in.keep_in_cache.update(cached)
+                        if uploads is not None:
+                            uploads.share(cached)
                 with gr.Column(visible=False) as text_box:
                     text_in = gr.Textbox(label="Your message", lines=2, elem_id="text-input",
                                          placeholder="Type a message and press Enter")  # fmt: skip

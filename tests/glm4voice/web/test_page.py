@@ -11,6 +11,7 @@ import gradio as gr
 import httpx
 import numpy as np
 import pytest
+from gradio.route_utils import delete_files_created_by_app
 from gradio.utils import get_upload_folder
 
 from glm4voice.audio import OUTPUT_SAMPLE_RATE
@@ -34,6 +35,7 @@ from glm4voice.web.files import DemoFiles
 from glm4voice.web.page import (
     PAGE_OUTPUTS,
     RESOURCES,
+    create_demo,
     DemoSettings,
     PageUpdate,
     TurnHandler,
@@ -42,6 +44,7 @@ from glm4voice.web.page import (
     page_head,
 )
 from glm4voice.web.streams import AudioStreams
+from glm4voice.web.uploads import SessionUploads
 
 SKIP = gr.skip()
 AUDIO = InputMode.AUDIO.value
@@ -281,7 +284,7 @@ def test_the_app_serves_the_page_with_the_chats_player_lead(files):
     app.state.files.cleanup()
 
 
-def test_the_app_refuses_files_its_browser_session_did_not_upload_and_shares_the_samples(files):
+def test_the_app_refuses_files_its_browser_session_did_not_upload(files):
     app = create_app(ScriptedChat([]), DemoSettings())
     body = {"data": ["audio", {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "", 0.2, 0.8, 40]}
 
@@ -292,8 +295,14 @@ def test_the_app_refuses_files_its_browser_session_did_not_upload_and_shares_the
 
     refused = asyncio.run(call())
     assert refused.status_code == 403 and "did not upload" in refused.json()["detail"]
-    uploads = app.state.uploads
-    cached_samples = list(Path(get_upload_folder()).rglob("sample_en.wav"))
-    assert cached_samples and all(uploads.allows(None, str(p)) for p in cached_samples)
-    assert not uploads.allows(None, str(RESOURCES / "sample_en.wav"))  # the copy Gradio hands out, not the source
     app.state.files.cleanup()
+
+
+def test_every_session_may_submit_the_sample_prompts_which_gradio_keeps(files):
+    uploads = SessionUploads()
+    demo = create_demo(ScriptedChat([]), AudioStreams(OUTPUT_SAMPLE_RATE), files, DemoSettings(), uploads)
+    cached = {str(p) for p in Path(get_upload_folder()).rglob("sample_*.wav")}
+    assert len(cached) >= 2 and all(uploads.allows(None, path) for path in cached)
+    assert not uploads.allows(None, str(RESOURCES / "sample_en.wav"))  # the copy Gradio hands out, not the source
+    delete_files_created_by_app(demo, age=None)  # Gradio's clean-up (delete_cache), as if an hour had passed
+    assert all(Path(path).is_file() for path in cached)
