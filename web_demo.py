@@ -1,8 +1,11 @@
 """GLM-4-Voice web demo: talk (or type) to the model in the browser and hear it answer as it speaks.
 
-    python web_demo.py --host 0.0.0.0 --port 8888 --server-url http://localhost:10000 \\
+    python web_demo.py --port 8888 --server-url http://localhost:10000 \\
         --model-path THUDM/glm-4-voice-9b --tokenizer-path THUDM/glm-4-voice-tokenizer \\
         --flow-path THUDM/glm-4-voice-decoder --device cuda:0
+
+It listens on 127.0.0.1 unless ``--host`` says otherwise (the README's "Exposing the demo" says what
+the page guards by itself and what a reverse proxy must add before ``--host 0.0.0.0``).
 
 A client of ``model_server.py``: this process loads the speech tokenizer, the speech decoder and
 the text tokenizer (only the tokenizer files of ``--model-path``) once at start; each turn runs
@@ -41,7 +44,12 @@ __all__ = ["DemoSettings", "build_parser", "create_app", "load_chat", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=WEB_DEMO_HOST, help="address to listen on (default %(default)s)")
+    parser.add_argument(
+        "--host",
+        default=WEB_DEMO_HOST,
+        help="address to listen on (default %(default)s: this machine only; 0.0.0.0 serves every network "
+        "interface: see the README's 'Exposing the demo' first)",
+    )
     parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="port (default %(default)s)")
     parser.add_argument(
         "--model-path",
@@ -139,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(chat, settings, close_client=client.aclose)
     shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
     logger.info("web demo on http://%s:%d (model server %s)", shown, args.port, args.server_url)
+    if args.host in ("0.0.0.0", "::"):
+        logger.warning("--host %s: the page is open to every network this machine is on, without "
+                       "authentication (README: 'Exposing the demo')", args.host)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None)
     return 0
 

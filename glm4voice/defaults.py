@@ -23,10 +23,11 @@ TOKEN_SERVER_HOST = "localhost"
 """``model_server.py --host`` (the original's)."""
 WEB_DEMO_PORT = 8888
 """``web_demo.py --port`` (the original's)."""
-WEB_DEMO_HOST = "0.0.0.0"
-"""``web_demo.py --host`` (the original's). ``python -m glm4voice.launch`` uses :data:`LOOPBACK_HOST`."""
 LOOPBACK_HOST = "127.0.0.1"
 """Where the launcher runs the token server, and its page unless told otherwise."""
+WEB_DEMO_HOST = LOOPBACK_HOST
+"""``web_demo.py --host``: this machine only. The original listened on every interface (0.0.0.0);
+here that is the explicit opt-in ``--host 0.0.0.0`` (see the README's "Exposing the demo")."""
 DEFAULT_SERVER_URL = f"http://localhost:{TOKEN_SERVER_PORT}"
 """The token server a client talks to unless told otherwise (``web_demo.py --server-url``)."""
 

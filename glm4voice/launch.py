@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from glm4voice.checkpoints import write_tiny_checkpoints
-from glm4voice.defaults import LLM_DTYPE, LOOPBACK_HOST, TOKEN_SERVER_PORT, WEB_DEMO_PORT
+from glm4voice.defaults import LLM_DTYPE, LOOPBACK_HOST, TOKEN_SERVER_PORT, WEB_DEMO_HOST, WEB_DEMO_PORT
 from glm4voice.devices import DeviceError, default_device, llm_dtypes, resolve_device
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flow-path", help=f"speech decoder folder or hub id (e.g. {PUBLISHED_DECODER})")
     parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 if available)")
     parser.add_argument("--dtype", default=LLM_DTYPE, choices=llm_dtypes(), help="LLM weights (default %(default)s)")
-    parser.add_argument("--host", default=LOOPBACK_HOST, help="web UI address (0.0.0.0 to serve the network)")
+    parser.add_argument("--host", default=WEB_DEMO_HOST, help="web UI address (0.0.0.0 to serve the network)")
     parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="web UI port")
     parser.add_argument("--server-port", type=int, default=TOKEN_SERVER_PORT, help="model server port (loopback)")
     parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))

@@ -72,11 +72,15 @@ def test_discard_ends_readers_and_the_registry_bounds_itself():
         streams.discard(first.id)
         frames = await asyncio.wait_for(reader, 10)
         assert streams.get(first.id) is None and len(frames) <= 1
-        opened = [streams.open() for _ in range(5)]
+        opened = []
+        for _ in range(5):  # finished turns' streams (the registry's bounds: tests/glm4voice/web/test_streams.py)
+            opened.append(streams.open())
+            opened[-1].close()
         assert len(streams) == 3 and [s.id for s in opened[-3:]] == [streams.get(s.id).id for s in opened[-3:]]
-        assert all(s.closed for s in opened[:2])
+        assert all(streams.get(s.id) is None for s in opened[:2])
         expiring = AudioStreams(OUTPUT_SAMPLE_RATE, ttl_s=0.0)
         old = expiring.open()
+        old.close()
         expiring.open()
         assert expiring.get(old.id) is None and old.closed
         ids = {streams.open().id for _ in range(50)}
@@ -111,7 +115,7 @@ def test_command_line_keeps_the_original_flags():
     import web_demo
 
     args = web_demo.build_parser().parse_args([])
-    assert (args.host, args.port) == ("0.0.0.0", 8888)
+    assert (args.host, args.port) == ("127.0.0.1", 8888)  # this machine only; --host 0.0.0.0 opts in
     assert args.model_path == "THUDM/glm-4-voice-9b"
     assert args.tokenizer_path == "THUDM/glm-4-voice-tokenizer"
     assert args.flow_path == "THUDM/glm-4-voice-decoder"
@@ -142,7 +146,7 @@ def test_one_command_starts_server_and_page_prints_the_url_and_stops_both(tiny_c
     port, server_port = free_port(), free_port()
     command = [sys.executable, "-m", "glm4voice.launch", "--port", str(port), "--server-port", str(server_port),
                "--tiny-dir", str(tiny_dir), "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     log = tmp_path / "launch.log"
     with open(log, "wb") as out:
         launcher = subprocess.Popen(

@@ -36,6 +36,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, Sequence
 
+import httpx
 import numpy as np
 
 from glm4voice.audio import (
@@ -524,7 +525,7 @@ class VoiceChat:
                 for event in demuxer.close():
                     end = await self._route(event, clock, out, blocks) or end
         except TokenServerError as error:
-            failure = self._server_failure(error)
+            failure = await self._server_failure(error)
             for event in demuxer.fail(failure.message):
                 if not isinstance(event, StreamError):
                     await self._route(event, clock, out, blocks)
@@ -642,15 +643,20 @@ class VoiceChat:
 
     # --- errors ---------------------------------------------------------------------------------------
 
-    def _server_failure(self, error: TokenServerError) -> TurnError:
+    async def _server_failure(self, error: TokenServerError) -> TurnError:
         url = self.server_url
         if isinstance(error, ServerUnavailableError):
             cause = error.__cause__ or error
-            return TurnError(
-                FailureKind.SERVER_UNAVAILABLE,
-                f"Cannot reach the model server at {url}. Is model_server.py running? ({cause})",
-            )
+            if isinstance(cause, httpx.TimeoutException) and not isinstance(cause, httpx.ConnectTimeout):
+                message = f"The model server at {url} did not answer in time ({cause}). Please try again."
+                return TurnError(FailureKind.SERVER_UNAVAILABLE, message)
+            return TurnError(FailureKind.SERVER_UNAVAILABLE, _not_running(url, str(cause)))
         if isinstance(error, ServerBusyError):
+            # 503 means busy only from a server that is up: one that is stopping, restarting or whose
+            # engine stopped answers 503 too, and its /health says which
+            down = await self._server_down(error)
+            if down is not None:
+                return TurnError(FailureKind.SERVER_UNAVAILABLE, _not_running(url, down))
             wait = (
                 f" Please try again in {error.retry_after:g} s." if error.retry_after else " Please try again shortly."
             )
@@ -664,6 +670,27 @@ class VoiceChat:
             return TurnError(FailureKind.STREAM_FAILED, f"The model server sent something unexpected: {error}")
         return TurnError(FailureKind.STREAM_FAILED, f"Model server error: {error}")
 
+    async def _server_down(self, busy: ServerBusyError) -> str | None:
+        """Why a server that answered 503 is not serving (None: it is up and busy), from its ``/health``."""
+        health = getattr(self.client, "health", None)
+        if health is None:
+            return None
+        try:
+            info = await health()
+        except ServerUnavailableError as error:
+            return str(error.__cause__ or error)
+        except TokenServerError:  # /health answers 503 itself: stopping, or its engine stopped
+            return f"it answers {busy.text!r}"
+        status = info.get("status") if isinstance(info, dict) else None
+        return None if status == "ready" else f"its status is {status!r}: {busy.text}"
+
     def _failed(self, error: TurnError, clock: _TurnClock, partial_text: str) -> TurnFailed:
         logger.info("turn failed (%s): %s", error.kind.value, error.message)
         return TurnFailed(error.kind, error.message, partial_text, clock.timings(), clock.now())
+
+
+def _not_running(url: str, detail: str) -> str:
+    return (
+        f"The model server is not running or is restarting ({url}: {detail}). "
+        "The next turn works as soon as model_server.py is back."
+    )

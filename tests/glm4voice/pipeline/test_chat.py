@@ -25,7 +25,7 @@ from glm4voice.audio import (
     encode_wav,
     load_audio,
 )
-from glm4voice.client import AsyncTokenClient, TokenClient
+from glm4voice.client import AsyncTokenClient, ServerBusyError, ServerUnavailableError, TokenClient
 from glm4voice.pipeline import (
     AssistantAudio,
     AssistantText,
@@ -450,6 +450,57 @@ def test_busy_server_says_so_and_the_next_turn_works(models, server_url, tiny_ch
     wait_for_idle(server_url)
     _, events = one_turn(models, server_url, UserText("Hi"))
     assert_well_formed(events)
+
+
+class RefusingClient:
+    """Answers every stream with 503, and ``/health`` with ``health()`` (a server that is busy, or one
+    that is not serving: stopping, restarting, its engine stopped)."""
+
+    base_url = "http://refusing"
+
+    def __init__(self, health):
+        self._health = health
+
+    async def stream(self, prompt=None, **params):
+        raise ServerBusyError("the engine is not running: worker died; retry later", 2.0)
+        yield  # an async generator, like the real client's stream
+
+    async def health(self):
+        return self._health()
+
+
+def _raise(error):
+    raise error
+
+
+@pytest.mark.parametrize(
+    "health, kind, words",
+    [
+        (lambda: {"status": "ready"}, FailureKind.SERVER_BUSY, "The model server is busy"),
+        (lambda: _raise(ServerBusyError("{...}", 2.0)), FailureKind.SERVER_UNAVAILABLE, "not running or is restarting"),
+        (lambda: {"status": "stopping"}, FailureKind.SERVER_UNAVAILABLE, "not running or is restarting"),
+        (
+            lambda: _raise(ServerUnavailableError("gone")),
+            FailureKind.SERVER_UNAVAILABLE,
+            "not running or is restarting",
+        ),
+    ],
+    ids=["busy", "engine-stopped", "stopping", "gone"],
+)
+def test_a_503_is_busy_only_if_the_server_says_it_is_ready(models, health, kind, words):
+    async def main():
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, RefusingClient(health))
+        try:
+            return await collect(chat, chat.new_session(), UserText("Hi"))
+        finally:
+            chat.close()
+
+    failed = asyncio.run(main())[-1]
+    assert isinstance(failed, TurnFailed) and failed.kind is kind and words in failed.message, failed
+    if kind is FailureKind.SERVER_BUSY:
+        assert "try again in 2 s" in failed.message
+    else:
+        assert "busy" not in failed.message and "http://refusing" in failed.message
 
 
 def test_stream_failing_midway_keeps_the_partial_answer_out_of_the_history(models, server_url):
