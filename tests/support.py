@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -27,13 +28,22 @@ class ServerProcess:
     """Start a command (a real server) and wait until ``ready_url`` answers 200.
 
     Use as a context manager; the process is stopped (SIGTERM, then SIGKILL) on exit and its
-    output is kept in ``self.log_path`` for failure messages.
+    output is kept in ``self.log_path`` for failure messages. ``nofile``: the process's open-file
+    limit (soft and hard), as on a machine with ``ulimit -n`` that low.
     """
 
-    def __init__(self, args: list[str], ready_url: str, timeout: float = 120.0, env: dict | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        ready_url: str,
+        timeout: float = 120.0,
+        env: dict | None = None,
+        nofile: int | None = None,
+    ):
         self.args = [sys.executable, *args] if args and args[0].endswith(".py") else args
         self.ready_url = ready_url
         self.timeout = timeout
+        self.nofile = nofile
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
@@ -47,7 +57,11 @@ class ServerProcess:
 
     def start(self) -> None:
         log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        limit = (
+            None if self.nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile,) * 2))
+        )
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=limit)  # fmt: skip
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -70,6 +84,13 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=15)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code of a process that stops by itself (TimeoutError if it does not)."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the server did not exit within {timeout} s:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]

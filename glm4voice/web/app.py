@@ -7,6 +7,8 @@
 The app owns the turn streams (:class:`glm4voice.web.streams.AudioStreams`), the answer files
 (:class:`glm4voice.web.files.DemoFiles`) and, at shutdown, closes the chat (and the client, if
 ``close_client`` is given). All of them are on ``app.state``: nothing lives in module globals.
+Every request passes :class:`glm4voice.request_guard.RequestGuard` first (``host_policy``: the hosts
+served, loopback only unless given; cross-site browser requests refused).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import gradio as gr
 from fastapi import FastAPI
 
 from glm4voice.client import TokenServerError
+from glm4voice.defaults import LOOPBACK_HOST
 from glm4voice.pipeline import VoiceChat
+from glm4voice.request_guard import HostPolicy, RequestGuard
 from glm4voice.web.files import DemoFiles
 from glm4voice.web.page import PAGE_CSS, RESOURCES, DemoSettings, create_demo, page_head
 from glm4voice.web.streams import AudioStreams, add_stream_route
@@ -34,8 +38,10 @@ def create_app(
     settings: DemoSettings = DemoSettings(),
     *,
     close_client: Callable[[], Awaitable[None]] | None = None,
+    host_policy: HostPolicy | None = None,
 ) -> FastAPI:
-    """The FastAPI app: the turn-stream route, then the Gradio page mounted at ``/``."""
+    """The FastAPI app: the turn-stream route, then the Gradio page mounted at ``/``, behind the
+    request guard (``host_policy``; default: loopback names only)."""
     streams = AudioStreams(chat.sample_rate)
     files = DemoFiles()
 
@@ -55,6 +61,7 @@ def create_app(
     app.state.streams = streams
     app.state.files = files
     app.state.chat = chat
+    app.add_middleware(RequestGuard, policy=host_policy or HostPolicy.for_server(LOOPBACK_HOST))
     add_stream_route(app, streams)  # before the mount: "/" would catch everything
     demo = create_demo(chat, streams, files, settings)
     demo.queue(default_concurrency_limit=settings.max_concurrent_turns)
