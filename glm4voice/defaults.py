@@ -91,7 +91,7 @@ MAX_CONNECTIONS = 1000
 """Open connections per server (``--max-connections``; lowered to fit the process's open-file limit). At the
 cap a new connection replaces the one that has waited longest without sending a request."""
 MAX_HEADER_BYTES = 64 * 1024
-"""Largest request line plus headers accepted (431-style refusal beyond; browsers send a few KiB)."""
+"""A request line plus headers still incomplete at this size is refused with 400 (browsers send a few KiB)."""
 KEEP_ALIVE_S = 5
 """An idle keep-alive connection is closed after this many seconds (uvicorn's default)."""
 ENGINE_FAILED_EXIT_CODE = 3

@@ -46,7 +46,7 @@ def host_name(value: str) -> str | None:
     """The host name in a ``Host`` header or a host given on the command line: lower case, no port, no
     brackets around an IPv6 address, no trailing dot. None if it cannot be a host."""
     value = value.strip()
-    if not value:
+    if not value or any(c in value for c in " /\\@?#"):
         return None
     try:
         ipaddress.ip_address(value)  # a bare IPv6 address has colons but no port
@@ -57,7 +57,7 @@ def host_name(value: str) -> str | None:
         name = urlsplit("//" + value).hostname
     except ValueError:
         return None
-    if not name or any(c in name for c in " /\\@?#"):
+    if not name:
         return None
     return name.rstrip(".") or None
 

@@ -12,7 +12,8 @@ Served through here, a server has:
   open connections (lowered to fit that limit) a new connection replaces the connection that has waited
   longest without sending a request; when every connection is busy with a request, the new one is
   answered 503. Streams in progress are never closed to make room;
-- request lines and headers of at most ``max_header_bytes`` (h11's limit; uvicorn answers 400 beyond).
+- a bound on buffered request heads: a request line plus headers still incomplete after
+  ``max_header_bytes`` is answered 400 (h11's limit).
 
     limits = ConnectionLimits(header_timeout_s=10.0, max_connections=1000)
     server = build_server(app, "localhost", 10000, limits, log_level="info")
