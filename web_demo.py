@@ -32,7 +32,7 @@ from glm4voice.defaults import (
 from glm4voice.devices import AUTO, DECODER_DTYPE_CHOICES, DeviceError, decoder_dtype, resolve_device
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 from glm4voice.pipeline import PipelineConfig, VoiceChat
-from glm4voice.request_guard import HostPolicy
+from glm4voice.request_guard import HostPolicy, wildcard_notice
 from glm4voice.web.app import create_app
 from glm4voice.web.page import DemoSettings
 
@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
     logger.info("web demo on http://%s:%d (model server %s); answers to the hosts %s", shown, args.port,
                 args.server_url, host_policy.describe())  # fmt: skip
+    if notice := wildcard_notice(args.host, host_policy):
+        logger.warning(notice)
     server = serving.build_server(app, args.host, args.port, limits, log_level=args.log_level)
     server.run()
     return 0 if server.started else 1

@@ -146,6 +146,17 @@ class HostPolicy:
         return None
 
 
+def wildcard_notice(bind_host: str, policy: HostPolicy) -> str | None:
+    """What to tell the user who binds every interface without saying which names clients use."""
+    if bind_host.strip() not in WILDCARD_ADDRESSES or policy.names - {host_name(h) for h in LOOPBACK_HOSTS}:
+        return None
+    return (
+        f"listening on every interface ({bind_host!r}) but answering only to {policy.describe()}: other machines "
+        "must be allowed by name or address with --allowed-hosts (better: a reverse proxy with TLS and "
+        "authentication, see docs/API.md)"
+    )
+
+
 def plain_text(status: int, text: str) -> Response:
     return PlainTextResponse(text + "\n", status_code=status)
 

@@ -30,7 +30,7 @@ from starlette.responses import Response
 
 from glm4voice.defaults import ENGINE_FAILED_EXIT_CODE
 from glm4voice.devices import device_name
-from glm4voice.request_guard import RequestGuard
+from glm4voice.request_guard import RequestGuard, wildcard_notice
 from glm4voice.server import wire
 from glm4voice.server.admission import Admission, AdmissionClosed, QueueFull
 from glm4voice.server.backend import TokenBackend
@@ -78,7 +78,7 @@ class ServerState:
         self.ready = False
         self.admission.close(self.stop_reason)
         for job in list(self.jobs):
-            job.stop_for_shutdown()
+            job.stop_for_shutdown(self.stop_reason)
         logger.info("shutting down: stopped %d open requests", len(self.jobs))
 
     def engine_failed(self, error: BaseException) -> None:
@@ -254,6 +254,8 @@ def serve(app: FastAPI, settings: ServerSettings) -> int:
     """Run ``app`` with uvicorn until SIGINT/SIGTERM: 0; 1 if it never started;
     :data:`~glm4voice.defaults.ENGINE_FAILED_EXIT_CODE` if it stopped because the engine died."""
     state: ServerState = app.state.server
+    if notice := wildcard_notice(settings.host, settings.host_policy):
+        logger.warning(notice)
     server = build_server(
         app, settings.host, settings.port, settings.connection_limits, before_shutdown=state.begin_shutdown,
         log_level=settings.log_level, lifespan="on", timeout_graceful_shutdown=settings.shutdown_grace_s,

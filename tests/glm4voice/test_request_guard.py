@@ -16,7 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from glm4voice.request_guard import HostPolicy, RequestGuard, host_name
+from glm4voice.request_guard import HostPolicy, RequestGuard, host_name, wildcard_notice
 from glm4voice.serving import ConnectionLimits, build_server
 from support import free_port
 
@@ -47,6 +47,9 @@ def test_the_policy_answers_to_loopback_the_bind_address_and_allowed_hosts():
     assert HostPolicy.for_server("127.0.0.1", ["*"]).any_host
     with pytest.raises(ValueError, match="not a host name"):
         HostPolicy.for_server("127.0.0.1", ["a b"])
+    assert "--allowed-hosts" in wildcard_notice("0.0.0.0", HostPolicy.for_server("0.0.0.0"))
+    assert wildcard_notice("0.0.0.0", HostPolicy.for_server("0.0.0.0", ["voice.example"])) is None
+    assert wildcard_notice("127.0.0.1", LOOPBACK) is None
 
 
 def test_hosts_other_than_the_servers_are_refused():
