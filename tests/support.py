@@ -29,7 +29,8 @@ class ServerProcess:
 
     Use as a context manager; the process is stopped (SIGTERM, then SIGKILL) on exit and its
     output is kept in ``self.log_path`` for failure messages. ``nofile``: the process's open-file
-    limit (soft and hard), as on a machine with ``ulimit -n`` that low.
+    limit (soft and hard), as on a machine with ``ulimit -n`` that low. ``probe_timeout``: how long
+    one readiness request may take (a page that renders slowly on a loaded machine needs more).
     """
 
     def __init__(
@@ -39,11 +40,13 @@ class ServerProcess:
         timeout: float = 120.0,
         env: dict | None = None,
         nofile: int | None = None,
+        probe_timeout: float = 2.0,
     ):
         self.args = [sys.executable, *args] if args and args[0].endswith(".py") else args
         self.ready_url = ready_url
         self.timeout = timeout
         self.nofile = nofile
+        self.probe_timeout = probe_timeout
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
@@ -67,7 +70,7 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.ready_url, timeout=2.0).status_code == 200:
+                if httpx.get(self.ready_url, timeout=self.probe_timeout).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

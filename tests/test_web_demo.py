@@ -266,7 +266,7 @@ def web_demo(tiny_checkpoints):
             f"http://127.0.0.1:{free_port()}", "--model-path", str(tiny_checkpoints.llm), "--tokenizer-path",
             str(tiny_checkpoints.speech_tokenizer), "--flow-path", str(tiny_checkpoints.decoder), "--device", "cpu",
             "--allowed-hosts", "voice.example", "--header-timeout", str(HEADER_TIMEOUT_S)]  # fmt: skip
-    with ServerProcess(args, f"http://127.0.0.1:{port}/", timeout=WAIT_S, nofile=1024) as process:
+    with ServerProcess(args, f"http://127.0.0.1:{port}/", timeout=WAIT_S, nofile=1024, probe_timeout=60) as process:
         yield WebDemo(process, port)
 
 

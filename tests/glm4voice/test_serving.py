@@ -28,11 +28,18 @@ WAIT_S = 60.0
 TICK = b"tick\n"
 
 
+LOOP_BLOCKED = threading.Event()
+
+
 async def app(scope, receive, send) -> None:
-    """``/stream``: a line every 50 ms until the client leaves; anything else: ``ok``."""
+    """``/stream``: a line every 50 ms until the client leaves; ``/block``: holds the event loop
+    (as a busy or starved process does) for 2 s; anything else: ``ok``."""
     if scope["type"] != "http":
         return
     await receive()
+    if scope["path"] == "/block":
+        LOOP_BLOCKED.set()
+        time.sleep(2.0)  # the stall being simulated, on purpose on the event loop
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     if scope["path"] != "/stream":
         await send({"type": "http.response.body", "body": b"ok"})
@@ -46,11 +53,19 @@ async def app(scope, receive, send) -> None:
             pass
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request) -> str:
+    """Both event loops uvicorn may pick: asyncio's (a plain install) and uvloop (when installed)."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    return request.param
+
+
 @contextmanager
-def serving(limits: ConnectionLimits) -> Iterator[tuple[Server, int]]:
+def serving(limits: ConnectionLimits, loop: str) -> Iterator[tuple[Server, int]]:
     port = free_port()
     server = build_server(app, "127.0.0.1", port, limits, lifespan="off", log_level="warning",
-                          timeout_graceful_shutdown=5)  # fmt: skip
+                          timeout_graceful_shutdown=5, loop=loop)  # fmt: skip
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + WAIT_S
@@ -80,8 +95,8 @@ def open_stream(port: int) -> socket.socket:
     return sock
 
 
-def test_partial_headers_get_408_and_a_silent_connection_is_closed():
-    with serving(ConnectionLimits(header_timeout_s=1.0)) as (server, port):
+def test_partial_headers_get_408_and_a_silent_connection_is_closed(loop):
+    with serving(ConnectionLimits(header_timeout_s=1.0), loop) as (server, port):
         with (
             socket.create_connection(("127.0.0.1", port)) as partial,
             socket.create_connection(("127.0.0.1", port)) as silent,
@@ -94,8 +109,8 @@ def test_partial_headers_get_408_and_a_silent_connection_is_closed():
         assert httpx.get(f"http://127.0.0.1:{port}/").text == "ok"
 
 
-def test_a_kept_alive_connection_gets_the_timeout_again_for_its_next_request():
-    with serving(ConnectionLimits(header_timeout_s=1.0)) as (server, port):
+def test_a_kept_alive_connection_gets_the_timeout_again_for_its_next_request(loop):
+    with serving(ConnectionLimits(header_timeout_s=1.0), loop) as (server, port):
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
             first = b""
@@ -106,8 +121,28 @@ def test_a_kept_alive_connection_gets_the_timeout_again_for_its_next_request():
             assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
 
 
-def test_headers_that_complete_in_time_are_served_and_a_stream_outlives_the_timeout():
-    with serving(ConnectionLimits(header_timeout_s=1.0)) as (server, port):
+def test_a_request_that_arrived_while_the_loop_was_busy_is_served_not_timed_out(loop):
+    """Headers that reached the socket in time are not refused because the event loop was busy past
+    the deadline (a loaded machine): the loop reads the sockets before it runs the due timers."""
+    LOOP_BLOCKED.clear()
+    with serving(ConnectionLimits(header_timeout_s=1.0), loop) as (server, port):
+        with (
+            socket.create_connection(("127.0.0.1", port)) as late,
+            socket.create_connection(("127.0.0.1", port)) as blocker,
+        ):
+            deadline = time.monotonic() + WAIT_S
+            while server.guard.counts["timed_out"] == 0 and len(server.server_state.connections) < 2:
+                assert time.monotonic() < deadline, "the server did not accept the connections"
+                time.sleep(0.01)
+            blocker.sendall(b"GET /block HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert LOOP_BLOCKED.wait(WAIT_S)
+            late.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")  # in time
+            assert read_until_closed(late).startswith(b"HTTP/1.1 200 ")
+        assert server.guard.counts["timed_out"] == 0
+
+
+def test_headers_that_complete_in_time_are_served_and_a_stream_outlives_the_timeout(loop):
+    with serving(ConnectionLimits(header_timeout_s=1.0), loop) as (server, port):
         with open_stream(port) as stream:
             stream.settimeout(WAIT_S)
             received, started = b"", time.monotonic()
@@ -119,9 +154,9 @@ def test_headers_that_complete_in_time_are_served_and_a_stream_outlives_the_time
         assert server.guard.counts["timed_out"] == 0
 
 
-def test_at_the_cap_the_longest_idle_connection_makes_room_and_streams_are_never_closed():
+def test_at_the_cap_the_longest_idle_connection_makes_room_and_streams_are_never_closed(loop):
     hostile_clients.raise_own_open_file_limit(512)
-    with serving(ConnectionLimits(header_timeout_s=600, max_connections=MIN_CONNECTIONS)) as (server, port):
+    with serving(ConnectionLimits(header_timeout_s=600, max_connections=MIN_CONNECTIONS), loop) as (server, port):
         with open_stream(port) as stream:
             with hostile_clients.idle_connections(port, 3 * MIN_CONNECTIONS) as idle:
                 assert httpx.get(f"http://127.0.0.1:{port}/", timeout=WAIT_S).text == "ok"
@@ -135,9 +170,9 @@ def test_at_the_cap_the_longest_idle_connection_makes_room_and_streams_are_never
         assert server.guard.counts["evicted"] >= 2 * MIN_CONNECTIONS and server.guard.counts["refused"] == 0
 
 
-def test_when_every_connection_is_busy_a_new_one_gets_503():
+def test_when_every_connection_is_busy_a_new_one_gets_503(loop):
     hostile_clients.raise_own_open_file_limit(512)
-    with serving(ConnectionLimits(header_timeout_s=600, max_connections=MIN_CONNECTIONS)) as (server, port):
+    with serving(ConnectionLimits(header_timeout_s=600, max_connections=MIN_CONNECTIONS), loop) as (server, port):
         streams = [open_stream(port) for _ in range(MIN_CONNECTIONS)]
         try:
             with socket.create_connection(("127.0.0.1", port)) as extra:
@@ -158,9 +193,9 @@ def test_when_every_connection_is_busy_a_new_one_gets_503():
             time.sleep(0.05)
 
 
-def test_request_headers_beyond_the_limit_are_refused():
+def test_request_headers_beyond_the_limit_are_refused(loop):
     """A request head still incomplete after ``max_header_bytes`` is refused (memory stays bounded)."""
-    with serving(ConnectionLimits(max_header_bytes=4096)) as (server, port):
+    with serving(ConnectionLimits(max_header_bytes=4096), loop) as (server, port):
         with socket.create_connection(("127.0.0.1", port)) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 8192)  # no end in sight
             assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
