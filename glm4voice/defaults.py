@@ -94,9 +94,10 @@ MAX_HEADER_BYTES = 64 * 1024
 """A request line plus headers still incomplete at this size is refused with 400 (browsers send a few KiB)."""
 KEEP_ALIVE_S = 5
 """An idle keep-alive connection is closed after this many seconds (uvicorn's default)."""
-ENGINE_FAILED_EXIT_CODE = 3
+ENGINE_FAILED_EXIT_CODE = 75
 """``model_server.py`` exits with this code when its engine has died (so that a supervisor or
-``glm4voice.launch`` restarts or stops it instead of a server answering 503 forever)."""
+``glm4voice.launch`` restarts or stops it instead of a server answering 503 forever): EX_TEMPFAIL,
+"try again"; not 1 (an uncaught error), 2 (a bad command line) or 3 (uvicorn could not start)."""
 
 
 # --- sampling bounds -------------------------------------------------------------------------------
