@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -34,12 +35,26 @@ class ServerProcess:
     removed when it stops): Gradio's default ``/tmp/gradio`` is shared by every process of the
     machine, and a page that stops deletes the files it cached there, including the same files
     (same content, same path) that a page of a parallel test run is still using.
+
+    ``nofile``: the process's open-file limit (soft and hard), as on a machine with ``ulimit -n`` that
+    low. ``probe_timeout``: the least time one readiness request is given (each may take until the
+    overall deadline: a page renders slowly on a loaded machine).
     """
 
-    def __init__(self, args: list[str], ready_url: str, timeout: float = 120.0, env: dict | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        ready_url: str,
+        timeout: float = 120.0,
+        env: dict | None = None,
+        nofile: int | None = None,
+        probe_timeout: float = 2.0,
+    ):
         self.args = [sys.executable, *args] if args and args[0].endswith(".py") else args
         self.ready_url = ready_url
         self.timeout = timeout
+        self.nofile = nofile
+        self.probe_timeout = probe_timeout
         self.gradio_temp_dir = Path(tempfile.mkdtemp(prefix="gradio-"))
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
                     "GRADIO_TEMP_DIR": str(self.gradio_temp_dir), **(env or {})}  # fmt: skip
@@ -56,16 +71,18 @@ class ServerProcess:
     def start(self) -> None:
         self.gradio_temp_dir.mkdir(exist_ok=True)
         log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        limit = (
+            None if self.nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile,) * 2))
         )
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=limit)  # fmt: skip
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:  # a loaded machine may take seconds to render a page: wait for the answer
-                if httpx.get(self.ready_url, timeout=max(2.0, deadline - time.monotonic())).status_code == 200:
+                if httpx.get(self.ready_url, timeout=max(self.probe_timeout, deadline - time.monotonic())).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -82,6 +99,13 @@ class ServerProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=15)
         shutil.rmtree(self.gradio_temp_dir, ignore_errors=True)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code of a process that stops by itself (TimeoutError if it does not)."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the server did not exit within {timeout} s:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]

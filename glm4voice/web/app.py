@@ -9,6 +9,8 @@ The app owns the turn streams (:class:`glm4voice.web.streams.AudioStreams`), the
 (:class:`glm4voice.web.uploads.SessionUploads`, enforced by :func:`glm4voice.web.uploads.guard_uploads`:
 a request can only name files its own browser session uploaded) and, at shutdown, closes the chat (and
 the client, if ``close_client`` is given). All of them are on ``app.state``: nothing lives in module globals.
+Every request passes :class:`glm4voice.request_guard.RequestGuard` first (``host_policy``: the hosts
+served, loopback only unless given; cross-site browser requests refused).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from gradio.utils import get_upload_folder
 
 from glm4voice.client import TokenServerError
 from glm4voice.openai_api import API_PREFIX, add_openai_routes
+from glm4voice.defaults import LOOPBACK_HOST
 from glm4voice.pipeline import VoiceChat
+from glm4voice.request_guard import HostPolicy, RequestGuard
 from glm4voice.web.files import DemoFiles
 from glm4voice.web.page import PAGE_CSS, RESOURCES, DemoSettings, create_demo, page_head
 from glm4voice.web.streams import STREAM_PATH, AudioStreams, add_stream_route
@@ -39,8 +43,10 @@ def create_app(
     settings: DemoSettings = DemoSettings(),
     *,
     close_client: Callable[[], Awaitable[None]] | None = None,
+    host_policy: HostPolicy | None = None,
 ) -> FastAPI:
-    """The FastAPI app: the turn-stream route, then the Gradio page mounted at ``/``."""
+    """The FastAPI app: the turn-stream route, then the Gradio page mounted at ``/``, behind the
+    request guard (``host_policy``; default: loopback names only)."""
     streams = AudioStreams(chat.sample_rate)
     files = DemoFiles(get_upload_folder())
     uploads = SessionUploads()
@@ -62,6 +68,7 @@ def create_app(
     app.state.files = files
     app.state.chat = chat
     app.state.uploads = uploads
+    app.add_middleware(RequestGuard, policy=host_policy or HostPolicy.for_server(LOOPBACK_HOST))
     add_stream_route(app, streams)  # before the mount: "/" would catch everything
     add_openai_routes(app, chat)  # /v1: OpenAI-compatible chat completions and realtime (docs/API.md)
     demo = create_demo(chat, streams, files, settings, uploads)

@@ -274,7 +274,7 @@ def test_the_app_serves_the_page_with_the_chats_player_lead(files):
 
     async def fetch():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.get("/config"), await client.get("/glm4voice/stream/unknown")
 
     config, missing = asyncio.run(fetch())
