@@ -1,4 +1,8 @@
-"""The web demo's answer files: one temporary folder owned by the app, removed at shutdown."""
+"""The web demo's answer files: one temporary folder owned by the app, removed at shutdown.
+
+The app puts that folder inside Gradio's upload folder: Gradio then serves the answers from where they
+are instead of hashing and copying each one into its cache (on the event loop) when the chat shows it.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ from glm4voice.audio import encode_wav
 class DemoFiles:
     """Answer wav files (the chat's audio player of each finished answer), in one temporary folder."""
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="glm4voice-demo-"))
+    def __init__(self, parent: str | Path | None = None) -> None:
+        """``parent``: where the folder is made (default: the system's temporary folder)."""
+        if parent is not None:
+            Path(parent).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="glm4voice-demo-", dir=parent))
 
     def write_answer(self, name: str, samples: np.ndarray, sample_rate: int) -> Path:
         path = self.folder / f"answer-{name}.wav"

@@ -20,7 +20,9 @@ out keeps what the page shows), turned into Gradio's positional outputs in one p
 
 from __future__ import annotations
 
+import asyncio
 import html
+import logging
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -57,9 +59,14 @@ from glm4voice.protocol import InputMode
 from glm4voice.web import player_script
 from glm4voice.web.files import DemoFiles
 from glm4voice.web.streams import AudioStreams, TurnAudioStream, stream_url
+from glm4voice.web.uploads import SessionUploads, browser_session, named_files
+
+logger = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parents[2] / "resources"
 """Pictures and the spoken sample prompts (not part of an installed package: samples then hide)."""
+CLEAR_WAIT_S = 30.0
+"""Clear waits this long at most for the turn it stops to end (it ends at once when Gradio runs it)."""
 TEXT_REFRESH_S = 0.1
 """Streamed text is pushed to the page at most this often (every token would flood the page)."""
 TEMPERATURE_SLIDER = (0.0, 2.0, 0.05)
@@ -111,6 +118,14 @@ class DemoSettings:
 
 
 @dataclass
+class TurnControl:
+    """The turn a tab is running: Clear sets ``stop``; the turn sets ``done`` when it has ended."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
 class UISession:
     """One browser tab: its conversation (ids), what its chat shows, its current audio stream."""
 
@@ -118,6 +133,8 @@ class UISession:
     messages: list[dict[str, Any]] = field(default_factory=list)
     stream_id: str | None = None
     files: list[Path] = field(default_factory=list)
+    running: TurnControl | None = None
+    """The turn in flight, if any."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +195,8 @@ class _Turn:
     ui: UISession
     request: UserRequest
     number: int
+    session: str | None
+    """The browser session (its streams are capped together)."""
     text: str | None
     """The typed text and the recording as submitted (a failed turn puts them back)."""
     audio_path: str | None
@@ -190,7 +209,12 @@ class _Turn:
 
 class TurnHandler:
     """The page's handlers: Submit (:meth:`respond`), Clear (:meth:`clear`), a closed tab
-    (:meth:`end_session`). Shared by every tab; per-tab state is the :class:`UISession`."""
+    (:meth:`end_session`). Shared by every tab; per-tab state is the :class:`UISession`.
+
+    Clear during a turn: the turn itself ends at once and its last update is the cleared page (a
+    turn's updates reach the page in order, so nothing it computed before can repaint the page
+    afterwards); Clear answers only once that turn has ended.
+    """
 
     def __init__(
         self, chat: VoiceChat, streams: AudioStreams, files: DemoFiles, text_refresh_s: float = TEXT_REFRESH_S
@@ -200,44 +224,55 @@ class TurnHandler:
         self.files = files
         self.text_refresh_s = text_refresh_s
 
-    async def respond(self, mode, audio_path, text, temperature, top_p, max_new_tokens, ui: UISession | None):
+    async def respond(
+        self, mode, audio_path, text, temperature, top_p, max_new_tokens, ui: UISession | None, request: gr.Request
+    ):
         """Gradio's handler of Submit: the positional outputs of each :class:`PageUpdate` of :meth:`updates`."""
-        async for update in self.updates(mode, audio_path, text, temperature, top_p, max_new_tokens, ui):
+        session = browser_session(request)
+        async for update in self.updates(mode, audio_path, text, temperature, top_p, max_new_tokens, ui, session):
             yield update.outputs()
 
     async def updates(
-        self, mode, audio_path, text, temperature, top_p, max_new_tokens, ui: UISession | None
+        self, mode, audio_path, text, temperature, top_p, max_new_tokens, ui: UISession | None, session=None
     ) -> AsyncIterator[PageUpdate]:
-        """One turn of this tab, as page updates."""
+        """One turn of this tab (of browser session ``session``), as page updates."""
         ui = ui or UISession(self.chat.new_session())
-        epoch = ui.chat.epoch
         request = UserSpeech(audio_path) if mode == InputMode.AUDIO.value else UserText(text or "")
-        turn = _Turn(ui, request, ui.chat.turns_started + 1, text, audio_path)
+        turn = _Turn(ui, request, ui.chat.turns_started + 1, session, text, audio_path)
         throttle = _Throttle(self.text_refresh_s)
+        control = ui.running = TurnControl()
         try:
-            async for event in self.chat.run_turn(ui.chat, request, _options(temperature, top_p, max_new_tokens)):
-                if ui.chat.epoch != epoch:  # Clear was pressed while this turn ran: show the cleared page, stop
-                    yield PageUpdate(chat=list(ui.messages), live_player=live_player_html(), status="", session=ui)
-                    return
-                update = self._on_event(event, turn, throttle)
+            events = self.chat.run_turn(ui.chat, request, _options(temperature, top_p, max_new_tokens))
+            async for event in _until(control.stop, events):
+                update = await self._on_event(event, turn, throttle)
                 if update is not None:
                     yield update
+            if control.stop.is_set():  # Clear: the cleared page is this turn's last update
+                yield _cleared(ui)
         finally:
             if turn.stream is not None:
                 turn.stream.close()
+            if ui.running is control:
+                ui.running = None
+            control.done.set()
 
-    def clear(self, ui: UISession | None) -> tuple:
-        """Clear (and the chat's own trash button): a new conversation, an empty page."""
+    async def clear(self, ui: UISession | None) -> tuple:
+        """Clear (and the chat's own trash button): a new conversation, an empty page. A running turn
+        is stopped (and closes its token stream) first."""
         if ui is not None:
-            ui.chat.clear()
+            ui.chat.clear()  # a turn that is still finishing cannot write into the new history
+            running = ui.running
+            if running is not None:
+                running.stop.set()
+                try:  # the turn ends at its next step; the bound only guards against a turn nobody steps
+                    await asyncio.wait_for(running.done.wait(), CLEAR_WAIT_S)
+                except TimeoutError:
+                    logger.warning("a cleared turn did not end within %g s", CLEAR_WAIT_S)
             ui.messages = []
             self.streams.discard(ui.stream_id)
             ui.stream_id = None
             self.files.remove(ui.files)
-        cleared = PageUpdate(
-            chat=[], live_player=live_player_html(), status="", session=ui, text_input="", audio_input=None
-        )
-        return cleared.outputs()
+        return _cleared(ui).outputs()
 
     def end_session(self, ui: UISession | None) -> None:
         """The tab is gone: its stream and answer files go too."""
@@ -246,7 +281,7 @@ class TurnHandler:
             self.files.remove(ui.files)
 
     # --- one event, one update ------------------------------------------------------------------------
-    def _on_event(self, event: TurnEvent, turn: _Turn, throttle: _Throttle) -> PageUpdate | None:
+    async def _on_event(self, event: TurnEvent, turn: _Turn, throttle: _Throttle) -> PageUpdate | None:
         if isinstance(event, InputAccepted):
             return self._accepted(event, turn)
         if isinstance(event, AssistantText):
@@ -257,7 +292,7 @@ class TurnHandler:
             turn.stream.push(event.samples)
             return None
         if isinstance(event, TurnFinished):
-            return self._finished(event, turn)
+            return await self._finished(event, turn)
         if isinstance(event, TurnFailed):
             return self._failed(event, turn)
         raise TypeError(f"unexpected turn event {event!r}")
@@ -265,7 +300,7 @@ class TurnHandler:
     def _accepted(self, event: InputAccepted, turn: _Turn) -> PageUpdate:
         ui = turn.ui
         self.streams.discard(ui.stream_id)
-        turn.stream = self.streams.open()
+        turn.stream = self.streams.open(turn.session)
         ui.stream_id = turn.stream.id
         ui.messages.append({"role": "user", "content": _user_content(turn.request)})
         ui.messages.append({"role": "assistant", "content": "…"})
@@ -277,12 +312,12 @@ class TurnHandler:
         live = live_player_html(turn.stream.id, stream_url(turn.stream))
         return PageUpdate(list(ui.messages), live, status, ui, text_input="", audio_input=None)
 
-    def _finished(self, event: TurnFinished, turn: _Turn) -> PageUpdate:
+    async def _finished(self, event: TurnFinished, turn: _Turn) -> PageUpdate:
         ui = turn.ui
         turn.stream.close()
         ui.messages[turn.answer_index] = {"role": "assistant", "content": event.text or "(no text in this answer)"}
-        if len(event.audio):
-            path = self.files.write_answer(turn.stream.id, event.audio, event.sample_rate)
+        if len(event.audio):  # encoded and written off the event loop
+            path = await asyncio.to_thread(self.files.write_answer, turn.stream.id, event.audio, event.sample_rate)
             ui.files.append(path)
             ui.messages.append({"role": "assistant", "content": {"path": str(path), "mime_type": "audio/wav"}})
         first = event.timings.first_audio
@@ -316,6 +351,35 @@ class TurnHandler:
         return replace(update, audio_input=turn.audio_path)
 
 
+def _cleared(ui: UISession | None) -> PageUpdate:
+    return PageUpdate(chat=[], live_player=live_player_html(), status="", session=ui, text_input="", audio_input=None)
+
+
+async def _until(stop: asyncio.Event, events: AsyncIterator[TurnEvent]) -> AsyncIterator[TurnEvent]:
+    """``events`` until ``stop`` is set, then ``events`` is closed (a turn's pipeline: that cancels its
+    tasks and closes its token stream). ``stop`` wins over an event that is ready at the same time."""
+    stopped = asyncio.ensure_future(stop.wait())
+    step: asyncio.Future | None = None
+    try:
+        while not stop.is_set():
+            step = asyncio.ensure_future(anext(events))
+            await asyncio.wait((step, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                return
+            try:
+                event = step.result()
+            except StopAsyncIteration:
+                return
+            step = None
+            yield event
+    finally:
+        stopped.cancel()
+        if step is not None and not step.done():  # stopped, or this iteration was itself cancelled
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+        await events.aclose()
+
+
 def _options(temperature, top_p, max_new_tokens) -> GenerationOptions:
     try:
         return GenerationOptions(float(temperature), float(top_p), int(max_new_tokens))
@@ -346,9 +410,14 @@ class _Throttle:
 
 
 def create_demo(
-    chat: VoiceChat, streams: AudioStreams, files: DemoFiles, settings: DemoSettings = DemoSettings()
+    chat: VoiceChat,
+    streams: AudioStreams,
+    files: DemoFiles,
+    settings: DemoSettings = DemoSettings(),
+    uploads: SessionUploads | None = None,
 ) -> gr.Blocks:
-    """The Gradio page. Its handlers are one :class:`TurnHandler` over the app's objects (no module globals)."""
+    """The Gradio page. Its handlers are one :class:`TurnHandler` over the app's objects (no module globals).
+    The sample prompts' files are shared in ``uploads`` (every browser session may submit them)."""
     handler = TurnHandler(chat, streams, files)
 
     def switch_mode(mode: str):
@@ -383,13 +452,19 @@ def create_demo(
                         (RESOURCES / name, label) for name, label in SAMPLE_PROMPTS if (RESOURCES / name).is_file()
                     ]
                     if samples:
-                        gr.Examples(
+                        examples = gr.Examples(
                             [[str(path)] for path, _ in samples],
                             inputs=[audio_in],
                             label="Sample prompts (espeak-ng)",
                             example_labels=[label for _, label in samples],
                             elem_id="audio-examples",
                         )
+                        # the copies in Gradio's cache that a click puts in the input: every session may
+                        # submit them, and Gradio's hourly clean-up (delete_cache) keeps them
+                        cached = [f["path"] for f in named_files(list(examples.non_none_processed_examples.values()))]
+                        audio_in.keep_in_cache.update(cached)
+                        if uploads is not None:
+                            uploads.share(cached)
                 with gr.Column(visible=False) as text_box:
                     text_in = gr.Textbox(label="Your message", lines=2, elem_id="text-input",
                                          placeholder="Type a message and press Enter")  # fmt: skip
@@ -412,7 +487,7 @@ def create_demo(
         components = dict(chat=chatbot, live_player=live, status=status, session=ui_state, text_input=text_in,
                           audio_input=audio_in)  # fmt: skip
         outputs = [components[name] for name in PAGE_OUTPUTS]
-        turn = gr.on(
+        gr.on(
             [submit.click, text_in.submit],
             handler.respond,
             inputs=[mode, audio_in, text_in, temperature, top_p, max_new_tokens, ui_state],
@@ -421,11 +496,13 @@ def create_demo(
             trigger_mode="once",
             show_progress="minimal",
         )
-        # Clear (and the chat's own trash button) cancels a running turn. It runs through the queue so
-        # that its outputs travel on the session's event stream after anything the cancelled turn
-        # had already sent: a late message of that turn can never repaint the cleared chat.
+        # Clear (and the chat's own trash button) stops a running turn through the handler, not with
+        # Gradio's `cancels`: that cancels the turn's task from a separate request, racing with
+        # Clear's own answer, so that an update the turn had computed just before could repaint the
+        # cleared page, and Submit stayed blocked ("once") until that request came back. Here the turn
+        # ends itself with the cleared page as its last update, and Clear answers after it.
         for clear_event in (clear_button.click, chatbot.clear):
             clear_event(None, js=STOP_PLAYER_JS)
-            clear_event(handler.clear, inputs=[ui_state], outputs=outputs, cancels=[turn], concurrency_limit=None)
+            clear_event(handler.clear, inputs=[ui_state], outputs=outputs, concurrency_limit=None)
         mode.change(switch_mode, inputs=[mode], outputs=[audio_box, text_box], queue=False)
     return demo

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
 import httpx
 import numpy as np
 import pytest
+from gradio.route_utils import delete_files_created_by_app
+from gradio.utils import get_upload_folder
 
 from glm4voice.audio import OUTPUT_SAMPLE_RATE
 from glm4voice.defaults import PLAYER_LEAD_S
@@ -31,6 +34,8 @@ from glm4voice.web.app import create_app
 from glm4voice.web.files import DemoFiles
 from glm4voice.web.page import (
     PAGE_OUTPUTS,
+    RESOURCES,
+    create_demo,
     DemoSettings,
     PageUpdate,
     TurnHandler,
@@ -39,6 +44,7 @@ from glm4voice.web.page import (
     page_head,
 )
 from glm4voice.web.streams import AudioStreams
+from glm4voice.web.uploads import SessionUploads
 
 SKIP = gr.skip()
 AUDIO = InputMode.AUDIO.value
@@ -94,9 +100,9 @@ def failed(kind=FailureKind.STREAM_FAILED, message="The answer was cut off.", pa
     return TurnFailed(kind, message, partial, TurnTimings(), 0.5)
 
 
-def updates(handler: TurnHandler, mode, audio_path, text, ui=None) -> list[PageUpdate]:
+def updates(handler: TurnHandler, mode, audio_path, text, ui=None, session=None) -> list[PageUpdate]:
     async def collect():
-        return [u async for u in handler.updates(mode, audio_path, text, 0.2, 0.8, 2000, ui)]
+        return [u async for u in handler.updates(mode, audio_path, text, 0.2, 0.8, 2000, ui, session)]
 
     return asyncio.run(collect())
 
@@ -180,33 +186,70 @@ def test_clear_empties_the_page_and_drops_the_turns_stream_and_files(files):
     handler, _, streams = handler_for([accepted(), finished("x", audio)], files)
     ui = updates(handler, TEXT, None, "Hi")[0].session
     stream_id, answer = ui.stream_id, ui.files[0]
-    outputs = handler.clear(ui)
+    outputs = asyncio.run(handler.clear(ui))
     assert len(outputs) == len(PAGE_OUTPUTS) == 6
     cleared = dict(zip(PAGE_OUTPUTS, outputs))
     assert cleared == dict(chat=[], live_player=live_player_html(), status="", session=ui, text_input="",
                            audio_input=None)  # fmt: skip
     assert ui.chat.epoch == 1 and ui.messages == [] and ui.stream_id is None
     assert streams.get(stream_id) is None and not answer.exists()
-    assert handler.clear(None)[PAGE_OUTPUTS.index("session")] is None
+    assert asyncio.run(handler.clear(None))[PAGE_OUTPUTS.index("session")] is None
 
 
-def test_a_turn_cleared_while_it_runs_shows_the_cleared_page_and_stops(files):
-    class ClearingChat(ScriptedChat):
+def test_clear_stops_a_running_turn_whose_last_update_is_the_cleared_page(files):
+    """Clear while the turn waits for the server: the turn's pipeline is closed at once, the turn's
+    own last update is the cleared page, and Clear answers only after the turn has ended."""
+    closed = asyncio.Event()
+
+    class WaitingChat(ScriptedChat):
         async def run_turn(self, session, request, options):
-            yield accepted()
-            session.clear()  # Clear pressed meanwhile
-            yield AssistantText("late", 0.3)
-            raise AssertionError("the handler kept reading a cleared turn")
+            try:
+                yield accepted()
+                yield AssistantText("Par", 0.2)
+                await asyncio.Event().wait()  # no more tokens for now
+                raise AssertionError("the handler kept reading a cleared turn")
+            finally:
+                closed.set()
 
-    chat = ClearingChat([])
-    handler = TurnHandler(chat, AudioStreams(OUTPUT_SAMPLE_RATE), files, text_refresh_s=0.0)
-    first, last = updates(handler, TEXT, None, "Hi")
-    assert last.live_player == live_player_html() and last.status == "" and last.chat == first.chat
-    assert streams_closed(handler, first.session)
+    handler = TurnHandler(WaitingChat([]), AudioStreams(OUTPUT_SAMPLE_RATE), files, text_refresh_s=0.0)
+
+    async def scenario():
+        turn = handler.updates(TEXT, None, "Hi", 0.2, 0.8, 2000, None)
+        first, text = await anext(turn), await anext(turn)
+        ui = first.session
+        rest = asyncio.ensure_future(_drain(turn))
+        await asyncio.sleep(0)  # the turn now waits for its pipeline
+        assert ui.running is not None and not closed.is_set()
+        outputs = await handler.clear(ui)
+        assert closed.is_set() and ui.running is None  # the turn ended before Clear answered
+        return ui, first, text, await rest, dict(zip(PAGE_OUTPUTS, outputs))
+
+    ui, first, text, rest, cleared = asyncio.run(scenario())
+    assert text.chat[-1]["content"] == "Par"
+    (last,) = rest
+    assert last.chat == [] and last.status == "" and last.live_player == live_player_html()
+    assert (last.text_input, last.audio_input) == ("", None)
+    assert cleared["chat"] == [] and cleared["status"] == "" and ui.messages == [] and ui.chat.epoch == 1
+    assert handler.streams.get(first.session.stream_id) is None
 
 
-def streams_closed(handler: TurnHandler, ui: UISession) -> bool:
-    return handler.streams.get(ui.stream_id).closed
+async def _drain(turn) -> list:
+    return [update async for update in turn]
+
+
+def test_a_turn_ends_normally_without_clear(files):
+    handler, _, _ = handler_for([accepted(), finished("x", np.zeros(0, np.float32))], files)
+    *_, done = updates(handler, TEXT, None, "Hi")
+    assert done.status.startswith("Turn 1 · done") and done.session.running is None
+
+
+def test_a_browser_sessions_streams_are_capped_together(files):
+    handler, _, streams = handler_for([accepted()], files)
+    streams.max_per_session = 2
+    ids = [updates(handler, TEXT, None, "Hi", session="browser-a")[0].session.stream_id for _ in range(4)]
+    other = updates(handler, TEXT, None, "Hi", session="browser-b")[0].session.stream_id
+    assert [streams.get(i) is not None for i in ids] == [False, False, True, True]
+    assert streams.get(other) is not None and streams.get(other).session == "browser-b"
 
 
 def test_page_updates_are_positional_outputs_in_one_order():
@@ -231,7 +274,7 @@ def test_the_app_serves_the_page_with_the_chats_player_lead(files):
 
     async def fetch():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.get("/config"), await client.get("/glm4voice/stream/unknown")
 
     config, missing = asyncio.run(fetch())
@@ -239,3 +282,27 @@ def test_the_app_serves_the_page_with_the_chats_player_lead(files):
     assert "GLM4VOICE_PLAYER_LEAD_S ??= 0.25" in config.text and "Random weights" in config.text
     assert missing.status_code == 404
     app.state.files.cleanup()
+
+
+def test_the_app_refuses_files_its_browser_session_did_not_upload(files):
+    app = create_app(ScriptedChat([]), DemoSettings())
+    body = {"data": ["audio", {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "", 0.2, 0.8, 40]}
+
+    async def call():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+            return await client.post("/gradio_api/call/respond", json=body)
+
+    refused = asyncio.run(call())
+    assert refused.status_code == 403 and "did not upload" in refused.json()["detail"]
+    app.state.files.cleanup()
+
+
+def test_every_session_may_submit_the_sample_prompts_which_gradio_keeps(files):
+    uploads = SessionUploads()
+    demo = create_demo(ScriptedChat([]), AudioStreams(OUTPUT_SAMPLE_RATE), files, DemoSettings(), uploads)
+    cached = {str(p) for p in Path(get_upload_folder()).rglob("sample_*.wav")}
+    assert len(cached) >= 2 and all(uploads.allows(None, path) for path in cached)
+    assert not uploads.allows(None, str(RESOURCES / "sample_en.wav"))  # the copy Gradio hands out, not the source
+    delete_files_created_by_app(demo, age=None)  # Gradio's clean-up (delete_cache), as if an hour had passed
+    assert all(Path(path).is_file() for path in cached)
