@@ -1,12 +1,15 @@
-"""The web demo's FastAPI app: the per-turn audio stream route, then the Gradio page mounted at ``/``.
+"""The web demo's FastAPI app: the per-turn audio stream route, conversation mode's live socket, the
+OpenAI-compatible ``/v1`` routes, then the Gradio page mounted at ``/``.
 
     app = create_app(chat, DemoSettings(...), close_client=client.aclose)   # chat: a VoiceChat
     uvicorn.run(app, host=..., port=...)
 
 ``web_demo.py`` is the command line around this (it loads the models and the token-server client).
-The app owns the turn streams (:class:`glm4voice.web.streams.AudioStreams`), the answer files
-(:class:`glm4voice.web.files.DemoFiles`) and, at shutdown, closes the chat (and the client, if
-``close_client`` is given). All of them are on ``app.state``: nothing lives in module globals.
+The app owns the turn streams (:class:`glm4voice.web.streams.AudioStreams`), the audio files
+(:class:`glm4voice.web.files.DemoFiles`), the registry of the page's tabs that the live socket reaches
+(:class:`glm4voice.web.live.LiveTabs`) and, at shutdown, closes the chat (and the client, if
+``close_client`` is given). All of them are on ``app.state``: nothing lives in module globals. The page's
+conversation mode and ``/v1/realtime`` share one VAD model (``app.state.openai.vad``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from glm4voice.client import TokenServerError
 from glm4voice.openai_api import add_openai_routes
 from glm4voice.pipeline import VoiceChat
 from glm4voice.web.files import DemoFiles
+from glm4voice.web.live import LiveTabs, add_live_routes
 from glm4voice.web.page import PAGE_CSS, RESOURCES, DemoSettings, create_demo, page_head
 from glm4voice.web.streams import AudioStreams, add_stream_route
 
@@ -36,9 +40,10 @@ def create_app(
     *,
     close_client: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
-    """The FastAPI app: the turn-stream route, then the Gradio page mounted at ``/``."""
+    """The FastAPI app: the turn-stream route, the live socket, ``/v1``, then the Gradio page mounted at ``/``."""
     streams = AudioStreams(chat.sample_rate)
     files = DemoFiles()
+    tabs = LiveTabs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -56,9 +61,11 @@ def create_app(
     app.state.streams = streams
     app.state.files = files
     app.state.chat = chat
+    app.state.tabs = tabs
     add_stream_route(app, streams)  # before the mount: "/" would catch everything
-    add_openai_routes(app, chat)  # /v1: OpenAI-compatible chat completions and realtime (docs/API.md)
-    demo = create_demo(chat, streams, files, settings)
+    add_live_routes(app, tabs)  # conversation mode's microphone socket
+    service = add_openai_routes(app, chat)  # /v1: OpenAI-compatible chat completions and realtime (docs/API.md)
+    demo = create_demo(chat, streams, files, settings, tabs=tabs, vad=service.vad)
     demo.queue(default_concurrency_limit=settings.max_concurrent_turns)
     head = page_head(chat.sample_rate, chat.config.player_lead_s)
     return gr.mount_gradio_app(

@@ -1,4 +1,5 @@
-"""The web demo's answer files: one temporary folder owned by the app, removed at shutdown."""
+"""The web demo's audio files (answers, and the questions spoken in conversation mode): one temporary
+folder owned by the app, removed at shutdown."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ class DemoFiles:
         self.folder = Path(tempfile.mkdtemp(prefix="glm4voice-demo-"))
 
     def write_answer(self, name: str, samples: np.ndarray, sample_rate: int) -> Path:
-        path = self.folder / f"answer-{name}.wav"
+        return self.write_wav(f"answer-{name}", samples, sample_rate)
+
+    def write_wav(self, stem: str, samples: np.ndarray, sample_rate: int) -> Path:
+        path = self.folder / f"{stem}.wav"
         path.write_bytes(encode_wav(samples, sample_rate))
         return path
 
