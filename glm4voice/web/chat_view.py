@@ -93,6 +93,8 @@ class AnswerView:
     chunks: list[np.ndarray] = field(default_factory=list, repr=False)
     """The decoded speech until the answer is done (then it is in ``audio_path``)."""
     first_audio_s: float | None = None
+    ended: bool = False
+    """Its ResponseDone was applied (the response's own status is final a moment earlier)."""
 
     @property
     def turn(self) -> str:
@@ -105,7 +107,8 @@ class AnswerView:
 
     @property
     def done(self) -> bool:
-        return self.response.done
+        """The answer has ended and the chat shows how (its final text, its wav)."""
+        return self.ended
 
     @property
     def cut(self) -> bool:
@@ -117,7 +120,7 @@ class AnswerView:
         note = speech_note(self.question.input) if self.question is not None else ""
         prompt = f"prompt {response.prompt_tokens} tokens" if response.prompt_tokens else "prompt …"
         head = f"Turn {self.number} · "
-        if response.status is ResponseStatus.IN_PROGRESS:
+        if not self.ended:
             return head + f"{note}{prompt} · generating…"
         if response.status is ResponseStatus.FAILED:
             return failure_markdown(self.number, response.error.message if response.error else "the answer failed")
@@ -173,6 +176,12 @@ class ChatView:
         return next((a for a in reversed(self.answers) if a.response is response), None)
 
     # --- what the page tells it -------------------------------------------------------------------------
+
+    def refused(self) -> int:
+        """A question refused before it reached the conversation (empty, no speech, busy...) still uses up a
+        turn number, so that each attempt's status names a turn of its own. Returns that number."""
+        self.turns += 1
+        return self.turns
 
     def show_user(self, item_id: str, content: Any, began: float) -> None:
         """How the user item ``item_id`` appears when it is added (the typed text, the recording's path),
@@ -246,6 +255,7 @@ class ChatView:
         self.structure += 1
 
     def _answer_done(self, answer: AnswerView) -> None:
+        answer.ended = True
         answer.stream.close()
         response = answer.response
         if response.status is ResponseStatus.FAILED:

@@ -14,7 +14,8 @@
 //   onsetMs     when it captured the first loud chunk near it (the acoustic onset; null if none);
 //   silentMs    when the player's output fell silent (the stop, its fade and the output latency);
 //   stopLatencyMs = silentMs - (onsetMs, else vadOnsetMs); wasPlaying: the answer was audible at the
-//   onset; turn and playedMs: what the player stopped, and how much of it had been heard.
+//   onset; playedAtOnsetMs: how much of it had been heard by then; turn and playedMs: what the player
+//   stopped, and how much of it had been heard when it stopped.
 (function () {
   "use strict";
   if (window.glm4voiceLive) return;
@@ -176,12 +177,14 @@
       const vadOnsetMs = this.captureTime(message.speech_start_ms);
       const onsetMs = this.acousticOnset(message.speech_start_ms);
       const from = onsetMs !== null ? onsetMs : vadOnsetMs;
+      const onsetTime = report.turn !== null && from !== null ? player.contextTimeAt(from) : null;
       this.bargeIns.push({
         itemId: message.item_id,
         speechStartMs: message.speech_start_ms,
         turn: report.turn,
         playedMs: report.playedMs,
         wasPlaying: report.turn !== null && from !== null && player.playingAt(from),
+        playedAtOnsetMs: onsetTime !== null ? Math.floor(1000 * player.heardSeconds(onsetTime)) : 0,
         vadOnsetMs: vadOnsetMs,
         onsetMs: onsetMs,
         heardMs: heardMs,

@@ -253,10 +253,10 @@ class TurnHandler:
             request, content = UserSpeech(audio_path), {"path": str(audio_path)}
         else:
             request, content = UserText(text or ""), (text or "").strip()
-        number = tab.view.turns + 1
         try:
             answer = await tab.submit(request, _options(temperature, top_p, max_new_tokens), content)
         except TurnError as error:  # refused: the input stays in place to be fixed
+            number = tab.view.refused()
             gr.Warning(error.message)
             yield PageUpdate(chat=tab.messages(), status=failure_markdown(number, error.message), session=tab)
             return

@@ -148,6 +148,13 @@ def test_a_refused_input_stays_in_place(scripted):
     assert update.status == "⚠️ **Turn 1 failed:** Please type a message first."
     assert update.chat == [] and update.live_player == update.text_input == update.audio_input == SKIP
     assert chat.prompts == [] and update.session.session.items == []
+    # the next attempt is a turn of its own, whether it is refused too or answered
+    chat.events = [finished("Yes", speech(0.1))]
+    with pytest.warns(UserWarning, match="Please type a message first"):
+        (again,) = asyncio.run(collect(handler, TEXT, None, "  ", update.session))
+    *_, answered = asyncio.run(collect(handler, TEXT, None, "Hi", update.session))
+    assert again.status == "⚠️ **Turn 2 failed:** Please type a message first."
+    assert answered.status.startswith("Turn 3 · done")
 
 
 def test_a_failed_text_turn_puts_the_question_back_and_is_not_recorded(scripted, text_tokenizer):
