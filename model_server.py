@@ -17,6 +17,7 @@ import argparse
 import logging
 import sys
 
+from glm4voice import serving
 from glm4voice.devices import DeviceError, llm_dtypes, resolve_device
 from glm4voice.server.app import ServerState, create_app, serve
 from glm4voice.server.settings import ServerSettings
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs / compilation (slower; for debugging)")
     parser.add_argument("--retry-after", type=int, default=defaults.retry_after_s, help="Retry-After seconds on 503")
     parser.add_argument("--log-level", default=defaults.log_level, choices=("debug", "info", "warning", "error"))
+    # exposure and connections (docs/API.md, "Exposing the servers" and "Limits")
+    serving.add_arguments(parser)
     return parser
 
 
@@ -86,7 +89,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_concurrent_streams=args.max_concurrent_streams, max_queue=args.max_queue,
         queue_timeout_s=args.queue_timeout, max_seq_len=args.max_seq_len, max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens_cap=args.max_new_tokens_cap, eager=args.eager, retry_after_s=args.retry_after,
-        log_level=args.log_level,
+        log_level=args.log_level, allowed_hosts=serving.allowed_hosts_from_args(args),
+        connection_limits=serving.limits_from_args(args),
     )  # fmt: skip
 
 

@@ -1,8 +1,11 @@
 """GLM-4-Voice web demo: talk (or type) to the model in the browser and hear it answer as it speaks.
 
-    python web_demo.py --host 0.0.0.0 --port 8888 --server-url http://localhost:10000 \\
+    python web_demo.py --port 8888 --server-url http://localhost:10000 \\
         --model-path THUDM/glm-4-voice-9b --tokenizer-path THUDM/glm-4-voice-tokenizer \\
         --flow-path THUDM/glm-4-voice-decoder --device cuda:0
+
+It listens on 127.0.0.1 unless ``--host`` says otherwise (the README's "Exposing the demo" says what
+the page guards by itself and what a reverse proxy must add before ``--host 0.0.0.0``).
 
 A client of ``model_server.py``: this process loads the speech tokenizer, the speech decoder and
 the text tokenizer (only the tokenizer files of ``--model-path``) once at start; each turn runs
@@ -21,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from glm4voice import serving
 from glm4voice.defaults import (
     DEFAULT_SERVER_URL,
     GPU_MAX_CONCURRENT_TURNS,
@@ -31,6 +35,7 @@ from glm4voice.defaults import (
 from glm4voice.devices import AUTO, DECODER_DTYPE_CHOICES, DeviceError, decoder_dtype, resolve_device
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 from glm4voice.pipeline import PipelineConfig, VoiceChat
+from glm4voice.request_guard import HostPolicy, wildcard_notice
 from glm4voice.web.app import create_app
 from glm4voice.web.page import DemoSettings
 
@@ -41,7 +46,12 @@ __all__ = ["DemoSettings", "build_parser", "create_app", "load_chat", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=WEB_DEMO_HOST, help="address to listen on (default %(default)s)")
+    parser.add_argument(
+        "--host",
+        default=WEB_DEMO_HOST,
+        help="address to listen on (default %(default)s: this machine only; 0.0.0.0 serves every network "
+        "interface: see the README's 'Exposing the demo' first)",
+    )
     parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="port (default %(default)s)")
     parser.add_argument(
         "--model-path",
@@ -86,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="say in the page that the checkpoints are random (set by glm4voice.launch)",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    # exposure and connections (docs/API.md, "Exposing the servers" and "Limits")
+    serving.add_arguments(parser)
     return parser
 
 
@@ -115,13 +127,16 @@ def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
         parser.error("--max-concurrent-turns must be at least 1")
+    try:
+        host_policy = HostPolicy.for_server(args.host, serving.allowed_hosts_from_args(args))
+        limits = serving.limits_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         resolve_device(args.device)
     except DeviceError as error:
@@ -136,11 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         args.max_concurrent_turns = GPU_MAX_CONCURRENT_TURNS if on_gpu else MAX_CONCURRENT_TURNS
     settings = DemoSettings(random_weights_notice=args.random_weights_notice,
                             max_concurrent_turns=args.max_concurrent_turns, server_url=args.server_url)  # fmt: skip
-    app = create_app(chat, settings, close_client=client.aclose)
+    app = create_app(chat, settings, close_client=client.aclose, host_policy=host_policy)
     shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
-    logger.info("web demo on http://%s:%d (model server %s)", shown, args.port, args.server_url)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, log_config=None)
-    return 0
+    logger.info("web demo on http://%s:%d (model server %s); answers to the hosts %s", shown, args.port,
+                args.server_url, host_policy.describe())  # fmt: skip
+    if notice := wildcard_notice(args.host, host_policy):
+        logger.warning(notice)
+    server = serving.build_server(app, args.host, args.port, limits, log_level=args.log_level)
+    server.run()
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ DEFAULT_MAX_INPUT_SECONDS = 600.0
 """Longest input accepted by default (10 minutes); the demo sets a tighter limit."""
 MIN_INPUT_SECONDS = 0.0
 MAX_FILE_BYTES = 200 * 1024 * 1024
+MAX_FILE_SAMPLE_RATE = 384_000
+"""Highest sample rate of an audio file that is decoded (above any recording's; FLAC allows 655 kHz)."""
+DECODE_BLOCK_SAMPLES = 1 << 20
+"""A file is decoded this many samples (all channels together) at a time, each block mixed to mono
+and resampled before the next is read: memory follows the output, not the file's channels and rate."""
 
 ChannelMix = Literal["mean", "first"]
 """How multi-channel audio becomes mono: the mean of the channels, or the first channel only (the
@@ -104,14 +109,22 @@ def load_audio(
     instead). The result is resampled to
     ``sample_rate`` with soxr (``None`` keeps the source rate).
 
+    Files are checked before they are decoded: a header that declares more than ``max_seconds``
+    is refused at once, and decoding reads at most ``max_seconds`` (plus one sample) block by
+    block, mixing and resampling each block (:data:`DECODE_BLOCK_SAMPLES`), so a small file that
+    unpacks into hours of many-channel audio costs no more memory than the accepted output.
+
     Raises an :class:`AudioError` subclass for empty, unreadable, non-finite or too-long input.
+    Messages name at most a file's name, never the folder it is in.
     """
-    samples, rate = _read(source, source_rate)
-    samples = _to_mono(samples, mix)
+    if isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        samples, rate = _read_file(source, sample_rate, max_seconds, mix)
+    else:
+        samples, rate = _read(source, source_rate)
+        samples = _to_mono(samples, mix)
+        _check_samples(samples)
     if samples.size == 0:
         raise EmptyAudioError("the audio is empty (no samples)")
-    if not np.all(np.isfinite(samples)):
-        raise NonFiniteAudioError("the audio contains NaN or infinite sample values")
     duration = samples.shape[0] / rate
     if max_seconds is not None and duration > max_seconds:
         raise AudioTooLongError(f"the audio is {duration:.1f} s long; the limit is {max_seconds:.0f} s")
@@ -119,6 +132,11 @@ def load_audio(
         samples = resample(samples, rate, sample_rate)
         rate = sample_rate
     return Audio(np.ascontiguousarray(samples, dtype=np.float32), int(rate))
+
+
+def _check_samples(samples: np.ndarray) -> None:
+    if not np.all(np.isfinite(samples)):
+        raise NonFiniteAudioError("the audio contains NaN or infinite sample values")
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
@@ -136,6 +154,7 @@ def encode_wav(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -
 
 
 def _read(source: AudioSource, source_rate: int | None) -> tuple[np.ndarray, int]:
+    """Samples and rate of an array source (files: :func:`_read_file`)."""
     if isinstance(source, tuple):
         if len(source) != 2:
             raise AudioError("an audio tuple must be (samples, sample_rate)")
@@ -145,34 +164,80 @@ def _read(source: AudioSource, source_rate: int | None) -> tuple[np.ndarray, int
         if source_rate is None:
             raise AudioError("a sample array needs its sample rate (source_rate)")
         return _from_array(source, source_rate)
+    raise AudioError(f"unsupported audio input of type {type(source).__name__}")
+
+
+def _read_file(
+    source: "str | os.PathLike | bytes | bytearray | memoryview",
+    sample_rate: int | None,
+    max_seconds: float | None,
+    mix: ChannelMix,
+) -> tuple[np.ndarray, int]:
+    """Mono samples of an encoded file (a path or its bytes), at ``sample_rate`` (None: the file's),
+    decoded bounded (see :func:`load_audio`)."""
+    limit = f"the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB"
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise EmptyAudioError("the audio file is empty (0 bytes)")
         if len(data) > MAX_FILE_BYTES:
-            raise AudioTooLongError(f"the audio file is {len(data) / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB")
-        return _decode(io.BytesIO(data), "the audio data")
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            raise AudioError(f"no audio file at {path}")
-        size = path.stat().st_size
-        if size == 0:
-            raise EmptyAudioError(f"the audio file {path.name} is empty (0 bytes)")
-        if size > MAX_FILE_BYTES:
-            raise AudioTooLongError(f"the audio file {path.name} is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES / 2**20:.0f} MiB")
-        return _decode(path, f"the file {path.name}")
-    raise AudioError(f"unsupported audio input of type {type(source).__name__}")
+            raise AudioTooLongError(f"the audio file is {len(data) / 2**20:.0f} MiB; {limit}")
+        return _decode(io.BytesIO(data), "the audio data", sample_rate, max_seconds, mix)
+    path = Path(source)
+    if not path.is_file():  # also refuses devices and pipes, which could be read forever
+        raise AudioError(f"there is no audio file named {path.name!r}")
+    size = path.stat().st_size
+    if size == 0:
+        raise EmptyAudioError(f"the audio file {path.name} is empty (0 bytes)")
+    if size > MAX_FILE_BYTES:
+        raise AudioTooLongError(f"the audio file {path.name} is {size / 2**20:.0f} MiB; {limit}")
+    return _decode(path, f"the file {path.name}", sample_rate, max_seconds, mix)
 
 
-def _decode(file: "io.BytesIO | Path", what: str) -> tuple[np.ndarray, int]:
+def _decode(
+    file: "io.BytesIO | Path", what: str, sample_rate: int | None, max_seconds: float | None, mix: ChannelMix
+) -> tuple[np.ndarray, int]:
     try:
-        samples, rate = sf.read(file, dtype="float32", always_2d=True)
+        with sf.SoundFile(file) as sound:
+            rate, channels, frames = int(sound.samplerate), int(sound.channels), int(sound.frames)
+            if not 0 < rate <= MAX_FILE_SAMPLE_RATE or channels <= 0:
+                raise CorruptAudioError(f"{what} declares an unsupported format ({channels} channels at {rate} Hz)")
+            if max_seconds is not None and frames / rate > max_seconds:
+                raise AudioTooLongError(f"the audio is {frames / rate:.1f} s long; the limit is {max_seconds:.0f} s")
+            return _decode_blocks(sound, channels, max_seconds, sample_rate, mix), sample_rate or rate
+    except AudioError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
         raise CorruptAudioError(f"{what} is not a readable audio file (wav, flac, ogg or mp3): {error}") from error
-    if rate <= 0:
-        raise CorruptAudioError(f"{what} declares an invalid sample rate ({rate})")
-    return samples, int(rate)
+
+
+def _decode_blocks(
+    sound: sf.SoundFile, channels: int, max_seconds: float | None, sample_rate: int | None, mix: ChannelMix
+) -> np.ndarray:
+    """Mono samples of ``sound`` at ``sample_rate`` (None: its own), decoded a block at a time; more
+    than ``max_seconds`` is refused as soon as one sample past the limit has been read."""
+    rate = int(sound.samplerate)
+    cap = None if max_seconds is None else int(max_seconds * rate) + 1  # frames: one past the limit
+    stream = None
+    if sample_rate is not None and sample_rate != rate:
+        stream = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+    block_frames = max(1, DECODE_BLOCK_SAMPLES // channels)
+    parts: list[np.ndarray] = []
+    read = 0
+    while cap is None or read < cap:
+        want = block_frames if cap is None else min(block_frames, cap - read)
+        block = sound.read(want, dtype="float32", always_2d=True)  # (frames, channels)
+        if not len(block):
+            break
+        read += len(block)
+        mono = _to_mono(block, mix)
+        _check_samples(mono)
+        parts.append(stream.resample_chunk(mono) if stream is not None else mono.copy())
+    if cap is not None and read >= cap:
+        raise AudioTooLongError(f"the audio is longer than {max_seconds:.0f} s, the limit")
+    if stream is not None and read:
+        parts.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def _from_array(array: np.ndarray, rate: int) -> tuple[np.ndarray, int]:

@@ -1,11 +1,14 @@
 """Decode the audio blocks of every session on one worker thread, in batches.
 
-Each session's decode task awaits :meth:`BlockBatcher.feed` with its decoder stream and the codes of
-its next block. The batcher hands every block waiting at that moment to one
-``AudioDecoder.feed_many`` call on the worker; blocks that arrive while a call runs wait for the
-next one (group commit: no timer, no polling thread, a lone block is never held back). Blocks of
-the same shape run as one batch on the GPU, so 32 listeners cost little more decoder time than one;
-each job's result reaches its session as soon as its batch is done.
+Each session's decode task hands :meth:`BlockBatcher.submit` its decoder stream and the codes of its
+next blocks (usually one; more when blocks were held back or the decoder fell behind). The batcher
+hands every block waiting at that moment to one decoder job on the worker (group commit: no timer,
+no polling thread, a lone block is never held back): the job decodes the first waiting block of
+every session in one ``AudioDecoder.feed_many`` call, then the second ones in a second call, and so
+on, so a session's blocks are decoded in order and exactly as they were cut (never merged). Blocks
+that arrive while a job runs wait for the next one. Blocks of the same shape run as one batch on the
+GPU, so 32 listeners cost little more decoder time than one; each block's result reaches its
+session as soon as its batch is done.
 
 A decoder without ``feed_many`` (test doubles) gets one ``stream.feed`` call per block instead.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,7 +26,18 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 LATENCY_WEIGHT = 0.3
-"""Weight of the newest call in :attr:`BlockBatcher.latency_s`."""
+"""Weight of the newest job in :attr:`BlockBatcher.latency_s`."""
+
+
+@dataclass
+class _Entry:
+    """One session's blocks waiting for a decoder job, with a future for each block's PCM."""
+
+    stream: Any
+    blocks: list[list[int]]
+    futures: list[asyncio.Future]
+    failure: BaseException | None = field(default=None)
+    """Set on the worker when one of the blocks failed: the blocks after it are not decoded."""
 
 
 class BlockBatcher:
@@ -35,61 +50,89 @@ class BlockBatcher:
         self.worker = worker
         self.max_batch = max_batch
         self._batched = hasattr(decoder, "feed_many")
-        self._waiting: list[tuple[Any, list[int], asyncio.Future]] = []
+        self._waiting: list[_Entry] = []
         self._running = False
         self.latency_s: float | None = None
-        """Moving average of a feed_many call's duration (what a block waits for once its call runs)."""
+        """Moving average of a decoder job's duration (what a block waits for once its job runs)."""
         self.fastest_s: float | None = None
-        """The quickest call so far (a small block on an otherwise idle decoder)."""
+        """The quickest job so far (a small block on an otherwise idle decoder)."""
         self.calls = 0
         """``feed_many`` calls made (with ``jobs`` below: the mean batch a listener shared)."""
         self.jobs = 0
+        """Blocks decoded by those calls."""
 
     async def feed(self, stream: Any, codes: Sequence[int]) -> np.ndarray:
         """``stream.feed(codes)``, decoded together with the other sessions' waiting blocks."""
+        return await self.submit(stream, [codes])[0]
+
+    def submit(self, stream: Any, blocks: Sequence[Sequence[int]]) -> list[asyncio.Future]:
+        """Queue one stream's blocks, to be decoded in order; a future for each block's PCM (or its
+        error; a block after a failed one gets that failure). Cancel the futures of a turn that
+        stops: a job not yet started then drops its blocks."""
         loop = asyncio.get_running_loop()
-        if not self._batched:
-            return await loop.run_in_executor(self.worker, stream.feed, list(codes))
-        future = loop.create_future()
-        self._waiting.append((stream, list(codes), future))
-        if not self._running:
-            self._start(loop)
-        return await future
+        if not self._batched:  # the single worker runs its jobs in order
+            return [loop.run_in_executor(self.worker, stream.feed, list(codes)) for codes in blocks]
+        entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks])
+        if entry.blocks:
+            self._waiting.append(entry)
+            if not self._running:
+                self._start(loop)
+        return entry.futures
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        jobs = [job for job in self._waiting if not job[2].done()]  # a cancelled turn's block is dropped
+        entries = [e for e in self._waiting if not all(f.done() for f in e.futures)]  # a cancelled turn's dropped
         self._waiting = []
-        if not jobs:
+        if not entries:
             return
         self._running = True
-        self.calls += 1
-        self.jobs += len(jobs)
-
-        def deliver(index: int, result: Any) -> None:  # on the worker thread, as each batch finishes
-            future = jobs[index][2]
-            future.get_loop().call_soon_threadsafe(_settle, future, result)
-
         started = loop.time()
-        call = loop.run_in_executor(
-            self.worker, lambda: self.decoder.feed_many([(s, c) for s, c, _ in jobs], on_result=deliver, max_batch=self.max_batch)
-        )
-        call.add_done_callback(lambda done: self._finished(loop, jobs, done, loop.time() - started))
+        call = loop.run_in_executor(self.worker, self._decode, entries)
+        call.add_done_callback(lambda done: self._finished(loop, entries, done, loop.time() - started))
 
-    def _finished(self, loop: asyncio.AbstractEventLoop, jobs, call: asyncio.Future, seconds: float) -> None:
+    def _decode(self, entries: list[_Entry]) -> tuple[int, int]:
+        """On the worker: the k-th blocks of the entries in the k-th ``feed_many`` call. Returns the
+        calls made and the blocks they decoded."""
+        calls = blocks = 0
+        for k in range(max(len(e.blocks) for e in entries)):
+            members = [e for e in entries if len(e.blocks) > k and e.failure is None]
+            if not members:
+                break
+
+            def deliver(index: int, result: Any, members=members, k=k) -> None:  # as each batch finishes
+                entry = members[index]
+                if isinstance(result, BaseException):
+                    entry.failure = result
+                future = entry.futures[k]
+                future.get_loop().call_soon_threadsafe(_settle, future, result)
+
+            jobs = [(e.stream, e.blocks[k]) for e in members]
+            self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch)
+            calls += 1
+            blocks += len(jobs)
+        return calls, blocks
+
+    def _finished(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry], call: asyncio.Future, seconds: float) -> None:  # fmt: skip
         self._running = False
-        self.latency_s = seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
+        self.latency_s = (
+            seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
+        )
         self.fastest_s = seconds if self.fastest_s is None else min(self.fastest_s, seconds)
         error = None if call.cancelled() else call.exception()
-        if error is not None:  # feed_many itself failed (a bug): every job of the call hears of it
+        if error is not None:  # feed_many itself failed (a bug): every block of the job hears of it
             logger.error("batched block decode failed: %r", error)
-        for _, _, future in jobs:  # results were delivered through ``deliver``; anything left failed
-            _settle(future, error or RuntimeError("the block was not decoded"))
+        else:
+            calls, blocks = call.result()
+            self.calls += calls
+            self.jobs += blocks
+        for entry in entries:  # results were delivered through ``deliver``; anything left failed
+            for future in entry.futures:
+                _settle(future, error or entry.failure or RuntimeError("the block was not decoded"))
         if self._waiting:
             self._start(loop)
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:
-    """A job's PCM or exception to its waiting session (unless that turn was cancelled)."""
+    """A block's PCM or exception to its waiting session (unless that turn was cancelled)."""
     if future.done():
         return
     if isinstance(result, BaseException):

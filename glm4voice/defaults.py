@@ -23,10 +23,11 @@ TOKEN_SERVER_HOST = "localhost"
 """``model_server.py --host`` (the original's)."""
 WEB_DEMO_PORT = 8888
 """``web_demo.py --port`` (the original's)."""
-WEB_DEMO_HOST = "0.0.0.0"
-"""``web_demo.py --host`` (the original's). ``python -m glm4voice.launch`` uses :data:`LOOPBACK_HOST`."""
 LOOPBACK_HOST = "127.0.0.1"
 """Where the launcher runs the token server, and its page unless told otherwise."""
+WEB_DEMO_HOST = LOOPBACK_HOST
+"""``web_demo.py --host``: this machine only. The original listened on every interface (0.0.0.0);
+here that is the explicit opt-in ``--host 0.0.0.0`` (see the README's "Exposing the demo")."""
 DEFAULT_SERVER_URL = f"http://localhost:{TOKEN_SERVER_PORT}"
 """The token server a client talks to unless told otherwise (``web_demo.py --server-url``)."""
 
@@ -78,6 +79,27 @@ PLAYER_LEAD_S = 0.15
 """The page's player starts the first sample of an answer this long after it arrives (its jitter
 buffer). The page sets ``window.GLM4VOICE_PLAYER_LEAD_S`` from it, and the block pacing counts it
 as audio in hand."""
+
+# --- exposure and connections (both servers: glm4voice.serving, glm4voice.request_guard) ------------
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""Host names both servers answer to whatever ``--allowed-hosts`` says (plus the address they are bound
+to): a request naming any other host is refused, so that a web page cannot reach them by DNS rebinding."""
+HEADER_TIMEOUT_S = 10.0
+"""A connection must send a complete request line and headers within this many seconds of connecting (or of
+its previous answer) or it is closed (``--header-timeout``); the token server also reads its body in that time."""
+MAX_CONNECTIONS = 1000
+"""Open connections per server (``--max-connections``; lowered to fit the process's open-file limit). At the
+cap a new connection replaces the one that has waited longest without sending a request."""
+MAX_HEADER_BYTES = 64 * 1024
+"""A request line plus headers still incomplete at this size is refused with 400 (browsers send a few KiB)."""
+KEEP_ALIVE_S = 5
+"""An idle keep-alive connection is closed after this many seconds (uvicorn's default)."""
+ENGINE_FAILED_EXIT_CODE = 75
+"""``model_server.py`` exits with this code when its engine has died (so that a supervisor or
+``glm4voice.launch`` restarts or stops it instead of a server answering 503 forever): EX_TEMPFAIL,
+"try again"; not 1 (an uncaught error), 2 (a bad command line) or 3 (uvicorn could not start)."""
+
 
 # --- sampling bounds -------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 ``python -m glm4voice.launch`` (what ``bash scripts/demo.sh`` runs). With no checkpoint arguments
 it writes tiny random checkpoints to ``checkpoints/tiny`` (once) and says loudly that answers are
 noise; pass ``--model-path``, ``--tokenizer-path`` and ``--flow-path`` (local folders or hub ids)
-for the real models. Both processes are stopped together: if one exits, the other is stopped too.
+for the real models. Both processes are stopped together: if one exits, the other is stopped too and
+the launcher exits non-zero, saying which one ended and why (a model server whose engine died exits
+with ``ENGINE_FAILED_EXIT_CODE``), so that a supervisor can start the demo again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from pathlib import Path
 import httpx
 
 from glm4voice.checkpoints import write_tiny_checkpoints
-from glm4voice.defaults import LLM_DTYPE, LOOPBACK_HOST, TOKEN_SERVER_PORT, WEB_DEMO_PORT
+from glm4voice.defaults import (
+    ENGINE_FAILED_EXIT_CODE,
+    LLM_DTYPE,
+    LOOPBACK_HOST,
+    TOKEN_SERVER_PORT,
+    WEB_DEMO_HOST,
+    WEB_DEMO_PORT,
+)
 from glm4voice.devices import DeviceError, default_device, llm_dtypes, resolve_device
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 
@@ -31,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TINY_DIR = ROOT / "checkpoints" / "tiny"
 SERVER_SCRIPT = ROOT / "model_server.py"
 DEMO_SCRIPT = ROOT / "web_demo.py"
+MODEL_SERVER = "model server"
+WEB_DEMO = "web demo"
 SERVER_READY_TIMEOUT_S = 1800.0  # the real 9B model takes minutes to load from a slow disk
 DEMO_READY_TIMEOUT_S = 1800.0  # the first run may download the tokenizer and decoder
 POLL_INTERVAL_S = 0.5
@@ -115,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flow-path", help=f"speech decoder folder or hub id (e.g. {PUBLISHED_DECODER})")
     parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 if available)")
     parser.add_argument("--dtype", default=LLM_DTYPE, choices=llm_dtypes(), help="LLM weights (default %(default)s)")
-    parser.add_argument("--host", default=LOOPBACK_HOST, help="web UI address (0.0.0.0 to serve the network)")
+    parser.add_argument("--host", default=WEB_DEMO_HOST, help="web UI address (0.0.0.0 to serve the network)")
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="host names the web UI answers to besides localhost (web_demo.py --allowed-hosts; docs/API.md)",
+    )
     parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="web UI port")
     parser.add_argument("--server-port", type=int, default=TOKEN_SERVER_PORT, help="model server port (loopback)")
     parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
@@ -171,30 +187,50 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if checkpoints.random_weights:
         demo_cmd.append("--random-weights-notice")
+    if args.allowed_hosts:
+        demo_cmd += ["--allowed-hosts", args.allowed_hosts]
 
-    processes: list[subprocess.Popen] = []
+    processes: dict[str, subprocess.Popen] = {}
     signal.signal(signal.SIGTERM, _terminate)  # stop the children on SIGTERM too, not only on Ctrl-C
     try:
         logger.info("starting the model server: %s", " ".join(server_cmd))
-        processes.append(subprocess.Popen(server_cmd, cwd=ROOT, env=env))
-        wait_until_ready(f"{server_url}/health", processes[0], SERVER_READY_TIMEOUT_S, "model server")
+        processes[MODEL_SERVER] = subprocess.Popen(server_cmd, cwd=ROOT, env=env)
+        wait_until_ready(f"{server_url}/health", processes[MODEL_SERVER], SERVER_READY_TIMEOUT_S, MODEL_SERVER)
         logger.info("starting the web demo: %s", " ".join(demo_cmd))
-        processes.append(subprocess.Popen(demo_cmd, cwd=ROOT, env=env))
+        processes[WEB_DEMO] = subprocess.Popen(demo_cmd, cwd=ROOT, env=env)
         local_host = LOOPBACK_HOST if args.host in ("0.0.0.0", "::") else args.host
-        wait_until_ready(f"http://{local_host}:{args.port}/", processes[1], DEMO_READY_TIMEOUT_S, "web demo")
+        wait_until_ready(f"http://{local_host}:{args.port}/", processes[WEB_DEMO], DEMO_READY_TIMEOUT_S, WEB_DEMO)
         shown_host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
         notice = "  (random weights: answers are noise)" if checkpoints.random_weights else ""
         print(f"\n  GLM-4-Voice demo: http://{shown_host}:{args.port}{notice}  (Ctrl-C stops it)\n", flush=True)
-        while all(p.poll() is None for p in processes):
-            time.sleep(POLL_INTERVAL_S)
-        failed = next(p for p in processes if p.poll() is not None)
-        logger.error("a process exited (code %s); stopping the demo", failed.returncode)
-        return failed.returncode or 1
+        return supervise(processes)
     except KeyboardInterrupt:
         return 0
     finally:
-        for process in reversed(processes):
+        for process in reversed(processes.values()):
             _stop(process)
+
+
+def supervise(processes: dict[str, subprocess.Popen]) -> int:
+    """Until one of ``processes`` (by name) exits; log which and why, and return the launcher's exit
+    code: the child's own if it failed, else 1 (the demo did not end by the user's choice)."""
+    while all(p.poll() is None for p in processes.values()):
+        time.sleep(POLL_INTERVAL_S)
+    name, ended = next((n, p) for n, p in processes.items() if p.returncode is not None)
+    logger.error("%s; stopping the demo", exit_reason(name, ended.returncode))
+    return ended.returncode if ended.returncode > 0 else 1
+
+
+def exit_reason(name: str, code: int) -> str:
+    """How a child ended, for people: ``name`` is :data:`MODEL_SERVER` or :data:`WEB_DEMO`."""
+    if code < 0:
+        try:
+            return f"the {name} was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"the {name} was killed by signal {-code}"
+    if name == MODEL_SERVER and code == ENGINE_FAILED_EXIT_CODE:
+        return f"the {name} exited with code {code}: its engine failed (the reason is in its log above)"
+    return f"the {name} exited with code {code}"
 
 
 def _terminate(signum, frame) -> None:

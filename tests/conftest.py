@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
 from glm4voice.checkpoints import TinyCheckpoints, write_tiny_checkpoints
+
+
+def pytest_configure(config):
+    """Gradio pages made in this process cache files in a folder of their own (GRADIO_TEMP_DIR); the
+    default /tmp/gradio is shared with every other process of the machine. Server processes started
+    by tests get their own too (support.ServerProcess)."""
+    if "GRADIO_TEMP_DIR" not in os.environ:
+        config._glm4voice_gradio_dir = tempfile.mkdtemp(prefix="gradio-tests-")
+        os.environ["GRADIO_TEMP_DIR"] = config._glm4voice_gradio_dir
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_glm4voice_gradio_dir", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("GRADIO_TEMP_DIR", None)
 
 
 def pytest_collection_modifyitems(config, items):

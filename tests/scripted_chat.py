@@ -33,6 +33,8 @@ class ScriptedChat:
     options: list = field(default_factory=list)
     held: asyncio.Event | None = None
     closed: bool = False
+    open_streams: int = 0
+    """Answers whose generation has not ended (a stopped answer's generator is closed)."""
 
     def __post_init__(self) -> None:
         self.special = SpecialTokens.from_tokenizer(self.text_tokenizer)
@@ -51,15 +53,19 @@ class ScriptedChat:
     async def generate(self, prompt_ids, options, *, decode_audio=True, progress=None):
         self.prompts.append(list(prompt_ids))
         self.options.append(options)
-        if progress is not None:
-            progress.follow(SimpleNamespace(reply_ids=tuple(self.reply_ids)))
-        for event in self.events:
-            yield event
-            await asyncio.sleep(0)  # a yield point between events, as a real token stream has
-        if self.hold:
-            self.held = self.held or asyncio.Event()
-            self.held.set()
-            await asyncio.Event().wait()
+        self.open_streams += 1
+        try:
+            if progress is not None:
+                progress.follow(SimpleNamespace(reply_ids=tuple(self.reply_ids)))
+            for event in self.events:
+                yield event
+                await asyncio.sleep(0)  # a yield point between events, as a real token stream has
+            if self.hold:
+                self.held = self.held or asyncio.Event()
+                self.held.set()
+                await asyncio.Event().wait()
+        finally:
+            self.open_streams -= 1
 
     def close(self) -> None:
         self.closed = True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,13 +30,34 @@ class ServerProcess:
 
     Use as a context manager; the process is stopped (SIGTERM, then SIGKILL) on exit and its
     output is kept in ``self.log_path`` for failure messages.
+
+    Each process gets a Gradio folder of its own (``GRADIO_TEMP_DIR``, ``self.gradio_temp_dir``,
+    removed when it stops): Gradio's default ``/tmp/gradio`` is shared by every process of the
+    machine, and a page that stops deletes the files it cached there, including the same files
+    (same content, same path) that a page of a parallel test run is still using.
+
+    ``nofile``: the process's open-file limit (soft and hard), as on a machine with ``ulimit -n`` that
+    low. ``probe_timeout``: the least time one readiness request is given (each may take until the
+    overall deadline: a page renders slowly on a loaded machine).
     """
 
-    def __init__(self, args: list[str], ready_url: str, timeout: float = 120.0, env: dict | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        ready_url: str,
+        timeout: float = 120.0,
+        env: dict | None = None,
+        nofile: int | None = None,
+        probe_timeout: float = 2.0,
+    ):
         self.args = [sys.executable, *args] if args and args[0].endswith(".py") else args
         self.ready_url = ready_url
         self.timeout = timeout
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.nofile = nofile
+        self.probe_timeout = probe_timeout
+        self.gradio_temp_dir = Path(tempfile.mkdtemp(prefix="gradio-"))
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+                    "GRADIO_TEMP_DIR": str(self.gradio_temp_dir), **(env or {})}  # fmt: skip
         self.process: subprocess.Popen | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
 
@@ -46,14 +69,20 @@ class ServerProcess:
         self.stop()
 
     def start(self) -> None:
+        self.gradio_temp_dir.mkdir(exist_ok=True)
         log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        limit = (
+            None if self.nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile,) * 2))
+        )
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=limit)  # fmt: skip
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.ready_url, timeout=2.0).status_code == 200:
+            try:  # a loaded machine may take seconds to render a page: wait for the answer
+                if httpx.get(self.ready_url, timeout=max(self.probe_timeout, deadline - time.monotonic())).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -62,14 +91,21 @@ class ServerProcess:
         raise TimeoutError(f"server not ready at {self.ready_url} after {self.timeout} s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=15)
+        shutil.rmtree(self.gradio_temp_dir, ignore_errors=True)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit code of a process that stops by itself (TimeoutError if it does not)."""
         try:
-            self.process.wait(timeout=15)
+            return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=15)
+            raise TimeoutError(f"the server did not exit within {timeout} s:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]

@@ -27,8 +27,10 @@ from glm4voice.client import (
     StreamFailedError,
     TokenClient,
 )
+from glm4voice.defaults import ENGINE_FAILED_EXIT_CODE
 from glm4voice.protocol import SpecialTokens, TextInput, render_prompt_text
-from server.fault_server import FAIL_AFTER_SEED, FAIL_AFTER_TOKENS, FAIL_AT_START_SEED
+from server.fault_server import FAIL_AFTER_SEED, FAIL_AFTER_TOKENS, FAIL_AT_START_SEED, KILL_ENGINE_SEED
+import hostile_clients
 from support import ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -405,6 +407,282 @@ def test_unknown_paths_and_methods_answer_json(server):
     assert response.status_code == 405 and response.json()["error_code"] == 1
 
 
+# --- hostile input (issue 19, items 7 and 8) --------------------------------------------------------
+
+OUT_OF_RANGE = [
+    ("temperature 1e39 (not a float32)", {"temperature": 1e39}, "temperature"),
+    ("temperature 1e300", {"temperature": 1e300}, "temperature"),
+    ("temperature -1e39", {"temperature": -1e39}, "temperature"),
+    ("temperature 1e-300 (a float32 zero)", {"temperature": 1e-300}, "temperature"),
+    ("top_p 1e-50 (a float32 zero)", {"top_p": 1e-50}, "top_p"),
+    ("top_p 5e-324", {"top_p": 5e-324}, "top_p"),
+    ("top_p 1e-39 (float32 subnormal)", {"top_p": 1e-39}, "top_p"),
+    ("seed 2**63", {"seed": 2**63}, "seed"),
+    ("max_new_tokens 2**70", {"max_new_tokens": 2**70}, "max_new_tokens"),
+]
+
+
+def test_unrepresentable_sampling_values_get_422_and_never_reach_the_engine(server):
+    """Item 7: ``temperature: 1e39`` used to stop the engine for everyone, ``top_p: 1e-50`` gave 500."""
+    before = server.health()["engine"]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for name, fields, field in OUT_OF_RANGE:
+            response = http.post("/generate_stream", content=json.dumps({"prompt": "hi", **fields}))
+            assert response.status_code == 422, (name, response.text)
+            error = response.json()
+            assert error["error_code"] == 1 and error["text"].startswith(f"invalid request: {field}: "), (name, error)
+    after = server.health()["engine"]
+    assert after["running"] is True
+    for counter in ("prompt_tokens", "tokens_generated", "requests_finished", "requests_failed"):
+        assert after[counter] == before[counter], counter  # nothing reached the engine
+    with TokenClient(server.url) as client:  # and it still serves
+        assert len(client.generate("hi", temperature=0.5, top_p=0.9, max_new_tokens=4, seed=1)) >= 1
+
+
+BAD_FIELD_VALUES = {
+    "prompt": [None, 5, 1.5, True, [], ["hi"], {"text": "hi"}],
+    "temperature": [None, "0.5", [], {}, True, -1, 1e39, 1e300, 100.5, 1e-300, -1e-300],
+    "top_p": [None, "1", [], {}, False, 0, 0.0, -0.5, 1.0000001, 1e-50, 5e-324, 1e-39, 2],
+    "max_new_tokens": [None, "10", [], {}, True, 0, -1, 10.5, 1e20, 2**70, MAX_NEW_TOKENS_CAP + 1, 0.001],
+    "seed": ["1", [], {}, True, -1, 2**63, 2**64, 1.5, 1e30],
+    "prompt_token_ids": [[], "1 2", [1.5], [True], [None], [[1]], [-1], [2**40], {"0": 1}, 5],
+}
+RAW_NUMBER_LITERALS = {
+    "temperature": ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "9" * 5000, "1e-400e"],
+    "top_p": ["NaN", "Infinity", "1e400", "1e-400", "-0", "0e0"],
+    "max_new_tokens": ["NaN", "-Infinity", "1e400", "9" * 5000, "--1", "0x10"],
+    "seed": ["NaN", "1e400", "9" * 4400, "+1"],
+}
+INVALID_UTF8 = [b"\xff", b"\xc3\x28", b"\xf8\x88\x80\x80\x80", b"\xe2\x82", b"\x80", b"\xc0\xaf"]
+CONTENT_TYPES = [None, "application/json", "text/plain", "application/x-www-form-urlencoded",
+                 "multipart/form-data; boundary=xyz", "application/octet-stream", "application/json; charset=latin-1",
+                 "image/png", "x/" + "y" * 2000]  # fmt: skip
+VALID_BODY = {"prompt": "hi", "temperature": 0.2, "top_p": 0.8, "max_new_tokens": 4, "seed": 1}
+
+
+def random_json(rng: random.Random, depth: int = 0):
+    kind = rng.choice(["int", "float", "str", "bool", "null", "list", "dict"] if depth < 5 else ["int", "str", "null"])
+    if kind == "int":
+        return rng.choice([0, -1, 2**31, -(2**63), 10**30, rng.randint(-1000, 1000)])
+    if kind == "float":
+        return rng.choice([0.5, -1e308, 1e-320, 3.14, -0.0])
+    if kind == "str":
+        return "".join(rng.choice('ab<|>\\"\u00e9\u4e2d\ud83d\ude00\x00\n') for _ in range(rng.randint(0, 12)))
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "null":
+        return None
+    if kind == "list":
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {f"x_{random_json(rng, 5)}": random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def hostile_bodies(seed: int, count: int) -> list[tuple[str, bytes]]:
+    """``count`` request bodies that are all invalid, of many kinds (seeded: the same list every run)."""
+    rng = random.Random(seed)
+    bodies: list[tuple[str, bytes]] = [
+        ("100k nested arrays", b"[" * 100_000 + b"]" * 100_000),
+        ("100k nested objects", b'{"a":' * 100_000 + b"1" + b"}" * 100_000),
+        ("nested arrays as the prompt", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+        ("nested objects in an unknown field", b'{"prompt": "hi", "x": ' + b'{"a":' * 900 + b"1" + b"}" * 900 + b"}"),
+        ("unclosed nesting", b"[" * 100_000),
+        ("empty", b""),
+        ("whitespace", b" \r\n\t "),
+        ("byte order mark, bad field", b"\xef\xbb\xbf" + json.dumps({**VALID_BODY, "seed": -1}).encode()),
+        ("utf-16 with a bad field", json.dumps({**VALID_BODY, "top_p": 0}).encode("utf-16")),
+        ("form fields", b"prompt=hi&temperature=0.2"),
+        ("multipart", b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--xyz--\r\n'),
+        ("a 2 MiB prompt", json.dumps({"prompt": "a" * (2 << 20)}).encode()),
+        ("a prompt of 50k words", json.dumps({"prompt": "hello " * 50_000}).encode()),
+        ("a 200 KB field name", json.dumps({"prompt": "hi", "k" * 200_000: 1}).encode()),
+        ("duplicate key, last one bad", b'{"prompt": "hi", "prompt": 5}'),
+    ]
+    fields = list(BAD_FIELD_VALUES)
+    while len(bodies) < count:
+        kind = rng.randrange(7)
+        if kind == 0:  # one field of a valid body has a bad value
+            field = rng.choice(fields)
+            value = rng.choice(BAD_FIELD_VALUES[field])
+            body = dict(VALID_BODY)
+            if field == "prompt_token_ids":
+                del body["prompt"]
+            body[field] = value
+            bodies.append((f"{field}={value!r:.40}", json.dumps(body).encode()))
+        elif kind == 1:  # a number literal that JSON or the field cannot take
+            field = rng.choice(list(RAW_NUMBER_LITERALS))
+            literal = rng.choice(RAW_NUMBER_LITERALS[field])
+            text = json.dumps({**VALID_BODY, field: "@"}).replace('"@"', literal)
+            bodies.append((f"{field} literal {literal:.20}", text.encode()))
+        elif kind == 2:  # an unknown field with a random value
+            body = {**VALID_BODY, f"x_{rng.randrange(10**6)}": random_json(rng)}
+            bodies.append(("unknown field", json.dumps(body).encode()))
+        elif kind == 3:  # a random JSON value that is not a request
+            value = random_json(rng)
+            if isinstance(value, dict):
+                value[f"x_{rng.randrange(10**6)}"] = 1
+            bodies.append((f"random JSON {type(value).__name__}", json.dumps(value).encode()))
+        elif kind == 4:  # invalid UTF-8 inside the prompt string
+            bad = rng.choice(INVALID_UTF8)
+            bodies.append((f"invalid UTF-8 {bad!r}", b'{"prompt": "h' + bad + b'i"}'))
+        elif kind == 5:  # a valid body cut short
+            text = json.dumps(VALID_BODY).encode()
+            bodies.append(("truncated", text[: rng.randrange(1, len(text))]))
+        else:  # random bytes
+            bodies.append(("random bytes", rng.randbytes(rng.randrange(1, 200))))
+    return bodies
+
+
+def test_every_hostile_body_gets_a_4xx_with_a_message_and_the_server_keeps_serving(server, stop_ids):
+    """Item 8: a property over many hostile bodies (random JSON shapes, huge numbers, NaN/Infinity
+    literals, wrong types, huge strings, invalid UTF-8, deep nesting) sent with assorted content types:
+    each gets a 4xx JSON error with a message, none reaches the engine, and good requests still work."""
+    rng = random.Random(19)
+    before = server.metrics()
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        for index, (name, body) in enumerate(hostile_bodies(seed=19, count=400)):
+            content_type = rng.choice(CONTENT_TYPES)
+            headers = {} if content_type is None else {"Content-Type": content_type}
+            response = http.post("/generate_stream", content=body, headers=headers)
+            what = (index, name, content_type, body[:80])
+            assert 400 <= response.status_code < 500, (what, response.status_code, response.text[:300])
+            error = response.json()
+            assert error["error_code"] == 1 and len(error["text"]) > 10, (what, error)
+            if index % 50 == 0:  # the server keeps serving good requests meanwhile
+                assert http.get("/health").json()["status"] == "ready"
+    after = server.metrics()
+    assert after["glm4voice_tokens_generated_total"] == before["glm4voice_tokens_generated_total"]
+    assert after["glm4voice_engine_prompt_tokens_total"] == before["glm4voice_engine_prompt_tokens_total"]
+    with TokenClient(server.url) as client:
+        assert_complete(client.generate(prompt_token_ids=[1, 2, 3], temperature=0, max_new_tokens=5), 5, stop_ids)
+    assert "Exception in ASGI application" not in server.process.log()
+
+
+# --- exposure: hosts and cross-site requests (issue 19, item 10) ------------------------------------
+
+
+def test_requests_naming_another_host_are_refused_with_a_message(server):
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1 reaches the
+    server with ``Host: evil.example``; the server answers only to its own names."""
+    port = server.url.rsplit(":", 1)[1]
+    before = server.metrics()["glm4voice_tokens_generated_total"]
+    body = json.dumps({"prompt": "hi", "max_new_tokens": 3})
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io", "10.0.0.1"):
+            for response in (http.get("/health", headers={"Host": host}),
+                             http.post("/generate_stream", content=body, headers={"Host": host})):  # fmt: skip
+                assert response.status_code == 400, (host, response.text)
+                error = response.json()
+                assert error["error_code"] == 1 and "does not answer to the host" in error["text"], error
+                assert "--allowed-hosts" in error["text"]
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST", "localhost."):
+            assert http.get("/health", headers={"Host": host}).status_code == 200, host
+    assert server.metrics()["glm4voice_tokens_generated_total"] == before
+
+
+def test_cross_site_browser_posts_are_refused_and_other_clients_still_work(server, stop_ids):
+    """A page on another site can POST ``text/plain`` to localhost without asking CORS; browsers
+    mark such requests with Origin / Sec-Fetch-Site, which curl, requests and our client never send."""
+    before = server.metrics()["glm4voice_tokens_generated_total"]
+    body = json.dumps({"prompt": "hi", "max_new_tokens": 3})
+    cross_site = [
+        {"Origin": "http://evil.example", "Content-Type": "text/plain"},
+        {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"},
+        {"Origin": "null", "Content-Type": "application/x-www-form-urlencoded"},  # sandboxed frame, file://
+        {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"},  # a browser that left Origin out
+        {"Origin": "http://127.0.0.1.evil.example:80", "Content-Type": "text/plain"},
+    ]
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for headers in cross_site:
+            response = http.post("/generate_stream", content=body, headers=headers)
+            assert response.status_code == 403, (headers, response.text)
+            assert response.json()["error_code"] == 1 and "cross-site request refused" in response.json()["text"]
+        # the server's own origin, and pages served from a loopback name, are not cross-site
+        for origin in (server.url, "http://localhost:3000"):
+            with http.stream("POST", "/generate_stream", content=body, headers={"Origin": origin}) as response:
+                assert response.status_code == 200, origin
+                assert len([line for line in response.iter_lines() if line]) >= 1
+    assert server.metrics()["glm4voice_tokens_generated_total"] - before <= 2 * 3
+    # what the original web demo, README's curl and our client send keeps working
+    import requests
+
+    response = requests.post(server.url + "/generate_stream", data=body, stream=True, timeout=60)
+    assert response.status_code == 200 and json.loads(next(response.iter_lines()))["error_code"] == 0
+    curl = subprocess.run(["curl", "-sS", "-N", "--fail-with-body", "-d", body, server.url + "/generate_stream"],
+                          capture_output=True, timeout=120)  # fmt: skip
+    assert curl.returncode == 0 and TOKEN_LINE.match(curl.stdout.splitlines()[0]), curl
+    with TokenClient(server.url) as client:
+        assert_complete(client.generate(prompt_token_ids=[5, 6], temperature=0, max_new_tokens=3), 3, stop_ids)
+
+
+@pytest.fixture(scope="module")
+def exposed_server(tiny_checkpoints):
+    """A server behind a proxy name (--allowed-hosts), with short header timeouts, on a machine whose
+    open-file limit is 1024 (soft and hard: it cannot raise it)."""
+    port = free_port()
+    args = _server_args("model_server.py", tiny_checkpoints.llm, port, "--max-concurrent-streams", "2",
+                        "--max-seq-len", "8192", "--max-new-tokens-cap", str(FAULT_NEW_TOKENS_CAP),
+                        "--allowed-hosts", "voice.example, Other.Example.", "--header-timeout", str(HEADER_TIMEOUT_S))  # fmt: skip
+    with ServerProcess(args, f"http://127.0.0.1:{port}/health", nofile=1024) as process:
+        yield Server(process, f"http://127.0.0.1:{port}")
+
+
+def test_allowed_hosts_adds_the_names_a_proxy_forwards(exposed_server):
+    with httpx.Client(base_url=exposed_server.url, timeout=60) as http:
+        for host in ("voice.example", "voice.example:443", "other.example", "localhost"):
+            assert http.get("/health", headers={"Host": host}).status_code == 200, host
+        assert http.get("/health", headers={"Host": "evil.example"}).status_code == 400
+        proxied = {"Host": "voice.example", "Origin": "https://voice.example"}  # the proxy's own page
+        response = http.post(
+            "/generate_stream", content=json.dumps({"prompt": "hi", "max_new_tokens": 2}), headers=proxied
+        )
+        assert response.status_code == 200, response.text
+        response = http.post(
+            "/generate_stream", content="{}", headers={"Host": "voice.example", "Origin": "https://evil.example"}
+        )
+        assert response.status_code == 403
+
+
+# --- connections: idle and slowloris clients (issue 19, item 9) --------------------------------------
+
+HEADER_TIMEOUT_S = 5
+IDLE_CONNECTIONS = 1100
+"""More than the server's open-file limit (1024)."""
+SLOW_CONNECTIONS = 300
+
+
+def test_idle_connections_beyond_the_open_file_limit_do_not_starve_health_or_streams(exposed_server):
+    """Item 9: ~1,000 connections that never send a byte used to exhaust the server's 1024 file
+    descriptors, and /health timed out. Now the oldest idle ones make room; a stream goes on."""
+    with httpx.Client(base_url=exposed_server.url, timeout=WAIT_S) as http:
+        body = {"prompt_token_ids": [51, 52], "temperature": 0, "max_new_tokens": FAULT_NEW_TOKENS_CAP}
+        with http.stream("POST", "/generate_stream", json=body) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            port = int(exposed_server.url.rsplit(":", 1)[1])
+            hostile_clients.raise_own_open_file_limit(IDLE_CONNECTIONS + 256)
+            with hostile_clients.idle_connections(port, IDLE_CONNECTIONS) as idle:
+                health = httpx.get(exposed_server.url + "/health", timeout=WAIT_S)  # a new connection
+                assert health.status_code == 200 and health.json()["active_streams"] == 1
+                assert hostile_clients.closed_by_server(idle) > 0
+                for _ in range(5):  # the stream was not closed to make room
+                    assert TOKEN_LINE.match(next(lines).encode())
+    exposed_server.wait_idle()
+    assert "Too many open files" not in exposed_server.process.log()
+
+
+def test_slowloris_connections_are_closed_after_the_header_timeout(exposed_server):
+    """Item 9: 300 connections sending their headers a byte at a time used to be held as long as
+    they kept sending. Now each is answered 408 and closed; /health answers meanwhile."""
+    port = int(exposed_server.url.rsplit(":", 1)[1])
+    results, statuses = asyncio.run(hostile_clients.slowloris_while_probing(port, exposed_server.url + "/health",
+                                                                           SLOW_CONNECTIONS, give_up_s=WAIT_S * 2))  # fmt: skip
+    still_open = sum(result is None for result in results)
+    assert still_open == 0, f"{still_open} of {SLOW_CONNECTIONS} slow connections were still open after {WAIT_S * 2} s"
+    assert all(result.startswith(b"HTTP/1.1 408 ") for result in results), {r[:40] for r in results}
+    assert statuses and set(statuses) == {200}, statuses
+    assert exposed_server.health()["status"] == "ready"
+
+
 # --- metrics --------------------------------------------------------------------------------------
 
 
@@ -495,6 +773,32 @@ def test_engine_failure_before_the_first_token_is_a_json_500(fault_server):
     assert response.json()["error_code"] == 1 and "injected engine fault" in response.json()["text"]
     assert fault_server.metrics()["glm4voice_requests_total{outcome=engine_error}"] == before + 1
     fault_server.wait_idle()
+
+
+def test_a_dead_engine_ends_open_streams_with_an_error_line_and_the_server_exits_non_zero(tiny_checkpoints):
+    """Item 7: when the engine's worker dies, the server does not stay up answering 503 for ever: open
+    streams end with an error line, and the process exits with ENGINE_FAILED_EXIT_CODE, saying why."""
+    port = free_port()
+    args = _server_args("tests/server/fault_server.py", tiny_checkpoints.llm, port, "--max-concurrent-streams", "2",
+                        "--max-seq-len", "8192", "--max-new-tokens-cap", str(FAULT_NEW_TOKENS_CAP))  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with ServerProcess(args, url + "/health") as process:
+        with TokenClient(url) as client:
+            open_stream = client.stream(prompt_token_ids=[61, 62], temperature=0, max_new_tokens=FAULT_NEW_TOKENS_CAP)
+            next(open_stream)
+            killer = httpx.post(url + "/generate_stream", timeout=WAIT_S,
+                                json={"prompt_token_ids": [1, 2], "max_new_tokens": 50, "seed": KILL_ENGINE_SEED})  # fmt: skip
+            last = json.loads(killer.text.splitlines()[-1])
+            assert last["error_code"] == 1 and re.search("engine error|the engine failed", last["text"]), killer.text
+            with pytest.raises(StreamFailedError, match="engine error|the engine failed"):
+                list(open_stream)  # its last line is an error line, not a cut connection
+        code = process.wait_exit(WAIT_S)
+        log = process.log()
+    assert code == ENGINE_FAILED_EXIT_CODE, log
+    assert "the engine failed (InjectedWorkerDeath: injected engine worker death (test))" in log
+    assert f"exiting with code {ENGINE_FAILED_EXIT_CODE}" in log and "supervisor" in log
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=10)
 
 
 def test_full_server_answers_503_with_retry_after_then_recovers_when_clients_leave(fault_server, stop_ids):

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from glm4voice.openai_api.chat import add_chat_routes
-from glm4voice.openai_api.service import MODEL_ID, ApiSettings, OpenAIService
+from glm4voice.openai_api.service import API_PREFIX, MODEL_ID, ApiSettings, OpenAIService
 from glm4voice.pipeline import VoiceChat
 
 
@@ -44,4 +44,4 @@ def add_openai_routes(app: FastAPI, chat: VoiceChat, settings: ApiSettings = Api
     return service
 
 
-__all__ = ["MODEL_ID", "ApiSettings", "OpenAIService", "add_openai_routes"]
+__all__ = ["API_PREFIX", "MODEL_ID", "ApiSettings", "OpenAIService", "add_openai_routes"]

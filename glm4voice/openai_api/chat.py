@@ -63,7 +63,7 @@ from glm4voice.openai_api.chat_schema import (
     parse_messages,
 )
 from glm4voice.openai_api.errors import NOT_FOUND, APIError, from_failure, from_validation, invalid
-from glm4voice.openai_api.service import OpenAIService
+from glm4voice.openai_api.service import API_PREFIX, OpenAIService
 from glm4voice.pipeline import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -77,8 +77,8 @@ from glm4voice.pipeline import (
 
 logger = logging.getLogger(__name__)
 
-MODELS_PATH = "/v1/models"
-CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = f"{API_PREFIX}/models"
+CHAT_PATH = f"{API_PREFIX}/chat/completions"
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 

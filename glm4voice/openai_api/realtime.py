@@ -63,11 +63,11 @@ from glm4voice.openai_api.realtime_schema import (
     parse_client_event,
     response_overrides,
 )
-from glm4voice.openai_api.service import OpenAIService
+from glm4voice.openai_api.service import API_PREFIX, OpenAIService
 
 logger = logging.getLogger(__name__)
 
-REALTIME_PATH = "/v1/realtime"
+REALTIME_PATH = f"{API_PREFIX}/realtime"
 SUBPROTOCOL = "realtime"
 BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 BETA_HEADER = "realtime=v1"

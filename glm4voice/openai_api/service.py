@@ -11,6 +11,8 @@ from glm4voice.openai_api.store import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, Audio
 from glm4voice.pipeline import VoiceChat
 from glm4voice.server.settings import DEFAULT_RETRY_AFTER_S
 
+API_PREFIX = "/v1"
+"""Every route of the OpenAI-compatible API is under this path."""
 MODEL_ID = "glm-4-voice-9b"
 """The one model id the API serves (``GET /v1/models``; ``model`` of every request)."""
 MODEL_OWNER = "zai-org"

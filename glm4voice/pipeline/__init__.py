@@ -8,8 +8,9 @@
 Three modules:
 
 - :mod:`glm4voice.pipeline.events`: the turn's vocabulary (requests, options, events, failure kinds);
-- :mod:`glm4voice.pipeline.policy`: block policies, consulted at every token to decide when the
-  pending audio becomes a block for the decoder (fixed sizes, or adaptive to the listener's buffer);
+- :mod:`glm4voice.pipeline.policy`: where a turn's audio is cut into blocks for the decoder (a
+  function of the tokens only: fixed sizes, or cut for a listener) and when a cut block is decoded
+  (the pacing, which follows the measured load but only ever holds blocks back);
 - :mod:`glm4voice.pipeline.chat`: the orchestration (:class:`VoiceChat`, :class:`ChatSession`).
 
 Every public name is importable from ``glm4voice.pipeline`` itself.
@@ -49,19 +50,25 @@ from glm4voice.pipeline.events import (
     UserText,
 )
 from glm4voice.pipeline.policy import (
+    MIN_TOKEN_RATE,
     AdaptiveBlocks,
+    BlockPacing,
     BlockPolicy,
     DemuxState,
     FixedBlocks,
+    ListenerPacing,
     SharedLoad,
     TokenKind,
+    cut_and_demux,
 )
 
 __all__ = [
-    "AdaptiveBlocks", "AssistantAudio", "AssistantText", "AudioDecoderLike", "BlockPolicy", "BlockTiming",
-    "ChatSession", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "DecoderStreamLike",
-    "DemuxState", "FailureKind", "FixedBlocks", "GenerationOptions", "InputAccepted", "MAX_INPUT_SECONDS",
-    "MAX_PENDING_BLOCKS", "MAX_TEXT_CHARS", "PLAYER_LEAD_S", "PipelineConfig", "SILENCE_PEAK", "SharedLoad",
+    "AdaptiveBlocks", "AssistantAudio", "AssistantText", "AudioDecoderLike", "BlockPacing", "BlockPolicy",
+    "BlockTiming", "ChatSession", "DEFAULT_MAX_NEW_TOKENS", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P",
+    "DecoderStreamLike", "DemuxState", "FailureKind", "FixedBlocks", "GenerationOptions", "InputAccepted",
+    "ListenerPacing", "MAX_INPUT_SECONDS", "MAX_PENDING_BLOCKS", "MAX_TEXT_CHARS", "MIN_TOKEN_RATE",
+    "PLAYER_LEAD_S", "PipelineConfig", "SILENCE_PEAK", "SharedLoad",
     "SpeechTokenizerLike", "TokenKind", "TokenStreamClient", "TurnError", "TurnEvent", "TurnFailed", "TurnFinished",
     "TurnLoad", "TurnProgress", "TurnTimings", "UserRequest", "UserSpeech", "UserText", "VoiceChat",
+    "cut_and_demux",
 ]  # fmt: skip

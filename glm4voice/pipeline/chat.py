@@ -7,13 +7,18 @@ text and audio blocks (:class:`glm4voice.protocol.Demuxer`, consulting the turn'
 :class:`~glm4voice.pipeline.policy.BlockPolicy` at every token) and decode each block to PCM
 (``AudioDecoder.stream()``) while tokens keep arriving.
 
+Where blocks are cut is a function of the token sequence only (the policy never sees a clock), so a
+seeded turn's audio does not depend on the machine's load; when a cut block is decoded is the
+turn's :class:`~glm4voice.pipeline.policy.BlockPacing`'s (measured timing), which can only hold
+blocks back.
+
 Overlap: a reader task reads the token stream and demultiplexes it; audio blocks go through a
-bounded queue to a decode task, which runs each block in a single worker thread shared by all
-sessions (so decoder calls never run concurrently and never block the event loop); blocks of
-different sessions that wait at the same time are decoded as one batch
-(:class:`glm4voice.block_batcher.BlockBatcher`). The reader only waits on the decoder when
-``max_pending_blocks`` blocks are already queued (the decoder is then far behind real time and
-backpressure on the server is the right answer).
+bounded queue to a decode task, which runs them in a single worker thread shared by all sessions
+(so decoder calls never run concurrently and never block the event loop); blocks of different
+sessions that wait at the same time are decoded as one batch, and a session's blocks that wait
+together are decoded in order in the same job (:class:`glm4voice.block_batcher.BlockBatcher`). The
+reader only waits on the decoder when ``max_pending_blocks`` blocks are already queued (the decoder
+is then far behind real time and backpressure on the server is the right answer).
 
 Front ends that keep their own history (``glm4voice.conversation``: the OpenAI-compatible API)
 use the two halves of a turn: :meth:`VoiceChat.prepare_input` (check and tokenize an input) and
@@ -36,6 +41,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, Sequence
 
+import httpx
 import numpy as np
 
 from glm4voice.audio import (
@@ -75,7 +81,16 @@ from glm4voice.pipeline.events import (
     UserSpeech,
     UserText,
 )
-from glm4voice.pipeline.policy import AdaptiveBlocks, BlockPolicy, DemuxState, FixedBlocks, TokenKind
+from glm4voice.pipeline.policy import (
+    MIN_TOKEN_RATE,
+    AdaptiveBlocks,
+    BlockPacing,
+    BlockPolicy,
+    FixedBlocks,
+    ListenerPacing,
+    TokenKind,
+    cut_and_demux,
+)
 from glm4voice.protocol import (
     LOW_LATENCY_BLOCK_SIZES,
     AudioBlock,
@@ -109,15 +124,19 @@ class PipelineConfig:
     silence_peak: float = SILENCE_PEAK
     max_pending_blocks: int = MAX_PENDING_BLOCKS
     adaptive_blocks: bool = True
-    """Block sizes that follow the listener's buffer (:class:`~glm4voice.pipeline.policy.AdaptiveBlocks`): the first block is
-    ``block_sizes[0]`` tokens only if the answer's token rate and the decoder's latency let the next
-    block arrive before that short first chunk has played, else it waits for the end of the first
-    audio run; and when an audio run ends while the listener has little audio in hand, the pending
-    audio is decoded at once instead of waiting through the run of text tokens. Off: fixed sizes,
-    as the original."""
+    """Cuts and pacing for a listener (:class:`~glm4voice.pipeline.policy.AdaptiveBlocks`,
+    :class:`~glm4voice.pipeline.policy.ListenerPacing`): on top of the schedule, a block is cut at
+    the end of an audio run while a listener of an answer streamed at ``min_token_rate`` would
+    otherwise run dry before the block's scheduled size (young answers: at every run's end). Where
+    blocks are cut depends on the tokens only; under load a quick first block is decoded only once
+    the next one is cut (the listener then starts with both). Off: the schedule's cuts, every block
+    decoded at once, as the original."""
+    min_token_rate: float = MIN_TOKEN_RATE
+    """The slowest answer (tokens/s) whose listener adaptive cuts keep gapless (default: twice real
+    time); a lower rate cuts more, smaller blocks."""
     player_lead_s: float = PLAYER_LEAD_S
-    """The listener's player starts this long after the first audio arrives (adaptive blocks count
-    it as audio in hand)."""
+    """The listener's player starts this long after the first audio arrives (adaptive cuts and pacing
+    count it as audio in hand)."""
     decode_batch: int | None = None
     """Most blocks of different sessions decoded as one batch (None: as many as the decoder has
     graphs for, 16; 1: one block at a time). See :mod:`glm4voice.block_batcher`."""
@@ -126,7 +145,7 @@ class PipelineConfig:
         BlockSchedule(tuple(self.block_sizes))  # validates
         bad_batch = self.decode_batch is not None and self.decode_batch < 1
         limits_ok = self.max_input_seconds > 0 and self.max_text_chars >= 1 and self.max_pending_blocks >= 1
-        if not limits_ok or bad_batch or not self.player_lead_s >= 0:
+        if not limits_ok or bad_batch or not self.player_lead_s >= 0 or not self.min_token_rate > 0:
             raise ValueError(f"invalid pipeline limits: {self}")
 
 
@@ -238,15 +257,15 @@ class _TurnClock:
 
 class TurnLoad:
     """The :class:`~glm4voice.pipeline.policy.SharedLoad` a :class:`VoiceChat` gives its turns' block
-    policies: the turns running now, and the decoder calls' measured durations."""
+    pacing: the turns running now, and the decoder jobs' measured durations."""
 
     def __init__(self, blocks: BlockBatcher):
         self.blocks = blocks
         self.active_turns = 0
 
     def decoder_wait_s(self) -> float | None:
-        """Alone, a small block's call (the fastest seen); with other turns running, the recent
-        average (their blocks share the calls)."""
+        """Alone, a small block's job (the fastest seen); with other turns running, the recent
+        average (their blocks share the jobs)."""
         return self.blocks.fastest_s if self.active_turns <= 1 else self.blocks.latency_s
 
 
@@ -260,6 +279,17 @@ class _EndOfStream:
 
 
 _DONE = object()
+
+
+def _take_waiting(item, blocks: asyncio.Queue, ready: list) -> _EndOfStream | None:
+    """Append ``item`` and every block already waiting in ``blocks`` to ``ready``, in order; the end of
+    the stream if it came."""
+    while not isinstance(item, _EndOfStream):
+        ready.append(item)
+        if blocks.empty():
+            return None
+        item = blocks.get_nowait()
+    return item
 
 
 # --- the pipeline -------------------------------------------------------------------------------------
@@ -297,7 +327,7 @@ class VoiceChat:
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
         self.blocks = BlockBatcher(decoder, self._decode_worker, config.decode_batch)
         self.load = TurnLoad(self.blocks)
-        """What every turn's block policy may know of the others (turns running, decoder call time)."""
+        """What every turn's block pacing may know of the others (turns running, decoder job time)."""
 
     @property
     def active_turns(self) -> int:
@@ -314,12 +344,25 @@ class VoiceChat:
         return self.block_policy().first_block_sizes
 
     def block_policy(self) -> BlockPolicy:
-        """A new turn's block policy (adaptive or fixed, as configured)."""
+        """A new turn's cuts (adaptive or fixed, as configured): a function of its tokens only."""
         if not self.config.adaptive_blocks:
             return FixedBlocks(self.schedule)
         return AdaptiveBlocks(
             self.schedule,
+            hold_back_s=self.decoder.hold_back_s,
+            min_block_tokens=self.decoder.min_block_tokens,
+            player_lead_s=self.config.player_lead_s,
+            min_token_rate=self.config.min_token_rate,
+        )
+
+    def block_pacing(self) -> BlockPacing:
+        """A new turn's pacing: when its cut blocks are decoded (adaptive: may hold a quick first block
+        back under load; fixed: every block at once)."""
+        if not self.config.adaptive_blocks:
+            return BlockPacing()
+        return ListenerPacing(
             self.load,
+            first_block=self.schedule.sizes[0],
             hold_back_s=self.decoder.hold_back_s,
             min_block_tokens=self.decoder.min_block_tokens,
             player_lead_s=self.config.player_lead_s,
@@ -472,15 +515,18 @@ class VoiceChat:
         decode_audio: bool = True,
         progress: TurnProgress | None = None,
     ) -> AsyncIterator[TurnEvent]:
-        # text only: no decoder, so no pacing of its blocks
+        # text only: no decoder, so neither cuts for a listener nor pacing
         policy = self.block_policy() if decode_audio else FixedBlocks(self.schedule)
+        pacing = self.block_pacing() if decode_audio else BlockPacing()
         demuxer = Demuxer(self.text_tokenizer, self.special, policy.demuxer_schedule)
         if progress is not None:
             progress.follow(demuxer)
         out: asyncio.Queue = asyncio.Queue()
         blocks: asyncio.Queue = asyncio.Queue(maxsize=self.config.max_pending_blocks)
-        reader = asyncio.create_task(self._read_tokens(prompt_ids, options, demuxer, policy, clock, out, blocks))
-        decoder = asyncio.create_task(self._decode_blocks(options, policy, clock, out, blocks, decode_audio))
+        reader = asyncio.create_task(
+            self._read_tokens(prompt_ids, options, demuxer, policy, pacing, clock, out, blocks)
+        )
+        decoder = asyncio.create_task(self._decode_blocks(options, pacing, clock, out, blocks, decode_audio))
         try:
             while True:
                 event = await out.get()
@@ -495,8 +541,8 @@ class VoiceChat:
                 task.cancel()
             await asyncio.gather(reader, decoder, return_exceptions=True)
 
-    async def _read_tokens(self, prompt_ids, options, demuxer: Demuxer, policy: BlockPolicy, clock: _TurnClock,
-                           out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
+    async def _read_tokens(self, prompt_ids, options, demuxer: Demuxer, policy: BlockPolicy, pacing: BlockPacing,
+                           clock: _TurnClock, out: asyncio.Queue, blocks: asyncio.Queue) -> None:  # fmt: skip
         end: EndOfTurn | None = None
         failure: TurnError | None = None
         try:
@@ -516,7 +562,8 @@ class VoiceChat:
                     kind = self._kind(token_id)
                     if kind is TokenKind.AUDIO:
                         clock.mark("first_audio_token")
-                    for event in self._demux(token_id, kind, clock.now(), demuxer, policy):
+                    pacing.token(clock.now())
+                    for event in cut_and_demux(token_id, kind, demuxer, policy):
                         end = await self._route(event, clock, out, blocks) or end
                     if demuxer.finished:
                         break
@@ -524,7 +571,7 @@ class VoiceChat:
                 for event in demuxer.close():
                     end = await self._route(event, clock, out, blocks) or end
         except TokenServerError as error:
-            failure = self._server_failure(error)
+            failure = await self._server_failure(error)
             for event in demuxer.fail(failure.message):
                 if not isinstance(event, StreamError):
                     await self._route(event, clock, out, blocks)
@@ -536,23 +583,7 @@ class VoiceChat:
         await blocks.put(_EndOfStream(end, failure, demuxer.dropped_ids))
 
     def _kind(self, token_id: int) -> TokenKind:
-        if self.special.is_audio(token_id):
-            return TokenKind.AUDIO
-        return TokenKind.STOP if token_id in self.special.stop_ids else TokenKind.TEXT
-
-    @staticmethod
-    def _demux(token_id: int, kind: TokenKind, now: float, demuxer: Demuxer, policy: BlockPolicy) -> list:
-        """``demuxer.feed(token_id)``, with the blocks the policy hands out early before or after it."""
-        events: list = []
-        if policy.before_token(now, kind, DemuxState(demuxer.pending_audio, demuxer.blocks_emitted)):
-            events.append(demuxer.flush_audio())
-        events += demuxer.feed(token_id)
-        if policy.after_token(now, kind, DemuxState(demuxer.pending_audio, demuxer.blocks_emitted)):
-            events.append(demuxer.flush_audio())
-        for event in events:
-            if isinstance(event, AudioBlock):
-                policy.block_out(len(event.codes))
-        return events
+        return TokenKind.of(token_id, self.special)
 
     async def _route(self, event, clock: _TurnClock, out: asyncio.Queue, blocks: asyncio.Queue) -> EndOfTurn | None:
         if isinstance(event, TextDelta):
@@ -567,7 +598,7 @@ class VoiceChat:
             return event
         return None
 
-    async def _decode_blocks(self, options: GenerationOptions, policy: BlockPolicy, clock: _TurnClock,
+    async def _decode_blocks(self, options: GenerationOptions, pacing: BlockPacing, clock: _TurnClock,
                              out: asyncio.Queue, blocks: asyncio.Queue, decode_audio: bool = True) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         chunks: list[np.ndarray] = []
@@ -579,30 +610,42 @@ class VoiceChat:
             decoded = clock.now()
             clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples)))
             if len(samples):
-                policy.audio_started(clock.mark("first_audio"))
+                clock.mark("first_audio")
                 chunks.append(samples)
                 out.put_nowait(AssistantAudio(samples, self.sample_rate, position, index, decoded))
                 position += len(samples)
 
         stream = None
+        pcms: list[asyncio.Future] = []
         try:
             if not decode_audio:  # text only: the blocks are drained, the decoder never runs
                 while not isinstance(item := await blocks.get(), _EndOfStream):
                     pass
+                end = item
             else:
                 stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
-                while True:
-                    item = await blocks.get()
-                    if isinstance(item, _EndOfStream):
-                        break
-                    block, ready = item
+                ready: list[tuple[AudioBlock, float]] = []  # cut, not yet handed to the decoder
+                end = None
+                paced = False
+                while end is None:
+                    end = _take_waiting(await blocks.get(), blocks, ready)
+                    if not paced and end is None and [block.index for block, _ in ready] == [0]:
+                        paced = True
+                        if pacing.hold_first_block(clock.now()):
+                            continue  # decoded once the next block is cut, in order
+                    if not ready:
+                        continue
                     started = clock.now()
-                    samples = await self.blocks.feed(stream, block.codes)
-                    emit(samples, block.index, len(block.codes), ready, started)
+                    pcms = self.blocks.submit(stream, [block.codes for block, _ in ready])
+                    for (block, ready_at), pcm in zip(ready, pcms):
+                        emit(await pcm, block.index, len(block.codes), ready_at, started)
+                    ready, pcms = [], []
                 started = clock.now()
                 tail = await loop.run_in_executor(self._decode_worker, stream.finish)
                 emit(tail, None, 0, started, started)
         except asyncio.CancelledError:
+            for pcm in pcms:  # blocks not decoded yet are dropped
+                pcm.cancel()
             if stream is not None and hasattr(stream, "close"):
                 # after the block the worker may still be decoding (the worker runs jobs in order)
                 self._decode_worker.submit(stream.close)
@@ -617,11 +660,12 @@ class VoiceChat:
             out.put_nowait(_DONE)
             return
         clock.mark("finished")
-        if item.failure is not None or item.end is None:
-            failure = item.failure or TurnError(FailureKind.INTERNAL, "The answer ended without an end of turn.")
+        if end.failure is not None or end.end is None:
+            failure = end.failure or TurnError(FailureKind.INTERNAL, "The answer ended without an end of turn.")
             out.put_nowait(self._failed(failure, clock, clock.text))
         else:
-            end = item.end
+            ignored_tokens = end.ignored_tokens
+            end = end.end
             audio_tokens = sum(1 for i in end.reply_ids if self.special.is_audio(i))
             audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
             out.put_nowait(
@@ -633,7 +677,7 @@ class VoiceChat:
                     end.reply_ids,
                     len(end.reply_ids) - audio_tokens,
                     audio_tokens,
-                    item.ignored_tokens,
+                    ignored_tokens,
                     clock.timings(),
                     clock.now(),
                 )
@@ -642,15 +686,20 @@ class VoiceChat:
 
     # --- errors ---------------------------------------------------------------------------------------
 
-    def _server_failure(self, error: TokenServerError) -> TurnError:
+    async def _server_failure(self, error: TokenServerError) -> TurnError:
         url = self.server_url
         if isinstance(error, ServerUnavailableError):
             cause = error.__cause__ or error
-            return TurnError(
-                FailureKind.SERVER_UNAVAILABLE,
-                f"Cannot reach the model server at {url}. Is model_server.py running? ({cause})",
-            )
+            if isinstance(cause, httpx.TimeoutException) and not isinstance(cause, httpx.ConnectTimeout):
+                message = f"The model server at {url} did not answer in time ({cause}). Please try again."
+                return TurnError(FailureKind.SERVER_UNAVAILABLE, message)
+            return TurnError(FailureKind.SERVER_UNAVAILABLE, _not_running(url, str(cause)))
         if isinstance(error, ServerBusyError):
+            # 503 means busy only from a server that is up: one that is stopping, restarting or whose
+            # engine stopped answers 503 too, and its /health says which
+            down = await self._server_down(error)
+            if down is not None:
+                return TurnError(FailureKind.SERVER_UNAVAILABLE, _not_running(url, down))
             wait = (
                 f" Please try again in {error.retry_after:g} s." if error.retry_after else " Please try again shortly."
             )
@@ -664,6 +713,27 @@ class VoiceChat:
             return TurnError(FailureKind.STREAM_FAILED, f"The model server sent something unexpected: {error}")
         return TurnError(FailureKind.STREAM_FAILED, f"Model server error: {error}")
 
+    async def _server_down(self, busy: ServerBusyError) -> str | None:
+        """Why a server that answered 503 is not serving (None: it is up and busy), from its ``/health``."""
+        health = getattr(self.client, "health", None)
+        if health is None:
+            return None
+        try:
+            info = await health()
+        except ServerUnavailableError as error:
+            return str(error.__cause__ or error)
+        except TokenServerError:  # /health answers 503 itself: stopping, or its engine stopped
+            return f"it answers {busy.text!r}"
+        status = info.get("status") if isinstance(info, dict) else None
+        return None if status == "ready" else f"its status is {status!r}: {busy.text}"
+
     def _failed(self, error: TurnError, clock: _TurnClock, partial_text: str) -> TurnFailed:
         logger.info("turn failed (%s): %s", error.kind.value, error.message)
         return TurnFailed(error.kind, error.message, partial_text, clock.timings(), clock.now())
+
+
+def _not_running(url: str, detail: str) -> str:
+    return (
+        f"The model server is not running or is restarting ({url}: {detail}). "
+        "The next turn works as soon as model_server.py is back."
+    )

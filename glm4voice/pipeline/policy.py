@@ -1,16 +1,28 @@
-"""Block policies: when the audio a turn has received becomes a block for the speech decoder.
+"""Where a turn's audio is cut into blocks for the speech decoder, and when a cut block is decoded.
 
-The demultiplexing loop of a turn (:class:`glm4voice.pipeline.VoiceChat`) cuts audio tokens into
-blocks by a :class:`glm4voice.protocol.BlockSchedule` and consults a :class:`BlockPolicy` at every
-token: before the token is demultiplexed ("flush the pending audio first?") and after it ("flush
-now?"). The policy is told what it needs and nothing more: the token's kind and arrival time, what
-the demultiplexer holds (:class:`DemuxState`), the blocks handed to the decoder, when the first
-audio came out of the decoder, and, through the narrow :class:`SharedLoad`, how many turns run
-and how long a decoder call takes. A policy never drives the demultiplexer or the pipeline itself.
+The decoder's audio depends on where blocks are cut (each block's flow runs over its prompt and its
+new tokens; the mel cross-fade and the vocoder's carried frame sit at the cuts), so the two
+decisions are kept apart:
 
-- :class:`FixedBlocks`: never flushes early: blocks are exactly the schedule, as the original.
-- :class:`AdaptiveBlocks`: follows the listener's buffer (a quick first block when sustainable,
-  early flushes when the buffer runs low at the end of an audio run).
+- **Cuts** (:class:`BlockPolicy`): a function of the token sequence only. The demultiplexing loop of a
+  turn (:class:`glm4voice.pipeline.VoiceChat`) cuts audio tokens into blocks by a
+  :class:`glm4voice.protocol.BlockSchedule` and asks the policy before every token whether to hand
+  out the pending audio first. The policy sees the token's kind and what the demultiplexer holds
+  (:class:`DemuxState`), never a clock or the load: a seeded turn's audio is the same whatever the
+  machine is doing.
+
+  - :class:`FixedBlocks`: blocks of the schedule's sizes only, as the original.
+  - :class:`AdaptiveBlocks`: the schedule, plus a cut at the end of an audio run while a listener
+    fed at :data:`MIN_TOKEN_RATE` would otherwise run dry before the block is complete.
+
+- **Pacing** (:class:`BlockPacing`): when a cut block goes to the decoder. It may only delay: a
+  block held back is decoded later, in order, never merged with the next one or cut elsewhere.
+
+  - :class:`BlockPacing`: every block at once.
+  - :class:`ListenerPacing`: holds a quick first block back until the next block is cut when the
+    next one could not follow in time (the measured token rate, decoder latency and turns running
+    through the narrow :class:`SharedLoad`), so that a listener who starts hearing the answer does
+    not run dry after the first chunk.
 """
 
 from __future__ import annotations
@@ -20,16 +32,33 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from glm4voice.audio import SPEECH_TOKEN_RATE
-from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT, BlockSchedule
+from glm4voice.protocol import (
+    AUDIO_TOKENS_PER_SEGMENT,
+    TEXT_TOKENS_PER_SEGMENT,
+    AudioBlock,
+    BlockSchedule,
+    Demuxer,
+    Event,
+    SpecialTokens,
+)
 
-EARLY_FLUSH_MARGIN_S = 0.5
-"""Time kept in hand for decoding a block under load when deciding on an early flush."""
+TOKENS_PER_AUDIO_TOKEN = (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT) / AUDIO_TOKENS_PER_SEGMENT
+"""Generated tokens per audio token in the 13 text / 26 audio interleave (1.5)."""
+REAL_TIME_TOKEN_RATE = SPEECH_TOKEN_RATE * TOKENS_PER_AUDIO_TOKEN
+"""Tokens per second an interleaved answer needs to be generated as fast as it plays (18.75)."""
+MIN_TOKEN_RATE = 2 * REAL_TIME_TOKEN_RATE
+"""The slowest answer (tokens/s) that :class:`AdaptiveBlocks`' cuts keep gapless: twice real time
+(37.5). Cuts are planned on a clock that counts tokens at this rate, never on measured time;
+answers streamed faster only have more audio in hand than planned. docs/PERFORMANCE.md, "Adaptive
+blocks", has the figures of the choice."""
+EARLY_CUT_MARGIN_S = 0.5
+"""Audio kept in hand, on the planning clock, for the decoder's latency under load."""
 QUICK_START_MARGIN_S = 0.1
 """Slack required on top of the estimated time until the second block plays."""
 QUICK_START_MAX_TURNS = 8
-"""A quick first block only while at most this many turns run: many turns starting together share
-the decoder's calls, and a short first chunk then runs dry before the next block arrives
-(bench/e2e.py's concurrency section; docs/PERFORMANCE.md, "Adaptive blocks")."""
+"""A quick first block is decoded at once only while at most this many turns run: many turns
+starting together share the decoder's calls, and a short first chunk then runs dry before the next
+block arrives (bench/e2e.py's concurrency section; docs/PERFORMANCE.md, "Adaptive blocks")."""
 
 
 class TokenKind(enum.Enum):
@@ -37,6 +66,15 @@ class TokenKind(enum.Enum):
     AUDIO = "audio"
     STOP = "stop"
     """A token that ends the turn (``<|user|>`` and the other eos ids)."""
+    DROPPED = "dropped"
+    """An id past the audio codebook (a padded embedding row): the demultiplexer drops it, and the
+    cuts ignore it (they are a function of the ids the turn keeps)."""
+
+    @classmethod
+    def of(cls, token_id: int, special: SpecialTokens) -> TokenKind:
+        if special.is_audio(token_id):
+            return cls.AUDIO if special.audio_code(token_id) < special.num_audio_codes else cls.DROPPED
+        return cls.STOP if token_id in special.stop_ids else cls.TEXT
 
 
 @dataclass(frozen=True)
@@ -49,8 +87,125 @@ class DemuxState:
     """Blocks handed out so far (the next block's index in the schedule)."""
 
 
+# --- cuts: a function of the token sequence -----------------------------------------------------------
+
+
+class BlockPolicy:
+    """Where a turn's audio is cut into blocks: the demultiplexer cuts by :attr:`demuxer_schedule`, and
+    :meth:`before_token` may hand out the pending audio earlier. One instance per turn; it is told
+    the tokens in order and nothing else, so equal token sequences are cut equally."""
+
+    def __init__(self, schedule: BlockSchedule):
+        self.schedule = schedule
+        """The block sizes the turn asked for."""
+
+    @property
+    def demuxer_schedule(self) -> BlockSchedule:
+        """The schedule the demultiplexer cuts by on its own (early cuts come on top)."""
+        return self.schedule
+
+    @property
+    def first_block_sizes(self) -> tuple[int, ...]:
+        """Every size a turn's first block can have while the answer goes on (the decoder captures a
+        graph for each ahead; an answer whose audio ends sooner has a shorter one, as its last)."""
+        return (self.demuxer_schedule.sizes[0],)
+
+    def before_token(self, kind: TokenKind, demux: DemuxState) -> bool:
+        """The next token is of ``kind`` (called once per token, in order, before the token is
+        demultiplexed). True: hand out the pending audio as a block first."""
+        return False
+
+    def block_out(self, codes: int) -> None:
+        """A block of ``codes`` audio tokens was cut (by the schedule or by :meth:`before_token`)."""
+
+
+def cut_and_demux(token_id: int, kind: TokenKind, demuxer: Demuxer, policy: BlockPolicy) -> list[Event]:
+    """``demuxer.feed(token_id)``, after the block ``policy`` cuts before the token: the one way a
+    turn's tokens are cut into blocks (a turn's reader and any replay of its ids use it)."""
+    events: list[Event] = []
+    if policy.before_token(kind, DemuxState(demuxer.pending_audio, demuxer.blocks_emitted)):
+        block = demuxer.flush_audio()
+        if block is not None:
+            events.append(block)
+    events += demuxer.feed(token_id)
+    for event in events:
+        if isinstance(event, AudioBlock):
+            policy.block_out(len(event.codes))
+    return events
+
+
+class FixedBlocks(BlockPolicy):
+    """The original's cuts: blocks of the schedule's sizes."""
+
+
+class AdaptiveBlocks(BlockPolicy):
+    """The schedule's cuts (a quick first block of ``schedule.sizes[0]`` tokens: every turn's first
+    block has that shape, which batches well), plus early cuts at the ends of audio runs.
+
+    When an audio run ends (a text token follows audio) and at least ``min_block_tokens`` are
+    pending, the block is cut there if a listener would otherwise run dry before it reaches its
+    scheduled size, planned on a clock that counts generated tokens at ``min_token_rate``: audio in
+    hand = the audio cut so far, less what the decoder holds back (``hold_back_s``), less what has
+    played since the first block (its player starting ``player_lead_s`` late), against the wait for
+    the scheduled size (the 13 text tokens ahead and 1.5 tokens per missing audio token) plus
+    :data:`EARLY_CUT_MARGIN_S`. Young answers are cut at every audio run's end; once enough audio is
+    in hand, blocks grow to the schedule's sizes.
+    """
+
+    def __init__(
+        self,
+        schedule: BlockSchedule,
+        *,
+        hold_back_s: float,
+        min_block_tokens: int,
+        player_lead_s: float,
+        min_token_rate: float = MIN_TOKEN_RATE,
+    ):
+        super().__init__(schedule)
+        if not min_token_rate > 0:
+            raise ValueError(f"min_token_rate must be positive, got {min_token_rate}")
+        self.hold_back_s = hold_back_s
+        self.min_block_tokens = min_block_tokens
+        self.player_lead_s = player_lead_s
+        self.min_token_rate = min_token_rate
+        self.tokens = 0
+        """Tokens seen so far (the planning clock: ``tokens / min_token_rate`` seconds)."""
+        self.first_cut_at: int | None = None
+        """:attr:`tokens` when the first block was cut (the planned start of playback)."""
+        self.audio_tokens_out = 0
+        self._after_audio = False
+
+    def before_token(self, kind: TokenKind, demux: DemuxState) -> bool:
+        if kind is TokenKind.DROPPED:
+            return False
+        run_ends = kind is TokenKind.TEXT and self._after_audio
+        self._after_audio = kind is TokenKind.AUDIO
+        self.tokens += 1
+        if not run_ends or demux.blocks_emitted == 0 or demux.pending_audio < self.min_block_tokens:
+            return False
+        return self.in_hand_s() < self.wait_s(demux) + EARLY_CUT_MARGIN_S
+
+    def block_out(self, codes: int) -> None:
+        if self.first_cut_at is None:
+            self.first_cut_at = self.tokens
+        self.audio_tokens_out += codes
+
+    def in_hand_s(self) -> float:
+        """Seconds of audio a listener has left now on the planning clock."""
+        played = 0.0 if self.first_cut_at is None else (self.tokens - self.first_cut_at) / self.min_token_rate
+        return self.audio_tokens_out / SPEECH_TOKEN_RATE - self.hold_back_s + self.player_lead_s - played
+
+    def wait_s(self, demux: DemuxState) -> float:
+        """Seconds on the planning clock until the pending block reaches its scheduled size."""
+        missing = max(0, self.schedule.size(demux.blocks_emitted) - demux.pending_audio)
+        return (TEXT_TOKENS_PER_SEGMENT + missing * TOKENS_PER_AUDIO_TOKEN) / self.min_token_rate
+
+
+# --- pacing: when a cut block is decoded ---------------------------------------------------------------
+
+
 class SharedLoad(Protocol):
-    """What a turn's policy may know about everything else the pipeline runs."""
+    """What a turn's pacing may know about everything else the pipeline runs."""
 
     @property
     def active_turns(self) -> int:
@@ -62,138 +217,70 @@ class SharedLoad(Protocol):
         ...
 
 
-class BlockPolicy:
-    """Decides when pending audio becomes a block ahead of the schedule. One instance per turn.
+class BlockPacing:
+    """When a turn's cut blocks go to the decoder: every block as soon as it is cut. One instance
+    per turn. A pacing may hold blocks back, never cut or merge them: held blocks are decoded later,
+    in order, exactly as cut."""
 
-    The defaults flush nothing early: the demultiplexer cuts blocks by ``demuxer_schedule``."""
+    def token(self, now: float) -> None:
+        """A token arrived ``now`` (s since the turn began)."""
 
-    def __init__(self, schedule: BlockSchedule):
-        self.schedule = schedule
-        """The block sizes the turn asked for."""
-
-    @property
-    def demuxer_schedule(self) -> BlockSchedule:
-        """The schedule the demultiplexer cuts by on its own (blocks flushed early come on top)."""
-        return self.schedule
-
-    @property
-    def first_block_sizes(self) -> tuple[int, ...]:
-        """Every size a turn's first block can have (the decoder captures a graph for each ahead)."""
-        return tuple(sorted({self.schedule.sizes[0], self.demuxer_schedule.sizes[0]}))
-
-    def before_token(self, now: float, kind: TokenKind, demux: DemuxState) -> bool:
-        """A token arrived at ``now`` (s since the turn began; called once per token, before the
-        token is demultiplexed). True: hand out the pending audio as a block first."""
+    def hold_first_block(self, now: float) -> bool:
+        """The first block was cut at ``now``. True: decode it only once the next block is cut (or
+        the answer ends), then both in order."""
         return False
 
-    def after_token(self, now: float, kind: TokenKind, demux: DemuxState) -> bool:
-        """The token was demultiplexed. True: hand out the pending audio as a block now."""
-        return False
 
-    def block_out(self, codes: int) -> None:
-        """A block of ``codes`` audio tokens went to the decoder."""
+class ListenerPacing(BlockPacing):
+    """Holds a quick first block back while the block after it could not follow in time.
 
-    def audio_started(self, now: float) -> None:
-        """The turn's first PCM came out of the decoder at ``now`` (the listener starts hearing it)."""
-
-
-class FixedBlocks(BlockPolicy):
-    """The original's policy: blocks of the schedule's sizes, whatever the load."""
-
-
-class AdaptiveBlocks(BlockPolicy):
-    """Block sizes that follow the listener's buffer.
-
-    Audio in hand = the tokens handed to the decoder, less what the decoder holds back
-    (``hold_back_s``), less what has played since the first PCM. Waiting for a block costs its
-    missing audio tokens plus the text tokens of the interleave (13 per 26 audio) at the answer's
-    measured token rate.
-
-    - Quick start: the first block is ``schedule.sizes[0]`` tokens only if the rest of the first
-      audio run can be generated and decoded before that short chunk and the player's lead
-      (``player_lead_s``) have played, and at most :data:`QUICK_START_MAX_TURNS` turns run;
-      otherwise it is the whole first audio run, which keeps many simultaneous listeners gapless.
-    - Early flush: when an audio run ends (a text token follows audio) and the audio in hand would
-      not last until the next block at its scheduled size, the pending audio (at least
-      ``min_block_tokens``) is decoded at once instead of waiting through the text run.
-    """
+    A first block of ``first_block`` tokens is a quick start when the rest of its audio run (26
+    tokens) is at least ``min_block_tokens``, so that the end of the run cuts the next block soon. It
+    is decoded at once only if that rest can be generated (at the answer's measured token rate) and
+    decoded (one decoder call to wait for, one to run) before the short first chunk (less the
+    decoder's ``hold_back_s``) and the player's lead (``player_lead_s``) have played, and at most
+    :data:`QUICK_START_MAX_TURNS` turns run; otherwise it waits for the next block, and the listener
+    starts with both."""
 
     def __init__(
-        self,
-        schedule: BlockSchedule,
-        load: SharedLoad,
-        *,
-        hold_back_s: float,
-        min_block_tokens: int,
-        player_lead_s: float,
+        self, load: SharedLoad, *, first_block: int, hold_back_s: float, min_block_tokens: int, player_lead_s: float
     ):
-        super().__init__(schedule)
         self.load = load
+        self.first_block = first_block
         self.hold_back_s = hold_back_s
         self.min_block_tokens = min_block_tokens
         self.player_lead_s = player_lead_s
-        self.quick = schedule.sizes[0]
         self.tokens = 0
         self.first_token_at: float | None = None
-        self.first_audio_at: float | None = None
-        self.audio_tokens_out = 0
-        self.after_audio = False
+        self.last_token_at: float | None = None
 
-    @property
-    def demuxer_schedule(self) -> BlockSchedule:
-        """A first block of a whole audio run (a quick one is cut by :meth:`after_token`)."""
-        sizes = self.schedule.sizes
-        return BlockSchedule((max(sizes[0], AUDIO_TOKENS_PER_SEGMENT),) + tuple(sizes[1:]))
-
-    def before_token(self, now: float, kind: TokenKind, demux: DemuxState) -> bool:
+    def token(self, now: float) -> None:
         self.tokens += 1
         if self.first_token_at is None:
             self.first_token_at = now
-        flush = False
-        if kind is TokenKind.TEXT and self.after_audio:  # an audio run ends
-            flush = self._should_flush(now, demux.pending_audio, self.schedule.size(demux.blocks_emitted))
-        self.after_audio = kind is TokenKind.AUDIO
-        return flush
+        self.last_token_at = now
 
-    def after_token(self, now: float, kind: TokenKind, demux: DemuxState) -> bool:
-        first_block_due = kind is TokenKind.AUDIO and demux.blocks_emitted == 0 and demux.pending_audio == self.quick
-        return first_block_due and self._quick_start(now)
+    def rate(self) -> float | None:
+        """Tokens per second of this answer so far (None: fewer than two tokens, or no time between)."""
+        if self.first_token_at is None or self.last_token_at is None or self.tokens < 2:
+            return None
+        elapsed = self.last_token_at - self.first_token_at
+        return (self.tokens - 1) / elapsed if elapsed > 0 else None
 
-    def block_out(self, codes: int) -> None:
-        self.audio_tokens_out += codes
+    @property
+    def quick_start(self) -> bool:
+        """The first block is shorter than its audio run by at least one decodable block."""
+        return AUDIO_TOKENS_PER_SEGMENT - self.first_block >= self.min_block_tokens
 
-    def audio_started(self, now: float) -> None:
-        if self.first_audio_at is None:
-            self.first_audio_at = now
-
-    # --- estimates ------------------------------------------------------------------------------------
-    def rate(self, now: float) -> float | None:
-        """Tokens per second of this answer so far (None: fewer than two tokens)."""
-        elapsed = 0.0 if self.first_token_at is None else now - self.first_token_at
-        return (self.tokens - 1) / elapsed if self.tokens >= 2 and elapsed > 0 else None
-
-    def in_hand_s(self, now: float) -> float:
-        """Seconds of audio the listener has left before playback runs dry."""
-        played = 0.0 if self.first_audio_at is None else now - self.first_audio_at
-        return self.audio_tokens_out / SPEECH_TOKEN_RATE - self.hold_back_s - played
-
-    def _should_flush(self, now: float, pending: int, scheduled: int) -> bool:
-        if pending < self.min_block_tokens:
+    def hold_first_block(self, now: float) -> bool:
+        if not self.quick_start:
             return False
-        rate = self.rate(now)
-        if rate is None:
-            return True
-        per_audio = (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT) / AUDIO_TOKENS_PER_SEGMENT
-        wait_s = (TEXT_TOKENS_PER_SEGMENT + (scheduled - pending) * per_audio) / rate
-        return self.in_hand_s(now) < wait_s + EARLY_FLUSH_MARGIN_S
-
-    def _quick_start(self, now: float) -> bool:
         if self.load.active_turns > QUICK_START_MAX_TURNS:
-            return False
-        rate = self.rate(now)
-        if rate is None:
             return True
-        rest_s = (AUDIO_TOKENS_PER_SEGMENT - self.quick) / rate
-        chunk_s = self.quick / SPEECH_TOKEN_RATE - self.hold_back_s
+        rate = self.rate()
+        if rate is None:
+            return False
+        rest_s = (AUDIO_TOKENS_PER_SEGMENT - self.first_block) / rate
+        chunk_s = self.first_block / SPEECH_TOKEN_RATE - self.hold_back_s
         decoder_s = self.load.decoder_wait_s() or 0.0  # one call to wait for, one to run
-        return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S <= chunk_s + self.player_lead_s
+        return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S > chunk_s + self.player_lead_s

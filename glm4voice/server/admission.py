@@ -58,6 +58,7 @@ class Admission:
         self.max_waiting = max_waiting
         self.active = 0
         self.closed = False
+        self.close_reason = ""
         self._waiters: collections.deque[Ticket] = collections.deque()
 
     @property
@@ -66,7 +67,7 @@ class Admission:
 
     def reserve(self) -> Ticket:
         if self.closed:
-            raise AdmissionClosed("the server is shutting down")
+            raise AdmissionClosed(self.close_reason)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         ticket = Ticket(self, future)
         if self.active < self.slots and not self._waiters:
@@ -78,13 +79,14 @@ class Admission:
             raise QueueFull(f"all {self.slots} streams are busy and {self.waiting} requests are waiting")
         return ticket
 
-    def close(self) -> None:
-        """Refuse new tickets; waiting ones fail with :class:`AdmissionClosed`."""
+    def close(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new tickets; waiting ones fail with :class:`AdmissionClosed` (``reason``)."""
         self.closed = True
+        self.close_reason = reason
         while self._waiters:
             future = self._waiters.popleft()._future
             if not future.done():
-                future.set_exception(AdmissionClosed("the server is shutting down"))
+                future.set_exception(AdmissionClosed(reason))
 
     def _release(self, ticket: Ticket) -> None:
         if ticket.admitted:

@@ -1,12 +1,16 @@
 """The token server's FastAPI app: ``POST /generate_stream``, ``GET /health``, ``GET /metrics``.
 
     app = create_app(engine, ServerSettings(...))   # engine: a glm4voice.llm Engine or a TokenBackend
-    serve(app, settings)                            # uvicorn until SIGINT/SIGTERM
+    serve(app, settings)                            # uvicorn until SIGINT/SIGTERM (or the engine dies)
 
 ``model_server.py`` is the command line around these two. Everything a running server holds is in
 one :class:`ServerState` (``app.state.server``); nothing lives in module globals. The lifespan starts
 the engine (load, warm-up) and loads the text tokenizer before the port accepts connections.
-Wire formats: docs/API.md.
+Requests pass :mod:`glm4voice.request_guard` (Host allow-list, no cross-site browser requests) and
+connections :mod:`glm4voice.serving`'s limits. If the engine's worker dies (an engine that tells,
+``add_failure_callback``), open streams end with an error line and the process exits with
+:data:`~glm4voice.defaults.ENGINE_FAILED_EXIT_CODE`, so that a supervisor restarts it instead of a
+server answering 503 for ever. Wire formats: docs/API.md.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 from fastapi import FastAPI, Request
@@ -24,7 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from glm4voice.defaults import ENGINE_FAILED_EXIT_CODE
 from glm4voice.devices import device_name
+from glm4voice.request_guard import RequestGuard, wildcard_notice
 from glm4voice.server import wire
 from glm4voice.server.admission import Admission, AdmissionClosed, QueueFull
 from glm4voice.server.backend import TokenBackend
@@ -33,6 +39,7 @@ from glm4voice.server.metrics import Outcome, ServerMetrics
 from glm4voice.server.schema import PromptLimits, RequestError, check_prompt_ids, parse_generate_request
 from glm4voice.server.settings import ServerSettings
 from glm4voice.server.streaming import StreamJob, TokenStreamResponse, busy_headers, json_response
+from glm4voice.serving import build_server
 from glm4voice.text_tokenizer import GLMTokenizer
 
 logger = logging.getLogger("glm4voice.server")
@@ -52,6 +59,16 @@ class ServerState:
     request_ids: Any = field(default_factory=lambda: itertools.count(1))
     jobs: set[StreamJob] = field(default_factory=set)
     """Requests past validation whose response has not ended (queued or streaming)."""
+    failure: BaseException | None = None
+    """Why the engine died (None while it runs)."""
+    request_exit: Callable[[], None] | None = None
+    """Stops the server process (set by :func:`serve`)."""
+
+    @property
+    def stop_reason(self) -> str:
+        if self.failure is not None:
+            return f"the engine failed ({type(self.failure).__name__}: {self.failure}); the server is exiting"
+        return "the server is shutting down"
 
     def begin_shutdown(self) -> None:
         """Stop accepting work and end every open stream with an error line, at once (instead
@@ -59,10 +76,24 @@ class ServerState:
         if not self.ready and self.admission.closed:
             return
         self.ready = False
-        self.admission.close()
+        self.admission.close(self.stop_reason)
         for job in list(self.jobs):
-            job.stop_for_shutdown()
+            job.stop_for_shutdown(self.stop_reason)
         logger.info("shutting down: stopped %d open requests", len(self.jobs))
+
+    def engine_failed(self, error: BaseException) -> None:
+        """The engine's worker died (its streams have ended with an error): stop serving and exit
+        non-zero; answering 503 until someone restarts the process by hand helps nobody."""
+        if self.failure is not None:
+            return
+        self.failure = error
+        logger.critical(
+            "the engine failed (%s: %s): ending open requests and exiting with code %d so that a supervisor "
+            "(or glm4voice.launch) restarts the server", type(error).__name__, error, ENGINE_FAILED_EXIT_CODE,
+        )  # fmt: skip
+        self.begin_shutdown()
+        if self.request_exit is not None:
+            self.request_exit()
 
     def limits(self) -> PromptLimits:
         """Prompt limits (once the engine has started: they depend on the loaded model)."""
@@ -88,6 +119,9 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
         started = time.perf_counter()
         logger.info("starting the engine: %s on %s (%s)", settings.model_path, settings.device, settings.dtype)
         await backend.start()
+        watch = getattr(backend, "add_failure_callback", None)
+        if watch is not None:
+            watch(state.engine_failed)
         try:
             if state.tokenizer is None:
                 state.tokenizer = await anyio.to_thread.run_sync(
@@ -107,6 +141,7 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
 
     app = FastAPI(title="GLM-4-Voice token server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
+    app.add_middleware(RequestGuard, policy=settings.host_policy, respond=_refusal)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -128,8 +163,12 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
     async def health() -> Response:
         engine = backend.stats()
         healthy = state.ready and engine.get("running", True)
+        if state.failure is not None:
+            status = "engine failed"
+        else:
+            status = "ready" if healthy else ("engine stopped" if state.ready else "stopping")
         body = {
-            "status": "ready" if healthy else ("engine stopped" if state.ready else "stopping"),
+            "status": status,
             "active_streams": admission.active,
             "queue_length": admission.waiting,
             "open_requests": len(state.jobs),
@@ -143,6 +182,8 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
             "dtype": settings.dtype,
             "engine": engine,
         }
+        if state.failure is not None:
+            body["error"] = state.stop_reason
         return json_response(200 if healthy else 503, body)
 
     @app.get("/metrics")
@@ -157,8 +198,8 @@ async def _start_stream(state: ServerState, request: Request, arrived: float) ->
     settings = state.settings
     if not state.ready:
         state.metrics.count(Outcome.SHUTDOWN)
-        return json_response(503, wire.error_body("the server is shutting down"), busy_headers(settings.retry_after_s))
-    body = await _read_body(request, settings.max_body_bytes)
+        return json_response(503, wire.error_body(state.stop_reason), busy_headers(settings.retry_after_s))
+    body = await _read_body(request, settings.max_body_bytes, settings.connection_limits.header_timeout_s)
     parsed = parse_generate_request(body, settings.max_new_tokens_cap)
     if parsed.prompt is not None:
         prompt_ids = await anyio.to_thread.run_sync(state.tokenizer.encode_prompt, parsed.prompt)
@@ -189,34 +230,41 @@ async def _start_stream(state: ServerState, request: Request, arrived: float) ->
     return TokenStreamResponse(job, on_end=state.jobs.discard)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"the request body has {declared} bytes; this server accepts at most {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout_s) as deadline:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"the request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s")
     return b"".join(chunks)
 
 
+def _refusal(status: int, text: str) -> Response:
+    return json_response(status, wire.error_body(text))
+
+
 def serve(app: FastAPI, settings: ServerSettings) -> int:
-    """Run ``app`` with uvicorn until SIGINT/SIGTERM; 1 if it never started."""
-    import uvicorn
-
-    class TokenServer(uvicorn.Server):
-        async def shutdown(self, sockets=None) -> None:
-            app.state.server.begin_shutdown()  # before uvicorn waits for open connections
-            await super().shutdown(sockets=sockets)
-
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
-        timeout_graceful_shutdown=settings.shutdown_grace_s, log_config=None,
+    """Run ``app`` with uvicorn until SIGINT/SIGTERM: 0; 1 if it never started;
+    :data:`~glm4voice.defaults.ENGINE_FAILED_EXIT_CODE` if it stopped because the engine died."""
+    state: ServerState = app.state.server
+    if notice := wildcard_notice(settings.host, settings.host_policy):
+        logger.warning(notice)
+    server = build_server(
+        app, settings.host, settings.port, settings.connection_limits, before_shutdown=state.begin_shutdown,
+        log_level=settings.log_level, lifespan="on", timeout_graceful_shutdown=settings.shutdown_grace_s,
     )  # fmt: skip
-    server = TokenServer(config)
+    state.request_exit = server.request_exit
     server.run()
+    if state.failure is not None:
+        logger.error("exiting with code %d: %s", ENGINE_FAILED_EXIT_CODE, state.stop_reason)
+        return ENGINE_FAILED_EXIT_CODE
     if not server.started:
         logger.error("the server did not start (see the errors above)")
         return 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from glm4voice.hub import resolve_checkpoint
 from glm4voice.llm.checkpoint import ALLOW_PATTERNS
@@ -73,6 +73,15 @@ class EngineBackend:
             raise EngineRejected(413, str(error)) from error
         except ValueError as error:
             raise EngineRejected(422, f"invalid request: {error}") from error
+
+    def add_failure_callback(self, callback: Callable[[BaseException], object]) -> None:
+        """``callback(error)`` on the event loop if the engine's worker dies (an engine without
+        ``add_failure_callback`` is not watched: ``/health`` then reports it stopped)."""
+        watch = getattr(self.engine, "add_failure_callback", None)
+        if watch is not None:
+            watch(callback)
+        else:
+            logger.warning("this engine cannot report a dead worker: the server will not exit if it dies")
 
     def stats(self) -> dict[str, float]:
         return dataclasses.asdict(self.engine.stats())

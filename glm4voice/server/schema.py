@@ -115,6 +115,8 @@ def parse_generate_request(body: bytes, max_new_tokens_cap: int) -> GenerateRequ
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestError(400, f"the request body is not valid JSON: {error}") from error
+    except RecursionError as error:  # arrays or objects nested thousands deep
+        raise RequestError(400, "the request body is nested too deeply; send a flat JSON object") from error
     if not isinstance(data, dict):
         raise RequestError(422, f"the request body must be a JSON object, got {type(data).__name__}")
     try:

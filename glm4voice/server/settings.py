@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from glm4voice.defaults import (
     LLM_DTYPE,
@@ -16,6 +16,8 @@ from glm4voice.defaults import (
 )
 from glm4voice.devices import llm_dtypes
 from glm4voice.hub import PUBLISHED_LLM
+from glm4voice.request_guard import HostPolicy
+from glm4voice.serving import ConnectionLimits
 
 DEFAULT_RETRY_AFTER_S = 2
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
@@ -50,6 +52,11 @@ class ServerSettings:
     retry_after_s: int = DEFAULT_RETRY_AFTER_S
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     log_level: str = "info"
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names answered to besides the loopback names and ``host`` (glm4voice.request_guard)."""
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Header-read timeout and connection cap (glm4voice.serving); the header timeout also bounds
+    reading a request body."""
 
     def __post_init__(self) -> None:
         if self.dtype not in llm_dtypes():
@@ -61,10 +68,15 @@ class ServerSettings:
             raise ValueError(f"max_queue must be at least 0, got {self.max_queue}")
         if not self.queue_timeout_s > 0:
             raise ValueError(f"queue_timeout_s must be positive, got {self.queue_timeout_s}")
+        HostPolicy.for_server(self.host, self.allowed_hosts)  # raises for a name that cannot be a host
         if self.max_prompt_tokens is not None and not 1 <= self.max_prompt_tokens < self.max_seq_len:
             raise ValueError(
                 f"max_prompt_tokens must be in [1, max_seq_len={self.max_seq_len}), got {self.max_prompt_tokens}"
             )
+
+    @property
+    def host_policy(self) -> HostPolicy:
+        return HostPolicy.for_server(self.host, self.allowed_hosts)
 
     @property
     def prompt_limit(self) -> int:

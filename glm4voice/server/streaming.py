@@ -62,10 +62,13 @@ class StreamJob:
     """The whole answer has been handed to the server."""
     stream: TokenStream | None = None
     shutting_down: bool = False
+    stop_reason: str = "the server is shutting down"
 
-    def stop_for_shutdown(self) -> None:
-        """End this stream now: its client gets a final error line (called on server shutdown)."""
+    def stop_for_shutdown(self, reason: str = "the server is shutting down") -> None:
+        """End this stream now: its client gets a final error line saying ``reason`` (called on
+        server shutdown)."""
         self.shutting_down = True
+        self.stop_reason = reason
         if self.stream is not None:
             self.stream.cancel()
 
@@ -139,8 +142,7 @@ class TokenStreamResponse(Response):
         if job.shutting_down:
             job.outcome = Outcome.SHUTDOWN
             await self._send_whole(
-                send,
-                json_response(503, wire.error_body("the server is shutting down"), busy_headers(job.retry_after_s)),
+                send, json_response(503, wire.error_body(job.stop_reason), busy_headers(job.retry_after_s))
             )
             return
         try:
@@ -191,7 +193,7 @@ class TokenStreamResponse(Response):
                 metrics.tokens_generated.inc()
             if job.shutting_down and job.outcome is not Outcome.ENGINE_ERROR:
                 job.outcome = Outcome.SHUTDOWN
-                text = f"the server is shutting down; generation stopped after {job.tokens_sent} tokens"
+                text = f"{job.stop_reason}; generation stopped after {job.tokens_sent} tokens"
                 if not job.headers_sent:
                     await self._send_whole(
                         send, json_response(503, wire.error_body(text), busy_headers(job.retry_after_s))

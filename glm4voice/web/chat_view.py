@@ -8,14 +8,22 @@ the user speaking over it) shows the part the history keeps (the text up to the 
 cut, and its wav holds the heard speech only. A failed answer shows the partial text and the error.
 
 Plain data, changed only through :meth:`ChatView.apply` (called with each session event, in order) and
-:meth:`ChatView.clear`; whoever shows the page reads :meth:`ChatView.messages` and the answers' status, and may compare the
-counters ``structure`` (messages added or replaced: show at once) and ``text`` (streamed text grew:
-show now and then) to know what changed.
+:meth:`ChatView.clear`; whoever shows the page reads :meth:`ChatView.messages` and the answers' status, and
+may compare the counters ``structure`` (messages added or replaced: show at once) and ``text`` (streamed text
+grew: show now and then) to know what changed.
+
+Audio files (each answer's wav, its heard part when it is cut, a question spoken in conversation mode) are
+encoded and written off the event loop (the live sockets of every tab share it); their players appear in
+the chat once written, and the view's ``changed`` callback says so. An answer is :attr:`AnswerView.done`
+once it has ended and its files are written; :meth:`ChatView.settled` waits for every write started.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,10 +51,14 @@ from glm4voice.protocol import AudioInput
 from glm4voice.web.files import DemoFiles
 from glm4voice.web.streams import AudioStreams, TurnAudioStream
 
+logger = logging.getLogger(__name__)
+
 CUT_MARK = "✂️"
 """Marks an answer that was stopped before its end (the chat and the status line)."""
 NO_TEXT = "(no text in this answer)"
 PLACEHOLDER = "…"
+SPOKEN = "🎙️ …"
+"""A spoken question's bubble until its recording is written."""
 
 
 def failure_markdown(turn_number: int, message: str) -> str:
@@ -91,10 +103,14 @@ class AnswerView:
     audio_bubble: Bubble | None = None
     audio_path: Path | None = None
     chunks: list[np.ndarray] = field(default_factory=list, repr=False)
-    """The decoded speech until the answer is done (then it is in ``audio_path``)."""
+    """The decoded speech until the answer is done."""
+    samples: np.ndarray | None = field(default=None, repr=False)
+    """The whole decoded speech once it is done, while it is the latest answer (a cut is written from it)."""
     first_audio_s: float | None = None
     ended: bool = False
     """Its ResponseDone was applied (the response's own status is final a moment earlier)."""
+    writing: asyncio.Task | None = field(default=None, repr=False)
+    """The last file write of this answer (or of its question) that was started; writes run in order."""
 
     @property
     def turn(self) -> str:
@@ -107,8 +123,8 @@ class AnswerView:
 
     @property
     def done(self) -> bool:
-        """The answer has ended and the chat shows how (its final text, its wav)."""
-        return self.ended
+        """The answer has ended and the chat shows how (its final text, its wav written)."""
+        return self.ended and (self.writing is None or self.writing.done())
 
     @property
     def cut(self) -> bool:
@@ -120,7 +136,7 @@ class AnswerView:
         note = speech_note(self.question.input) if self.question is not None else ""
         prompt = f"prompt {response.prompt_tokens} tokens" if response.prompt_tokens else "prompt …"
         head = f"Turn {self.number} · "
-        if not self.ended:
+        if not self.done:
             return head + f"{note}{prompt} · generating…"
         if response.status is ResponseStatus.FAILED:
             return failure_markdown(self.number, response.error.message if response.error else "the answer failed")
@@ -140,9 +156,13 @@ class AnswerView:
 class ChatView:
     """The chat of one tab (see the module doc). ``streams`` and ``files`` are the app's."""
 
-    def __init__(self, streams: AudioStreams, files: DemoFiles):
+    def __init__(self, streams: AudioStreams, files: DemoFiles, changed: Callable[[], None] = lambda: None):
         self.streams = streams
         self.files = files
+        self.changed = changed
+        """Called when a file write finished and the chat changed (outside :meth:`apply`)."""
+        self.owner: str | None = None
+        """The browser session whose tab this is (its audio streams are capped together)."""
         self.bubbles: list[Bubble] = []
         self.answers: list[AnswerView] = []
         """The answers of the conversation shown, oldest first."""
@@ -157,7 +177,10 @@ class ChatView:
         """Bumped when streamed text grows."""
         self._shown_as: dict[str, tuple[Any, float]] = {}
         self._question: UserItem | None = None
+        self._question_written: asyncio.Task | None = None
         self._began: float | None = None
+        self._writes: set[asyncio.Task] = set()
+        self._clears = 0
 
     # --- what the page reads ----------------------------------------------------------------------------
 
@@ -174,6 +197,11 @@ class ChatView:
 
     def answer_for(self, response: Response) -> AnswerView | None:
         return next((a for a in reversed(self.answers) if a.response is response), None)
+
+    async def settled(self) -> None:
+        """Until every file write started so far has finished (and shows in the chat)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
 
     # --- what the page tells it -------------------------------------------------------------------------
 
@@ -194,8 +222,9 @@ class ChatView:
             self.streams.discard(answer.stream.id)
         self.files.remove(self.paths)
         self.bubbles, self.answers = [], []
-        self._shown_as, self._question, self._began = {}, None, None
+        self._shown_as, self._question, self._question_written, self._began = {}, None, None, None
         self.failure = None
+        self._clears += 1
         self.structure += 1
 
     # --- session events ---------------------------------------------------------------------------------
@@ -234,22 +263,34 @@ class ChatView:
         content, self._began = self._shown_as.pop(item.id, (None, time.perf_counter()))
         if content is None and item.text is not None:
             content = item.text
-        if content is None and item.audio is not None:  # a spoken turn of conversation mode
-            path = self.files.write_wav(f"question-{item.id}", item.audio.samples, item.audio.sample_rate)
-            self.paths.append(path)
-            content = {"path": str(path), "mime_type": "audio/wav"}
-        self.bubbles.append(Bubble("user", content if content is not None else "(spoken)"))
-        self._question = item
+        bubble = Bubble("user", content if content is not None else SPOKEN)
+        self.bubbles.append(bubble)
+        self._question, self._question_written = item, None
+        if content is None and item.audio is not None:  # a spoken turn of conversation mode: its recording
+            audio = item.audio
+            self._question_written = self._write(
+                None,
+                f"question-{item.id}",
+                audio.samples,
+                audio.sample_rate,
+                lambda path: self._show_question(bubble, path),
+            )
         self.structure += 1
+
+    def _show_question(self, bubble: Bubble, path: Path | None) -> None:
+        if path is not None:
+            bubble.content = {"path": str(path), "mime_type": "audio/wav"}
 
     def _answer_started(self, response: Response) -> None:
         previous = self.latest
         if previous is not None:  # the player moves on to the new answer: the old stream goes
             self.streams.discard(previous.stream.id)
+            previous.samples = None
         self.turns += 1
         began, self._began = self._began or time.perf_counter(), None
         bubble = Bubble("assistant", PLACEHOLDER)
-        answer = AnswerView(self.turns, response, self.streams.open(), bubble, self._question, began)
+        answer = AnswerView(self.turns, response, self.streams.open(self.owner), bubble, self._question, began)
+        answer.writing, self._question_written = self._question_written, None  # done once its question shows
         self.answers.append(answer)
         self.bubbles.append(bubble)
         self.structure += 1
@@ -266,15 +307,14 @@ class ChatView:
         else:
             samples = np.concatenate(answer.chunks) if answer.chunks else np.zeros(0, np.float32)
             answer.chunks = []
-            self._show_audio(answer, samples[: answer.item.audio_samples])
+            answer.samples = samples
+            self._show_audio(answer, samples)
             self._show_text(answer)
         self.structure += 1
 
     def _answer_cut(self, answer: AnswerView) -> None:
         """The answer was cut to what the listener heard (after its ResponseDone)."""
-        if answer.audio_path is not None:
-            samples, _ = sf.read(str(answer.audio_path), dtype="float32")
-            self._show_audio(answer, samples[: answer.item.audio_samples], suffix="-heard")
+        self._show_audio(answer, answer.samples, suffix="-heard")
         self._show_text(answer)
         self.structure += 1
 
@@ -288,18 +328,70 @@ class ChatView:
         else:
             answer.bubble.content = item.text or answer.text or NO_TEXT
 
-    def _show_audio(self, answer: AnswerView, samples: np.ndarray, suffix: str = "") -> None:
-        if answer.audio_bubble is not None and not len(samples):
-            self.bubbles.remove(answer.audio_bubble)
-            answer.audio_bubble = None
-        if not len(samples):
-            return
-        path = self.files.write_wav(f"answer-{answer.turn}{suffix}", samples, answer.item.sample_rate)
-        self.paths.append(path)
+    def _show_audio(self, answer: AnswerView, samples: np.ndarray | None, suffix: str = "") -> None:
+        """The answer's player: the speech the history keeps (``samples``, or the answer's wav when None, cut
+        to the item's audio), written after the answer's earlier writes."""
+        answer.writing = self._write(
+            answer, f"answer-{answer.turn}{suffix}", samples, answer.item.sample_rate,
+            lambda path: self._show_answer_audio(answer, path), keep=answer.item.audio_samples,
+        )  # fmt: skip
+
+    def _show_answer_audio(self, answer: AnswerView, path: Path | None) -> None:
         answer.audio_path = path
+        if path is None:
+            if answer.audio_bubble is not None:
+                self.bubbles.remove(answer.audio_bubble)
+                answer.audio_bubble = None
+            return
         content = {"path": str(path), "mime_type": "audio/wav"}
         if answer.audio_bubble is None:
             answer.audio_bubble = Bubble("assistant", content)
             self.bubbles.insert(self.bubbles.index(answer.bubble) + 1, answer.audio_bubble)
         else:
             answer.audio_bubble.content = content
+
+    def _write(
+        self,
+        answer: AnswerView | None,
+        stem: str,
+        samples: np.ndarray | None,
+        sample_rate: int,
+        show: Callable[[Path | None], None],
+        keep: int | None = None,
+    ) -> asyncio.Task:
+        """Write ``samples[:keep]`` (None: the answer's current wav, read back) as ``stem``.wav in a worker
+        thread, after the answer's earlier writes; then ``show`` the file (None: no speech) unless the chat
+        was cleared meanwhile."""
+        previous = answer.writing if answer is not None else None
+        generation = self._clears
+
+        def job() -> Path | None:
+            audio = samples
+            if audio is None:
+                source = answer.audio_path if answer is not None else None
+                audio = sf.read(str(source), dtype="float32")[0] if source is not None else np.zeros(0, np.float32)
+            audio = audio[:keep] if keep is not None else audio
+            return self.files.write_wav(stem, audio, sample_rate) if len(audio) else None
+
+        async def write() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                path = await asyncio.to_thread(job)
+            except Exception:  # a full disk: the chat goes on without this player
+                logger.exception("could not write %s.wav", stem)
+                path = None
+            if generation != self._clears:
+                if path is not None:  # the chat was cleared meanwhile
+                    self.files.remove([path])
+                return
+            if path is not None:
+                self.paths.append(path)
+            show(path)
+            self.structure += 1
+            self.changed()
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task

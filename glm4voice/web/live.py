@@ -38,6 +38,7 @@ from fastapi.responses import Response
 
 from glm4voice.audio import INPUT_SAMPLE_RATE
 from glm4voice.conversation import SessionError, StreamResampler
+from glm4voice.request_guard import WEBSOCKET_POLICY_VIOLATION
 from glm4voice.web import mic_worklet_script
 from glm4voice.web.tab import PageTab
 
@@ -51,7 +52,6 @@ MAX_AUDIO_BYTES = 1 << 19
 MAX_TEXT_BYTES = 4096
 SAMPLE_RATES = (8_000, 192_000)
 """Microphone rates accepted (an AudioContext's range)."""
-POLICY_VIOLATION = 1008
 PCM_SCALE = 1 / 32768
 
 
@@ -91,7 +91,7 @@ def add_live_routes(app: FastAPI, tabs: LiveTabs) -> None:
     async def live(websocket: WebSocket, token: str):
         tab = tabs.get(token)
         if tab is None:
-            await websocket.close(POLICY_VIOLATION, reason="no such page session (reload the page)")
+            await websocket.close(WEBSOCKET_POLICY_VIOLATION, reason="no such page session (reload the page)")
             return
         await LiveSocket(tab, websocket).run()
 

@@ -65,11 +65,14 @@ from glm4voice.web.files import DemoFiles
 from glm4voice.web.live import WORKLET_PATH, LiveTabs, live_url
 from glm4voice.web.streams import AudioStreams, stream_url
 from glm4voice.web.tab import PageTab
+from glm4voice.web.uploads import SessionUploads, browser_session, named_files
 
 logger = logging.getLogger(__name__)
 
 RESOURCES = Path(__file__).resolve().parents[2] / "resources"
 """Pictures and the spoken sample prompts (not part of an installed package: samples then hide)."""
+CLEAR_WAIT_S = 30.0
+"""Clear waits this long at most for the Submit handler of the turn it stops to end (it ends at once)."""
 TEXT_REFRESH_S = 0.1
 """Streamed text is pushed to the page at most this often (every token would flood the page)."""
 TEMPERATURE_SLIDER = (0.0, 2.0, 0.05)
@@ -229,25 +232,43 @@ class TurnHandler:
         self.vad = vad
         self._closing: set[asyncio.Task] = set()
 
-    def tab(self, ui: PageTab | None) -> PageTab:
-        """The tab's conversation (a new one at its first action)."""
+    def tab(self, ui: PageTab | None, session: str | None = None) -> PageTab:
+        """The tab's conversation (a new one at its first action), in browser session ``session`` (its audio
+        streams are capped with the other tabs of that browser)."""
         if ui is None:
             ui = PageTab(self.chat, self.streams, self.files)
             self.tabs.add(ui)
+        if session is not None:
+            ui.view.owner = session
         return ui
 
     # --- Submit -----------------------------------------------------------------------------------------
 
-    async def respond(self, mode, audio_path, text, temperature, top_p, max_new_tokens, ui: PageTab | None):
+    async def respond(
+        self, mode, audio_path, text, temperature, top_p, max_new_tokens, ui: PageTab | None, request: gr.Request
+    ):
         """Gradio's handler of Submit: the positional outputs of each :class:`PageUpdate` of :meth:`updates`."""
-        async for update in self.updates(mode, audio_path, text, temperature, top_p, max_new_tokens, ui):
+        session = browser_session(request)
+        async for update in self.updates(mode, audio_path, text, temperature, top_p, max_new_tokens, ui, session):
             yield update.outputs()
 
     async def updates(
-        self, mode, audio_path, text, temperature, top_p, max_new_tokens, ui: PageTab | None
+        self, mode, audio_path, text, temperature, top_p, max_new_tokens, ui: PageTab | None, session=None
     ) -> AsyncIterator[PageUpdate]:
-        """One typed or recorded turn of this tab, as page updates."""
-        tab = self.tab(ui)
+        """One typed or recorded turn of this tab (of browser session ``session``), as page updates."""
+        tab = self.tab(ui, session)
+        shown = asyncio.Event()
+        tab.shown_turns.add(shown)
+        try:
+            async for update in self._turn_updates(tab, mode, audio_path, text, temperature, top_p, max_new_tokens):
+                yield update
+        finally:
+            tab.shown_turns.discard(shown)
+            shown.set()
+
+    async def _turn_updates(
+        self, tab: PageTab, mode, audio_path, text, temperature, top_p, max_new_tokens
+    ) -> AsyncIterator[PageUpdate]:
         epoch = tab.epoch
         if mode == InputMode.AUDIO.value:
             request, content = UserSpeech(audio_path), {"path": str(audio_path)}
@@ -266,15 +287,25 @@ class TurnHandler:
             async for update in self._follow_answer(tab, answer, epoch):
                 yield update
             if tab.epoch != epoch:  # Clear was pressed while this turn ran: show the cleared page, stop
-                yield PageUpdate(chat=tab.messages(), live_player=live_player_html(), status="", session=tab)
+                yield await self._cleared(tab)
                 return
             if answer.response.status is ResponseStatus.CANCELLED:
                 async with tab.lock:  # a Stop that cancelled it also cuts it: show it cut
                     pass
+            await tab.view.settled()  # its files (a cut one too) are written
+            if tab.epoch != epoch:
+                yield await self._cleared(tab)
+                return
             yield self._finished(tab, answer, text, audio_path)
         finally:
             if not answer.done and tab.epoch == epoch:  # the page went away: the answer stops too
                 answer.response.task.cancel()
+
+    @staticmethod
+    async def _cleared(tab: PageTab) -> PageUpdate:
+        """The page once the Clear in progress has finished (it holds the tab's lock until then)."""
+        async with tab.lock:
+            return PageUpdate(chat=tab.messages(), live_player=live_player_html(), status="", session=tab)
 
     async def _follow_answer(self, tab: PageTab, answer: AnswerView, epoch: int) -> AsyncIterator[PageUpdate]:
         """The chat while ``answer`` runs (text at most every ``text_refresh_s``); ends when it is done or
@@ -312,12 +343,21 @@ class TurnHandler:
         answer = await ui.stop(turn, played_ms)
         if answer is None:
             return PageUpdate(session=ui).outputs()
+        await ui.view.settled()  # the heard part's file is written
         return PageUpdate(chat=ui.messages(), status=answer.status(), session=ui).outputs()
 
     async def clear(self, ui: PageTab | None) -> tuple:
-        """Clear (and the chat's own trash button): a new conversation, an empty page."""
+        """Clear (and the chat's own trash button): a new conversation, an empty page. A running answer stops
+        (its token stream closes); the Submit handler showing it ends with the cleared page as its last update,
+        and Clear answers only after that (Gradio sends a handler's updates in order)."""
         if ui is not None:
             await ui.clear()
+            shown = list(ui.shown_turns)
+            if shown:
+                try:  # they end at once (the tab's change wakes them); the bound guards against a stuck one
+                    await asyncio.wait_for(asyncio.gather(*(event.wait() for event in shown)), CLEAR_WAIT_S)
+                except TimeoutError:
+                    logger.warning("a cleared turn's handler did not end within %g s", CLEAR_WAIT_S)
         cleared = PageUpdate(
             chat=[], live_player=live_player_html(), status="", session=ui, text_input="", audio_input=None
         )
@@ -334,10 +374,12 @@ class TurnHandler:
 
     # --- conversation mode ------------------------------------------------------------------------------
 
-    async def conversation(self, on, silence_ms, temperature, top_p, max_new_tokens, ui: PageTab | None):
+    async def conversation(
+        self, on, silence_ms, temperature, top_p, max_new_tokens, ui: PageTab | None, request: gr.Request = None
+    ):
         """Conversation mode switched on or off. On: the tab listens, the page gets the live socket's
         address, and this handler follows the tab (each turn as it happens) until the mode is switched off."""
-        tab = self.tab(ui)
+        tab = self.tab(ui, browser_session(request))
         if not on:
             await tab.listen(None)
             yield PageUpdate(session=tab, live_socket=live_socket_html(), status="").outputs()
@@ -449,12 +491,14 @@ def create_demo(
     streams: AudioStreams,
     files: DemoFiles,
     settings: DemoSettings = DemoSettings(),
+    uploads: SessionUploads | None = None,
     *,
     tabs: LiveTabs | None = None,
     vad: VadProvider | None = None,
 ) -> gr.Blocks:
     """The Gradio page. Its handlers are one :class:`TurnHandler` over the app's objects (no module globals):
-    ``tabs`` is the registry the live socket finds the tabs in, ``vad`` loads the shared VAD model."""
+    ``tabs`` is the registry the live socket finds the tabs in, ``vad`` loads the shared VAD model. The sample
+    prompts' files are shared in ``uploads`` (every browser session may submit them)."""
     handler = TurnHandler(chat, streams, files, tabs=tabs, vad=vad)
 
     def switch_mode(mode: str):
@@ -497,13 +541,19 @@ def create_demo(
                         (RESOURCES / name, label) for name, label in SAMPLE_PROMPTS if (RESOURCES / name).is_file()
                     ]
                     if samples:
-                        gr.Examples(
+                        examples = gr.Examples(
                             [[str(path)] for path, _ in samples],
                             inputs=[audio_in],
                             label="Sample prompts (espeak-ng)",
                             example_labels=[label for _, label in samples],
                             elem_id="audio-examples",
                         )
+                        # the copies in Gradio's cache that a click puts in the input: every session may
+                        # submit them, and Gradio's hourly clean-up (delete_cache) keeps them
+                        cached = [f["path"] for f in named_files(list(examples.non_none_processed_examples.values()))]
+                        audio_in.keep_in_cache.update(cached)
+                        if uploads is not None:
+                            uploads.share(cached)
                 with gr.Column(visible=False) as text_box:
                     text_in = gr.Textbox(label="Your message", lines=2, elem_id="text-input",
                                          placeholder="Type a message and press Enter")  # fmt: skip
@@ -529,7 +579,7 @@ def create_demo(
                           audio_input=audio_in, live_socket=live_socket)  # fmt: skip
         outputs = [components[name] for name in PAGE_OUTPUTS]
         settings_inputs = [silence, temperature, top_p, max_new_tokens]
-        turn = gr.on(
+        gr.on(
             [submit.click, text_in.submit],
             handler.respond,
             inputs=[mode, audio_in, text_in, temperature, top_p, max_new_tokens, ui_state],
@@ -541,12 +591,14 @@ def create_demo(
         # Stop: the player stops in the browser at once (js), then the handler cuts the answer to what was heard
         stop.click(handler.stop, inputs=[stop_report, ui_state], outputs=outputs, js=INTERRUPT_PLAYER_JS,
                    concurrency_limit=None, show_progress="hidden")  # fmt: skip
-        # Clear (and the chat's own trash button) cancels a running turn. It runs through the queue so
-        # that its outputs travel on the session's event stream after anything the cancelled turn
-        # had already sent: a late message of that turn can never repaint the cleared chat.
+        # Clear (and the chat's own trash button) stops a running turn through the handler, not with
+        # Gradio's `cancels`: that cancels the turn's task from a separate request, racing with
+        # Clear's own answer, so that an update the turn had computed just before could repaint the
+        # cleared page, and Submit stayed blocked ("once") until that request came back. Here the turn
+        # ends itself with the cleared page as its last update, and Clear answers after it.
         for clear_event in (clear_button.click, chatbot.clear):
             clear_event(None, js=STOP_PLAYER_JS)
-            clear_event(handler.clear, inputs=[ui_state], outputs=outputs, cancels=[turn], concurrency_limit=None)
+            clear_event(handler.clear, inputs=[ui_state], outputs=outputs, concurrency_limit=None)
         # conversation mode: switched on, the handler runs (following the tab) until it is switched off
         conversation.change(handler.conversation, inputs=[conversation, *settings_inputs, ui_state], outputs=outputs,
                             concurrency_limit=None, trigger_mode="multiple", show_progress="hidden",

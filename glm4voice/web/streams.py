@@ -8,8 +8,11 @@ little-endian uint32 sample count followed by that many little-endian int16 samp
 decoder's rate (the format ``glm4voice/web/player.js`` reads).
 
 Cleanup is explicit: a session discards its previous turn's stream when it starts a new turn,
-on Clear, and when the session ends; the registry also drops streams older than ``ttl_s`` and
-the oldest ones beyond ``max_streams`` whenever a stream is opened (no background task).
+on Clear, and when the session ends. The registry also bounds itself whenever a stream is opened
+(no background task), and never at the expense of a turn in flight: a stream that is still being
+written (its turn runs) is never dropped. Each browser session keeps at most
+``max_per_session`` streams (its own oldest finished ones go first); over ``max_streams`` in all,
+the oldest finished streams that nobody is reading go; finished streams older than ``ttl_s`` go.
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ PCM_DTYPE = np.dtype("<i2")
 PCM_SCALE = 32767
 DEFAULT_TTL_S = 15 * 60.0
 DEFAULT_MAX_STREAMS = 256
-"""Streams kept at once (each holds at most one answer's PCM: ~7 MB for 2000 tokens)."""
+"""Finished streams kept at once in all (each holds at most one answer's PCM: ~7 MB for 2000 tokens);
+streams of turns in flight come on top (as many as turns run at once)."""
+DEFAULT_MAX_PER_SESSION = 8
+"""Streams one browser session keeps (a tab holds one at a time; a browser may have a few tabs)."""
 
 
 def encode_frame(samples: np.ndarray) -> bytes:
@@ -64,13 +70,16 @@ def decode_frames(data: bytes) -> list[np.ndarray]:
 class TurnAudioStream:
     """The frames of one turn; readers replay them from the start and follow new ones."""
 
-    def __init__(self, stream_id: str, sample_rate: int):
+    def __init__(self, stream_id: str, sample_rate: int, session: str | None = None):
         self.id = stream_id
         self.sample_rate = sample_rate
+        self.session = session
+        """The browser session whose turn writes it (None: unknown)."""
         self.created = time.monotonic()
         self._frames: list[bytes] = []
         self._samples = 0
         self._closed = False
+        self._readers = 0
         self._wakeup = asyncio.Event()
 
     @property
@@ -80,6 +89,11 @@ class TurnAudioStream:
     @property
     def samples(self) -> int:
         return self._samples
+
+    @property
+    def in_use(self) -> bool:
+        """Its turn still writes it, or a listener is still reading it."""
+        return not self._closed or self._readers > 0
 
     def push(self, samples: np.ndarray) -> None:
         if self._closed:
@@ -107,33 +121,48 @@ class TurnAudioStream:
 
     async def frames(self) -> AsyncIterator[bytes]:
         sent = 0
-        while True:
-            wakeup = self._wakeup  # taken before looking, so a push after the look wakes us
-            frames = self._frames
-            while sent < len(frames):
-                yield frames[sent]
-                sent += 1
+        self._readers += 1
+        try:
+            while True:
+                wakeup = self._wakeup  # taken before looking, so a push after the look wakes us
                 frames = self._frames
-            if self._closed:
-                return
-            await wakeup.wait()
+                while sent < len(frames):
+                    yield frames[sent]
+                    sent += 1
+                    frames = self._frames
+                if self._closed:
+                    return
+                await wakeup.wait()
+        finally:
+            self._readers -= 1
 
 
 class AudioStreams:
     """The app's registry of turn streams (one per app, held by the app: no module globals)."""
 
-    def __init__(self, sample_rate: int, ttl_s: float = DEFAULT_TTL_S, max_streams: int = DEFAULT_MAX_STREAMS):
+    def __init__(
+        self,
+        sample_rate: int,
+        ttl_s: float = DEFAULT_TTL_S,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_per_session: int = DEFAULT_MAX_PER_SESSION,
+    ):
         self.sample_rate = sample_rate
         self.ttl_s = ttl_s
         self.max_streams = max_streams
+        self.max_per_session = max_per_session
         self._streams: OrderedDict[str, TurnAudioStream] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._streams)
 
-    def open(self) -> TurnAudioStream:
+    def open(self, session: str | None = None) -> TurnAudioStream:
+        """A new stream for a turn of browser session ``session`` (None: a session of its own)."""
         self._expire()
-        stream = TurnAudioStream(secrets.token_urlsafe(24), self.sample_rate)
+        if session is not None:
+            self._bound_session(session)
+        self._bound_total()
+        stream = TurnAudioStream(secrets.token_urlsafe(24), self.sample_rate, session)
         self._streams[stream.id] = stream
         return stream
 
@@ -154,12 +183,26 @@ class AudioStreams:
     def _expire(self) -> None:
         now = time.monotonic()
         for stream_id, stream in list(self._streams.items()):
-            if now - stream.created > self.ttl_s:
+            if stream.closed and now - stream.created > self.ttl_s:
                 self.discard(stream_id)
-        while len(self._streams) >= self.max_streams:
-            oldest = next(iter(self._streams))
-            logger.warning("dropping audio stream %s: more than %d streams open", oldest, self.max_streams)
-            self.discard(oldest)
+
+    def _bound_session(self, session: str) -> None:
+        """Make room for one more stream of ``session``: its own oldest finished streams go."""
+        own = [s for s in self._streams.values() if s.session == session]
+        for stream in own[: max(0, len(own) - self.max_per_session + 1)]:
+            if stream.closed:
+                self.discard(stream.id)
+
+    def _bound_total(self) -> None:
+        """Make room for one more stream: the oldest finished streams that nobody reads go."""
+        excess = len(self._streams) - self.max_streams + 1
+        if excess <= 0:
+            return
+        idle = [s for s in self._streams.values() if not s.in_use][:excess]
+        for stream in idle:
+            self.discard(stream.id)
+        if len(idle) < excess:
+            logger.warning("%d audio streams are in use (turns in flight or being listened to)", len(self._streams))
 
 
 def stream_url(stream: TurnAudioStream) -> str:

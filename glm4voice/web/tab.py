@@ -58,7 +58,9 @@ class PageTab:
         self.chat = chat
         self.token = secrets.token_urlsafe(24)
         """Names the tab to the live socket (unguessable)."""
-        self.view = ChatView(streams, files)
+        self.version = 0
+        self._changed = asyncio.Event()
+        self.view = ChatView(streams, files, changed=self._bump)
         config = SessionConfig(turn_detection=None, playback_reports=True, record_failed_turns=False)
         self.session = ConversationSession(chat, config, emit=self._on_event, vad=vad)
         self.lock = asyncio.Lock()
@@ -67,8 +69,9 @@ class PageTab:
         self.listening = 0
         """Non-zero while conversation mode is on: a number that changes each time it is switched on."""
         self._switched_on = 0
-        self.version = 0
-        self._changed = asyncio.Event()
+        self.shown_turns: set[asyncio.Event] = set()
+        """One event per page handler still showing a typed or recorded turn of this tab, set when that handler
+        has ended (Clear answers after them: nothing they computed before can repaint the cleared page)."""
         self._listener: Listener | None = None
 
     # --- what the page shows ----------------------------------------------------------------------------

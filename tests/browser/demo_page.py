@@ -38,6 +38,8 @@ WAIT_MS = 120_000
 AUDIO_VALUE = "#audio-input a.download-link"
 """Present while the audio input holds a recording or file (its href names the file)."""
 PROMPT_TOKENS = re.compile(r"prompt (\d+) tokens")
+NOT_RUNNING = "The model server is not running or is restarting"
+"""What the page says when the token server is down or restarting."""
 
 
 class DemoPage:

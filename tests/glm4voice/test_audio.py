@@ -37,7 +37,9 @@ def test_constants_are_consistent():
     assert audio.MEL_FRAMES_PER_TOKEN == pytest.approx(6.890625)
 
 
-@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")])
+@pytest.mark.parametrize(
+    "fmt,subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("MP3", "MPEG_LAYER_III")]
+)
 def test_reads_encoded_files_and_bytes(tmp_path, fmt, subtype):
     rate = 24000
     original = sine(440, 1.0, rate)
@@ -153,3 +155,89 @@ def test_first_channel_mix_keeps_channel_zero():
     np.testing.assert_array_equal(load_audio(stereo.T, source_rate=16000, mix="first").samples, left)
     with pytest.raises(ValueError):
         load_audio(stereo, source_rate=16000, mix="loudest")
+
+
+# --- files are checked from their header and decoded bounded ------------------------------------------
+
+
+def write_flac(path, seconds: float, channels: int, rate: int, amplitude: float = 0.0) -> None:
+    """A FLAC of ``seconds`` (silence or a tone in every channel), written a block at a time."""
+    block = np.zeros((rate * 10, channels), np.float32)
+    if amplitude:
+        block[:] = sine(440, 10.0, rate, amplitude)[:, None]
+    with sf.SoundFile(path, "w", rate, channels, format="FLAC", subtype="PCM_16") as out:
+        left = int(seconds * rate)
+        while left > 0:
+            out.write(block[: min(left, len(block))])
+            left -= len(block)
+
+
+def peak_memory(fn) -> tuple[object, int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            result = fn()
+        except Exception as error:  # noqa: BLE001 - returned for the caller's assertions
+            result = error
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
+    """5 min of 8-channel 48 kHz silence: ~0.1 MiB of FLAC, 460 MB once decoded as float32."""
+    bomb = tmp_path / "bomb.flac"
+    write_flac(bomb, 300, 8, 48000)
+    assert bomb.stat().st_size < 2**20
+    for source in (bomb, bomb.read_bytes()):
+        error, peak = peak_memory(lambda: load_audio(source, max_seconds=120))
+        assert isinstance(error, AudioTooLongError) and "300.0 s long" in str(error), error
+        assert peak < 8 * 2**20, peak  # the file's bytes at most, nothing decoded
+
+
+def test_long_many_channel_files_decode_in_bounded_memory(tmp_path):
+    """60 s of 8-channel 48 kHz audio (92 MB as float32) is accepted with memory near the 16 kHz mono output."""
+    path = tmp_path / "long.flac"
+    write_flac(path, 60, 8, 48000, amplitude=0.5)
+    result, peak = peak_memory(lambda: load_audio(path, max_seconds=120))
+    assert not isinstance(result, Exception), result
+    assert result.sample_rate == 16000 and len(result.samples) == 60 * 16000
+    assert dominant_frequency(result.samples[:16000], 16000) == pytest.approx(440, abs=3)
+    assert peak < 24 * 2**20, peak  # output 3.8 MB + one block of 1 Mi samples (4 MB) + concatenation
+
+
+def test_block_decoding_equals_decoding_at_once(tmp_path, monkeypatch):
+    rate = 44100
+    rng = np.random.default_rng(0)
+    stereo = (0.3 * rng.standard_normal((rate * 2 + 123, 2))).astype(np.float32)
+    path = tmp_path / "noise.wav"
+    sf.write(path, stereo, rate, subtype="FLOAT")
+    whole = load_audio(path)
+    monkeypatch.setattr(audio, "DECODE_BLOCK_SAMPLES", 1000)  # 500 frames per block
+    blocks = load_audio(path)
+    np.testing.assert_array_equal(blocks.samples, whole.samples)
+    expected = audio.resample(stereo.mean(axis=1), rate, 16000)
+    np.testing.assert_allclose(whole.samples, expected, atol=1e-6)
+    kept = load_audio(path, sample_rate=None, mix="first")
+    np.testing.assert_array_equal(kept.samples, stereo[:, 0])
+
+
+def test_decoding_stops_one_sample_past_the_limit(tmp_path, monkeypatch):
+    """Past the header check, no more than the limit plus one sample is decoded (a header may
+    under-state a compressed stream's length)."""
+    path = tmp_path / "tone.wav"
+    sf.write(path, sine(440, 3.0, 16000), 16000)
+    monkeypatch.setattr(audio, "DECODE_BLOCK_SAMPLES", 5000)
+    with sf.SoundFile(path) as sound:
+        with pytest.raises(AudioTooLongError, match="longer than 2 s"):
+            audio._decode_blocks(sound, 1, 2.0, 16000, "mean")
+        assert sound.tell() == 2 * 16000 + 1
+
+
+def test_errors_name_no_folder(tmp_path):
+    for source in (tmp_path / "missing.wav", tmp_path):
+        with pytest.raises(AudioError) as info:
+            load_audio(source)
+        assert str(tmp_path) not in str(info.value) and "no audio file" in str(info.value)

@@ -29,7 +29,11 @@ class GatedDecoder:
         assert gate.wait(10)
         results = []
         for index, (stream, codes) in enumerate(jobs):
-            result = ValueError(f"bad codes for {stream}") if stream == "bad" else np.full(len(codes), len(codes), np.float32)
+            result = (
+                ValueError(f"bad codes for {stream}")
+                if stream == "bad"
+                else np.full(len(codes), len(codes), np.float32)
+            )
             results.append(result)
             if on_result is not None:
                 on_result(index, result)
@@ -107,5 +111,35 @@ def test_a_decoder_without_feed_many_is_fed_block_by_block():
             stream = Stream()
             assert len(await batcher.feed(stream, (5, 6, 7))) == 3
             assert stream.fed == [[5, 6, 7]] and batcher.calls == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_streams_waiting_blocks_are_decoded_in_order_in_one_job():
+    """Blocks a session hands over together: the k-th of every session in the k-th feed_many call of
+    the same job (never merged, never reordered); a failed block stops the ones after it, in that
+    stream only."""
+
+    async def scenario():
+        decoder = GatedDecoder()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            busy = asyncio.create_task(batcher.feed("busy", [1]))
+            await _wait_entered(decoder)  # a job runs: what follows waits for the next one
+            a = batcher.submit("a", [[1] * 10, [1] * 16, [1] * 26])
+            bad = batcher.submit("bad", [[1] * 10, [1] * 16])
+            c = batcher.submit("c", [[1] * 10])
+            decoder.gates[0].set()
+            await busy
+            for _ in range(3):  # the next job: three rounds
+                await _wait_entered(decoder)
+                decoder.gates[-1].set()
+            assert decoder.calls[1:] == [["a", "bad", "c"], ["a"], ["a"]]
+            assert [len(await f) for f in a] == [10, 16, 26] and len(await c[0]) == 10
+            for future in bad:
+                with pytest.raises(ValueError, match="bad codes"):
+                    await future
+            assert (batcher.calls, batcher.jobs) == (4, 6)
+            assert batcher.submit("nothing", []) == []
 
     asyncio.run(scenario())

@@ -2,7 +2,8 @@
 tiny speech tokenizer and decoder.
 
 The server is ``tests/server/fault_server.py`` (``model_server.py`` with fault injection chosen by
-seed) with two streams and no queue, so that holding two streams open makes it answer 503.
+seed) with two streams and no queue, so that holding two streams open makes it answer 503; a second
+one with more streams runs several turns at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import math
 import threading
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 import numpy as np
@@ -25,7 +26,7 @@ from glm4voice.audio import (
     encode_wav,
     load_audio,
 )
-from glm4voice.client import AsyncTokenClient, TokenClient
+from glm4voice.client import AsyncTokenClient, ServerBusyError, ServerUnavailableError, TokenClient
 from glm4voice.pipeline import (
     AssistantAudio,
     AssistantText,
@@ -34,13 +35,16 @@ from glm4voice.pipeline import (
     GenerationOptions,
     InputAccepted,
     PipelineConfig,
+    TokenKind,
     TurnFailed,
     TurnFinished,
     UserSpeech,
     UserText,
     VoiceChat,
+    cut_and_demux,
 )
-from glm4voice.protocol import EndReason, InputMode
+from glm4voice.pipeline.policy import QUICK_START_MAX_TURNS
+from glm4voice.protocol import AudioBlock, Demuxer, EndReason, InputMode
 from server.fault_server import FAIL_AFTER_SEED, FAIL_AFTER_TOKENS
 from support import ROOT, ServerProcess, free_port
 
@@ -48,6 +52,7 @@ pytestmark = pytest.mark.slow
 
 SAMPLE_EN = ROOT / "resources" / "sample_en.wav"
 SLOTS = 2
+WIDE_SLOTS = 8
 FAST = GenerationOptions(temperature=0.8, top_p=0.9, max_new_tokens=40, seed=11)
 """Short answers: every test turn costs a second or two on a 2-core CPU."""
 WAIT_S = 60.0
@@ -73,14 +78,27 @@ def models(tiny_checkpoints) -> Models:
     )
 
 
-@pytest.fixture(scope="module")
-def server_url(tiny_checkpoints):
+def _token_server(checkpoints, slots: int):
     port = free_port()
     args = [str(ROOT / "tests/server/fault_server.py"), "--host", "127.0.0.1", "--port", str(port),
-            "--model-path", str(tiny_checkpoints.llm), "--device", "cpu", "--dtype", "float32",
-            "--max-concurrent-streams", str(SLOTS), "--max-queue", "0", "--max-seq-len", "4096"]  # fmt: skip
-    with ServerProcess(args, f"http://127.0.0.1:{port}/health"):
-        yield f"http://127.0.0.1:{port}"
+            "--model-path", str(checkpoints.llm), "--device", "cpu", "--dtype", "float32",
+            "--max-concurrent-streams", str(slots), "--max-queue", "0", "--max-seq-len", "4096"]  # fmt: skip
+    return ServerProcess(args, f"http://127.0.0.1:{port}/health"), f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_checkpoints):
+    server, url = _token_server(tiny_checkpoints, SLOTS)
+    with server:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def wide_server_url(tiny_checkpoints):
+    """A token server with enough streams for several turns at once."""
+    server, url = _token_server(tiny_checkpoints, WIDE_SLOTS)
+    with server:
+        yield url
 
 
 def run(models: Models, url: str, scenario, config: PipelineConfig = PipelineConfig(), decoder=None):
@@ -107,6 +125,22 @@ def one_turn(models, url, request, options=FAST, config=PipelineConfig()):
         return session, await collect(chat, session, request, options)
 
     return run(models, url, scenario, config)
+
+
+def block_sizes(finished: TurnFinished) -> list[int]:
+    """The sizes of the blocks the turn cut and decoded (the decoder's final flush left out)."""
+    return [b.codes for b in finished.timings.blocks if b.index is not None]
+
+
+def replayed_cuts(chat: VoiceChat, reply_ids) -> list[int]:
+    """The block sizes a new turn's policy cuts ``reply_ids`` into, replayed without a clock."""
+    policy = chat.block_policy()
+    demuxer = Demuxer(chat.text_tokenizer, chat.special, policy.demuxer_schedule)
+    events = []
+    for token_id in reply_ids:
+        events += cut_and_demux(token_id, TokenKind.of(token_id, chat.special), demuxer, policy)
+    events += demuxer.close()
+    return [len(e.codes) for e in events if isinstance(e, AudioBlock)]
 
 
 def assert_well_formed(events: list) -> TurnFinished:
@@ -153,13 +187,23 @@ def test_text_turn_streams_text_and_audio_and_records_history(models, server_url
     assert sum(b.samples for b in t.blocks) == len(finished.audio)
 
 
-def test_first_block_size_is_configurable(models, server_url):
-    config = PipelineConfig(block_sizes=(12, 30))
-    _, events = one_turn(models, server_url, UserText("Hello"), FAST, config)
-    finished = assert_well_formed(events)
-    codes = [b.codes for b in finished.timings.blocks if b.index is not None]
-    assert codes and all(c == 12 for c in codes[:1]) and all(c <= 30 for c in codes[1:]), codes
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+def test_first_block_size_is_configurable(models, server_url, adaptive):
+    """The first block is exactly ``block_sizes[0]`` tokens (all of the audio if the answer has fewer),
+    later blocks at most the next size, and the cuts are those of the reply's ids alone."""
+    config = PipelineConfig(block_sizes=(12, 30), adaptive_blocks=adaptive)
+
+    async def scenario(chat):
+        events = await collect(chat, chat.new_session(), UserText("Hello"), FAST)
+        finished = assert_well_formed(events)
+        return chat.first_block_sizes, finished, replayed_cuts(chat, finished.reply_ids)
+
+    first_sizes, finished, replayed = run(models, server_url, scenario, config)
+    codes = block_sizes(finished)
+    assert first_sizes == (12,)
+    assert codes and codes[0] == min(12, finished.audio_tokens) and all(c <= 30 for c in codes[1:]), codes
     assert sum(codes) == finished.audio_tokens
+    assert codes == replayed
 
 
 def test_voice_turn_tokenizes_speech_into_the_prompt(models, server_url, special_tokens):
@@ -223,13 +267,68 @@ def chat_prompt(models, text: str) -> list[int]:
     return Conversation(models.text_tokenizer, special).prompt_for(TextInput(text))
 
 
+SEEDED = GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=40, seed=1234)
+
+
 def test_same_seed_repeats_the_turn(models, server_url):
-    options = GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=30, seed=1234)
-    _, first = one_turn(models, server_url, UserText("Hello"), options)
-    _, again = one_turn(models, server_url, UserText("Hello"), options)
+    _, first = one_turn(models, server_url, UserText("Hello"), SEEDED)
+    _, again = one_turn(models, server_url, UserText("Hello"), SEEDED)
     a, b = assert_well_formed(first), assert_well_formed(again)
+    assert a.audio_tokens > 12  # more than one block
     assert a.reply_ids == b.reply_ids
+    assert block_sizes(a) == block_sizes(b)
     np.testing.assert_array_equal(a.audio, b.audio)
+
+
+@pytest.mark.parametrize("decode_batch", [1, None], ids=["one-block-per-batch", "batched"])
+def test_seeded_turns_keep_their_audio_while_other_turns_run(models, wide_server_url, decode_batch):
+    """Three seeded turns at once with three unseeded ones (other prompts, longer answers): each
+    seeded turn's audio is that of its ids and seed decoded alone (the same ids replayed with no
+    other turn, no server and other token timings), and every turn's cuts are those of its ids
+    alone. Decoded one block per batch, the audio is identical; batched with other sessions'
+    blocks, it equals within float rounding (the decoder's batched kernels sum in another order
+    than a batch of one: ~1e-6 on this CPU). Whether the token server gives a seeded request the
+    same ids beside other streams is the engine's business, not checked here."""
+    config = PipelineConfig(decode_batch=decode_batch)
+    others = [("Tell me a story.", 70), ("What is the weather?", 55), ("Hi there", 60)]
+    seeded = [replace(SEEDED, seed=1234 + k) for k in range(len(others))]
+
+    async def scenario(chat):
+        turns = []
+        for options, (text, length) in zip(seeded, others):
+            turns.append(collect(chat, chat.new_session(), UserText("Hello"), options))
+            unseeded = GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=length, seed=None)
+            turns.append(collect(chat, chat.new_session(), UserText(text), unseeded))
+        finished = [assert_well_formed(events) for events in await asyncio.gather(*turns)]
+        return finished, [replayed_cuts(chat, f.reply_ids) for f in finished]
+
+    together, replayed = run(models, wide_server_url, scenario, config)
+    for finished, cuts in zip(together, replayed):
+        assert block_sizes(finished) == cuts
+    for options, finished in zip(seeded, together[0::2]):
+        assert finished.audio_tokens > 12  # more than one block
+        alone = replay_alone(models, finished.reply_ids, options, config)
+        assert block_sizes(alone) == block_sizes(finished)
+        if decode_batch == 1:
+            np.testing.assert_array_equal(finished.audio, alone.audio)
+        else:
+            np.testing.assert_allclose(finished.audio, alone.audio, rtol=0, atol=1e-5)
+
+
+def replay_alone(models, reply_ids, options: GenerationOptions, config: PipelineConfig) -> TurnFinished:
+    """A turn whose server answers ``reply_ids`` (then ``<|user|>``), with nothing else running."""
+    from glm4voice.protocol import SpecialTokens
+
+    ids = list(reply_ids) + [SpecialTokens.from_tokenizer(models.text_tokenizer).user]
+
+    async def main():
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, PacedClient(ids), config)
+        try:
+            return await collect(chat, chat.new_session(), UserText("Hi"), options)
+        finally:
+            chat.close()
+
+    return assert_well_formed(asyncio.run(main()))
 
 
 class GatedDecoder:
@@ -307,47 +406,94 @@ def test_decoding_never_blocks_reading_the_token_stream(models, server_url):
     assert finished.timings.last_token < events[first_audio].elapsed
 
 
-class ScriptedClient:
-    """Answers every request with the same ids (no server): an interleaved 13 text / 26 audio answer."""
+class PacedClient:
+    """Answers every request with the same ids (no server), ``delay(k)`` seconds before the k-th: the
+    token timings of a fast, slow or stalling server (load to be independent of, not synchronisation)."""
 
     base_url = "scripted"
 
-    def __init__(self, ids: list[int]):
+    def __init__(self, ids: list[int], delay=lambda k: 0.0):
         self.ids = ids
+        self.delay = delay
 
     async def stream(self, prompt=None, **params):
-        for token_id in self.ids:
+        for k, token_id in enumerate(self.ids):
+            if self.delay(k):
+                await asyncio.sleep(self.delay(k))
             yield token_id
 
 
-@pytest.mark.parametrize(
-    "adaptive, decoder_latency_s, expected",
-    [(True, None, [10, 16, 26]), (True, 1.0, [26, 20, 6]), (False, None, [10, 20, 22]), (False, 1.0, [10, 20, 22])],
-)
-def test_block_sizes_follow_what_the_listener_has_in_hand(
-    models, special_tokens, adaptive, decoder_latency_s, expected
-):
-    """Adaptive blocks: a quick 10-token first block when the rest of the audio run can follow in
-    time (fast tokens, a quick decoder), else the whole first run; after the quick first block the
-    listener has ~0.4 s in hand, so the rest of the run is decoded when the text run starts instead
-    of waiting 13 text tokens for the 20-token block; once enough audio is in hand, blocks keep their
-    scheduled size. Fixed blocks: the schedule, whatever the load."""
+class SlowDecoder:
+    """The real decoder, each decoder job ``seconds`` late (a GPU shared with many listeners)."""
+
+    def __init__(self, decoder, seconds: float):
+        self.decoder = decoder
+        self.seconds = seconds
+
+    hold_back_s = property(lambda self: self.decoder.hold_back_s)
+    min_block_tokens = property(lambda self: self.decoder.min_block_tokens)
+
+    def stream(self, seed=None):
+        return self.decoder.stream(seed=seed)
+
+    def feed_many(self, jobs, **kwargs):
+        threading.Event().wait(self.seconds)
+        return self.decoder.feed_many(jobs, **kwargs)
+
+
+def scripted_answer(models, special_tokens, segments: int = 3) -> list[int]:
+    """An interleaved answer: ``segments`` x (13 text, 26 audio), then ``<|user|>``."""
     text = (models.text_tokenizer.encode("Sure, here is a short answer for you today my friend") * 2)[:13]
-    audio = [special_tokens.audio_offset + 5 * k for k in range(26)]
-    ids = text + audio + text + audio + [special_tokens.user]
+    ids = []
+    for s in range(segments):
+        ids += text + [special_tokens.audio_offset + (5 * k + 3 * s) % 997 for k in range(26)]
+    return ids + [special_tokens.user]
 
-    async def main():
-        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, ScriptedClient(ids),
-                         PipelineConfig(adaptive_blocks=adaptive))  # fmt: skip
-        chat.blocks.fastest_s = chat.blocks.latency_s = decoder_latency_s  # what earlier calls measured
-        try:
-            return await collect(chat, chat.new_session(), UserText("Hi"))
-        finally:
-            chat.close()
 
-    finished = assert_well_formed(asyncio.run(main()))
-    assert [b.codes for b in finished.timings.blocks if b.index is not None] == expected
-    assert finished.audio_tokens == 52 and finished.text_tokens == 26
+TIMINGS = {
+    # name: (delay before token k, decoder job late by (s), turns already running)
+    "instant": (lambda k: 0.0, 0.0, 0),
+    "slow tokens": (lambda k: 0.03, 0.0, 0),
+    "bursty": (lambda k: 0.4 if k % 10 == 0 else 0.0, 0.0, 0),
+    "decoder takes seconds": (lambda k: 0.005, 1.5, 0),
+    "crowded": (lambda k: 0.005, 0.0, QUICK_START_MAX_TURNS),
+}
+
+
+@pytest.mark.parametrize(
+    "adaptive, expected", [(True, [10, 16, 26, 26]), (False, [10, 20, 40, 8])], ids=["adaptive", "fixed"]
+)
+def test_timing_never_moves_the_cuts_nor_changes_the_audio(models, special_tokens, adaptive, expected):
+    """The same ids and seed under very different token and decoder timings: the same cuts, decoded
+    in that order, and the same audio. Adaptive cuts: the quick first block, then the end of every
+    audio run (a young answer); fixed: the schedule. The pacing does change: with many turns running
+    the quick first block is decoded only once the next one is cut, in the same decoder job."""
+    ids = scripted_answer(models, special_tokens)
+    results = {}
+    for name, (delay, decoder_s, busy) in TIMINGS.items():
+        decoder = SlowDecoder(models.decoder, decoder_s)
+
+        async def main():
+            chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, PacedClient(ids, delay),
+                             PipelineConfig(adaptive_blocks=adaptive))  # fmt: skip
+            chat.load.active_turns = busy  # what the other turns would add
+            try:
+                return await collect(chat, chat.new_session(), UserText("Hi"), SEEDED)
+            finally:
+                chat.close()
+
+        results[name] = assert_well_formed(asyncio.run(main()))
+    reference = results["instant"]
+    assert block_sizes(reference) == expected and reference.audio_tokens == 78
+    for name, finished in results.items():
+        assert block_sizes(finished) == expected, name
+        assert [b.index for b in finished.timings.blocks] == [0, 1, 2, 3, None], name
+        np.testing.assert_array_equal(finished.audio, reference.audio, err_msg=name)
+    first, second = results["crowded"].timings.blocks[:2]
+    if adaptive:  # held back until the next block was cut, then both in one job
+        assert first.decode_started >= second.ready and first.decode_started == second.decode_started
+    else:  # fixed: every block at once
+        assert first.decode_started < second.ready
 
 
 # --- failures: a readable message, the session unchanged, the next turn works ------------------------
@@ -452,6 +598,57 @@ def test_busy_server_says_so_and_the_next_turn_works(models, server_url, tiny_ch
     assert_well_formed(events)
 
 
+class RefusingClient:
+    """Answers every stream with 503, and ``/health`` with ``health()`` (a server that is busy, or one
+    that is not serving: stopping, restarting, its engine stopped)."""
+
+    base_url = "http://refusing"
+
+    def __init__(self, health):
+        self._health = health
+
+    async def stream(self, prompt=None, **params):
+        raise ServerBusyError("the engine is not running: worker died; retry later", 2.0)
+        yield  # an async generator, like the real client's stream
+
+    async def health(self):
+        return self._health()
+
+
+def _raise(error):
+    raise error
+
+
+@pytest.mark.parametrize(
+    "health, kind, words",
+    [
+        (lambda: {"status": "ready"}, FailureKind.SERVER_BUSY, "The model server is busy"),
+        (lambda: _raise(ServerBusyError("{...}", 2.0)), FailureKind.SERVER_UNAVAILABLE, "not running or is restarting"),
+        (lambda: {"status": "stopping"}, FailureKind.SERVER_UNAVAILABLE, "not running or is restarting"),
+        (
+            lambda: _raise(ServerUnavailableError("gone")),
+            FailureKind.SERVER_UNAVAILABLE,
+            "not running or is restarting",
+        ),
+    ],
+    ids=["busy", "engine-stopped", "stopping", "gone"],
+)
+def test_a_503_is_busy_only_if_the_server_says_it_is_ready(models, health, kind, words):
+    async def main():
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, RefusingClient(health))
+        try:
+            return await collect(chat, chat.new_session(), UserText("Hi"))
+        finally:
+            chat.close()
+
+    failed = asyncio.run(main())[-1]
+    assert isinstance(failed, TurnFailed) and failed.kind is kind and words in failed.message, failed
+    if kind is FailureKind.SERVER_BUSY:
+        assert "try again in 2 s" in failed.message
+    else:
+        assert "busy" not in failed.message and "http://refusing" in failed.message
+
+
 def test_stream_failing_midway_keeps_the_partial_answer_out_of_the_history(models, server_url):
     options = GenerationOptions(temperature=0.8, top_p=0.9, max_new_tokens=40, seed=FAIL_AFTER_SEED)
 
@@ -529,23 +726,33 @@ def wait_for_idle(url: str) -> None:
 
 
 def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(models):
-    """The pipeline copies none of the decoder's facts: the adaptive policy gets the hold-back and
-    the smallest block that the decoder publishes, and the player's lead from the config."""
+    """The pipeline copies none of the decoder's facts: the adaptive cuts and pacing get the hold-back
+    and the smallest block that the decoder publishes, the player's lead and the planning rate from
+    the config; fixed blocks are decoded at once."""
     from glm4voice.defaults import PLAYER_LEAD_S
-    from glm4voice.pipeline import AdaptiveBlocks, FixedBlocks
+    from glm4voice.pipeline import MIN_TOKEN_RATE, AdaptiveBlocks, BlockPacing, FixedBlocks, ListenerPacing
 
     decoder = models.decoder
     chats = [
-        VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, ScriptedClient([]), config)
-        for config in (PipelineConfig(player_lead_s=0.3), PipelineConfig(adaptive_blocks=False))
+        VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, PacedClient([]), config)
+        for config in (
+            PipelineConfig(player_lead_s=0.3, min_token_rate=30.0, block_sizes=(12, 30)),
+            PipelineConfig(adaptive_blocks=False),
+        )
     ]
     try:
         adaptive, fixed = (chat.block_policy() for chat in chats)
+        paced, eager = (chat.block_pacing() for chat in chats)
     finally:
         for chat in chats:
             chat.close()
     assert isinstance(adaptive, AdaptiveBlocks) and type(fixed) is FixedBlocks
-    assert adaptive.hold_back_s == decoder.hold_back_s
+    assert isinstance(paced, ListenerPacing) and type(eager) is BlockPacing
+    assert adaptive.hold_back_s == paced.hold_back_s == decoder.hold_back_s
     assert decoder.hold_back_s >= decoder.mel_overlap_len * MEL_HOP_LENGTH / OUTPUT_SAMPLE_RATE  # at least the overlap
-    assert adaptive.min_block_tokens == decoder.min_block_tokens
-    assert adaptive.player_lead_s == 0.3 and PipelineConfig().player_lead_s == PLAYER_LEAD_S
+    assert adaptive.min_block_tokens == paced.min_block_tokens == decoder.min_block_tokens
+    assert adaptive.player_lead_s == paced.player_lead_s == 0.3 and PipelineConfig().player_lead_s == PLAYER_LEAD_S
+    assert adaptive.min_token_rate == 30.0 and PipelineConfig().min_token_rate == MIN_TOKEN_RATE
+    assert paced.first_block == 12 and paced.load is chats[0].load
+    with pytest.raises(ValueError, match="invalid pipeline limits"):
+        PipelineConfig(min_token_rate=0)

@@ -1,34 +1,39 @@
-"""Block policies as units: fed a synthetic token sequence with a synthetic clock (no model, no server)."""
+"""Cuts and pacing as units: a synthetic answer (real ids through the real demultiplexer) under
+synthetic clocks, with a simulated decoder and listener (no model, no server, no real time)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 from glm4voice.audio import SPEECH_TOKEN_RATE
 from glm4voice.pipeline.policy import (
+    MIN_TOKEN_RATE,
     QUICK_START_MAX_TURNS,
+    REAL_TIME_TOKEN_RATE,
     AdaptiveBlocks,
+    BlockPacing,
     BlockPolicy,
     DemuxState,
     FixedBlocks,
+    ListenerPacing,
     TokenKind,
+    cut_and_demux,
 )
-from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT, BlockSchedule
+from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT, AudioBlock, BlockSchedule, Demuxer
 
 SCHEDULE = BlockSchedule((10, 20, 40, 80, 160))
-HOLD_BACK_S = 0.4
+HOLD_BACK_S = 35 * 256 / 22050
+"""The published decoder's hold-back (34 overlap frames and the vocoder's carried frame)."""
 MIN_BLOCK = 10
 LEAD_S = 0.15
 TEXT, AUDIO, STOP = TokenKind.TEXT, TokenKind.AUDIO, TokenKind.STOP
-TWO_SEGMENTS = ([TEXT] * TEXT_TOKENS_PER_SEGMENT + [AUDIO] * AUDIO_TOKENS_PER_SEGMENT) * 2 + [STOP]
-"""An answer of two interleave segments (13 text, 26 audio each), then the end of the turn."""
 
 
 @dataclass
 class Load:
-    """A SharedLoad: what the policy may know of the other turns."""
+    """A SharedLoad: what the pacing may know of the other turns."""
 
     active_turns: int = 1
     wait_s: float | None = None
@@ -37,120 +42,274 @@ class Load:
         return self.wait_s
 
 
-class CountingDemux:
-    """The demultiplexer's audio bookkeeping: audio tokens cut into blocks by a schedule."""
-
-    def __init__(self, schedule: BlockSchedule):
-        self.schedule = schedule
-        self.pending = 0
-        self.blocks: list[int] = []
-
-    def state(self) -> DemuxState:
-        return DemuxState(self.pending, len(self.blocks))
-
-    def flush(self) -> None:
-        if self.pending:
-            self.blocks.append(self.pending)
-            self.pending = 0
-
-    def feed(self, kind: TokenKind) -> None:
-        if kind is AUDIO:
-            self.pending += 1
-            if self.pending >= self.schedule.size(len(self.blocks)):
-                self.flush()
-        elif kind is STOP:
-            self.flush()
+def answer(special, text_tokenizer, audio_seconds: float) -> list[int]:
+    """Ids of an answer in the 13 text / 26 audio interleave with ``audio_seconds`` of audio, then ``<|user|>``."""
+    text = (text_tokenizer.encode("Sure, here is a short answer for you today my friend, and more") * 4)[:13]
+    ids, audio = [], 0
+    while audio < round(audio_seconds * SPEECH_TOKEN_RATE):
+        run = min(AUDIO_TOKENS_PER_SEGMENT, round(audio_seconds * SPEECH_TOKEN_RATE) - audio)
+        ids += text + [special.audio_id((7 * (audio + k)) % 1000) for k in range(run)]
+        audio += run
+    return ids + [special.user]
 
 
-def run(policy: BlockPolicy, kinds: list[TokenKind], token_s: float) -> list[int]:
-    """Drive ``policy`` as the demultiplexing loop does: one token every ``token_s`` seconds; the
-    decoder is instant (the first PCM comes out when the first block is handed out)."""
-    demux = CountingDemux(policy.demuxer_schedule)
-    for k, kind in enumerate(kinds):
-        now = k * token_s
-        out = len(demux.blocks)
-        if policy.before_token(now, kind, demux.state()):
-            demux.flush()
-        demux.feed(kind)
-        if policy.after_token(now, kind, demux.state()):
-            demux.flush()
-        for codes in demux.blocks[out:]:
-            policy.block_out(codes)
-            policy.audio_started(now)
-    demux.flush()
-    return demux.blocks
+def adaptive(schedule: BlockSchedule = SCHEDULE, **options) -> AdaptiveBlocks:
+    return AdaptiveBlocks(
+        schedule, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK, player_lead_s=LEAD_S, **options
+    )
 
 
-def adaptive(load: Load, schedule: BlockSchedule = SCHEDULE) -> AdaptiveBlocks:
-    return AdaptiveBlocks(schedule, load, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK, player_lead_s=LEAD_S)
+def pacing(load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEAD_S) -> ListenerPacing:
+    return ListenerPacing(
+        load, first_block=first_block, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK, player_lead_s=lead_s
+    )
 
 
-def test_fixed_blocks_follow_the_schedule_whatever_the_clock():
-    for token_s in (0.001, 1.0):
-        policy = FixedBlocks(SCHEDULE)
-        assert policy.demuxer_schedule == SCHEDULE
-        assert run(policy, TWO_SEGMENTS, token_s) == [10, 20, 22]
+def cuts(policy: BlockPolicy, ids: list[int], special, text_tokenizer) -> list[int]:
+    """The sizes of the blocks ``policy`` cuts ``ids`` into (no clock anywhere)."""
+    demuxer = Demuxer(text_tokenizer, special, policy.demuxer_schedule)
+    sizes = []
+    for token_id in ids:
+        for event in cut_and_demux(token_id, TokenKind.of(token_id, special), demuxer, policy):
+            if isinstance(event, AudioBlock):
+                sizes.append(len(event.codes))
+        if demuxer.finished:
+            break
+    return sizes
 
 
-def test_quick_first_block_then_an_early_flush_when_the_audio_run_ends():
-    """100 tokens/s and a quick decoder: a 10-token first block; when the first audio run ends the
-    listener has ~0.2 s in hand, less than the wait for the 20-token block, so the 16 pending
-    tokens go at once."""
-    assert run(adaptive(Load(wait_s=0.0)), TWO_SEGMENTS, 0.01) == [10, 16, 26]
+@dataclass
+class Run:
+    """What a simulated turn did: the blocks as cut, as decoded, and what its listener heard."""
+
+    cut: list[int]
+    decoded: list[int] = field(default_factory=list)
+    held_first: bool = False
+    decode_started: list[float] = field(default_factory=list)
+    underruns: int = 0
+
+
+def simulate(policy, block_pacing, ids, special, text_tokenizer, token_times, decode_s) -> Run:
+    """Drive a turn as :class:`VoiceChat` does, on a synthetic clock: token ``k`` arrives at
+    ``token_times[k]``; the pacing may hold the first block until the next is cut; a decoder job
+    takes every block cut by the time it starts and decodes them one after another, in order, each in
+    ``decode_s(size)`` seconds; each block's PCM (less the decoder's hold-back, but for the last one)
+    goes to a player that starts ``LEAD_S`` after the first PCM."""
+    demuxer = Demuxer(text_tokenizer, special, policy.demuxer_schedule)
+    blocks: list[tuple[int, float]] = []  # (size, cut at)
+    hold_first = False
+    for token_id, now in zip(ids, token_times):
+        block_pacing.token(now)
+        for event in cut_and_demux(token_id, TokenKind.of(token_id, special), demuxer, policy):
+            if isinstance(event, AudioBlock):
+                blocks.append((len(event.codes), now))
+                if len(blocks) == 1:
+                    hold_first = block_pacing.hold_first_block(now)
+        if demuxer.finished:
+            end_at = now
+            break
+    run = Run([size for size, _ in blocks], held_first=hold_first)
+    pcm: list[tuple[float, float]] = []  # (when, audio playable so far)
+    free, k, total = 0.0, 0, 0
+    while k < len(blocks):
+        start = max(free, blocks[k][1])
+        if k == 0 and hold_first:
+            start = max(start, blocks[1][1] if len(blocks) > 1 else end_at)
+        job_end = k + 1
+        while job_end < len(blocks) and blocks[job_end][1] <= start:
+            job_end += 1
+        for size, _ in blocks[k:job_end]:
+            free = max(free, start) + decode_s(size)
+            total += size
+            last = len(run.decoded) == len(blocks) - 1
+            pcm.append((free, total / SPEECH_TOKEN_RATE - (0 if last else HOLD_BACK_S)))
+            run.decoded.append(size)
+            run.decode_started.append(start)
+        k = job_end
+    play_from, heard = pcm[0][0] + LEAD_S, 0.0
+    for when, playable in pcm:
+        if when > play_from + heard:  # the player ran dry; it restarts now
+            run.underruns += 1
+            play_from = when - heard
+        heard = playable
+    return run
+
+
+def steady(rate: float):
+    return [k / rate for k in range(10_000)]
+
+
+def bursty(burst: int, pause_s: float):
+    """Bursts of ``burst`` tokens at once, ``pause_s`` apart (a server stalled by others' prefills)."""
+    return [(k // burst) * pause_s for k in range(10_000)]
+
+
+# --- cuts ---------------------------------------------------------------------------------------------
+
+
+def test_fixed_blocks_follow_the_schedule(special_tokens, text_tokenizer):
+    ids = answer(special_tokens, text_tokenizer, 52 / SPEECH_TOKEN_RATE)
+    policy = FixedBlocks(SCHEDULE)
+    assert policy.demuxer_schedule == SCHEDULE and policy.first_block_sizes == (10,)
+    assert cuts(policy, ids, special_tokens, text_tokenizer) == [10, 20, 22]
+
+
+def test_young_answers_are_cut_at_every_audio_runs_end_then_blocks_grow(special_tokens, text_tokenizer):
+    """A 60 s answer: the quick first block (10), the rest of the first run (16), then whole runs
+    while a listener of a 37.5 tok/s answer would otherwise run dry waiting through 13 text tokens;
+    once ~8 s are in hand, the schedule's 160-token blocks."""
+    ids = answer(special_tokens, text_tokenizer, 60)
+    blocks = cuts(adaptive(), ids, special_tokens, text_tokenizer)
+    assert blocks == [10, 16] + [26] * 6 + [160, 160, 160, 88]
+    assert adaptive().first_block_sizes == (10,)
+    # a lower planning rate cuts more, smaller blocks; a higher one fewer
+    slower = cuts(adaptive(min_token_rate=25.0), ids, special_tokens, text_tokenizer)
+    faster = cuts(adaptive(min_token_rate=80.0), ids, special_tokens, text_tokenizer)
+    assert len(faster) < len(blocks) < len(slower) and sum(faster) == sum(slower) == sum(blocks) == 750
+
+
+def test_the_first_block_is_never_cut_early(special_tokens, text_tokenizer):
+    """A first size past the first audio run: the first block spans the text run (its size is what
+    the decoder warmed up for); the next is cut at the end of the second run, and with 3.3 s in hand
+    the rest waits for its scheduled size (here: the end of the answer)."""
+    ids = answer(special_tokens, text_tokenizer, 8)
+    policy = adaptive(BlockSchedule((40, 60)))
+    assert policy.first_block_sizes == (40,)
+    assert cuts(policy, ids, special_tokens, text_tokenizer) == [40, 12, 48]
+
+
+def test_early_cut_decisions():
+    state = DemuxState  # (pending_audio, blocks_emitted)
+    policy = adaptive()
+    assert not policy.before_token(AUDIO, state(0, 0))
+    assert not policy.before_token(TEXT, state(MIN_BLOCK, 0))  # a run ends before the first block: never
+    policy.block_out(10)
+    policy.before_token(AUDIO, state(MIN_BLOCK, 1))
+    assert not policy.before_token(AUDIO, state(MIN_BLOCK, 1))  # inside an audio run: never
+    assert policy.before_token(TEXT, state(MIN_BLOCK, 1))  # a run ends, little in hand: cut
+    assert not policy.before_token(TEXT, state(MIN_BLOCK, 1))  # inside a text run: never
+    policy.before_token(AUDIO, state(0, 2))
+    assert not policy.before_token(TEXT, state(MIN_BLOCK - 1, 2))  # below the decoder's smallest block
+    policy.before_token(AUDIO, state(MIN_BLOCK, 2))
+    assert not policy.before_token(STOP, state(MIN_BLOCK, 2))  # the end of the turn flushes anyway
+    # plenty in hand: no early cut; the same question later, when the planned buffer has played, cuts
+    rich = adaptive()
+    rich.block_out(200)
+    assert rich.in_hand_s() == pytest.approx(200 / SPEECH_TOKEN_RATE - HOLD_BACK_S + LEAD_S)
+    rich.before_token(AUDIO, state(MIN_BLOCK, 3))
+    assert not rich.before_token(TEXT, state(MIN_BLOCK, 3))
+    for _ in range(int(15 * MIN_TOKEN_RATE)):  # 15 s on the planning clock
+        rich.before_token(TEXT, state(0, 3))
+    rich.before_token(AUDIO, state(MIN_BLOCK, 3))
+    assert rich.before_token(TEXT, state(MIN_BLOCK, 3))
+    with pytest.raises(ValueError, match="min_token_rate"):
+        adaptive(min_token_rate=0)
+
+
+# --- cuts never depend on timing; the pacing does ----------------------------------------------------
+
+
+TIMINGS = {
+    # name: (token arrival times, decoder seconds per block of n tokens, turns running)
+    "fast": (steady(1000.0), lambda n: 0.01, 1),
+    "slow tokens": (steady(1.1 * REAL_TIME_TOKEN_RATE), lambda n: 0.05, 1),
+    "bursty": (bursty(10, 0.5), lambda n: 0.05, 1),
+    "decoder takes seconds": (steady(120.0), lambda n: 2.0 + 0.01 * n, 1),
+    "crowded": (steady(50.0), lambda n: 0.2, QUICK_START_MAX_TURNS + 1),
+}
+
+
+@pytest.mark.parametrize("make_policy", [adaptive, lambda: FixedBlocks(SCHEDULE)], ids=["adaptive", "fixed"])
+def test_the_same_tokens_are_cut_the_same_whatever_the_timing(special_tokens, text_tokenizer, make_policy):
+    """Wildly different token and decoder timings: the same cuts, decoded in order as cut (held
+    blocks are never merged); only when blocks are decoded changes."""
+    ids = answer(special_tokens, text_tokenizer, 44)
+    runs = {}
+    for name, (times, decode_s, turns) in TIMINGS.items():
+        load = Load(active_turns=turns, wait_s=decode_s(AUDIO_TOKENS_PER_SEGMENT))
+        runs[name] = simulate(make_policy(), pacing(load), ids, special_tokens, text_tokenizer, times, decode_s)
+    expected = cuts(make_policy(), ids, special_tokens, text_tokenizer)
+    for name, run in runs.items():
+        assert run.cut == run.decoded == expected, name
+    assert sum(expected) == 44 * SPEECH_TOKEN_RATE
+    # the pacing did differ: a quick first block goes at once only when its follow-up can keep up
+    assert {name for name, run in runs.items() if run.held_first} == {
+        "slow tokens",
+        "bursty",
+        "decoder takes seconds",
+        "crowded",
+    }
+    held = runs["crowded"]
+    assert held.decode_started[0] == held.decode_started[1]  # the first two blocks in one job, in order
+
+
+@pytest.mark.parametrize("rate", [MIN_TOKEN_RATE, 50.0, 120.0, 1000.0])
+@pytest.mark.parametrize("decoder_s", [0.02, 0.25])
+def test_a_listener_never_runs_dry_at_the_planned_rate_or_faster(special_tokens, text_tokenizer, rate, decoder_s):
+    """The design claim of the cuts: an answer streamed at ``min_token_rate`` or faster, with a decoder
+    that answers within the margin, plays without a gap (60 s of audio); the pacing holds the quick
+    first block where its follow-up would be late."""
+    ids = answer(special_tokens, text_tokenizer, 60)
+    load = Load(wait_s=decoder_s)
+    run = simulate(adaptive(), pacing(load), ids, special_tokens, text_tokenizer, steady(rate), lambda n: decoder_s)
+    assert run.underruns == 0, run
+
+
+def test_the_schedule_alone_runs_dry_where_the_adaptive_cuts_do_not(special_tokens, text_tokenizer):
+    """Why the early cuts: at 50 tok/s the schedule's 20-token second block waits through the text
+    run, after the 0.4 s of the quick first block have played."""
+    ids = answer(special_tokens, text_tokenizer, 60)
+    fixed = simulate(
+        FixedBlocks(SCHEDULE), BlockPacing(), ids, special_tokens, text_tokenizer, steady(50.0), lambda n: 0.05
+    )
+    assert fixed.underruns > 0
+
+
+# --- pacing -------------------------------------------------------------------------------------------
+
+
+def feed_tokens(block_pacing: ListenerPacing, rate: float, count: int = TEXT_TOKENS_PER_SEGMENT + 10) -> float:
+    for k in range(count):
+        block_pacing.token(k / rate)
+    return (count - 1) / rate
+
+
+def test_the_first_block_goes_at_once_when_its_follow_up_keeps_up():
+    quick = pacing(Load(wait_s=0.0))
+    now = feed_tokens(quick, 100.0)
+    assert quick.rate() == pytest.approx(100.0)
+    assert not quick.hold_first_block(now)
+    assert not BlockPacing().hold_first_block(now)
 
 
 @pytest.mark.parametrize(
-    "load", [Load(wait_s=1.0), Load(active_turns=QUICK_START_MAX_TURNS + 1, wait_s=0.0)], ids=["slow", "crowded"]
+    "load, rate",
+    [
+        (Load(wait_s=1.0), 100.0),
+        (Load(active_turns=QUICK_START_MAX_TURNS + 1, wait_s=0.0), 100.0),
+        (Load(wait_s=0.0), 20.0),
+    ],
+    ids=["slow decoder", "crowded", "slow tokens"],
 )
-def test_no_quick_start_when_the_next_block_could_not_follow_in_time(load):
-    """A slow decoder, or many turns sharing it: the first block is the whole first audio run."""
-    policy = adaptive(load)
-    assert policy.demuxer_schedule.sizes[0] == AUDIO_TOKENS_PER_SEGMENT
-    assert run(policy, TWO_SEGMENTS, 0.01) == [26, 20, 6]
+def test_the_first_block_waits_for_the_next_when_it_could_not_follow(load, rate):
+    held = pacing(load)
+    assert held.hold_first_block(feed_tokens(held, rate))
 
 
-def test_slow_tokens_refuse_the_quick_start():
-    """At 20 tokens/s the rest of the first audio run takes 0.8 s: longer than the quick chunk plays."""
-    assert run(adaptive(Load(wait_s=0.0)), TWO_SEGMENTS, 0.05)[0] == AUDIO_TOKENS_PER_SEGMENT
+def test_no_hold_without_a_quick_start_or_a_measured_rate():
+    # a first block that (nearly) fills its audio run: the next cut is a whole run away, holding only delays
+    for first in (AUDIO_TOKENS_PER_SEGMENT - MIN_BLOCK + 1, 25, 40):
+        late = pacing(Load(wait_s=5.0), first_block=first)
+        assert not late.quick_start and not late.hold_first_block(feed_tokens(late, 10.0))
+    unknown = pacing(Load(wait_s=0.0))
+    unknown.token(0.0)
+    assert unknown.rate() is None and not unknown.hold_first_block(0.0)
 
 
-def test_early_flush_decisions():
-    policy = adaptive(Load())
-    assert not policy.before_token(0.0, TEXT, DemuxState(pending_audio=0, blocks_emitted=0))
-    assert not policy.before_token(0.0, AUDIO, DemuxState(pending_audio=MIN_BLOCK, blocks_emitted=0))
-    # an audio run ends, only one token's rate known: flush what can be decoded
-    policy = adaptive(Load())
-    policy.before_token(0.0, AUDIO, DemuxState(0, 0))
-    assert policy.rate(0.0) is None
-    assert policy.before_token(0.0, TEXT, DemuxState(pending_audio=MIN_BLOCK, blocks_emitted=1))
-    # never below the decoder's smallest block, never at the end of the turn
-    policy = adaptive(Load())
-    policy.before_token(0.0, AUDIO, DemuxState(0, 1))
-    assert not policy.before_token(0.01, TEXT, DemuxState(pending_audio=MIN_BLOCK - 1, blocks_emitted=1))
-    policy.before_token(0.02, AUDIO, DemuxState(0, 1))
-    assert not policy.before_token(0.03, STOP, DemuxState(pending_audio=MIN_BLOCK, blocks_emitted=1))
-
-
-def test_no_early_flush_with_enough_audio_in_hand():
-    policy = adaptive(Load())
-    policy.before_token(0.0, AUDIO, DemuxState(0, 0))
-    policy.block_out(200)  # 16 s handed to the decoder, playback started now
-    policy.audio_started(0.01)
-    assert policy.in_hand_s(0.01) == pytest.approx(200 / SPEECH_TOKEN_RATE - HOLD_BACK_S)
-    assert not policy.before_token(0.01, TEXT, DemuxState(pending_audio=MIN_BLOCK, blocks_emitted=3))
-    # 15 s later the buffer has run low: the same question is answered the other way
-    policy.before_token(15.0, AUDIO, DemuxState(0, 3))
-    assert policy.before_token(15.01, TEXT, DemuxState(pending_audio=MIN_BLOCK, blocks_emitted=3))
-
-
-def test_the_decoders_hold_back_and_the_players_lead_enter_the_quick_start():
-    """At the margin: the same clock gives a quick start only with the player's lead counted."""
-    kinds = [AUDIO] * AUDIO_TOKENS_PER_SEGMENT
-    # rest of the run (16 tokens at rate r) + margin 0.1 must fit in 0.8 - 0.4 (+ lead 0.15)
-    token_s = 0.34 / 16  # the rest takes 0.34 s: fits with the lead (0.55), not without (0.4)
-    with_lead = AdaptiveBlocks(SCHEDULE, Load(wait_s=0.0), hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK,
-                               player_lead_s=LEAD_S)  # fmt: skip
-    without = AdaptiveBlocks(SCHEDULE, Load(wait_s=0.0), hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK,
-                             player_lead_s=0.0)  # fmt: skip
-    assert run(with_lead, kinds, token_s)[0] == 10
-    assert run(without, kinds, token_s)[0] == AUDIO_TOKENS_PER_SEGMENT
+def test_the_decoders_hold_back_and_the_players_lead_enter_the_pacing():
+    """At the margin: the same clock holds the first block only without the player's lead counted."""
+    # rest of the run (16 tokens at rate r) + margin 0.1 must fit in 0.8 - 0.406 (+ lead 0.15)
+    rate = 16 / 0.4  # the rest takes 0.4 s: fits with the lead (0.544 s), not without (0.394 s)
+    with_lead, without = pacing(Load(wait_s=0.0)), pacing(Load(wait_s=0.0), lead_s=0.0)
+    assert not with_lead.hold_first_block(feed_tokens(with_lead, rate))
+    assert without.hold_first_block(feed_tokens(without, rate))

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import gradio as gr
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from gradio.route_utils import delete_files_created_by_app
+from gradio.utils import get_upload_folder
 
 from glm4voice.audio import OUTPUT_SAMPLE_RATE
 from glm4voice.conversation import ResponseStatus, heard_reply
@@ -33,18 +36,21 @@ from glm4voice.web import live_script, player_script
 from glm4voice.web.app import create_app
 from glm4voice.web.chat_view import CUT_MARK
 from glm4voice.web.files import DemoFiles
-from glm4voice.web.live import WORKLET_PATH
+from glm4voice.web.live import LIVE_PATH, WORKLET_PATH
 from glm4voice.web.page import (
     PAGE_OUTPUTS,
+    RESOURCES,
     DemoSettings,
     PageUpdate,
     TurnHandler,
+    create_demo,
     live_player_html,
     live_socket_html,
     page_head,
 )
 from glm4voice.web.streams import AudioStreams
 from glm4voice.web.tab import PageTab
+from glm4voice.web.uploads import SessionUploads
 from scripted_chat import ScriptedChat
 
 SKIP = gr.skip()
@@ -87,8 +93,8 @@ def scripted(text_tokenizer, files):
     return make
 
 
-async def collect(handler: TurnHandler, mode, audio_path, text, ui=None) -> list[PageUpdate]:
-    return [u async for u in handler.updates(mode, audio_path, text, 0.2, 0.8, 2000, ui)]
+async def collect(handler: TurnHandler, mode, audio_path, text, ui=None, session=None) -> list[PageUpdate]:
+    return [u async for u in handler.updates(mode, audio_path, text, 0.2, 0.8, 2000, ui, session)]
 
 
 def fresh_prompt(text_tokenizer, text: str) -> list[int]:
@@ -128,7 +134,8 @@ def test_a_turn_becomes_named_page_updates(scripted, text_tokenizer):
     assert first.status == f"Turn 1 · prompt {len(chat.prompts[0])} tokens · generating…"
     assert (first.text_input, first.audio_input) == ("", None)
     # text: the chat only
-    assert [u.chat[-1]["content"] for u in texts] == ["Hel", "Hello"]
+    shown = [u.chat[-1]["content"] for u in texts]  # then the final text, maybe before the wav is written
+    assert shown[:2] == ["Hel", "Hello"] and set(shown[2:]) <= {"Hello"}
     assert all(u.live_player == u.status == u.text_input == u.audio_input == SKIP for u in texts)
     # audio went to the stream; the end closes it and adds the whole answer as a file
     stream = streams.get(answer.turn)
@@ -285,6 +292,52 @@ def test_clear_empties_the_page_and_drops_the_turns_stream_and_files(scripted):
     assert asyncio.run(handler.clear(None))[PAGE_OUTPUTS.index("session")] is None
 
 
+def test_clear_answers_after_the_running_turns_handler_ended_with_the_cleared_page(scripted):
+    """Clear while an answer streams: the answer stops (its token stream closes), the Submit handler's own last
+    update is the cleared page, and Clear answers only once that handler has ended."""
+    handler, chat, streams = scripted([AssistantText("Par", 0.1)], hold=True)
+
+    async def main():
+        turn = handler.updates(TEXT, None, "Hi", 0.2, 0.8, 2000, None)
+        first = await anext(turn)
+        tab, ended = first.session, asyncio.Event()
+
+        async def drain():
+            try:
+                return await _drain(turn)
+            finally:
+                ended.set()
+
+        rest = asyncio.ensure_future(drain())
+        await until(lambda: chat.held is not None and chat.held.is_set(), "the answer never streamed")
+        running = len(tab.shown_turns)
+        outputs = await handler.clear(tab)
+        handler_ended_first = ended.is_set()
+        return tab, running, handler_ended_first, await rest, dict(zip(PAGE_OUTPUTS, outputs, strict=True))
+
+    tab, running, handler_ended_first, rest, cleared = asyncio.run(main())
+    assert running == 1 and handler_ended_first and tab.shown_turns == set()
+    last = rest[-1]
+    assert last.chat == [] and last.status == "" and last.live_player == live_player_html()
+    assert cleared["chat"] == [] and cleared["status"] == "" and tab.session.items == []
+    assert chat.open_streams == 0
+
+
+def test_a_browser_sessions_streams_are_capped_together(scripted):
+    audio = np.ones(10, np.float32)
+    handler, _, streams = scripted([AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.1), finished("x", audio)])
+    streams.max_per_session = 2
+
+    def answer_stream(session: str) -> str:  # each turn in a tab of its own
+        tab = asyncio.run(collect(handler, TEXT, None, "Hi", session=session))[0].session
+        return tab.view.latest.turn
+
+    ids = [answer_stream("browser-a") for _ in range(4)]
+    other = answer_stream("browser-b")
+    assert [streams.get(i) is not None for i in ids] == [False, False, True, True]
+    assert streams.get(other) is not None and streams.get(other).session == "browser-b"
+
+
 def test_a_closed_tab_stops_its_answer_and_leaves_the_registry(scripted):
     handler, chat, _ = scripted([AssistantText("Hi", 0.1)], hold=True)
 
@@ -386,7 +439,7 @@ def test_the_app_serves_the_page_with_the_chats_player_lead_and_the_worklet(text
 
     async def fetch():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return [await client.get(path) for path in ("/config", "/glm4voice/stream/unknown", WORKLET_PATH)]
 
     config, missing, worklet = asyncio.run(fetch())
@@ -400,3 +453,48 @@ def test_the_app_serves_the_page_with_the_chats_player_lead_and_the_worklet(text
     assert worklet.status_code == 200 and 'registerProcessor("glm4voice-mic"' in worklet.text
     assert worklet.headers["content-type"].startswith("text/javascript")
     app.state.files.cleanup()
+
+
+def test_the_app_refuses_files_its_browser_session_did_not_upload(text_tokenizer):
+    app = create_app(ScriptedChat(text_tokenizer, []), DemoSettings())
+    body = {"data": ["audio", {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "", 0.2, 0.8, 40]}
+
+    async def call():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            return await client.post("/gradio_api/call/respond", json=body)
+
+    refused = asyncio.run(call())
+    assert refused.status_code == 403 and "did not upload" in refused.json()["detail"]
+    app.state.files.cleanup()
+
+
+def test_the_app_refuses_a_live_socket_from_another_site(text_tokenizer):
+    """The live socket is behind the request guard too: a page of another site cannot open a tab's microphone
+    socket (the handshake is refused before the token is even looked up)."""
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    app = create_app(ScriptedChat(text_tokenizer, []), DemoSettings())
+    with TestClient(app, base_url="http://localhost") as client:
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect(f"ws://localhost{LIVE_PATH}/anything",
+                                          headers={"origin": "http://evil.example"}) as socket:  # fmt: skip
+                socket.receive_text()
+        with pytest.raises(WebSocketDisconnect) as unknown:
+            with client.websocket_connect(f"ws://localhost{LIVE_PATH}/anything") as socket:
+                socket.receive_text()
+    assert refused.value.code == 1008 and "cross-site" in refused.value.reason
+    assert unknown.value.code == 1008 and "no such page session" in unknown.value.reason
+    app.state.files.cleanup()
+
+
+def test_every_session_may_submit_the_sample_prompts_which_gradio_keeps(text_tokenizer, files):
+    uploads = SessionUploads()
+    chat = ScriptedChat(text_tokenizer, [])
+    demo = create_demo(chat, AudioStreams(OUTPUT_SAMPLE_RATE), files, DemoSettings(), uploads)
+    cached = {str(p) for p in Path(get_upload_folder()).rglob("sample_*.wav")}
+    assert len(cached) >= 2 and all(uploads.allows(None, path) for path in cached)
+    assert not uploads.allows(None, str(RESOURCES / "sample_en.wav"))  # the copy Gradio hands out, not the source
+    delete_files_created_by_app(demo, age=None)  # Gradio's clean-up (delete_cache), as if an hour had passed
+    assert all(Path(path).is_file() for path in cached)
