@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.common import BenchRun, free_port, log, machine_info, machine_line, median  # noqa: E402
 from bench.openai_api import Process, speech_onset  # noqa: E402
-from glm4voice.audio import load_audio  # noqa: E402
+from glm4voice.audio import load_audio, to_pcm16  # noqa: E402
 
 QUESTION = ROOT / "bench" / "data" / "question_5s.wav"
 INTERRUPTION = "Wait, stop. Tell me about tea instead."
@@ -58,7 +58,7 @@ SOCKET = re.compile(r'data-socket="([^"]+)"')
 
 
 def pcm16(samples: np.ndarray) -> bytes:
-    return np.round(np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    return to_pcm16(samples).tobytes()
 
 
 class LiveTab:

@@ -36,7 +36,7 @@ import numpy as np
 from fastapi import FastAPI, WebSocket
 from fastapi.responses import Response
 
-from glm4voice.audio import INPUT_SAMPLE_RATE
+from glm4voice.audio import INPUT_SAMPLE_RATE, PCM_DTYPE
 from glm4voice.conversation import SessionError, StreamResampler
 from glm4voice.request_guard import WEBSOCKET_POLICY_VIOLATION
 from glm4voice.web import mic_worklet_script
@@ -52,7 +52,8 @@ MAX_AUDIO_BYTES = 1 << 19
 MAX_TEXT_BYTES = 4096
 SAMPLE_RATES = (8_000, 192_000)
 """Microphone rates accepted (an AudioContext's range)."""
-PCM_SCALE = 1 / 32768
+INT16_TO_FLOAT = 1 / 32768
+"""Scale of the microphone's int16 samples (as the page's player reads its own frames)."""
 
 
 class LiveTabs:
@@ -157,7 +158,7 @@ class LiveSocket:
             raise ValueError("send {type: start, sample_rate} before the audio")
         if len(data) > MAX_AUDIO_BYTES or len(data) % 2:
             raise ValueError(f"audio messages are int16 PCM of at most {MAX_AUDIO_BYTES} bytes (got {len(data)})")
-        samples = np.frombuffer(data, dtype="<i2").astype(np.float32) * PCM_SCALE
+        samples = np.frombuffer(data, dtype=PCM_DTYPE).astype(np.float32) * INT16_TO_FLOAT
         await self.tab.append_audio(self.resampler.feed(samples))
 
     async def _control(self, text: str) -> bool:
