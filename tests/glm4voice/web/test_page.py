@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -290,6 +291,47 @@ def test_clear_empties_the_page_and_drops_the_turns_stream_and_files(scripted):
     assert tab.epoch == 1 and tab.messages() == [] and tab.session.items == []
     assert streams.get(answer.turn) is None and not wav.exists()
     assert asyncio.run(handler.clear(None))[PAGE_OUTPUTS.index("session")] is None
+
+
+class HeldFiles(DemoFiles):
+    """Answer files whose writing (in the worker thread) waits until ``release`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def write_wav(self, stem, samples, sample_rate):
+        self.started.set()
+        assert self.release.wait(WAIT_S), "the test never released the write"
+        return super().write_wav(stem, samples, sample_rate)
+
+
+def test_an_answer_is_done_once_its_wav_is_written_off_the_event_loop_and_clear_drops_a_late_one(text_tokenizer):
+    audio = speech(0.3)
+    chat = ScriptedChat(text_tokenizer, [AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.1), finished("x", audio)])
+    files = HeldFiles()
+    handler = TurnHandler(chat, AudioStreams(OUTPUT_SAMPLE_RATE), files, text_refresh_s=0.0)
+
+    async def main():
+        turn = handler.updates(TEXT, None, "Hi", 0.2, 0.8, 2000, None)
+        tab = (await anext(turn)).session
+        rest = asyncio.ensure_future(_drain(turn))
+        answer = tab.view.latest
+        await until(lambda: answer.ended and files.started.is_set(), "the answer never ended")
+        waiting = (answer.done, answer.status(), rest.done())  # the event loop runs on while the file is written
+        await handler.clear(tab)  # the handler ends with the cleared page; the write is still held
+        files.release.set()
+        await tab.view.settled()
+        return tab, answer, waiting, await rest
+
+    try:
+        tab, answer, (done, status, handler_ended), rest = asyncio.run(main())
+        assert not done and status.endswith("generating…") and not handler_ended
+        assert rest[-1].chat == [] and tab.messages() == [] and answer.audio_path is None
+        assert list(files.folder.iterdir()) == []  # written after Clear: removed at once
+    finally:
+        files.cleanup()
 
 
 def test_clear_answers_after_the_running_turns_handler_ended_with_the_cleared_page(scripted):
