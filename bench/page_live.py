@@ -170,12 +170,15 @@ class Bench:
                     if page.cancelled_after(mark) is not None:
                         break
                 started = await page.wait("speech_started", mark)
-                cancelled = await asyncio.wait_for(page.until_cancelled(mark), WAIT_S)
+                ended = await asyncio.wait_for(page.until_ended(page.answered), WAIT_S)
                 reader.cancel()
             sent_ms = len(self.question) * 1000 / MIC_RATE  # positions are ms of the audio sent
             return {
                 "onset_to_stop_ms": 1000 * (started["received"] - onset_sent),
-                "onset_to_cancelled_ms": 1000 * (cancelled["received"] - onset_sent),
+                # None when the answer had finished generating before the interruption (nothing to cancel)
+                "onset_to_cancelled_ms": 1000 * (ended["received"] - onset_sent)
+                if ended["status"] == "cancelled"
+                else None,
                 "vad_start_minus_onset_ms": started["speech_start_ms"] - sent_ms - self.onset * 1000 / MIC_RATE,
             }
         finally:
@@ -215,6 +218,8 @@ class PageSide:
         self.changed = asyncio.Event()
         self.first_audio = asyncio.Event()
         self.turn: str | None = None
+        self.answered: str | None = None
+        """The first answer's turn (the one the bench interrupts)."""
         self.heard_from: float | None = None
 
     async def read(self) -> None:
@@ -229,6 +234,7 @@ class PageSide:
                 await self.websocket.send(json.dumps(report))
             elif message["type"] == "answer":
                 self.turn = message["turn"]
+                self.answered = self.answered or message["turn"]
                 asyncio.create_task(self.listen(message["stream"]))
 
     async def listen(self, stream: str) -> None:
@@ -253,8 +259,12 @@ class PageSide:
         return next((m for m in self.messages[after:] if m["type"] == "answer_done" and m["status"] == "cancelled"),
                     None)  # fmt: skip
 
-    async def until_cancelled(self, after: int) -> dict:
-        while (message := self.cancelled_after(after)) is None:
+    def ended(self, turn: str | None) -> dict | None:
+        return next((m for m in self.messages if m["type"] == "answer_done" and m["turn"] == turn), None)
+
+    async def until_ended(self, turn: str | None) -> dict:
+        """The ``answer_done`` of the answer ``turn`` (whenever it came)."""
+        while (message := self.ended(turn)) is None:
             self.changed.clear()
             await self.changed.wait()
         return message
