@@ -41,7 +41,7 @@ from glm4voice.web.page import DemoSettings
 
 logger = logging.getLogger("glm4voice.web_demo")
 
-__all__ = ["DemoSettings", "build_parser", "create_app", "load_chat", "main"]
+__all__ = ["DemoSettings", "build_app", "build_parser", "build_server", "check_args", "create_app", "load_chat", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
-    """Load the models once (text tokenizer files, speech tokenizer, decoder) and the client."""
+def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, Any]:
+    """Load the models once (text tokenizer files, speech tokenizer, decoder) and the client
+    (``client``: one given by the caller, e.g. the one-process layout's in-process client; default:
+    an :class:`~glm4voice.client.AsyncTokenClient` of ``--server-url``)."""
     from flow_inference import AudioDecoder
     from glm4voice.client import AsyncTokenClient
     from glm4voice.hub import resolve_checkpoint
@@ -118,18 +120,21 @@ def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
     speech_tokenizer = SpeechTokenizer.from_pretrained(args.tokenizer_path, device=device)
     dtype = decoder_dtype(args.decoder_dtype, device)
     decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=dtype)
-    client = AsyncTokenClient(args.server_url)
-    chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config, server_url=args.server_url)
+    if client is None:
+        client = AsyncTokenClient(args.server_url)
+    server_url = getattr(client, "base_url", args.server_url)
+    chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config, server_url=server_url)
     if decoder.device.type == "cuda":  # every block shape's CUDA graph now, not while a listener waits
         decoder.warm_up(block_sizes, first_block_sizes=chat.first_block_sizes)
     logger.info("models loaded on %s in %.1f s", device, time.perf_counter() - started)
     return chat, client
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def check_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[HostPolicy, serving.ConnectionLimits]:
+    """The checks that need no model (a usage message and exit 2 for a bad flag): the host policy and
+    connection limits the flags give."""
     if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
         parser.error("--max-concurrent-turns must be at least 1")
     try:
@@ -141,23 +146,42 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(args.device)
     except DeviceError as error:
         parser.error(f"--device {args.device}: {error}")
+    return host_policy, limits
+
+
+def build_app(args: argparse.Namespace, chat: VoiceChat, client: Any, host_policy: HostPolicy) -> Any:
+    """The web demo's app around a loaded ``chat`` (closes ``client`` when it stops)."""
+    if args.max_concurrent_turns is None:
+        on_gpu = getattr(chat.decoder, "device", None) is not None and chat.decoder.device.type == "cuda"
+        args.max_concurrent_turns = GPU_MAX_CONCURRENT_TURNS if on_gpu else MAX_CONCURRENT_TURNS
+    settings = DemoSettings(random_weights_notice=args.random_weights_notice,
+                            max_concurrent_turns=args.max_concurrent_turns, server_url=chat.server_url)  # fmt: skip
+    return create_app(chat, settings, close_client=client.aclose, host_policy=host_policy)
+
+
+def build_server(app: Any, args: argparse.Namespace, host_policy: HostPolicy, limits: serving.ConnectionLimits,
+                 server_url: str) -> serving.Server:  # fmt: skip
+    """The uvicorn server for the web demo's ``app`` (logs where it listens and what it answers to)."""
+    shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
+    logger.info("web demo on http://%s:%d (model server %s); answers to the hosts %s", shown, args.port,
+                server_url, host_policy.describe())  # fmt: skip
+    if notice := wildcard_notice(args.host, host_policy):
+        logger.warning(notice)
+    return serving.build_server(app, args.host, args.port, limits, log_level=args.log_level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host_policy, limits = check_args(parser, args)
     try:
         chat, client = load_chat(args)
     except (OSError, ValueError) as error:  # missing or malformed checkpoint folders, bad --block-sizes
         logger.error("cannot start the web demo: %s", error)
         return 1
-    if args.max_concurrent_turns is None:
-        on_gpu = getattr(chat.decoder, "device", None) is not None and chat.decoder.device.type == "cuda"
-        args.max_concurrent_turns = GPU_MAX_CONCURRENT_TURNS if on_gpu else MAX_CONCURRENT_TURNS
-    settings = DemoSettings(random_weights_notice=args.random_weights_notice,
-                            max_concurrent_turns=args.max_concurrent_turns, server_url=args.server_url)  # fmt: skip
-    app = create_app(chat, settings, close_client=client.aclose, host_policy=host_policy)
-    shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
-    logger.info("web demo on http://%s:%d (model server %s); answers to the hosts %s", shown, args.port,
-                args.server_url, host_policy.describe())  # fmt: skip
-    if notice := wildcard_notice(args.host, host_policy):
-        logger.warning(notice)
-    server = serving.build_server(app, args.host, args.port, limits, log_level=args.log_level)
+    app = build_app(args, chat, client, host_policy)
+    server = build_server(app, args, host_policy, limits, args.server_url)
     server.run()
     return 0 if server.started else 1
 

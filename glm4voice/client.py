@@ -97,7 +97,9 @@ def request_body(
     return body
 
 
-def _error_from_status(status: int, headers: httpx.Headers, raw: bytes) -> TokenServerError:
+def error_from_answer(status: int, headers: httpx.Headers, raw: bytes) -> TokenServerError:
+    """The error a non-200 answer (``status``, its headers, its body) means (also used by the
+    in-process client, ``glm4voice.server.inprocess``, on the same answers)."""
     text, detail = raw.decode("utf-8", errors="replace").strip()[:2000], None
     try:
         obj = json.loads(raw)
@@ -163,7 +165,7 @@ class TokenClient:
         with _unavailable_on_transport_errors(self.base_url):
             with self._http.stream("POST", GENERATE_PATH, json=body) as response:
                 if response.status_code != 200:
-                    raise _error_from_status(response.status_code, response.headers, response.read())
+                    raise error_from_answer(response.status_code, response.headers, response.read())
                 try:
                     for line in response.iter_lines():
                         token = reader.token(line)
@@ -182,7 +184,7 @@ class TokenClient:
         except httpx.TransportError as error:
             raise ServerUnavailableError(f"cannot reach {self.base_url}: {error}") from error
         if response.status_code != 200:
-            raise _error_from_status(response.status_code, response.headers, response.content)
+            raise error_from_answer(response.status_code, response.headers, response.content)
         return response.json()
 
     def wait_until_ready(self, timeout: float, poll_s: float = 0.5) -> dict[str, Any]:
@@ -222,7 +224,7 @@ class AsyncTokenClient:
         with _unavailable_on_transport_errors(self.base_url):
             async with self._http.stream("POST", GENERATE_PATH, json=body) as response:
                 if response.status_code != 200:
-                    raise _error_from_status(response.status_code, response.headers, await response.aread())
+                    raise error_from_answer(response.status_code, response.headers, await response.aread())
                 try:
                     async for line in response.aiter_lines():
                         token = reader.token(line)
@@ -240,7 +242,7 @@ class AsyncTokenClient:
         except httpx.TransportError as error:
             raise ServerUnavailableError(f"cannot reach {self.base_url}: {error}") from error
         if response.status_code != 200:
-            raise _error_from_status(response.status_code, response.headers, response.content)
+            raise error_from_answer(response.status_code, response.headers, response.content)
         return response.json()
 
 
