@@ -160,14 +160,16 @@ def build_app(args: argparse.Namespace, chat: VoiceChat, client: Any, host_polic
 
 
 def build_server(app: Any, args: argparse.Namespace, host_policy: HostPolicy, limits: serving.ConnectionLimits,
-                 server_url: str) -> serving.Server:  # fmt: skip
-    """The uvicorn server for the web demo's ``app`` (logs where it listens and what it answers to)."""
+                 server_url: str, before_shutdown: Any = None) -> serving.Server:  # fmt: skip
+    """The uvicorn server for the web demo's ``app`` (logs where it listens and what it answers to;
+    ``before_shutdown`` runs first when it stops)."""
     shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
     logger.info("web demo on http://%s:%d (model server %s); answers to the hosts %s", shown, args.port,
                 server_url, host_policy.describe())  # fmt: skip
     if notice := wildcard_notice(args.host, host_policy):
         logger.warning(notice)
-    return serving.build_server(app, args.host, args.port, limits, log_level=args.log_level)
+    return serving.build_server(app, args.host, args.port, limits, before_shutdown=before_shutdown,
+                                log_level=args.log_level)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,6 +231,7 @@ class E2EBench:
         self.layout_results: dict[str, dict] = {}
         self.reference_result: dict | None = None
         self.question: Audio | None = None
+        self.child: ChildTokenServer | None = None
         self.variants = iter(range(1, 10**9))
 
     # --- set-up ------------------------------------------------------------------------------------
@@ -263,6 +264,19 @@ class E2EBench:
                                      seam_crossfade=False)  # fmt: skip
         return ours, reference
 
+    @property
+    def batched(self) -> bool:
+        """Sections with many conversations at once (the decoder's and the engine's large batches)."""
+        return bool({"concurrency", "unbatched", "poisson"} & set(self.sections))
+
+    def decoder_batches(self, decoder: AudioDecoder) -> tuple[int, ...]:
+        """The batch sizes whose decoder graphs are captured before measuring: every graphed size for
+        the many-conversation sections, else batch 1 (captures take ~2 s each at the published size;
+        single-user sections decode one block at a time)."""
+        if not self.cuda:
+            return (1,)
+        return tuple(decoder.graph_batch_sizes) if self.batched else (1,)
+
     def spoken(self) -> UserSpeech:
         """The next variant of the spoken question (see :func:`question_variant`)."""
         return UserSpeech(question_variant(self.question, next(self.variants)))
@@ -279,11 +293,17 @@ class E2EBench:
             needed.add(TWO_PROCESS)
         return [layout for layout in LAYOUTS if layout in needed]
 
-    def token_side(self, layout: str, max_streams: int):
+    @property
+    def max_streams(self) -> int:
+        return max(max(self.args.levels), self.args.max_streams)
+
+    def token_side(self, layout: str):
         if layout == TWO_PROCESS:
-            log_path = Path(self.args.server_log or self.tmp / "server.log")
-            return ChildTokenServer(self.args, self.tokenizer_dir, log_path, max_streams)
-        return InProcessTokens(self.args, self.tokenizer_dir, max_streams)
+            if self.child is None:
+                log_path = Path(self.args.server_log or self.tmp / "server.log")
+                self.child = ChildTokenServer(self.args, self.tokenizer_dir, log_path, self.max_streams)
+            return self.child
+        return InProcessTokens(self.args, self.tokenizer_dir, self.max_streams)
 
     async def section_async(self, name: str, fn: Callable[[], Awaitable[dict]], need_s: float = 0.0) -> dict:
         """As :meth:`bench.common.BenchRun.section`, for a coroutine: skipped if less than ``need_s`` of the
@@ -383,7 +403,8 @@ class E2EBench:
                 chat, self.spoken(), GenerationOptions(max_new_tokens=short, seed=900 + i), self.lead
             )
             log(f"  warm-up turn: {_brief(record)}")
-        await self.together(chat, min(8, max(self.args.levels)), short, 950)
+        if self.batched:
+            await self.together(chat, min(8, max(self.args.levels)), short, 950)
 
     async def together(self, chat: VoiceChat, count: int, max_new_tokens: int, seed0: int) -> list[dict]:
         options = [GenerationOptions(max_new_tokens=max_new_tokens, seed=seed0 + i) for i in range(count)]
@@ -392,8 +413,8 @@ class E2EBench:
     async def layout_phase(self, layout: str, decoder: AudioDecoder, text_tokenizer, speech_tokenizer,
                            reference_decoder) -> None:  # fmt: skip
         args = self.args
-        max_streams = max(max(args.levels), args.max_streams)
-        tokens = self.token_side(layout, max_streams)
+        max_streams = self.max_streams
+        tokens = self.token_side(layout)
         try:
             health = await tokens.start()
             self.section(f"server_{layout.replace('-', '_')}", {
@@ -681,13 +702,23 @@ class E2EBench:
             log(f"total {time.monotonic() - self.started:.0f} s")
 
     async def main(self) -> int:
+        try:
+            return await self.measure()
+        finally:
+            if self.child is not None:  # launched early; stopped here if a failure came first
+                await self.child.stop()
+
+    async def measure(self) -> int:
         args = self.args
         self.tokenizer_dir = self.tmp / "text-tokenizer"
         write_tiny_text_tokenizer(self.tokenizer_dir)
         text_tokenizer = GLMTokenizer.from_pretrained(self.tokenizer_dir)
+        phases = self.phases()
+        if phases and phases[0] == TWO_PROCESS:  # its own process: it loads while the decoder warms up here
+            self.token_side(TWO_PROCESS).launch()
         speech_tokenizer = self.build_speech_tokenizer()
         ours, reference_decoder = self.build_decoders()
-        batches = ours.graph_batch_sizes if self.cuda else (1,)
+        batches = self.decoder_batches(ours)
         first_sizes = (LOW_LATENCY_BLOCK_SIZES[0], AUDIO_TOKENS_PER_SEGMENT)  # quick start, or the whole first run
         warm = ours.warm_up(LOW_LATENCY_BLOCK_SIZES, batches, first_block_sizes=first_sizes)
         log(f"decoder graphs warmed up in {warm:.1f} s")
@@ -696,7 +727,7 @@ class E2EBench:
         self.question = load_audio(QUESTION)
         self.section("question", {"seconds": round(self.question.duration, 2),
                                   "speech_tokens": len(speech_tokenizer.tokenize(self.question))})  # fmt: skip
-        for layout in self.phases():
+        for layout in phases:
             if self.left_s() < 60:
                 log(f"skipping the {layout} layout: {self.left_s():.0f} s of budget left")
                 continue
@@ -806,8 +837,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layout-turns", type=int, default=20, help="single-user TTFA turns per layout (layouts)")
     parser.add_argument("--turn-conversations", type=int, default=6, help="conversations of the turns section")
     parser.add_argument("--history-tokens", type=int, default=2000, help="history before the 5th turn, at least")
-    parser.add_argument("--poisson-rates", default="0.8,1.2,1.6", help="conversation arrivals per second to try")
-    parser.add_argument("--poisson-window-s", type=float, default=120.0, help="arrivals for this long per rate")
+    parser.add_argument("--poisson-rates", default="1.2,1.6", help="conversation arrivals per second to try")
+    parser.add_argument("--poisson-window-s", type=float, default=90.0, help="arrivals for this long per rate")
     parser.add_argument("--poisson-turns", type=int, default=3, help="turns per conversation")
     parser.add_argument("--poisson-spoken", type=float, default=0.7, help="share of spoken turns (else typed)")
     parser.add_argument("--poisson-answer-s", type=float, default=12.0, help="mean answer length, seconds of speech")

@@ -50,7 +50,10 @@ class ChildTokenServer:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
-    async def start(self) -> dict:
+    def launch(self) -> None:
+        """Start the child process (it loads and warms up on its own meanwhile: call early)."""
+        if self.process is not None:
+            return
         o = self.options
         command = [
             sys.executable, str(ROOT / "bench" / "e2e_server.py"), "--port", str(o.port), "--tokenizer-dir",
@@ -60,6 +63,10 @@ class ChildTokenServer:
         log(f"starting the token server: {' '.join(command)} (log: {self.log_path})")
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    async def start(self) -> dict:
+        """Launch (unless done) and wait until the server is ready: its ``/health``."""
+        self.launch()
         started = time.perf_counter()
         deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
         async with AsyncTokenClient(self.url) as client:
@@ -89,14 +96,16 @@ class ChildTokenServer:
             return (await client.health())["engine"]
 
     async def stop(self) -> None:
-        if self.process is None:
+        """Stop the child (and free its GPU memory); idempotent."""
+        process, self.process = self.process, None
+        if process is None:
             return
-        self.process.terminate()
+        process.terminate()
         try:
-            await asyncio.to_thread(self.process.wait, 30)
+            await asyncio.to_thread(process.wait, 30)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            process.kill()
+            process.wait()
         self._log.close()
 
 

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("one process: LLM engine on %s (%s), speech tokenizer and decoder on %s", device, settings.dtype,
                 chat.decoder.device if hasattr(chat.decoder, "device") else args.device)  # fmt: skip
     app = tokens.serve_inside(web_demo.build_app(args, chat, client, host_policy))
-    server = web_demo.build_server(app, args, host_policy, limits, client.base_url)
+    # on SIGINT/SIGTERM the engine's open streams end at once (their turns fail with a message), so
+    # that the server does not wait for answers still being generated
+    server = web_demo.build_server(app, args, host_policy, limits, client.base_url, tokens.state.begin_shutdown)
     tokens.on_engine_failure(server.request_exit)
     server.run()
     if tokens.failure is not None:
