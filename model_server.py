@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, device_flag: str = "--device") -> None:
-    """The engine's and the stream limits' flags (also the one-process command's, where the
-    device flag is ``--llm-device``: ``glm4voice.single_process``)."""
+    """The engine's and the stream limits' flags (also ``web_demo.py --in-process-engine``'s, where the
+    device flag is ``--llm-device``)."""
     defaults = ServerSettings()
     parser.add_argument(
         "--dtype",
@@ -54,9 +54,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, device_flag: str = "--
     if device_flag == "--device":
         parser.add_argument("--device", default=defaults.device, help="cuda:N or cpu (default %(default)s)")
     else:
-        parser.add_argument(
-            device_flag, dest="device_llm", default=None, help="cuda:N or cpu for the LLM engine (default: --device)"
-        )
+        parser.add_argument(device_flag, default=None, help="cuda:N or cpu for the LLM engine (default: --device)")
     # serving
     parser.add_argument(
         "--max-concurrent-streams",

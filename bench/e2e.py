@@ -9,7 +9,7 @@ What runs, as in production: the token side in the chosen layout (``--layout``, 
 ``two-process``, ``bench/e2e_server.py`` in a child process (``model_server.py``'s app around the
 engine with the published GLM-4-Voice-9B shape, bf16, CUDA graphs), reached over HTTP; or
 ``one-process`` (default), the same engine and app in this process, reached by the in-process client
-(``glm4voice.single_process``'s layout: one CUDA context, the speech side on the highest-priority
+(``web_demo.py --in-process-engine``'s layout: one CUDA context, the speech side on the highest-priority
 CUDA stream). The answers' ids are forced into the 13 text / 26 audio interleave of a real
 conversation (see bench/e2e_server.py). In this process, what ``web_demo.py`` loads: the speech
 tokenizer (published shape), the speech decoder (published shape, bf16 estimator, CUDA graphs,

@@ -4,7 +4,7 @@
   over HTTP by :class:`glm4voice.client.AsyncTokenClient` (as ``model_server.py`` + ``web_demo.py``);
 - :class:`InProcessTokens` (``one-process``): the same backend (engine + forced answers) in the
   benchmark's own process, reached by :class:`glm4voice.server.inprocess.InProcessTokenClient`
-  (as ``glm4voice.single_process``): one CUDA context, the speech side on its high-priority stream.
+  (as ``web_demo.py --in-process-engine``): one CUDA context, the speech side on its high-priority stream.
 
 Both: ``await start()``, ``client(max_connections)``, ``await set_prefill_graphs(on)``,
 ``await engine_stats()``, ``await stop()``.

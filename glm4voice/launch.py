@@ -8,7 +8,7 @@ the launcher exits non-zero, saying which one ended and why (a model server whos
 with ``ENGINE_FAILED_EXIT_CODE``), so that a supervisor can start the demo again.
 
 Layouts (``--layout``): ``two-process`` (default, as the original: the token server on
-``--server-port``, the web demo its HTTP client) or ``one-process`` (``glm4voice.single_process``:
+``--server-port``, the web demo its HTTP client) or ``one-process`` (``web_demo.py --in-process-engine``:
 the engine and the speech side in one process and one CUDA context, the speech side on a
 high-priority CUDA stream; no token server port). Devices: ``--device`` for everything, or
 ``--llm-device`` and ``--decoder-device`` (the speech tokenizer goes with the decoder) to put the
@@ -203,44 +203,23 @@ def main(argv: list[str] | None = None) -> int:
     dtype = "float32" if checkpoints.random_weights and devices.llm == "cpu" else args.dtype
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     demo_args = [
-        "--host", args.host, "--port", str(args.port), "--model-path", checkpoints.llm,
-        "--tokenizer-path", checkpoints.speech_tokenizer, "--flow-path", checkpoints.decoder, "--device", devices.decoder,
+        "--host", args.host, "--port", str(args.port), "--model-path", checkpoints.llm, "--tokenizer-path",
+        checkpoints.speech_tokenizer, "--flow-path", checkpoints.decoder, "--device", devices.decoder,
     ]  # fmt: skip
     if checkpoints.random_weights:
         demo_args.append("--random-weights-notice")
     if args.allowed_hosts:
         demo_args += ["--allowed-hosts", args.allowed_hosts]
     if args.layout == ONE_PROCESS:
-        commands = {
-            ONE_PROCESS_DEMO: [
-                sys.executable,
-                "-m",
-                "glm4voice.single_process",
-                *demo_args,
-                "--llm-device",
-                devices.llm,
-                "--dtype",
-                dtype,
-            ],  # fmt: skip
-        }
+        engine_args = ["--in-process-engine", "--llm-device", devices.llm, "--dtype", dtype]
+        commands = {ONE_PROCESS_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, *engine_args]}
         ready_urls: dict[str, str] = {}
     else:
         server_url = f"http://{LOOPBACK_HOST}:{args.server_port}"
+        server_args = ["--host", LOOPBACK_HOST, "--port", str(args.server_port), "--model-path", checkpoints.llm,
+                       "--device", devices.llm, "--dtype", dtype]  # fmt: skip
         commands = {
-            MODEL_SERVER: [
-                sys.executable,
-                str(SERVER_SCRIPT),
-                "--host",
-                LOOPBACK_HOST,
-                "--port",
-                str(args.server_port),
-                "--model-path",
-                checkpoints.llm,
-                "--device",
-                devices.llm,
-                "--dtype",
-                dtype,
-            ],  # fmt: skip
+            MODEL_SERVER: [sys.executable, str(SERVER_SCRIPT), *server_args],
             WEB_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, "--server-url", server_url],
         }
         ready_urls = {MODEL_SERVER: f"{server_url}/health"}

@@ -1,5 +1,5 @@
 """The token server without a port: the LLM engine in this process, used by the speech side through
-an in-process client with the HTTP client's interface (the one-process layout: ``glm4voice.single_process``).
+an in-process client with the HTTP client's interface (the one-process layout: ``web_demo.py --in-process-engine``).
 
     server = InProcessTokenServer(engine, settings)   # engine: a glm4voice.llm Engine or a TokenBackend
     async with server.running():                      # starts the engine (load, warm-up), as model_server does

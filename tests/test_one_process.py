@@ -1,4 +1,4 @@
-"""The one-process layout (``python -m glm4voice.single_process``, ``python -m glm4voice.launch --layout
+"""The one-process layout (``web_demo.py --in-process-engine``, ``python -m glm4voice.launch --layout
 one-process``) and the launcher's device flags: the engine and the speech side in one process, the page
 and the OpenAI-compatible API answering through the in-process client; clear usage errors for devices
 this machine does not have; a dead engine makes the process exit with ENGINE_FAILED_EXIT_CODE."""
@@ -20,7 +20,8 @@ import openai
 import pytest
 import torch
 
-from glm4voice import launch, single_process
+import web_demo
+from glm4voice import launch
 from glm4voice.defaults import ENGINE_FAILED_EXIT_CODE
 from glm4voice.devices import DeviceError
 from support import ROOT, ServerProcess, free_port
@@ -67,17 +68,19 @@ def test_the_one_process_command_refuses_a_bad_llm_device(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit) as exited:
-        single_process.main(["--device", "cpu", "--llm-device", "cuda:1"])
+        web_demo.main(["--device", "cpu", "--in-process-engine", "--llm-device", "cuda:1"])
     assert exited.value.code == 2
     assert "--llm-device cuda:1: there are only 1 CUDA devices" in capsys.readouterr().err
-    args = single_process.build_parser().parse_args(["--device", "cpu"])
-    assert single_process.llm_device(args) == "cpu" and args.max_concurrent_streams >= 1  # the engine's flags too
+    args = web_demo.build_parser().parse_args(["--device", "cpu", "--in-process-engine"])
+    assert web_demo.llm_device(args) == "cpu" and args.max_concurrent_streams >= 1  # the engine's flags too
+    assert not web_demo.build_parser().parse_args([]).in_process_engine  # the two-process layout by default
 
 
 def _command(checkpoints, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "glm4voice.single_process", "--host", "127.0.0.1", "--port", str(port),
-            "--model-path", str(checkpoints.llm), "--tokenizer-path", str(checkpoints.speech_tokenizer),
-            "--flow-path", str(checkpoints.decoder), "--device", "cpu", "--dtype", "float32", *extra]  # fmt: skip
+    return [sys.executable, str(ROOT / "web_demo.py"), "--in-process-engine", "--host", "127.0.0.1",
+            "--port", str(port), "--model-path", str(checkpoints.llm), "--tokenizer-path",
+            str(checkpoints.speech_tokenizer), "--flow-path", str(checkpoints.decoder), "--device", "cpu",
+            "--dtype", "float32", *extra]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -139,8 +142,8 @@ def test_a_dead_engine_ends_the_one_process_demo_with_the_restart_code(tiny_chec
     from glm4voice.server import engine_backend
 
     monkeypatch.setattr(engine_backend, "build_engine", lambda settings: _DyingBackend(tiny_checkpoints.llm))
-    argv = _command(tiny_checkpoints, free_port())[3:]
-    assert single_process.main(argv) == ENGINE_FAILED_EXIT_CODE
+    argv = _command(tiny_checkpoints, free_port())[2:]
+    assert web_demo.main(argv) == ENGINE_FAILED_EXIT_CODE
     assert "the engine failed (RuntimeError: the device failed (test))" in caplog.text
 
 
@@ -148,7 +151,8 @@ def test_a_dead_engine_ends_the_one_process_demo_with_the_restart_code(tiny_chec
 def test_the_launcher_runs_the_one_process_layout_and_stops_it(tiny_checkpoints, tmp_path):
     port, server_port = free_port(), free_port()
     command = [sys.executable, "-m", "glm4voice.launch", "--layout", "one-process", "--port", str(port),
-               "--server-port", str(server_port), "--tiny-dir", str(tiny_checkpoints.root), "--device", "cpu"]  # fmt: skip
+               "--server-port", str(server_port), "--tiny-dir", str(tiny_checkpoints.root),
+               "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
     log = tmp_path / "launch.log"
     with open(log, "wb") as out:
@@ -165,7 +169,7 @@ def test_the_launcher_runs_the_one_process_layout_and_stops_it(tiny_checkpoints,
         with pytest.raises(httpx.ConnectError):  # no token server port in this layout
             httpx.get(f"http://127.0.0.1:{server_port}/health", timeout=5)
         children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-        assert len(children) == 1 and b"glm4voice.single_process" in Path(f"/proc/{children[0]}/cmdline").read_bytes()
+        assert len(children) == 1 and b"--in-process-engine" in Path(f"/proc/{children[0]}/cmdline").read_bytes()
     finally:
         launcher.send_signal(signal.SIGTERM)
         try:
