@@ -23,7 +23,7 @@ the same GPU a listener's audio block does not wait behind LLM steps (two proces
 GPU instead). The engine starts (load, warm-up) before the page accepts connections; if it dies,
 the process exits with ``ENGINE_FAILED_EXIT_CODE`` so that a supervisor restarts it.
 
-    python web_demo.py --in-process-engine --model-path THUDM/glm-4-voice-9b \
+    python web_demo.py --in-process-engine --model-path THUDM/glm-4-voice-9b \\
         --tokenizer-path THUDM/glm-4-voice-tokenizer --flow-path THUDM/glm-4-voice-decoder --device cuda:0
 
 This script is the command line and the wiring only: the app is

@@ -221,8 +221,8 @@ def rate_figures(
 def default_pass(figures: dict) -> bool:
     """TTFA p95 within :data:`TTFA_P95_LIMIT_S`, no underrun, no failed turn, and turns measured."""
     p95 = figures["ttfa_p95"]
-    return bool(figures["turns"]) and p95 is not None and p95 <= TTFA_P95_LIMIT_S and not figures["underruns"] \
-        and not figures["failed"]  # fmt: skip
+    fast = p95 is not None and p95 <= TTFA_P95_LIMIT_S
+    return bool(figures["turns"]) and fast and not figures["underruns"] and not figures["failed"]
 
 
 def capacity(rates: Sequence[dict]) -> dict:
