@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"turns handled at once across all users (default {GPU_MAX_CONCURRENT_TURNS} with a GPU, "
-        f"{MAX_CONCURRENT_TURNS} on a CPU)",
+        f"{MAX_CONCURRENT_TURNS} on a CPU); when given, the decoder's CUDA graphs cover only that many blocks "
+        "at once (less GPU memory for a small card)",
     )
     parser.add_argument(
         "--random-weights-notice",
@@ -140,6 +141,7 @@ def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, 
     an :class:`~glm4voice.client.AsyncTokenClient` of ``--server-url``)."""
     from flow_inference import AudioDecoder
     from glm4voice.client import AsyncTokenClient
+    from glm4voice.decoder.options import graph_batch_sizes_for
     from glm4voice.hub import resolve_checkpoint
     from glm4voice.text_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE, GLMTokenizer
     from speech_tokenizer import SpeechTokenizer
@@ -152,7 +154,10 @@ def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, 
     text_tokenizer = GLMTokenizer.from_pretrained(llm_folder)
     speech_tokenizer = SpeechTokenizer.from_pretrained(args.tokenizer_path, device=device)
     dtype = decoder_dtype(args.decoder_dtype, device)
-    decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=dtype)
+    # at most one block per turn in flight: graphs for batches up to --max-concurrent-turns (default: every size)
+    turns = args.max_concurrent_turns
+    graphs = {} if turns is None else {"graph_batch_sizes": graph_batch_sizes_for(turns)}
+    decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=dtype, **graphs)
     if client is None:
         client = AsyncTokenClient(args.server_url)
     server_url = getattr(client, "base_url", args.server_url)

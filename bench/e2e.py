@@ -35,7 +35,8 @@ Sections (``--sections``, each printed and written to ``--out`` as it finishes; 
 - ``reference``: the reference-style pipeline measured in the same run (two-process token server's
   ``/reference``): transformers ``generate()`` with a streamer thread (batch 1), the original block
   schedule (25, 50, 100, 150, 200), float32 eager decoder with the unbounded prompt, no seam
-  cross-fade; TTFA and the ratio to ours;
+  cross-fade; TTFA and the ratio to ours (``--no-reference``: skipped; always with a quantized
+  ``--llm-dtype``, whose weights transformers cannot run);
 - ``layouts``: both layouts in the same run, one after the other (the child server is stopped
   before the in-process engine is built): single-user TTFA p50/p95 (``--layout-turns`` turns each)
   and the first block while the token side generates;
@@ -45,6 +46,18 @@ Sections (``--sections``, each printed and written to ``--out`` as it finishes; 
   rate of ``--poisson-rates`` (per second), with think time between turns, several turns each, spoken
   and typed; per rate TTFA p50/p95/p99, underruns, token rate and mean concurrent conversations; the
   capacity is the highest rate with TTFA p95 <= 500 ms and no underrun, as concurrent conversations.
+
+Always, at the end of each layout's part: ``memory`` (``memory_<layout>`` for the other layout): GPU
+memory of the processes (nvidia-smi) and their sum: the whole demo's footprint (the engine's KV cache
+is sized by its slots, ``--max-streams`` or the largest level, and ``--max-seq-len``; the decoder's
+CUDA graphs cover batches up to as many).
+
+Quantized LLM weights (``--llm-dtype fp8`` / ``int4`` / ``int8``, glm4voice.llm.quant) run the same way;
+their TTFA sits beside bf16's when both runs are made on the same machine::
+
+    python bench/e2e.py --llm-dtype bfloat16 --levels 1,8 --no-reference --unbatched-level 0 --out e2e_bf16.json
+    python bench/e2e.py --llm-dtype fp8 --levels 1,8 --unbatched-level 0 --out e2e_fp8.json
+    python bench/e2e.py --llm-dtype int4 --levels 4 --max-seq-len 8192 --unbatched-level 0 --out e2e_int4_4.json
 """
 
 from __future__ import annotations
@@ -85,8 +98,10 @@ from glm4voice.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder  # noqa: E402
 from glm4voice.checkpoints.text import write_tiny_text_tokenizer  # noqa: E402
 from glm4voice.client import AsyncTokenClient  # noqa: E402
+from glm4voice.decoder.options import graph_batch_sizes_for  # noqa: E402
 from glm4voice.defaults import PLAYER_LEAD_S  # noqa: E402
-from glm4voice.devices import default_device  # noqa: E402
+from glm4voice.devices import default_device, llm_dtypes  # noqa: E402
+from glm4voice.llm.quant import QUANTIZED_DTYPES  # noqa: E402
 from glm4voice.pipeline import (  # noqa: E402
     AssistantAudio,
     GenerationOptions,
@@ -107,6 +122,10 @@ QUESTION = ROOT / "bench" / "data" / "question_5s.wav"
 SECTIONS = ("first_block", "ttfa", "answer_long", "concurrency", "unbatched", "reference", "layouts", "turns",
             "poisson")  # fmt: skip
 DEFAULT_SECTIONS = SECTIONS[:6]
+SHORT_SEQ_LEN = 1024
+"""The engine's positions per stream by default: one question and a 30 s answer fit."""
+LONG_SEQ_LEN = 4096
+"""... for the turns and poisson sections: a conversation's history grows by every turn."""
 TURNS_PER_CONVERSATION = 5
 """The ``turns`` section compares the 5th turn of a conversation with its 1st."""
 
@@ -257,9 +276,13 @@ class E2EBench:
         folder = self.tmp / "decoder"
         write_random_decoder(folder, sizes, seed=0)
         files = (folder / "config.yaml", folder / "flow.pt", folder / "hift.pt")
-        ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32)
+        # CUDA graphs for the batches as many conversations as the engine's slots can make (as many blocks
+        # as conversations), as web_demo.py --max-concurrent-turns sizes them
+        batches = graph_batch_sizes_for(self.max_streams)
+        ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32,
+                            graph_batch_sizes=batches)  # fmt: skip
         reference = None
-        if "reference" in self.sections:
+        if self.wants_reference:
             reference = AudioDecoder(*files, self.device, dtype=torch.float32, prompt_window=None, cuda_graphs=False,
                                      seam_crossfade=False)  # fmt: skip
         return ours, reference
@@ -289,13 +312,18 @@ class E2EBench:
             needed.add(self.args.layout)
         if "layouts" in self.sections:
             needed |= set(LAYOUTS)
-        if "reference" in self.sections:
+        if self.wants_reference:
             needed.add(TWO_PROCESS)
         return [layout for layout in LAYOUTS if layout in needed]
 
     @property
     def max_streams(self) -> int:
-        return max(max(self.args.levels), self.args.max_streams)
+        """The engine's stream slots: ``--max-streams``, else the largest level."""
+        return self.args.max_streams or max(self.args.levels)
+
+    @property
+    def wants_reference(self) -> bool:
+        return "reference" in self.sections and self.args.reference
 
     def token_side(self, layout: str):
         if layout == TWO_PROCESS:
@@ -428,11 +456,12 @@ class E2EBench:
                     await self.layout_figures(layout, chat, decoder, client, tokens)
                 if layout == args.layout:
                     await self.main_sections(chat, decoder, client, tokens)
-                if layout == TWO_PROCESS and "reference" in self.sections and reference_decoder is not None:
+                if layout == TWO_PROCESS and self.wants_reference and reference_decoder is not None:
                     await self.reference(text_tokenizer, speech_tokenizer, reference_decoder, tokens)
             finally:
                 chat.close()
                 await client.aclose()
+            self.memory(layout)  # while the token side still holds its memory
         finally:
             await tokens.stop()
 
@@ -698,7 +727,6 @@ class E2EBench:
         try:
             return asyncio.run(self.main())
         finally:
-            self.memory()
             log(f"total {time.monotonic() - self.started:.0f} s")
 
     async def main(self) -> int:
@@ -749,17 +777,25 @@ class E2EBench:
             self.section("reference", ref)
         return 0
 
-    def memory(self) -> None:
+    def memory(self, layout: str) -> None:
+        """GPU memory of this layout's processes (``memory`` for ``--layout``, ``memory_<layout>`` else)."""
         if not self.cuda:
             return
-        info = {"bench_process_peak_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)}
+        info = {
+            "layout": layout,
+            "bench_process_peak_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2),
+        }
         try:
             smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=20)  # fmt: skip
             info["nvidia_smi"] = smi.stdout.strip().splitlines()
-        except (OSError, subprocess.SubprocessError) as error:
+            used = [int(line.split(",")[1].split()[0]) for line in info["nvidia_smi"] if line.count(",") == 1]
+            info["both_processes_gb"] = round(sum(used) * 2**20 / 1e9, 2)  # the whole demo at these levels
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as error:
             info["nvidia_smi"] = str(error)
-        self.section("memory", info)
+        info |= {"llm_dtype": self.args.llm_dtype, "levels": self.args.levels, "max_seq_len": self.args.max_seq_len,
+                 "max_streams": self.max_streams}  # fmt: skip
+        self.section("memory" if layout == self.args.layout else f"memory_{layout.replace('-', '_')}", info)
 
 
 def combine_runs(runs: list[dict]) -> dict:
@@ -827,7 +863,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llm-device", default=None, help="the LLM engine (default: --device)")
     parser.add_argument("--config", choices=("published", "small"), default="published",
                         help="model shapes: published (GPU) or small (CPU dry run)")  # fmt: skip
-    parser.add_argument("--llm-dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--llm-dtype", default=None, choices=llm_dtypes(),
+                        help="the engine's --dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip the reference-style pipeline (implied by a quantized --llm-dtype)")  # fmt: skip
     parser.add_argument("--layout", choices=LAYOUTS, default=ONE_PROCESS,
                         help="the token side of the sections but layouts, reference (default %(default)s)")  # fmt: skip
     parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
@@ -849,9 +888,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-turns", type=int, default=3)
     parser.add_argument("--unbatched-level", type=int, default=32, help="0: skip the no-batching comparison")
     parser.add_argument(
-        "--max-streams", type=int, default=64, help="the engine's stream slots (at least the top level)"
+        "--max-streams", type=int, default=None, help="the engine's stream slots (default: the largest level)"
     )
-    parser.add_argument("--max-seq-len", type=int, default=4096, help="the engine's positions per stream")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="KV cache per stream (default 4096 with turns or poisson, else 1024)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=560, help="skip sections that would not fit")
     parser.add_argument("--quick", action="store_true", help="CPU dry run: short answers, few levels, short load")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -868,13 +908,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.llm_device = args.llm_device or args.device
     if args.llm_dtype is None:
         args.llm_dtype = "bfloat16" if args.llm_device.startswith("cuda") else "float32"
+    if args.llm_dtype in QUANTIZED_DTYPES and args.reference:
+        args.reference = False  # transformers' GLM (the reference server) runs float weights only
+    if args.max_seq_len is None:  # conversations of several turns need the room
+        args.max_seq_len = LONG_SEQ_LEN if {"turns", "poisson"} & set(args.sections) else SHORT_SEQ_LEN
     if args.quick:
         args.answer_seconds, args.repeats, args.reference_turns = min(args.answer_seconds, 4.0), 2, 1
         args.levels, args.unbatched_level, args.layout_turns = [1, 2], 2, 2
         args.turn_conversations, args.history_tokens = 1, 120
         args.poisson_rates, args.poisson_window_s, args.poisson_turns = [0.3], 12.0, 2
         args.poisson_answer_s, args.think_s = 2.0, 0.5
-        args.max_streams, args.max_seq_len = 4, 1024
+        args.max_streams, args.max_seq_len = 4, SHORT_SEQ_LEN
     return args
 
 

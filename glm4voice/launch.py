@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="cuda:N or cpu for the speech decoder and speech tokenizer (default: --device)",
     )
     parser.add_argument("--dtype", default=LLM_DTYPE, choices=llm_dtypes(), help="LLM weights (default %(default)s)")
+    parser.add_argument(
+        "--max-concurrent-turns",
+        type=int,
+        default=None,
+        help="conversations answered at once: the model server's streams (each holds a KV cache) and the web "
+        "demo's turns (and decoder graphs); fewer fit a small GPU, e.g. 4 with --dtype int4 on a 12 GB card "
+        "(default: each process's own)",
+    )
     parser.add_argument("--host", default=WEB_DEMO_HOST, help="web UI address (0.0.0.0 to serve the network)")
     parser.add_argument(
         "--allowed-hosts",
@@ -190,6 +198,26 @@ def choose_devices(args: argparse.Namespace) -> Devices:
     return Devices(llm=chosen.get("--llm-device", base), decoder=chosen.get("--decoder-device", base))
 
 
+def server_command(args: argparse.Namespace, model_path: str, device: str, dtype: str) -> list[str]:
+    """model_server.py's command line: on loopback, with the launcher's model, device, dtype and turns."""
+    turns = [] if args.max_concurrent_turns is None else ["--max-concurrent-streams", str(args.max_concurrent_turns)]
+    return [
+        sys.executable,
+        str(SERVER_SCRIPT),
+        "--host",
+        LOOPBACK_HOST,
+        "--port",
+        str(args.server_port),
+        "--model-path",
+        model_path,
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        *turns,
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -197,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         devices = choose_devices(args)
     except DeviceError as error:
+        parser.error(str(error))
+    if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
+        parser.error("--max-concurrent-turns must be at least 1")
+    from glm4voice.llm.quant import QuantizationUnsupported, check_supported
+
+    try:  # before anything starts: fp8 / int4 where they cannot run, with the dtypes that can
+        check_supported(args.dtype, devices.llm)
+    except QuantizationUnsupported as error:
         parser.error(str(error))
 
     checkpoints = choose_checkpoints(args)
@@ -208,18 +244,20 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     if checkpoints.random_weights:
         demo_args.append("--random-weights-notice")
+    if args.max_concurrent_turns is not None:
+        demo_args += ["--max-concurrent-turns", str(args.max_concurrent_turns)]
     if args.allowed_hosts:
         demo_args += ["--allowed-hosts", args.allowed_hosts]
     if args.layout == ONE_PROCESS:
         engine_args = ["--in-process-engine", "--llm-device", devices.llm, "--dtype", dtype]
+        if args.max_concurrent_turns is not None:
+            engine_args += ["--max-concurrent-streams", str(args.max_concurrent_turns)]
         commands = {ONE_PROCESS_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, *engine_args]}
         ready_urls: dict[str, str] = {}
     else:
         server_url = f"http://{LOOPBACK_HOST}:{args.server_port}"
-        server_args = ["--host", LOOPBACK_HOST, "--port", str(args.server_port), "--model-path", checkpoints.llm,
-                       "--device", devices.llm, "--dtype", dtype]  # fmt: skip
         commands = {
-            MODEL_SERVER: [sys.executable, str(SERVER_SCRIPT), *server_args],
+            MODEL_SERVER: server_command(args, checkpoints.llm, devices.llm, dtype),
             WEB_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, "--server-url", server_url],
         }
         ready_urls = {MODEL_SERVER: f"{server_url}/health"}
