@@ -245,6 +245,7 @@ def run_in_one_process(parser: argparse.ArgumentParser, args: argparse.Namespace
     except ValueError as error:
         parser.error(str(error))
     from glm4voice.server.engine_backend import build_engine  # loads the model's code: after the cheap checks
+    from glm4voice.client import InProcessTokenClient
     from glm4voice.server.inprocess import InProcessTokenServer
 
     try:
@@ -253,7 +254,7 @@ def run_in_one_process(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error(str(error))
     tokens = InProcessTokenServer(engine, settings)
     try:
-        chat, client = load_chat(args, client=tokens.client())
+        chat, client = load_chat(args, client=InProcessTokenClient(tokens))
     except (OSError, ValueError) as error:  # missing or malformed checkpoint folders, bad --block-sizes
         logger.error("cannot start the web demo: %s", error)
         return 1
@@ -262,7 +263,7 @@ def run_in_one_process(parser: argparse.ArgumentParser, args: argparse.Namespace
     app = tokens.serve_inside(build_app(args, chat, client, host_policy))
     # on SIGINT/SIGTERM the engine's open streams end at once (their turns fail with a message), so
     # that the server does not wait for answers still being generated
-    server = build_server(app, args, host_policy, limits, client.base_url, tokens.state.begin_shutdown)
+    server = build_server(app, args, host_policy, limits, client.base_url, tokens.begin_shutdown)
     tokens.on_engine_failure(server.request_exit)
     server.run()
     if tokens.failure is not None:

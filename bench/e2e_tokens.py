@@ -3,7 +3,7 @@
 - :class:`ChildTokenServer` (``two-process``): ``bench/e2e_server.py`` in a child process, reached
   over HTTP by :class:`glm4voice.client.AsyncTokenClient` (as ``model_server.py`` + ``web_demo.py``);
 - :class:`InProcessTokens` (``one-process``): the same backend (engine + forced answers) in the
-  benchmark's own process, reached by :class:`glm4voice.server.inprocess.InProcessTokenClient`
+  benchmark's own process, reached by :class:`glm4voice.client.InProcessTokenClient`
   (as ``web_demo.py --in-process-engine``): one CUDA context, the speech side on its high-priority stream.
 
 Both: ``await start()``, ``client(max_connections)``, ``await set_prefill_graphs(on)``,
@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import free_port, log
-from glm4voice.client import AsyncTokenClient, TokenServerError
+from glm4voice.client import AsyncTokenClient, InProcessTokenClient, TokenServerError
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_PROCESS = "two-process"
@@ -130,10 +130,10 @@ class InProcessTokens:
         self._running = self.server.running()
         await self._running.__aenter__()  # load, warm-up, CUDA graphs (the event loop stays free meanwhile)
         log(f"in-process engine ready after {time.perf_counter() - started:.1f} s")
-        return await self.server.client().health()
+        return await self.client().health()
 
     def client(self, max_connections: int = 256):
-        return self.server.client()
+        return InProcessTokenClient(self.server)
 
     async def set_prefill_graphs(self, on: bool) -> list[int]:
         return self.backend.set_prefill_graphs(on)

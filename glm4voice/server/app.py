@@ -182,7 +182,7 @@ async def open_stream(state: ServerState, body: bytes, arrived: float) -> Stream
     """Validate a ``/generate_stream`` body, tokenize its prompt and reserve a slot: the request's
     :class:`StreamJob` (run it with :func:`glm4voice.server.streaming.job_tokens`, then ``job.end()``).
     Every refusal here happens before streaming: :class:`StreamRefused` with the JSON answer. Shared
-    by the HTTP route and the in-process client (``glm4voice.server.inprocess``)."""
+    by the HTTP route and the in-process server (``glm4voice.server.inprocess``)."""
     settings = state.settings
     if not state.ready:
         state.metrics.count(Outcome.SHUTDOWN)

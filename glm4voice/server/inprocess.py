@@ -1,61 +1,43 @@
-"""The token server without a port: the LLM engine in this process, used by the speech side through
-an in-process client with the HTTP client's interface (the one-process layout: ``web_demo.py --in-process-engine``).
+"""The token server without a port: the LLM engine in this process (the one-process layout,
+``web_demo.py --in-process-engine``); its client is :class:`glm4voice.client.InProcessTokenClient`.
 
     server = InProcessTokenServer(engine, settings)   # engine: a glm4voice.llm Engine or a TokenBackend
     async with server.running():                      # starts the engine (load, warm-up), as model_server does
-        client = server.client()                      # what glm4voice.client.AsyncTokenClient is to model_server.py
+        client = InProcessTokenClient(server)         # what AsyncTokenClient is to model_server.py
         async for token_id in client.stream(prompt_token_ids=ids, max_new_tokens=200):
             ...
 
 It is ``model_server.py``'s app (:func:`glm4voice.server.app.create_app`) minus the HTTP transport:
-each request is encoded as the HTTP client would send it and runs the server's own code,
-:func:`~glm4voice.server.app.open_stream` (body limit, validation, prompt checks, admission: 503 when
-the queue is full) and :func:`~glm4voice.server.streaming.job_tokens` (waiting for a slot, engine
-stream); a refusal is the same JSON answer, turned into an error by the HTTP client's own
-:func:`glm4voice.client.error_from_answer`. So :class:`InProcessTokenClient` yields the same token
-ids and raises the same :class:`~glm4voice.client.TokenServerError` subclasses, with the same
-messages, as :class:`~glm4voice.client.AsyncTokenClient` against ``model_server.py`` with the same
-settings; ``/health``'s body comes from :meth:`InProcessTokenClient.health`, ``/metrics``' figures
-stay in ``server.state.metrics``. Leaving a stream early (``break``, ``aclose``, cancelling the task)
-cancels the engine stream, which frees its slot at the engine's next step, and releases the admission slot.
+:meth:`InProcessTokenServer.generate_stream` takes the request body the HTTP client would send and
+runs the server's own code for it, :func:`~glm4voice.server.app.open_stream` (body limit, validation,
+prompt checks, admission: 503 when the queue is full) and :func:`~glm4voice.server.streaming.job_tokens`
+(waiting for a slot, the engine stream); a refusal is the same JSON answer the HTTP route sends
+(:class:`~glm4voice.server.streaming.StreamRefused`), a failure after the first token the same final
+error line (:class:`~glm4voice.server.streaming.StreamBroken`); :meth:`InProcessTokenServer.health`
+is ``GET /health``'s answer, and ``/metrics``' figures stay in ``server.state.metrics``. Leaving a
+stream early (``aclose``, cancelling the task) cancels the engine stream, which frees its slot at
+the engine's next step, and releases the admission slot.
 
 Everything runs on one event loop (the engine posts its tokens to the loop that started it): start
 the server inside the loop that serves the speech side. If the engine's worker dies, the server
-stops accepting work and calls the ``on_engine_failure`` callback (the one-process command exits
-with ``ENGINE_FAILED_EXIT_CODE`` so that a supervisor restarts it, as model_server.py does).
+stops accepting work and calls the ``on_engine_failure`` callback (``web_demo.py`` then exits with
+``ENGINE_FAILED_EXIT_CODE`` so that a supervisor restarts it, as model_server.py does).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
-import httpx
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from glm4voice.client import StreamFailedError, TokenServerError, error_from_answer, request_body
 from glm4voice.server.app import ServerState, create_app, health_response, open_stream
 from glm4voice.server.settings import ServerSettings
-from glm4voice.server.streaming import StreamBroken, StreamRefused, job_tokens
+from glm4voice.server.streaming import job_tokens
 from glm4voice.text_tokenizer import GLMTokenizer
-
-IN_PROCESS_URL = "in-process://engine"
-"""What :attr:`InProcessTokenClient.base_url` says (messages name the model server by its URL)."""
-
-
-def encode_body(body: dict[str, Any]) -> bytes:
-    """The request body as ``httpx`` encodes ``json=body`` (NaN and infinities raise ValueError
-    before anything is sent, as there)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def answer_error(response: Response) -> TokenServerError:
-    """The client error for a refusal answer: exactly what the HTTP client makes of it."""
-    return error_from_answer(response.status_code, httpx.Headers(list(response.headers.items())), response.body)
 
 
 class InProcessTokenServer:
@@ -76,15 +58,34 @@ class InProcessTokenServer:
         streams have ended with an error and admission has closed."""
         self.state.request_exit = callback
 
+    def begin_shutdown(self) -> None:
+        """Stop accepting work and end the open streams with an error at once (what leaving
+        :meth:`running` does first; call it when the process is asked to stop)."""
+        self.state.begin_shutdown()
+
     @asynccontextmanager
     async def running(self) -> AsyncIterator[InProcessTokenServer]:
         """Start the engine (load, warm-up) and the text tokenizer; stop them on exit (open streams
-        end with an error first). Enter it inside the event loop that will use :meth:`client`."""
+        end with an error first). Enter it inside the event loop that will serve the requests."""
         async with self.app.router.lifespan_context(self.app):
             yield self
 
-    def client(self) -> InProcessTokenClient:
-        return InProcessTokenClient(self.state)
+    async def generate_stream(self, body: bytes) -> AsyncIterator[int]:
+        """``POST /generate_stream`` without HTTP: ``body`` as the HTTP client sends it, the token ids
+        as the route streams them. Raises :class:`~glm4voice.server.streaming.StreamRefused` (the JSON
+        answer) before the first token, :class:`~glm4voice.server.streaming.StreamBroken` (the final
+        error line's text) after it."""
+        job = await open_stream(self.state, body, time.perf_counter())
+        try:
+            async with aclosing(job_tokens(job)) as tokens:
+                async for token_id in tokens:
+                    yield token_id
+        finally:
+            job.end()
+
+    def health(self) -> Response:
+        """``GET /health``'s answer (200 while ready, else 503 with the same body)."""
+        return health_response(self.state)
 
     def serve_inside(self, app: Any) -> Any:
         """``app`` (an ASGI app with a Starlette router, e.g. the web demo's) with this server's
@@ -99,51 +100,3 @@ class InProcessTokenServer:
 
         app.router.lifespan_context = lifespan
         return app
-
-
-class InProcessTokenClient:
-    """:class:`glm4voice.client.AsyncTokenClient`'s interface over an :class:`InProcessTokenServer`
-    (same arguments, token ids and errors; see the module doc)."""
-
-    def __init__(self, state: ServerState, base_url: str = IN_PROCESS_URL):
-        self._state = state
-        self.base_url = base_url
-
-    async def __aenter__(self) -> InProcessTokenClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Nothing to close (the server owns the engine); for the HTTP client's interface."""
-
-    async def stream(self, prompt: str | None = None, **params: Any) -> AsyncIterator[int]:
-        """Token ids as the engine generates them (the stop token that ended the turn included).
-        Keyword arguments: see :func:`glm4voice.client.request_body`."""
-        raw = encode_body(request_body(prompt, **params))
-        try:
-            job = await open_stream(self._state, raw, time.perf_counter())
-        except StreamRefused as refused:
-            raise answer_error(refused.response) from None
-        try:
-            async with aclosing(job_tokens(job)) as tokens:
-                async for token_id in tokens:
-                    yield token_id
-        except StreamRefused as refused:
-            raise answer_error(refused.response) from None
-        except StreamBroken as broken:
-            raise StreamFailedError(broken.text, job.tokens_sent) from None
-        finally:
-            job.end()
-
-    async def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
-        """The whole stream as a list."""
-        return [token async for token in self.stream(prompt, **params)]
-
-    async def health(self) -> dict[str, Any]:
-        """``GET /health``'s body; the HTTP client's error when the server is not ready (503)."""
-        response = health_response(self._state)
-        if response.status_code != 200:
-            raise answer_error(response)
-        return json.loads(response.body)

@@ -1,7 +1,7 @@
 """A validated ``/generate_stream`` request's life: wait for a slot, run one engine stream, hand out
 its tokens; and the HTTP response that sends them as NDJSON lines.
 
-:func:`job_tokens` is the transport-free core, shared by the HTTP response and the in-process client
+:func:`job_tokens` is the transport-free core, shared by the HTTP response and the in-process server
 (``glm4voice.server.inprocess``): it waits for a stream slot (refused with 503 when the wait is too
 long), submits to the engine and yields the token ids; a failure before the first token is a
 :class:`StreamRefused` (the JSON answer the HTTP server sends instead of a stream), one after it a

@@ -15,10 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from glm4voice.client import AsyncTokenClient, ServerBusyError, StreamFailedError, TokenServerError
+from glm4voice.client import (
+    IN_PROCESS_URL,
+    AsyncTokenClient,
+    InProcessTokenClient,
+    ServerBusyError,
+    StreamFailedError,
+    TokenServerError,
+)
 from glm4voice.serving import ConnectionLimits, build_server
 from glm4voice.server.app import create_app
-from glm4voice.server.inprocess import IN_PROCESS_URL, InProcessTokenServer
+from glm4voice.server.inprocess import InProcessTokenServer
 from glm4voice.server.metrics import Outcome
 from glm4voice.server.settings import ServerSettings
 from glm4voice.server.streaming import EngineRejected
@@ -142,9 +149,9 @@ async def inprocess_side(folder: Path, text_tokenizer, config: ServerSettings):
     backend = ContractBackend(folder)
     tokens = InProcessTokenServer(backend, config, text_tokenizer)
     async with tokens.running():
-        async with tokens.client() as client:
+        async with InProcessTokenClient(tokens) as client:
             # stopping: what leaving `running()` does first (as uvicorn's shutdown does for the HTTP side)
-            yield Side("inprocess", client, tokens.state, backend), tokens.state.begin_shutdown
+            yield Side("inprocess", client, tokens.state, backend), tokens.begin_shutdown
 
 
 async def until(condition, timeout: float = WAIT_S) -> None:
@@ -300,7 +307,7 @@ def test_a_dead_engine_stops_the_in_process_server_and_says_why(tiny_checkpoints
         stopped = []
         tokens.on_engine_failure(lambda: stopped.append(True))
         async with tokens.running():
-            client = tokens.client()
+            client = InProcessTokenClient(tokens)
             assert client.base_url == IN_PROCESS_URL
             result = asyncio.create_task(outcome(client, prompt_token_ids=[5], seed=HOLD_SEED, max_new_tokens=50))
             await until(lambda: tokens.state.jobs and next(iter(tokens.state.jobs)).tokens_sent == HOLD_AFTER_TOKENS)

@@ -14,6 +14,7 @@ import torch
 from flow_inference import AudioDecoder
 from glm4voice.devices import high_priority_stream
 from glm4voice.llm.engine import Engine, EngineConfig
+from glm4voice.client import InProcessTokenClient
 from glm4voice.server.inprocess import InProcessTokenServer
 from glm4voice.server.settings import ServerSettings
 from speech_tokenizer import SpeechTokenizer
@@ -54,7 +55,7 @@ def test_engine_and_decoder_in_one_process_do_not_change_each_others_results(tin
 
     async def scenario():
         async with server.running():
-            client = server.client()
+            client = InProcessTokenClient(server)
             params = dict(prompt_token_ids=[5, 9, 13, 17], temperature=0, max_new_tokens=200)
             alone_ids = await client.generate(**params)
             seen = asyncio.Event()
