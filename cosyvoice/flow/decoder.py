@@ -137,7 +137,9 @@ class ResnetBlock1D(nn.Module):
         self.block2 = Block1D(dim_out, dim_out, groups)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, time_proj: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, time_proj: torch.Tensor, padded: bool = False
+    ) -> torch.Tensor:
         """``time_proj`` = ``self.mlp(time embedding)``, (B or 1, dim_out)."""
         h = self.block1(x, mask, padded) + time_proj.unsqueeze(-1)
         h = self.block2(h, mask, padded)
@@ -146,7 +148,9 @@ class ResnetBlock1D(nn.Module):
 
 def _transformer_stack(dim: int, count: int, heads: int, head_dim: int, dropout: float, act_fn: str) -> nn.ModuleList:
     return nn.ModuleList(
-        BasicTransformerBlock(dim=dim, num_attention_heads=heads, attention_head_dim=head_dim, dropout=dropout, activation_fn=act_fn)
+        BasicTransformerBlock(
+            dim=dim, num_attention_heads=heads, attention_head_dim=head_dim, dropout=dropout, activation_fn=act_fn
+        )
         for _ in range(count)
     )
 

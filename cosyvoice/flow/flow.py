@@ -111,7 +111,9 @@ class MaskedDiffWithXvec(nn.Module):
 
         prompt_frames = int(prompt_feat.shape[1])
         if prompt_frames > feat_len:
-            raise ValueError(f"the prompt mel ({prompt_frames} frames) is longer than the whole mel ({feat_len} frames)")
+            raise ValueError(
+                f"the prompt mel ({prompt_frames} frames) is longer than the whole mel ({feat_len} frames)"
+            )
         conds = torch.zeros(batch, self.output_size, feat_len, device=mu.device, dtype=mu.dtype)
         if prompt_frames:
             conds[:, :, :prompt_frames] = prompt_feat.transpose(1, 2).to(mu.dtype)

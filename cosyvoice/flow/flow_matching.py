@@ -36,7 +36,14 @@ class ConditionalCFM(nn.Module):
     """Holds the estimator (``decoder.estimator.*`` keys) and the solver settings from ``cfm_params``
     (sigma_min, solver 'euler', t_scheduler 'cosine', inference_cfg_rate; training-only fields kept)."""
 
-    def __init__(self, in_channels: int, cfm_params: Any, n_spks: int = 1, spk_emb_dim: int = 64, estimator: nn.Module | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        cfm_params: Any,
+        n_spks: int = 1,
+        spk_emb_dim: int = 64,
+        estimator: nn.Module | None = None,
+    ):
         super().__init__()
         self.n_feats = in_channels
         self.n_spks = n_spks

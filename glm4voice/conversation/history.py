@@ -19,8 +19,8 @@ spoken). N = 0 keeps nothing; an answer with fewer than N audio tokens is kept w
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from glm4voice.audio import SPEECH_TOKEN_RATE
 from glm4voice.protocol import Conversation, SpecialTokens, TokenizerLike, UserInput

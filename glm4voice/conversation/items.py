@@ -8,7 +8,6 @@ import asyncio
 import enum
 import secrets
 from dataclasses import dataclass, field
-from typing import Union
 
 from glm4voice.audio import Audio
 from glm4voice.pipeline import FailureKind, GenerationOptions, TurnProgress
@@ -81,7 +80,7 @@ class AssistantItem:
         return self.audio_samples * 1000 // self.sample_rate
 
 
-Item = Union[UserItem, AssistantItem]
+Item = UserItem | AssistantItem
 
 
 # --- responses -----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +107,7 @@ class SpeechStop:
     """Where ``silence_duration_ms`` of that silence was complete (the end of the frame that decided)."""
 
 
-SpeechBoundary = Union[SpeechStart, SpeechStop]
+SpeechBoundary = SpeechStart | SpeechStop
 
 
 class SpeechSegmenter:

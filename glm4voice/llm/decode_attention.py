@@ -222,7 +222,7 @@ def _triton_kernels():
         sums = tl.load(SUM + index, mask=s[:, None] < splits, other=0.0)
         total = tl.sum(weights * sums, 0)  # [BLOCK_G]
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for i in range(0, splits):
+        for i in range(splits):
             w = tl.exp(tl.load(MAX + (row_head * splits + i) * BLOCK_G + g) - overall)
             part = tl.load(ACC + ((row_head * splits + i) * BLOCK_G + g[:, None]) * D + d[None, :])
             acc += w[:, None] * part

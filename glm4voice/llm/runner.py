@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -50,10 +50,10 @@ def _cover(sizes: Sequence[int], n: int) -> int | None:
 class Launch:
     """A decode step in flight (see :meth:`ModelRunner.launch`)."""
 
-    rows: tuple["DecodeRow", ...]
+    rows: tuple[DecodeRow, ...]
     b: int
     out: torch.Tensor
-    event: "torch.cuda.Event | None"
+    event: torch.cuda.Event | None
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ class ModelRunner:
         return self.collect(self.launch(rows))
 
     @torch.inference_mode()
-    def launch(self, rows: Sequence[DecodeRow], after: "Launch | None" = None) -> "Launch":
+    def launch(self, rows: Sequence[DecodeRow], after: Launch | None = None) -> Launch:
         """Start a decode step and return at once (the device works on). With ``after`` (a step
         over the same rows, still running or not yet collected) the step continues from that
         step's outputs on the device: each row's input is the token it drew, one position further;
@@ -308,7 +308,7 @@ class ModelRunner:
             event.record()
         return Launch(tuple(rows), b, out, event)
 
-    def collect(self, launch: "Launch") -> list[int]:
+    def collect(self, launch: Launch) -> list[int]:
         """Wait for a launched step; its new token for each row (same order)."""
         if launch.event is not None:
             launch.event.synchronize()

@@ -10,7 +10,7 @@ noise reduction, tracing) are accepted and ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
@@ -202,30 +202,19 @@ class ResponseCancel(_In):
     response_id: str | None = None
 
 
-ClientEvent = Union[
-    SessionUpdate,
-    AudioAppend,
-    AudioCommit,
-    AudioClear,
-    ItemCreate,
-    ItemTruncate,
-    ItemDelete,
-    ResponseCreate,
-    ResponseCancel,
-]
+ClientEvent = (
+    SessionUpdate
+    | AudioAppend
+    | AudioCommit
+    | AudioClear
+    | ItemCreate
+    | ItemTruncate
+    | ItemDelete
+    | ResponseCreate
+    | ResponseCancel
+)
 CLIENT_EVENTS: dict[str, type[BaseModel]] = {
-    model.model_fields["type"].annotation.__args__[0]: model  # type: ignore[union-attr]
-    for model in (
-        SessionUpdate,
-        AudioAppend,
-        AudioCommit,
-        AudioClear,
-        ItemCreate,
-        ItemTruncate,
-        ItemDelete,
-        ResponseCreate,
-        ResponseCancel,
-    )  # fmt: skip
+    get_args(model.model_fields["type"].annotation)[0]: model for model in get_args(ClientEvent)
 }
 UNSUPPORTED_EVENTS = {
     "conversation.item.retrieve": "retrieving items is not supported",

@@ -91,7 +91,7 @@ class GenerateRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "GenerateRequest":
+    def _one_prompt(self) -> GenerateRequest:
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise ValueError("give exactly one of 'prompt' (text) and 'prompt_token_ids' (list of ints)")
         return self
