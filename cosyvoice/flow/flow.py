@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.transformer.encoder import padding_mask
+from cosyvoice.flow.flow_matching import ConditionalCFM
+from cosyvoice.flow.length_regulator import InterpolateRegulator
+from cosyvoice.transformer.encoder import ConformerEncoder, padding_mask
 
 MEL_SAMPLE_RATE = 22_050
 MEL_HOP = 256
@@ -37,9 +39,9 @@ class MaskedDiffWithXvec(nn.Module):
         vocab_size: int = 4096,
         input_frame_rate: float = 50,
         only_mask_loss: bool = True,
-        encoder: nn.Module | None = None,
-        length_regulator: nn.Module | None = None,
-        decoder: nn.Module | None = None,
+        encoder: ConformerEncoder | None = None,
+        length_regulator: InterpolateRegulator | None = None,
+        decoder: ConditionalCFM | None = None,
         decoder_conf: Mapping[str, Any] | None = None,
         mel_feat_conf: Mapping[str, Any] | None = None,
     ):

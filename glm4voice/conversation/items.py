@@ -48,7 +48,7 @@ class UserItem:
     """Spoken input (16 kHz), kept until it is tokenized."""
     input: UserInput | None = None
     """The tokenized input (None while the speech tokenizer works, or if it failed)."""
-    ready: asyncio.Task | None = field(default=None, repr=False)
+    ready: asyncio.Task[None] | None = field(default=None, repr=False)
     """The speech tokenizer's job for this item."""
     status: ItemStatus = ItemStatus.COMPLETED
 
@@ -113,7 +113,7 @@ class Response:
     output_tokens: int = 0
     output_audio_tokens: int = 0
     progress: TurnProgress = field(default_factory=TurnProgress, repr=False)
-    task: asyncio.Task | None = field(default=None, repr=False)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def done(self) -> bool:

@@ -22,16 +22,18 @@ import ctypes
 import importlib.metadata
 import logging
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from glm4voice.audio import INPUT_SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 VAD_SAMPLE_RATE = INPUT_SAMPLE_RATE
 """silero-vad's 16 kHz model; the speech tokenizer's rate too, so one stream serves both."""
@@ -250,7 +252,7 @@ class SileroVAD:
                 state.context = frame[-CONTEXT_SAMPLES:].copy()
         return out
 
-    async def run(self, function, *args):
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` on the VAD worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 

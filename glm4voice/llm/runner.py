@@ -222,9 +222,16 @@ class ModelRunner:
         self._pf_ids[:length].copy_(self._pf_host_ids[:length], non_blocking=True)
         self._pfc_meta.copy_(self._pf_host_meta, non_blocking=True)
         self.continued_graphs[key].replay()
+        return self._graph_token()
+
+    def _graph_token(self) -> int:
+        """The token a replayed prefill graph sampled, through the pinned host buffer (waits for that copy only)."""
+        event = self._pf_event
+        if event is None:  # graphs are captured only on CUDA, where the host buffers are pinned
+            raise RuntimeError("a prefill graph was replayed without pinned host buffers")
         self._pf_host_token.copy_(self._pf_token, non_blocking=True)
-        self._pf_event.record()
-        self._pf_event.synchronize()
+        event.record()
+        event.synchronize()
         return int(self._pf_host_token[0])
 
     def _replay_prefill(self, length: int, slot: int, ids: Sequence[int]) -> int:
@@ -236,10 +243,7 @@ class ModelRunner:
         self._pf_ids[:length].copy_(self._pf_host_ids[:length], non_blocking=True)
         self._pf_meta.copy_(self._pf_host_meta, non_blocking=True)
         self.prefill_graphs[length].replay()
-        self._pf_host_token.copy_(self._pf_token, non_blocking=True)
-        self._pf_event.record()
-        self._pf_event.synchronize()
-        return int(self._pf_host_token[0])
+        return self._graph_token()
 
     # --- decode -------------------------------------------------------------------------------------
     def _step(self, b: int, kv_len: int) -> None:
