@@ -165,9 +165,9 @@ def _one_intra_op_thread() -> None:
     """Worker initializer: torch runs this thread's ops on one OpenMP thread, the rest of the process
     keeps its setting. The model's ops are tiny; split over threads that compete with the decoder (or,
     on a small machine, with other processes), each op waits for a thread that is not running, and a
-    0.3 ms frame takes tens of milliseconds. ``torch.set_num_threads`` would change the whole process,
-    so this calls ``omp_set_num_threads`` of the OpenMP runtime torch loaded, which sets the calling
-    thread's value only."""
+    frame costs many times its compute (docs/perf/vad.md). ``torch.set_num_threads`` would change the
+    whole process, so this calls ``omp_set_num_threads`` of the OpenMP runtime torch loaded, which
+    sets the calling thread's value only."""
     import torch
 
     torch.zeros(1).add_(1)  # torch initialises this thread's OpenMP setting on its first op
