@@ -189,6 +189,9 @@ class E2EBench:
         tokenizer_dir = self.tmp / "text-tokenizer"
         write_tiny_text_tokenizer(tokenizer_dir)
         self.tokenizer_dir = tokenizer_dir
+        if self.args.token_server_url:  # e.g. Ray Serve's ingress (bench/ray_e2e.py --serve-only)
+            self.url = self.args.token_server_url.rstrip("/")
+            return
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         command = [
@@ -206,7 +209,7 @@ class E2EBench:
         with TokenClient(self.url) as client:
             deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
             while True:
-                if self.server.poll() is not None:
+                if self.server is not None and self.server.poll() is not None:
                     raise RuntimeError(f"the token server exited with {self.server.returncode}; see its log")
                 try:
                     health = client.wait_until_ready(timeout=5)
@@ -361,8 +364,8 @@ class E2EBench:
             finally:
                 unbatched.close()
 
-        # the reference-style pipeline
-        if self.left_s() > 60:
+        # the reference-style pipeline (served by bench/e2e_server.py only)
+        if self.left_s() > 60 and not args.token_server_url:
             ref_short = answer_length(ORIGINAL_BLOCK_SIZES[0]) + 2
             records = []
             warm = await run_turn(reference, question, GenerationOptions(max_new_tokens=ref_short, seed=500), lead)
@@ -469,6 +472,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="CPU dry run: short answers, few levels")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--server-log", help="the token server's log file (default: in a temp folder)")
+    parser.add_argument("--token-server-url", help="a running token server with forced answers instead of "
+                        "bench/e2e_server.py (e.g. bench/ray_e2e.py --serve-only: Ray Serve's ingress)")  # fmt: skip
     args = parser.parse_args()
     args.levels = sorted({int(n) for n in args.levels.split(",")})
     if args.llm_dtype is None:

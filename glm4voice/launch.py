@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="web UI port")
     parser.add_argument("--server-port", type=int, default=TOKEN_SERVER_PORT, help="model server port (loopback)")
+    parser.add_argument(
+        "--server-url",
+        help="use this running token server (e.g. python -m glm4voice.serve, the Ray Serve ingress) instead of "
+        "starting model_server.py; it must serve the same --model-path",
+    )
     parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
     parser.add_argument("--regenerate-tiny", action="store_true")
     return parser
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = choose_checkpoints(args)
     device = args.device or default_device()
     dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
-    server_url = f"http://{LOOPBACK_HOST}:{args.server_port}"
+    server_url = args.server_url.rstrip("/") if args.server_url else f"http://{LOOPBACK_HOST}:{args.server_port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     server_cmd = [
         sys.executable,
@@ -193,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     processes: dict[str, subprocess.Popen] = {}
     signal.signal(signal.SIGTERM, _terminate)  # stop the children on SIGTERM too, not only on Ctrl-C
     try:
-        logger.info("starting the model server: %s", " ".join(server_cmd))
-        processes[MODEL_SERVER] = subprocess.Popen(server_cmd, cwd=ROOT, env=env)
-        wait_until_ready(f"{server_url}/health", processes[MODEL_SERVER], SERVER_READY_TIMEOUT_S, MODEL_SERVER)
+        if not args.server_url:
+            logger.info("starting the model server: %s", " ".join(server_cmd))
+            processes[MODEL_SERVER] = subprocess.Popen(server_cmd, cwd=ROOT, env=env)
+            wait_until_ready(f"{server_url}/health", processes[MODEL_SERVER], SERVER_READY_TIMEOUT_S, MODEL_SERVER)
         logger.info("starting the web demo: %s", " ".join(demo_cmd))
         processes[WEB_DEMO] = subprocess.Popen(demo_cmd, cwd=ROOT, env=env)
         local_host = LOOPBACK_HOST if args.host in ("0.0.0.0", "::") else args.host

@@ -148,9 +148,7 @@ class TokenStreamResponse(Response):
         try:
             stream = job.stream = job.submit()
         except EngineRejected as error:
-            job.outcome = Outcome.BUSY if error.status == 503 else Outcome.REJECTED
-            headers = busy_headers(job.retry_after_s) if error.retry_after else None
-            await self._send_whole(send, json_response(error.status, wire.error_body(error.text), headers))
+            await self._refuse(send, error)
             return
         except Exception as error:
             logger.exception("%s: the engine refused the request", job.request_id)
@@ -169,6 +167,10 @@ class TokenStreamResponse(Response):
                     break
                 except Exception as error:
                     finished = True
+                    if isinstance(error, EngineRejected) and not job.headers_sent:
+                        # a remote backend (glm4voice.serve) hears of a refusal when the stream starts
+                        await self._refuse(send, error)
+                        return
                     logger.exception("%s: the engine failed after %d tokens", job.request_id, job.tokens_sent)
                     job.outcome = Outcome.ENGINE_ERROR
                     if job.headers_sent:
@@ -210,6 +212,12 @@ class TokenStreamResponse(Response):
         finally:
             if not finished:
                 stream.cancel()
+
+    async def _refuse(self, send: Send, error: EngineRejected) -> None:
+        job = self.job
+        job.outcome = Outcome.BUSY if error.status == 503 else Outcome.REJECTED
+        headers = busy_headers(job.retry_after_s) if error.retry_after else None
+        await self._send_whole(send, json_response(error.status, wire.error_body(error.text), headers))
 
     async def _send_whole(self, send: Send, response: Response) -> None:
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
