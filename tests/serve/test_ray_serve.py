@@ -366,6 +366,35 @@ def test_the_openai_sdk_gets_spoken_answers_from_the_speech_replica(cluster):
     assert sum(r["routed"] for r in cluster.replicas()["speech"]) == speech_before + 2
 
 
+def test_a_realtime_session_runs_through_ray_serves_websocket_proxy(cluster):
+    import openai
+
+    async def scenario() -> list:
+        client = openai.AsyncOpenAI(base_url=cluster.url + "/v1", websocket_base_url=cluster.url.replace("http", "ws")
+                                    + "/v1", api_key="unused", max_retries=0)  # fmt: skip
+        events = []
+        async with client.realtime.connect(model="glm-4-voice-9b") as connection:
+            await connection.session.update(session={"type": "realtime", "max_output_tokens": 30,
+                                                     "audio": {"input": {"turn_detection": None}}})  # fmt: skip
+            await connection.conversation.item.create(
+                item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello"}]}
+            )
+            await connection.response.create()
+            async with asyncio.timeout(WAIT_S):
+                async for event in connection:
+                    events.append(event)
+                    if event.type in ("response.done", "error"):
+                        break
+        return events
+
+    events = asyncio.run(scenario())
+    types = [e.type for e in events]
+    assert "error" not in types, events[-1]
+    assert types[0] == "session.created" and types[-1] == "response.done", types
+    assert events[-1].response.status in ("completed", "incomplete") and events[-1].response.usage.output_tokens > 0
+    assert any(t == "response.output_audio.delta" for t in types)
+
+
 def test_the_web_demo_takes_the_ingress_as_its_token_server(cluster, tiny_checkpoints):
     port = free_port()
     args = [str(ROOT / "web_demo.py"), "--host", "127.0.0.1", "--port", str(port), "--server-url", cluster.url,
