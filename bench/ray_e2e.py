@@ -3,8 +3,8 @@ replica per GPU (``glm4voice.serve``, placement ``shared``), measured where the 
 
     python bench/ray_e2e.py --levels 32,48,64 --out ray_e2e.json        # GPU machine, every GPU used
     python bench/ray_e2e.py --device cpu --config small --quick          # dry run of the script on a CPU
-    python bench/ray_e2e.py --serve-only --port 8000                     # only the app, for bench/e2e.py:
-    python bench/e2e.py --token-server-url http://127.0.0.1:8000         #   its turns, this app's engines
+    python bench/ray_e2e.py --serve-only --speech-replicas 0 --port 8000   # only the engines, for bench/e2e.py:
+    python bench/e2e.py --token-server-url http://127.0.0.1:8000           #   its turns, these engines
 
 What runs: a local Ray cluster with the Serve applications of ``python -m glm4voice.serve``. Engine
 replicas build the published GLM-4-Voice-9B shape with random bf16 weights on their GPU and force the
@@ -14,8 +14,9 @@ random decoder of the published shape (bf16 estimator, CUDA graphs, warmed up) a
 tokenizer (the answers are forced, so the question's codes change nothing; the published tokenizer
 would add ~15 ms to each question). Each conversation sends the spoken question
 ``bench/data/question_5s.wav`` through :class:`glm4voice.serve.turns.RemoteVoiceChat` (the way the
-ingress's OpenAI routes run turns): the speech replica Ray picks tokenizes it, builds nothing, streams
-the answer's events back; this process builds the prompt and measures each audio chunk on arrival.
+ingress's OpenAI routes run turns): a speech replica tokenizes it, this process builds the prompt, the
+least busy speech replica runs the answer (its tokens from the least busy engine) and streams its events
+back, and each audio chunk is stamped here on arrival.
 
 A conversation stays real time if a player that starts ``PLAYER_LEAD_S`` after its first chunk never
 runs dry (``bench/e2e.py``'s ``turn_record``, on arrival times here).
@@ -45,6 +46,9 @@ from glm4voice.defaults import PLAYER_LEAD_S  # noqa: E402
 logger = logging.getLogger("bench.ray_e2e")
 
 QUESTION = ROOT / "bench" / "data" / "question_5s.wav"
+OBJECT_STORE_BYTES = 2 << 30
+"""Ray's shared-memory object store: the answers' audio chunks pass through it (a container's /dev/shm may
+be small; Ray's default is 30% of the memory)."""
 
 
 # --- the engine replicas' backend (glm4voice.serve's --engine-factory) ------------------------------------
@@ -104,6 +108,7 @@ def serve_config(args, paths: dict[str, Path], gpus: int):
     from glm4voice.server.settings import ServerSettings
 
     replicas = max(1, gpus) if args.replicas is None else args.replicas
+    speech_replicas = replicas if args.speech_replicas is None else args.speech_replicas
     engine_gpus, speech_gpus = gpu_shares(Placement(args.placement)) if gpus else (0.0, 0.0)
     streams = max(args.levels)  # room for every conversation on one engine: Ray's routing spreads them
     server = ServerSettings(
@@ -113,7 +118,7 @@ def serve_config(args, paths: dict[str, Path], gpus: int):
     )  # fmt: skip
     return ServeConfig(
         server=server, tokenizer_path=str(paths["speech"]), flow_path=str(paths["decoder"]), pipeline=PipelineConfig(),
-        engine=ReplicaSpec(replicas, None, engine_gpus), speech=ReplicaSpec(replicas, None, speech_gpus),
+        engine=ReplicaSpec(replicas, None, engine_gpus), speech=ReplicaSpec(speech_replicas, None, speech_gpus),
         max_concurrent_turns=streams, engine_factory=f"bench.ray_e2e:{args.config}_engine",
     )  # fmt: skip
 
@@ -247,6 +252,8 @@ def main() -> int:
     parser.add_argument("--config", choices=("published", "small"), default="published")
     parser.add_argument("--llm-dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--replicas", type=int, default=None, help="engine and speech replicas (default: one per GPU)")
+    parser.add_argument("--speech-replicas", type=int, default=None,
+                        help="default: as many as engine replicas (0 with --serve-only: engines for bench/e2e.py)")  # fmt: skip
     parser.add_argument("--placement", choices=("shared", "separate"), default="shared")
     parser.add_argument("--levels", default="16,32,48,64", help="concurrent conversations to try")
     parser.add_argument("--answer-seconds", type=float, default=30.0)
@@ -278,7 +285,8 @@ def main() -> int:
     args.paths = write_checkpoints(Path(tempfile.mkdtemp(prefix="ray-e2e-")), args.config)
     config = serve_config(args, args.paths, gpus)
     args.replicas_started = config.engine.replicas
-    ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=args.serve_only)
+    ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=args.serve_only,
+             object_store_memory=OBJECT_STORE_BYTES)  # fmt: skip
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, _interrupt)
     try:

@@ -13,12 +13,12 @@
 #                           most PART_MB MiB (default 40: a part, the 2.4 MiB working tree and the project's
 #                           17 MiB of wheels travel in one 64 MiB call)
 #   stash PART_DIR          keep a carried part in /tmp/whl-ray (survives between calls on a warm machine)
-#   install                 join the ray wheel, install /tmp/whl-ray/*.whl (and .whl/*.whl if carried) into
-#                           /tmp/site; then use PYTHONPATH=/tmp/site
+#   install                 join the ray wheel, install /tmp/whl-ray/*.whl and .whl/*.whl (if carried) into
+#                           /tmp/site in one pip run (instead of the usual .whl line); then PYTHONPATH=/tmp/site
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STASH=/tmp/whl-ray
-SITE=/tmp/site
+STASH="${RAY_WHEEL_STASH:-/tmp/whl-ray}"
+SITE="${SITE:-/tmp/site}"
 RAY=ray==2.60.0
 
 # Wheels of ray[serve]'s closure that are not carried: the GPU image has them (and code there uses its
@@ -64,9 +64,11 @@ stash() {
 install() {
   local name; name=$(cat "$STASH/ray-wheel-name")
   cat "$STASH"/ray.whl.part-* > "$STASH/$name"
-  local pip=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
-  if compgen -G ".whl/*.whl" > /dev/null; then "${pip[@]}" .whl/*.whl; fi
-  "${pip[@]}" "$STASH"/*.whl
+  local wheels=("$STASH"/*.whl)
+  if compgen -G ".whl/*.whl" > /dev/null; then wheels+=(.whl/*.whl); fi
+  # one pip run for both sets: a second --target run would replace the namespace packages (opentelemetry)
+  # that the first one filled
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
   PYTHONPATH="$SITE" python3 -c "import ray, ray.serve, glm4voice.serve.app; print('ray', ray.__version__, 'ready')"
 }
 
