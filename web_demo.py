@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"turns handled at once across all users (default {GPU_MAX_CONCURRENT_TURNS} with a GPU, "
-        f"{MAX_CONCURRENT_TURNS} on a CPU)",
+        f"{MAX_CONCURRENT_TURNS} on a CPU); when given, the decoder's CUDA graphs cover only that many blocks "
+        "at once (less GPU memory for a small card)",
     )
     parser.add_argument(
         "--random-weights-notice",
@@ -105,6 +106,7 @@ def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
     """Load the models once (text tokenizer files, speech tokenizer, decoder) and the client."""
     from flow_inference import AudioDecoder
     from glm4voice.client import AsyncTokenClient
+    from glm4voice.decoder.options import graph_batch_sizes_for
     from glm4voice.hub import resolve_checkpoint
     from glm4voice.text_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE, GLMTokenizer
     from speech_tokenizer import SpeechTokenizer
@@ -117,7 +119,10 @@ def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
     text_tokenizer = GLMTokenizer.from_pretrained(llm_folder)
     speech_tokenizer = SpeechTokenizer.from_pretrained(args.tokenizer_path, device=device)
     dtype = decoder_dtype(args.decoder_dtype, device)
-    decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=dtype)
+    # at most one block per turn in flight: graphs for batches up to --max-concurrent-turns (default: every size)
+    turns = args.max_concurrent_turns
+    graphs = {} if turns is None else {"graph_batch_sizes": graph_batch_sizes_for(turns)}
+    decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=dtype, **graphs)
     client = AsyncTokenClient(args.server_url)
     chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config, server_url=args.server_url)
     if decoder.device.type == "cuda":  # every block shape's CUDA graph now, not while a listener waits

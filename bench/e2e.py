@@ -25,13 +25,26 @@ Sections (each printed and written to ``--out`` as it finishes):
   the first chunk never runs dry; also at one level with cross-session block batching off;
 - ``reference``: the reference-style pipeline measured in the same run: transformers ``generate()``
   with a streamer thread (batch 1), the original block schedule (25, 50, 100, 150, 200), float32
-  eager decoder with the unbounded prompt, no seam cross-fade; TTFA and the ratio to ours.
+  eager decoder with the unbounded prompt, no seam cross-fade; TTFA and the ratio to ours
+  (``--no-reference``: skipped; always with a quantized ``--llm-dtype``, whose weights transformers
+  cannot run);
+- ``memory``: GPU memory of both processes (nvidia-smi) and their sum: the whole demo's footprint at
+  the levels run (the server's KV cache is sized by the largest level and ``--max-seq-len``; the
+  decoder's CUDA graphs cover batches up to the largest level).
+
+Quantized LLM weights (``--llm-dtype fp8`` / ``int4`` / ``int8``, glm4voice.llm.quant) run the same way;
+their TTFA sits beside bf16's when both runs are made on the same machine::
+
+    python bench/e2e.py --llm-dtype bfloat16 --levels 1,8 --no-reference --unbatched-level 0 --out e2e_bf16.json
+    python bench/e2e.py --llm-dtype fp8 --levels 1,8 --unbatched-level 0 --out e2e_fp8.json
+    python bench/e2e.py --llm-dtype int4 --levels 4 --max-seq-len 8192 --unbatched-level 0 --out e2e_int4_4.json
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import subprocess
 import sys
@@ -52,8 +65,10 @@ from glm4voice.audio import OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, load_audio
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder
 from glm4voice.checkpoints.text import write_tiny_text_tokenizer
 from glm4voice.client import AsyncTokenClient, TokenClient
+from glm4voice.decoder.options import graph_batch_sizes_for
 from glm4voice.defaults import PLAYER_LEAD_S
-from glm4voice.devices import default_device
+from glm4voice.devices import default_device, llm_dtypes
+from glm4voice.llm.quant import QUANTIZED_DTYPES
 from glm4voice.pipeline import (
     AssistantAudio,
     GenerationOptions,
@@ -198,7 +213,8 @@ class E2EBench:
             sys.executable, str(ROOT / "bench" / "e2e_server.py"), "--port", str(port),
             "--tokenizer-dir", str(tokenizer_dir), "--config", self.args.config, "--device", self.args.device,
             "--dtype", self.args.llm_dtype, "--max-streams", str(max(self.args.levels)),
-        ]  # fmt: skip
+            "--max-seq-len", str(self.args.max_seq_len),
+        ] + ([] if self.args.reference else ["--no-reference"])  # fmt: skip
         log_path = Path(self.args.server_log or self.tmp / "server.log")
         log(f"starting the token server: {' '.join(command)} (log: {log_path})")
         self.server_log = open(log_path, "w")
@@ -229,7 +245,7 @@ class E2EBench:
         log(f"speech tokenizer ({self.args.config}) in {time.perf_counter() - started:.1f} s")
         return tokenizer
 
-    def build_decoders(self) -> tuple[AudioDecoder, AudioDecoder]:
+    def build_decoders(self) -> tuple[AudioDecoder, AudioDecoder | None]:
         sizes = (
             PUBLISHED_DECODER_SIZES
             if self.args.config == "published"
@@ -238,9 +254,15 @@ class E2EBench:
         folder = self.tmp / "decoder"
         write_random_decoder(folder, sizes, seed=0)
         files = (folder / "config.yaml", folder / "flow.pt", folder / "hift.pt")
-        ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32)
-        reference = AudioDecoder(*files, self.device, dtype=torch.float32, prompt_window=None, cuda_graphs=False,
-                                 seam_crossfade=False)  # fmt: skip
+        # CUDA graphs for the batches the largest level can make (as many blocks as conversations), as
+        # web_demo.py --max-concurrent-turns sizes them
+        batches = graph_batch_sizes_for(max(self.args.levels))
+        ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32,
+                            graph_batch_sizes=batches)  # fmt: skip
+        reference = None
+        if self.args.reference:
+            reference = AudioDecoder(*files, self.device, dtype=torch.float32, prompt_window=None, cuda_graphs=False,
+                                     seam_crossfade=False)  # fmt: skip
         return ours, reference
 
     # --- sections ----------------------------------------------------------------------------------
@@ -300,7 +322,7 @@ class E2EBench:
             stop.set()
             thread.join(30)
 
-    async def run_async(self, chat: VoiceChat, reference: VoiceChat) -> None:
+    async def run_async(self, chat: VoiceChat, reference: VoiceChat | None) -> None:
         args = self.args
         question = QUESTION
         lead = self.lead
@@ -364,8 +386,8 @@ class E2EBench:
             finally:
                 unbatched.close()
 
-        # the reference-style pipeline (served by bench/e2e_server.py only)
-        if self.left_s() > 60 and not args.token_server_url:
+        # the reference-style pipeline
+        if reference is not None and self.left_s() > 60:
             ref_short = answer_length(ORIGINAL_BLOCK_SIZES[0]) + 2
             records = []
             warm = await run_turn(reference, question, GenerationOptions(max_new_tokens=ref_short, seed=500), lead)
@@ -432,16 +454,17 @@ class E2EBench:
 
     async def _chats(self, text_tokenizer, speech_tokenizer, ours, reference_decoder) -> int:
         max_level = max(self.args.levels)
-        async with AsyncTokenClient(self.url, max_connections=2 * max_level + 8) as client, \
-                AsyncTokenClient(self.url + "/reference") as reference_client:  # fmt: skip
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(AsyncTokenClient(self.url, max_connections=2 * max_level + 8))
             chat = VoiceChat(text_tokenizer, speech_tokenizer, ours, client, PipelineConfig())
-            reference = VoiceChat(text_tokenizer, speech_tokenizer, reference_decoder, reference_client,
-                                  PipelineConfig(block_sizes=ORIGINAL_BLOCK_SIZES, decode_batch=1, adaptive_blocks=False))  # fmt: skip
-            try:
-                await self.run_async(chat, reference)
-            finally:
-                chat.close()
-                reference.close()
+            stack.callback(chat.close)
+            reference = None
+            if reference_decoder is not None:
+                reference_client = await stack.enter_async_context(AsyncTokenClient(self.url + "/reference"))
+                reference = VoiceChat(text_tokenizer, speech_tokenizer, reference_decoder, reference_client,
+                                      PipelineConfig(block_sizes=ORIGINAL_BLOCK_SIZES, decode_batch=1, adaptive_blocks=False))  # fmt: skip
+                stack.callback(reference.close)
+            await self.run_async(chat, reference)
         return 0
 
     def memory(self) -> None:
@@ -452,8 +475,11 @@ class E2EBench:
             smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=20)  # fmt: skip
             info["nvidia_smi"] = smi.stdout.strip().splitlines()
-        except (OSError, subprocess.SubprocessError) as error:
+            used = [int(line.split(",")[1].split()[0]) for line in info["nvidia_smi"] if line.count(",") == 1]
+            info["both_processes_gb"] = round(sum(used) * 2**20 / 1e9, 2)  # the whole demo at these levels
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError) as error:
             info["nvidia_smi"] = str(error)
+        info |= {"llm_dtype": self.args.llm_dtype, "levels": self.args.levels, "max_seq_len": self.args.max_seq_len}
         self.section("memory", info)
 
 
@@ -462,7 +488,11 @@ def main() -> int:
     parser.add_argument("--device", default=default_device())
     parser.add_argument("--config", choices=("published", "small"), default="published",
                         help="model shapes: published (GPU) or small (CPU dry run)")  # fmt: skip
-    parser.add_argument("--llm-dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--llm-dtype", default=None, choices=llm_dtypes(),
+                        help="the token server's --dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    parser.add_argument("--max-seq-len", type=int, default=1024, help="the token server's KV cache length per stream")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="skip the reference-style pipeline (implied by a quantized --llm-dtype)")  # fmt: skip
     parser.add_argument("--levels", default="1,8,16,32,48,64", help="concurrent conversations to try")
     parser.add_argument("--answer-seconds", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=10, help="single-user TTFA turns")
@@ -478,6 +508,10 @@ def main() -> int:
     args.levels = sorted({int(n) for n in args.levels.split(",")})
     if args.llm_dtype is None:
         args.llm_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.llm_dtype in QUANTIZED_DTYPES and args.reference:
+        args.reference = False  # transformers' GLM (the reference server) runs float weights only
+    if args.token_server_url:
+        args.reference = False  # served by bench/e2e_server.py only
     if args.quick:
         args.answer_seconds, args.repeats, args.reference_turns = min(args.answer_seconds, 4.0), 2, 1
         args.levels, args.unbatched_level = [1, 2], 2

@@ -2,7 +2,11 @@
 around an engine built from full-size random weights made directly on the GPU, with the answers
 forced into the 13 text / 26 audio interleave of a real conversation.
 
-    python bench/e2e_server.py --port 18123 --tokenizer-dir DIR [--config small --device cpu]
+    python bench/e2e_server.py --port 18123 --tokenizer-dir DIR [--config small --device cpu] [--dtype fp8]
+
+``--dtype``: any of the engine's (model_server.py's) dtypes; a quantized one (int8, fp8, int4) is applied
+to the random weights as the engine's loader applies it to a checkpoint (glm4voice.llm.quant), and then
+the reference-style server (which needs float weights) is off: pass ``--no-reference``.
 
 Why forced: random weights never emit the 13/26 pattern (nor <|user|>), so neither the decoder
 nor the demultiplexer would see a real conversation's work. ``PatternBackend`` wraps the engine and
@@ -35,7 +39,7 @@ from fastapi import Request  # at module level: the endpoints' annotations are r
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from glm4voice.devices import FLOAT_DTYPES  # noqa: E402
+from glm4voice.devices import llm_dtypes  # noqa: E402
 from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT  # noqa: E402
 
 logger = logging.getLogger("bench.e2e_server")
@@ -199,26 +203,29 @@ def reference_app(model, pattern: AnswerPattern, max_new_tokens_cap: int):
 def build(args):
     import torch
 
-    from glm4voice.devices import torch_dtype
     from glm4voice.llm.checkpoint import random_model
     from glm4voice.llm.engine import Engine, EngineConfig
-    from glm4voice.server.settings import ServerSettings
+    from glm4voice.llm.quant import QUANTIZED_DTYPES
     from glm4voice.server.app import create_app
+    from glm4voice.server.settings import ServerSettings
     from glm4voice.text_tokenizer import GLMTokenizer
 
     sys.path.insert(0, str(ROOT / "bench"))
     from llm import CONFIGS  # bench/llm.py: the published shape and a small CPU one
 
     started = time.perf_counter()
-    dtype = torch_dtype(args.dtype)
-    model = random_model(CONFIGS[args.config], torch.device(args.device), dtype, seed=0)
-    logger.info("random %s model on %s in %.1f s", args.config, args.device, time.perf_counter() - started)
-    tokenizer = GLMTokenizer.from_pretrained(args.tokenizer_dir)
-    pattern = AnswerPattern.from_tokenizer(tokenizer)
     config = EngineConfig(
         device=args.device, dtype=args.dtype, max_batch_size=args.max_streams, max_seq_len=args.max_seq_len,
         max_queue=2 * args.max_streams + 64, eager=args.eager,
     )  # fmt: skip
+    config.check_supported()  # before minutes of building
+    quantized = args.dtype in QUANTIZED_DTYPES
+    model = random_model(CONFIGS[args.config], torch.device(args.device), config.activation_dtype(), seed=0,
+                         quantize=args.dtype if quantized else None)  # fmt: skip
+    logger.info("random %s model (%s) on %s in %.1f s", args.config, args.dtype, args.device,
+                time.perf_counter() - started)  # fmt: skip
+    tokenizer = GLMTokenizer.from_pretrained(args.tokenizer_dir)
+    pattern = AnswerPattern.from_tokenizer(tokenizer)
     engine = Engine.from_model(model, config, stop_ids=())  # the pattern's <|user|> ends answers
     settings = ServerSettings(
         host=args.host, port=args.port, model_path=str(args.tokenizer_dir), dtype=args.dtype, device=args.device,
@@ -248,7 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer-dir", required=True, help="a text tokenizer folder (tokenizer.model + config)")
     parser.add_argument("--config", choices=("published", "small"), default="published")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16", choices=FLOAT_DTYPES)
+    parser.add_argument("--dtype", default="bfloat16", choices=llm_dtypes())
     parser.add_argument("--max-streams", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--eager", action="store_true")
@@ -256,6 +263,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         parser.error("this bench server only listens on loopback")
+    from glm4voice.llm.quant import QUANTIZED_DTYPES
+
+    if args.reference and args.dtype in QUANTIZED_DTYPES:
+        parser.error(f"--dtype {args.dtype}: the reference-style server needs float weights; add --no-reference")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app, settings = build(args)
     from glm4voice.server.app import serve

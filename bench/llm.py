@@ -4,12 +4,20 @@ Prints the machine, the command, and: memory-bandwidth bound and single-stream d
 the GPU time and kernels (torch.profiler) of one decode step for each decode attention backend,
 prefill time for 300 and 2000 prompt tokens, the time to first token of each turn of a 5-turn
 conversation (prefix cache), aggregate and per-stream tokens/s at 1/8/32/64 concurrent streams,
-GPU memory, the eager fallback (and whether its 256 greedy tokens equal the engine's), int8
-weights, a full-size safetensors load, and transformers' GLM with ``generate`` + a streamer thread
-at batch 1 (how the original serves). The last lines (``=== headline ===``) repeat the figures the
-issues set bars for.
+GPU memory, the eager fallback (and whether its 256 greedy tokens equal the engine's), quantized
+weights (``--quant``), a full-size safetensors load, and transformers' GLM with ``generate`` + a
+streamer thread at batch 1 (how the original serves). The last lines (``=== headline ===``) repeat
+the figures the issues set bars for.
+
+Quantized weights (glm4voice.llm.quant; ``--quant int8,fp8,int4`` by default, each ``DTYPE[:METHOD]``)
+are measured in the same run as bf16 and built from the same random weights: one matmul of the
+largest weight per method (``quant_kernels``), the relative error of real-size layers with and
+without outlier channels (``outlier_layers``), the greedy tokens and next-token distributions against
+bf16 (``quality_*``: catch broken kernels; random weights say nothing about answer quality, for that
+see ``python -m glm4voice.llm.quality``), then the engine: single stream, 32 streams, weight bytes.
 
     python bench/llm.py                           # the published 9B shape on the GPU
+    python bench/llm.py --quant-only --quant fp8,int4 --budget-s 540     # bf16 + quantized only
     python bench/llm.py --config small --device cpu --quick   # a dry run of the script on a CPU
 """
 
@@ -34,11 +42,14 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from bench.common import BenchRun, log, machine_info, synchronize  # noqa: E402
 from glm4voice.devices import FLOAT_DTYPES, default_device  # noqa: E402
+from glm4voice.llm import quant  # noqa: E402
 from glm4voice.llm.checkpoint import load_model, published_key_names, random_model  # noqa: E402
 from glm4voice.llm.config import PUBLISHED_CONFIG, GLMConfig  # noqa: E402
 from glm4voice.llm.decode_attention import DECODE_ATTENTION, resolve, triton_available  # noqa: E402
 from glm4voice.llm.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from glm4voice.llm.quant import INT8, weight_bytes  # noqa: E402
+from glm4voice.llm.model import Linear  # noqa: E402
+from glm4voice.llm.quality import compare_next_token, identical_prefix  # noqa: E402
+from glm4voice.llm.quant import QUANTIZED_DTYPES, weight_bytes  # noqa: E402
 
 CONFIGS = {
     "published": GLMConfig.published(),
@@ -47,6 +58,17 @@ CONFIGS = {
 }  # fmt: skip
 NOMINAL_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
 SAMPLING = dict(temperature=0.8, top_p=0.8)
+QUANT_BARS = {
+    "fp8": {"single_tokens_per_s": 175, "per_stream_32_min": 60, "weights_gb": 10.5},
+    "int4": {"single_tokens_per_s": 190, "weights_gb": 6.0},
+}
+"""Issue 17's bars (H100, same run as bf16)."""
+OUTLIER_CHANNELS = 4
+OUTLIER_FACTOR = 100.0
+INT4_ACTIVATION_OUTLIER_BAR = 0.12
+"""Relative error of an int4 layer (groups of 128) on inputs with a few channels x100: about the
+0.10 of plain inputs (a CPU emulation of torchao's int4 rounding at 4096x4096 gives 0.099 for both)."""
+QUANT_LEVELS = (1, 32)
 
 
 class Bench:
@@ -93,11 +115,18 @@ class Bench:
         self.copy_bandwidth = copy
         return {"copy_read_plus_write_tb_s": round(copy / 1e12, 3), "nominal_tb_s": nominal and nominal / 1e12}
 
-    def build(self, dtype: torch.dtype, quantize: str | None = None) -> dict:
+    def build(self, dtype: torch.dtype, method: quant.Method | None = None) -> dict:
+        """``self.model``: the random model (seed 0: the same floating-point weights every time),
+        quantized with ``method`` if given."""
         started = time.monotonic()
-        self.model = random_model(self.config, self.device, dtype, seed=0, quantize=quantize)
+        self.model = None
+        gc.collect()
+        quantize = {} if method is None else dict(quantize=method.dtype, method=method.name)
+        self.model = random_model(self.config, self.device, dtype, seed=0, **quantize)
         self.sync()
-        return {"seconds": round(time.monotonic() - started, 1), "weight_gb": round(weight_bytes(self.model) / 1e9, 2)}
+        formats = quant.weight_formats(self.model)
+        return {"seconds": round(time.monotonic() - started, 1), "weight_gb": round(weight_bytes(self.model) / 1e9, 2),
+                "linear_weights": formats}  # fmt: skip
 
     def step_bytes(self, kv_len: int) -> int:
         """Bytes a batch-1 decode step must read: every weight except the embedding table (one row
@@ -122,6 +151,12 @@ class Bench:
         options = dict(
             device=str(self.device), dtype=self.args.dtype, max_batch_size=64, max_seq_len=4096, prefill_chunk=512
         )
+        if self.args.quant_only:
+            # what the quantized figures need, so that five engines warm up within one run: graphs for 1 and
+            # 32 streams (a batch between pads up to 32), attention up to 1024 positions, no prefill graphs
+            # (the figures are decode rates); bf16 is measured with the same settings
+            options |= dict(max_batch_size=max(QUANT_LEVELS), max_seq_len=1024, cuda_graph_batch_sizes=QUANT_LEVELS,
+                            prefill_graph_lengths=())  # fmt: skip
         return EngineConfig(**(options | overrides))
 
     def single_stream(self, engine, new_tokens: int) -> dict:
@@ -255,29 +290,35 @@ class Bench:
             "repeats": repeats,
         }
 
-    def memory(self, engine=None) -> dict:
+    def memory(self, engine=None, allocated_before: int = 0) -> dict:
+        out = {"weights_gb": round(weight_bytes(self.model) / 1e9, 2)}
         if self.device.type != "cuda":
-            return {}
-        out = {
-            "max_allocated_gb": round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2),
+            return out
+        peak = torch.cuda.max_memory_allocated(self.device)
+        out |= {
+            "max_allocated_gb": round(peak / 1e9, 2),
+            "engine_peak_over_start_gb": round((peak - allocated_before) / 1e9, 2),
             "reserved_gb": round(torch.cuda.memory_reserved(self.device) / 1e9, 2),
-            "weights_gb": round(weight_bytes(self.model) / 1e9, 2),
         }
         if engine is not None:
             out["kv_cache_gb"] = round(engine.runner.cache.nbytes() / 1e9, 2)
         return out
 
-    def engine_section(self, dtype_label: str, levels) -> dict:
+    def engine_section(self, dtype_label: str, levels, method: str | None = None) -> dict:
         quick = self.args.quick
-        torch.cuda.reset_peak_memory_stats(self.device) if self.device.type == "cuda" else None
+        allocated_before = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            allocated_before = torch.cuda.memory_allocated(self.device)
         started = time.monotonic()
-        engine = Engine.from_model(self.model, self.engine_config(dtype=dtype_label), stop_ids=())
+        config = self.engine_config(dtype=dtype_label, quant_method=method)
+        engine = Engine.from_model(self.model, config, stop_ids=())
         self.loop.run_until_complete(engine.start())
         result = {"start_warmup_s": round(time.monotonic() - started, 1), "graphs": len(engine.runner.graphs)}
         try:
             result["single_stream"] = self.single_stream(engine, 64 if quick else 512)
             log(f"  single stream: {result['single_stream']}")
-            if dtype_label != INT8:
+            if dtype_label not in QUANTIZED_DTYPES and not self.args.quant_only:
                 result["prefill"] = self.prefill_times(engine)
                 log(f"  prefill: {result['prefill']}")
                 result["multi_turn"] = self.multi_turn(engine, reply=64 if quick else 300, repeats=2 if quick else 3)
@@ -287,7 +328,10 @@ class Bench:
             result["greedy_tokens"] = self.loop.run_until_complete(
                 self.stream_times(engine, self.reference_prompt, greedy)
             )[0]
-            result["memory"] = self.memory(engine)
+            reference = self.results.get("engine", {}).get("greedy_tokens")
+            if reference and dtype_label in QUANTIZED_DTYPES:
+                result["greedy_identical_prefix_vs_bf16"] = identical_prefix(reference, result["greedy_tokens"])
+            result["memory"] = self.memory(engine, allocated_before)
         finally:
             self.loop.run_until_complete(engine.stop())
             del engine
@@ -388,13 +432,12 @@ class Bench:
         return {"kernels_per_step": round(sum(r[1] for r in rows)), "gpu_ms_per_step": round(sum(r[2] for r in rows), 3),
                 "top": [[name, count, round(ms, 3)] for name, count, ms in rows[:12]]}  # fmt: skip
 
-    def int8_kernels(self) -> dict:
-        """One 27392x4096 layer (the largest): ms per matmul for each int8 path and bf16."""
+    def quant_kernels(self, methods: list[quant.Method]) -> dict:
+        """One 27392x4096 layer (the largest): ms per matmul, 1 row and 300 rows, for bf16, each
+        quantized method (compiled, as the engine runs it) and the fused int8's separate paths."""
         n, k = 2 * self.config.ffn_hidden_size, self.config.hidden_size
         w = torch.randn(n, k, device=self.device, dtype=torch.bfloat16) * k**-0.5
-        from glm4voice.llm.quant import quantize_int8
-
-        q, scale = quantize_int8(w)
+        q, scale = quant.quantize_int8(w)
 
         def one_row(x):
             return ((x.float()[:, None, :] * q.float()).sum(-1) * scale.float()).to(x.dtype)
@@ -402,19 +445,20 @@ class Bench:
         def dequant(x):
             return torch.nn.functional.linear(x, q.to(x.dtype)) * scale
 
-        compiled_row, compiled_dequant = torch.compile(one_row), torch.compile(dequant)
         paths = {
             "bf16": lambda x: torch.nn.functional.linear(x, w),
-            "int8pack": lambda x: torch._weight_int8pack_mm(x, q, scale),
-            "dequant_eager": dequant,
-            "dequant_compiled": compiled_dequant,
-            "one_row_compiled": compiled_row,
+            "int8_fused_int8pack": lambda x: torch._weight_int8pack_mm(x, q, scale),
+            "int8_fused_dequant_compiled": torch.compile(dequant),
+            "int8_fused_one_row_compiled": torch.compile(one_row),
         }
+        for method in methods:
+            if method.torchao:
+                paths[method.spec.replace(":", "_") + "_compiled"] = torch.compile(_quantized_layer(w, method))
         out = {}
         for rows in (1, 300):
             x = torch.randn(rows, k, device=self.device, dtype=torch.bfloat16)
             for name, fn in paths.items():
-                if name == "one_row_compiled" and rows != 1:
+                if name == "int8_fused_one_row_compiled" and rows != 1:
                     continue
                 try:
                     fn(x)
@@ -428,8 +472,38 @@ class Bench:
                     out[f"{name}_rows{rows}_ms"] = round(start.elapsed_time(end) / 10, 3)
                 except Exception as error:
                     out[f"{name}_rows{rows}"] = f"{type(error).__name__}: {str(error)[:80]}"
-        del w, q
-        torch.cuda.empty_cache()
+        return out
+
+    def outlier_layers(self, methods: list[quant.Method]) -> dict:
+        """Relative error ||y - y_ref|| / ||y_ref|| of real-size layers (gate_up 27392x4096 and down
+        4096x13696; 64 input rows) per method against float32, on: plain random weights and inputs;
+        activation outliers (4 input channels x100, as a few hidden channels of real LLMs are); weight
+        outliers (4 input channels of the weights x100 and of the inputs /100: the same product, but
+        those weights dominate their rows' scales and groups)."""
+        generator = torch.Generator(device=self.device).manual_seed(7)
+        shapes = {"gate_up": (2 * self.config.ffn_hidden_size, self.config.hidden_size),
+                  "down": (self.config.hidden_size, self.config.ffn_hidden_size)}  # fmt: skip
+        out = {}
+        for layer, (n, k) in shapes.items():
+            w = (torch.randn(n, k, generator=generator, device=self.device) * k**-0.5).to(torch.bfloat16)
+            x = torch.randn(64, k, generator=generator, device=self.device).to(torch.bfloat16)
+            channels = torch.randperm(k, generator=generator, device=self.device)[:OUTLIER_CHANNELS]
+            x_act, w_out, x_in = x.clone(), w.clone(), x.clone()
+            x_act[:, channels] *= OUTLIER_FACTOR
+            w_out[:, channels] *= OUTLIER_FACTOR
+            x_in[:, channels] /= OUTLIER_FACTOR
+            cases = {"plain": (w, x), "activation_outliers": (w, x_act), "weight_outliers": (w_out, x_in)}
+            out[layer] = {}
+            for case, (weight, inputs) in cases.items():
+                reference = inputs.float() @ weight.float().T
+                errors = {"bf16": _relative_error(torch.nn.functional.linear(inputs, weight), reference)}
+                for method in methods:
+                    try:
+                        errors[method.spec] = _relative_error(_quantized_layer(weight, method)(inputs), reference)
+                    except Exception as error:
+                        errors[method.spec] = f"{type(error).__name__}: {str(error)[:80]}"
+                out[layer][case] = errors
+            log(f"  {layer}: {out[layer]}")
         return out
 
     def compiled_logits_check(self) -> dict:
@@ -511,45 +585,91 @@ class Bench:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def int8_quality(self) -> dict:
-        ids = torch.tensor(self.reference_prompt, device=self.device)
-        logits = self.model(ids)[-8:]
-        cos = torch.nn.functional.cosine_similarity(logits, self.reference_logits, dim=-1)
-        top1 = (logits.argmax(-1) == self.reference_logits.argmax(-1)).float().mean()
-        return {"min_cosine_vs_bf16": round(cos.min().item(), 5), "top1_agreement_vs_bf16": round(top1.item(), 3)}
+    def reference_scores(self) -> dict:
+        """bf16's next-token logits along its own greedy answer (the engine's 256 tokens after the
+        64-token reference prompt): what every quantized variant is scored against."""
+        tokens = self.results.get("engine", {}).get("greedy_tokens")
+        if not tokens:
+            raise RuntimeError("the bf16 engine section gave no greedy tokens")
+        self.reference_answer = tokens
+        self.reference_scored = self.teacher_forced(self.model, tokens)
+        return {"positions": len(tokens)}
+
+    def teacher_forced(self, model, answer: list[int]) -> torch.Tensor:
+        """float32 logits [len(answer), vocab] that predicted each token of ``answer`` after the reference prompt."""
+        model.eager_steps()
+        ids = torch.tensor(self.reference_prompt + list(answer), device=self.device)
+        n = len(self.reference_prompt)
+        return model(ids)[n - 1 : n - 1 + len(answer)]
+
+    def quant_quality(self) -> dict:
+        """The quantized model against bf16 along bf16's greedy answer: top-1 agreement, mean KL and
+        the logits' cosine (random weights: a broken kernel shows KL > 1 and cosines near 0)."""
+        scored = self.teacher_forced(self.model, self.reference_answer)
+        comparison = compare_next_token(self.reference_scored, scored)
+        cosine = torch.nn.functional.cosine_similarity(self.reference_scored, scored, dim=-1)
+        return {"positions": comparison.positions, "top1_agreement": round(comparison.top1_agreement, 4),
+                "mean_kl": round(comparison.mean_kl, 5), "min_cosine": round(cosine.min().item(), 5),
+                "mean_cosine": round(cosine.mean().item(), 5)}  # fmt: skip
+
+    def quant_variant(self, method: quant.Method, dtype: torch.dtype, levels) -> None:
+        """Build, score and serve one quantized variant; then free it."""
+        key = method.spec.replace(":", "_")
+        try:
+            quant.check_supported(method.dtype, self.device, method.name)
+        except quant.QuantizationUnsupported as error:
+            self.run_results.record(f"engine_{key}", {"skipped": str(error)})
+            return
+        build = self.section(f"build_{key}", lambda: self.build(dtype, method), 20)
+        if "weight_gb" in build:
+            if hasattr(self, "reference_scored"):
+                self.section(f"quality_{key}", self.quant_quality, 5)
+            self.section(f"engine_{key}", lambda: self.engine_section(method.dtype, levels, method.name), 80)
+        self.model = self.reference_model
+        gc.collect()
+        torch.cuda.empty_cache() if self.device.type == "cuda" else None
 
     # --- the run ------------------------------------------------------------------------------------
     def run(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.greedy_steps = 48 if self.args.quick else 256
         levels = tuple(int(n) for n in self.args.streams.split(","))
+        quant_only = self.args.quant_only
+        if quant_only:
+            levels = QUANT_LEVELS
+        methods = [quant.parse_spec(spec) for spec in self.args.quant]
         self.reference_prompt = self.prompt(64)
         self.section("machine", self.machine, 0)
+        if self.args.inductor_tuning:
+            from torchao.quantization.utils import recommended_inductor_config_setter
+
+            recommended_inductor_config_setter()
         self.section("bandwidth", self.bandwidth, 5)
         dtype = torch.float16 if self.args.dtype == "float16" else torch.bfloat16
         if self.device.type == "cpu" and self.args.dtype == "float32":
             dtype = torch.float32
         self.section("build", lambda: self.build(dtype), 10)
+        self.reference_model = self.model
         self.model.decode_attention = self.args.decode_attention
-        self.section("compiled_vs_eager_logits", self.compiled_logits_check, 60)
-        if self.device.type == "cuda":
-            self.section("decode_microbench", self.decode_microbench, 90)
-        self.section("engine", lambda: self.engine_section(self.args.dtype, levels), 150)
-        graph_tokens = self.results.get("engine", {}).get("greedy_tokens", [])
-        self.section("eager_fallback", lambda: self.eager_section(graph_tokens), 20)
-        self.section("baseline_hf_generate", lambda: self.baseline(32 if self.args.quick else 64), 30)
-        if self.args.int8:
+        if not quant_only:
+            self.section("compiled_vs_eager_logits", self.compiled_logits_check, 60)
             if self.device.type == "cuda":
-                self.section("int8_kernels", self.int8_kernels, 30)
-            full = self.model
-            self.section("build_int8", lambda: self.build(dtype, quantize=INT8), 15)
-            self.model.decode_attention = full.decode_attention
-            self.section("int8_quality", self.int8_quality, 5)
-            self.section("engine_int8", lambda: self.engine_section(INT8, tuple(n for n in levels if n in (1, 32))), 90)
-            self.model = full
-            gc.collect()
-            torch.cuda.empty_cache() if self.device.type == "cuda" else None
-        if self.args.loader:
+                self.section("decode_microbench", self.decode_microbench, 90)
+        self.section("engine", lambda: self.engine_section(self.args.dtype, levels), 150)
+        if not quant_only:
+            graph_tokens = self.results.get("engine", {}).get("greedy_tokens", [])
+            self.section("eager_fallback", lambda: self.eager_section(graph_tokens), 20)
+            self.section("baseline_hf_generate", lambda: self.baseline(32 if self.args.quick else 64), 30)
+        if methods:
+            self.section("reference_scores", self.reference_scores, 5)
+            runnable = [m for m in methods if _runs_on(m, self.device)]
+            if self.device.type == "cuda":
+                self.section("quant_kernels", lambda: self.quant_kernels(runnable), 60)
+            every = [m for m in quant.METHODS if _runs_on(m, self.device)]  # layer-level: cheap, so all of them
+            self.section("outlier_layers", lambda: self.outlier_layers(every), 20)
+            for method in methods:
+                self.quant_variant(method, dtype, tuple(n for n in levels if n in QUANT_LEVELS))
+        if self.args.loader and not quant_only:
             self.section("loader_full_size", self.loader, 90)
         self.summary()
 
@@ -558,17 +678,23 @@ class Bench:
         log("\n=== summary ===")
         log(json.dumps(r.get("machine", {})))
         for key in ("bandwidth", "compiled_vs_eager_logits", "decode_microbench", "eager_fallback", "baseline_hf_generate",
-                    "int8_kernels", "int8_quality", "loader_full_size"):  # fmt: skip
+                    "quant_kernels", "outlier_layers", "loader_full_size"):  # fmt: skip
             log(f"{key}: {json.dumps(r.get(key))}")
-        for key in ("engine", "engine_int8"):
+        for key in ["engine"] + [k for k in r if k.startswith("engine_")]:
             e = r.get(key, {})
-            log(f"{key}: start {e.get('start_warmup_s')} s, graphs {e.get('graphs')}, error {e.get('error')}")
+            log(f"{key}: start {e.get('start_warmup_s')} s, graphs {e.get('graphs')}, error {e.get('error')}"
+                f"{', skipped: ' + e['skipped'] if 'skipped' in e else ''}")  # fmt: skip
             log(f"  single: {json.dumps(e.get('single_stream'))}")
-            log(f"  prefill: {json.dumps(e.get('prefill'))}")
-            log(f"  multi-turn: {json.dumps(e.get('multi_turn'))}")
+            if e.get("prefill"):
+                log(f"  prefill: {json.dumps(e.get('prefill'))}")
+                log(f"  multi-turn: {json.dumps(e.get('multi_turn'))}")
             for n, c in (e.get("concurrency") or {}).items():
                 log(f"  {n:>3} streams: {json.dumps(c)}")
             log(f"  memory: {json.dumps(e.get('memory'))}")
+            quality = r.get("quality_" + key.removeprefix("engine_"))
+            if quality:
+                log(f"  vs bf16: {json.dumps(quality)}, greedy identical prefix "
+                    f"{e.get('greedy_identical_prefix_vs_bf16')} of {self.greedy_steps}")  # fmt: skip
         self.headline()
 
     def headline(self) -> None:
@@ -583,21 +709,117 @@ class Bench:
         log(f"single-stream decode: {single.get('decode_tokens_per_s')} tokens/s "
             f"(bound {single.get('bound_tokens_per_s_at_copy_bw')}, fraction {single.get('fraction_of_bound')}), "
             f"attention {used}")  # fmt: skip
-        log(f"decode step (batch 1, kv 1024): {profile.get('kernels_per_step')} kernels, "
-            f"{profile.get('gpu_ms_per_step')} ms of kernel time; "
-            f"graph replay {micro.get(used, {}).get('b1_kv1024_ms')} ms")  # fmt: skip
+        if micro:
+            log(f"decode step (batch 1, kv 1024): {profile.get('kernels_per_step')} kernels, "
+                f"{profile.get('gpu_ms_per_step')} ms of kernel time; "
+                f"graph replay {micro.get(used, {}).get('b1_kv1024_ms')} ms")  # fmt: skip
         for n in ("32", "64"):
             c = (engine.get("concurrency") or {}).get(n) or {}
-            log(f"{n} streams: per-stream median {c.get('per_stream_tokens_per_s_median')} / min "
-                f"{c.get('per_stream_tokens_per_s_min')} tokens/s, "
-                f"steady aggregate {c.get('steady_aggregate_tokens_per_s')}, decode step {c.get('decode_step_ms')} ms")  # fmt: skip
+            if c:
+                log(f"{n} streams: per-stream median {c.get('per_stream_tokens_per_s_median')} / min "
+                    f"{c.get('per_stream_tokens_per_s_min')} tokens/s, steady aggregate "
+                    f"{c.get('steady_aggregate_tokens_per_s')}, decode step {c.get('decode_step_ms')} ms")  # fmt: skip
         turns = engine.get("multi_turn") or {}
-        log(f"multi-turn TTFT per turn (ms): {turns.get('ttft_ms_median_per_turn')}; 5th - 1st: "
-            f"{turns.get('turn5_minus_turn1_ms')} ms (history {turns.get('turn5_prompt_tokens')} tokens; "
-            f"without the cache {turns.get('ttft_ms_same_length_unshared')} ms)")  # fmt: skip
+        if turns:
+            log(f"multi-turn TTFT per turn (ms): {turns.get('ttft_ms_median_per_turn')}; 5th - 1st: "
+                f"{turns.get('turn5_minus_turn1_ms')} ms (history {turns.get('turn5_prompt_tokens')} tokens; "
+                f"without the cache {turns.get('ttft_ms_same_length_unshared')} ms)")  # fmt: skip
         eager = r.get("eager_fallback", {})
-        log(f"greedy tokens equal to the eager path: {eager.get('greedy_tokens_equal_to_graph_engine')} "
-            f"of {eager.get('of')}")  # fmt: skip
+        if eager:
+            log(f"greedy tokens equal to the eager path: {eager.get('greedy_tokens_equal_to_graph_engine')} "
+                f"of {eager.get('of')}")  # fmt: skip
+        self.quant_headline()
+
+    def quant_headline(self) -> None:
+        """Quantized variants against bf16 and issue 17's bars; the int8 decision."""
+        r = self.results
+        variants = [k.removeprefix("engine_") for k in r if k.startswith("engine_")]
+        if not variants:
+            return
+        log("--- quantized weights (same run, same random weights as bf16) ---")
+        rows = {self.args.dtype: r.get("engine", {})} | {v.replace("_", ":", 1): r[f"engine_{v}"] for v in variants}
+        for name, e in rows.items():
+            if "skipped" in e or "error" in e:
+                log(f"{name}: {e.get('skipped') or e.get('error')}")
+                continue
+            single = (e.get("single_stream") or {}).get("decode_tokens_per_s")
+            c32 = (e.get("concurrency") or {}).get("32") or {}
+            weights = (e.get("memory") or {}).get("weights_gb")
+            line = (f"{name}: single {single} tok/s; 32 streams per-stream median "
+                    f"{c32.get('per_stream_tokens_per_s_median')} / min {c32.get('per_stream_tokens_per_s_min')} tok/s; "
+                    f"weights {weights} GB")  # fmt: skip
+            bars = QUANT_BARS.get(name.split(":")[0])
+            if bars:
+                checks = [_bar("single", single, bars["single_tokens_per_s"], above=True),
+                          _bar("weights", weights, bars["weights_gb"], above=False)]  # fmt: skip
+                if "per_stream_32_min" in bars:
+                    checks.append(_bar("32-stream min", c32.get("per_stream_tokens_per_s_min"), bars["per_stream_32_min"],
+                                       above=True))  # fmt: skip
+                line += "; bars: " + ", ".join(checks)
+            quality = r.get("quality_" + name.replace(":", "_"))
+            if quality:
+                line += (f"; vs bf16: top-1 {quality.get('top1_agreement')}, mean KL {quality.get('mean_kl')}, min cosine "
+                         f"{quality.get('min_cosine')}, greedy identical prefix {e.get('greedy_identical_prefix_vs_bf16')}"
+                         f"/{self.greedy_steps}")  # fmt: skip
+            log(line)
+        fused, ao = r.get("engine_int8_fused", {}), r.get("engine_int8_torchao", {})
+        if fused.get("single_stream") and ao.get("single_stream"):
+            a, b = fused["single_stream"]["decode_tokens_per_s"], ao["single_stream"]["decode_tokens_per_s"]
+            a32 = ((fused.get("concurrency") or {}).get("32") or {}).get("per_stream_tokens_per_s_median")
+            b32 = ((ao.get("concurrency") or {}).get("32") or {}).get("per_stream_tokens_per_s_median")
+            faster = b >= a and (a32 is None or b32 is None or b32 >= a32)
+            log(f"int8 decision: torchao {b} vs fused {a} tok/s single, {b32} vs {a32} tok/s per stream at 32: "
+                + ("torchao is at least as fast: make int8:torchao the default, delete FusedInt8Linear"
+                   if faster else "keep int8:fused"))  # fmt: skip
+        outliers = r.get("outlier_layers") or {}
+        for layer, cases in outliers.items() if isinstance(outliers, dict) else ():
+            if not isinstance(cases, dict) or "activation_outliers" not in cases:
+                continue
+            act, plain, wout = cases["activation_outliers"], cases["plain"], cases["weight_outliers"]
+            int4 = [s for s in act if s.startswith("int4")]
+            checks = [_bar(f"{s} activation outliers", act[s], INT4_ACTIVATION_OUTLIER_BAR, above=False) for s in int4
+                      if isinstance(act[s], float)]  # fmt: skip
+            log(f"outliers, {layer}: relative error plain {_fmt(plain)}; activation outliers {_fmt(act)}; "
+                f"weight outliers {_fmt(wout)}" + ("; bars: " + ", ".join(checks) if checks else ""))  # fmt: skip
+
+
+def _bar(name: str, value, bar: float, above: bool) -> str:
+    if value is None:
+        return f"{name} n/a"
+    ok = value >= bar if above else value <= bar
+    return f"{name} {'>=' if above else '<='} {bar}: {'met' if ok else 'NOT met'}"
+
+
+def _fmt(errors: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in errors.items())
+
+
+def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return round(((y.float() - reference).norm() / reference.norm()).item(), 5)
+
+
+def _quantized_layer(weight: torch.Tensor, method: quant.Method) -> Linear:
+    """A Linear holding ``weight`` quantized with ``method`` (the module the model would get)."""
+    holder = torch.nn.Module()
+    with torch.device("meta"):
+        holder.add_module("linear", Linear(weight.shape[1], weight.shape[0], bias=False))
+    quant.quantize_linear(holder, "linear", weight, method)
+    return holder.linear
+
+
+def _runs_on(method: quant.Method, device: torch.device) -> bool:
+    try:
+        quant.check_supported(method.dtype, device, method.name)
+        return True
+    except quant.QuantizationUnsupported:
+        return False
+
+
+def default_quant(device: str, quant_only: bool) -> str:
+    """With --quant-only: fp8 and int4 (the bars first: a run cut short by its budget still has them), then
+    int8 both ways (the int8 decision), where this device runs them; else int8."""
+    wanted = ["fp8", "int4", "int8:torchao", "int8:fused"] if quant_only else ["int8"]
+    return ",".join(spec for spec in wanted if _runs_on(quant.parse_spec(spec), torch.device(device)))
 
 
 def _chatglm_dict(config: GLMConfig) -> dict:
@@ -618,11 +840,26 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-attention", choices=DECODE_ATTENTION, default="auto",
                         help="the engine's decode attention (the microbench measures every backend)")  # fmt: skip
     parser.add_argument("--streams", default="1,8,32,64", help="concurrency levels (comma-separated)")
-    parser.add_argument("--no-int8", dest="int8", action="store_false")
+    parser.add_argument("--quant", default=None,
+                        help="quantized variants beside bf16, comma-separated DTYPE[:METHOD] (glm4voice.llm.quant.METHODS), "
+                             "or 'none'; default: int8, or with --quant-only int8:fused, int8:torchao, fp8 and int4 "
+                             "where the device runs them")  # fmt: skip
+    parser.add_argument("--quant-only", action="store_true",
+                        help="bf16 and the --quant variants only: single stream, 32 streams, quality, memory")  # fmt: skip
+    parser.add_argument("--inductor-tuning", action="store_true",
+                        help="torchao's recommended inductor settings (coordinate-descent tuning; longer compiles)")  # fmt: skip
     parser.add_argument("--no-loader", dest="loader", action="store_false")
     parser.add_argument("--budget-s", type=float, default=540, help="skip sections that would run past this")
     parser.add_argument("--out", help="write the results as JSON here (after every section)")
     args = parser.parse_args(argv)
+    if args.quant is None:
+        args.quant = default_quant(args.device, args.quant_only)
+    args.quant = [] if args.quant in ("", "none") else [spec.strip() for spec in args.quant.split(",") if spec.strip()]
+    try:
+        for spec in args.quant:
+            quant.parse_spec(spec)
+    except ValueError as error:
+        parser.error(f"--quant: {error}")
     Bench(args).run()
     return 0
 

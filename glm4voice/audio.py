@@ -146,6 +146,17 @@ def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndar
     return soxr.resample(samples.astype(np.float32, copy=False), source_rate, target_rate, quality="HQ")
 
 
+PCM_DTYPE = np.dtype("<i2")
+"""16-bit little-endian PCM: the page player's frames and the OpenAI API's ``pcm16``."""
+PCM_SCALE = 32767
+
+
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] (clipped) as 16-bit PCM."""
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    return np.round(np.clip(samples, -1.0, 1.0) * PCM_SCALE).astype(PCM_DTYPE)
+
+
 def encode_wav(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> bytes:
     """Encode mono float samples as a WAV file in memory."""
     buffer = io.BytesIO()

@@ -66,6 +66,8 @@ MAX_CONCURRENT_STREAMS = 32
 MAX_QUEUE = 64
 """Requests that may wait for a free stream before the token server answers 503 (``--max-queue``)."""
 QUEUE_TIMEOUT_S = 60.0
+RETRY_AFTER_S = 2
+"""Seconds a busy server's 503 answer asks the client to wait (``Retry-After``)."""
 """Seconds a request may wait for a stream before 503 (``--queue-timeout``)."""
 MAX_CONCURRENT_TURNS = 8
 """Turns the page handles at once across all users, on a CPU (``web_demo.py --max-concurrent-turns``)."""

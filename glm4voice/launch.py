@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flow-path", help=f"speech decoder folder or hub id (e.g. {PUBLISHED_DECODER})")
     parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 if available)")
     parser.add_argument("--dtype", default=LLM_DTYPE, choices=llm_dtypes(), help="LLM weights (default %(default)s)")
+    parser.add_argument(
+        "--max-concurrent-turns",
+        type=int,
+        default=None,
+        help="conversations answered at once: the model server's streams (each holds a KV cache) and the web "
+        "demo's turns (and decoder graphs); fewer fit a small GPU, e.g. 4 with --dtype int4 on a 12 GB card "
+        "(default: each process's own)",
+    )
     parser.add_argument("--host", default=WEB_DEMO_HOST, help="web UI address (0.0.0.0 to serve the network)")
     parser.add_argument(
         "--allowed-hosts",
@@ -144,21 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        resolve_device(args.device)
-    except DeviceError as error:
-        parser.error(f"--device {args.device}: {error}")
-
-    checkpoints = choose_checkpoints(args)
-    device = args.device or default_device()
-    dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
-    server_url = args.server_url.rstrip("/") if args.server_url else f"http://{LOOPBACK_HOST}:{args.server_port}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    server_cmd = [
+def server_command(args: argparse.Namespace, model_path: str, device: str, dtype: str) -> list[str]:
+    """model_server.py's command line: on loopback, with the launcher's model, device, dtype and turns."""
+    turns = [] if args.max_concurrent_turns is None else ["--max-concurrent-streams", str(args.max_concurrent_turns)]
+    return [
         sys.executable,
         str(SERVER_SCRIPT),
         "--host",
@@ -166,12 +163,38 @@ def main(argv: list[str] | None = None) -> int:
         "--port",
         str(args.server_port),
         "--model-path",
-        checkpoints.llm,
+        model_path,
         "--device",
         device,
         "--dtype",
         dtype,
+        *turns,
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        chosen_device = resolve_device(args.device)
+    except DeviceError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
+        parser.error("--max-concurrent-turns must be at least 1")
+    from glm4voice.llm.quant import QuantizationUnsupported, check_supported
+
+    try:  # before anything starts: fp8 / int4 where they cannot run, with the dtypes that can
+        check_supported(args.dtype, chosen_device)
+    except QuantizationUnsupported as error:
+        parser.error(str(error))
+
+    checkpoints = choose_checkpoints(args)
+    device = args.device or default_device()
+    dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
+    server_url = args.server_url.rstrip("/") if args.server_url else f"http://{LOOPBACK_HOST}:{args.server_port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    server_cmd = server_command(args, checkpoints.llm, device, dtype)
     demo_cmd = [
         sys.executable,
         str(DEMO_SCRIPT),
@@ -192,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if checkpoints.random_weights:
         demo_cmd.append("--random-weights-notice")
+    if args.max_concurrent_turns is not None:
+        demo_cmd += ["--max-concurrent-turns", str(args.max_concurrent_turns)]
     if args.allowed_hosts:
         demo_cmd += ["--allowed-hosts", args.allowed_hosts]
 

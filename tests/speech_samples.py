@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-from glm4voice.audio import Audio, load_audio
+from glm4voice import espeak as _espeak
+from glm4voice.audio import Audio
 
 SPEECH_FLOOR_DB = -40.0
 """A sample louder than this (dBFS) is speech; the first and last such samples bound an utterance."""
@@ -29,17 +26,13 @@ class Utterance:
         return sample * 1000 / self.audio.sample_rate
 
 
-def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
+espeak_available = _espeak.espeak_available
 
 
 @lru_cache(maxsize=None)
 def espeak(text: str, voice: str = "en-us", sample_rate: int = 16_000) -> Utterance:
     """``text`` spoken by espeak-ng at ``sample_rate`` (mono float)."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "speech.wav"
-        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
-        audio = load_audio(path, sample_rate)
+    audio = _espeak.speak(text, voice, sample_rate=sample_rate)
     loud = np.flatnonzero(np.abs(audio.samples) > 10 ** (SPEECH_FLOOR_DB / 20))
     return Utterance(audio, int(loud[0]), int(loud[-1]) + 1)
 

@@ -137,6 +137,23 @@ def test_command_line_keeps_the_original_flags():
     assert args.block_sizes == "10,20,40,80,160"
 
 
+def test_max_concurrent_turns_sizes_the_decoder_graphs(tiny_checkpoints):
+    """One block per turn in flight: the decoder keeps graphs only for batches up to the turn limit
+    (a small card serving a few conversations); without the flag, every size."""
+    import web_demo
+    from glm4voice.decoder.options import DEFAULT_GRAPH_BATCH_SIZES
+
+    paths = ["--model-path", str(tiny_checkpoints.llm), "--tokenizer-path", str(tiny_checkpoints.speech_tokenizer),
+             "--flow-path", str(tiny_checkpoints.decoder), "--device", "cpu"]  # fmt: skip
+    for extra, expected in ((["--max-concurrent-turns", "4"], (1, 2, 4)), ([], DEFAULT_GRAPH_BATCH_SIZES)):
+        chat, client = web_demo.load_chat(web_demo.build_parser().parse_args(paths + extra))
+        try:
+            assert chat.decoder.graph_batch_sizes == expected
+        finally:
+            chat.close()
+            asyncio.run(client.aclose())
+
+
 def test_launcher_needs_all_three_checkpoints_or_none(tmp_path):
     partial = argparse.Namespace(model_path="THUDM/glm-4-voice-9b", tokenizer_path=None, flow_path=None,
                                  tiny_dir=str(tmp_path), regenerate_tiny=False)  # fmt: skip

@@ -19,7 +19,13 @@ from safetensors.torch import save_file
 
 from glm4voice.checkpoints.text import TinyVocab
 from glm4voice.llm.checkpoint import INDEX_FILE, ROTARY_BUFFER_KEY, published_key_names
-from glm4voice.llm.config import CONFIG_FILE, GENERATION_CONFIG_FILE, PUBLISHED_CONFIG, PUBLISHED_GENERATION_CONFIG, GLMConfig
+from glm4voice.llm.config import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    PUBLISHED_CONFIG,
+    PUBLISHED_GENERATION_CONFIG,
+    GLMConfig,
+)
 from glm4voice.llm.model import build_meta_model
 
 TINY_DIMS = {
@@ -35,10 +41,10 @@ TINY_DIMS = {
 TINY_SHARDS = 2
 
 
-def tiny_llm_config(vocab: TinyVocab) -> dict:
+def tiny_llm_config(vocab: TinyVocab, dims: dict | None = None) -> dict:
     config = dict(PUBLISHED_CONFIG)
     config.pop("_name_or_path")
-    config |= TINY_DIMS
+    config |= TINY_DIMS if dims is None else TINY_DIMS | dims
     config |= {
         "padded_vocab_size": vocab.padded_vocab_size,
         "vocab_size": vocab.padded_vocab_size,
@@ -48,12 +54,17 @@ def tiny_llm_config(vocab: TinyVocab) -> dict:
     return config
 
 
-def write_tiny_llm(folder: Path, vocab: TinyVocab, seed: int) -> None:
+def write_tiny_llm(folder: Path, vocab: TinyVocab, seed: int, dims: dict | None = None) -> None:
+    """The folder's config and weights; ``dims``: config fields to change from :data:`TINY_DIMS` (e.g.
+    widths that quantized kernels take: int4 groups 128 input channels)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    raw = tiny_llm_config(vocab)
+    raw = tiny_llm_config(vocab, dims)
     (folder / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-    generation = PUBLISHED_GENERATION_CONFIG | {"eos_token_id": list(vocab.eos_token_ids), "pad_token_id": vocab.pad_token_id}
+    generation = PUBLISHED_GENERATION_CONFIG | {
+        "eos_token_id": list(vocab.eos_token_ids),
+        "pad_token_id": vocab.pad_token_id,
+    }
     (folder / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
 
     config = GLMConfig.from_chatglm(raw)
@@ -72,7 +83,9 @@ def write_tiny_llm(folder: Path, vocab: TinyVocab, seed: int) -> None:
             value = std * torch.randn(shape, generator=generator)
         tensors[published] = value.to(torch.bfloat16)
     rotary = config.rotary_dim
-    tensors[ROTARY_BUFFER_KEY] = (1.0 / 10000 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary)).to(torch.bfloat16)
+    tensors[ROTARY_BUFFER_KEY] = (1.0 / 10000 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary)).to(
+        torch.bfloat16
+    )
 
     keys = list(tensors)
     per_shard = -(-len(keys) // TINY_SHARDS)

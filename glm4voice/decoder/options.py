@@ -24,6 +24,18 @@ DTYPES = tuple(torch_dtype(name) for name in DECODER_DTYPES)
 DEFAULT_GRAPH_BATCH_SIZES: tuple[int, ...] = DEFAULT_BATCH_SIZES
 """Batch sizes with CUDA graphs (a batch of blocks runs in the next size up; the largest is the most
 blocks one ``feed_many`` batch decodes)."""
+
+
+def graph_batch_sizes_for(most_blocks: int, sizes: tuple[int, ...] = DEFAULT_GRAPH_BATCH_SIZES) -> tuple[int, ...]:
+    """The graph batch sizes a decoder needs when at most ``most_blocks`` blocks are decoded together (one
+    per conversation at once): those of ``sizes`` below it and the first that covers it. Fewer graphs:
+    less GPU memory and a shorter warm-up (a small card serving a few conversations)."""
+    if isinstance(most_blocks, bool) or not isinstance(most_blocks, int) or most_blocks < 1:
+        raise ValueError(f"most_blocks must be a positive integer, got {most_blocks!r}")
+    cover = next((b for b in sizes if b >= most_blocks), sizes[-1])
+    return tuple(b for b in sizes if b < cover) + (cover,)
+
+
 FIRST_BLOCK_GRAPH_TOKENS = 40
 """Longest first block (tokens) replayed as whole-block CUDA graphs: the quick 10-token first block,
 and the first audio run of 26 tokens that the pipeline decodes as its first block under load. Each

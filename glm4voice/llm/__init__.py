@@ -1,5 +1,6 @@
 """The GLM-4-Voice-9B language model: checkpoint loading (no remote code), a compact decoder,
-int8 weight-only quantization, on-device sampling, and the streaming engine."""
+quantized weights (int8, fp8, int4: glm4voice.llm.quant), on-device sampling, the streaming engine,
+and the quality check of a dtype against bf16 (python -m glm4voice.llm.quality)."""
 
 from glm4voice.llm.checkpoint import CheckpointError, LoadedModel, load_model
 from glm4voice.llm.config import ConfigError, GLMConfig

@@ -1,7 +1,8 @@
 """Load the published glm-4-voice-9b folder (ChatGLM keys, sharded safetensors) without remote code.
 
 The module is built on the meta device; every tensor is read straight from its safetensors shard
-onto the target device, cast, optionally quantized, and assigned. The key mapping is a table of
+onto the target device, cast, optionally quantized (glm4voice.llm.quant: one linear weight at a time,
+so a quantized model never needs its 16-bit size in memory), and assigned. The key mapping is a table of
 exact patterns: any published key it does not know, any model tensor no key fills, and any shape
 mismatch is an error naming the key.
 """
@@ -20,7 +21,7 @@ from safetensors import safe_open
 
 from glm4voice.hub import resolve_checkpoint
 from glm4voice.llm.config import GLMConfig, generation_stop_ids
-from glm4voice.llm.model import GLMModel, build_meta_model
+from glm4voice.llm.model import GLMModel, Linear, build_meta_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ never used (that code recomputes the frequencies from ``rope_ratio``); accepted 
 right shape, not required."""
 
 _COMPILED_TABLE = tuple((re.compile(pattern), target) for pattern, target in KEY_TABLE)
+
+
+EMBEDDING_WEIGHT = "embed.weight"
 
 
 class CheckpointError(ValueError):
@@ -142,18 +146,19 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = torch.bfloat16,
     quantize: str | None = None,
+    method: str | None = None,
 ) -> LoadedModel:
     """Read a glm-4-voice-9b folder (or hub id) into :class:`GLMModel` on ``device``.
 
-    ``dtype``: activation and (unquantized) weight dtype. ``quantize="int8"``: weight-only int8
-    with one scale per output channel for every linear layer (embedding and norms stay ``dtype``).
+    ``dtype``: activation and (unquantized) weight dtype. ``quantize``: ``"int8"``, ``"fp8"`` or
+    ``"int4"`` weights for every linear layer, with ``method`` (None: the dtype's default;
+    glm4voice.llm.quant.METHODS), and an int8 embedding table (the norms stay ``dtype``). A dtype
+    this device cannot run is a :class:`glm4voice.llm.quant.QuantizationUnsupported` error before
+    anything is read.
     """
-    from glm4voice.llm.quant import INT8, quantize_linear_int8
-
-    if quantize not in (None, INT8):
-        raise ValueError(f"quantize must be None or {INT8!r}, got {quantize!r}")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     device = torch.device(device)
+    chosen = _quant_method(quantize, method, device)
     folder = resolve_checkpoint(path_or_id, allow_patterns=ALLOW_PATTERNS)
     config = GLMConfig.from_folder(folder)
     model = build_meta_model(config)
@@ -162,9 +167,7 @@ def load_model(
     if ROTARY_BUFFER_KEY in files:
         _check_rotary_buffer(files[ROTARY_BUFFER_KEY], config)
     params = dict(model.named_parameters())
-    linear_weights = {
-        f"{name}.weight": module for name, module in model.named_modules() if hasattr(module, "int8_kernel")
-    }
+    linear_weights = _linear_weight_names(model)
     for key, tensor in _read_tensors(files, mapping, device):
         name = mapping[key]
         expected = tuple(params[name].shape)
@@ -175,15 +178,13 @@ def load_model(
         if config.qkv_per_head and name.rsplit(".", 2)[-2] == "qkv":
             tensor = per_head_qkv_to_grouped(tensor, config.num_heads, config.head_dim)
         tensor = tensor.to(dtype)
-        if quantize == INT8 and name in linear_weights:
-            quantize_linear_int8(linear_weights[name], tensor)
-        else:
-            _assign(model, name, tensor)
+        _place(model, name, tensor, chosen, linear_weights)
     model.eval()
+    _release_staging(chosen, device)
     stop_ids = generation_stop_ids(folder, config)
     logger.info("loaded %s: %d layers, %.2f B parameters, %s%s on %s", folder, config.num_layers,
                 config.num_parameters() / 1e9, str(dtype).removeprefix("torch."),
-                f" + {quantize} weights" if quantize else "", device)  # fmt: skip
+                f" + {chosen.spec} weights" if chosen else "", device)  # fmt: skip
     return LoadedModel(model, config, stop_ids, folder)
 
 
@@ -223,14 +224,22 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def random_model(config: GLMConfig, device, dtype: torch.dtype, seed: int = 0, quantize: str | None = None) -> GLMModel:
+def random_model(
+    config: GLMConfig,
+    device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    quantize: str | None = None,
+    method: str | None = None,
+) -> GLMModel:
     """A model of ``config``'s shape with random weights made directly on ``device`` (for
-    benchmarks: no 19 GB host tensors). Scales keep activations O(1) through the layers."""
-    from glm4voice.llm.quant import INT8, quantize_linear_int8
-
+    benchmarks: no 19 GB host tensors), optionally quantized as :func:`load_model` does. Scales keep
+    activations O(1) through the layers. The same seed gives the same floating-point weights
+    whatever ``quantize`` is (so quantized variants compare against the same model)."""
+    chosen = _quant_method(quantize, method, torch.device(device))
     model = build_meta_model(config)
     generator = torch.Generator(device=device).manual_seed(seed)
-    linears = {f"{name}.weight": module for name, module in model.named_modules() if hasattr(module, "int8_kernel")}
+    linears = _linear_weight_names(model)
     for name, param in list(model.named_parameters()):
         if name.endswith("norm.weight"):
             tensor = 1.0 + 0.1 * torch.randn(param.shape, generator=generator, device=device)
@@ -238,11 +247,46 @@ def random_model(config: GLMConfig, device, dtype: torch.dtype, seed: int = 0, q
             tensor = 0.1 * torch.randn(param.shape, generator=generator, device=device)
         else:
             fan_in = param.shape[1]
-            std = 1.0 if name == "embed.weight" else fan_in**-0.5
+            std = 1.0 if name == EMBEDDING_WEIGHT else fan_in**-0.5
             tensor = std * torch.randn(param.shape, generator=generator, device=device)
-        tensor = tensor.to(dtype)
-        if quantize == INT8 and name in linears:
-            quantize_linear_int8(linears[name], tensor)
-        else:
-            _assign(model, name, tensor)
+        _place(model, name, tensor.to(dtype), chosen, linears)
+    _release_staging(chosen, torch.device(device))
     return model.eval()
+
+
+def _place(model: GLMModel, name: str, tensor: torch.Tensor, method, linears: dict[str, str]) -> None:
+    """Assign one tensor, quantized if ``method`` is set and it is a linear weight or the embedding."""
+    from glm4voice.llm import quant
+
+    if method is not None and name in linears:
+        quant.quantize_linear(model, linears[name], tensor, method)
+    elif method is not None and name == EMBEDDING_WEIGHT:
+        quant.quantize_embedding(model, EMBEDDING_WEIGHT.rpartition(".")[0], tensor)
+    else:
+        _assign(model, name, tensor)
+
+
+def _release_staging(method, device: torch.device) -> None:
+    """After a quantized load on a GPU: hand the 16-bit staging copies (and the quantizer's float32
+    temporaries, up to a few GB for the output layer) back to the driver, so the process holds about
+    the quantized size and not the largest temporary too (what a small card and nvidia-smi see)."""
+    if method is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _linear_weight_names(model: GLMModel) -> dict[str, str]:
+    """Weight parameter name -> its Linear module's name (the tensors quantization replaces)."""
+    return {f"{name}.weight": name for name, module in model.named_modules() if isinstance(module, Linear)}
+
+
+def _quant_method(quantize: str | None, method: str | None, device: torch.device):
+    """The quantization method to apply (None for float weights), checked against ``device``."""
+    from glm4voice.llm import quant
+
+    if quantize is None:
+        if method is not None:
+            raise ValueError(f"a quantization method ({method!r}) needs a quantized dtype")
+        return None
+    if quantize not in quant.QUANTIZED_DTYPES:
+        raise ValueError(f"quantize must be None or one of {', '.join(quant.QUANTIZED_DTYPES)}, got {quantize!r}")
+    return quant.check_supported(quantize, device, method)

@@ -65,7 +65,7 @@ from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
 from glm4voice.llm.config import GLMConfig, context_limit
 from glm4voice.llm.model import GLMModel
 from glm4voice.llm.prefix_cache import PrefixCache
-from glm4voice.llm.quant import INT8
+from glm4voice.llm.quant import FP8, INT4, INT8, QUANTIZED_DTYPES, check_supported, resolve_method
 from glm4voice.llm.runner import (
     DEFAULT_GRAPH_BATCH_SIZES,
     DEFAULT_PREFILL_GRAPH_LENGTHS,
@@ -76,7 +76,9 @@ from glm4voice.llm.runner import (
 
 logger = logging.getLogger(__name__)
 
-ENGINE_DTYPES = ("bfloat16", "float16", "float32", INT8)
+ENGINE_DTYPES = ("bfloat16", "float16", "float32", INT8, FP8, INT4)
+"""What ``--dtype`` accepts: float weights, or quantized ones (glm4voice.llm.quant: int8 weight-only
+anywhere, fp8 on GPUs with float8 support, int4 weight-only on CUDA GPUs of compute capability 8.0+)."""
 MAX_CONSECUTIVE_FAILURES = 16
 """Failed steps in a row (prefill or decode, no success between them) after which the device is
 taken to be broken: the worker stops with an error instead of failing every request forever."""
@@ -154,7 +156,12 @@ class EngineConfig:
     device: str = AUTO
     """"auto" (``glm4voice.devices.default_device()``: CUDA if present, else CPU), "cuda", "cuda:1", "cpu"."""
     dtype: str = LLM_DTYPE
-    """bfloat16 | float16 | float32 | int8 (weight-only int8; activations bfloat16 on CUDA, float32 on CPU)."""
+    """bfloat16 | float16 | float32, or quantized weights (activations bfloat16 on CUDA, float32 on
+    the CPU): int8 (weight-only, per channel), fp8 (float8 weights and activations, compute
+    capability >= 8.9), int4 (weight-only, groups of 128; CUDA only). See glm4voice.llm.quant."""
+    quant_method: str | None = None
+    """How a quantized dtype is implemented (glm4voice.llm.quant.METHODS, e.g. "torchao" for int8,
+    "weight_only" for fp8, "hqq" for int4); None: the dtype's default."""
     max_batch_size: int = 64
     """Concurrent streams (KV cache slots)."""
     max_seq_len: int = MAX_SEQ_LEN
@@ -181,6 +188,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ENGINE_DTYPES:
             raise ValueError(f"dtype must be one of {ENGINE_DTYPES}, got {self.dtype!r}")
+        if self.quant_method is not None:
+            if self.dtype not in QUANTIZED_DTYPES:
+                raise ValueError(f"quant_method {self.quant_method!r} needs a quantized dtype, not {self.dtype}")
+            resolve_method(self.dtype, self.quant_method)
         for name in ("max_batch_size", "max_seq_len", "max_queue", "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -203,9 +214,15 @@ class EngineConfig:
         return device
 
     def activation_dtype(self) -> torch.dtype:
-        if self.dtype == INT8:
+        if self.dtype in QUANTIZED_DTYPES:
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    def check_supported(self) -> None:
+        """:class:`glm4voice.llm.quant.QuantizationUnsupported` (a ValueError) if the dtype cannot
+        run on the device, with what can (fp8 without float8 support, int4 on the CPU)."""
+        if self.dtype in QUANTIZED_DTYPES:
+            check_supported(self.dtype, self.torch_device(), self.quant_method)
 
     def use_compile(self) -> bool:
         if self.eager:
@@ -358,6 +375,7 @@ class Engine:
         stop_ids: Iterable[int] | None = None,
     ) -> None:
         self.config = config or EngineConfig()
+        self.config.check_supported()  # before anything is loaded: the error names what works instead
         self._source = source
         self._stop_override = None if stop_ids is None else frozenset(int(i) for i in stop_ids)
         self._loaded: LoadedModel | None = source if isinstance(source, LoadedModel) else None
@@ -632,7 +650,7 @@ class Engine:
         if self._loaded is None:
             self._loaded = load_model(
                 self._source, device=device, dtype=config.activation_dtype(),
-                quantize=INT8 if config.dtype == INT8 else None,
+                quantize=config.dtype if config.dtype in QUANTIZED_DTYPES else None, method=config.quant_method,
             )  # fmt: skip
         elif self._loaded.model.device != device:
             raise EngineError(f"the model is on {self._loaded.model.device}, the engine is configured for {device}")

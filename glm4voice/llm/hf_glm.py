@@ -42,8 +42,10 @@ def to_transformers_glm(model: GLMModel, attn_implementation: str = "sdpa"):
     """A ``GlmForCausalLM`` sharing ``model``'s (floating point) weights."""
     from transformers import GlmForCausalLM
 
-    if model.lm_head.scale is not None:
-        raise ValueError("the transformers view needs floating point weights, not int8")
+    from glm4voice.llm.quant import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("the transformers view needs floating point weights, not quantized ones")
     c = model.config
     hf_config = transformers_glm_config(model)
     hf_config._attn_implementation = attn_implementation

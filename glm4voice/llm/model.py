@@ -44,13 +44,9 @@ class RMSNorm(nn.Module):
         return (self.weight.float() * xf).to(x.dtype)
 
 
-INT8_KERNEL_MAX_ROWS = 16
-"""Rows up to which torch's int8 kernel beats dequantize-then-matmul (decode, not prefill)."""
-
-
 class Linear(nn.Module):
-    """``y = x W^T (+ b)``; ``W`` is either floating point or int8 with one scale per output row
-    (set by :func:`glm4voice.llm.quant.quantize_int8`)."""
+    """``y = x W^T (+ b)``. ``W`` is floating point, or quantized: a torchao tensor that implements
+    ``F.linear`` itself, or int8 in :class:`glm4voice.llm.quant.FusedInt8Linear` (see glm4voice.llm.quant)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -58,24 +54,9 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.register_buffer("scale", None)
-        self.int8_kernel = False
-        """Use ``torch._weight_int8pack_mm`` (the quantizer enables it on the CPU, where it is fast)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale is None:
-            y = F.linear(x, self.weight)
-        elif self.int8_kernel and x.numel() <= INT8_KERNEL_MAX_ROWS * self.in_features:
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        elif x.dim() == 2 and x.shape[0] == 1:
-            # one token: multiply-and-reduce, which torch.compile fuses into one pass over the int8 weight
-            y = ((x.float()[:, None, :] * self.weight.float()).sum(-1) * self.scale.float()).to(x.dtype)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        return F.linear(x, self.weight, self.bias)
 
 
 class Block(nn.Module):
@@ -244,7 +225,7 @@ class GLMModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Activation dtype (the norms' dtype; linear weights may be int8)."""
+        """Activation dtype (the norms' dtype; linear weights may be quantized)."""
         return self.final_norm.weight.dtype
 
     def compile_steps(self, **compile_options) -> None:

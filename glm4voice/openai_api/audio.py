@@ -14,7 +14,7 @@ import io
 import numpy as np
 import soundfile as sf
 
-from glm4voice.web.streams import PCM_DTYPE, PCM_SCALE
+from glm4voice.audio import PCM_DTYPE, PCM_SCALE, to_pcm16
 
 API_SAMPLE_RATE = 24_000
 """Rate of the pcm16 audio the API sends and the realtime endpoint receives."""
@@ -29,12 +29,6 @@ FILE_FORMATS = {
 PCM16 = "pcm16"
 OUTPUT_FORMATS = (*FILE_FORMATS, PCM16)
 INPUT_FORMATS = ("wav", "mp3")
-
-
-def to_pcm16(samples: np.ndarray) -> np.ndarray:
-    """Float samples in [-1, 1] (clipped) as int16, as the web player's frames."""
-    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-    return np.round(np.clip(samples, -1.0, 1.0) * PCM_SCALE).astype(PCM_DTYPE)
 
 
 def pcm16_base64(samples: np.ndarray) -> str:

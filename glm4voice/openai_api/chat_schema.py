@@ -21,9 +21,9 @@ from pydantic import (
     model_validator,
 )
 
+from glm4voice.defaults import MAX_SEED
 from glm4voice.openai_api.audio import INPUT_FORMATS, OUTPUT_FORMATS, PCM16
 from glm4voice.openai_api.errors import from_validation, invalid
-from glm4voice.server.schema import MAX_SEED
 
 
 class _Strict(BaseModel):

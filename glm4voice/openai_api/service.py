@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 
 from glm4voice.conversation.vad import SileroVAD
+from glm4voice.defaults import RETRY_AFTER_S
 from glm4voice.openai_api.store import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, AudioStore
 from glm4voice.pipeline import VoiceChat
-from glm4voice.server.settings import DEFAULT_RETRY_AFTER_S
 
 API_PREFIX = "/v1"
 """Every route of the OpenAI-compatible API is under this path."""
@@ -30,7 +30,7 @@ class ApiSettings:
     max_stored_answers: int = DEFAULT_MAX_ENTRIES
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_event_bytes: int = MAX_EVENT_BYTES
-    retry_after_s: int = DEFAULT_RETRY_AFTER_S
+    retry_after_s: int = RETRY_AFTER_S
     """``Retry-After`` of a 503 (the token server's own default)."""
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from glm4voice.defaults import (
     MAX_QUEUE,
     MAX_SEQ_LEN,
     QUEUE_TIMEOUT_S,
+    RETRY_AFTER_S,
     TOKEN_SERVER_HOST,
     TOKEN_SERVER_PORT,
 )
@@ -19,7 +20,6 @@ from glm4voice.hub import PUBLISHED_LLM
 from glm4voice.request_guard import HostPolicy
 from glm4voice.serving import ConnectionLimits
 
-DEFAULT_RETRY_AFTER_S = 2
 DEFAULT_SHUTDOWN_GRACE_S = 5.0
 MAX_BODY_BYTES_PER_TOKEN = 64
 """Body size limit per allowed prompt token: an audio token is 15 characters of prompt text
@@ -49,7 +49,7 @@ class ServerSettings:
     ``max_new_tokens`` exceeds ``max_seq_len`` is served up to ``max_seq_len``."""
     eager: bool = False
     """Run the engine without CUDA graphs / compilation."""
-    retry_after_s: int = DEFAULT_RETRY_AFTER_S
+    retry_after_s: int = RETRY_AFTER_S
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     log_level: str = "info"
     allowed_hosts: tuple[str, ...] = ()

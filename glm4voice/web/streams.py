@@ -29,13 +29,13 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from glm4voice.audio import PCM_DTYPE, to_pcm16
+
 logger = logging.getLogger(__name__)
 
 STREAM_PATH = "/glm4voice/stream"
 """URL path of the turn streams (a turn's stream is ``STREAM_PATH/<id>``)."""
 FRAME_HEADER = struct.Struct("<I")
-PCM_DTYPE = np.dtype("<i2")
-PCM_SCALE = 32767
 DEFAULT_TTL_S = 15 * 60.0
 DEFAULT_MAX_STREAMS = 256
 """Finished streams kept at once in all (each holds at most one answer's PCM: ~7 MB for 2000 tokens);
@@ -46,8 +46,7 @@ DEFAULT_MAX_PER_SESSION = 8
 
 def encode_frame(samples: np.ndarray) -> bytes:
     """One frame of float samples in [-1, 1] (clipped) as int16 PCM."""
-    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-    pcm = np.round(np.clip(samples, -1.0, 1.0) * PCM_SCALE).astype(PCM_DTYPE)
+    pcm = to_pcm16(samples)
     return FRAME_HEADER.pack(len(pcm)) + pcm.tobytes()
 
 

@@ -26,7 +26,6 @@ from glm4voice.llm.config import (
     generation_stop_ids,
 )
 from glm4voice.llm.model import build_meta_model
-from glm4voice.llm.quant import quantize_int8, weight_bytes
 
 IDS = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8])
 
@@ -223,37 +222,3 @@ def test_half_precision_loads(llm_folder, dtype):
     loaded = load_model(llm_folder, dtype=dtype)
     assert {p.dtype for p in loaded.model.parameters()} == {getattr(torch, dtype)}
     assert torch.isfinite(loaded.model(IDS)).all()
-
-
-def test_int8_weights_keep_quality_and_cut_memory(llm_folder, tiny_llm):
-    int8 = load_model(llm_folder, dtype="float32", quantize="int8").model
-    assert int8.layers[0].qkv.weight.dtype == torch.int8 and int8.lm_head.weight.dtype == torch.int8
-    assert int8.embed.weight.dtype == torch.float32  # lookups stay float
-    linear_float = sum(
-        p.numel() * 4 for n, p in tiny_llm.model.named_parameters() if p.dim() == 2 and not n.startswith("embed")
-    )
-    assert weight_bytes(int8) < weight_bytes(tiny_llm.model) - 0.7 * linear_float  # 4 bytes -> 1 (+ scales)
-    a, b = tiny_llm.model(IDS), int8(IDS)
-    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.995
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
-    w = torch.randn(16, 32)
-    q, scale = quantize_int8(w)
-    assert (q.float() * scale[:, None] - w).abs().max() <= scale.max() / 2 + 1e-6
-    with pytest.raises(ValueError, match="quantize"):
-        load_model(llm_folder, quantize="int3")
-
-
-def test_int8_matmul_paths_agree():
-    from glm4voice.llm.model import Linear
-    from glm4voice.llm.quant import dequantize_int8, quantize_linear_int8
-
-    linear = Linear(64, 48, bias=True)
-    linear.bias = torch.nn.Parameter(torch.randn(48), requires_grad=False)
-    quantize_linear_int8(linear, torch.randn(48, 64))
-    assert linear.int8_kernel  # torch's int8 kernel on the CPU
-    x = torch.randn(5, 64)
-    reference = x @ dequantize_int8(linear.weight, linear.scale).T + linear.bias
-    torch.testing.assert_close(linear(x), reference, rtol=1e-4, atol=1e-4)
-    linear.int8_kernel = False  # the CUDA paths: one row (multiply-reduce) and several (dequantize)
-    torch.testing.assert_close(linear(x), reference, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(linear(x[:1]), reference[:1], rtol=1e-4, atol=1e-4)

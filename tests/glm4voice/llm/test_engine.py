@@ -475,7 +475,7 @@ def test_start_logs_the_context_limit_and_why(tiny_llm, caplog, seq_length, expe
 
 def test_engine_config_validation():
     with pytest.raises(ValueError, match="dtype"):
-        EngineConfig(dtype="int4")
+        EngineConfig(dtype="int3")
     with pytest.raises(ValueError, match="max_batch_size"):
         EngineConfig(max_batch_size=0)
     config = EngineConfig(device="cpu")
