@@ -6,8 +6,8 @@ it, so a command line can build its parser before it loads torch.
 
 - Devices: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"`` / None for :func:`default_device`
   (CUDA device 0 when this machine has a usable GPU, else the CPU).
-- LLM dtypes: the engine's own tuple (``glm4voice.llm.engine.ENGINE_DTYPES``, via :func:`llm_dtypes`):
-  what ``model_server.py --dtype`` accepts is exactly what the engine implements.
+- LLM dtypes: :data:`LLM_DTYPES` (the engine checks its configs against this tuple, so what
+  ``model_server.py --dtype`` accepts is exactly what the engine implements).
 - Decoder dtypes: the speech decoder's flow-estimator precisions (:data:`DECODER_DTYPES`), and
   ``"auto"`` (:func:`decoder_dtype`: bfloat16 on CUDA, where it meets real time, float32 on a CPU).
 """
@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 AUTO = "auto"
 DEVICE_TYPES = ("cpu", "cuda")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+INT8, FP8, INT4 = "int8", "fp8", "int4"
+QUANTIZED_DTYPES = (INT8, FP8, INT4)
+"""The LLM's quantized weight names (glm4voice.llm.quant: fused int8 weight-only, torchao fp8 and int4)."""
+LLM_DTYPES = ("bfloat16", "float16", "float32", *QUANTIZED_DTYPES)
+"""What the LLM engine builds (``glm4voice.llm.engine.ENGINE_DTYPES`` is this tuple)."""
 DECODER_DTYPES = FLOAT_DTYPES
 """Precisions ``AudioDecoder(dtype=...)`` runs its flow estimator in (the rest stays float32)."""
 DECODER_DTYPE_CHOICES = (AUTO, *DECODER_DTYPES)
@@ -76,10 +81,8 @@ def device_name(device: str | torch.device) -> str:
 
 
 def llm_dtypes() -> tuple[str, ...]:
-    """The weight dtypes the LLM engine implements (its own published tuple; imports torch)."""
-    from glm4voice.llm.engine import ENGINE_DTYPES
-
-    return ENGINE_DTYPES
+    """The weight dtypes the LLM engine implements (``--dtype`` choices of every command that loads it)."""
+    return LLM_DTYPES
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -60,7 +60,7 @@ from glm4voice.defaults import (
     temperature_problem,
     top_p_problem,
 )
-from glm4voice.devices import AUTO, default_device
+from glm4voice.devices import AUTO, LLM_DTYPES, default_device
 from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
 from glm4voice.llm.config import GLMConfig, context_limit
 from glm4voice.llm.model import GLMModel
@@ -76,7 +76,7 @@ from glm4voice.llm.runner import (
 
 logger = logging.getLogger(__name__)
 
-ENGINE_DTYPES = ("bfloat16", "float16", "float32", INT8, FP8, INT4)
+ENGINE_DTYPES = LLM_DTYPES
 """What ``--dtype`` accepts: float weights, or quantized ones (glm4voice.llm.quant: int8 weight-only
 anywhere, fp8 on GPUs with float8 support, int4 weight-only on CUDA GPUs of compute capability 8.0+)."""
 MAX_CONSECUTIVE_FAILURES = 16

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm4voice.devices import FP8, INT4, INT8, QUANTIZED_DTYPES
 from glm4voice.llm.model import Linear
 
 if TYPE_CHECKING:
@@ -54,11 +55,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INT8 = "int8"
-FP8 = "fp8"
-INT4 = "int4"
-QUANTIZED_DTYPES = (INT8, FP8, INT4)
-"""The engine's quantized ``--dtype`` names (weights only change; activations stay 16/32-bit)."""
 INT4_GROUP_SIZE = 128
 """Input channels sharing one int4 scale and zero point."""
 INT8_MAX = 127
