@@ -42,7 +42,7 @@ logger = logging.getLogger("glm4voice.serve")
 
 class SpeechSide:
     async def __init__(self, config: ServeConfig):
-        from flow_inference import AudioDecoder
+        from glm4voice.decoder import AudioDecoder
         from speech_tokenizer import SpeechTokenizer
 
         started = time.perf_counter()
