@@ -5,6 +5,7 @@ replica per GPU (``glm4voice.serve``, placement ``shared``), measured where the 
     python bench/ray_e2e.py --device cpu --config small --quick          # dry run of the script on a CPU
     python bench/ray_e2e.py --serve-only --speech-replicas 0 --port 8000   # only the engines, for bench/e2e.py:
     python bench/e2e.py --token-server-url http://127.0.0.1:8000           #   its turns, these engines
+    python bench/ray_e2e.py --serve-only & python bench/ray_e2e.py --connect   # start and measure apart
 
 What runs: a local Ray cluster with the Serve applications of ``python -m glm4voice.serve``. Engine
 replicas build the published GLM-4-Voice-9B shape with random bf16 weights on their GPU and force the
@@ -88,7 +89,7 @@ def _pattern_engine(settings, shape: str):
 # --- the app ------------------------------------------------------------------------------------------------
 
 
-def write_checkpoints(folder: Path, shape: str) -> dict[str, Path]:
+def write_checkpoints(folder: Path, shape: str, text_only: bool = False) -> dict[str, Path]:
     """The text tokenizer (the engines' vocabulary), the tiny speech tokenizer and a random decoder."""
     from dataclasses import replace
 
@@ -98,6 +99,8 @@ def write_checkpoints(folder: Path, shape: str) -> dict[str, Path]:
 
     paths = {"text": folder / "text-tokenizer", "speech": folder / "speech-tokenizer", "decoder": folder / "decoder"}
     vocab = write_tiny_text_tokenizer(paths["text"])
+    if text_only:
+        return paths
     write_tiny_speech_tokenizer(paths["speech"], vocab, seed=0)
     sizes = PUBLISHED_DECODER_SIZES if shape == "published" else replace(TINY_DECODER_SIZES, vocab_size=16384)
     write_random_decoder(paths["decoder"], sizes, seed=0)
@@ -263,6 +266,8 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=560)
     parser.add_argument("--port", type=int, default=8000, help="the app's HTTP port")
     parser.add_argument("--serve-only", action="store_true", help="start the app and serve until Ctrl-C/SIGTERM")
+    parser.add_argument("--connect", action="store_true",
+                        help="measure the app that a running --serve-only (same --levels) started on this machine")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="CPU dry run: short answers, few levels")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -284,9 +289,16 @@ def main() -> int:
 
     from glm4voice.serve.app import deploy
 
-    args.paths = write_checkpoints(Path(tempfile.mkdtemp(prefix="ray-e2e-")), args.config)
+    args.paths = write_checkpoints(Path(tempfile.mkdtemp(prefix="ray-e2e-")), args.config, text_only=args.connect)
     config = serve_config(args, args.paths, gpus)
     args.replicas_started = config.engine.replicas
+    if args.connect:  # the cluster and its app belong to the --serve-only process
+        ray.init(address="auto", log_to_driver=False)
+        try:
+            asyncio.run(bench(args, run))
+        finally:
+            ray.shutdown()
+        return 0
     ray.init(address="local", num_gpus=gpus, include_dashboard=False, log_to_driver=args.serve_only,
              object_store_memory=OBJECT_STORE_BYTES)  # fmt: skip
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own

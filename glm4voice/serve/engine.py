@@ -6,13 +6,15 @@ request's token ids to whoever called :meth:`TokenEngine.generate` (the ingress,
 as :mod:`glm4voice.serve.messages`. Ray Serve routes each call to the replica with the fewest ongoing
 requests, never more than the engine's batch at once (``max_ongoing_requests``), and queues the rest.
 
-A replica whose engine died (its worker thread failed: a CUDA error) fails Ray's health check, so Ray
-replaces it; its open streams have ended with an error already. Each stream starts with the replica's
+A replica whose engine died (its worker thread failed: a CUDA error) ends its process, as
+``model_server.py`` exits, and Ray replaces it; its open streams have ended with an error already (the
+health check fails too, should the exit not happen). Each stream starts with the replica's
 own counters (:meth:`TokenEngine.stats`), which the ingress shows at ``GET /replicas``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 import logging
@@ -21,6 +23,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from glm4voice.defaults import ENGINE_FAILED_EXIT_CODE
 from glm4voice.serve.batches import in_batches
 from glm4voice.serve.config import ServeConfig
 from glm4voice.serve.messages import Accepted, Failed, Refused, TokenMessage, Tokens
@@ -63,8 +66,13 @@ class TokenEngine:
         logger.info("engine replica %s ready on %s (pid %d)", self.replica, self.settings.device, os.getpid())
 
     def _engine_failed(self, error: BaseException) -> None:
-        logger.critical("engine replica %s: the engine failed (%s: %s)", self.replica, type(error).__name__, error)
+        """The engine's worker died (its streams have ended with an error): end this replica's process, as
+        ``model_server.py`` exits, so that Ray's routers stop sending it requests at once (a stream that
+        has not had a token yet goes to another replica) and Ray starts a new replica."""
+        logger.critical("engine replica %s: the engine failed (%s: %s); the replica exits with code %d",
+                        self.replica, type(error).__name__, error, ENGINE_FAILED_EXIT_CODE)  # fmt: skip
         self.failure = error
+        asyncio.get_running_loop().call_soon(os._exit, ENGINE_FAILED_EXIT_CODE)
 
     def info(self) -> dict[str, Any]:
         """What a caller needs to check prompts the way the engine will."""

@@ -43,6 +43,7 @@ logger = logging.getLogger("glm4voice.serve")
 class SpeechSide:
     async def __init__(self, config: ServeConfig):
         from glm4voice.decoder import AudioDecoder
+        from glm4voice.decoder.options import graph_batch_sizes_for
         from speech_tokenizer import SpeechTokenizer
 
         started = time.perf_counter()
@@ -52,8 +53,10 @@ class SpeechSide:
         info = await engine.info.remote()
         text_tokenizer = GLMTokenizer.from_pretrained(tokenizer_folder(config.server.model_path))
         speech_tokenizer = SpeechTokenizer.from_pretrained(config.tokenizer_path, device=device)
+        turns = config.max_concurrent_turns  # as web_demo.py: its graphs sized for that many blocks at once
+        graphs = {} if turns is None else {"graph_batch_sizes": graph_batch_sizes_for(turns)}
         decoder = AudioDecoder.from_pretrained(config.flow_path, device=device,
-                                               dtype=decoder_dtype(config.decoder_dtype, device))  # fmt: skip
+                                               dtype=decoder_dtype(config.decoder_dtype, device), **graphs)  # fmt: skip
         client = RayTokenClient(engine, config.server, text_tokenizer, info)
         self.chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config.pipeline,
                               server_url=client.base_url)  # fmt: skip

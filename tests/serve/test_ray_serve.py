@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from serve.held_engine import HOLD_SEED
+from serve.held_engine import HOLD_SEED, KILL_ENGINE_SEED, KILL_MARKER_ENV
 from support import ROOT, ServerProcess, free_port
 
 from glm4voice.protocol import TextInput, render_prompt_text
@@ -112,7 +112,8 @@ class Cluster:
     def __init__(self, args: list[str], port: int):
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = Path(tempfile.mkstemp(prefix="ray-serve-", suffix=".log")[1])
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        self.kill_marker = self.log_path.with_suffix(".killed")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", KILL_MARKER_ENV: str(self.kill_marker)}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "glm4voice.serve", *args], cwd=ROOT, env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -212,6 +213,7 @@ def cluster(tiny_checkpoints):
         cluster.stop()
         for line in session_processes(cluster.sid):  # never leave Ray behind, even when a test failed
             os.kill(int(line.split()[0]), signal.SIGKILL)
+        cluster.kill_marker.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -456,6 +458,33 @@ async def _turns(url: str, count: int) -> list[bytes]:
             return response.content
 
         return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def test_a_replica_whose_engine_dies_ends_and_is_replaced(cluster, expected):
+    """As model_server.py exits when its engine dies, so does the replica: its stream ends with an error
+    line, the next turns go to the other replica, and Ray starts a new one."""
+    engines = cluster.engines()
+    target, other = sorted(engines)
+    kill = {"prompt_token_ids": [4, 5, 6], "max_new_tokens": 64, "seed": KILL_ENGINE_SEED}
+    try:
+        cluster.hold_full(other)
+        with httpx.stream("POST", cluster.url + "/generate_stream", json=kill, timeout=WAIT_S) as response:
+            assert response.status_code == 200
+            lines = [json.loads(line) for line in response.iter_lines()]
+    finally:
+        cluster.close_all()
+    assert cluster.kill_marker.exists()  # one engine died...
+    # ... under this stream: it ends with an error line, or, when the replica died before this stream's first
+    # token reached the ingress, another replica answered it whole
+    assert "token_id" in lines[0] and all("token_id" in line for line in lines[:-1]), lines
+    assert lines[-1]["error_code"] == 1 or "token_id" in lines[-1], lines
+    assert asyncio.run(_turns(cluster.url, ENGINES * STREAMS)) == [expected] * (ENGINES * STREAMS)
+    try:
+        cluster.hold_full(other)
+        raw, served = cluster.served_by(SEEDED)
+    finally:
+        cluster.close_all()
+    assert served not in engines and raw == expected
 
 
 # --- shutdown ---------------------------------------------------------------------------------------
