@@ -22,7 +22,7 @@ from glm4voice.devices import DeviceError, llm_dtypes, resolve_device
 from glm4voice.server.app import ServerState, create_app, serve
 from glm4voice.server.settings import ServerSettings
 
-__all__ = ["ServerState", "build_parser", "create_app", "main", "serve", "settings_from_args"]
+__all__ = ["ServerState", "add_engine_arguments", "build_parser", "create_app", "main", "serve", "settings_from_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,13 +34,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-path", default=defaults.model_path, help="glm-4-voice-9b folder or hub id (default %(default)s)"
     )
+    add_engine_arguments(parser)
+    parser.add_argument("--log-level", default=defaults.log_level, choices=("debug", "info", "warning", "error"))
+    # exposure and connections (docs/API.md, "Exposing the servers" and "Limits")
+    serving.add_arguments(parser)
+    return parser
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, device_flag: str = "--device") -> None:
+    """The engine's and the stream limits' flags (also ``web_demo.py --in-process-engine``'s, where the
+    device flag is ``--llm-device``)."""
+    defaults = ServerSettings()
     parser.add_argument(
         "--dtype",
         default=defaults.dtype,
         choices=llm_dtypes(),
         help="weights and activations: what the engine implements (default %(default)s)",
     )
-    parser.add_argument("--device", default=defaults.device, help="cuda:N or cpu (default %(default)s)")
+    if device_flag == "--device":
+        parser.add_argument("--device", default=defaults.device, help="cuda:N or cpu (default %(default)s)")
+    else:
+        parser.add_argument(device_flag, default=None, help="cuda:N or cpu for the LLM engine (default: --device)")
     # serving
     parser.add_argument(
         "--max-concurrent-streams",
@@ -77,21 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs / compilation (slower; for debugging)")
     parser.add_argument("--retry-after", type=int, default=defaults.retry_after_s, help="Retry-After seconds on 503")
-    parser.add_argument("--log-level", default=defaults.log_level, choices=("debug", "info", "warning", "error"))
-    # exposure and connections (docs/API.md, "Exposing the servers" and "Limits")
-    serving.add_arguments(parser)
-    return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> ServerSettings:
-    return ServerSettings(
-        host=args.host, port=args.port, model_path=args.model_path, dtype=args.dtype, device=args.device,
-        max_concurrent_streams=args.max_concurrent_streams, max_queue=args.max_queue,
-        queue_timeout_s=args.queue_timeout, max_seq_len=args.max_seq_len, max_prompt_tokens=args.max_prompt_tokens,
-        max_new_tokens_cap=args.max_new_tokens_cap, eager=args.eager, retry_after_s=args.retry_after,
-        log_level=args.log_level, allowed_hosts=serving.allowed_hosts_from_args(args),
+def settings_from_args(args: argparse.Namespace, **overrides) -> ServerSettings:
+    """The settings the flags give (``overrides``: fields set by the caller, e.g. the one-process
+    command's device, host and port)."""
+    fields = dict(
+        host=args.host, port=args.port, model_path=args.model_path, dtype=args.dtype,
+        device=getattr(args, "device", None), max_concurrent_streams=args.max_concurrent_streams,
+        max_queue=args.max_queue, queue_timeout_s=args.queue_timeout, max_seq_len=args.max_seq_len,
+        max_prompt_tokens=args.max_prompt_tokens, max_new_tokens_cap=args.max_new_tokens_cap, eager=args.eager,
+        retry_after_s=args.retry_after, log_level=args.log_level, allowed_hosts=serving.allowed_hosts_from_args(args),
         connection_limits=serving.limits_from_args(args),
     )  # fmt: skip
+    return ServerSettings(**(fields | overrides))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,20 @@ the text tokenizer (only the tokenizer files of ``--model-path``) once at start;
 :meth:`glm4voice.pipeline.VoiceChat.run_turn` (tokenize speech, build the prompt from the
 session's history ids, stream tokens from the server, decode audio blocks while tokens arrive).
 
+The one-process layout (``--in-process-engine``; ``python -m glm4voice.launch --layout one-process``
+runs it): the LLM engine runs in this process instead, with ``model_server.py``'s engine flags
+(``--dtype``, ``--max-concurrent-streams``, ``--max-seq-len``, ...; its device is ``--llm-device``,
+default ``--device``), and the page and the API reach it through
+:class:`glm4voice.server.inprocess.InProcessTokenClient`, which behaves as the HTTP client of
+``model_server.py`` does (same token ids, errors, admission and back-pressure). One CUDA context: the
+speech tokenizer and decoder run on the device's highest-priority CUDA stream, so with the engine on
+the same GPU a listener's audio block does not wait behind LLM steps (two processes time-slice the
+GPU instead). The engine starts (load, warm-up) before the page accepts connections; if it dies,
+the process exits with ``ENGINE_FAILED_EXIT_CODE`` so that a supervisor restarts it.
+
+    python web_demo.py --in-process-engine --model-path THUDM/glm-4-voice-9b \\
+        --tokenizer-path THUDM/glm-4-voice-tokenizer --flow-path THUDM/glm-4-voice-decoder --device cuda:0
+
 This script is the command line and the wiring only: the app is
 :func:`glm4voice.web.app.create_app`, the page and its streaming player :mod:`glm4voice.web.page`.
 """
@@ -24,9 +38,11 @@ import sys
 import time
 from typing import Any
 
+import model_server
 from glm4voice import serving
 from glm4voice.defaults import (
     DEFAULT_SERVER_URL,
+    ENGINE_FAILED_EXIT_CODE,
     GPU_MAX_CONCURRENT_TURNS,
     MAX_CONCURRENT_TURNS,
     WEB_DEMO_HOST,
@@ -41,7 +57,17 @@ from glm4voice.web.page import DemoSettings
 
 logger = logging.getLogger("glm4voice.web_demo")
 
-__all__ = ["DemoSettings", "build_parser", "create_app", "load_chat", "main"]
+__all__ = [
+    "DemoSettings",
+    "build_app",
+    "build_parser",
+    "build_server",
+    "check_args",
+    "create_app",
+    "load_chat",
+    "main",
+    "run_in_one_process",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,11 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     # exposure and connections (docs/API.md, "Exposing the servers" and "Limits")
     serving.add_arguments(parser)
+    one_process = parser.add_argument_group("one-process layout (the LLM engine in this process)")
+    one_process.add_argument(
+        "--in-process-engine",
+        action="store_true",
+        help="run the LLM engine (--model-path) in this process instead of using --server-url",
+    )
+    model_server.add_engine_arguments(one_process, device_flag="--llm-device")
     return parser
 
 
-def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
-    """Load the models once (text tokenizer files, speech tokenizer, decoder) and the client."""
+def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, Any]:
+    """Load the models once (text tokenizer files, speech tokenizer, decoder) and the client
+    (``client``: one given by the caller, e.g. the one-process layout's in-process client; default:
+    an :class:`~glm4voice.client.AsyncTokenClient` of ``--server-url``)."""
     from flow_inference import AudioDecoder
     from glm4voice.client import AsyncTokenClient
     from glm4voice.decoder.options import graph_batch_sizes_for
@@ -123,18 +158,21 @@ def load_chat(args: argparse.Namespace) -> tuple[VoiceChat, Any]:
     turns = args.max_concurrent_turns
     graphs = {} if turns is None else {"graph_batch_sizes": graph_batch_sizes_for(turns)}
     decoder = AudioDecoder.from_pretrained(args.flow_path, device=device, dtype=dtype, **graphs)
-    client = AsyncTokenClient(args.server_url)
-    chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config, server_url=args.server_url)
+    if client is None:
+        client = AsyncTokenClient(args.server_url)
+    server_url = getattr(client, "base_url", args.server_url)
+    chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, config, server_url=server_url)
     if decoder.device.type == "cuda":  # every block shape's CUDA graph now, not while a listener waits
         decoder.warm_up(block_sizes, first_block_sizes=chat.first_block_sizes)
     logger.info("models loaded on %s in %.1f s", device, time.perf_counter() - started)
     return chat, client
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def check_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[HostPolicy, serving.ConnectionLimits]:
+    """The checks that need no model (a usage message and exit 2 for a bad flag): the host policy and
+    connection limits the flags give."""
     if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
         parser.error("--max-concurrent-turns must be at least 1")
     try:
@@ -146,24 +184,91 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(args.device)
     except DeviceError as error:
         parser.error(f"--device {args.device}: {error}")
+    return host_policy, limits
+
+
+def build_app(args: argparse.Namespace, chat: VoiceChat, client: Any, host_policy: HostPolicy) -> Any:
+    """The web demo's app around a loaded ``chat`` (closes ``client`` when it stops)."""
+    if args.max_concurrent_turns is None:
+        on_gpu = getattr(chat.decoder, "device", None) is not None and chat.decoder.device.type == "cuda"
+        args.max_concurrent_turns = GPU_MAX_CONCURRENT_TURNS if on_gpu else MAX_CONCURRENT_TURNS
+    settings = DemoSettings(random_weights_notice=args.random_weights_notice,
+                            max_concurrent_turns=args.max_concurrent_turns, server_url=chat.server_url)  # fmt: skip
+    return create_app(chat, settings, close_client=client.aclose, host_policy=host_policy)
+
+
+def build_server(app: Any, args: argparse.Namespace, host_policy: HostPolicy, limits: serving.ConnectionLimits,
+                 server_url: str, before_shutdown: Any = None) -> serving.Server:  # fmt: skip
+    """The uvicorn server for the web demo's ``app`` (logs where it listens and what it answers to;
+    ``before_shutdown`` runs first when it stops)."""
+    shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
+    logger.info("web demo on http://%s:%d (model server %s); answers to the hosts %s", shown, args.port,
+                server_url, host_policy.describe())  # fmt: skip
+    if notice := wildcard_notice(args.host, host_policy):
+        logger.warning(notice)
+    return serving.build_server(app, args.host, args.port, limits, before_shutdown=before_shutdown,
+                                log_level=args.log_level)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host_policy, limits = check_args(parser, args)
+    if args.in_process_engine:
+        return run_in_one_process(parser, args, host_policy, limits)
     try:
         chat, client = load_chat(args)
     except (OSError, ValueError) as error:  # missing or malformed checkpoint folders, bad --block-sizes
         logger.error("cannot start the web demo: %s", error)
         return 1
-    if args.max_concurrent_turns is None:
-        on_gpu = getattr(chat.decoder, "device", None) is not None and chat.decoder.device.type == "cuda"
-        args.max_concurrent_turns = GPU_MAX_CONCURRENT_TURNS if on_gpu else MAX_CONCURRENT_TURNS
-    settings = DemoSettings(random_weights_notice=args.random_weights_notice,
-                            max_concurrent_turns=args.max_concurrent_turns, server_url=args.server_url)  # fmt: skip
-    app = create_app(chat, settings, close_client=client.aclose, host_policy=host_policy)
-    shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
-    logger.info("web demo on http://%s:%d (model server %s); answers to the hosts %s", shown, args.port,
-                args.server_url, host_policy.describe())  # fmt: skip
-    if notice := wildcard_notice(args.host, host_policy):
-        logger.warning(notice)
-    server = serving.build_server(app, args.host, args.port, limits, log_level=args.log_level)
+    app = build_app(args, chat, client, host_policy)
+    server = build_server(app, args, host_policy, limits, args.server_url)
     server.run()
+    return 0 if server.started else 1
+
+
+def llm_device(args: argparse.Namespace) -> str:
+    """The in-process engine's device: ``--llm-device``, else ``--device`` (resolved)."""
+    return str(resolve_device(args.llm_device if args.llm_device is not None else args.device))
+
+
+def run_in_one_process(parser: argparse.ArgumentParser, args: argparse.Namespace, host_policy: HostPolicy,
+                       limits: serving.ConnectionLimits) -> int:  # fmt: skip
+    """The one-process layout (see the module doc): the engine, then the page, in this process."""
+    try:
+        device = llm_device(args)
+    except DeviceError as error:
+        parser.error(f"--llm-device {args.llm_device}: {error}")
+    try:  # no port of its own: host and port only name the page in the engine's log
+        settings = model_server.settings_from_args(args, device=device)
+    except ValueError as error:
+        parser.error(str(error))
+    from glm4voice.server.engine_backend import build_engine  # loads the model's code: after the cheap checks
+    from glm4voice.client import InProcessTokenClient
+    from glm4voice.server.inprocess import InProcessTokenServer
+
+    try:
+        engine = build_engine(settings)
+    except ValueError as error:  # e.g. a --dtype this engine does not implement
+        parser.error(str(error))
+    tokens = InProcessTokenServer(engine, settings)
+    try:
+        chat, client = load_chat(args, client=InProcessTokenClient(tokens))
+    except (OSError, ValueError) as error:  # missing or malformed checkpoint folders, bad --block-sizes
+        logger.error("cannot start the web demo: %s", error)
+        return 1
+    logger.info("one process: LLM engine on %s (%s), speech tokenizer and decoder on %s", device, settings.dtype,
+                getattr(chat.decoder, "device", args.device))  # fmt: skip
+    app = tokens.serve_inside(build_app(args, chat, client, host_policy))
+    # on SIGINT/SIGTERM the engine's open streams end at once (their turns fail with a message), so
+    # that the server does not wait for answers still being generated
+    server = build_server(app, args, host_policy, limits, client.base_url, tokens.begin_shutdown)
+    tokens.on_engine_failure(server.request_exit)
+    server.run()
+    if tokens.failure is not None:
+        logger.error("exiting with code %d: %s", ENGINE_FAILED_EXIT_CODE, tokens.state.stop_reason)
+        return ENGINE_FAILED_EXIT_CODE
     return 0 if server.started else 1
 
 

@@ -15,6 +15,14 @@ and samples every token exactly as in production (same prompt, same sampling, sa
 the id that goes on the wire changes. A request's ``max_new_tokens`` sets the answer length: the
 last of those tokens is replaced by ``<|user|>`` (end of turn). The forcing lives only here.
 
+Forced ids and the engine's prefix cache: the engine caches what it computed (the prompt and its
+own sampled ids), the client's history holds the forced ids. So that a conversation's next turn
+reuses the cache as in production, :class:`ForcedHistory` maps a prompt's forced history back to the
+engine's ids before submitting (same length; only the ids the forcing replaced differ).
+
+The same backend runs in the benchmark's own process for the one-process layout
+(:func:`build_backend`, served by ``glm4voice.server.inprocess``).
+
 ``/reference/generate_stream`` (same wire format) is the reference-style baseline the original
 server runs: transformers' ``GlmForCausalLM`` over the same weights (``glm4voice.llm.hf_glm``),
 ``generate()`` in a thread feeding a token streamer, batch 1, with a LogitsProcessor that forces
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import sys
@@ -45,6 +54,18 @@ from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT
 logger = logging.getLogger("bench.e2e_server")
 
 PATTERN_TEXT = "Sure! Here is a short story about a curious little cat who loved music, and the weather was nice."
+FORCED_HISTORY_ENTRIES = 1024
+"""Finished answers whose engine ids are remembered (least recently used dropped first)."""
+
+
+def answer_length(audio_tokens: int) -> int:
+    """max_new_tokens of a forced answer with ``audio_tokens`` audio tokens (13/26 interleave, then the
+    end-of-turn id)."""
+    k = audio = 0
+    while audio < audio_tokens:
+        audio += (k % (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT)) >= TEXT_TOKENS_PER_SEGMENT
+        k += 1
+    return k + 1
 
 
 @dataclass(frozen=True)
@@ -78,20 +99,61 @@ class AnswerPattern:
         )
 
 
-class PatternStream:
-    """An engine stream whose ids are replaced by the pattern's (same count, same timing)."""
+class ForcedHistory:
+    """The engine's own ids for histories the client holds in forced ids (see the module doc).
 
-    def __init__(self, inner, pattern: AnswerPattern, length: int, seed: int):
+    A conversation's history is its last prompt plus the answer without its end-of-turn id, and its
+    next prompt goes on with ``<|user|>``: so the histories worth looking up end right before a
+    ``<|user|>`` of the prompt (one candidate per earlier turn)."""
+
+    def __init__(self, user_id: int, entries: int = FORCED_HISTORY_ENTRIES):
+        self.user_id = user_id
+        self.entries = entries
+        self._engine_ids: collections.OrderedDict[tuple[int, ...], tuple[int, ...]] = collections.OrderedDict()
+
+    def to_engine(self, prompt: list[int]) -> list[int]:
+        """``prompt`` with its longest remembered history replaced by the engine's ids."""
+        for end in reversed([i for i, token in enumerate(prompt) if token == self.user_id and i > 0]):
+            found = self._engine_ids.get(tuple(prompt[:end]))
+            if found is not None:
+                self._engine_ids.move_to_end(tuple(prompt[:end]))
+                return list(found) + prompt[end:]
+        return prompt
+
+    def remember(self, forced: list[int], engine: list[int]) -> None:
+        """A finished answer: the history as the client will send it, and as the engine computed it."""
+        assert len(forced) == len(engine)
+        self._engine_ids[tuple(forced)] = tuple(engine)
+        self._engine_ids.move_to_end(tuple(forced))
+        while len(self._engine_ids) > self.entries:
+            self._engine_ids.popitem(last=False)
+
+
+class PatternStream:
+    """An engine stream whose ids are replaced by the pattern's (same count, same timing); at the
+    answer's end-of-turn id, its history is remembered (:class:`ForcedHistory`)."""
+
+    def __init__(self, inner, pattern: AnswerPattern, length: int, seed: int, history: ForcedHistory | None = None,
+                 client_prompt: list[int] = (), engine_prompt: list[int] = ()):  # fmt: skip
         self.inner, self.pattern, self.length, self.seed = inner, pattern, length, seed
         self.count = 0
+        self.history = history
+        self.forced = list(client_prompt)
+        self.engine = list(engine_prompt)
 
     def __aiter__(self) -> "PatternStream":
         return self
 
     async def __anext__(self) -> int:
-        await self.inner.__anext__()  # StopAsyncIteration / errors pass through
+        engine_id = await self.inner.__anext__()  # StopAsyncIteration / errors pass through
         k, self.count = self.count, self.count + 1
-        return self.pattern.token(k, self.length, self.seed)
+        token = self.pattern.token(k, self.length, self.seed)
+        self.forced.append(token)
+        self.engine.append(engine_id)
+        if k == self.length - 1 and self.history is not None:
+            # the end of the turn (the client stops reading here): the history is the answer but this id
+            self.history.remember(self.forced[:-1], self.engine[:-1])
+        return token
 
     def cancel(self) -> None:
         self.inner.cancel()
@@ -109,6 +171,7 @@ class PatternBackend:
         self.engine = engine
         self.pattern = pattern
         self.checkpoint_folder = folder
+        self.history = ForcedHistory(pattern.end_id)
 
     @property
     def vocab_size(self) -> int:
@@ -131,9 +194,21 @@ class PatternBackend:
     def stats(self) -> dict[str, float]:
         return self.inner.stats()
 
+    def add_failure_callback(self, callback) -> None:
+        self.inner.add_failure_callback(callback)
+
     def submit(self, prompt_ids, request):
-        stream = self.inner.submit(prompt_ids, request)
-        return PatternStream(stream, self.pattern, request.max_new_tokens, request.seed or 0)
+        engine_prompt = self.history.to_engine(list(prompt_ids))
+        stream = self.inner.submit(engine_prompt, request)
+        return PatternStream(stream, self.pattern, request.max_new_tokens, request.seed or 0, self.history,
+                             list(prompt_ids), engine_prompt)  # fmt: skip
+
+    def set_prefill_graphs(self, on: bool) -> list[int]:
+        """Switch the engine's prefill CUDA graphs on or off (to measure both in one run): the lengths
+        that have one (empty: none captured, nothing to switch)."""
+        runner = self.engine.runner
+        runner.prefill_graphs_enabled = bool(on) and bool(runner.prefill_graphs)
+        return sorted(runner.prefill_graphs)
 
 
 # --- the reference-style server: HF generate + a streamer thread --------------------------------------
@@ -200,13 +275,15 @@ def reference_app(model, pattern: AnswerPattern, max_new_tokens_cap: int):
 # --- main ---------------------------------------------------------------------------------------------
 
 
-def build(args):
+def build_backend(args):
+    """The engine (random weights, built on ``args.device``; not started) inside a :class:`PatternBackend`,
+    the server settings and the text tokenizer: what the bench server serves, and what the benchmark's
+    one-process layout serves in its own process."""
     import torch
 
     from glm4voice.llm.checkpoint import random_model
     from glm4voice.llm.engine import Engine, EngineConfig
     from glm4voice.llm.quant import QUANTIZED_DTYPES
-    from glm4voice.server.app import create_app
     from glm4voice.server.settings import ServerSettings
     from glm4voice.text_tokenizer import GLMTokenizer
 
@@ -232,18 +309,23 @@ def build(args):
         max_concurrent_streams=args.max_streams, max_queue=256, max_seq_len=args.max_seq_len, eager=args.eager,
         log_level="warning",
     )  # fmt: skip
-    app = create_app(PatternBackend(engine, pattern, Path(args.tokenizer_dir)), settings, tokenizer)
+    return PatternBackend(engine, pattern, Path(args.tokenizer_dir)), settings, tokenizer, model
+
+
+def build(args):
+    from glm4voice.server.app import create_app
+
+    backend, settings, tokenizer, model = build_backend(args)
+    app = create_app(backend, settings, tokenizer)
     if args.reference:
-        app.mount("/reference", reference_app(model, pattern, settings.max_new_tokens_cap))
+        app.mount("/reference", reference_app(model, backend.pattern, settings.max_new_tokens_cap))
 
     from starlette.responses import JSONResponse
 
     @app.post("/bench/prefill_graphs")
     async def prefill_graphs(request: Request):
-        body = json.loads(await request.body())
-        runner = engine.runner
-        runner.prefill_graphs_enabled = bool(body["on"]) and bool(runner.prefill_graphs)
-        return JSONResponse({"on": runner.prefill_graphs_enabled, "lengths": sorted(runner.prefill_graphs)})
+        lengths = backend.set_prefill_graphs(json.loads(await request.body())["on"])
+        return JSONResponse({"on": backend.engine.runner.prefill_graphs_enabled, "lengths": lengths})
 
     return app, settings
 

@@ -11,7 +11,7 @@ mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
-python bench/e2e.py --levels "$levels" --out "$out/e2e.json" --server-log "$out/e2e_server.log" --budget-s 330 \
+python bench/e2e.py --layout two-process --levels "$levels" --out "$out/e2e.json" --server-log "$out/e2e_server.log" --budget-s 330 \
     > "$out/e2e.log" 2>&1
 echo "e2e: exit $?"
 

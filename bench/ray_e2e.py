@@ -66,24 +66,15 @@ def small_engine(settings):
 
 
 def _pattern_engine(settings, shape: str):
-    import torch
+    from bench.e2e_server import build_backend
 
-    from bench.e2e_server import AnswerPattern, PatternBackend
-    from bench.llm import CONFIGS
-    from glm4voice.llm.checkpoint import random_model
-    from glm4voice.llm.engine import Engine, EngineConfig
-    from glm4voice.llm.quant import QUANTIZED_DTYPES
-    from glm4voice.text_tokenizer import GLMTokenizer
-
-    config = EngineConfig(device=settings.device, dtype=settings.dtype, max_batch_size=settings.max_concurrent_streams,
-                          max_seq_len=settings.max_seq_len, max_queue=settings.max_concurrent_streams + settings.max_queue,
-                          eager=settings.eager)  # fmt: skip
-    quantized = settings.dtype in QUANTIZED_DTYPES
-    model = random_model(CONFIGS[shape], torch.device(settings.device), config.activation_dtype(), seed=0,
-                         quantize=settings.dtype if quantized else None)  # fmt: skip
-    pattern = AnswerPattern.from_tokenizer(GLMTokenizer.from_pretrained(settings.model_path))
-    engine = Engine.from_model(model, config, stop_ids=())  # the pattern's <|user|> ends answers
-    return PatternBackend(engine, pattern, Path(settings.model_path))
+    options = argparse.Namespace(
+        host=settings.host, port=settings.port, tokenizer_dir=settings.model_path, config=shape, device=settings.device,
+        dtype=settings.dtype, max_streams=settings.max_concurrent_streams, max_seq_len=settings.max_seq_len,
+        eager=settings.eager, reference=False,
+    )  # fmt: skip
+    backend, _settings, _tokenizer, _model = build_backend(options)
+    return backend
 
 
 # --- the app ------------------------------------------------------------------------------------------------

@@ -13,18 +13,22 @@ server's message and per-field details), :class:`ServerBusyError` (503, with ``r
 :class:`ProtocolError` (an answer that is not the token server's wire format). Leaving the
 iteration early (``break``, closing the generator, cancelling the task) closes the connection,
 which frees the server's stream slot at its next decode step.
+
+:class:`InProcessTokenClient` has :class:`AsyncTokenClient`'s interface over a token server in the
+same process (``glm4voice.server.inprocess``, the one-process layout): same arguments, ids and errors.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
-from typing import Any, AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager
+from typing import Any, AsyncIterator, Iterator, Protocol
 
 import httpx
 
 from glm4voice.defaults import DEFAULT_SERVER_URL, WIRE_MAX_NEW_TOKENS, WIRE_TEMPERATURE, WIRE_TOP_P
+from glm4voice.server.streaming import StreamBroken, StreamRefused
 from glm4voice.server.wire import ErrorLine, WireFormatError, parse_line
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=180.0, write=30.0, pool=30.0)
@@ -32,6 +36,8 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=180.0, write=30.0, pool=30.0)
 timeout, ``glm4voice.defaults.QUEUE_TIMEOUT_S`` by default, answers 503 well before that)."""
 GENERATE_PATH = "/generate_stream"
 HEALTH_PATH = "/health"
+IN_PROCESS_URL = "in-process://engine"
+"""What :attr:`InProcessTokenClient.base_url` says (messages name the model server by its URL)."""
 
 
 class TokenServerError(Exception):
@@ -97,7 +103,9 @@ def request_body(
     return body
 
 
-def _error_from_status(status: int, headers: httpx.Headers, raw: bytes) -> TokenServerError:
+def error_from_answer(status: int, headers: httpx.Headers, raw: bytes) -> TokenServerError:
+    """The error a non-200 answer (``status``, its headers, its body) means (also used by the
+    in-process client, ``glm4voice.server.inprocess``, on the same answers)."""
     text, detail = raw.decode("utf-8", errors="replace").strip()[:2000], None
     try:
         obj = json.loads(raw)
@@ -163,7 +171,7 @@ class TokenClient:
         with _unavailable_on_transport_errors(self.base_url):
             with self._http.stream("POST", GENERATE_PATH, json=body) as response:
                 if response.status_code != 200:
-                    raise _error_from_status(response.status_code, response.headers, response.read())
+                    raise error_from_answer(response.status_code, response.headers, response.read())
                 try:
                     for line in response.iter_lines():
                         token = reader.token(line)
@@ -182,7 +190,7 @@ class TokenClient:
         except httpx.TransportError as error:
             raise ServerUnavailableError(f"cannot reach {self.base_url}: {error}") from error
         if response.status_code != 200:
-            raise _error_from_status(response.status_code, response.headers, response.content)
+            raise error_from_answer(response.status_code, response.headers, response.content)
         return response.json()
 
     def wait_until_ready(self, timeout: float, poll_s: float = 0.5) -> dict[str, Any]:
@@ -222,7 +230,7 @@ class AsyncTokenClient:
         with _unavailable_on_transport_errors(self.base_url):
             async with self._http.stream("POST", GENERATE_PATH, json=body) as response:
                 if response.status_code != 200:
-                    raise _error_from_status(response.status_code, response.headers, await response.aread())
+                    raise error_from_answer(response.status_code, response.headers, await response.aread())
                 try:
                     async for line in response.aiter_lines():
                         token = reader.token(line)
@@ -240,8 +248,73 @@ class AsyncTokenClient:
         except httpx.TransportError as error:
             raise ServerUnavailableError(f"cannot reach {self.base_url}: {error}") from error
         if response.status_code != 200:
-            raise _error_from_status(response.status_code, response.headers, response.content)
+            raise error_from_answer(response.status_code, response.headers, response.content)
         return response.json()
+
+
+class InProcessServer(Protocol):
+    """What :class:`InProcessTokenClient` needs (``glm4voice.server.inprocess.InProcessTokenServer``)."""
+
+    def generate_stream(self, body: bytes) -> AsyncIterator[int]: ...
+    def health(self) -> Any: ...
+
+
+class InProcessTokenClient:
+    """:class:`AsyncTokenClient`'s interface over a token server in this process (see
+    ``glm4voice.server.inprocess``). Each request's body is encoded as the HTTP client encodes it and
+    runs the server's own validation, admission and streaming code; a refusal is the same JSON answer,
+    turned into an error by the same :func:`error_from_answer`: so it yields the same ids and raises
+    the same :class:`TokenServerError` subclasses, with the same messages, as :class:`AsyncTokenClient`
+    against ``model_server.py`` with the same settings. Leaving a stream early frees its slot."""
+
+    def __init__(self, server: InProcessServer, base_url: str = IN_PROCESS_URL):
+        self._server = server
+        self.base_url = base_url
+
+    async def __aenter__(self) -> "InProcessTokenClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Nothing to close (the process owns the server); for :class:`AsyncTokenClient`'s interface."""
+
+    async def stream(self, prompt: str | None = None, **params: Any) -> AsyncIterator[int]:
+        """Token ids as the engine generates them (the stop token that ended the turn included).
+        Keyword arguments: see :func:`request_body`."""
+        body = _encode_json(request_body(prompt, **params))
+        received = 0
+        try:
+            async with aclosing(self._server.generate_stream(body)) as tokens:
+                async for token_id in tokens:
+                    received += 1
+                    yield token_id
+        except StreamRefused as refused:
+            raise _answer_error(refused.response) from None
+        except StreamBroken as broken:
+            raise StreamFailedError(broken.text, received) from None
+
+    async def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
+        return [token async for token in self.stream(prompt, **params)]
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``'s body; the HTTP client's error when the server is not ready (503)."""
+        response = self._server.health()
+        if response.status_code != 200:
+            raise _answer_error(response)
+        return json.loads(response.body)
+
+
+def _encode_json(body: dict[str, Any]) -> bytes:
+    """``body`` as ``httpx`` encodes ``json=body`` (NaN and infinities raise ValueError before anything
+    is sent, as there)."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _answer_error(response: Any) -> TokenServerError:
+    """The client error for a non-200 answer (a Starlette response): what the HTTP client makes of it."""
+    return error_from_answer(response.status_code, httpx.Headers(list(response.headers.items())), response.body)
 
 
 @contextmanager

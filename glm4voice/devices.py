@@ -10,6 +10,8 @@ it, so a command line can build its parser before it loads torch.
   ``model_server.py --dtype`` accepts is exactly what the engine implements).
 - Decoder dtypes: the speech decoder's flow-estimator precisions (:data:`DECODER_DTYPES`), and
   ``"auto"`` (:func:`decoder_dtype`: bfloat16 on CUDA, where it meets real time, float32 on a CPU).
+- Streams: :func:`high_priority_stream`, the CUDA stream the speech side (tokenizer, decoder) runs
+  on, so that in a process that also runs the LLM engine its kernels go before the engine's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ DECODER_DTYPES = FLOAT_DTYPES
 """Precisions ``AudioDecoder(dtype=...)`` runs its flow estimator in (the rest stays float32)."""
 DECODER_DTYPE_CHOICES = (AUTO, *DECODER_DTYPES)
 """``web_demo.py --decoder-dtype``."""
+HIGHEST_STREAM_PRIORITY = -(1 << 20)
+"""A stream priority below every device's range: torch maps it to the highest one the device has
+(lower numbers are higher priorities; an H100 offers 0 to -5)."""
 
 
 class DeviceError(ValueError):
@@ -104,3 +109,13 @@ def decoder_dtype(name: str, device: str | torch.device) -> torch.dtype:
     if name not in DECODER_DTYPES:
         raise ValueError(f"decoder dtype must be one of {', '.join(DECODER_DTYPE_CHOICES)}, got {name!r}")
     return torch_dtype(name)
+
+
+def high_priority_stream(device: str | torch.device) -> torch.cuda.Stream:
+    """A new CUDA stream on ``device`` with the highest priority the device offers. Where it and the
+    LLM engine's (default-priority) streams both have kernels waiting, the GPU schedules its kernels
+    first: the speech side of a one-process layout does not queue behind LLM steps. (Priorities act
+    within one process, one CUDA context; separate processes time-slice the GPU whatever they set.)"""
+    import torch
+
+    return torch.cuda.Stream(torch.device(device), priority=HIGHEST_STREAM_PRIORITY)

@@ -1,4 +1,4 @@
-"""Start the whole demo with one command: model_server.py, then web_demo.py.
+"""Start the whole demo with one command: model_server.py, then web_demo.py (or both in one process).
 
 ``python -m glm4voice.launch`` (what ``bash scripts/demo.sh`` runs). With no checkpoint arguments
 it writes tiny random checkpoints to ``checkpoints/tiny`` (once) and says loudly that answers are
@@ -6,6 +6,13 @@ noise; pass ``--model-path``, ``--tokenizer-path`` and ``--flow-path`` (local fo
 for the real models. Both processes are stopped together: if one exits, the other is stopped too and
 the launcher exits non-zero, saying which one ended and why (a model server whose engine died exits
 with ``ENGINE_FAILED_EXIT_CODE``), so that a supervisor can start the demo again.
+
+Layouts (``--layout``): ``two-process`` (default, as the original: the token server on
+``--server-port``, the web demo its HTTP client) or ``one-process`` (``web_demo.py --in-process-engine``:
+the engine and the speech side in one process and one CUDA context, the speech side on a
+high-priority CUDA stream; no token server port). Devices: ``--device`` for everything, or
+``--llm-device`` and ``--decoder-device`` (the speech tokenizer goes with the decoder) to put the
+LLM on one GPU and the speech side on another, in either layout.
 """
 
 from __future__ import annotations
@@ -42,6 +49,12 @@ SERVER_SCRIPT = ROOT / "model_server.py"
 DEMO_SCRIPT = ROOT / "web_demo.py"
 MODEL_SERVER = "model server"
 WEB_DEMO = "web demo"
+ONE_PROCESS_DEMO = "one-process demo"
+TWO_PROCESS = "two-process"
+ONE_PROCESS = "one-process"
+LAYOUTS = (TWO_PROCESS, ONE_PROCESS)
+ENGINE_OWNERS = (MODEL_SERVER, ONE_PROCESS_DEMO)
+"""The processes that run the LLM engine (and exit with ENGINE_FAILED_EXIT_CODE when it dies)."""
 SERVER_READY_TIMEOUT_S = 1800.0  # the real 9B model takes minutes to load from a slow disk
 DEMO_READY_TIMEOUT_S = 1800.0  # the first run may download the tokenizer and decoder
 POLL_INTERVAL_S = 0.5
@@ -124,7 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-path", help=f"speech tokenizer folder or hub id (e.g. {PUBLISHED_SPEECH_TOKENIZER})"
     )
     parser.add_argument("--flow-path", help=f"speech decoder folder or hub id (e.g. {PUBLISHED_DECODER})")
-    parser.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 if available)")
+    parser.add_argument(
+        "--layout",
+        default=TWO_PROCESS,
+        choices=LAYOUTS,
+        help="two-process: model server + web demo (default, as the original); one-process: the engine and "
+        "the speech side in one process, one CUDA context (README: 'Running on one GPU')",
+    )
+    parser.add_argument("--device", default=None, help="cuda:N or cpu for everything (default: cuda:0 if available)")
+    parser.add_argument("--llm-device", default=None, help="cuda:N or cpu for the LLM engine (default: --device)")
+    parser.add_argument(
+        "--decoder-device",
+        default=None,
+        help="cuda:N or cpu for the speech decoder and speech tokenizer (default: --device)",
+    )
     parser.add_argument("--dtype", default=LLM_DTYPE, choices=llm_dtypes(), help="LLM weights (default %(default)s)")
     parser.add_argument(
         "--max-concurrent-turns",
@@ -141,15 +167,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="host names the web UI answers to besides localhost (web_demo.py --allowed-hosts; docs/API.md)",
     )
     parser.add_argument("--port", type=int, default=WEB_DEMO_PORT, help="web UI port")
-    parser.add_argument("--server-port", type=int, default=TOKEN_SERVER_PORT, help="model server port (loopback)")
+    parser.add_argument(
+        "--server-port", type=int, default=TOKEN_SERVER_PORT, help="model server port (loopback; two-process only)"
+    )
     parser.add_argument(
         "--server-url",
-        help="use this running token server (e.g. python -m glm4voice.serve, the Ray Serve ingress) instead of "
-        "starting model_server.py; it must serve the same --model-path",
+        help="two-process only: use this running token server (e.g. python -m glm4voice.serve, the Ray Serve "
+        "ingress) instead of starting model_server.py; it must serve the same --model-path",
     )
     parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
     parser.add_argument("--regenerate-tiny", action="store_true")
     return parser
+
+
+@dataclass(frozen=True)
+class Devices:
+    llm: str
+    decoder: str
+
+
+def choose_devices(args: argparse.Namespace) -> Devices:
+    """The LLM's and the speech side's devices from ``--device``, ``--llm-device`` and
+    ``--decoder-device``, each checked against this machine; :class:`DeviceError` says which flag is wrong."""
+    shared = args.device or default_device()
+    chosen = {}
+    for flag, name in (("--device", args.device), ("--llm-device", args.llm_device),
+                       ("--decoder-device", args.decoder_device)):  # fmt: skip
+        if name is None:
+            continue
+        try:
+            chosen[flag] = str(resolve_device(name))
+        except DeviceError as error:
+            raise DeviceError(f"{flag} {name}: {error}") from error
+    base = chosen.get("--device", shared)
+    return Devices(llm=chosen.get("--llm-device", base), decoder=chosen.get("--decoder-device", base))
 
 
 def server_command(args: argparse.Namespace, model_path: str, device: str, dtype: str) -> list[str]:
@@ -177,60 +228,61 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        chosen_device = resolve_device(args.device)
+        devices = choose_devices(args)
     except DeviceError as error:
-        parser.error(f"--device {args.device}: {error}")
+        parser.error(str(error))
     if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
         parser.error("--max-concurrent-turns must be at least 1")
+    if args.server_url and args.layout == ONE_PROCESS:
+        parser.error("--server-url is the token server of the two-process layout")
     from glm4voice.llm.quant import QuantizationUnsupported, check_supported
 
     try:  # before anything starts: fp8 / int4 where they cannot run, with the dtypes that can
-        check_supported(args.dtype, chosen_device)
+        check_supported(args.dtype, devices.llm)
     except QuantizationUnsupported as error:
         parser.error(str(error))
 
     checkpoints = choose_checkpoints(args)
-    device = args.device or default_device()
-    dtype = "float32" if checkpoints.random_weights and device == "cpu" else args.dtype
-    server_url = args.server_url.rstrip("/") if args.server_url else f"http://{LOOPBACK_HOST}:{args.server_port}"
+    dtype = "float32" if checkpoints.random_weights and devices.llm == "cpu" else args.dtype
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    server_cmd = server_command(args, checkpoints.llm, device, dtype)
-    demo_cmd = [
-        sys.executable,
-        str(DEMO_SCRIPT),
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--server-url",
-        server_url,
-        "--model-path",
-        checkpoints.llm,
-        "--tokenizer-path",
-        checkpoints.speech_tokenizer,
-        "--flow-path",
-        checkpoints.decoder,
-        "--device",
-        device,
-    ]
+    demo_args = [
+        "--host", args.host, "--port", str(args.port), "--model-path", checkpoints.llm, "--tokenizer-path",
+        checkpoints.speech_tokenizer, "--flow-path", checkpoints.decoder, "--device", devices.decoder,
+    ]  # fmt: skip
     if checkpoints.random_weights:
-        demo_cmd.append("--random-weights-notice")
+        demo_args.append("--random-weights-notice")
     if args.max_concurrent_turns is not None:
-        demo_cmd += ["--max-concurrent-turns", str(args.max_concurrent_turns)]
+        demo_args += ["--max-concurrent-turns", str(args.max_concurrent_turns)]
     if args.allowed_hosts:
-        demo_cmd += ["--allowed-hosts", args.allowed_hosts]
+        demo_args += ["--allowed-hosts", args.allowed_hosts]
+    if args.layout == ONE_PROCESS:
+        engine_args = ["--in-process-engine", "--llm-device", devices.llm, "--dtype", dtype]
+        if args.max_concurrent_turns is not None:
+            engine_args += ["--max-concurrent-streams", str(args.max_concurrent_turns)]
+        commands = {ONE_PROCESS_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, *engine_args]}
+        ready_urls: dict[str, str] = {}
+    elif args.server_url:  # a token server someone else runs
+        commands = {WEB_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, "--server-url", args.server_url]}
+        ready_urls = {}
+    else:
+        server_url = f"http://{LOOPBACK_HOST}:{args.server_port}"
+        commands = {
+            MODEL_SERVER: server_command(args, checkpoints.llm, devices.llm, dtype),
+            WEB_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, "--server-url", server_url],
+        }
+        ready_urls = {MODEL_SERVER: f"{server_url}/health"}
+    local_host = LOOPBACK_HOST if args.host in ("0.0.0.0", "::") else args.host
+    page = next(reversed(commands))  # the process that serves the page
+    ready_urls[page] = f"http://{local_host}:{args.port}/"
 
     processes: dict[str, subprocess.Popen] = {}
     signal.signal(signal.SIGTERM, _terminate)  # stop the children on SIGTERM too, not only on Ctrl-C
     try:
-        if not args.server_url:
-            logger.info("starting the model server: %s", " ".join(server_cmd))
-            processes[MODEL_SERVER] = subprocess.Popen(server_cmd, cwd=ROOT, env=env)
-            wait_until_ready(f"{server_url}/health", processes[MODEL_SERVER], SERVER_READY_TIMEOUT_S, MODEL_SERVER)
-        logger.info("starting the web demo: %s", " ".join(demo_cmd))
-        processes[WEB_DEMO] = subprocess.Popen(demo_cmd, cwd=ROOT, env=env)
-        local_host = LOOPBACK_HOST if args.host in ("0.0.0.0", "::") else args.host
-        wait_until_ready(f"http://{local_host}:{args.port}/", processes[WEB_DEMO], DEMO_READY_TIMEOUT_S, WEB_DEMO)
+        for name, command in commands.items():
+            logger.info("starting the %s: %s", name, " ".join(command))
+            processes[name] = subprocess.Popen(command, cwd=ROOT, env=env)
+            timeout = DEMO_READY_TIMEOUT_S if name == WEB_DEMO else SERVER_READY_TIMEOUT_S
+            wait_until_ready(ready_urls[name], processes[name], timeout, name)
         shown_host = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
         notice = "  (random weights: answers are noise)" if checkpoints.random_weights else ""
         print(f"\n  GLM-4-Voice demo: http://{shown_host}:{args.port}{notice}  (Ctrl-C stops it)\n", flush=True)
@@ -253,13 +305,13 @@ def supervise(processes: dict[str, subprocess.Popen]) -> int:
 
 
 def exit_reason(name: str, code: int) -> str:
-    """How a child ended, for people: ``name`` is :data:`MODEL_SERVER` or :data:`WEB_DEMO`."""
+    """How a child ended, for people: ``name`` is :data:`MODEL_SERVER`, :data:`WEB_DEMO` or :data:`ONE_PROCESS_DEMO`."""
     if code < 0:
         try:
             return f"the {name} was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"the {name} was killed by signal {-code}"
-    if name == MODEL_SERVER and code == ENGINE_FAILED_EXIT_CODE:
+    if name in ENGINE_OWNERS and code == ENGINE_FAILED_EXIT_CODE:
         return f"the {name} exited with code {code}: its engine failed (the reason is in its log above)"
     return f"the {name} exited with code {code}"
 

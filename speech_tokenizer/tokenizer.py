@@ -30,6 +30,7 @@ from glm4voice.audio import (
     AudioSource,
     load_audio,
 )
+from glm4voice.devices import high_priority_stream
 from speech_tokenizer.modeling_whisper import WhisperVQEncoder
 from speech_tokenizer.pipeline import DEFAULT_BATCH_SIZE, check_feature_extractor, samples_per_token, tokenize_waveforms
 
@@ -60,10 +61,10 @@ class SpeechTokenizer:
         self.options = options
         self._cuda_stream = None
         if self.model.device.type == "cuda":
-            # its own stream: in a process that also decodes speech, a new question's tokens do not
-            # wait behind the decoder's queued work
+            # its own stream, of the highest priority: in a process that also decodes speech or runs the
+            # LLM engine, a new question's tokens do not wait behind their queued work
             torch.cuda.synchronize(self.model.device)
-            self._cuda_stream = torch.cuda.Stream(self.model.device)
+            self._cuda_stream = high_priority_stream(self.model.device)
 
     @classmethod
     def from_pretrained(
@@ -96,6 +97,11 @@ class SpeechTokenizer:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def cuda_stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream tokenizing runs on (the device's highest priority; None on a CPU)."""
+        return self._cuda_stream
 
     @property
     def samples_per_token(self) -> int:

@@ -19,6 +19,8 @@ class SpeechStarted:
     """The user item the speech will become."""
     audio_start_ms: int
     """Where that item's audio begins: the detected start of speech less ``prefix_padding_ms``."""
+    speech_start_ms: int
+    """Where the VAD heard the speech begin (the first speech frame)."""
 
 
 @dataclass(frozen=True, eq=False)

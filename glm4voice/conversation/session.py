@@ -6,6 +6,7 @@ response in flight, cancellation and truncation.
     session.create_response()                   # or explicitly
     await session.cancel_response()             # closes the token stream: the server frees the slot
     await session.truncate(item_id, audio_end_ms)
+    await session.playback_stopped(item_id, played_ms)  # a front end's answer to each speech start
 
 The history is a list of items (user inputs, assistant answers as token ids); the prompt of an answer
 is built from them exactly as the web page builds it (:mod:`glm4voice.conversation.history`). What the
@@ -15,6 +16,12 @@ front end's rate (``SessionConfig.output_sample_rate``, resampled from the decod
 resampler), and the session counts what it emitted: an answer that is cancelled (``cancel_response``,
 barge-in) keeps in the history the part whose audio was emitted, and ``truncate`` cuts it further to
 what the listener actually heard (see :mod:`glm4voice.conversation.history` for the rule).
+
+A front end whose listener hears the answers through a player of its own (the web page) sets
+``SessionConfig.playback_reports``: it answers every speech start with ``playback_stopped`` (the answer its
+player stopped, and how much of it was heard), and an automatic answer waits for that report. So the
+answer to a question asked over an answer still playing (barge-in, also after the answer has finished
+generating) sees only what the listener heard of it.
 
 Rules of the conversation (GLM-4-Voice takes one text or one spoken input per user turn):
 - every user item is one user turn; an assistant item answers the user item before it (consecutive
@@ -109,6 +116,13 @@ class SessionConfig:
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     """Server VAD on the input audio; None: the front end commits the buffer itself."""
     options: GenerationOptions = GenerationOptions()
+    playback_reports: bool = False
+    """The front end answers every speech start with :meth:`ConversationSession.playback_stopped` (what its
+    listener heard of the answer that was playing); an automatic answer waits for that report, so that its
+    prompt holds only the heard part of an interrupted answer, also one that had finished generating."""
+    record_failed_turns: bool = True
+    """False: a failed answer leaves no trace: it and the user input it answered leave the conversation
+    (:class:`ItemDeleted` after its :class:`ResponseDone`), as if the turn had not happened."""
 
     def __post_init__(self) -> None:
         if self.output_sample_rate is not None and self.output_sample_rate < 1:
@@ -145,6 +159,10 @@ class ConversationSession:
         self._detector_origin = 0
         self._speech_item_id: str | None = None
         self._speech_from = 0
+        self._reports_due = 0
+        """Speech starts not yet answered by :meth:`playback_stopped` (with ``playback_reports``)."""
+        self._answer_due = False
+        """A turn ended while reports were due: the automatic answer starts with the last report."""
         self._lock = asyncio.Lock()
         self._tokenizing: set[asyncio.Task] = set()
         self._set_turn_detection(config.turn_detection)
@@ -168,6 +186,8 @@ class ConversationSession:
         self._detector = None if detection is None else VoiceActivityDetector(self.vad, detection)
         self._detector_origin = self.input_samples
         self._speech_item_id = None
+        self._reports_due = 0
+        self._answer_due = False
 
     @property
     def in_speech(self) -> bool:
@@ -207,7 +227,9 @@ class ConversationSession:
     async def _speech_started(self, start: int, detection: TurnDetection) -> None:
         self._speech_item_id = new_id("item")
         self._speech_from = max(self._buffer_start, start - ms_to_samples(detection.prefix_padding_ms))
-        self.emit(SpeechStarted(self._speech_item_id, samples_to_ms(self._speech_from)))
+        self.emit(SpeechStarted(self._speech_item_id, samples_to_ms(self._speech_from), samples_to_ms(start)))
+        if self.config.playback_reports:
+            self._reports_due += 1
         if detection.interrupt_response and self.response is not None:
             await self.cancel_response(CancelReason.TURN_DETECTED)
 
@@ -219,7 +241,34 @@ class ConversationSession:
         self._commit(audio, item_id)
         detection = self.config.turn_detection
         if detection is not None and detection.create_response and self.response is None:
-            self.create_response()
+            if self._reports_due:
+                self._answer_due = True  # once the listener said what it heard (playback_stopped)
+            else:
+                self.create_response()
+
+    async def playback_stopped(self, item_id: str | None, played_ms: int = 0) -> AssistantItem | None:
+        """The front end's answer to a speech start (``SessionConfig.playback_reports``): its listener's
+        player stopped the answer ``item_id`` after ``played_ms`` of its speech (``item_id`` None: nothing
+        was playing). The answer is cut to what was heard (cancelled first if it is still running; an
+        answer heard to its end is kept whole); then an automatic answer that waited for this report
+        starts. Returns the answer if it was cut."""
+        cut = None
+        try:
+            if item_id is not None:
+                item = self._find(item_id)
+                if not isinstance(item, AssistantItem):
+                    raise SessionError("invalid_item", f"item {item_id} is not an assistant answer", "item_id")
+                if self.response is not None and item is self.response.item:
+                    await self.cancel_response(CancelReason.TURN_DETECTED)
+                if item.has_audio and played_ms < item.audio_ms:
+                    cut = await self.truncate(item_id, max(0, int(played_ms)))
+        finally:
+            self._reports_due = max(0, self._reports_due - 1)
+            if not self._reports_due and self._answer_due:
+                self._answer_due = False
+                if self.response is None:
+                    self.create_response()
+        return cut
 
     def commit(self) -> UserItem:
         """Make the whole input buffer a user item (its speech is tokenized in the background)."""
@@ -529,6 +578,21 @@ class ConversationSession:
         if self.response is response:
             self.response = None
         self.emit(ResponseDone(response))
+        if response.status is ResponseStatus.FAILED and not self.config.record_failed_turns:
+            self._forget_turn(item)
+
+    def _forget_turn(self, item: AssistantItem) -> None:
+        """Remove an answer and the user input(s) it answered from the conversation."""
+        if item not in self.items:
+            return
+        end = self.items.index(item) + 1
+        start = end - 1
+        while start > 0 and isinstance(self.items[start - 1], UserItem):
+            start -= 1
+        removed = self.items[start:end]
+        del self.items[start:end]
+        for gone in removed:
+            self.emit(ItemDeleted(gone.id))
 
     def _emit_audio(self, response: Response, samples: np.ndarray) -> None:
         if len(samples):

@@ -74,7 +74,7 @@ from glm4voice.decoder.original import DEFAULT_TOKEN2WAV_SEED, UuidStates
 from glm4voice.decoder.state import StreamState, VocoderCarry
 from glm4voice.decoder.stream import DecoderStream
 from glm4voice.decoder.synthesis import BlockSynthesizer
-from glm4voice.devices import default_device
+from glm4voice.devices import default_device, high_priority_stream
 from glm4voice.hub import PUBLISHED_DECODER
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,8 @@ class AudioDecoder:
         self._claims = threading.Lock()
         """Guards the ``busy`` flags of the states and the uuid table of :meth:`token2wav`."""
         self._uuids = UuidStates()
-        self._cuda_stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
+        # the highest-priority stream: in one process with the LLM engine, a listener's block goes first
+        self._cuda_stream = high_priority_stream(self._device) if self._device.type == "cuda" else None
         if self._cuda_stream is not None:  # weights and constants are ready before the decoder's stream reads them
             torch.cuda.synchronize(self._device)
 
@@ -186,6 +187,11 @@ class AudioDecoder:
     @property
     def device(self) -> torch.device:
         return self._device
+
+    @property
+    def cuda_stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream every decode runs on (the device's highest priority; None on a CPU)."""
+        return self._cuda_stream
 
     @property
     def dtype(self) -> torch.dtype:

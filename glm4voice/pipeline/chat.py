@@ -637,8 +637,11 @@ class VoiceChat:
                         continue
                     started = clock.now()
                     pcms = self.blocks.submit(stream, [block.codes for block, _ in ready])
-                    for (block, ready_at), pcm in zip(ready, pcms):
-                        emit(await pcm, block.index, len(block.codes), ready_at, started)
+                    # blocks handed over together reach the listener together: a held first block and
+                    # the block after it start playing as one (the player's lead covers neither gap)
+                    decoded = await asyncio.gather(*pcms)
+                    for (block, ready_at), samples in zip(ready, decoded):
+                        emit(samples, block.index, len(block.codes), ready_at, started)
                     ready, pcms = [], []
                 started = clock.now()
                 tail = await loop.run_in_executor(self._decode_worker, stream.finish)

@@ -38,7 +38,7 @@ from glm4voice.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from glm4voice.server.metrics import Outcome, ServerMetrics
 from glm4voice.server.schema import PromptLimits, RequestError, check_prompt_ids, parse_generate_request
 from glm4voice.server.settings import ServerSettings
-from glm4voice.server.streaming import StreamJob, TokenStreamResponse, busy_headers, json_response
+from glm4voice.server.streaming import StreamJob, StreamRefused, TokenStreamResponse, json_response, refusal
 from glm4voice.serving import build_server
 from glm4voice.text_tokenizer import GLMTokenizer
 
@@ -150,41 +150,26 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
     @app.post("/generate_stream")
     async def generate_stream(request: Request) -> Response:
         arrived = time.perf_counter()
+        if not state.ready:  # before reading the body: a stopping server answers 503 whatever it is
+            metrics.count(Outcome.SHUTDOWN)
+            return refusal(503, state.stop_reason, settings.retry_after_s).response
         try:
-            return await _start_stream(state, request, arrived)
+            body = await _read_body(request, settings.max_body_bytes, settings.connection_limits.header_timeout_s)
         except RequestError as error:
             metrics.count(Outcome.REJECTED)
             return json_response(error.status, wire.error_body(error.text, error.detail))
         except ClientDisconnect:  # gone while its body was being read: nobody to answer
             metrics.count(Outcome.CANCELLED)
             return Response(status_code=400)
+        try:
+            job = await open_stream(state, body, arrived)
+        except StreamRefused as refused:
+            return refused.response
+        return TokenStreamResponse(job)
 
     @app.get("/health")
     async def health() -> Response:
-        engine = backend.stats()
-        healthy = state.ready and engine.get("running", True)
-        if state.failure is not None:
-            status = "engine failed"
-        else:
-            status = "ready" if healthy else ("engine stopped" if state.ready else "stopping")
-        body = {
-            "status": status,
-            "active_streams": admission.active,
-            "queue_length": admission.waiting,
-            "open_requests": len(state.jobs),
-            "max_concurrent_streams": settings.max_concurrent_streams,
-            "max_queue": settings.max_queue,
-            "max_prompt_tokens": state.limits().max_prompt_tokens if state.ready else None,
-            "max_new_tokens_cap": settings.max_new_tokens_cap,
-            "model": settings.model_path,
-            "device": settings.device,
-            "device_name": state.device_name,
-            "dtype": settings.dtype,
-            "engine": engine,
-        }
-        if state.failure is not None:
-            body["error"] = state.stop_reason
-        return json_response(200 if healthy else 503, body)
+        return health_response(state)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -193,27 +178,37 @@ def create_app(engine: Any, settings: ServerSettings, tokenizer: GLMTokenizer | 
     return app
 
 
-async def _start_stream(state: ServerState, request: Request, arrived: float) -> Response:
-    """Validate, tokenize and reserve a slot; every refusal here happens before streaming."""
+async def open_stream(state: ServerState, body: bytes, arrived: float) -> StreamJob:
+    """Validate a ``/generate_stream`` body, tokenize its prompt and reserve a slot: the request's
+    :class:`StreamJob` (run it with :func:`glm4voice.server.streaming.job_tokens`, then ``job.end()``).
+    Every refusal here happens before streaming: :class:`StreamRefused` with the JSON answer. Shared
+    by the HTTP route and the in-process server (``glm4voice.server.inprocess``)."""
     settings = state.settings
     if not state.ready:
         state.metrics.count(Outcome.SHUTDOWN)
-        return json_response(503, wire.error_body(state.stop_reason), busy_headers(settings.retry_after_s))
-    body = await _read_body(request, settings.max_body_bytes, settings.connection_limits.header_timeout_s)
-    parsed = parse_generate_request(body, settings.max_new_tokens_cap)
-    if parsed.prompt is not None:
-        prompt_ids = await anyio.to_thread.run_sync(state.tokenizer.encode_prompt, parsed.prompt)
-    else:
-        prompt_ids = list(parsed.prompt_token_ids)
-    check_prompt_ids(prompt_ids, state.limits())
+        raise refusal(503, state.stop_reason, settings.retry_after_s)
+    try:
+        if len(body) > settings.max_body_bytes:  # (the HTTP route refuses it while reading)
+            raise RequestError(
+                413, f"the request body has {len(body)} bytes; this server accepts at most {settings.max_body_bytes}"
+            )
+        parsed = parse_generate_request(body, settings.max_new_tokens_cap)
+        if parsed.prompt is not None:
+            prompt_ids = await anyio.to_thread.run_sync(state.tokenizer.encode_prompt, parsed.prompt)
+        else:
+            prompt_ids = list(parsed.prompt_token_ids)
+        check_prompt_ids(prompt_ids, state.limits())
+    except RequestError as error:
+        state.metrics.count(Outcome.REJECTED)
+        raise StreamRefused(json_response(error.status, wire.error_body(error.text, error.detail))) from None
     try:
         ticket = state.admission.reserve()
     except QueueFull as error:
         state.metrics.count(Outcome.BUSY)
-        return json_response(503, wire.error_body(f"{error}; retry later"), busy_headers(settings.retry_after_s))
+        raise refusal(503, f"{error}; retry later", settings.retry_after_s) from None
     except AdmissionClosed as error:
         state.metrics.count(Outcome.SHUTDOWN)
-        return json_response(503, wire.error_body(str(error)), busy_headers(settings.retry_after_s))
+        raise refusal(503, str(error), settings.retry_after_s) from None
     request_id = f"req-{next(state.request_ids)}"
     logger.debug("%s: %d prompt tokens, %s", request_id, len(prompt_ids), parsed)
     job = StreamJob(
@@ -225,9 +220,39 @@ async def _start_stream(state: ServerState, request: Request, arrived: float) ->
         queue_timeout_s=settings.queue_timeout_s,
         retry_after_s=settings.retry_after_s,
         metrics=state.metrics,
+        on_end=state.jobs.discard,
     )
     state.jobs.add(job)
-    return TokenStreamResponse(job, on_end=state.jobs.discard)
+    return job
+
+
+def health_response(state: ServerState) -> Response:
+    """The ``GET /health`` answer: 200 while ready, else 503 (same body; ``status`` says why)."""
+    settings, admission = state.settings, state.admission
+    engine = state.backend.stats()
+    healthy = state.ready and engine.get("running", True)
+    if state.failure is not None:
+        status = "engine failed"
+    else:
+        status = "ready" if healthy else ("engine stopped" if state.ready else "stopping")
+    body = {
+        "status": status,
+        "active_streams": admission.active,
+        "queue_length": admission.waiting,
+        "open_requests": len(state.jobs),
+        "max_concurrent_streams": settings.max_concurrent_streams,
+        "max_queue": settings.max_queue,
+        "max_prompt_tokens": state.limits().max_prompt_tokens if state.ready else None,
+        "max_new_tokens_cap": settings.max_new_tokens_cap,
+        "model": settings.model_path,
+        "device": settings.device,
+        "device_name": state.device_name,
+        "dtype": settings.dtype,
+        "engine": engine,
+    }
+    if state.failure is not None:
+        body["error"] = state.stop_reason
+    return json_response(200 if healthy else 503, body)
 
 
 async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:

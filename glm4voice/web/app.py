@@ -1,16 +1,19 @@
-"""The web demo's FastAPI app: the per-turn audio stream route, then the Gradio page mounted at ``/``.
+"""The web demo's FastAPI app: the per-turn audio stream route, conversation mode's live socket, the
+OpenAI-compatible ``/v1`` routes, then the Gradio page mounted at ``/``.
 
     app = create_app(chat, DemoSettings(...), close_client=client.aclose)   # chat: a VoiceChat
     uvicorn.run(app, host=..., port=...)
 
 ``web_demo.py`` is the command line around this (it loads the models and the token-server client).
-The app owns the turn streams (:class:`glm4voice.web.streams.AudioStreams`), the answer files
-(:class:`glm4voice.web.files.DemoFiles`), the record of each browser session's uploads
+The app owns the turn streams (:class:`glm4voice.web.streams.AudioStreams`), the audio files
+(:class:`glm4voice.web.files.DemoFiles`), the registry of the page's tabs that the live socket reaches
+(:class:`glm4voice.web.live.LiveTabs`), the record of each browser session's uploads
 (:class:`glm4voice.web.uploads.SessionUploads`, enforced by :func:`glm4voice.web.uploads.guard_uploads`:
 a request can only name files its own browser session uploaded) and, at shutdown, closes the chat (and
 the client, if ``close_client`` is given). All of them are on ``app.state``: nothing lives in module globals.
-Every request passes :class:`glm4voice.request_guard.RequestGuard` first (``host_policy``: the hosts
-served, loopback only unless given; cross-site browser requests refused).
+The page's conversation mode and ``/v1/realtime`` share one VAD model (``app.state.openai.vad``).
+Every request and WebSocket handshake passes :class:`glm4voice.request_guard.RequestGuard` first
+(``host_policy``: the hosts served, loopback only unless given; cross-site browser requests refused).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from glm4voice.defaults import LOOPBACK_HOST
 from glm4voice.pipeline import VoiceChat
 from glm4voice.request_guard import HostPolicy, RequestGuard
 from glm4voice.web.files import DemoFiles
+from glm4voice.web.live import LIVE_PATH, LiveTabs, add_live_routes
 from glm4voice.web.page import PAGE_CSS, RESOURCES, DemoSettings, create_demo, page_head
 from glm4voice.web.streams import STREAM_PATH, AudioStreams, add_stream_route
 from glm4voice.web.uploads import SessionUploads, guard_uploads
@@ -45,11 +49,12 @@ def create_app(
     close_client: Callable[[], Awaitable[None]] | None = None,
     host_policy: HostPolicy | None = None,
 ) -> FastAPI:
-    """The FastAPI app: the turn-stream route, then the Gradio page mounted at ``/``, behind the
-    request guard (``host_policy``; default: loopback names only)."""
+    """The FastAPI app: the turn-stream route, the live socket, ``/v1``, then the Gradio page mounted at ``/``,
+    behind the request guard (``host_policy``; default: loopback names only)."""
     streams = AudioStreams(chat.sample_rate)
     files = DemoFiles(get_upload_folder())
     uploads = SessionUploads()
+    tabs = LiveTabs()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -68,17 +73,19 @@ def create_app(
     app.state.files = files
     app.state.chat = chat
     app.state.uploads = uploads
+    app.state.tabs = tabs
     app.add_middleware(RequestGuard, policy=host_policy or HostPolicy.for_server(LOOPBACK_HOST))
     add_stream_route(app, streams)  # before the mount: "/" would catch everything
-    add_openai_routes(app, chat)  # /v1: OpenAI-compatible chat completions and realtime (docs/API.md)
-    demo = create_demo(chat, streams, files, settings, uploads)
+    add_live_routes(app, tabs)  # conversation mode's microphone socket
+    service = add_openai_routes(app, chat)  # /v1: OpenAI-compatible chat completions and realtime (docs/API.md)
+    demo = create_demo(chat, streams, files, settings, uploads, tabs=tabs, vad=service.vad)
     demo.queue(default_concurrency_limit=settings.max_concurrent_turns)
     head = page_head(chat.sample_rate, chat.config.player_lead_s)
     app = gr.mount_gradio_app(
         app, demo, path="/", head=head, css=PAGE_CSS, allowed_paths=[str(RESOURCES)],
         max_file_size=MAX_UPLOAD_SIZE, footer_links=[], show_error=True, run_history=False,
     )  # fmt: skip
-    guard_uploads(app, demo, uploads, own_routes=(API_PREFIX + "/", STREAM_PATH + "/"))
+    guard_uploads(app, demo, uploads, own_routes=(API_PREFIX + "/", STREAM_PATH + "/", LIVE_PATH + "/"))
     return app
 
 

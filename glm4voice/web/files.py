@@ -1,6 +1,7 @@
-"""The web demo's answer files: one temporary folder owned by the app, removed at shutdown.
+"""The web demo's audio files (answers, and the questions spoken in conversation mode): one temporary
+folder owned by the app, removed at shutdown.
 
-The app puts that folder inside Gradio's upload folder: Gradio then serves the answers from where they
+The app puts that folder inside Gradio's upload folder: Gradio then serves the files from where they
 are instead of hashing and copying each one into its cache (on the event loop) when the chat shows it.
 """
 
@@ -25,7 +26,10 @@ class DemoFiles:
         self.folder = Path(tempfile.mkdtemp(prefix="glm4voice-demo-", dir=parent))
 
     def write_answer(self, name: str, samples: np.ndarray, sample_rate: int) -> Path:
-        path = self.folder / f"answer-{name}.wav"
+        return self.write_wav(f"answer-{name}", samples, sample_rate)
+
+    def write_wav(self, stem: str, samples: np.ndarray, sample_rate: int) -> Path:
+        path = self.folder / f"{stem}.wav"
         path.write_bytes(encode_wav(samples, sample_rate))
         return path
 

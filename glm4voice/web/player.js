@@ -12,6 +12,13 @@
 // window.glm4voicePlayer.stats is the instrumentation the browser tests read: frames received,
 // samples and seconds scheduled, each frame's start time and duration, underruns and the silence
 // they inserted, seams that are not sample-exact.
+//
+// Stopping: interrupt() silences the answer at once (a 15 ms fade) and says how much of it was heard,
+// from the player's own clock: the scheduled audio whose time has passed on the AudioContext, less the
+// output latency (underrun gaps are not counted). The page sends that figure to the server, which
+// keeps only the heard part of the answer in the conversation. A stopped turn never plays again,
+// whatever re-renders the page. While a turn streams or plays, the page's body carries the class
+// "glm4voice-answering" (the Stop button shows then).
 (function () {
   "use strict";
   if (window.glm4voicePlayer) return;
@@ -42,6 +49,7 @@
       requestedMs: performance.now(),
       finishedMs: null,
       error: null,
+      stop: null,
     };
   }
 
@@ -66,6 +74,7 @@
       this.scheduled = 0;
       this.stats = freshStats(null, this.sampleRate);
       this.history = [];
+      this.ended = new Set();
     }
 
     // Create (or resume) the AudioContext; called on the first user gesture and on each stream.
@@ -94,6 +103,7 @@
     }
 
     async play(url, turn) {
+      if (turn === this.turn || this.ended.has(turn)) return;  // playing, or stopped: never again
       this.stop();
       const ctx = this.unlock();
       this.turn = turn;
@@ -199,10 +209,67 @@
       this.render();
     }
 
+    // A turn streams or has audio still to play.
+    get active() {
+      return this.abort !== null || this.sources.length > 0;
+    }
+
+    // The AudioContext time the listener hears now (what was rendered, less the output latency).
+    audibleTime() {
+      if (!this.ctx) return 0;
+      return Math.max(0, this.ctx.currentTime - (this.ctx.outputLatency || 0));
+    }
+
+    // Seconds of the current turn's speech heard by context time t (gaps between chunks not counted).
+    heardSeconds(t) {
+      const s = this.stats;
+      let heard = 0;
+      for (let i = 0; i < s.starts.length; i++) heard += Math.min(s.durations[i], Math.max(0, t - s.starts[i]));
+      return heard;
+    }
+
+    // Context time of a performance.now() instant (both clocks as the output reports them).
+    contextTimeAt(perfMs) {
+      if (!this.ctx) return null;
+      const stamp = this.ctx.getOutputTimestamp ? this.ctx.getOutputTimestamp() : null;
+      if (!stamp || !stamp.performanceTime) return this.ctx.currentTime - (performance.now() - perfMs) / 1000;
+      return stamp.contextTime + (perfMs - stamp.performanceTime) / 1000;
+    }
+
+    // Was speech of the current turn audible at performance.now() instant perfMs?
+    playingAt(perfMs) {
+      const t = this.contextTimeAt(perfMs);
+      const s = this.stats;
+      if (t === null) return false;
+      for (let i = 0; i < s.starts.length; i++) if (t >= s.starts[i] && t < s.starts[i] + s.durations[i]) return true;
+      return false;
+    }
+
+    // Stop the current turn for the listener (Stop, or the user speaking over it): silence it now and
+    // say what was heard. Returns {turn, playedMs, wasPlaying, silentMs} (turn null: nothing to stop).
+    interrupt() {
+      const turn = this.turn;
+      const now = performance.now();
+      const report = { turn: turn, playedMs: 0, wasPlaying: false, silentMs: now };
+      if (turn !== null) {
+        const heard = this.heardSeconds(this.audibleTime());
+        report.playedMs = Math.floor(1000 * heard);
+        report.wasPlaying = this.playingAt(now);
+        const latency = this.ctx ? this.ctx.outputLatency || this.ctx.baseLatency || 0 : 0;
+        report.silentMs = now + 1000 * (FADE_OUT_S + latency);  // the fade done, through the output
+        this.stats.stop = report;
+        this.stats.state = "stopped";
+      }
+      this.stop();
+      this.render();
+      return report;
+    }
+
     // Stop the current turn: abort its stream, fade out what is still scheduled.
     stop() {
       if (this.abort) this.abort.abort();
       this.abort = null;
+      if (this.turn !== null) this.ended.add(this.turn);
       if (this.stats.turn) this.history.push(this.stats);
       if (this.ctx && this.output && this.sources.length) {
         const now = this.ctx.currentTime;
@@ -227,6 +294,7 @@
         el.textContent = text;
         el.dataset.state = s.state;
       }
+      if (document.body) document.body.classList.toggle("glm4voice-answering", this.active);
     }
   }
 

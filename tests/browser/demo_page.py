@@ -38,15 +38,18 @@ WAIT_MS = 120_000
 AUDIO_VALUE = "#audio-input a.download-link"
 """Present while the audio input holds a recording or file (its href names the file)."""
 PROMPT_TOKENS = re.compile(r"prompt (\d+) tokens")
+NOT_RUNNING = "The model server is not running or is restarting"
+"""What the page says when the token server is down or restarting."""
 
 
 class DemoPage:
     """One browser tab on the demo, with screenshots saved under ``artifacts``."""
 
-    def __init__(self, browser: Browser, url: str, artifacts: Path, prefix: str):
+    def __init__(self, browser: Browser, url: str, artifacts: Path, prefix: str, lead_s: float = PLAYER_LEAD_S):
         self.context = browser.new_context(viewport={"width": 1280, "height": 1000})
         self.page: Page = self.context.new_page()
-        self.page.add_init_script(f"window.GLM4VOICE_PLAYER_LEAD_S = {PLAYER_LEAD_S};")
+        self.lead_s = lead_s
+        self.page.add_init_script(f"window.GLM4VOICE_PLAYER_LEAD_S = {lead_s};")
         self.console_errors: list[str] = []
         self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
         self.url = url
@@ -89,6 +92,20 @@ class DemoPage:
 
     def clear(self) -> None:
         self.page.click("#clear")
+
+    def stop(self) -> None:
+        self.page.click("#stop")
+
+    def stop_visible(self) -> bool:
+        return self.page.locator("#stop").is_visible()
+
+    def conversation_mode(self, on: bool) -> None:
+        """Switch conversation mode; on: wait until the microphone streams to the server."""
+        box = self.page.locator("#conversation-mode input")
+        if box.is_checked() != on:
+            box.click()
+        state = "listening" if on else "off"
+        self.page.wait_for_function("s => window.glm4voiceLive.state === s", arg=state, timeout=WAIT_MS)
 
     def record(self, seconds: float) -> None:
         """Record from chromium's fake microphone (the wav given to chromium_flags, looped)."""
@@ -152,6 +169,23 @@ class DemoPage:
 
     def player_stats(self) -> dict:
         return json.loads(self.page.evaluate("JSON.stringify(window.glm4voicePlayer.stats)"))
+
+    def heard_seconds(self) -> float:
+        """Seconds of the current answer the player has made audible (its own clock)."""
+        return self.page.evaluate("window.glm4voicePlayer.heardSeconds(window.glm4voicePlayer.audibleTime())")
+
+    def live(self, name: str):
+        """A field of conversation mode's client (window.glm4voiceLive), as JSON data."""
+        return json.loads(self.page.evaluate(f"JSON.stringify(window.glm4voiceLive.{name})"))
+
+    def wait_live(self, condition: str, deadline_ms: int = WAIT_MS) -> None:
+        """Until ``condition`` (JavaScript, with ``live`` bound to window.glm4voiceLive) holds."""
+        self.page.wait_for_function(f"() => {{ const live = window.glm4voiceLive; return {condition}; }}",
+                                    timeout=deadline_ms)  # fmt: skip
+
+    def answers_done(self) -> list[str]:
+        """Statuses of the answers the live socket saw end, in order."""
+        return [e["status"] for e in self.live("events") if e["type"] == "answer_done"]
 
     def messages(self, role: str) -> list[str]:
         """Texts of the chat bubbles of ``role`` ('user' or 'bot'), in order."""

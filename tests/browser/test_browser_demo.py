@@ -1,5 +1,5 @@
-"""Browser tests of the web demo: the REAL model_server.py and web_demo.py processes on loopback
-ports (tiny checkpoints, CPU), driven in Debian chromium by Playwright.
+"""Browser tests of the web demo: the REAL token server (model_server.py, recording its prompts) and
+web_demo.py processes on loopback ports (tiny checkpoints, CPU), driven in Debian chromium by Playwright.
 
 Screenshots of every state go to the artifacts folder (``test-artifacts/browser/``).
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import math
 import re
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,49 +18,16 @@ import soundfile as sf
 from glm4voice.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, encode_wav
 from glm4voice.client import TokenClient
 from glm4voice.protocol import Conversation, SpecialTokens, TextInput
-from support import ROOT, ServerProcess, free_port
+from support import ROOT
 
-from browser.demo_page import CHROMIUM, WAIT_MS, DemoPage, chromium_flags
+from browser.demo_page import CHROMIUM, NOT_RUNNING, WAIT_MS, DemoPage, chromium_flags
+from browser.servers import SERVER_SLOTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 SAMPLE_EN = ROOT / "resources" / "sample_en.wav"
 """espeak-ng: "Hello! Can you tell me a short story about a cat, please?" (resources/make_samples.sh)."""
 MAX_NEW_TOKENS = 40
-SERVER_SLOTS = 2
-NOT_RUNNING = "The model server is not running or is restarting"
-
-
-class Stack:
-    def __init__(self, server: ServerProcess, web: ServerProcess, server_url: str, web_url: str):
-        self.server, self.web, self.server_url, self.web_url = server, web, server_url, web_url
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_checkpoints):
-    server_port, web_port = free_port(), free_port()
-    server_url, web_url = f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{web_port}/"
-    server = ServerProcess(
-        [str(ROOT / "model_server.py"), "--host", "127.0.0.1", "--port", str(server_port), "--model-path",
-         str(tiny_checkpoints.llm), "--device", "cpu", "--dtype", "float32", "--max-concurrent-streams",
-         str(SERVER_SLOTS), "--max-queue", "0", "--max-seq-len", "4096"],
-        server_url + "/health",
-    )  # fmt: skip
-    web = ServerProcess(
-        [str(ROOT / "web_demo.py"), "--host", "127.0.0.1", "--port", str(web_port), "--server-url", server_url,
-         "--model-path", str(tiny_checkpoints.llm), "--tokenizer-path", str(tiny_checkpoints.speech_tokenizer),
-         "--flow-path", str(tiny_checkpoints.decoder), "--device", "cpu", "--random-weights-notice"],
-        web_url, timeout=240,
-    )  # fmt: skip
-    server.start()
-    try:
-        web.start()
-        try:
-            yield Stack(server, web, server_url, web_url)
-        finally:
-            web.stop()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +38,6 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=chromium_flags(SAMPLE_EN))
         yield browser
         browser.close()
-
-
-@pytest.fixture
-def shots(artifacts_dir) -> Path:
-    folder = artifacts_dir / "browser"
-    folder.mkdir(exist_ok=True)
-    return folder
 
 
 @pytest.fixture

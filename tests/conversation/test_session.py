@@ -421,3 +421,120 @@ def test_an_answer_cancelled_before_it_started_still_ends_and_frees_the_session(
     assert second.status is ResponseStatus.COMPLETED and len(client.prompts) == 1
     turns = [Turn(TextInput("Hi"), ())]  # the cancelled answer is an empty one
     assert client.prompts[0] == build_prompt(models.text_tokenizer, special_tokens, turns, TextInput("Hi again"))
+
+
+# --- a front end with its own player: playback reports, failed turns forgotten ----------------------------
+
+
+def test_playback_reports_cut_answers_to_what_was_heard(models, special_tokens):
+    """A report of a finished answer heard to its end keeps it whole; a shorter one cuts it; a report of
+    an answer still running cancels it first."""
+    answer = interleaved_answer(models.text_tokenizer, special_tokens, runs=4)
+    held = interleaved_answer(models.text_tokenizer, special_tokens, runs=8, end=False)
+
+    async def main():
+        async with conversation(models, ScriptedClient(answer), SessionConfig(turn_detection=None,
+                                playback_reports=True)) as (chat, session, recorder):  # fmt: skip
+            session.add_user_input(TextInput("Hi"))
+            first = session.create_response()
+            await session.wait()
+            whole = await session.playback_stopped(first.item.id, first.item.audio_ms + 50)
+            kept = first.item.reply_ids
+            cut = await session.playback_stopped(first.item.id, 1000)
+            session.chat.client = client = ScriptedClient(held, hold_after=250)
+            await session.add_user_text("More")
+            second = session.create_response()
+            await recorder.wait_for(lambda e: isinstance(e, ResponseAudioDelta) and e.response is second)
+            running = await session.playback_stopped(second.item.id, 80)
+            nothing = await session.playback_stopped(None)
+        return recorder, first, whole, kept, cut, second, running, nothing, client
+
+    recorder, first, whole, kept, cut, second, running, nothing, client = asyncio.run(main())
+    assert whole is None and kept == tuple(answer[:-1])
+    assert cut is first.item and first.item.reply_ids == heard_reply(answer[:-1], 1000, special_tokens)
+    assert second.status is ResponseStatus.CANCELLED and client.open_streams == 0
+    assert second.cancel_reason is CancelReason.TURN_DETECTED
+    assert running is second.item and second.item.truncated_ms == 80 and second.item.audio_ms == 80
+    assert second.item.reply_ids == heard_reply(second.item.generated_ids, 80, special_tokens)
+    assert sum(special_tokens.is_audio(i) for i in second.item.reply_ids) == 1
+    assert nothing is None and [e.item for e in recorder.of(ItemTruncated)] == [first.item, second.item]
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+def test_with_playback_reports_the_next_answer_waits_for_what_was_heard(models, special_tokens, vad):
+    """The first answer has finished generating but still plays when the second question starts: nothing
+    is cancelled, the answer waits for the player's report, and its prompt holds the heard part only."""
+    answer = interleaved_answer(models.text_tokenizer, special_tokens, runs=4)
+    first = with_silence(espeak("Hello! What is the weather like today in Paris?"), 0.5, 1.0)
+    second = with_silence(espeak("Tell me a story about a cat."), 0.3, 1.0)
+    detection = TurnDetection()
+
+    async def main():
+        client = ScriptedClient(answer)
+        config = SessionConfig(turn_detection=detection, playback_reports=True)
+        async with conversation(models, client, config, vad=vad) as (chat, session, recorder):
+            await append_in_chunks(session, first.audio.samples)
+            await recorder.wait_for(lambda e: isinstance(e, SpeechStopped))
+            waited = recorder.of(ResponseCreated) == []
+            await session.playback_stopped(None)  # nothing was playing when the first question began
+            answer_one = (await recorder.wait_for(lambda e: isinstance(e, ResponseCreated))).response
+            await session.wait()
+            offset = session.input_samples
+            await append_in_chunks(session, second.audio.samples)
+            stops = len(recorder.of(SpeechStopped))
+            still_waiting = len(recorder.of(ResponseCreated)) == 1
+            await session.playback_stopped(answer_one.item.id, 1500)
+            answer_two = (await recorder.wait_for(lambda e: isinstance(e, ResponseCreated) and e.response is not
+                                                  answer_one)).response  # fmt: skip
+            await session.wait()
+            return client, recorder, answer_one, answer_two, waited, stops, still_waiting, offset, list(session.items)
+
+    client, recorder, answer_one, answer_two, waited, stops, still_waiting, offset, items = asyncio.run(main())
+    assert waited and still_waiting and stops == 2
+    assert answer_one.status is ResponseStatus.COMPLETED  # heard in part after it had finished generating
+    assert answer_one.item.reply_ids == heard_reply(answer[:-1], 1500, special_tokens)
+    user_one, _, user_two, _ = items
+    turns = [Turn(user_one.input, answer_one.item.reply_ids)]
+    assert client.prompts[1] == build_prompt(models.text_tokenizer, special_tokens, turns, user_two.input)
+    started = recorder.of(SpeechStarted)[1]
+    assert started.speech_start_ms == started.audio_start_ms + detection.prefix_padding_ms
+    onset_ms = offset * 1000 / INPUT_SAMPLE_RATE + second.ms(second.start)
+    assert abs(started.speech_start_ms - onset_ms) <= 100
+    assert answer_two.status is ResponseStatus.COMPLETED
+
+
+class FailingClient(ScriptedClient):
+    """Streams ``ids``, then fails as a token server that went away mid-answer."""
+
+    async def stream(self, prompt=None, **params):
+        from glm4voice.client import StreamFailedError
+
+        async for token_id in super().stream(prompt, **params):
+            yield token_id
+        raise StreamFailedError("the connection was reset", len(self.ids))
+
+
+def test_a_failed_turn_can_leave_no_trace(models, special_tokens):
+    answer = interleaved_answer(models.text_tokenizer, special_tokens, runs=2, end=False)
+
+    async def main():
+        config = SessionConfig(turn_detection=None, record_failed_turns=False)
+        async with conversation(models, FailingClient(answer), config) as (chat, session, recorder):
+            await session.add_user_text("Hi")
+            failed = session.create_response()
+            await session.wait()
+            after_failure = list(session.items)
+            session.chat.client = client = ScriptedClient(answer + [special_tokens.user])
+            await session.add_user_text("Hi again")
+            session.create_response()
+            await session.wait()
+        return recorder, failed, after_failure, client
+
+    recorder, failed, after_failure, client = asyncio.run(main())
+    assert failed.status is ResponseStatus.FAILED and "cut off" in failed.error.message
+    assert after_failure == []
+    deleted = [e.item_id for e in recorder.of(ItemDeleted)]
+    assert len(deleted) == 2 and deleted[-1] == failed.item.id
+    order = recorder.events.index
+    assert order(recorder.of(ResponseDone, failed)[0]) < order(recorder.of(ItemDeleted)[0])
+    assert client.prompts == [build_prompt(models.text_tokenizer, special_tokens, [], TextInput("Hi again"))]

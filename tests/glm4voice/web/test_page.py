@@ -1,26 +1,30 @@
-"""The page's turn handler and head, without a browser: a scripted chat yields the turn's events,
-the handler's named updates are checked field by field; the app is called through its ASGI interface."""
+"""The page's handlers and head, without a browser: a scripted chat (the tiny text tokenizer, inputs
+accepted or refused as scripted, answers of scripted events) under the real tab, conversation session
+and chat view; the handler's named updates are checked field by field; the app is called through its
+ASGI interface."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import json
+import threading
 from pathlib import Path
 
 import gradio as gr
 import httpx
 import numpy as np
 import pytest
+import soundfile as sf
 from gradio.route_utils import delete_files_created_by_app
 from gradio.utils import get_upload_folder
 
 from glm4voice.audio import OUTPUT_SAMPLE_RATE
+from glm4voice.conversation import ResponseStatus, heard_reply
 from glm4voice.defaults import PLAYER_LEAD_S
 from glm4voice.pipeline import (
     AssistantAudio,
     AssistantText,
     FailureKind,
-    InputAccepted,
     PipelineConfig,
     TurnFailed,
     TurnFinished,
@@ -28,83 +32,47 @@ from glm4voice.pipeline import (
     UserSpeech,
     UserText,
 )
-from glm4voice.protocol import EndReason, InputMode
-from glm4voice.web import player_script
+from glm4voice.protocol import Conversation, EndReason, InputMode, SpecialTokens, TextInput
+from glm4voice.web import live_script, player_script
 from glm4voice.web.app import create_app
+from glm4voice.web.chat_view import CUT_MARK
 from glm4voice.web.files import DemoFiles
+from glm4voice.web.live import LIVE_PATH, WORKLET_PATH
 from glm4voice.web.page import (
     PAGE_OUTPUTS,
     RESOURCES,
-    create_demo,
     DemoSettings,
     PageUpdate,
     TurnHandler,
-    UISession,
+    create_demo,
     live_player_html,
+    live_socket_html,
     page_head,
 )
 from glm4voice.web.streams import AudioStreams
+from glm4voice.web.tab import PageTab
 from glm4voice.web.uploads import SessionUploads
+from scripted_chat import ScriptedChat
 
 SKIP = gr.skip()
 AUDIO = InputMode.AUDIO.value
 TEXT = InputMode.TEXT.value
+WAIT_S = 60.0
+"""Deadline for conditions that must become true (never a speed check)."""
 
 
-@dataclass
-class FakeSession:
-    """The parts of a ChatSession the page uses."""
-
-    epoch: int = 0
-    turns_started: int = 0
-
-    def clear(self) -> None:
-        self.epoch += 1
-
-
-@dataclass
-class ScriptedChat:
-    """The parts of a VoiceChat the page uses; every turn yields ``events``."""
-
-    events: list
-    sample_rate: int = OUTPUT_SAMPLE_RATE
-    config: PipelineConfig = PipelineConfig()
-    server_url: str = "scripted"
-    client: object = None
-    requests: list = field(default_factory=list)
-    closed: bool = False
-
-    def new_session(self) -> FakeSession:
-        return FakeSession()
-
-    async def run_turn(self, session, request, options):
-        session.turns_started += 1
-        self.requests.append((request, options))
-        for event in self.events:
-            yield event
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def accepted(mode=InputMode.TEXT) -> InputAccepted:
-    return InputAccepted(mode, 42, 25 if mode is InputMode.AUDIO else 0, 2.0 if mode is InputMode.AUDIO else None, 0.1)
-
-
-def finished(text: str, audio: np.ndarray) -> TurnFinished:
+def finished(text: str, audio: np.ndarray, reply_ids=(1, 2)) -> TurnFinished:
     timings = TurnTimings(first_audio=0.25)
-    return TurnFinished(text, audio, OUTPUT_SAMPLE_RATE, EndReason.USER, (1, 2), 2, 0, 0, timings, 1.0)
+    return TurnFinished(text, audio, OUTPUT_SAMPLE_RATE, EndReason.USER, tuple(reply_ids), len(reply_ids), 0, 0,
+                        timings, 1.0)  # fmt: skip
 
 
 def failed(kind=FailureKind.STREAM_FAILED, message="The answer was cut off.", partial="") -> TurnFailed:
     return TurnFailed(kind, message, partial, TurnTimings(), 0.5)
 
 
-def updates(handler: TurnHandler, mode, audio_path, text, ui=None, session=None) -> list[PageUpdate]:
-    async def collect():
-        return [u async for u in handler.updates(mode, audio_path, text, 0.2, 0.8, 2000, ui, session)]
-
-    return asyncio.run(collect())
+def speech(seconds: float) -> np.ndarray:
+    return np.linspace(-0.5, 0.5, int(seconds * OUTPUT_SAMPLE_RATE), dtype=np.float32)
 
 
 @pytest.fixture
@@ -114,183 +82,428 @@ def files():
     files.cleanup()
 
 
-def handler_for(events, files) -> tuple[TurnHandler, ScriptedChat, AudioStreams]:
-    chat = ScriptedChat(events)
-    streams = AudioStreams(OUTPUT_SAMPLE_RATE)
-    return TurnHandler(chat, streams, files, text_refresh_s=0.0), chat, streams
+@pytest.fixture
+def scripted(text_tokenizer, files):
+    """``scripted(events, **chat_fields)``: a handler over a ScriptedChat."""
+
+    def make(events, **fields) -> tuple[TurnHandler, ScriptedChat, AudioStreams]:
+        chat = ScriptedChat(text_tokenizer, events, **fields)
+        streams = AudioStreams(OUTPUT_SAMPLE_RATE)
+        return TurnHandler(chat, streams, files, text_refresh_s=0.0), chat, streams
+
+    return make
 
 
-def test_a_turn_becomes_named_page_updates(files):
-    audio = np.linspace(-0.5, 0.5, 300, dtype=np.float32)
-    events = [accepted(), AssistantText("Hel", 0.2), AssistantText("lo", 0.3),
-              AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.4), finished("Hello", audio)]  # fmt: skip
-    handler, chat, streams = handler_for(events, files)
-    first, *texts, done = updates(handler, TEXT, None, "  Hi there ")
-    ui = first.session
-    assert isinstance(ui, UISession) and all(u.session is ui for u in (first, *texts, done))
-    (request, options), = chat.requests  # fmt: skip
-    assert request == UserText("  Hi there ") and (options.temperature, options.top_p, options.max_new_tokens) == (
-        0.2,
-        0.8,
-        2000,
-    )
-    # accepted: the question and a placeholder answer, the live player on the turn's stream, inputs emptied
+async def collect(handler: TurnHandler, mode, audio_path, text, ui=None, session=None) -> list[PageUpdate]:
+    return [u async for u in handler.updates(mode, audio_path, text, 0.2, 0.8, 2000, ui, session)]
+
+
+def fresh_prompt(text_tokenizer, text: str) -> list[int]:
+    return Conversation(text_tokenizer, SpecialTokens.from_tokenizer(text_tokenizer)).prompt_for(TextInput(text))
+
+
+async def until(condition, what: str) -> None:
+    async def wait():
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(wait(), WAIT_S)
+    except TimeoutError:
+        raise AssertionError(what) from None
+
+
+# --- typed and recorded turns -------------------------------------------------------------------------
+
+
+def test_a_turn_becomes_named_page_updates(scripted, text_tokenizer):
+    audio = speech(0.5)
+    events = [AssistantText("Hel", 0.2), AssistantText("lo", 0.3), AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.4),
+              finished("Hello", audio)]  # fmt: skip
+    handler, chat, streams = scripted(events)
+    first, *texts, done = asyncio.run(collect(handler, TEXT, None, "  Hi there "))
+    tab = first.session
+    assert isinstance(tab, PageTab) and all(u.session is tab for u in (first, *texts, done))
+    assert chat.requests == [UserText("  Hi there ")]
+    (options,) = chat.options
+    assert (options.temperature, options.top_p, options.max_new_tokens) == (0.2, 0.8, 2000)
+    assert chat.prompts == [fresh_prompt(text_tokenizer, "Hi there")]
+    # accepted: the question and a placeholder answer, the live player on the answer's stream, inputs emptied
     assert first.chat == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "…"}]
-    stream = streams.get(ui.stream_id)
-    assert f'data-turn="{stream.id}"' in first.live_player and "data-stream=" in first.live_player
-    assert first.status == "Turn 1 · prompt 42 tokens · generating…"
+    answer = tab.view.latest
+    assert f'data-turn="{answer.turn}"' in first.live_player and "data-stream=" in first.live_player
+    assert first.status == f"Turn 1 · prompt {len(chat.prompts[0])} tokens · generating…"
     assert (first.text_input, first.audio_input) == ("", None)
     # text: the chat only
-    assert [u.chat[-1]["content"] for u in texts] == ["Hel", "Hello"]
+    shown = [u.chat[-1]["content"] for u in texts]  # then the final text, maybe before the wav is written
+    assert shown[:2] == ["Hel", "Hello"] and set(shown[2:]) <= {"Hello"}
     assert all(u.live_player == u.status == u.text_input == u.audio_input == SKIP for u in texts)
     # audio went to the stream; the end closes it and adds the whole answer as a file
-    assert stream.closed and stream.samples == 300
+    stream = streams.get(answer.turn)
+    assert stream.closed and stream.samples == len(audio)
     assert done.chat[1] == {"role": "assistant", "content": "Hello"}
-    assert done.chat[2]["content"]["mime_type"] == "audio/wav" and ui.files and ui.files[0].is_file()
-    assert done.status.startswith("Turn 1 · done · answer: 0.0 s of speech, 2 text tokens, first audio after 0.25 s")
+    path = done.chat[2]["content"]["path"]
+    assert done.chat[2]["content"]["mime_type"] == "audio/wav" and sf.info(path).frames == len(audio)
+    assert done.status.startswith("Turn 1 · done · answer: 0.5 s of speech, 2 text tokens, first audio after")
     assert done.live_player == done.text_input == done.audio_input == SKIP
+    assert [type(i).__name__ for i in tab.session.items] == ["UserItem", "AssistantItem"]
 
 
-def test_a_refused_input_stays_in_place(files):
-    handler, _, _ = handler_for([failed(FailureKind.EMPTY_INPUT, "Please type a message first.")], files)
+def test_a_refused_input_stays_in_place(scripted):
+    handler, chat, _ = scripted([])
     with pytest.warns(UserWarning, match="Please type a message first"):  # gr.Warning: the page's toast
-        (update,) = updates(handler, TEXT, None, "")
+        (update,) = asyncio.run(collect(handler, TEXT, None, ""))
     assert update.status == "⚠️ **Turn 1 failed:** Please type a message first."
     assert update.chat == [] and update.live_player == update.text_input == update.audio_input == SKIP
+    assert chat.prompts == [] and update.session.session.items == []
+    # the next attempt is a turn of its own, whether it is refused too or answered
+    chat.events = [finished("Yes", speech(0.1))]
+    with pytest.warns(UserWarning, match="Please type a message first"):
+        (again,) = asyncio.run(collect(handler, TEXT, None, "  ", update.session))
+    *_, answered = asyncio.run(collect(handler, TEXT, None, "Hi", update.session))
+    assert again.status == "⚠️ **Turn 2 failed:** Please type a message first."
+    assert answered.status.startswith("Turn 3 · done")
 
 
-def test_a_failed_text_turn_puts_the_question_back_and_hides_the_silent_player(files):
-    handler, _, _ = handler_for([accepted(), AssistantText("Par", 0.2), failed(partial="Par")], files)
+def test_a_failed_text_turn_puts_the_question_back_and_is_not_recorded(scripted, text_tokenizer):
+    handler, chat, _ = scripted([AssistantText("Par", 0.2), failed(partial="Par")])
     with pytest.warns(UserWarning, match="cut off"):
-        *_, update = updates(handler, TEXT, None, "Tell me more")
+        *_, update = asyncio.run(collect(handler, TEXT, None, "Tell me more"))
     assert update.chat[-1]["content"] == "Par\n\n⚠️ The answer was cut off."
-    assert update.live_player == live_player_html()
+    assert update.status == "⚠️ **Turn 1 failed:** The answer was cut off."
+    assert update.live_player == live_player_html()  # no speech came: the player hides
     assert (update.text_input, update.audio_input) == ("Tell me more", None)
+    tab = update.session
+    assert tab.session.items == []  # a failed turn is not recorded: a retry starts afresh
+    chat.events = [finished("Yes", speech(0.1))]
+    asyncio.run(collect(handler, TEXT, None, "Tell me more", tab))
+    assert chat.prompts[1] == fresh_prompt(text_tokenizer, "Tell me more")
 
 
-def test_a_failed_spoken_turn_puts_the_recording_back_and_keeps_the_player_that_spoke(files):
-    audio = np.ones(10, dtype=np.float32)
-    events = [accepted(InputMode.AUDIO), AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.3), failed()]
-    handler, chat, _ = handler_for(events, files)
+def test_a_failed_spoken_turn_puts_the_recording_back_and_keeps_the_player_that_spoke(scripted):
+    events = [AssistantAudio(np.ones(10, np.float32), OUTPUT_SAMPLE_RATE, 0, 0, 0.3), failed()]
+    handler, chat, _ = scripted(events)
     with pytest.warns(UserWarning, match="cut off"):
-        first, update = updates(handler, AUDIO, "/tmp/question.wav", "")
-    assert chat.requests[0][0] == UserSpeech("/tmp/question.wav")
-    assert first.status.startswith("Turn 1 · heard 2.0 s of speech (25 speech tokens) · prompt 42 tokens")
+        first, *_, update = asyncio.run(collect(handler, AUDIO, "/tmp/question.wav", ""))
+    assert chat.requests == [UserSpeech("/tmp/question.wav")]
+    assert first.status.startswith("Turn 1 · heard 0.4 s of speech (5 speech tokens) · prompt")
     assert first.chat[0] == {"role": "user", "content": {"path": "/tmp/question.wav"}}
     assert update.live_player == SKIP  # some speech played: the player stays
     assert (update.text_input, update.audio_input) == (SKIP, "/tmp/question.wav")
 
 
-def test_clear_empties_the_page_and_drops_the_turns_stream_and_files(files):
-    audio = np.ones(10, dtype=np.float32)
-    handler, _, streams = handler_for([accepted(), finished("x", audio)], files)
-    ui = updates(handler, TEXT, None, "Hi")[0].session
-    stream_id, answer = ui.stream_id, ui.files[0]
-    outputs = asyncio.run(handler.clear(ui))
-    assert len(outputs) == len(PAGE_OUTPUTS) == 6
-    cleared = dict(zip(PAGE_OUTPUTS, outputs))
-    assert cleared == dict(chat=[], live_player=live_player_html(), status="", session=ui, text_input="",
-                           audio_input=None)  # fmt: skip
-    assert ui.chat.epoch == 1 and ui.messages == [] and ui.stream_id is None
-    assert streams.get(stream_id) is None and not answer.exists()
+def test_a_second_submit_while_an_answer_runs_is_refused(scripted):
+    handler, chat, _ = scripted([AssistantAudio(speech(0.2), OUTPUT_SAMPLE_RATE, 0, 0, 0.1)], hold=True)
+
+    async def main():
+        turn = handler.updates(TEXT, None, "Hi", 0.2, 0.8, 2000, None)
+        first = await anext(turn)
+        with pytest.warns(UserWarning, match="Please wait"):
+            busy = await collect(handler, TEXT, None, "Hello?", first.session)
+        await handler.clear(first.session)
+        rest = [u async for u in turn]
+        return busy, rest
+
+    busy, rest = asyncio.run(main())
+    assert busy[-1].status.startswith("⚠️ **Turn 2 failed:** Please wait")
+    assert rest[-1].status == "" and rest[-1].chat == []  # Clear ended the first turn
+
+
+# --- Stop ---------------------------------------------------------------------------------------------
+
+
+def test_stop_cancels_the_answer_and_keeps_what_was_heard(scripted, text_tokenizer):
+    special = SpecialTokens.from_tokenizer(text_tokenizer)
+    reply = tuple(text_tokenizer.encode("Once upon a time", allow_special=False)) + tuple(
+        special.audio_id(k) for k in range(40)
+    )
+    audio = speech(2.0)
+    events = [AssistantText("Once upon", 0.1), AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.2)]
+    handler, chat, streams = scripted(events, reply_ids=reply, hold=True)
+
+    async def main():
+        turn = handler.updates(TEXT, None, "Tell me a story", 0.2, 0.8, 2000, None)
+        first = await anext(turn)
+        tab = first.session
+        rest = asyncio.ensure_future(_drain(turn))
+        await until(lambda: chat.held is not None and chat.held.is_set(), "the answer never streamed")
+        answer = tab.view.latest
+        report = json.dumps({"turn": answer.turn, "playedMs": 500, "wasPlaying": True})
+        stopped = dict(zip(PAGE_OUTPUTS, await handler.stop(report, tab), strict=True))
+        updates = await asyncio.wait_for(rest, WAIT_S)
+        nothing = await handler.stop(json.dumps({"turn": None, "playedMs": 0}), tab)
+        return tab, answer, stopped, updates, nothing
+
+    tab, answer, stopped, updates, nothing = asyncio.run(main())
+    response, item = answer.response, answer.item
+    assert response.status is ResponseStatus.CANCELLED and answer.stream.closed
+    assert item.truncated_ms == 500 and item.reply_ids == heard_reply(reply, 500, chat.special)
+    assert sum(chat.special.is_audio(i) for i in item.reply_ids) == 6  # 500 ms: 6.25 tokens
+    # the page: the answer marked as cut, its wav the heard half second, the status says so
+    text, wav = stopped["chat"][1]["content"], stopped["chat"][2]["content"]["path"]
+    assert CUT_MARK in text and "cut after 0.5 s" in text
+    assert sf.info(wav).frames == OUTPUT_SAMPLE_RATE // 2
+    assert stopped["status"].startswith("Turn 1 · stopped ✂️")
+    assert updates[-1].status == stopped["status"] and updates[-1].chat == stopped["chat"]
+    assert nothing == PageUpdate(session=tab).outputs()  # nothing more to stop: the page stays
+    # the next turn's prompt holds the heard part only
+    chat.hold, chat.events = False, [finished("Ok", speech(0.1))]
+    asyncio.run(collect(handler, TEXT, None, "Go on", tab))
+    conversation = Conversation(text_tokenizer, chat.special)
+    conversation.add_turn(conversation.prompt_for(TextInput("Tell me a story")), item.reply_ids)
+    assert chat.prompts[1] == conversation.prompt_for(TextInput("Go on"))
+
+
+async def _drain(updates) -> list[PageUpdate]:
+    return [u async for u in updates]
+
+
+def test_stop_without_a_reported_turn_stops_the_answer_in_flight_with_nothing_heard(scripted):
+    handler, chat, _ = scripted([AssistantText("Hi", 0.1)], reply_ids=(5, 6, 7), hold=True)
+
+    async def main():
+        turn = handler.updates(TEXT, None, "Hello", 0.2, 0.8, 2000, None)
+        first = await anext(turn)
+        rest = asyncio.ensure_future(_drain(turn))
+        await until(lambda: chat.held is not None and chat.held.is_set(), "the answer never streamed")
+        await handler.stop("not json", first.session)
+        await asyncio.wait_for(rest, WAIT_S)
+        return first.session.view.latest
+
+    answer = asyncio.run(main())
+    assert answer.response.status is ResponseStatus.CANCELLED and answer.item.reply_ids == ()
+
+
+# --- Clear, closing the tab ---------------------------------------------------------------------------
+
+
+def test_clear_empties_the_page_and_drops_the_turns_stream_and_files(scripted):
+    audio = np.ones(10, np.float32)
+    handler, _, streams = scripted([AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.1), finished("x", audio)])
+    tab = asyncio.run(collect(handler, TEXT, None, "Hi"))[0].session
+    answer = tab.view.latest
+    wav = answer.audio_path
+    outputs = asyncio.run(handler.clear(tab))
+    assert len(outputs) == len(PAGE_OUTPUTS) == 7
+    cleared = dict(zip(PAGE_OUTPUTS, outputs, strict=True))
+    assert cleared == dict(chat=[], live_player=live_player_html(), status="", session=tab, text_input="",
+                           audio_input=None, live_socket=SKIP)  # fmt: skip
+    assert tab.epoch == 1 and tab.messages() == [] and tab.session.items == []
+    assert streams.get(answer.turn) is None and not wav.exists()
     assert asyncio.run(handler.clear(None))[PAGE_OUTPUTS.index("session")] is None
 
 
-def test_clear_stops_a_running_turn_whose_last_update_is_the_cleared_page(files):
-    """Clear while the turn waits for the server: the turn's pipeline is closed at once, the turn's
-    own last update is the cleared page, and Clear answers only after the turn has ended."""
-    closed = asyncio.Event()
+class HeldFiles(DemoFiles):
+    """Answer files whose writing (in the worker thread) waits until ``release`` is set."""
 
-    class WaitingChat(ScriptedChat):
-        async def run_turn(self, session, request, options):
-            try:
-                yield accepted()
-                yield AssistantText("Par", 0.2)
-                await asyncio.Event().wait()  # no more tokens for now
-                raise AssertionError("the handler kept reading a cleared turn")
-            finally:
-                closed.set()
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.started = threading.Event()
 
-    handler = TurnHandler(WaitingChat([]), AudioStreams(OUTPUT_SAMPLE_RATE), files, text_refresh_s=0.0)
+    def write_wav(self, stem, samples, sample_rate):
+        self.started.set()
+        assert self.release.wait(WAIT_S), "the test never released the write"
+        return super().write_wav(stem, samples, sample_rate)
 
-    async def scenario():
+
+def test_an_answer_is_done_once_its_wav_is_written_off_the_event_loop_and_clear_drops_a_late_one(text_tokenizer):
+    audio = speech(0.3)
+    chat = ScriptedChat(text_tokenizer, [AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.1), finished("x", audio)])
+    files = HeldFiles()
+    handler = TurnHandler(chat, AudioStreams(OUTPUT_SAMPLE_RATE), files, text_refresh_s=0.0)
+
+    async def main():
         turn = handler.updates(TEXT, None, "Hi", 0.2, 0.8, 2000, None)
-        first, text = await anext(turn), await anext(turn)
-        ui = first.session
+        tab = (await anext(turn)).session
         rest = asyncio.ensure_future(_drain(turn))
-        await asyncio.sleep(0)  # the turn now waits for its pipeline
-        assert ui.running is not None and not closed.is_set()
-        outputs = await handler.clear(ui)
-        assert closed.is_set() and ui.running is None  # the turn ended before Clear answered
-        return ui, first, text, await rest, dict(zip(PAGE_OUTPUTS, outputs))
+        answer = tab.view.latest
+        await until(lambda: answer.ended and files.started.is_set(), "the answer never ended")
+        waiting = (answer.done, answer.status(), rest.done())  # the event loop runs on while the file is written
+        await handler.clear(tab)  # the handler ends with the cleared page; the write is still held
+        files.release.set()
+        await tab.view.settled()
+        return tab, answer, waiting, await rest
 
-    ui, first, text, rest, cleared = asyncio.run(scenario())
-    assert text.chat[-1]["content"] == "Par"
-    (last,) = rest
+    try:
+        tab, answer, (done, status, handler_ended), rest = asyncio.run(main())
+        assert not done and status.endswith("generating…") and not handler_ended
+        assert rest[-1].chat == [] and tab.messages() == [] and answer.audio_path is None
+        assert list(files.folder.iterdir()) == []  # written after Clear: removed at once
+    finally:
+        files.cleanup()
+
+
+def test_clear_answers_after_the_running_turns_handler_ended_with_the_cleared_page(scripted):
+    """Clear while an answer streams: the answer stops (its token stream closes), the Submit handler's own last
+    update is the cleared page, and Clear answers only once that handler has ended."""
+    handler, chat, streams = scripted([AssistantText("Par", 0.1)], hold=True)
+
+    async def main():
+        turn = handler.updates(TEXT, None, "Hi", 0.2, 0.8, 2000, None)
+        first = await anext(turn)
+        tab, ended = first.session, asyncio.Event()
+
+        async def drain():
+            try:
+                return await _drain(turn)
+            finally:
+                ended.set()
+
+        rest = asyncio.ensure_future(drain())
+        await until(lambda: chat.held is not None and chat.held.is_set(), "the answer never streamed")
+        running = len(tab.shown_turns)
+        outputs = await handler.clear(tab)
+        handler_ended_first = ended.is_set()
+        return tab, running, handler_ended_first, await rest, dict(zip(PAGE_OUTPUTS, outputs, strict=True))
+
+    tab, running, handler_ended_first, rest, cleared = asyncio.run(main())
+    assert running == 1 and handler_ended_first and tab.shown_turns == set()
+    last = rest[-1]
     assert last.chat == [] and last.status == "" and last.live_player == live_player_html()
-    assert (last.text_input, last.audio_input) == ("", None)
-    assert cleared["chat"] == [] and cleared["status"] == "" and ui.messages == [] and ui.chat.epoch == 1
-    assert handler.streams.get(first.session.stream_id) is None
+    assert cleared["chat"] == [] and cleared["status"] == "" and tab.session.items == []
+    assert chat.open_streams == 0
 
 
-async def _drain(turn) -> list:
-    return [update async for update in turn]
-
-
-def test_a_turn_ends_normally_without_clear(files):
-    handler, _, _ = handler_for([accepted(), finished("x", np.zeros(0, np.float32))], files)
-    *_, done = updates(handler, TEXT, None, "Hi")
-    assert done.status.startswith("Turn 1 · done") and done.session.running is None
-
-
-def test_a_browser_sessions_streams_are_capped_together(files):
-    handler, _, streams = handler_for([accepted()], files)
+def test_a_browser_sessions_streams_are_capped_together(scripted):
+    audio = np.ones(10, np.float32)
+    handler, _, streams = scripted([AssistantAudio(audio, OUTPUT_SAMPLE_RATE, 0, 0, 0.1), finished("x", audio)])
     streams.max_per_session = 2
-    ids = [updates(handler, TEXT, None, "Hi", session="browser-a")[0].session.stream_id for _ in range(4)]
-    other = updates(handler, TEXT, None, "Hi", session="browser-b")[0].session.stream_id
+
+    def answer_stream(session: str) -> str:  # each turn in a tab of its own
+        tab = asyncio.run(collect(handler, TEXT, None, "Hi", session=session))[0].session
+        return tab.view.latest.turn
+
+    ids = [answer_stream("browser-a") for _ in range(4)]
+    other = answer_stream("browser-b")
     assert [streams.get(i) is not None for i in ids] == [False, False, True, True]
     assert streams.get(other) is not None and streams.get(other).session == "browser-b"
 
 
+def test_a_closed_tab_stops_its_answer_and_leaves_the_registry(scripted):
+    handler, chat, _ = scripted([AssistantText("Hi", 0.1)], hold=True)
+
+    async def main():
+        turn = handler.updates(TEXT, None, "Hello", 0.2, 0.8, 2000, None)
+        tab = (await anext(turn)).session
+        rest = asyncio.ensure_future(_drain(turn))
+        await until(lambda: chat.held is not None and chat.held.is_set(), "the answer never streamed")
+        registered = handler.tabs.get(tab.token) is tab
+        handler.end_session(tab)
+        await asyncio.wait_for(rest, WAIT_S)
+        await until(lambda: tab.session.response is None, "the answer was not stopped")
+        return tab, registered
+
+    tab, registered = asyncio.run(main())
+    assert registered and handler.tabs.get(tab.token) is None
+    assert tab.view.answers == [] and tab.session.items[-1].status.value == "incomplete"
+
+
+# --- conversation mode's handler ----------------------------------------------------------------------
+
+
+def test_conversation_mode_switches_the_tab_to_listening_and_back(scripted):
+    handler, _, _ = scripted([])
+
+    class FakeVAD:
+        pass
+
+    async def vad():
+        return FakeVAD()
+
+    handler.vad = vad
+
+    async def main():
+        switched = handler.conversation(True, 700, 0.2, 0.8, 300, None)
+        first = await anext(switched)
+        tab = first[PAGE_OUTPUTS.index("session")]
+        on = (tab.listening, tab.session.config.turn_detection, tab.session.config.options, tab.session.vad)
+        following = asyncio.ensure_future(_drain(switched))
+        bad = await handler.conversation_settings("lots", 0.2, 0.8, 300, tab)
+        changed = await handler.conversation_settings(900, 0.3, 0.8, 300, tab)
+        detection_after = tab.session.config.turn_detection
+        off = [u async for u in handler.conversation(False, 900, 0.3, 0.8, 300, tab)]
+        await asyncio.wait_for(following, WAIT_S)  # the follower ends when the mode is switched off
+        return first, tab, on, bad, changed, detection_after, off
+
+    with pytest.warns(UserWarning, match="milliseconds"):
+        first, tab, on, bad, changed, detection_after, off = asyncio.run(main())
+    update = dict(zip(PAGE_OUTPUTS, first, strict=True))
+    assert update["live_socket"] == live_socket_html(f"glm4voice/live/{tab.token}")
+    assert "700 ms of silence" in update["status"]
+    listening, detection, options, vad = on
+    assert listening and detection.silence_duration_ms == 700 and options.max_new_tokens == 300
+    assert type(vad).__name__ == "FakeVAD"
+    assert bad == PageUpdate().outputs() and detection_after.silence_duration_ms == 900
+    (off_update,) = off
+    assert off_update[PAGE_OUTPUTS.index("live_socket")] == live_socket_html()
+    assert not tab.listening and tab.session.config.turn_detection is None
+
+
+def test_conversation_mode_refuses_bad_settings_with_a_message(scripted):
+    handler, _, _ = scripted([])
+
+    async def main():
+        return [u async for u in handler.conversation(True, 5, 0.2, 0.8, 300, None)]
+
+    with pytest.warns(UserWarning, match="silence_duration_ms"):
+        (update,) = asyncio.run(main())
+    update = dict(zip(PAGE_OUTPUTS, update, strict=True))
+    assert update["status"].startswith("⚠️ Conversation mode is off") and update["live_socket"] == SKIP
+    assert not update["session"].listening
+
+
+# --- outputs, head, app -------------------------------------------------------------------------------
+
+
 def test_page_updates_are_positional_outputs_in_one_order():
     update = PageUpdate(status="s", audio_input=None)
-    assert PAGE_OUTPUTS == ("chat", "live_player", "status", "session", "text_input", "audio_input")
-    assert update.outputs() == (SKIP, SKIP, "s", SKIP, SKIP, None)
+    assert PAGE_OUTPUTS == ("chat", "live_player", "status", "session", "text_input", "audio_input", "live_socket")
+    assert update.outputs() == (SKIP, SKIP, "s", SKIP, SKIP, None, SKIP)
 
 
-def test_the_page_head_hands_the_player_its_settings_from_python():
+def test_the_page_head_hands_the_scripts_their_settings_from_python():
     head = page_head(OUTPUT_SAMPLE_RATE, PLAYER_LEAD_S)
     assert f"window.GLM4VOICE_SAMPLE_RATE = {OUTPUT_SAMPLE_RATE};" in head
     assert f"window.GLM4VOICE_PLAYER_LEAD_S ??= {PLAYER_LEAD_S!r};" in head
+    assert f'window.GLM4VOICE_MIC_WORKLET = "{WORKLET_PATH.lstrip("/")}";' in head
     assert head.index("GLM4VOICE_PLAYER_LEAD_S") < head.index("glm4voicePlayer")  # set before the player runs
+    assert head.index("glm4voicePlayer") < head.index("glm4voiceLive")
     script = player_script()
     assert 'pageSetting("GLM4VOICE_PLAYER_LEAD_S")' in script and 'pageSetting("GLM4VOICE_SAMPLE_RATE")' in script
     assert "22050" not in script and "0.15" not in script  # no values of its own
+    assert "window.GLM4VOICE_MIC_WORKLET" in live_script() and "echoCancellation: true" in live_script()
 
 
-def test_the_app_serves_the_page_with_the_chats_player_lead(files):
-    chat = ScriptedChat([], config=PipelineConfig(player_lead_s=0.25))
+def test_the_app_serves_the_page_with_the_chats_player_lead_and_the_worklet(text_tokenizer):
+    chat = ScriptedChat(text_tokenizer, [], config=PipelineConfig(player_lead_s=0.25))
     app = create_app(chat, DemoSettings(random_weights_notice=True))
 
     async def fetch():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            return await client.get("/config"), await client.get("/glm4voice/stream/unknown")
+            return [await client.get(path) for path in ("/config", "/glm4voice/stream/unknown", WORKLET_PATH)]
 
-    config, missing = asyncio.run(fetch())
+    config, missing, worklet = asyncio.run(fetch())
     assert config.status_code == 200
     assert "GLM4VOICE_PLAYER_LEAD_S ??= 0.25" in config.text and "Random weights" in config.text
+    ids = {c["props"].get("elem_id"): c["type"] for c in config.json()["components"]}
+    assert {ids.get(k) for k in ("stop", "conversation-mode", "silence-ms", "live-socket")} == {
+        "button", "checkbox", "slider", "html",
+    }  # fmt: skip
     assert missing.status_code == 404
+    assert worklet.status_code == 200 and 'registerProcessor("glm4voice-mic"' in worklet.text
+    assert worklet.headers["content-type"].startswith("text/javascript")
     app.state.files.cleanup()
 
 
-def test_the_app_refuses_files_its_browser_session_did_not_upload(files):
-    app = create_app(ScriptedChat([]), DemoSettings())
+def test_the_app_refuses_files_its_browser_session_did_not_upload(text_tokenizer):
+    app = create_app(ScriptedChat(text_tokenizer, []), DemoSettings())
     body = {"data": ["audio", {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "", 0.2, 0.8, 40]}
 
     async def call():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.post("/gradio_api/call/respond", json=body)
 
     refused = asyncio.run(call())
@@ -298,9 +511,30 @@ def test_the_app_refuses_files_its_browser_session_did_not_upload(files):
     app.state.files.cleanup()
 
 
-def test_every_session_may_submit_the_sample_prompts_which_gradio_keeps(files):
+def test_the_app_refuses_a_live_socket_from_another_site(text_tokenizer):
+    """The live socket is behind the request guard too: a page of another site cannot open a tab's microphone
+    socket (the handshake is refused before the token is even looked up)."""
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    app = create_app(ScriptedChat(text_tokenizer, []), DemoSettings())
+    with TestClient(app, base_url="http://localhost") as client:
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect(f"ws://localhost{LIVE_PATH}/anything",
+                                          headers={"origin": "http://evil.example"}) as socket:  # fmt: skip
+                socket.receive_text()
+        with pytest.raises(WebSocketDisconnect) as unknown:
+            with client.websocket_connect(f"ws://localhost{LIVE_PATH}/anything") as socket:
+                socket.receive_text()
+    assert refused.value.code == 1008 and "cross-site" in refused.value.reason
+    assert unknown.value.code == 1008 and "no such page session" in unknown.value.reason
+    app.state.files.cleanup()
+
+
+def test_every_session_may_submit_the_sample_prompts_which_gradio_keeps(text_tokenizer, files):
     uploads = SessionUploads()
-    demo = create_demo(ScriptedChat([]), AudioStreams(OUTPUT_SAMPLE_RATE), files, DemoSettings(), uploads)
+    chat = ScriptedChat(text_tokenizer, [])
+    demo = create_demo(chat, AudioStreams(OUTPUT_SAMPLE_RATE), files, DemoSettings(), uploads)
     cached = {str(p) for p in Path(get_upload_folder()).rglob("sample_*.wav")}
     assert len(cached) >= 2 and all(uploads.allows(None, path) for path in cached)
     assert not uploads.allows(None, str(RESOURCES / "sample_en.wav"))  # the copy Gradio hands out, not the source

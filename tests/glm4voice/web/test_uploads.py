@@ -109,7 +109,9 @@ def test_the_apps_own_routes_pass_the_guard_untouched():
     async def api(request: Request):
         return JSONResponse({"bytes": len(await request.body())})
 
-    app = Starlette(routes=[Route("/v1/chat/completions", api, methods=["POST"]), Route("/call", api, methods=["POST"])])
+    app = Starlette(
+        routes=[Route("/v1/chat/completions", api, methods=["POST"]), Route("/call", api, methods=["POST"])]
+    )
     guard = UploadGuard(app, uploads=SessionUploads(), max_request_bytes=1000, own_routes=("/v1/",))
 
     async def scenario():

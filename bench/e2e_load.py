@@ -1,0 +1,238 @@
+"""Realistic load for bench/e2e.py's ``poisson`` section: who arrives when and says what (planning),
+and what a rate's turns add up to (figures). Pure functions of their inputs (no clock, no model):
+the benchmark runs the plans against the pipeline and hands the records back here.
+
+The model of a user: a conversation starts when its user starts speaking (or typing) the first
+question; each turn starts at the end of that input (the turn's TTFA clock starts there), its answer
+plays in the browser's player, and the user thinks for a while after the answer has played before
+starting the next input. Conversations arrive as a Poisson process of ``rate_per_s``; each has
+``turns`` turns, spoken with probability ``spoken_fraction`` (else typed), answers of
+``answer_mean_s`` seconds on average (uniform in [0.5, 1.5] times that) and exponential think times.
+
+Warm start: so that a rate is measured in steady state without first waiting one conversation
+lifetime, the plan also holds the conversations that would be in progress at time 0 (Poisson, of
+mean ``rate x lifetime``), each with a uniformly drawn number of turns left and its next input
+starting within the first turn cycle. Figures count only turns that start in the measured window
+``[warm_s, window_s]``, and the mean number of conversations in progress over that window.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+TYPED_QUESTIONS = (
+    "What is the weather like in Paris in spring?",
+    "Tell me a short story about a curious little cat.",
+    "How do I make a good cup of tea?",
+    "Can you recommend a book for a long train ride?",
+    "What should I see on a weekend in Beijing?",
+    "Explain how a rainbow forms, please.",
+)
+"""What typed turns say (one after the other)."""
+TTFA_P95_LIMIT_S = 0.5
+"""A rate passes if the TTFA p95 of its turns is at most this, with no underrun and no failure."""
+
+
+@dataclass(frozen=True)
+class LoadShape:
+    turns: int = 3
+    spoken_fraction: float = 0.7
+    think_mean_s: float = 3.0
+    answer_mean_s: float = 12.0
+    spoken_input_s: float = 5.0
+    """How long a spoken question takes to say (the benchmark's recording)."""
+    typed_input_s: float = 4.0
+    lead_s: float = 0.15
+    """The player's start lead (glm4voice.defaults.PLAYER_LEAD_S)."""
+
+    def __post_init__(self) -> None:
+        if self.turns < 1 or not 0 <= self.spoken_fraction <= 1 or self.think_mean_s < 0 or self.answer_mean_s <= 0:
+            raise ValueError(f"invalid load shape {self}")
+
+    @property
+    def input_mean_s(self) -> float:
+        return self.spoken_fraction * self.spoken_input_s + (1 - self.spoken_fraction) * self.typed_input_s
+
+    @property
+    def cycle_s(self) -> float:
+        """Mean length of one turn cycle: input, answer (with the player's lead), think time."""
+        return self.input_mean_s + self.lead_s + self.answer_mean_s + self.think_mean_s
+
+    @property
+    def lifetime_s(self) -> float:
+        """Mean length of a conversation (no think time after its last answer)."""
+        return self.turns * self.cycle_s - self.think_mean_s
+
+
+@dataclass(frozen=True)
+class TurnPlan:
+    spoken: bool
+    input_s: float
+    """The user speaks (or types) this long; the turn starts at the end."""
+    answer_s: float
+    """Seconds of speech in the answer (the benchmark forces its length)."""
+    think_s: float
+    """After the answer has played, before the user starts the next input."""
+    seed: int
+    variant: int
+    """Which variant of the spoken question, or which typed question (so that prompts differ)."""
+
+
+@dataclass(frozen=True)
+class ConversationPlan:
+    arrival_s: float
+    """When the user starts the first input."""
+    turns: tuple[TurnPlan, ...]
+    in_progress: bool = False
+    """Already going on at time 0 (warm start)."""
+
+
+def _poisson(rng: random.Random, mean: float) -> int:
+    """A Poisson draw (Knuth's method for small means, a rounded normal for large ones)."""
+    if mean > 60:
+        return max(0, round(rng.gauss(mean, math.sqrt(mean))))
+    limit, k, p = math.exp(-mean), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def plan_load(rate_per_s: float, window_s: float, shape: LoadShape, seed: int = 0, warm_start: bool = True):
+    """The conversations of one rate: ``(plans, warm_s)``, plans sorted by arrival, ``warm_s`` the start
+    of the measured window (one turn cycle with a warm start, one lifetime without)."""
+    if rate_per_s <= 0 or window_s <= 0:
+        raise ValueError("rate and window must be positive")
+    rng = random.Random(seed)
+    counter = iter(range(10**9))
+
+    def turns(count: int) -> tuple[TurnPlan, ...]:
+        out = []
+        for _ in range(count):
+            spoken = rng.random() < shape.spoken_fraction
+            out.append(
+                TurnPlan(
+                    spoken=spoken,
+                    input_s=shape.spoken_input_s if spoken else shape.typed_input_s,
+                    answer_s=shape.answer_mean_s * rng.uniform(0.5, 1.5),
+                    think_s=rng.expovariate(1 / shape.think_mean_s) if shape.think_mean_s > 0 else 0.0,
+                    seed=next(counter),
+                    variant=rng.randrange(1 << 30),
+                )
+            )
+        return tuple(out)
+
+    plans = []
+    if warm_start:
+        for _ in range(_poisson(rng, rate_per_s * shape.lifetime_s)):
+            first = rng.uniform(0, shape.cycle_s)  # the next input of a conversation under way
+            plans.append(ConversationPlan(first, turns(rng.randint(1, shape.turns)), in_progress=True))
+    t = rng.expovariate(rate_per_s)
+    while t < window_s:
+        plans.append(ConversationPlan(t, turns(shape.turns)))
+        t += rng.expovariate(rate_per_s)
+    warm_s = min(shape.cycle_s if warm_start else shape.lifetime_s, window_s / 2)
+    return sorted(plans, key=lambda p: p.arrival_s), warm_s
+
+
+# --- figures ----------------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float, digits: int = 4) -> float | None:
+    """The ``q``-th percentile (0-100) by the nearest-rank method (None without values)."""
+    ordered = sorted(v for v in values if v is not None)
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return round(ordered[rank - 1], digits)
+
+
+def mean_overlap(intervals: Sequence[tuple[float, float]], start: float, end: float) -> float:
+    """Mean number of ``intervals`` covering a point of ``[start, end]`` (time-weighted)."""
+    if end <= start:
+        return 0.0
+    covered = sum(max(0.0, min(b, end) - max(a, start)) for a, b in intervals)
+    return covered / (end - start)
+
+
+def max_overlap(intervals: Sequence[tuple[float, float]], start: float, end: float) -> int:
+    """Most ``intervals`` covering one point of ``[start, end]``."""
+    edges = []
+    for a, b in intervals:
+        a, b = max(a, start), min(b, end)
+        if b > a:
+            edges += [(a, 1), (b, -1)]
+    level = best = 0
+    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+        level += step
+        best = max(best, level)
+    return best
+
+
+def rate_figures(
+    rate_per_s: float,
+    turns: Sequence[dict],
+    conversations: Sequence[tuple[float, float]],
+    warm_s: float,
+    window_s: float,
+    tokens_in_window: int | None,
+    passes: Callable[[dict], bool] | None = None,
+) -> dict:
+    """One rate's figures from its turn records (``bench/e2e.turn_record`` plus ``start_s``, ``spoken``,
+    ``playback_end_s``: seconds from the run's start) and conversation intervals (arrival, end of the
+    last answer's playback). Only turns starting in ``[warm_s, window_s]`` count."""
+    measured = [t for t in turns if warm_s <= t["start_s"] <= window_s]
+    ok = [t for t in measured if "failed" not in t]
+    ttfas = [t["ttfa"] for t in ok if t.get("ttfa") is not None]
+    answers = [(t["start_s"], t["playback_end_s"]) for t in turns if t.get("playback_end_s") is not None]
+    span = window_s - warm_s
+    figures = {
+        "rate_per_s": rate_per_s,
+        "window_s": [round(warm_s, 1), round(window_s, 1)],
+        "conversations": len(conversations),
+        "turns": len(measured),
+        "turns_spoken": sum(1 for t in measured if t["spoken"]),
+        "turns_typed": sum(1 for t in measured if not t["spoken"]),
+        "failed": len(measured) - len(ok),
+        "failures": sorted({t["failed"] for t in measured if "failed" in t})[:3],
+        "ttfa_p50": percentile(ttfas, 50),
+        "ttfa_p95": percentile(ttfas, 95),
+        "ttfa_p99": percentile(ttfas, 99),
+        "ttfa_max": percentile(ttfas, 100),
+        "ttfa_spoken_p95": percentile([t["ttfa"] for t in ok if t["spoken"] and t.get("ttfa") is not None], 95),
+        "ttfa_typed_p95": percentile([t["ttfa"] for t in ok if not t["spoken"] and t.get("ttfa") is not None], 95),
+        "underruns": sum(t["underruns"] for t in ok),
+        "turns_with_underrun": sum(1 for t in ok if t["underruns"]),
+        "token_rate_total": round(tokens_in_window / span, 1) if tokens_in_window is not None and span > 0 else None,
+        "token_rate_p50": percentile([t["token_rate"] for t in ok if t.get("token_rate")], 50),
+        "token_rate_min": percentile([t["token_rate"] for t in ok if t.get("token_rate")], 0),
+        "mean_concurrent_conversations": round(mean_overlap(conversations, warm_s, window_s), 1),
+        "mean_concurrent_answers": round(mean_overlap(answers, warm_s, window_s), 1),
+        "max_concurrent_answers": max_overlap(answers, warm_s, window_s),
+    }
+    figures["passes"] = (passes or default_pass)(figures)
+    return figures
+
+
+def default_pass(figures: dict) -> bool:
+    """TTFA p95 within :data:`TTFA_P95_LIMIT_S`, no underrun, no failed turn, and turns measured."""
+    p95 = figures["ttfa_p95"]
+    fast = p95 is not None and p95 <= TTFA_P95_LIMIT_S
+    return bool(figures["turns"]) and fast and not figures["underruns"] and not figures["failed"]
+
+
+def capacity(rates: Sequence[dict]) -> dict:
+    """The highest passing rate and its mean concurrent conversations (the capacity figure)."""
+    passing = [r for r in rates if r.get("passes")]
+    best = max(passing, key=lambda r: r["rate_per_s"], default=None)
+    return {
+        "rates_per_s": [r["rate_per_s"] for r in rates],
+        "passing_rates_per_s": [r["rate_per_s"] for r in passing],
+        "capacity_rate_per_s": best["rate_per_s"] if best else None,
+        "capacity_conversations": best["mean_concurrent_conversations"] if best else 0,
+        "criterion": f"TTFA p95 <= {TTFA_P95_LIMIT_S * 1000:.0f} ms, zero underruns, no failed turn",
+    }

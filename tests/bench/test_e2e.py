@@ -1,0 +1,273 @@
+"""bench/e2e.py and its helpers: the realistic-load plan and figures, the forced answers' history
+(so the engine's prefix cache sees real conversations), the records of a turn and of repeated runs,
+and a CPU dry run of every new section (layouts, turns, concurrency with repeated runs, poisson)
+whose JSON must hold the figures the issue asks for."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bench.e2e import combine_runs, layouts_summary, parse_args, question_variant, turn_record
+from bench.e2e_load import (
+    LoadShape,
+    capacity,
+    max_overlap,
+    mean_overlap,
+    percentile,
+    plan_load,
+    rate_figures,
+)
+from bench.e2e_server import AnswerPattern, ForcedHistory, PatternStream, answer_length
+from glm4voice.audio import INPUT_SAMPLE_RATE, Audio
+from glm4voice.pipeline.events import (
+    AssistantAudio,
+    EndReason,
+    InputAccepted,
+    TurnFailed,
+    TurnFinished,
+    TurnTimings,
+)
+from glm4voice.protocol import InputMode
+from support import ROOT
+
+USER = 7
+PATTERN = AnswerPattern(text_ids=(100, 101, 102), audio_offset=1000, num_audio_codes=50, end_id=USER)
+
+
+# --- the realistic load --------------------------------------------------------------------------------
+
+
+def test_poisson_plans_are_reproducible_and_have_the_asked_shape():
+    shape = LoadShape(turns=3, spoken_fraction=0.7, think_mean_s=3.0, answer_mean_s=12.0)
+    plans, warm_s = plan_load(1.0, 600.0, shape, seed=3)
+    again, _ = plan_load(1.0, 600.0, shape, seed=3)
+    assert plans == again and warm_s == pytest.approx(shape.cycle_s)
+    arrivals = [p for p in plans if not p.in_progress]
+    assert 480 < len(arrivals) < 720  # Poisson: 600 expected
+    assert all(0 <= p.arrival_s < 600 for p in plans) and [p.arrival_s for p in plans] == sorted(
+        p.arrival_s for p in plans
+    )
+    assert all(len(p.turns) == 3 for p in arrivals)
+    in_progress = [p for p in plans if p.in_progress]  # the warm start: about rate x lifetime of them
+    assert 0.6 * shape.lifetime_s < len(in_progress) < 1.4 * shape.lifetime_s
+    assert all(p.arrival_s <= shape.cycle_s and 1 <= len(p.turns) <= 3 for p in in_progress)
+    turns = [t for p in plans for t in p.turns]
+    spoken = sum(t.spoken for t in turns) / len(turns)
+    assert 0.65 < spoken < 0.75
+    assert all(6.0 <= t.answer_s <= 18.0 for t in turns)
+    assert 2.5 < sum(t.think_s for t in turns) / len(turns) < 3.5
+    assert len({t.seed for t in turns}) == len(turns)  # every turn its own seed
+    cold, warm_cold = plan_load(1.0, 600.0, shape, seed=3, warm_start=False)
+    assert not any(p.in_progress for p in cold) and warm_cold == pytest.approx(shape.lifetime_s)
+    with pytest.raises(ValueError):
+        plan_load(0, 10, shape)
+
+
+def test_rate_figures_count_the_measured_window_only():
+    def turn(start, ttfa, spoken=True, underruns=0, failed=None, length=10.0):
+        record = {"start_s": start, "spoken": spoken, "playback_end_s": start + length}
+        if failed:
+            return record | {"failed": failed}
+        return record | {"ttfa": ttfa, "underruns": underruns, "token_rate": 20.0}
+
+    turns = [turn(1.0, 9.0), turn(10.0, 0.2), turn(11.0, 0.3, spoken=False), turn(20.0, 0.4, underruns=2),
+             turn(30.0, 0.6, failed="server_busy: busy"), turn(50.0, 9.0)]  # fmt: skip
+    conversations = [(0.0, 40.0), (5.0, 25.0), (15.0, 45.0)]
+    figures = rate_figures(1.5, turns, conversations, warm_s=10.0, window_s=40.0, tokens_in_window=3000)
+    assert figures["turns"] == 4 and figures["turns_spoken"] == 3 and figures["turns_typed"] == 1
+    assert figures["failed"] == 1 and figures["failures"] == ["server_busy: busy"]
+    assert figures["ttfa_p50"] == 0.3 and figures["ttfa_p95"] == figures["ttfa_p99"] == 0.4
+    assert figures["ttfa_typed_p95"] == 0.3 and figures["underruns"] == 2 and figures["turns_with_underrun"] == 1
+    assert figures["token_rate_total"] == 100.0
+    assert figures["mean_concurrent_conversations"] == pytest.approx((30 + 15 + 25) / 30, abs=0.05)
+    assert figures["max_concurrent_answers"] == 2 and not figures["passes"]
+    clean = rate_figures(1.0, [turn(12.0, 0.2), turn(13.0, 0.5)], conversations, 10.0, 40.0, None)
+    assert clean["passes"] and clean["token_rate_total"] is None
+    slow = rate_figures(2.0, [turn(12.0, 0.2), turn(13.0, 0.51)], conversations, 10.0, 40.0, None)
+    assert not slow["passes"]
+    result = capacity([clean | {"mean_concurrent_conversations": 40.0}, slow, figures])
+    assert result["capacity_rate_per_s"] == 1.0 and result["capacity_conversations"] == 40.0
+    assert capacity([slow])["capacity_conversations"] == 0 and capacity([slow])["capacity_rate_per_s"] is None
+
+
+def test_percentiles_and_overlaps():
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50 and percentile(values, 95) == 95 and percentile(values, 99) == 99
+    assert percentile(values, 100) == 100 and percentile(values, 0) == 1 and percentile([], 50) is None
+    assert percentile([None, 2.0], 50) == 2.0
+    assert mean_overlap([(0, 10), (5, 15)], 0, 10) == 1.5 and mean_overlap([], 0, 10) == 0.0
+    assert max_overlap([(0, 10), (5, 15), (10, 12)], 0, 20) == 2
+
+
+# --- forced answers and the prefix cache -----------------------------------------------------------------
+
+
+class FakeEngineStream:
+    def __init__(self, ids):
+        self.ids = list(ids)
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.ids:
+            raise StopAsyncIteration
+        return self.ids.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_the_engine_sees_its_own_ids_for_a_conversations_history():
+    """Turn 2's prompt holds turn 1's forced answer; the engine computed (and cached) its own sampled
+    ids there: the history is mapped back, so turn 2 reuses the cache as in production."""
+
+    async def scenario():
+        history = ForcedHistory(USER)
+        prompt1 = [1, 2, USER, 3, 4]
+        engine_prompt1 = history.to_engine(prompt1)
+        length = answer_length(4)
+        stream = PatternStream(FakeEngineStream(range(500, 500 + length)), PATTERN, length, 0, history,
+                               prompt1, engine_prompt1)  # fmt: skip
+        forced = [token async for token in stream]
+        assert forced[-1] == USER and len(forced) == length
+        reply = forced[:-1]  # what the pipeline keeps: the answer without its end-of-turn id
+        prompt2 = prompt1 + reply + [USER, 5, 6]
+        engine_prompt2 = history.to_engine(prompt2)
+        assert engine_prompt2 == prompt1 + list(range(500, 500 + length - 1)) + [USER, 5, 6]
+        # a third turn goes through both mappings
+        stream = PatternStream(FakeEngineStream(range(900, 900 + length)), PATTERN, length, 1, history,
+                               prompt2, engine_prompt2)  # fmt: skip
+        reply2 = [token async for token in stream][:-1]
+        engine_prompt3 = history.to_engine(prompt2 + reply2 + [USER, 8])
+        assert engine_prompt3 == engine_prompt2 + list(range(900, 900 + length - 1)) + [USER, 8]
+        assert history.to_engine([9, USER, 1]) == [9, USER, 1]  # unknown histories pass unchanged
+
+    asyncio.run(scenario())
+    small = ForcedHistory(USER, entries=2)
+    for i in range(3):
+        small.remember([i], [i + 10])
+    assert small.to_engine([0, USER]) == [0, USER] and small.to_engine([2, USER]) == [12, USER]
+
+
+def test_question_variants_differ_and_keep_the_length():
+    samples = np.sin(np.arange(INPUT_SAMPLE_RATE * 2) / 7).astype(np.float32)
+    question = Audio(samples, INPUT_SAMPLE_RATE)
+    variants = [question_variant(question, i).samples for i in range(1, 5)]
+    assert all(len(v) == len(samples) for v in variants)
+    assert all(not np.array_equal(a, b) for a, b in zip(variants, variants[1:]))
+
+
+# --- records -------------------------------------------------------------------------------------------
+
+
+def _finished(chunk_times: list[float], chunk_s: float = 0.5) -> list:
+    rate = 22050
+    chunks = [AssistantAudio(np.zeros(int(chunk_s * rate), np.float32), rate, int(i * chunk_s * rate), i, t)
+              for i, t in enumerate(chunk_times)]  # fmt: skip
+    timings = TurnTimings(input_loaded=0.01, speech_tokenized=0.03, request_sent=0.031, first_token=0.05,
+                          first_block_ready=0.2, first_audio=chunk_times[0], last_token=1.0, tokens=30)  # fmt: skip
+    audio = np.zeros(int(chunk_s * rate) * len(chunks), np.float32)
+    end = TurnFinished("", audio, rate, EndReason.USER, (), 10, 20, 0, timings, chunk_times[-1] + 0.1)
+    return [InputAccepted(InputMode.AUDIO, 80, 63, 5.0, 0.03), *chunks, end]
+
+
+def test_a_turn_record_has_its_playback_end_and_underruns():
+    steady = turn_record(_finished([0.25, 0.5, 0.9]), lead=0.15)
+    assert steady["ttfa"] == 0.25 and steady["underruns"] == 0 and steady["prompt_tokens"] == 80
+    assert steady["playback_end_s"] == pytest.approx(0.25 + 0.15 + 1.5)
+    late = turn_record(_finished([0.25, 0.5, 2.0]), lead=0.15)  # the third chunk is due at 1.4 s
+    assert late["underruns"] == 1 and late["playback_end_s"] == pytest.approx(2.0 + 0.5)
+    failed = turn_record([TurnFailed(kind_of("server_busy"), "busy", "", TurnTimings(), 0.2)], lead=0.15)
+    assert failed["failed"].startswith("server_busy") and "ttfa" not in failed
+
+
+def kind_of(value: str):
+    from glm4voice.pipeline.events import FailureKind
+
+    return FailureKind(value)
+
+
+def test_repeated_runs_keep_each_runs_underruns_and_the_worst():
+    def run(underruns, with_underrun, rate):
+        return {"conversations": 64, "wall_s": 35.0, "failed": 0, "underruns": underruns, "with_underrun": with_underrun,
+                "all_real_time": underruns == 0, "ttfa_p50": 0.3, "ttfa_max": 0.6, "token_rate_min": rate,
+                "min_slack_s": 0.05}  # fmt: skip
+
+    level = combine_runs([run(0, 0, 40.0), run(3, 2, 35.0), run(0, 0, 41.0)])
+    assert level["runs"] == 3 and level["real_time_runs"] == 2 and not level["all_real_time"]
+    assert level["underruns_per_run"] == [0, 3, 0] and level["with_underrun"] == 2 and level["token_rate_min"] == 35.0
+    assert [r["underruns"] for r in level["per_run"]] == [0, 3, 0]
+    single = combine_runs([run(0, 0, 40.0)])
+    assert single["all_real_time"] and "per_run" not in single
+    summary = layouts_summary({"one-process": {"ttfa_p50": 0.19, "ttfa_p95": 0.21},
+                               "two-process": {"ttfa_p50": 0.28, "ttfa_p95": 0.30}})  # fmt: skip
+    assert summary["ttfa_p50_one_minus_two_process_s"] == pytest.approx(-0.09)
+
+
+def test_sections_are_checked():
+    args = parse_args(["--sections", "layouts,poisson", "--device", "cpu"])
+    assert args.sections == ("layouts", "poisson") and args.llm_device == "cpu" and args.llm_dtype == "float32"
+    with pytest.raises(SystemExit):
+        parse_args(["--sections", "layouts,nonsense", "--device", "cpu"])
+
+
+# --- the dry run ---------------------------------------------------------------------------------------
+
+NEW_SECTIONS = ("layouts", "turns", "concurrency", "poisson")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "e2e.json"
+    command = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--device", "cpu", "--config", "small", "--quick",
+               "--sections", ",".join(NEW_SECTIONS), "--levels", "2", "--all-at-once-runs", "2",
+               "--budget-s", "3000", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("section", NEW_SECTIONS)
+def test_the_dry_run_of_each_new_section_writes_its_figures(dry_run, section):
+    no_errors = {name: value for name, value in dry_run.items() if isinstance(value, dict) and "error" in value}
+    assert not no_errors, no_errors
+    assert dry_run["machine"]["layout"] == "one-process"
+    if section == "layouts":
+        layouts = dry_run["layouts"]
+        for layout in ("one-process", "two-process"):
+            figures = layouts[layout]
+            assert figures["turns"] == 2 and figures["failed"] == 0
+            assert figures["ttfa_p50"] > 0 and figures["ttfa_p95"] >= figures["ttfa_p50"]
+            assert figures["first_block_while_generating"]["tokens_streamed_meanwhile"] >= 20
+            assert "prefix_tokens_reused_per_turn" in figures
+        assert "ttfa_p50_one_minus_two_process_s" in layouts
+    elif section == "turns":
+        turns = dry_run["turns"]
+        assert turns["conversations"] == 1 and turns["history_ok"]
+        assert turns["history_tokens_at_turn_5_min"] >= turns["history_target"]
+        assert turns["ttfa_p50_first_s"] > 0 and turns["ttfa_p50_fifth_s"] > 0
+        assert "fifth_minus_first_p50_s" in turns and "within_15_ms" in turns
+        # the 5th turn starts from its whole history in the engine's cache (the forced ids mapped back)
+        assert turns["prefix_tokens_reused_turn_5_min"] >= turns["history_tokens_at_turn_5_min"] - 1
+    elif section == "concurrency":
+        level = dry_run["concurrency_2"]
+        assert level["runs"] == 2 and len(level["underruns_per_run"]) == 2 and len(level["per_run"]) == 2
+        assert {"all_real_time", "real_time_runs", "ttfa_p50", "token_rate_min"} <= set(level)
+        assert dry_run["concurrency"]["runs"] == 2
+    else:
+        rate = dry_run["poisson_0.3"]
+        assert rate["turns"] >= 1 and rate["conversations"] >= 1
+        for key in ("ttfa_p50", "ttfa_p95", "ttfa_p99", "underruns", "token_rate_total", "token_rate_p50",
+                    "mean_concurrent_conversations", "passes"):  # fmt: skip
+            assert key in rate, key
+        summary = dry_run["poisson"]
+        assert summary["rates_per_s"] == [0.3] and "capacity_conversations" in summary and "meets_target" in summary
