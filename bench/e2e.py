@@ -92,7 +92,14 @@ from bench.e2e_load import (  # noqa: E402
     rate_figures,
 )
 from bench.e2e_server import answer_length  # noqa: E402
-from bench.e2e_tokens import LAYOUTS, ONE_PROCESS, TWO_PROCESS, ChildTokenServer, InProcessTokens  # noqa: E402
+from bench.e2e_tokens import (  # noqa: E402
+    LAYOUTS,
+    ONE_PROCESS,
+    TWO_PROCESS,
+    ChildTokenServer,
+    ExternalTokenServer,
+    InProcessTokens,
+)
 from flow_inference import AudioDecoder  # noqa: E402
 from glm4voice.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, Audio, load_audio  # noqa: E402
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder  # noqa: E402
@@ -326,6 +333,8 @@ class E2EBench:
         return "reference" in self.sections and self.args.reference
 
     def token_side(self, layout: str):
+        if self.args.token_server_url:
+            return ExternalTokenServer(self.args.token_server_url)
         if layout == TWO_PROCESS:
             if self.child is None:
                 log_path = Path(self.args.server_log or self.tmp / "server.log")
@@ -896,6 +905,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CPU dry run: short answers, few levels, short load")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--server-log", help="the two-process token server's log file (default: in a temp folder)")
+    parser.add_argument("--token-server-url", help="a running token server with forced answers as the token side "
+                        "(e.g. Ray Serve's ingress: bench/ray_e2e.py --serve-only); not with layouts, reference")  # fmt: skip
     args = parser.parse_args(argv)
     args.sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -910,6 +921,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.llm_dtype = "bfloat16" if args.llm_device.startswith("cuda") else "float32"
     if args.llm_dtype in QUANTIZED_DTYPES and args.reference:
         args.reference = False  # transformers' GLM (the reference server) runs float weights only
+    if args.token_server_url:  # its one layout: reached over HTTP; no /reference
+        args.layout, args.reference = TWO_PROCESS, False
+        args.sections = tuple(s for s in args.sections if s not in ("layouts", "reference"))
     if args.max_seq_len is None:  # conversations of several turns need the room
         args.max_seq_len = LONG_SEQ_LEN if {"turns", "poisson"} & set(args.sections) else SHORT_SEQ_LEN
     if args.quick:

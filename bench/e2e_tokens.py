@@ -4,7 +4,9 @@
   over HTTP by :class:`glm4voice.client.AsyncTokenClient` (as ``model_server.py`` + ``web_demo.py``);
 - :class:`InProcessTokens` (``one-process``): the same backend (engine + forced answers) in the
   benchmark's own process, reached by :class:`glm4voice.client.InProcessTokenClient`
-  (as ``web_demo.py --in-process-engine``): one CUDA context, the speech side on its high-priority stream.
+  (as ``web_demo.py --in-process-engine``): one CUDA context, the speech side on its high-priority stream;
+- :class:`ExternalTokenServer` (``--token-server-url``): a token server someone else started with forced
+  answers, e.g. Ray Serve's ingress (``bench/ray_e2e.py --serve-only``), reached over HTTP.
 
 Both: ``await start()``, ``client(max_connections)``, ``await set_prefill_graphs(on)``,
 ``await engine_stats()``, ``await stop()``.
@@ -145,3 +147,30 @@ class InProcessTokens:
         if self._running is not None:
             running, self._running = self._running, None
             await running.__aexit__(None, None, None)
+
+
+class ExternalTokenServer:
+    """A running token server (not ours to start or stop), reached over HTTP."""
+
+    layout = TWO_PROCESS
+    reference_url = None
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    async def start(self) -> dict:
+        async with AsyncTokenClient(self.url) as client:
+            return await client.health()
+
+    def client(self, max_connections: int = 256) -> AsyncTokenClient:
+        return AsyncTokenClient(self.url, max_connections=max_connections)
+
+    async def set_prefill_graphs(self, on: bool) -> list[int]:
+        return []  # not ours to switch
+
+    async def engine_stats(self) -> dict:
+        async with AsyncTokenClient(self.url) as client:
+            return (await client.health())["engine"]
+
+    async def stop(self) -> None:
+        """Nothing: it belongs to whoever started it."""

@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server-port", type=int, default=TOKEN_SERVER_PORT, help="model server port (loopback; two-process only)"
     )
+    parser.add_argument(
+        "--server-url",
+        help="two-process only: use this running token server (e.g. python -m glm4voice.serve, the Ray Serve "
+        "ingress) instead of starting model_server.py; it must serve the same --model-path",
+    )
     parser.add_argument("--tiny-dir", default=str(DEFAULT_TINY_DIR))
     parser.add_argument("--regenerate-tiny", action="store_true")
     return parser
@@ -228,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.max_concurrent_turns is not None and args.max_concurrent_turns < 1:
         parser.error("--max-concurrent-turns must be at least 1")
+    if args.server_url and args.layout == ONE_PROCESS:
+        parser.error("--server-url is the token server of the two-process layout")
     from glm4voice.llm.quant import QuantizationUnsupported, check_supported
 
     try:  # before anything starts: fp8 / int4 where they cannot run, with the dtypes that can
@@ -254,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             engine_args += ["--max-concurrent-streams", str(args.max_concurrent_turns)]
         commands = {ONE_PROCESS_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, *engine_args]}
         ready_urls: dict[str, str] = {}
+    elif args.server_url:  # a token server someone else runs
+        commands = {WEB_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, "--server-url", args.server_url]}
+        ready_urls = {}
     else:
         server_url = f"http://{LOOPBACK_HOST}:{args.server_port}"
         commands = {

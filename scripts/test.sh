@@ -18,7 +18,10 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# the optional Ray Serve deployment (requirements-serve.txt) is tested too: installed, and required
+export GLM4VOICE_EXTRA_REQUIREMENTS="${GLM4VOICE_EXTRA_REQUIREMENTS:-requirements-serve.txt}"
 source "$ROOT/scripts/env.sh"
 export GLM4VOICE_REQUIRE_BROWSER="${GLM4VOICE_REQUIRE_BROWSER:-1}"
+export GLM4VOICE_REQUIRE_RAY="${GLM4VOICE_REQUIRE_RAY:-1}"
 # pytest exits 5 when it collects no tests: that is a failure here, as is any failing test.
 exec python -m pytest "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -33,11 +34,15 @@ def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     has_browser = shutil.which("chromium") is not None
     require_browser = os.environ.get("GLM4VOICE_REQUIRE_BROWSER") == "1"
+    has_ray = importlib.util.find_spec("ray") is not None
+    require_ray = os.environ.get("GLM4VOICE_REQUIRE_RAY") == "1"
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "browser" in item.keywords and not has_browser and not require_browser:
             item.add_marker(pytest.mark.skip(reason="Debian chromium is not installed (scripts/test.sh installs it)"))
+        if item.get_closest_marker("ray") and not has_ray and not require_ray:
+            item.add_marker(pytest.mark.skip(reason="ray[serve] is not installed (requirements-serve.txt)"))
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 The server talks to a :class:`TokenBackend`: start/stop, the model's vocabulary size and stop ids,
 ``submit(prompt_ids, request) -> TokenStream`` (raising :class:`EngineRejected` for refusals the
-client should see as 4xx/503), and a flat dict of engine figures for ``/health`` and ``/metrics`` (optionally
+client should see as 4xx/503, at submission or, for a remote engine, from the stream before its
+first token), and a flat dict of engine figures for ``/health`` and ``/metrics`` (optionally
 ``counter_names``: which of them only grow). Optionally ``max_seq_len`` (prompt limit + 1) and
 ``add_failure_callback(callback)``: call ``callback(error)`` on the event loop if the engine dies for
 good (the server then ends its streams and exits non-zero).

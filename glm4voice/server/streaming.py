@@ -151,8 +151,7 @@ async def job_tokens(job: StreamJob) -> AsyncIterator[int]:
     try:
         stream = job.stream = job.submit()
     except EngineRejected as error:
-        job.outcome = Outcome.BUSY if error.status == 503 else Outcome.REJECTED
-        raise refusal(error.status, error.text, job.retry_after_s if error.retry_after else None) from None
+        raise _rejected(job, error) from None
     except Exception as error:
         logger.exception("%s: the engine refused the request", job.request_id)
         job.outcome = Outcome.ENGINE_ERROR
@@ -169,6 +168,9 @@ async def job_tokens(job: StreamJob) -> AsyncIterator[int]:
                 break
             except Exception as error:
                 finished = True
+                if isinstance(error, EngineRejected) and not job.tokens_sent:
+                    # a remote backend (glm4voice.serve) hears of a refusal when the stream starts
+                    raise _rejected(job, error) from None
                 logger.exception("%s: the engine failed after %d tokens", job.request_id, job.tokens_sent)
                 job.outcome = Outcome.ENGINE_ERROR
                 if job.tokens_sent:
@@ -189,6 +191,11 @@ async def job_tokens(job: StreamJob) -> AsyncIterator[int]:
     finally:
         if not finished:
             stream.cancel()
+
+
+def _rejected(job: StreamJob, error: EngineRejected) -> StreamRefused:
+    job.outcome = Outcome.BUSY if error.status == 503 else Outcome.REJECTED
+    return refusal(error.status, error.text, job.retry_after_s if error.retry_after else None)
 
 
 class TokenStreamResponse(Response):
