@@ -244,8 +244,8 @@ def run_in_one_process(parser: argparse.ArgumentParser, args: argparse.Namespace
         settings = model_server.settings_from_args(args, device=device)
     except ValueError as error:
         parser.error(str(error))
-    from glm4voice.server.engine_backend import build_engine  # loads the model's code: after the cheap checks
     from glm4voice.client import InProcessTokenClient
+    from glm4voice.server.engine_backend import build_engine  # loads the model's code: after the cheap checks
     from glm4voice.server.inprocess import InProcessTokenServer
 
     try:

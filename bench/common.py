@@ -167,7 +167,7 @@ class BenchRun:
             started = time.monotonic()
             try:
                 result = fn()
-            except Exception as error:  # noqa: BLE001 - recorded; the other sections still run
+            except Exception as error:
                 log(traceback.format_exc())
                 result = {"error": f"{type(error).__name__}: {error}"}
             result = {**result, "section_s": round(time.monotonic() - started, 1)}

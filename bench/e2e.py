@@ -71,10 +71,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import numpy as np
 import torch
@@ -82,8 +82,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import BenchRun, log, machine_info, median, time_call  # noqa: E402
-from bench.e2e_load import (  # noqa: E402
+from bench.common import BenchRun, log, machine_info, median, time_call
+from bench.e2e_load import (
     TYPED_QUESTIONS,
     LoadShape,
     capacity,
@@ -91,8 +91,8 @@ from bench.e2e_load import (  # noqa: E402
     plan_load,
     rate_figures,
 )
-from bench.e2e_server import answer_length  # noqa: E402
-from bench.e2e_tokens import (  # noqa: E402
+from bench.e2e_server import answer_length
+from bench.e2e_tokens import (
     LAYOUTS,
     ONE_PROCESS,
     TWO_PROCESS,
@@ -100,16 +100,16 @@ from bench.e2e_tokens import (  # noqa: E402
     ExternalTokenServer,
     InProcessTokens,
 )
-from flow_inference import AudioDecoder  # noqa: E402
-from glm4voice.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, Audio, load_audio  # noqa: E402
-from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder  # noqa: E402
-from glm4voice.checkpoints.text import write_tiny_text_tokenizer  # noqa: E402
-from glm4voice.client import AsyncTokenClient  # noqa: E402
-from glm4voice.decoder.options import graph_batch_sizes_for  # noqa: E402
-from glm4voice.defaults import PLAYER_LEAD_S  # noqa: E402
-from glm4voice.devices import default_device, llm_dtypes  # noqa: E402
-from glm4voice.llm.quant import QUANTIZED_DTYPES  # noqa: E402
-from glm4voice.pipeline import (  # noqa: E402
+from flow_inference import AudioDecoder
+from glm4voice.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, Audio, load_audio
+from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder
+from glm4voice.checkpoints.text import write_tiny_text_tokenizer
+from glm4voice.client import AsyncTokenClient
+from glm4voice.decoder.options import graph_batch_sizes_for
+from glm4voice.defaults import PLAYER_LEAD_S
+from glm4voice.devices import default_device, llm_dtypes
+from glm4voice.llm.quant import QUANTIZED_DTYPES
+from glm4voice.pipeline import (
     AssistantAudio,
     GenerationOptions,
     InputAccepted,
@@ -120,8 +120,8 @@ from glm4voice.pipeline import (  # noqa: E402
     UserText,
     VoiceChat,
 )
-from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, LOW_LATENCY_BLOCK_SIZES, ORIGINAL_BLOCK_SIZES  # noqa: E402
-from glm4voice.text_tokenizer import GLMTokenizer  # noqa: E402
+from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, LOW_LATENCY_BLOCK_SIZES, ORIGINAL_BLOCK_SIZES
+from glm4voice.text_tokenizer import GLMTokenizer
 
 logger = logging.getLogger("bench.e2e")
 

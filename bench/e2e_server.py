@@ -48,8 +48,8 @@ from fastapi import Request  # at module level: the endpoints' annotations are r
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from glm4voice.devices import llm_dtypes  # noqa: E402
-from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT  # noqa: E402
+from glm4voice.devices import llm_dtypes
+from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT
 
 logger = logging.getLogger("bench.e2e_server")
 
@@ -87,7 +87,7 @@ class AnswerPattern:
         return self.audio_offset + code
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "AnswerPattern":
+    def from_tokenizer(cls, tokenizer) -> AnswerPattern:
         from glm4voice.protocol import SpecialTokens
 
         special = SpecialTokens.from_tokenizer(tokenizer)
@@ -141,7 +141,7 @@ class PatternStream:
         self.forced = list(client_prompt)
         self.engine = list(engine_prompt)
 
-    def __aiter__(self) -> "PatternStream":
+    def __aiter__(self) -> PatternStream:
         return self
 
     async def __anext__(self) -> int:

@@ -64,7 +64,7 @@ class ChildTokenServer:
             str(o.max_streams), "--max-seq-len", str(o.max_seq_len),
         ] + ([] if o.reference else ["--no-reference"])  # fmt: skip
         log(f"starting the token server: {' '.join(command)} (log: {self.log_path})")
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (open while the child process runs; closed in stop)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     async def start(self) -> dict:

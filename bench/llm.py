@@ -40,16 +40,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import BenchRun, log, machine_info, synchronize  # noqa: E402
-from glm4voice.devices import FLOAT_DTYPES, default_device  # noqa: E402
-from glm4voice.llm import quant  # noqa: E402
-from glm4voice.llm.checkpoint import load_model, published_key_names, random_model  # noqa: E402
-from glm4voice.llm.config import PUBLISHED_CONFIG, GLMConfig  # noqa: E402
-from glm4voice.llm.decode_attention import DECODE_ATTENTION, resolve, triton_available  # noqa: E402
-from glm4voice.llm.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from glm4voice.llm.model import Linear  # noqa: E402
-from glm4voice.llm.quality import compare_next_token, identical_prefix  # noqa: E402
-from glm4voice.llm.quant import QUANTIZED_DTYPES, weight_bytes  # noqa: E402
+from bench.common import BenchRun, log, machine_info, synchronize
+from glm4voice.devices import FLOAT_DTYPES, default_device
+from glm4voice.llm import quant
+from glm4voice.llm.checkpoint import load_model, published_key_names, random_model
+from glm4voice.llm.config import PUBLISHED_CONFIG, GLMConfig
+from glm4voice.llm.decode_attention import DECODE_ATTENTION, resolve, triton_available
+from glm4voice.llm.engine import Engine, EngineConfig, SamplingParams
+from glm4voice.llm.model import Linear
+from glm4voice.llm.quality import compare_next_token, identical_prefix
+from glm4voice.llm.quant import QUANTIZED_DTYPES, weight_bytes
 
 CONFIGS = {
     "published": GLMConfig.published(),
@@ -537,7 +537,7 @@ class Bench:
             thread = threading.Thread(target=hf.generate, kwargs=kwargs)
             thread.start()
             times = []
-            while (token := streamer.queue.get()) is not None:
+            while streamer.queue.get() is not None:
                 times.append(time.perf_counter())
             thread.join()
             runs.append((times, submitted))

@@ -43,9 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from bench.common import BenchRun, free_port, log, machine_info, machine_line, median  # noqa: E402
-from bench.openai_api import Process, speech_onset  # noqa: E402
-from glm4voice.audio import load_audio, to_pcm16  # noqa: E402
+from bench.common import BenchRun, free_port, log, machine_info, machine_line, median
+from bench.openai_api import Process, speech_onset
+from glm4voice.audio import load_audio, to_pcm16
 
 QUESTION = ROOT / "bench" / "data" / "question_5s.wav"
 INTERRUPTION = "Wait, stop. Tell me about tea instead."
@@ -216,6 +216,7 @@ class PageSide:
         self.websocket, self.http, self.web_url = websocket, http, web_url
         self.messages: list[dict] = []
         self.changed = asyncio.Event()
+        self.listeners: set[asyncio.Task] = set()
         self.first_audio = asyncio.Event()
         self.turn: str | None = None
         self.answered: str | None = None
@@ -235,7 +236,9 @@ class PageSide:
             elif message["type"] == "answer":
                 self.turn = message["turn"]
                 self.answered = self.answered or message["turn"]
-                asyncio.create_task(self.listen(message["stream"]))
+                listener = asyncio.create_task(self.listen(message["stream"]))
+                self.listeners.add(listener)  # held until done (a task nobody holds may be collected)
+                listener.add_done_callback(self.listeners.discard)
 
     async def listen(self, stream: str) -> None:
         async with self.http.stream("GET", self.web_url + stream, timeout=WAIT_S) as response:

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # replicas
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench.common import BenchRun, log, machine_info, median  # noqa: E402
-from glm4voice.defaults import PLAYER_LEAD_S  # noqa: E402
+from bench.common import BenchRun, log, machine_info, median
+from glm4voice.defaults import PLAYER_LEAD_S
 
 logger = logging.getLogger("bench.ray_e2e")
 

@@ -179,7 +179,7 @@ def _read(source: AudioSource, source_rate: int | None) -> tuple[np.ndarray, int
 
 
 def _read_file(
-    source: "str | os.PathLike | bytes | bytearray | memoryview",
+    source: str | os.PathLike | bytes | bytearray | memoryview,
     sample_rate: int | None,
     max_seconds: float | None,
     mix: ChannelMix,
@@ -206,7 +206,7 @@ def _read_file(
 
 
 def _decode(
-    file: "io.BytesIO | Path", what: str, sample_rate: int | None, max_seconds: float | None, mix: ChannelMix
+    file: io.BytesIO | Path, what: str, sample_rate: int | None, max_seconds: float | None, mix: ChannelMix
 ) -> tuple[np.ndarray, int]:
     try:
         with sf.SoundFile(file) as sound:

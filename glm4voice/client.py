@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
-from typing import Any, AsyncIterator, Iterator, Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -154,7 +155,7 @@ class TokenClient:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
-    def __enter__(self) -> "TokenClient":
+    def __enter__(self) -> TokenClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -168,17 +169,19 @@ class TokenClient:
         Keyword arguments: see :func:`request_body`."""
         body = request_body(prompt, **params)
         reader = _LineReader()
-        with _unavailable_on_transport_errors(self.base_url):
-            with self._http.stream("POST", GENERATE_PATH, json=body) as response:
-                if response.status_code != 200:
-                    raise error_from_answer(response.status_code, response.headers, response.read())
-                try:
-                    for line in response.iter_lines():
-                        token = reader.token(line)
-                        if token is not None:
-                            yield token
-                except (httpx.TransportError, httpx.StreamError) as error:
-                    raise reader.lost(error) from error
+        with (
+            _unavailable_on_transport_errors(self.base_url),
+            self._http.stream("POST", GENERATE_PATH, json=body) as response,
+        ):
+            if response.status_code != 200:
+                raise error_from_answer(response.status_code, response.headers, response.read())
+            try:
+                for line in response.iter_lines():
+                    token = reader.token(line)
+                    if token is not None:
+                        yield token
+            except (httpx.TransportError, httpx.StreamError) as error:
+                raise reader.lost(error) from error
 
     def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
         """The whole stream as a list."""
@@ -214,7 +217,7 @@ class AsyncTokenClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport, limits=limits)
 
-    async def __aenter__(self) -> "AsyncTokenClient":
+    async def __aenter__(self) -> AsyncTokenClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -271,7 +274,7 @@ class InProcessTokenClient:
         self._server = server
         self.base_url = base_url
 
-    async def __aenter__(self) -> "InProcessTokenClient":
+    async def __aenter__(self) -> InProcessTokenClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

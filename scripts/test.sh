@@ -23,5 +23,7 @@ export GLM4VOICE_EXTRA_REQUIREMENTS="${GLM4VOICE_EXTRA_REQUIREMENTS:-requirement
 source "$ROOT/scripts/env.sh"
 export GLM4VOICE_REQUIRE_BROWSER="${GLM4VOICE_REQUIRE_BROWSER:-1}"
 export GLM4VOICE_REQUIRE_RAY="${GLM4VOICE_REQUIRE_RAY:-1}"
+# lint and types first (seconds): ruff check, ruff format --check, mypy (GLM4VOICE_SKIP_LINT=1 skips them)
+[ "${GLM4VOICE_SKIP_LINT:-0}" = 1 ] || bash "$ROOT/scripts/lint.sh"
 # pytest exits 5 when it collects no tests: that is a failure here, as is any failing test.
 exec python -m pytest "$@"

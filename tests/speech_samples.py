@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class Utterance:
 espeak_available = _espeak.espeak_available
 
 
-@lru_cache(maxsize=None)
+@cache
 def espeak(text: str, voice: str = "en-us", sample_rate: int = 16_000) -> Utterance:
     """``text`` spoken by espeak-ng at ``sample_rate`` (mono float)."""
     audio = _espeak.speak(text, voice, sample_rate=sample_rate)

@@ -24,6 +24,7 @@ import web_demo
 from glm4voice import launch
 from glm4voice.defaults import ENGINE_FAILED_EXIT_CODE
 from glm4voice.devices import DeviceError
+
 from support import ROOT, ServerProcess, free_port
 
 WAIT_S = 300.0

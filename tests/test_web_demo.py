@@ -32,6 +32,7 @@ from glm4voice.launch import (
     tiny_checkpoints_complete,
 )
 from glm4voice.web.streams import STREAM_PATH, AudioStreams, add_stream_route, decode_frames, encode_frame, stream_url
+
 import hostile_clients
 from support import ROOT, ServerProcess, free_port
 

@@ -9,7 +9,6 @@ import numpy as np
 
 from glm4voice.conversation.items import AssistantItem, Item, Response, SessionError, UserItem
 
-
 # --- events --------------------------------------------------------------------------------------------
 
 
@@ -89,7 +88,7 @@ class SessionFailure:
     error: SessionError
 
 
-SessionEvent = Union[
+SessionEvent = Union[  # noqa: UP007 (a runtime alias: isinstance checks and the docs name it)
     SpeechStarted,
     SpeechStopped,
     InputCommitted,

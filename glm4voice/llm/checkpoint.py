@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -107,7 +107,7 @@ def shard_files(folder: Path) -> dict[str, Path]:
     single = folder / SINGLE_FILE
     if single.is_file():
         with safe_open(single, framework="pt") as f:
-            return {key: single for key in f.keys()}
+            return dict.fromkeys(f.keys(), single)
     raise CheckpointError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 

@@ -43,9 +43,9 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -65,7 +65,7 @@ from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
 from glm4voice.llm.config import GLMConfig, context_limit
 from glm4voice.llm.model import GLMModel
 from glm4voice.llm.prefix_cache import PrefixCache
-from glm4voice.llm.quant import FP8, INT4, INT8, QUANTIZED_DTYPES, check_supported, resolve_method
+from glm4voice.llm.quant import QUANTIZED_DTYPES, check_supported, resolve_method
 from glm4voice.llm.runner import (
     DEFAULT_GRAPH_BATCH_SIZES,
     DEFAULT_PREFILL_GRAPH_LENGTHS,
@@ -279,7 +279,7 @@ class GenerationStream:
     cache slot before the next step); ``finish_reason`` is set once it has ended. Use as
     ``async with engine.submit(...) as stream:`` to cancel automatically on early exit."""
 
-    def __init__(self, engine: "Engine", request_id: int, prompt_len: int, params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, request_id: int, prompt_len: int, params: SamplingParams) -> None:
         self._engine = engine
         self.request_id = request_id
         self.prompt_len = prompt_len
@@ -289,7 +289,7 @@ class GenerationStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False
 
-    def __aiter__(self) -> "GenerationStream":
+    def __aiter__(self) -> GenerationStream:
         return self
 
     async def __anext__(self) -> int:
@@ -322,7 +322,7 @@ class GenerationStream:
     async def aclose(self) -> None:
         self.cancel()
 
-    async def __aenter__(self) -> "GenerationStream":
+    async def __aenter__(self) -> GenerationStream:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -403,13 +403,11 @@ class Engine:
         self._counters = collections.Counter()
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, config: EngineConfig | None = None, **kwargs) -> "Engine":
+    def from_pretrained(cls, path_or_id: str | Path, config: EngineConfig | None = None, **kwargs) -> Engine:
         return cls(path_or_id, config, **kwargs)
 
     @classmethod
-    def from_model(
-        cls, model: GLMModel, config: EngineConfig | None = None, *, stop_ids: Iterable[int] = ()
-    ) -> "Engine":
+    def from_model(cls, model: GLMModel, config: EngineConfig | None = None, *, stop_ids: Iterable[int] = ()) -> Engine:
         loaded = LoadedModel(model, model.config, frozenset(int(i) for i in stop_ids), Path("."))
         return cls(loaded, config, stop_ids=stop_ids)
 
@@ -517,7 +515,7 @@ class Engine:
         self._commands.put(("stop", None))
         await asyncio.to_thread(self._thread.join)
 
-    async def __aenter__(self) -> "Engine":
+    async def __aenter__(self) -> Engine:
         await self.start()
         return self
 

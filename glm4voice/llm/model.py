@@ -19,8 +19,8 @@ with ``r = head_dim / 2`` and ``base = 10000 * rope_ratio``. Grouped-query atten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +103,7 @@ def attention_output_and_mlp(block: Block, x: torch.Tensor, context: torch.Tenso
     return x + block.down(F.silu(gate) * up)
 
 
-def final_logits(model: "GLMModel", x: torch.Tensor) -> torch.Tensor:
+def final_logits(model: GLMModel, x: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.final_norm(x)).float()
 
 
@@ -134,7 +134,7 @@ def decode_layer_outputs(block: Block, x: torch.Tensor, context: torch.Tensor):
     return x, block.down(F.silu(gate) * up)
 
 
-def decode_logits(model: "GLMModel", x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def decode_logits(model: GLMModel, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return final_logits(model, x + delta)
 
 
@@ -156,7 +156,7 @@ class KVCache:
     kv: torch.Tensor
 
     @classmethod
-    def allocate(cls, config: GLMConfig, slots: int, max_seq_len: int, dtype: torch.dtype, device) -> "KVCache":
+    def allocate(cls, config: GLMConfig, slots: int, max_seq_len: int, dtype: torch.dtype, device) -> KVCache:
         shape = (config.num_layers, 2, slots, config.num_kv_heads, max_seq_len + 1, config.head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device))
 

@@ -88,8 +88,8 @@ class AssistantMessage(_Strict):
         return self
 
 
-Message = Union[SystemMessage, UserMessage, AssistantMessage]
-Part = Union[TextPart, AudioPart, RefusalPart]
+Message = Union[SystemMessage, UserMessage, AssistantMessage]  # noqa: UP007 (runtime alias for pydantic)
+Part = Union[TextPart, AudioPart, RefusalPart]  # noqa: UP007 (runtime alias for pydantic)
 ROLES = {"system": SystemMessage, "developer": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 PARTS = {
     "system": {"text": TextPart},
@@ -152,7 +152,7 @@ def _split(path: str) -> list[Any]:
 
 
 class AudioOutput(_Strict):
-    voice: Union[str, dict[str, Any]] = "default"
+    voice: str | dict[str, Any] = "default"
     """Accepted and ignored: GLM-4-Voice speaks with one voice."""
     format: Literal[OUTPUT_FORMATS] = "wav"  # type: ignore[valid-type]
 

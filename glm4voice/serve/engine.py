@@ -19,7 +19,8 @@ import dataclasses
 import importlib
 import logging
 import os
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from ray import serve
 
@@ -100,7 +101,7 @@ class TokenEngine:
             try:
                 async for ids in in_batches(aiter(stream)):
                     yield Tokens(tuple(ids))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 (the stream ends with an error message for its client)
                 logger.warning("replica %s: a stream failed: %s", self.replica, error)
                 yield Failed(str(error))
             finally:

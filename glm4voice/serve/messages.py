@@ -45,7 +45,7 @@ class Failed:
     text: str
 
 
-TokenMessage = Union[Accepted, Tokens, Refused, Failed]
+TokenMessage = Union[Accepted, Tokens, Refused, Failed]  # noqa: UP007 (a runtime alias)
 
 
 @dataclass(frozen=True)

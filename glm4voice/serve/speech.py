@@ -15,7 +15,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import numpy as np
 from ray import serve

@@ -16,8 +16,8 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import AsyncIterator, Sequence
 
 import numpy as np
 from ray.exceptions import RayActorError

@@ -94,9 +94,8 @@ class InProcessTokenServer:
 
         @asynccontextmanager
         async def lifespan(outer_app):
-            async with self.running():
-                async with inner(outer_app) as state:
-                    yield state
+            async with self.running(), inner(outer_app) as state:
+                yield state
 
         app.router.lifespan_context = lifespan
         return app

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, Protocol
 
 import anyio
 from starlette.responses import Response

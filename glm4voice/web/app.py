@@ -19,16 +19,16 @@ Every request and WebSocket handshake passes :class:`glm4voice.request_guard.Req
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Awaitable, Callable
 
 import gradio as gr
 from fastapi import FastAPI
 from gradio.utils import get_upload_folder
 
 from glm4voice.client import TokenServerError
-from glm4voice.openai_api import API_PREFIX, add_openai_routes
 from glm4voice.defaults import LOOPBACK_HOST
+from glm4voice.openai_api import API_PREFIX, add_openai_routes
 from glm4voice.pipeline import VoiceChat
 from glm4voice.request_guard import HostPolicy, RequestGuard
 from glm4voice.web.files import DemoFiles

@@ -144,9 +144,8 @@ class LiveSocket:
             try:
                 if message.get("bytes") is not None:
                     await self._audio(message["bytes"])
-                elif message.get("text") is not None:
-                    if await self._control(message["text"]):
-                        return
+                elif message.get("text") is not None and await self._control(message["text"]):
+                    return
             except (ValueError, SessionError) as error:
                 self._error(str(error.message if isinstance(error, SessionError) else error))
             except Exception as error:  # a bug: the page hears of it, the socket goes on

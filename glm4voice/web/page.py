@@ -38,9 +38,10 @@ import html
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import gradio as gr
 
@@ -91,9 +92,9 @@ TEXT_EXAMPLES = ("Tell me a short story about a cat.", "你好，请介绍一下
 RANDOM_WEIGHTS_NOTICE = (
     "⚠️ <b>Random weights.</b> This demo runs on tiny randomly initialised checkpoints "
     "(no checkpoint paths were given), so every answer, text and speech, is noise. Everything else "
-    "works end to end. For real answers start it with <code>--model-path {llm} --tokenizer-path {tok} "
-    "--flow-path {dec}</code>."
-).format(llm=PUBLISHED_LLM, tok=PUBLISHED_SPEECH_TOKENIZER, dec=PUBLISHED_DECODER)
+    f"works end to end. For real answers start it with <code>--model-path {PUBLISHED_LLM} --tokenizer-path {PUBLISHED_SPEECH_TOKENIZER} "
+    f"--flow-path {PUBLISHED_DECODER}</code>."
+)
 
 PAGE_CSS = """
 #random-weights-notice { background: #fff4e5; border: 1px solid #f0b35b; border-radius: 8px; padding: 10px 14px;

@@ -23,7 +23,7 @@ import secrets
 import struct
 import time
 from collections import OrderedDict
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import numpy as np
 from fastapi import FastAPI

@@ -34,6 +34,7 @@ from glm4voice.pipeline.events import (
     TurnTimings,
 )
 from glm4voice.protocol import InputMode
+
 from support import ROOT
 
 USER = 7

@@ -18,10 +18,10 @@ import soundfile as sf
 from glm4voice.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, encode_wav
 from glm4voice.client import TokenClient
 from glm4voice.protocol import Conversation, SpecialTokens, TextInput
-from support import ROOT
 
 from browser.demo_page import CHROMIUM, NOT_RUNNING, WAIT_MS, DemoPage, chromium_flags
 from browser.servers import SERVER_SLOTS
+from support import ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

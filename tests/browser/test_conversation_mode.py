@@ -19,10 +19,10 @@ import pytest
 
 from glm4voice.conversation.vad import DEFAULT_SILENCE_DURATION_MS
 from glm4voice.web.chat_view import CUT_MARK
-from speech_samples import espeak_available
 
 from browser.demo_page import CHROMIUM, NOT_RUNNING, DemoPage, chromium_flags
 from browser.fake_microphone import write_microphone
+from speech_samples import espeak_available
 
 pytestmark = [
     pytest.mark.browser,
@@ -254,7 +254,7 @@ def test_tabs_in_conversation_mode_keep_their_own_conversations(stack, shots, tm
             tab.wait_live("live.events.some(e => e.type === 'answer_done')")
             tab.wait_status("Turn 2 · done")
             tab.shot("01-spoken-turn")
-            assert tab.audio_players("user") == 1 and [m.strip() for m in tab.messages("user")][0] == lines[name]
+            assert tab.audio_players("user") == 1 and next(m.strip() for m in tab.messages("user")) == lines[name]
             tab.conversation_mode(False)
         spoken = [r for r in stack.requests()[mark:] if special_tokens.begin_of_audio in r["prompt_ids"]]
         no_console_errors(*tabs.values())

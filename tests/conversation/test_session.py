@@ -35,6 +35,7 @@ from glm4voice.conversation import (
 from glm4voice.conversation.history import reply_text
 from glm4voice.pipeline import GenerationOptions, PipelineConfig, TurnFinished, UserText, VoiceChat
 from glm4voice.protocol import AudioInput, TextInput
+
 from conversation.scripted import ScriptedClient, interleaved_answer
 from speech_samples import espeak, espeak_available, with_silence
 
@@ -269,7 +270,7 @@ def test_conversation_rules(models, special_tokens):
         codes = []
         async with conversation(models, client) as (chat, session, recorder):
             for setup in ([], ["assistant"]):
-                for kind in setup:
+                for _ in setup:
                     session.add_assistant_text("Hello, I am here.")
                 with pytest.raises(SessionError) as caught:
                     session.create_response()

@@ -50,7 +50,7 @@ def test_decoder_dtypes():
     assert decoder_dtype("float16", "cpu") is torch.float16
     with pytest.raises(ValueError, match="decoder dtype"):
         decoder_dtype("int8", "cpu")
-    assert devices.DECODER_DTYPE_CHOICES == ("auto", *devices.DECODER_DTYPES)
+    assert ("auto", *devices.DECODER_DTYPES) == devices.DECODER_DTYPE_CHOICES
     assert [torch_dtype(name) for name in devices.FLOAT_DTYPES] == [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -23,12 +23,13 @@ from glm4voice.client import (
     StreamFailedError,
     TokenServerError,
 )
-from glm4voice.serving import ConnectionLimits, build_server
 from glm4voice.server.app import create_app
 from glm4voice.server.inprocess import InProcessTokenServer
 from glm4voice.server.metrics import Outcome
 from glm4voice.server.settings import ServerSettings
 from glm4voice.server.streaming import EngineRejected
+from glm4voice.serving import ConnectionLimits, build_server
+
 from support import free_port
 
 WAIT_S = 60.0
@@ -47,13 +48,13 @@ MAX_PROMPT_TOKENS = 64
 class ContractStream:
     """Deterministic ids from the prompt; failures, holds and empty answers chosen by the seed."""
 
-    def __init__(self, backend: "ContractBackend", prompt_ids: list[int], length: int, seed: int):
+    def __init__(self, backend: ContractBackend, prompt_ids: list[int], length: int, seed: int):
         self.backend, self.length, self.seed = backend, length, seed
         self.base = sum(prompt_ids) % 997
         self.position = 0
         self.cancelled = asyncio.Event()
 
-    def __aiter__(self) -> "ContractStream":
+    def __aiter__(self) -> ContractStream:
         return self
 
     async def __anext__(self) -> int:
@@ -148,10 +149,9 @@ async def http_side(folder: Path, text_tokenizer, config: ServerSettings):
 async def inprocess_side(folder: Path, text_tokenizer, config: ServerSettings):
     backend = ContractBackend(folder)
     tokens = InProcessTokenServer(backend, config, text_tokenizer)
-    async with tokens.running():
-        async with InProcessTokenClient(tokens) as client:
-            # stopping: what leaving `running()` does first (as uvicorn's shutdown does for the HTTP side)
-            yield Side("inprocess", client, tokens.state, backend), tokens.begin_shutdown
+    async with tokens.running(), InProcessTokenClient(tokens) as client:
+        # stopping: what leaving `running()` does first (as uvicorn's shutdown does for the HTTP side)
+        yield Side("inprocess", client, tokens.state, backend), tokens.begin_shutdown
 
 
 async def until(condition, timeout: float = WAIT_S) -> None:

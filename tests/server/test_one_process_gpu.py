@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from flow_inference import AudioDecoder
+from glm4voice.client import InProcessTokenClient
 from glm4voice.devices import high_priority_stream
 from glm4voice.llm.engine import Engine, EngineConfig
-from glm4voice.client import InProcessTokenClient
 from glm4voice.server.inprocess import InProcessTokenServer
 from glm4voice.server.settings import ServerSettings
 from speech_tokenizer import SpeechTokenizer

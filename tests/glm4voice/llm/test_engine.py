@@ -500,7 +500,7 @@ def test_chained_decode_steps_continue_on_the_device(tiny_llm):
     got += [runner.collect(b), runner.collect(c)]
     # then a synchronous step fed from the host's view of the rows
     got.append(runner.decode([DecodeRow(row.slot, got[-1][i], row.position + 3) for i, row in enumerate(rows)]))
-    for i, (slot, prompt) in enumerate(prompts.items()):
+    for i, prompt in enumerate(prompts.values()):
         assert [first[i]] + [step[i] for step in got] == greedy_reference(tiny_llm.model, prompt, 5)
     with pytest.raises(ValueError, match="at least one row"):
         runner.launch([])

@@ -11,6 +11,7 @@ from glm4voice.llm import quality
 from glm4voice.llm.quality import compare_next_token, identical_prefix, interleave_kept
 from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT as A
 from glm4voice.protocol import TEXT_TOKENS_PER_SEGMENT as T
+
 from speech_samples import espeak_available
 
 OFFSET = 1000

@@ -24,6 +24,7 @@ from glm4voice.web.files import DemoFiles
 from glm4voice.web.live import LIVE_PATH, WORKLET_PATH, LiveTabs, add_live_routes, live_url
 from glm4voice.web.streams import AudioStreams, add_stream_route
 from glm4voice.web.tab import PageTab
+
 from scripted_chat import ScriptedChat
 from speech_samples import espeak, espeak_available, with_silence
 from support import free_port
@@ -221,7 +222,7 @@ def test_unknown_sockets_are_refused_and_a_vanished_page_stops_its_answer(text_t
                     async with connect(ws_base + LIVE_PATH.lstrip("/") + "/nobody") as websocket:
                         await websocket.recv()
                     refused = None
-                except Exception as error:  # the handshake is refused (HTTP 403) or the socket closed
+                except Exception as error:  # noqa: BLE001 (the handshake is refused, HTTP 403, or the socket closed)
                     refused = error
                 await tab.listen(TurnDetection(), vad=vad)
                 await tab.submit(*typed("Tell me a long story"))

@@ -52,6 +52,7 @@ from glm4voice.web.page import (
 from glm4voice.web.streams import AudioStreams
 from glm4voice.web.tab import PageTab
 from glm4voice.web.uploads import SessionUploads
+
 from scripted_chat import ScriptedChat
 
 SKIP = gr.skip()
