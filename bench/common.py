@@ -21,8 +21,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 
 def log(*parts: Any) -> None:
@@ -52,7 +53,7 @@ def machine_info(device: Any = None, **extra: Any) -> dict[str, Any]:
     """Date, command, Python, OS, CPU; with a ``device``, torch's and transformers' versions, torch's
     threads and the GPU (name, memory, CUDA version); then ``extra`` (the benchmark's own settings)."""
     info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command_line(),
         "python": platform.python_version(),
         "system": f"{platform.system()} {platform.release()}",
@@ -166,7 +167,7 @@ class BenchRun:
             started = time.monotonic()
             try:
                 result = fn()
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - recorded; the other sections still run
                 log(traceback.format_exc())
                 result = {"error": f"{type(error).__name__}: {error}"}
             result = {**result, "section_s": round(time.monotonic() - started, 1)}

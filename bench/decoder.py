@@ -51,6 +51,7 @@ from glm4voice.devices import default_device
 from glm4voice.protocol import LOW_LATENCY_BLOCK_SIZES, ORIGINAL_BLOCK_SIZES
 
 ANSWER_TOKENS = int(60 * SPEECH_TOKEN_RATE)  # a 60 s answer
+QUICK_ANSWER_TOKENS = 300  # --quick
 SECTIONS = ("first_block", "throughput", "warm_up", "correctness", "kernels", "streaming_60s", "offline_60s")
 THROUGHPUT_BLOCK = 40
 """Tokens of the steady-state blocks in ``throughput`` (after a prompt of the default 100-token window)."""
@@ -89,7 +90,8 @@ class Bench:
         self.cuda = self.device.type == "cuda"
         self.run_record = BenchRun(args.out, args.budget_s)
         self.results = self.run_record.results
-        self.codes = np.random.default_rng(0).integers(0, 16384, ANSWER_TOKENS).tolist()
+        answer_tokens = QUICK_ANSWER_TOKENS if args.quick else ANSWER_TOKENS
+        self.codes = np.random.default_rng(0).integers(0, 16384, answer_tokens).tolist()
         self.folder = Path(tempfile.mkdtemp(prefix="decoder-bench-"))
         self.decoders: dict[str, AudioDecoder] = {}
 
@@ -496,8 +498,6 @@ def main() -> None:
         if mode != "default" and f"graph_bf16_{mode}" not in VARIANTS:
             parser.error(f"unknown compile mode {mode!r}")
     if args.quick:
-        global ANSWER_TOKENS
-        ANSWER_TOKENS = 300
         args.runs = min(args.runs, 5)
     Bench(args).run()
 

@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from glm4voice.audio import load_audio  # noqa: E402
+from glm4voice.audio import load_audio
 
 QUESTION = ROOT / "bench" / "data" / "question_5s.wav"
 INTERRUPTION = "Wait, stop. Tell me about tea instead."

@@ -143,7 +143,7 @@ async def run_level(
     started = time.perf_counter()
     try:
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=level_timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         level.errors.append(f"level stopped after {level_timeout_s:g} s")
     level.wall_s = time.perf_counter() - started
     return level

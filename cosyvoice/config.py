@@ -24,6 +24,7 @@ from typing import Any
 import ruamel.yaml
 import yaml
 from hyperpyyaml import load_hyperpyyaml
+from ruamel.yaml.comments import CommentedMap
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _tag_of(node: Any) -> str | None:
 
 
 def _retag(node: Any) -> None:
-    if isinstance(node, Mapping):
+    if isinstance(node, CommentedMap):
         if _tag_of(node) == OMEGACONF_TAG:
             node.yaml_set_ctag(ruamel.yaml.comments.Tag(suffix=OUR_DICTCONFIG_TAG))
         for value in node.values():
@@ -89,7 +90,7 @@ def prepare_decoder_yaml(text: str) -> str:
     """The YAML text with the unused/side-effect nodes dropped and omegaconf replaced (see module doc)."""
     yaml = ruamel.yaml.YAML()
     tree = yaml.load(text)
-    if not isinstance(tree, Mapping):
+    if not isinstance(tree, CommentedMap):
         raise DecoderConfigError("config.yaml does not hold a mapping at the top level")
     for key in list(tree.keys()):
         tag = _tag_of(tree[key])

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence, Union
+from typing import Protocol
 
 from glm4voice.audio import NUM_AUDIO_CODES
 from glm4voice.text_tokenizer import IncrementalTextDecoder
@@ -66,7 +67,7 @@ class SpecialTokens:
     num_audio_codes: int = NUM_AUDIO_CODES
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: TokenizerLike, num_audio_codes: int = NUM_AUDIO_CODES) -> "SpecialTokens":
+    def from_tokenizer(cls, tokenizer: TokenizerLike, num_audio_codes: int = NUM_AUDIO_CODES) -> SpecialTokens:
         ids = tokenizer.token_to_id
         return cls(
             gmask=ids("[gMASK]"),
@@ -123,7 +124,7 @@ class AudioInput:
     codes: tuple[int, ...]
 
 
-UserInput = Union[TextInput, AudioInput]
+UserInput = TextInput | AudioInput
 
 
 def render_user_content(user_input: UserInput) -> str:
@@ -228,7 +229,7 @@ class StreamError:
     message: str
 
 
-Event = Union[TextDelta, AudioBlock, EndOfTurn, StreamError]
+Event = TextDelta | AudioBlock | EndOfTurn | StreamError
 
 
 @dataclass(frozen=True)

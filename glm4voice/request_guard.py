@@ -82,9 +82,9 @@ class HostPolicy:
     @classmethod
     def for_server(cls, bind_host: str, allowed_hosts: Iterable[str] = ()) -> HostPolicy:
         """The loopback names, ``bind_host`` (unless it is every interface) and ``allowed_hosts``."""
-        names = {host_name(h) for h in LOOPBACK_HOSTS}
-        if bind_host.strip() not in WILDCARD_ADDRESSES:
-            names.add(host_name(bind_host))
+        names = {name for h in LOOPBACK_HOSTS if (name := host_name(h)) is not None}
+        if bind_host.strip() not in WILDCARD_ADDRESSES and (bound := host_name(bind_host)) is not None:
+            names.add(bound)
         any_host = False
         for entry in allowed_hosts:
             if entry.strip() == ANY_HOST:
@@ -94,7 +94,6 @@ class HostPolicy:
             if name is None:
                 raise ValueError(f"not a host name or address: {entry!r}")
             names.add(name)
-        names.discard(None)
         return cls(frozenset(names), any_host)
 
     def describe(self) -> str:
@@ -127,7 +126,7 @@ class HostPolicy:
     def refusal(self, kind: str, method: str | None, headers: Headers) -> tuple[int, str] | None:
         """(status, message) if a request of ``kind`` ("http" / "websocket") must be refused, else None."""
         host = headers.get("host")
-        if not self.host_allowed(host):
+        if host is not None and not self.host_allowed(host):  # no Host header: not a browser
             name = host_name(host) or host
             return 400, (
                 f"this server does not answer to the host {host!r} (it answers to {self.describe()}); "

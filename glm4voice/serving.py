@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import resource
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -300,7 +301,7 @@ class Server(uvicorn.Server):
         """Stop serving (from the event loop), as SIGTERM would."""
         self.should_exit = True
 
-    async def shutdown(self, sockets=None) -> None:
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self.before_shutdown is not None:
             self.before_shutdown()
         await super().shutdown(sockets=sockets)

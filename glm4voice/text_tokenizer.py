@@ -13,10 +13,10 @@ import base64
 import codecs
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import tiktoken
 
@@ -94,12 +94,14 @@ class GLMTokenizer:
         self._special_by_id = {token_id: text for text, token_id in self.special_tokens.items()}
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "GLMTokenizer":
+    def from_pretrained(cls, folder: str | Path) -> GLMTokenizer:
         folder = Path(folder)
         for name in (TOKENIZER_MODEL_FILE, TOKENIZER_CONFIG_FILE):
             if not (folder / name).is_file():
                 raise TokenizerFileError(f"{folder} has no {name}")
-        return cls(read_mergeable_ranks(folder / TOKENIZER_MODEL_FILE), read_added_tokens(folder / TOKENIZER_CONFIG_FILE))
+        return cls(
+            read_mergeable_ranks(folder / TOKENIZER_MODEL_FILE), read_added_tokens(folder / TOKENIZER_CONFIG_FILE)
+        )
 
     # --- vocabulary ---------------------------------------------------------------------------------
     @cached_property
@@ -146,7 +148,7 @@ class GLMTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
-    def incremental_decoder(self) -> "IncrementalTextDecoder":
+    def incremental_decoder(self) -> IncrementalTextDecoder:
         return IncrementalTextDecoder(self)
 
 

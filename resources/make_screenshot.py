@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from browser.demo_page import CHROMIUM, DemoPage, chromium_flags  # noqa: E402
+from browser.demo_page import CHROMIUM, DemoPage, chromium_flags
 
 OUT = ROOT / "resources" / "demo_screenshot.png"
 MAX_NEW_TOKENS = 60

@@ -72,7 +72,7 @@ def required_shapes(config: WhisperVQConfig) -> dict[str, tuple[int, ...]]:
     for index in range(config.quantize_position):
         for name, shape in encoder_layer_shapes(config).items():
             shapes[f"layers.{index}.{name}"] = shape
-    shapes["codebook.weight"] = (config.quantize_vocab_size, d)
+    shapes["codebook.weight"] = (config.codebook_size, d)
     shapes["embed_positions2.weight"] = (-(-config.max_source_positions // config.pooling), d)
     return shapes
 
@@ -81,7 +81,7 @@ def skipped_shape(config: WhisperVQConfig, key: str) -> tuple[str, tuple[int, ..
     """For a known-but-unneeded encoder key: (reason, expected shape); ``None`` if it is not one."""
     d = config.d_model
     if key in ("ema_count", "ema_weight"):
-        shape = (config.quantize_vocab_size,) if key == "ema_count" else (config.quantize_vocab_size, d)
+        shape = (config.codebook_size,) if key == "ema_count" else (config.codebook_size, d)
         return "codebook EMA training buffers", shape
     if key in ("layer_norm.weight", "layer_norm.bias"):
         return "final encoder layer norm (after the quantiser)", (d,)

@@ -221,6 +221,13 @@ class WhisperVQConfig:
             raise ConfigError("invalid speech tokenizer config: " + "; ".join(problems))
 
     @property
+    def codebook_size(self) -> int:
+        """Speech tokens in the codebook (``quantize_vocab_size``, which :meth:`validate` requires)."""
+        if self.quantize_vocab_size is None:
+            raise ConfigError("quantize_vocab_size is not set: this is not a quantising (tokenizer) checkpoint")
+        return self.quantize_vocab_size
+
+    @property
     def pooling(self) -> int:
         """Pooling factor applied before quantisation (1 when there is no pooling)."""
         return self.pooling_kernel_size or 1

@@ -66,8 +66,8 @@ class WhisperVQEncoder(nn.Module):
         self.config = config
         width = config.d_model
         if config.encoder_causal_convolution:
-            self.conv1 = CausalConv1d(config.num_mel_bins, width, CONV_KERNEL_SIZE)
-            self.conv2 = CausalConv1d(width, width, CONV_KERNEL_SIZE, stride=CONV2_STRIDE)
+            self.conv1: nn.Conv1d = CausalConv1d(config.num_mel_bins, width, CONV_KERNEL_SIZE)
+            self.conv2: nn.Conv1d = CausalConv1d(width, width, CONV_KERNEL_SIZE, stride=CONV2_STRIDE)
         else:
             self.conv1 = nn.Conv1d(config.num_mel_bins, width, CONV_KERNEL_SIZE, padding=1)
             self.conv2 = nn.Conv1d(width, width, CONV_KERNEL_SIZE, stride=CONV2_STRIDE, padding=1)
@@ -76,11 +76,12 @@ class WhisperVQEncoder(nn.Module):
         from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
 
         whisper_config = config.to_whisper_config()
-        self.layers = nn.ModuleList(WhisperEncoderLayer(whisper_config) for _ in range(config.quantize_position))
+        layers = [WhisperEncoderLayer(whisper_config) for _ in range(config.quantize_position)]
         if config.attention_is_causal:
-            for layer in self.layers:
+            for layer in layers:
                 layer.self_attn.is_causal = True  # plain causal SDPA, no mask (as the original)
-        self.codebook = nn.Embedding(config.quantize_vocab_size, width)
+        self.layers = nn.ModuleList(layers)
+        self.codebook = nn.Embedding(config.codebook_size, width)
         pooled_positions = -(-config.max_source_positions // config.pooling)
         self.embed_positions2 = nn.Embedding(pooled_positions, width)
         """Added to the code vectors by the original after quantisation; loaded, unused for ids."""
@@ -184,7 +185,7 @@ class WhisperVQEncoder(nn.Module):
         return self.codebook(token_ids) + self.embed_positions2.weight[: token_ids.shape[-1]]
 
     def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        kernel = self.config.pooling_kernel_size
+        kernel = self.config.pooling
         hidden = hidden.transpose(1, 2)
         remainder = hidden.shape[-1] % kernel
         if remainder:

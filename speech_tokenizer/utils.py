@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Union
 
 import numpy as np
 
 from glm4voice.audio import INPUT_SAMPLE_RATE, AudioError, load_audio
 from speech_tokenizer.pipeline import DEFAULT_BATCH_SIZE, tokenize_waveforms
 
-Utterance = Union[str, os.PathLike, "tuple[object, int]"]
+Utterance = str | os.PathLike | tuple[np.ndarray, int]  # (waveform: an array or a torch tensor, sample rate)
 
 
 def extract_speech_token(

@@ -68,7 +68,7 @@ async def slowloris(port: int, count: int, pause_s: float, give_up_s: float) -> 
                 sent += 1
                 try:
                     return await asyncio.wait_for(reader.read(4096), pause_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 except ConnectionError:
                     return b""

@@ -61,7 +61,7 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log")[1])
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.start()
         return self
 
@@ -70,19 +70,20 @@ class ServerProcess:
 
     def start(self) -> None:
         self.gradio_temp_dir.mkdir(exist_ok=True)
-        log = open(self.log_path, "wb")
         limit = (
             None if self.nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile,) * 2))
         )
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, preexec_fn=limit)  # fmt: skip
+        with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, preexec_fn=limit)  # fmt: skip
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.stop()
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:  # a loaded machine may take seconds to render a page: wait for the answer
-                if httpx.get(self.ready_url, timeout=max(self.probe_timeout, deadline - time.monotonic())).status_code == 200:
+                timeout = max(self.probe_timeout, deadline - time.monotonic())
+                if httpx.get(self.ready_url, timeout=timeout).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

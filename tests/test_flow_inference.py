@@ -253,7 +253,7 @@ def test_streams_from_threads(decoder, codes):
     def work(seed):
         try:
             results[seed] = stream_blocks(decoder, codes[:30], [10, 20], seed=seed)[0]
-        except Exception as error:  # reported below
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
             errors.append(error)
 
     threads = [threading.Thread(target=work, args=(seed,)) for seed in (1, 2)]
@@ -313,9 +313,9 @@ def test_feed_many_batches_streams_without_changing_them(decoder, codes):
     pieces = {seed: [] for seed in seeds}
     start = 0
     for size in blocks:
-        heard = []
+        heard: list[int] = []
         jobs = [(streams[seed], codes[start : start + size]) for seed in seeds]
-        results = decoder.feed_many(jobs, on_result=lambda index, result: heard.append(index))
+        results = decoder.feed_many(jobs, on_result=lambda index, _result, heard=heard: heard.append(index))
         assert sorted(heard) == [0, 1, 2] and not any(isinstance(r, Exception) for r in results)
         for seed, pcm in zip(seeds, results):
             pieces[seed].append(pcm)

@@ -17,8 +17,9 @@ import signal
 import socket
 import socketserver
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -30,6 +31,7 @@ from glm4voice.client import TokenClient
 from glm4voice.web.page import PAGE_OUTPUTS
 from glm4voice.web.streams import DEFAULT_MAX_STREAMS, decode_frames
 from glm4voice.web.uploads import SESSION_COOKIE
+
 from server.scripted_server import HELD_ANSWER_TOKENS
 from support import ROOT, ServerProcess, free_port
 

@@ -21,6 +21,7 @@ the working set of the largest solve.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ class GraphedEulerSolver:
         self._arenas: dict[int, _Arena] = {}
         self._pool = pool
         self.compile_exact = compile_exact
-        self._compiled = None
+        self._compiled: Callable[..., torch.Tensor] | None = None
 
     @property
     def captured_shapes(self) -> list[tuple[int, int, int, bool]]:
@@ -137,7 +138,7 @@ class GraphedEulerSolver:
                 device) -> int:  # fmt: skip
         """Capture now the graphs that calls of these batch sizes and lengths (unmasked) will use, so
         that no listener waits for a capture; returns how many were captured."""
-        keys = {self._key(b, f, steps, False) for b in batch_sizes for f in frame_lengths} - {None}
+        keys = {key for b in batch_sizes for f in frame_lengths if (key := self._key(b, f, steps, False)) is not None}
         new = sorted(keys - set(self._graphs), key=lambda key: (key[0], -key[1]))  # longest first: one arena each
         for key in new:
             self._graphs[key] = self._capture(key, channels, spk_channels, cond_channels, device)
@@ -190,7 +191,7 @@ class GraphedEulerSolver:
         spks = torch.zeros(batch, spk_channels, device=device)
         t_span = self.cfm.time_span(steps - 1, device=device)
         time_conds = self.cfm.time_conditioning(t_span)  # constants of the graph
-        estimator = None
+        estimator: Callable[..., torch.Tensor] | None = None
         if self.compile_exact and not padded:
             if self._compiled is None:
                 self.cfm.solve(z, mu, mask, spks, cond, t_span, time_conds=time_conds)  # fills weight caches eagerly

@@ -25,7 +25,8 @@ outside the loop (it depends only on t).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypeAlias, cast
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,12 @@ class Block1D(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, padded: bool = False) -> torch.Tensor:
         conv, norm, act = self.block
         h = conv(_masked(x, mask))
-        h = masked_group_norm(h, mask, norm) if padded else norm(h)
+        if padded:
+            if mask is None:
+                raise ValueError("padded=True needs the frame mask")
+            h = masked_group_norm(h, mask, cast(nn.GroupNorm, norm))
+        else:
+            h = norm(h)
         return _masked(act(h), mask)
 
 
@@ -137,7 +143,9 @@ class ResnetBlock1D(nn.Module):
         self.block2 = Block1D(dim_out, dim_out, groups)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, time_proj: torch.Tensor, padded: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, time_proj: torch.Tensor, padded: bool = False
+    ) -> torch.Tensor:
         """``time_proj`` = ``self.mlp(time embedding)``, (B or 1, dim_out)."""
         h = self.block1(x, mask, padded) + time_proj.unsqueeze(-1)
         h = self.block2(h, mask, padded)
@@ -146,9 +154,16 @@ class ResnetBlock1D(nn.Module):
 
 def _transformer_stack(dim: int, count: int, heads: int, head_dim: int, dropout: float, act_fn: str) -> nn.ModuleList:
     return nn.ModuleList(
-        BasicTransformerBlock(dim=dim, num_attention_heads=heads, attention_head_dim=head_dim, dropout=dropout, activation_fn=act_fn)
+        BasicTransformerBlock(
+            dim=dim, num_attention_heads=heads, attention_head_dim=head_dim, dropout=dropout, activation_fn=act_fn
+        )
         for _ in range(count)
     )
+
+
+# What iterating the block lists yields (each stage is an nn.ModuleList of these modules)
+_Stages: TypeAlias = Iterable[tuple[ResnetBlock1D, nn.ModuleList, nn.Module]]
+_MidStages: TypeAlias = Iterable[tuple[ResnetBlock1D, nn.ModuleList]]
 
 
 class ConditionalDecoder(nn.Module):
@@ -241,7 +256,10 @@ class ConditionalDecoder(nn.Module):
         (or ``time_cond`` from :meth:`time_conditioning`); spks (B, 80) -> (B, 80, T)."""
         if padded and mask is None:
             raise ValueError("padded=True needs the frame mask")
-        time_cond = self.time_conditioning(t) if time_cond is None else time_cond
+        if time_cond is None:
+            if t is None:
+                raise ValueError("forward needs t or its time_cond")
+            time_cond = self.time_conditioning(t)
         parts = [x, mu]
         if spks is not None:
             parts.append(spks.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
@@ -252,7 +270,7 @@ class ConditionalDecoder(nn.Module):
         times = iter(time_cond)
         hiddens = []
         masks = [mask]
-        for resnet, transformers, downsample in self.down_blocks:
+        for resnet, transformers, downsample in cast(_Stages, self.down_blocks):
             mask_down = masks[-1]
             x = resnet(x, mask_down, next(times), padded)
             x = self._attend(transformers, x, mask_down, padded)
@@ -261,10 +279,10 @@ class ConditionalDecoder(nn.Module):
             masks.append(None if mask_down is None else mask_down[:, :, ::2])
         masks = masks[:-1]
         mask_mid = masks[-1]
-        for resnet, transformers in self.mid_blocks:
+        for resnet, transformers in cast(_MidStages, self.mid_blocks):
             x = resnet(x, mask_mid, next(times), padded)
             x = self._attend(transformers, x, mask_mid, padded)
-        for resnet, transformers, upsample in self.up_blocks:
+        for resnet, transformers, upsample in cast(_Stages, self.up_blocks):
             mask_up = masks.pop()
             skip = hiddens.pop()
             x = torch.cat([x[:, :, : skip.shape[-1]], skip], dim=1)

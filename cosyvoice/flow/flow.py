@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.transformer.encoder import padding_mask
+from cosyvoice.flow.flow_matching import ConditionalCFM
+from cosyvoice.flow.length_regulator import InterpolateRegulator
+from cosyvoice.transformer.encoder import ConformerEncoder, padding_mask
 
 MEL_SAMPLE_RATE = 22_050
 MEL_HOP = 256
@@ -37,9 +39,9 @@ class MaskedDiffWithXvec(nn.Module):
         vocab_size: int = 4096,
         input_frame_rate: float = 50,
         only_mask_loss: bool = True,
-        encoder: nn.Module | None = None,
-        length_regulator: nn.Module | None = None,
-        decoder: nn.Module | None = None,
+        encoder: ConformerEncoder | None = None,
+        length_regulator: InterpolateRegulator | None = None,
+        decoder: ConditionalCFM | None = None,
         decoder_conf: Mapping[str, Any] | None = None,
         mel_feat_conf: Mapping[str, Any] | None = None,
     ):
@@ -111,7 +113,9 @@ class MaskedDiffWithXvec(nn.Module):
 
         prompt_frames = int(prompt_feat.shape[1])
         if prompt_frames > feat_len:
-            raise ValueError(f"the prompt mel ({prompt_frames} frames) is longer than the whole mel ({feat_len} frames)")
+            raise ValueError(
+                f"the prompt mel ({prompt_frames} frames) is longer than the whole mel ({feat_len} frames)"
+            )
         conds = torch.zeros(batch, self.output_size, feat_len, device=mu.device, dtype=mu.dtype)
         if prompt_frames:
             conds[:, :, :prompt_frames] = prompt_feat.transpose(1, 2).to(mu.dtype)

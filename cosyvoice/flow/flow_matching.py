@@ -10,11 +10,13 @@ Differences from the original, none of which changes the result for the same noi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from cosyvoice.flow.decoder import ConditionalDecoder
 
 ORIGINAL_NOISE_SEED = 42
 """The seed the original ConditionalCFM set before drawing its starting noise, on every call."""
@@ -36,7 +38,14 @@ class ConditionalCFM(nn.Module):
     """Holds the estimator (``decoder.estimator.*`` keys) and the solver settings from ``cfm_params``
     (sigma_min, solver 'euler', t_scheduler 'cosine', inference_cfg_rate; training-only fields kept)."""
 
-    def __init__(self, in_channels: int, cfm_params: Any, n_spks: int = 1, spk_emb_dim: int = 64, estimator: nn.Module | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        cfm_params: Any,
+        n_spks: int = 1,
+        spk_emb_dim: int = 64,
+        estimator: ConditionalDecoder | None = None,
+    ):
         super().__init__()
         self.n_feats = in_channels
         self.n_spks = n_spks
@@ -107,7 +116,7 @@ class ConditionalCFM(nn.Module):
         t_span: torch.Tensor,
         padded: bool = False,
         time_conds: list[tuple[torch.Tensor, ...]] | None = None,
-        estimator=None,
+        estimator: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Fixed-step Euler from x (noise) over ``t_span``; with guidance rate r the velocity is
         (1+r)·v(x | mu, spks, cond) − r·v(x | 0, 0, 0), both passes in one batch. ``mask`` None: all

@@ -24,7 +24,9 @@ class InterpolateRegulator(nn.Module):
         layers.append(nn.Conv1d(channels, out_channels, 1, 1))
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, ylens: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, ylens: torch.Tensor, max_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T_tok, C) -> (B, T_mel, C) with T_mel = ``max_len`` (default: ``ylens.max()``, a host sync)."""
         length = int(ylens.max()) if max_len is None else max_len
         mask = padding_mask(ylens, length).to(x.dtype).unsqueeze(-1)

@@ -17,7 +17,10 @@ class ConvRNNF0Predictor(nn.Module):
         self.num_class = num_class
         layers: list[nn.Module] = []
         for i in range(CONDNET_LAYERS):
-            layers += [weight_normed(nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)), nn.ELU()]
+            layers += [
+                weight_normed(nn.Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)),
+                nn.ELU(),
+            ]
         self.condnet = nn.Sequential(*layers)
         self.classifier = nn.Linear(cond_channels, num_class)
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeAlias
 
 import torch
 from torch import nn
 
-Generator = torch.Generator | Sequence[torch.Generator]
+Generator: TypeAlias = torch.Generator | Sequence[torch.Generator]
 """One generator for a whole batch, or one per row."""
 
 
@@ -47,11 +48,10 @@ class SineGen(nn.Module):
         original's order. ``generator``: one for the whole batch, or one per row (each row then draws
         exactly what it would draw alone with its generator, so batching streams does not change their
         audio)."""
-        per_row = isinstance(generator, (list, tuple))
-        if per_row and len(generator) != batch:
-            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
         harmonics = self.harmonic_num + 1
-        if per_row:
+        if isinstance(generator, Sequence):
+            if len(generator) != batch:
+                raise ValueError(f"{len(generator)} generators for a batch of {batch}")
             uniform = torch.cat(
                 [torch.rand((1, harmonics, 1), generator=g, device=_gen_device(g)).to(device) for g in generator]
             )

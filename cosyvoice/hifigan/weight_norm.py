@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 OLD_KEYS = ("weight_g", "weight_v")
 PARAMETRIZATION_KEYS = ("parametrizations.weight.original0", "parametrizations.weight.original1")
 _MARK = "_checkpoint_weight_norm"
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def _fold_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -33,7 +35,7 @@ def _fold_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> No
             return
 
 
-def weight_normed(module: nn.Module) -> nn.Module:
+def weight_normed(module: _M) -> _M:
     """Mark ``module`` (a conv with ``.weight``) as stored weight-normed in the checkpoint."""
     setattr(module, _MARK, True)
     module.register_load_state_dict_pre_hook(_fold_on_load)

@@ -46,7 +46,9 @@ class RelPositionMultiHeadedAttention(nn.Module):
     ``block_rel_selfattn`` layer of the published config).
     """
 
-    def __init__(self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True, block_size: int | None = None):
+    def __init__(
+        self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True, block_size: int | None = None
+    ):
         super().__init__()
         if n_feat % n_head:
             raise ValueError(f"n_feat={n_feat} is not a multiple of n_head={n_head}")
@@ -89,5 +91,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
 class BlockRelPositionMultiHeadedAttention(RelPositionMultiHeadedAttention):
     """The published config's ``block_rel_selfattn``: relative positions and a block-causal mask."""
 
-    def __init__(self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True, block_size: int = 25):
+    def __init__(
+        self, n_head: int, n_feat: int, dropout_rate: float = 0.0, key_bias: bool = True, block_size: int = 25
+    ):
         super().__init__(n_head, n_feat, dropout_rate, key_bias, block_size=block_size)

@@ -51,7 +51,12 @@ class EspnetRelPositionalEncoding(nn.Module):
     def position_encoding(self, size: int, device, dtype) -> torch.Tensor:
         """(1, 2*size-1, d_model) slice of the table centred on relative position 0."""
         table = self._table
-        if table is None or table.size(1) < 2 * size - 1 or table.device != torch.device(device) or table.dtype != dtype:
+        if (
+            table is None
+            or table.size(1) < 2 * size - 1
+            or table.device != torch.device(device)
+            or table.dtype != dtype
+        ):
             length = max(size, self.max_len if table is None else (table.size(1) + 1) // 2)
             table = relative_position_table(length, self.d_model, device=device, dtype=dtype)
             self._table = table

@@ -145,4 +145,6 @@ class BlockConformerEncoder(ConformerEncoder):
         super().__init__(input_size, output_size, block_size=block_size, **kwargs)
 
     def _attention(self, heads: int, size: int, key_bias: bool, block_size: int | None) -> nn.Module:
+        if block_size is None:  # __init__ always passes one
+            raise TypeError("block-causal attention needs a block_size")
         return BlockRelPositionMultiHeadedAttention(heads, size, 0.0, key_bias, block_size=block_size)

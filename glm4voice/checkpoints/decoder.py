@@ -13,11 +13,16 @@ import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from glm4voice.checkpoints.text import TinyVocab
+
+if TYPE_CHECKING:
+    from cosyvoice.flow.flow import MaskedDiffWithXvec
+    from cosyvoice.hifigan.generator import HiFTGenerator
 
 CONFIG_FILE = "config.yaml"
 VOCODER_HEAD_WEIGHT_SCALE = 0.1
@@ -228,7 +233,7 @@ def _init_(module: nn.Module, generator: torch.Generator) -> None:
                 tensor.normal_(0.0, 0.1, generator=generator)
 
 
-def _tame_vocoder_head(hift: nn.Module) -> None:
+def _tame_vocoder_head(hift: HiFTGenerator) -> None:
     """Make the random vocoder's output smooth: only the DC bin of its 16-point iSTFT carries energy
     (log-magnitude bias -1, the 8 harmonic bins -9), with small weights into the other channels, so
     the waveform is an overlap-add of Hann windows every 4 samples. Unscaled random weights give
@@ -239,12 +244,14 @@ def _tame_vocoder_head(hift: nn.Module) -> None:
         scale = torch.full((conv.out_channels, 1, 1), VOCODER_HEAD_WEIGHT_SCALE)
         scale[0] = VOCODER_DC_WEIGHT_SCALE
         conv.weight.mul_(scale)
-        conv.bias.zero_()
-        conv.bias[0] = VOCODER_DC_LOG_MAGNITUDE
-        conv.bias[1:bins] = VOCODER_HARMONIC_LOG_MAGNITUDE
+        bias = conv.bias
+        assert bias is not None  # conv_post is built with a bias
+        bias.zero_()
+        bias[0] = VOCODER_DC_LOG_MAGNITUDE
+        bias[1:bins] = VOCODER_HARMONIC_LOG_MAGNITUDE
 
 
-def build_random_decoder(config_path: Path, seed: int) -> tuple[nn.Module, nn.Module]:
+def build_random_decoder(config_path: Path, seed: int) -> tuple[MaskedDiffWithXvec, HiFTGenerator]:
     """flow and hift of ``config_path`` with deterministic random weights."""
     from cosyvoice.config import load_decoder_config
 
@@ -261,7 +268,7 @@ def build_random_decoder(config_path: Path, seed: int) -> tuple[nn.Module, nn.Mo
     return modules[0], modules[1]
 
 
-def write_random_decoder(folder: Path, sizes: DecoderSizes, seed: int) -> tuple[nn.Module, nn.Module]:
+def write_random_decoder(folder: Path, sizes: DecoderSizes, seed: int) -> tuple[MaskedDiffWithXvec, HiFTGenerator]:
     """A ``glm-4-voice-decoder`` folder (config.yaml, flow.pt, hift.pt) of these sizes with random
     weights (the benchmarks use the published sizes); returns the flow and hift modules written."""
     folder = Path(folder)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from glm4voice.checkpoints.text import TinyVocab
+
+if TYPE_CHECKING:
+    from speech_tokenizer.modeling_whisper import WhisperVQEncoder
 
 PUBLISHED_CONFIG: dict[str, Any] = {
     "_name_or_path": "THUDM/glm-4-voice-tokenizer",
@@ -133,7 +136,7 @@ POSITION_GAIN = 0.1
 
 
 @torch.no_grad()
-def init_random_weights(model: torch.nn.Module, seed: int) -> None:
+def init_random_weights(model: WhisperVQEncoder, seed: int) -> None:
     """Deterministic random weights that give varied codes (tests need codes that react to audio).
 
     Convolutions: normal with std 1/sqrt(fan_in); encoder layers: the same scaled by 0.1 (larger
@@ -171,7 +174,7 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
     model.codebook.weight.copy_(probe[anchors] + CODEBOOK_SPREAD * local * normal((count, probe.shape[1]), 1.0))
 
 
-def _probe_features(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _probe_features(model: WhisperVQEncoder) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-mel features of a fixed synthetic signal: gliding harmonic tones at several levels,
     white noise bursts, a steady tone and near-silence, 2 s each."""
     from transformers import WhisperFeatureExtractor
@@ -208,7 +211,7 @@ def write_tiny_speech_tokenizer(folder: Path, vocab: TinyVocab, seed: int) -> No
         torch.random.set_rng_state(torch_state)  # construction must not disturb the caller's RNG
     init_random_weights(model, seed)
     tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    tensors["ema_count"] = torch.ones(config.quantize_vocab_size)
+    tensors["ema_count"] = torch.ones(config.codebook_size)
     tensors["ema_weight"] = tensors["codebook.weight"].clone()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config.save(folder)

@@ -19,11 +19,16 @@ spoken). N = 0 keeps nothing; an answer with fewer than N audio tokens is kept w
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol
 
 from glm4voice.audio import SPEECH_TOKEN_RATE
 from glm4voice.protocol import Conversation, SpecialTokens, TokenizerLike, UserInput
+
+
+class TextDecoder(Protocol):
+    def decode(self, ids: Iterable[int]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,6 @@ def heard_reply(reply_ids: Sequence[int], audio_end_ms: int, special: SpecialTok
     return cut_after_audio_tokens(reply_ids, heard_audio_tokens(audio_end_ms), special)
 
 
-def reply_text(reply_ids: Sequence[int], tokenizer, special: SpecialTokens) -> str:
+def reply_text(reply_ids: Sequence[int], tokenizer: TextDecoder, special: SpecialTokens) -> str:
     """The text of an answer's ids (its audio tokens left out)."""
     return tokenizer.decode([i for i in reply_ids if not special.is_audio(i)])

@@ -8,7 +8,6 @@ import asyncio
 import enum
 import secrets
 from dataclasses import dataclass, field
-from typing import Union
 
 from glm4voice.audio import Audio
 from glm4voice.pipeline import FailureKind, GenerationOptions, TurnProgress
@@ -49,7 +48,7 @@ class UserItem:
     """Spoken input (16 kHz), kept until it is tokenized."""
     input: UserInput | None = None
     """The tokenized input (None while the speech tokenizer works, or if it failed)."""
-    ready: asyncio.Task | None = field(default=None, repr=False)
+    ready: asyncio.Task[None] | None = field(default=None, repr=False)
     """The speech tokenizer's job for this item."""
     status: ItemStatus = ItemStatus.COMPLETED
 
@@ -81,7 +80,7 @@ class AssistantItem:
         return self.audio_samples * 1000 // self.sample_rate
 
 
-Item = Union[UserItem, AssistantItem]
+Item = UserItem | AssistantItem
 
 
 # --- responses -----------------------------------------------------------------------------------------
@@ -114,7 +113,7 @@ class Response:
     output_tokens: int = 0
     output_audio_tokens: int = 0
     progress: TurnProgress = field(default_factory=TurnProgress, repr=False)
-    task: asyncio.Task | None = field(default=None, repr=False)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def done(self) -> bool:

@@ -22,16 +22,18 @@ import ctypes
 import importlib.metadata
 import logging
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar
 
 import numpy as np
 
 from glm4voice.audio import INPUT_SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 VAD_SAMPLE_RATE = INPUT_SAMPLE_RATE
 """silero-vad's 16 kHz model; the speech tokenizer's rate too, so one stream serves both."""
@@ -107,7 +109,7 @@ class SpeechStop:
     """Where ``silence_duration_ms`` of that silence was complete (the end of the frame that decided)."""
 
 
-SpeechBoundary = Union[SpeechStart, SpeechStop]
+SpeechBoundary = SpeechStart | SpeechStop
 
 
 class SpeechSegmenter:
@@ -163,9 +165,9 @@ def _one_intra_op_thread() -> None:
     """Worker initializer: torch runs this thread's ops on one OpenMP thread, the rest of the process
     keeps its setting. The model's ops are tiny; split over threads that compete with the decoder (or,
     on a small machine, with other processes), each op waits for a thread that is not running, and a
-    0.3 ms frame takes tens of milliseconds. ``torch.set_num_threads`` would change the whole process,
-    so this calls ``omp_set_num_threads`` of the OpenMP runtime torch loaded, which sets the calling
-    thread's value only."""
+    frame costs many times its compute (docs/perf/vad.md). ``torch.set_num_threads`` would change the
+    whole process, so this calls ``omp_set_num_threads`` of the OpenMP runtime torch loaded, which
+    sets the calling thread's value only."""
     import torch
 
     torch.zeros(1).add_(1)  # torch initialises this thread's OpenMP setting on its first op
@@ -250,7 +252,7 @@ class SileroVAD:
                 state.context = frame[-CONTEXT_SAMPLES:].copy()
         return out
 
-    async def run(self, function, *args):
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` on the VAD worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 

@@ -55,7 +55,7 @@ class Block:
         """(n,) the tokens this block adds (on the CPU for blocks of a stream)."""
         return self.tokens[0, self.prompt_tokens :]
 
-    def shape_key(self) -> tuple:
+    def shape_key(self) -> tuple[int | bool, ...]:
         """Blocks with equal keys can run as one batch with no padding."""
         c = self.carry
         return (self.tokens.shape[1], self.prompt_tokens, self.prompt_mel.shape[2], self.feat_len, self.finalize,

@@ -23,11 +23,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from glm4voice.audio import NUM_MEL_BINS
+
+if TYPE_CHECKING:
+    from cosyvoice.flow.flow import MaskedDiffWithXvec
+    from cosyvoice.hifigan.generator import HiFTGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ COMPILE_RECOMPILE_LIMIT = 64
 lower than the number of graphs a decoder captures."""
 
 Tensors = tuple[torch.Tensor, ...]
+_Key = tuple[Any, ...]
+"""A graph's inputs: (graph batch, (shape past dimension 0, dtype) of each input...)."""
 
 
 @dataclass(eq=False)
@@ -93,11 +99,11 @@ class GraphedFunction:
         self.eager: Callable[..., Tensors] = eager or self.candidates[-1]
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self._pool = pool
-        self._graphs: dict[tuple, _Captured] = {}
-        self._failed: set[tuple] = set()
+        self._graphs: dict[_Key, _Captured] = {}
+        self._failed: set[_Key] = set()
 
     @property
-    def captured_shapes(self) -> list[tuple]:
+    def captured_shapes(self) -> list[tuple[Any, ...]]:
         """(graph batch, (shape of each input past dimension 0)...) of the captured graphs."""
         return sorted((key[0], *(shape for shape, _ in key[1:])) for key in self._graphs)
 
@@ -151,8 +157,8 @@ class FirstBlockGraphs:
 
     def __init__(
         self,
-        flow: nn.Module,
-        hift: nn.Module,
+        flow: MaskedDiffWithXvec,
+        hift: HiFTGenerator,
         n_timesteps: int,
         batch_sizes: Sequence[int],
         max_frames: int,
@@ -195,10 +201,11 @@ class FirstBlockGraphs:
         return speech, source
 
     # -- the captured functions (rows independent, no host synchronisation) ------------------------
-    def _flow_with(self, estimator) -> Callable[..., Tensors]:
+    def _flow_with(self, estimator: Callable[..., torch.Tensor] | None) -> Callable[..., Tensors]:
         cfm = self.flow.decoder
 
-        def solve(z, mu, mask, spks, cond, t_span):
+        def solve(z: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor | None, spks: torch.Tensor, cond: torch.Tensor,
+                  t_span: torch.Tensor) -> torch.Tensor:  # fmt: skip
             return cfm.solve(z, mu, mask, spks, cond, t_span, estimator=estimator)
 
         def run(tokens: torch.Tensor, noise: torch.Tensor, embedding: torch.Tensor) -> Tensors:

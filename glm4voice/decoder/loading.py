@@ -17,16 +17,16 @@ FLOW_FILE = "flow.pt"
 HIFT_FILE = "hift.pt"
 
 
-def decoder_files(folder_or_hub_id: str | os.PathLike) -> tuple[Path, Path, Path]:
+def decoder_files(folder_or_hub_id: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     """(config.yaml, flow.pt, hift.pt) of a local folder or hub id (fetched if needed)."""
     folder = resolve_checkpoint(os.fspath(folder_or_hub_id), allow_patterns=[CONFIG_FILE, FLOW_FILE, HIFT_FILE])
     return folder / CONFIG_FILE, folder / FLOW_FILE, folder / HIFT_FILE
 
 
 def load_modules(
-    config_path: str | os.PathLike,
-    flow_ckpt_path: str | os.PathLike,
-    hift_ckpt_path: str | os.PathLike,
+    config_path: str | os.PathLike[str],
+    flow_ckpt_path: str | os.PathLike[str],
+    hift_ckpt_path: str | os.PathLike[str],
     device: torch.device,
 ) -> tuple[nn.Module, nn.Module]:
     """(flow, hift) built from config.yaml (on the meta device, so no memory is spent on random
@@ -43,7 +43,7 @@ def load_modules(
     return flow, hift
 
 
-def load_strict(module: nn.Module, path: str | os.PathLike, what: str) -> None:
+def load_strict(module: nn.Module, path: str | os.PathLike[str], what: str) -> None:
     """Assign the state dict at ``path`` to ``module``: every key present, none unknown, shapes equal."""
     path = Path(path)
     if not path.is_file():

@@ -22,10 +22,10 @@ context around every call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
 from glm4voice.audio import SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import Block, BlockResult
@@ -34,16 +34,20 @@ from glm4voice.decoder.graphs import FirstBlockGraphs
 from glm4voice.decoder.options import MEL_CACHE_FRAMES, N_TIMESTEPS
 from glm4voice.decoder.state import VocoderCarry
 
+if TYPE_CHECKING:
+    from cosyvoice.flow.flow import MaskedDiffWithXvec
+    from cosyvoice.hifigan.generator import HiFTGenerator
+
 Solve = Callable[..., torch.Tensor]
 """``solve(z, mu, mask, spks, cond, t_span) -> mel`` (the eager ODE or its CUDA graphs)."""
 
 
-def hamming_fade(length: int, device) -> torch.Tensor:
+def hamming_fade(length: int, device: torch.device) -> torch.Tensor:
     """The original's mel cross-fade window (symmetric Hamming of twice the overlap, float64)."""
     return torch.from_numpy(np.hamming(2 * length)).to(device)
 
 
-def raised_cosine_fade_in(length: int, device) -> torch.Tensor:
+def raised_cosine_fade_in(length: int, device: torch.device) -> torch.Tensor:
     """sin² ramp over ``length`` samples; with 1 - ramp as fade-out the gains sum to 1."""
     phase = (torch.arange(length, dtype=torch.float64) + 0.5) / length * (np.pi / 2)
     return torch.sin(phase).pow(2).float().to(device)
@@ -54,8 +58,8 @@ class BlockSynthesizer:
 
     def __init__(
         self,
-        flow: nn.Module,
-        hift: nn.Module,
+        flow: MaskedDiffWithXvec,
+        hift: HiFTGenerator,
         solve: Solve,
         device: torch.device,
         mel_overlap: int,
@@ -122,13 +126,19 @@ class BlockSynthesizer:
         batch = len(blocks)
         carries = [b.carry for b in blocks]
         if first.carry.mel_overlap is not None:
-            previous = torch.cat([c.mel_overlap for c in carries])
+            previous = _cat_carried([c.mel_overlap for c in carries], "mel overlap")
             faded = mel[:, :, :overlap] * self.fade[:overlap] + previous * self.fade[overlap:]
             mel = torch.cat([faded.to(mel.dtype), mel[:, :, overlap:]], dim=2)
         vocoder_mel = (
-            mel if first.carry.cache_mel is None else torch.cat([torch.cat([c.cache_mel for c in carries]), mel], dim=2)
+            mel
+            if first.carry.cache_mel is None
+            else torch.cat([_cat_carried([c.cache_mel for c in carries], "cache mel"), mel], dim=2)
         )
-        cache_source = None if first.carry.cache_source is None else torch.cat([c.cache_source for c in carries])
+        cache_source = (
+            None
+            if first.carry.cache_source is None
+            else _cat_carried([c.cache_source for c in carries], "cache source")
+        )
         generators = [c.generator for c in carries]
         graphed = self.graphed(blocks)
         if first.finalize:
@@ -167,14 +177,24 @@ class BlockSynthesizer:
             return speech
         n = self.cache_samples
         fade_in = self.seam_fade_in
-        previous = torch.cat([c.cache_speech for c in carries])
+        previous = _cat_carried([c.cache_speech for c in carries], "cache speech")
         head = speech[:, :n] * fade_in + previous * (1 - fade_in)
         return torch.cat([head, speech[:, n:]], dim=1)
 
     def flush(self, carry: VocoderCarry) -> torch.Tensor:
         """Vocode the held-back overlap after the last block (the stream ended on a block boundary)."""
+        if carry.mel_overlap is None:
+            raise DecoderError("nothing is held back to flush")
         mel = carry.mel_overlap if carry.cache_mel is None else torch.cat([carry.cache_mel, carry.mel_overlap], dim=2)
         speech, _ = self.vocoder(mel, carry.cache_source, [carry.generator], graphed=False)
         speech = self.join_seam(speech, [carry])
         carry.clear()
         return speech
+
+
+def _cat_carried(parts: Sequence[torch.Tensor | None], name: str) -> torch.Tensor:
+    """The rows' carried tensors as one batch; the rows of a batch are at the same stage of their streams."""
+    present = [p for p in parts if p is not None]
+    if len(present) != len(parts):
+        raise DecoderError(f"a batch mixes streams with and without a carried {name}")
+    return torch.cat(present)

@@ -8,9 +8,10 @@ computation, checks the switches we do not implement, and is frozen.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from glm4voice.defaults import MAX_SEQ_LEN
 
@@ -181,7 +182,7 @@ class GLMConfig:
 
     # --- ChatGLM config.json ------------------------------------------------------------------------
     @classmethod
-    def from_chatglm(cls, raw: Mapping[str, Any]) -> "GLMConfig":
+    def from_chatglm(cls, raw: Mapping[str, Any]) -> GLMConfig:
         """Read the ChatGLM fields; reject variants this module would compute wrongly."""
         if raw.get("model_type") != "chatglm":
             raise ConfigError(f"model_type is {raw.get('model_type')!r}; expected 'chatglm' (a glm-4-voice-9b folder)")
@@ -224,11 +225,11 @@ class GLMConfig:
             raise ConfigError(f"config.json has a malformed field: {error}") from error
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "GLMConfig":
+    def from_folder(cls, folder: str | Path) -> GLMConfig:
         return cls.from_chatglm(read_json(Path(folder) / CONFIG_FILE))
 
     @classmethod
-    def published(cls) -> "GLMConfig":
+    def published(cls) -> GLMConfig:
         """The real glm-4-voice-9b shape (for meta-device checks and benchmarks)."""
         return cls.from_chatglm(PUBLISHED_CONFIG)
 

@@ -20,9 +20,9 @@ Backends (``DECODE_ATTENTION``):
 * ``"auto"``: ``"triton"`` on CUDA when Triton is importable and the head size is a power of two,
   else ``"matmul"``.
 
-Per 9B decode step on an H100 (bench/llm.py, graph replay), matmul vs SDPA: batch 1 over 1024
-positions 7.95 ms vs 9.53 ms; batch 64 over 4096 positions 15.0 ms vs 16.8 ms. The bench measures
-"triton" beside them (``decode_microbench``).
+The matmul path is the reference because it is faster than SDPA on a graphed 9B decode step at
+every batch and cache length measured; ``bench/llm.py`` (``decode_microbench``) times the three
+backends side by side, and docs/perf/llm.md keeps the figures.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ DECODE_ATTENTION = ("auto", "matmul", "sdpa", "triton")
 
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 """cuDNN attention is left out: it builds a plan for every new shape, and with varying prompt
-chunks that made prefill under load several times slower (H100, torch 2.11: time to first token at
-8 concurrent 300-token prompts 1.17 s with it, 0.41 s without)."""
+chunks that made prefill under load several times slower (time to first token: docs/perf/llm.md)."""
 
 BLOCK_N = 64
 """Keys per inner step of the Triton kernel."""
@@ -222,7 +221,7 @@ def _triton_kernels():
         sums = tl.load(SUM + index, mask=s[:, None] < splits, other=0.0)
         total = tl.sum(weights * sums, 0)  # [BLOCK_G]
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for i in range(0, splits):
+        for i in range(splits):
             w = tl.exp(tl.load(MAX + (row_head * splits + i) * BLOCK_G + g) - overall)
             part = tl.load(ACC + ((row_head * splits + i) * BLOCK_G + g[:, None]) * D + d[None, :])
             acc += w[:, None] * part

@@ -32,8 +32,8 @@ ordered before the copy on the device. Everything here runs on the engine's work
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

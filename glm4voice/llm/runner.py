@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -50,10 +50,10 @@ def _cover(sizes: Sequence[int], n: int) -> int | None:
 class Launch:
     """A decode step in flight (see :meth:`ModelRunner.launch`)."""
 
-    rows: tuple["DecodeRow", ...]
+    rows: tuple[DecodeRow, ...]
     b: int
     out: torch.Tensor
-    event: "torch.cuda.Event | None"
+    event: torch.cuda.Event | None
 
 
 @dataclass(frozen=True)
@@ -222,9 +222,16 @@ class ModelRunner:
         self._pf_ids[:length].copy_(self._pf_host_ids[:length], non_blocking=True)
         self._pfc_meta.copy_(self._pf_host_meta, non_blocking=True)
         self.continued_graphs[key].replay()
+        return self._graph_token()
+
+    def _graph_token(self) -> int:
+        """The token a replayed prefill graph sampled, through the pinned host buffer (waits for that copy only)."""
+        event = self._pf_event
+        if event is None:  # graphs are captured only on CUDA, where the host buffers are pinned
+            raise RuntimeError("a prefill graph was replayed without pinned host buffers")
         self._pf_host_token.copy_(self._pf_token, non_blocking=True)
-        self._pf_event.record()
-        self._pf_event.synchronize()
+        event.record()
+        event.synchronize()
         return int(self._pf_host_token[0])
 
     def _replay_prefill(self, length: int, slot: int, ids: Sequence[int]) -> int:
@@ -236,10 +243,7 @@ class ModelRunner:
         self._pf_ids[:length].copy_(self._pf_host_ids[:length], non_blocking=True)
         self._pf_meta.copy_(self._pf_host_meta, non_blocking=True)
         self.prefill_graphs[length].replay()
-        self._pf_host_token.copy_(self._pf_token, non_blocking=True)
-        self._pf_event.record()
-        self._pf_event.synchronize()
-        return int(self._pf_host_token[0])
+        return self._graph_token()
 
     # --- decode -------------------------------------------------------------------------------------
     def _step(self, b: int, kv_len: int) -> None:
@@ -270,7 +274,7 @@ class ModelRunner:
         return self.collect(self.launch(rows))
 
     @torch.inference_mode()
-    def launch(self, rows: Sequence[DecodeRow], after: "Launch | None" = None) -> "Launch":
+    def launch(self, rows: Sequence[DecodeRow], after: Launch | None = None) -> Launch:
         """Start a decode step and return at once (the device works on). With ``after`` (a step
         over the same rows, still running or not yet collected) the step continues from that
         step's outputs on the device: each row's input is the token it drew, one position further;
@@ -308,7 +312,7 @@ class ModelRunner:
             event.record()
         return Launch(tuple(rows), b, out, event)
 
-    def collect(self, launch: "Launch") -> list[int]:
+    def collect(self, launch: Launch) -> list[int]:
         """Wait for a launched step; its new token for each row (same order)."""
         if launch.event is not None:
             launch.event.synchronize()

@@ -12,7 +12,9 @@ Both run on :class:`glm4voice.conversation.ConversationSession`. docs/API.md des
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -33,7 +35,7 @@ def add_openai_routes(app: FastAPI, chat: VoiceChat, settings: ApiSettings = Api
     inner = app.router.lifespan_context
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
         try:
             async with inner(app) as state:
                 yield state

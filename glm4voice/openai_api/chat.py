@@ -19,7 +19,8 @@ import base64
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any, Literal, TypeVar
 
 import anyio
 import numpy as np
@@ -27,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.responses import Response as HTTPResponse
 from pydantic import ValidationError
+from starlette.types import Send
 
 from glm4voice.conversation import (
     ConversationSession,
@@ -53,16 +55,18 @@ from glm4voice.openai_api.chat_schema import (
     CompletionTokensDetails,
     Delta,
     DeltaAudio,
+    Message,
     MessageAudio,
     Model,
     ModelList,
+    Part,
     PromptTokensDetails,
     TextPart,
     Usage,
     UserMessage,
     parse_messages,
 )
-from glm4voice.openai_api.errors import NOT_FOUND, APIError, from_failure, from_validation, invalid
+from glm4voice.openai_api.errors import NOT_FOUND, SERVER_ERROR, APIError, from_failure, from_validation, invalid
 from glm4voice.openai_api.service import API_PREFIX, OpenAIService
 from glm4voice.pipeline import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -71,14 +75,19 @@ from glm4voice.pipeline import (
     FailureKind,
     GenerationOptions,
     TurnError,
+    UserRequest,
     UserSpeech,
     UserText,
 )
+from glm4voice.protocol import AudioInput, TextInput
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODELS_PATH = f"{API_PREFIX}/models"
 CHAT_PATH = f"{API_PREFIX}/chat/completions"
+FinishReason = Literal["stop", "length"]
+"""Why a completion ended (``choices[].finish_reason``)."""
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
@@ -88,17 +97,17 @@ def error_response(error: APIError) -> JSONResponse:
 
 def add_chat_routes(app: FastAPI, service: OpenAIService) -> None:
     @app.get(MODELS_PATH)
-    async def list_models():
+    async def list_models() -> JSONResponse:
         return JSONResponse(ModelList(data=[_model(service)]).dump())
 
     @app.get(MODELS_PATH + "/{model_id}")
-    async def get_model(model_id: str):
+    async def get_model(model_id: str) -> JSONResponse:
         if model_id != service.settings.model_id:
             return error_response(_unknown_model(service, model_id))
         return JSONResponse(_model(service).dump())
 
     @app.post(CHAT_PATH)
-    async def chat_completions(request: Request):
+    async def chat_completions(request: Request) -> HTTPResponse:
         try:
             completion = await _start(service, await _read_json(request, service.settings.max_request_bytes))
         except APIError as error:
@@ -112,7 +121,7 @@ def add_chat_routes(app: FastAPI, service: OpenAIService) -> None:
         return JSONResponse(body) if body is not None else HTTPResponse(status_code=499)  # nobody reads it
 
 
-async def _unless_the_client_leaves(request: Request, work) -> Any:
+async def _unless_the_client_leaves(request: Request, work: Awaitable[T]) -> T | None:
     """``work``'s result, or None if the client disconnected first (``work`` is then cancelled, which
     closes the answer's token stream: the token server frees the slot)."""
     task = asyncio.ensure_future(work)
@@ -196,7 +205,9 @@ async def _start(service: OpenAIService, payload: dict[str, Any]) -> _Completion
     return completion
 
 
-async def _add_messages(service: OpenAIService, session: ConversationSession, messages) -> None:
+async def _add_messages(
+    service: OpenAIService, session: ConversationSession, messages: list[tuple[Message, list[Part]]]
+) -> None:
     for i, (message, parts) in enumerate(messages):
         where = f"messages[{i}]"
         if isinstance(message, UserMessage):
@@ -218,8 +229,8 @@ async def _add_messages(service: OpenAIService, session: ConversationSession, me
                 user_input = await _prepare(service, UserSpeech(data), param)
                 session.add_user_input(user_input)
             else:
-                user_input = await _prepare(service, UserText("\n".join(texts)), f"{where}.content")
-                session.add_user_input(user_input, text=user_input.text)
+                text_input = await _prepare(service, UserText("\n".join(texts)), f"{where}.content")
+                session.add_user_input(text_input, text=text_input.text if isinstance(text_input, TextInput) else None)
         elif isinstance(message, AssistantMessage):
             if message.audio is not None:
                 stored = service.store.get(message.audio.id)
@@ -231,12 +242,15 @@ async def _add_messages(service: OpenAIService, session: ConversationSession, me
                     )
                 session.add_assistant_reply(tuple(stored.reply_ids.tolist()), stored.transcript, has_audio=True)
             else:
-                text = "".join(p.text if isinstance(p, TextPart) else p.refusal for p in parts)
+                # parse_messages gives an assistant message text and refusal parts only
+                text = "".join(
+                    p.text if isinstance(p, TextPart) else p.refusal for p in parts if not isinstance(p, AudioPart)
+                )
                 session.add_assistant_text(text or (message.refusal or ""))
         # system and developer messages are not part of GLM-4-Voice's prompt (see docs/API.md)
 
 
-async def _prepare(service: OpenAIService, request, param: str):
+async def _prepare(service: OpenAIService, request: UserRequest, param: str) -> TextInput | AudioInput:
     try:
         return await service.chat.prepare_input(request)
     except TurnError as error:
@@ -248,7 +262,13 @@ async def _prepare(service: OpenAIService, request, param: str):
 class _Completion:
     """One request's answer: its session, the events waiting to be sent, the audio id."""
 
-    def __init__(self, service: OpenAIService, request: ChatCompletionRequest, session: ConversationSession, events):
+    def __init__(
+        self,
+        service: OpenAIService,
+        request: ChatCompletionRequest,
+        session: ConversationSession,
+        events: asyncio.Queue[SessionEvent],
+    ):
         self.service = service
         self.request = request
         self.session = session
@@ -289,7 +309,7 @@ class _Completion:
         message = error.message if error is not None else "the answer failed"
         return from_failure(kind, message, retry_after_s=self.service.settings.retry_after_s)
 
-    def _finish(self, response: Response) -> str:
+    def _finish(self, response: Response) -> FinishReason:
         """Store the answer (for multi-turn by audio id); the finish reason."""
         if self.audio_id is not None:
             item = response.item
@@ -322,6 +342,8 @@ class _Completion:
                     done = event.response
         finally:
             await self.session.close()
+        if done is None:  # never: _events ends with the response.done event
+            raise APIError(500, "Internal error: the answer ended without its response.", type=SERVER_ERROR)
         if done.status is ResponseStatus.FAILED:
             raise self._error(done)
         finish_reason = self._finish(done)
@@ -343,14 +365,14 @@ class _Completion:
 
     # --- server-sent events -----------------------------------------------------------------------------
 
-    def _chunk(self, delta: Delta, finish_reason: str | None = None, usage: Usage | None = None) -> str:
+    def _chunk(self, delta: Delta, finish_reason: FinishReason | None = None, usage: Usage | None = None) -> str:
         choices = [] if usage is not None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
         chunk = ChatCompletionChunk(
             id=self.id, created=self.created, model=self.request.model, choices=choices, usage=usage
         )
         return f"data: {json.dumps(chunk.dump(), ensure_ascii=False)}\n\n"
 
-    async def events(self) -> AsyncIterator[str]:
+    async def events(self) -> AsyncGenerator[str, None]:
         audio_id = self.audio_id
         try:
             yield self._chunk(Delta(role="assistant", content=""))
@@ -381,12 +403,16 @@ class _ClosingStream(StreamingResponse):
     """Closes its event generator whatever ends the response (a client that leaves included), so the
     session is closed at once rather than when the generator is garbage collected."""
 
-    async def stream_response(self, send) -> None:
+    def __init__(self, events: AsyncGenerator[str, None], **kwargs: Any):
+        super().__init__(events, **kwargs)
+        self._events = events
+
+    async def stream_response(self, send: Send) -> None:
         try:
             await super().stream_response(send)
         finally:
             with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
+                await self._events.aclose()
 
 
 __all__ = ["CHAT_PATH", "MODELS_PATH", "add_chat_routes", "error_response"]

@@ -33,6 +33,7 @@ from glm4voice.conversation import (
     ItemDeleted,
     ItemStatus,
     ItemTruncated,
+    Response,
     ResponseAudioDelta,
     ResponseCreated,
     ResponseDone,
@@ -51,6 +52,7 @@ from glm4voice.openai_api.realtime_schema import (
     AudioAppend,
     AudioClear,
     AudioCommit,
+    ClientEvent,
     EventShapes,
     ItemCreate,
     ItemDelete,
@@ -79,7 +81,7 @@ message sizes)."""
 
 def add_realtime_route(app: FastAPI, service: OpenAIService) -> None:
     @app.websocket(REALTIME_PATH)
-    async def realtime(websocket: WebSocket):
+    async def realtime(websocket: WebSocket) -> None:
         await RealtimeConnection(service, websocket).run()
 
 
@@ -115,18 +117,18 @@ class RealtimeConnection:
                 await self.websocket.close(POLICY_VIOLATION)
                 return
             vad = await self.service.vad()
-            self.session = ConversationSession(
+            self.session = session = ConversationSession(
                 self.service.chat, self.settings.session_config(), emit=self._on_session_event, vad=vad
             )
             self._send("session.created", session=self.shapes.session(self.settings))
-            await self._receive()
+            await self._receive(session)
         finally:
             self.service.sessions -= 1
             if self.session is not None:
                 await self.session.close()  # a client that left: its answer's token stream is closed now
             await self._drain(writer)
 
-    async def _drain(self, writer: asyncio.Task) -> None:
+    async def _drain(self, writer: asyncio.Task[None]) -> None:
         self._outbox.put_nowait(None)
         await asyncio.wait([writer])
 
@@ -138,7 +140,7 @@ class RealtimeConnection:
                 logger.debug("realtime client gone while sending", exc_info=True)
                 return
 
-    async def _receive(self) -> None:
+    async def _receive(self, session: ConversationSession) -> None:
         limit = self.service.settings.max_event_bytes
         while True:
             message = await self.websocket.receive()
@@ -161,7 +163,7 @@ class RealtimeConnection:
                 continue
             event_id = data.get("event_id") if isinstance(data, dict) else None
             try:
-                await self._handle(parse_client_event(data))
+                await self._handle(parse_client_event(data), session)
             except APIError as error:
                 self._error(error, event_id if isinstance(event_id, str) else None)
             except SessionError as error:
@@ -174,8 +176,7 @@ class RealtimeConnection:
 
     # --- client events ----------------------------------------------------------------------------------
 
-    async def _handle(self, event) -> None:
-        session = self.session
+    async def _handle(self, event: ClientEvent, session: ConversationSession) -> None:
         if isinstance(event, AudioAppend):
             try:
                 samples = pcm16_to_float(decode_base64(event.audio))
@@ -194,7 +195,7 @@ class RealtimeConnection:
             session.update(self.settings.session_config())
             self._send("session.updated", session=self.shapes.session(self.settings))
         elif isinstance(event, ItemCreate):
-            await self._create_item(event)
+            await self._create_item(event, session)
         elif isinstance(event, ItemTruncate):
             if event.content_index != 0:
                 raise invalid("An answer has one content part: content_index must be 0.", "content_index")
@@ -212,8 +213,8 @@ class RealtimeConnection:
                 )
             await session.cancel_response(CancelReason.CLIENT_CANCELLED)
 
-    async def _create_item(self, event: ItemCreate) -> None:
-        item, session = event.item, self.session
+    async def _create_item(self, event: ItemCreate, session: ConversationSession) -> None:
+        item = event.item
         previous = event.previous_item_id
         if item.role == "system":
             raise invalid(
@@ -317,7 +318,7 @@ class RealtimeConnection:
         self._send("response.done", response=shapes.response(response, self.settings))
 
 
-def _part_ids(response) -> dict[str, Any]:
+def _part_ids(response: Response) -> dict[str, Any]:
     return dict(response_id=response.id, item_id=response.item.id, output_index=0, content_index=0)
 
 

@@ -10,7 +10,7 @@ noise reduction, tracing) are accepted and ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
@@ -202,30 +202,19 @@ class ResponseCancel(_In):
     response_id: str | None = None
 
 
-ClientEvent = Union[
-    SessionUpdate,
-    AudioAppend,
-    AudioCommit,
-    AudioClear,
-    ItemCreate,
-    ItemTruncate,
-    ItemDelete,
-    ResponseCreate,
-    ResponseCancel,
-]
-CLIENT_EVENTS: dict[str, type[BaseModel]] = {
-    model.model_fields["type"].annotation.__args__[0]: model  # type: ignore[union-attr]
-    for model in (
-        SessionUpdate,
-        AudioAppend,
-        AudioCommit,
-        AudioClear,
-        ItemCreate,
-        ItemTruncate,
-        ItemDelete,
-        ResponseCreate,
-        ResponseCancel,
-    )  # fmt: skip
+ClientEvent = (
+    SessionUpdate
+    | AudioAppend
+    | AudioCommit
+    | AudioClear
+    | ItemCreate
+    | ItemTruncate
+    | ItemDelete
+    | ResponseCreate
+    | ResponseCancel
+)
+CLIENT_EVENTS: dict[str, type[ClientEvent]] = {
+    get_args(model.model_fields["type"].annotation)[0]: model for model in get_args(ClientEvent)
 }
 UNSUPPORTED_EVENTS = {
     "conversation.item.retrieve": "retrieving items is not supported",
@@ -241,7 +230,7 @@ def parse_client_event(data: Any) -> ClientEvent:
     kind = data.get("type")
     if kind in UNSUPPORTED_EVENTS:
         raise invalid(f"Unsupported event {kind!r}: {UNSUPPORTED_EVENTS[kind]}.", "type", "unsupported_event")
-    model = CLIENT_EVENTS.get(kind)
+    model = CLIENT_EVENTS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise invalid(
             f"Unknown event type {kind!r}; supported: {', '.join(CLIENT_EVENTS)}.", "type", "invalid_event_type"
@@ -371,7 +360,7 @@ GA_ONLY = {"conversation.item.done"}
 
 class Format(OutModel):
     type: Literal["audio/pcm"] = "audio/pcm"
-    rate: Literal[24000] = API_SAMPLE_RATE
+    rate: Literal[24000] = API_SAMPLE_RATE  # type: ignore[assignment]  # lead: make API_SAMPLE_RATE Final
 
 
 class ServerVad(OutModel):
@@ -553,9 +542,9 @@ class EventShapes:
     def session(self, settings: RealtimeSettings) -> dict[str, Any]:
         vad = settings.turn_detection
         if self.beta:
-            detection = None if vad is None else BetaTurnDetection(**_vad_fields(vad))
+            beta_detection = None if vad is None else BetaTurnDetection(**_vad_fields(vad))
             return BetaSession(
-                modalities=["audio", "text"] if settings.output_audio else ["text"], turn_detection=detection,
+                modalities=["audio", "text"] if settings.output_audio else ["text"], turn_detection=beta_detection,
                 voice=settings.voice, instructions=settings.instructions, temperature=settings.temperature,
                 max_response_output_tokens=settings.max_output_tokens,
             ).dump()  # fmt: skip
@@ -601,8 +590,8 @@ class EventShapes:
             error = None
             if status is ResponseStatus.FAILED and response.error is not None:
                 error = StatusError(type="server_error", code=response.error.code, message=response.error.message)
-            details = StatusDetails(type=status.value if status is not ResponseStatus.COMPLETED else "completed",
-                                    reason=reason, error=error)  # fmt: skip
+            # the enums' values are the wire's names: pydantic checks them against the Literal fields
+            details = StatusDetails.model_validate({"type": status.value, "reason": reason, "error": error})
         usage = None
         if status is not ResponseStatus.IN_PROGRESS:
             usage = ResponseUsage(
@@ -620,7 +609,7 @@ class EventShapes:
             )
         output = [] if status is ResponseStatus.IN_PROGRESS else [self.item(response.item)]
         limit = response.options.max_new_tokens
-        common = dict(id=response.id, status=status.value, status_details=details, output=output,
+        common: dict[str, Any] = dict(id=response.id, status=status.value, status_details=details, output=output,
                       conversation_id=self.conversation_id, max_output_tokens=limit, usage=usage)  # fmt: skip
         if self.beta:
             return BetaResponseObject(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,12 @@ class StoredAnswer:
 
 
 class AudioStore:
-    def __init__(self, ttl_s: float = DEFAULT_TTL_S, max_entries: int = DEFAULT_MAX_ENTRIES, clock=time.time):
+    def __init__(
+        self,
+        ttl_s: float = DEFAULT_TTL_S,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        clock: Callable[[], float] = time.time,
+    ):
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._clock = clock
@@ -41,7 +47,7 @@ class AudioStore:
         """``expires_at`` of an entry added now."""
         return int(self._clock() + self.ttl_s)
 
-    def put(self, audio_id: str, reply_ids, transcript: str, expires_at: int) -> None:
+    def put(self, audio_id: str, reply_ids: Sequence[int], transcript: str, expires_at: int) -> None:
         self._expire()
         while len(self._entries) >= self.max_entries:
             self._entries.popitem(last=False)

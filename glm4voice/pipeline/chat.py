@@ -36,10 +36,11 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import httpx
 import numpy as np
@@ -178,7 +179,7 @@ class AudioDecoderLike(Protocol):
 
 
 class TokenStreamClient(Protocol):
-    def stream(self, prompt: str | None = None, **params: Any) -> AsyncIterator[int]: ...
+    def stream(self, prompt: str | None = None, **params: Any) -> AsyncGenerator[int, None]: ...
 
 
 # --- per-session state --------------------------------------------------------------------------------
@@ -320,7 +321,7 @@ class VoiceChat:
         self.config = config
         self.schedule = BlockSchedule(tuple(config.block_sizes))
         self.sample_rate = sample_rate
-        self.server_url = server_url or getattr(client, "base_url", "the model server")
+        self.server_url = server_url or str(getattr(client, "base_url", "the model server"))
         # One thread each: model calls are serialized (safe for shared weights and GPU graphs)
         # and run off the event loop; a thread waits on its queue, it does not poll.
         self._input_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-tokenize")
@@ -621,11 +622,11 @@ class VoiceChat:
             if not decode_audio:  # text only: the blocks are drained, the decoder never runs
                 while not isinstance(item := await blocks.get(), _EndOfStream):
                     pass
-                end = item
+                stream_end = item
             else:
                 stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
                 ready: list[tuple[AudioBlock, float]] = []  # cut, not yet handed to the decoder
-                end = None
+                end: _EndOfStream | None = None
                 paced = False
                 while end is None:
                     end = _take_waiting(await blocks.get(), blocks, ready)
@@ -646,6 +647,7 @@ class VoiceChat:
                 started = clock.now()
                 tail = await loop.run_in_executor(self._decode_worker, stream.finish)
                 emit(tail, None, 0, started, started)
+                stream_end = end
         except asyncio.CancelledError:
             for pcm in pcms:  # blocks not decoded yet are dropped
                 pcm.cancel()
@@ -663,22 +665,22 @@ class VoiceChat:
             out.put_nowait(_DONE)
             return
         clock.mark("finished")
-        if end.failure is not None or end.end is None:
-            failure = end.failure or TurnError(FailureKind.INTERNAL, "The answer ended without an end of turn.")
+        if stream_end.failure is not None or stream_end.end is None:
+            failure = stream_end.failure or TurnError(FailureKind.INTERNAL, "The answer ended without an end of turn.")
             out.put_nowait(self._failed(failure, clock, clock.text))
         else:
-            ignored_tokens = end.ignored_tokens
-            end = end.end
-            audio_tokens = sum(1 for i in end.reply_ids if self.special.is_audio(i))
+            ignored_tokens = stream_end.ignored_tokens
+            turn_end = stream_end.end
+            audio_tokens = sum(1 for i in turn_end.reply_ids if self.special.is_audio(i))
             audio = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
             out.put_nowait(
                 TurnFinished(
-                    end.text,
+                    turn_end.text,
                     audio,
                     self.sample_rate,
-                    end.reason,
-                    end.reply_ids,
-                    len(end.reply_ids) - audio_tokens,
+                    turn_end.reason,
+                    turn_end.reply_ids,
+                    len(turn_end.reply_ids) - audio_tokens,
                     audio_tokens,
                     ignored_tokens,
                     clock.timings(),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
@@ -87,10 +86,10 @@ class UserText:
 class UserSpeech:
     """Spoken input: a file path, encoded bytes, an ``(array, rate)`` tuple or an :class:`Audio`."""
 
-    source: Union[AudioSource, Audio]
+    source: AudioSource | Audio
 
 
-UserRequest = Union[UserText, UserSpeech]
+UserRequest = UserText | UserSpeech
 
 
 # --- what a turn yields -------------------------------------------------------------------------------
@@ -192,4 +191,4 @@ class TurnFailed:
     elapsed: float
 
 
-TurnEvent = Union[InputAccepted, AssistantText, AssistantAudio, TurnFinished, TurnFailed]
+TurnEvent = InputAccepted | AssistantText | AssistantAudio | TurnFinished | TurnFailed

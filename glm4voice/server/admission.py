@@ -23,7 +23,7 @@ class AdmissionClosed(Exception):
 class Ticket:
     __slots__ = ("_admission", "_future", "_released")
 
-    def __init__(self, admission: "Admission", future: asyncio.Future[None]):
+    def __init__(self, admission: Admission, future: asyncio.Future[None]):
         self._admission = admission
         self._future = future
         self._released = False

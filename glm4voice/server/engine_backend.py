@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from glm4voice.hub import resolve_checkpoint
 from glm4voice.llm.checkpoint import ALLOW_PATTERNS

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import (
     BaseModel,
@@ -35,6 +35,9 @@ from glm4voice.defaults import (
     temperature_problem,
     top_p_problem,
 )
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 class RequestError(Exception):
@@ -91,7 +94,7 @@ class GenerateRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "GenerateRequest":
+    def _one_prompt(self) -> GenerateRequest:
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise ValueError("give exactly one of 'prompt' (text) and 'prompt_token_ids' (list of ints)")
         return self
@@ -127,7 +130,7 @@ def parse_generate_request(body: bytes, max_new_tokens_cap: int) -> GenerateRequ
         raise RequestError(422, f"invalid request: {text}", detail) from error
 
 
-def _describe(error: dict[str, Any]) -> dict[str, Any]:
+def _describe(error: ErrorDetails) -> dict[str, Any]:
     field = ".".join(str(part) for part in error.get("loc", ()))
     message = error["msg"].removeprefix("Value error, ")
     if error.get("type") == "extra_forbidden":

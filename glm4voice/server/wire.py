@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 ERROR_CODE_OK = 0
 ERROR_CODE_FAILED = 1
@@ -44,7 +44,7 @@ class ErrorLine:
     error_code: int
 
 
-Line = Union[TokenLine, ErrorLine]
+Line = TokenLine | ErrorLine
 
 
 class WireFormatError(ValueError):

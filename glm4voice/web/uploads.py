@@ -27,8 +27,9 @@ import os
 import re
 import secrets
 from collections import OrderedDict
-from http.cookies import SimpleCookie
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
 
 import gradio as gr
 from gradio.route_utils import API_PREFIX
@@ -235,7 +236,7 @@ def _session_from_headers(scope: Scope) -> str | None:
             cookie = SimpleCookie()
             try:
                 cookie.load(value.decode("latin-1"))
-            except Exception:  # a malformed cookie header: treated as no session
+            except CookieError:  # a malformed cookie header: treated as no session
                 continue
             morsel = cookie.get(SESSION_COOKIE)
             if morsel is not None and _SESSION_ID.match(morsel.value):

@@ -20,6 +20,7 @@ from glm4voice.conversation.vad import (
     VoiceActivityDetector,
     samples_to_ms,
 )
+
 from speech_samples import espeak, espeak_available, with_silence
 from support import ROOT
 

@@ -83,13 +83,25 @@ def test_loading_does_not_reseed_the_process(published_config):
 
 def test_prepared_yaml_drops_only_the_unused_nodes(published_config):
     tree = ruamel.yaml.YAML().load(prepare_decoder_yaml(published_config.read_text()))
-    assert set(tree) == {"sample_rate", "text_encoder_input_size", "llm_input_size", "llm_output_size", "spk_embed_dim", "flow", "hift"}
+    assert set(tree) == {
+        "sample_rate",
+        "text_encoder_input_size",
+        "llm_input_size",
+        "llm_output_size",
+        "spk_embed_dim",
+        "flow",
+        "hift",
+    }
     assert "omegaconf" not in prepare_decoder_yaml(published_config.read_text())
 
 
 def test_dictconfig_stand_in():
     params = DictConfig(content={"solver": "euler", "inference_cfg_rate": 0.7})
-    assert params.solver == "euler" and params["inference_cfg_rate"] == 0.7 and dict(params) == {"solver": "euler", "inference_cfg_rate": 0.7}
+    assert (
+        params.solver == "euler"
+        and params["inference_cfg_rate"] == 0.7
+        and dict(params) == {"solver": "euler", "inference_cfg_rate": 0.7}
+    )
     with pytest.raises(AttributeError):
         _ = params.missing
 

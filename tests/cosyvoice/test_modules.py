@@ -140,7 +140,10 @@ def test_padded_estimator_equals_unpadded(length):
     spks = torch.randn(1, 80, generator=g)
     t = torch.tensor(0.3)
     padded_len = 64
-    pad = lambda a: torch.cat([a, 5 * torch.randn(1, a.shape[1], padded_len - length, generator=g)], dim=2)
+
+    def pad(a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, 5 * torch.randn(1, a.shape[1], padded_len - length, generator=g)], dim=2)
+
     mask = torch.zeros(1, 1, padded_len)
     mask[..., :length] = 1
     with torch.no_grad():

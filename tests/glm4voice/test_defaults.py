@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from glm4voice.llm.engine import EngineConfig, InvalidSamplingParams, SamplingPa
 from glm4voice.pipeline import GenerationOptions, TurnError
 from glm4voice.server.schema import RequestError, parse_generate_request
 from glm4voice.server.settings import ServerSettings
+
 from support import ROOT
 
 WIRE = (defaults.WIRE_TEMPERATURE, defaults.WIRE_TOP_P, defaults.WIRE_MAX_NEW_TOKENS)
@@ -51,7 +53,7 @@ def test_server_and_engine_share_ports_and_lengths():
     assert (settings.host, settings.port) == ("localhost", defaults.TOKEN_SERVER_PORT) == ("localhost", 10000)
     assert settings.max_seq_len == EngineConfig().max_seq_len == defaults.MAX_SEQ_LEN
     assert settings.max_new_tokens_cap == defaults.MAX_NEW_TOKENS_CAP
-    assert defaults.DEFAULT_SERVER_URL == f"http://localhost:{settings.port}"
+    assert f"http://localhost:{settings.port}" == defaults.DEFAULT_SERVER_URL
 
 
 # (setting, value, valid?) at and around every bound, and values that are not float32 numbers
@@ -104,7 +106,8 @@ def _pipeline_accepts(name: str, value) -> bool:
 
 @pytest.mark.parametrize("name, value, valid", CASES, ids=[f"{n}={v!r}" for n, v, _ in CASES])
 def test_every_layer_applies_the_same_bounds(name, value, valid):
-    if value != value:  # NaN: not JSON, so the server never sees one (its parser refuses the body)
+    if isinstance(value, float) and math.isnan(value):
+        # NaN is not JSON, so the server never sees one (its parser refuses the body)
         assert not _engine_accepts(name, value) and not _pipeline_accepts(name, value)
         return
     assert (_server_accepts(name, value), _engine_accepts(name, value), _pipeline_accepts(name, value)) == (

@@ -24,6 +24,7 @@ from glm4voice.pipeline import (
     VoiceChat,
 )
 from glm4voice.protocol import AudioInput, Demuxer, TextInput
+
 from support import ROOT
 
 SAMPLE_EN = ROOT / "resources" / "sample_en.wav"

@@ -10,7 +10,6 @@ from glm4voice.protocol import (
     Demuxer,
     EndOfTurn,
     EndReason,
-    SpecialTokens,
     StreamError,
     TextDelta,
     TextInput,
@@ -152,7 +151,9 @@ def test_all_text_stream(text_tokenizer, special_tokens):
     demuxer = Demuxer(text_tokenizer, special_tokens)
     events = run(demuxer, text_ids(text_tokenizer, "Only words here.") + [special_tokens.endoftext])
     assert blocks(events) == []
-    assert events[-1] == EndOfTurn(EndReason.EOS, "Only words here.", tuple(text_ids(text_tokenizer, "Only words here.")))
+    assert events[-1] == EndOfTurn(
+        EndReason.EOS, "Only words here.", tuple(text_ids(text_tokenizer, "Only words here."))
+    )
 
 
 def test_all_audio_stream(text_tokenizer, special_tokens):

@@ -18,6 +18,7 @@ from websockets.sync.client import connect
 
 from glm4voice.request_guard import HostPolicy, RequestGuard, host_name, wildcard_notice
 from glm4voice.serving import ConnectionLimits, build_server
+
 from support import free_port
 
 WAIT_S = 60.0

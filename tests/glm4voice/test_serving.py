@@ -20,6 +20,7 @@ import model_server
 import web_demo
 from glm4voice import defaults
 from glm4voice.serving import MIN_CONNECTIONS, ConnectionLimits, Server, build_server
+
 import hostile_clients
 from support import ROOT, free_port
 
@@ -39,7 +40,7 @@ async def app(scope, receive, send) -> None:
     await receive()
     if scope["path"] == "/block":
         LOOP_BLOCKED.set()
-        time.sleep(2.0)  # the stall being simulated, on purpose on the event loop
+        time.sleep(2.0)  # noqa: ASYNC251 - the stall being simulated, on purpose on the event loop
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     if scope["path"] != "/stream":
         await send({"type": "http.response.body", "body": b"ok"})
@@ -49,7 +50,7 @@ async def app(scope, receive, send) -> None:
         try:
             if (await asyncio.wait_for(receive(), 0.05))["type"] == "http.disconnect":
                 return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -110,15 +111,17 @@ def test_partial_headers_get_408_and_a_silent_connection_is_closed(loop):
 
 
 def test_a_kept_alive_connection_gets_the_timeout_again_for_its_next_request(loop):
-    with serving(ConnectionLimits(header_timeout_s=1.0), loop) as (server, port):
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            first = b""
-            while not first.endswith(b"0\r\n\r\n"):  # the whole first answer (chunked)
-                first += sock.recv(4096)
-            assert first.startswith(b"HTTP/1.1 200 ")
-            sock.sendall(b"GET / HTTP/1.1\r\nHo")  # the next request, never finished
-            assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+    with (
+        serving(ConnectionLimits(header_timeout_s=1.0), loop) as (server, port),
+        socket.create_connection(("127.0.0.1", port)) as sock,
+    ):
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        first = b""
+        while not first.endswith(b"0\r\n\r\n"):  # the whole first answer (chunked)
+            first += sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET / HTTP/1.1\r\nHo")  # the next request, never finished
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
 
 
 def test_a_request_that_arrived_while_the_loop_was_busy_is_served_not_timed_out(loop):
@@ -157,16 +160,15 @@ def test_headers_that_complete_in_time_are_served_and_a_stream_outlives_the_time
 def test_at_the_cap_the_longest_idle_connection_makes_room_and_streams_are_never_closed(loop):
     hostile_clients.raise_own_open_file_limit(512)
     with serving(ConnectionLimits(header_timeout_s=600, max_connections=MIN_CONNECTIONS), loop) as (server, port):
-        with open_stream(port) as stream:
-            with hostile_clients.idle_connections(port, 3 * MIN_CONNECTIONS) as idle:
-                assert httpx.get(f"http://127.0.0.1:{port}/", timeout=WAIT_S).text == "ok"
-                deadline = time.monotonic() + WAIT_S
-                while hostile_clients.closed_by_server(idle[:MIN_CONNECTIONS]) < MIN_CONNECTIONS:
-                    assert time.monotonic() < deadline, "the oldest idle connections were not closed"
-                    time.sleep(0.05)
-                assert hostile_clients.closed_by_server(idle[-MIN_CONNECTIONS // 2 :]) == 0  # the newest stay
-                stream.settimeout(WAIT_S)
-                assert TICK in stream.recv(4096) + stream.recv(4096)  # still streaming
+        with open_stream(port) as stream, hostile_clients.idle_connections(port, 3 * MIN_CONNECTIONS) as idle:
+            assert httpx.get(f"http://127.0.0.1:{port}/", timeout=WAIT_S).text == "ok"
+            deadline = time.monotonic() + WAIT_S
+            while hostile_clients.closed_by_server(idle[:MIN_CONNECTIONS]) < MIN_CONNECTIONS:
+                assert time.monotonic() < deadline, "the oldest idle connections were not closed"
+                time.sleep(0.05)
+            assert hostile_clients.closed_by_server(idle[-MIN_CONNECTIONS // 2 :]) == 0  # the newest stay
+            stream.settimeout(WAIT_S)
+            assert TICK in stream.recv(4096) + stream.recv(4096)  # still streaming
         assert server.guard.counts["evicted"] >= 2 * MIN_CONNECTIONS and server.guard.counts["refused"] == 0
 
 

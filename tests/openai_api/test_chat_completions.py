@@ -19,6 +19,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from glm4voice.audio import INPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, encode_wav, load_audio
 from glm4voice.client import AsyncTokenClient, TokenClient
 from glm4voice.pipeline import GenerationOptions, PipelineConfig, UserText, VoiceChat
+
 from openai_api.conftest import TOKEN_SLOTS, WAIT_S, WebServer, web_server_args
 from openai_api.strict import no_extras, validate
 from speech_samples import espeak, espeak_available

@@ -36,12 +36,12 @@ HOLD_AFTER_TOKENS = 2 * (13 + 26)
 
 
 class ScriptedStream:
-    def __init__(self, backend: "ScriptedBackend", length: int, seed: int):
+    def __init__(self, backend: ScriptedBackend, length: int, seed: int):
         self.backend, self.length, self.seed = backend, length, seed
         self.position = 0
         self.cancelled = False
 
-    def __aiter__(self) -> "ScriptedStream":
+    def __aiter__(self) -> ScriptedStream:
         return self
 
     async def __anext__(self) -> int:

@@ -6,6 +6,7 @@ import sys
 from glm4voice.checkpoints import DECODER_FOLDER, LLM_FOLDER, SPEECH_TOKENIZER_FOLDER, write_tiny_checkpoints
 from glm4voice.checkpoints.text import padded_vocab_size, published_special_layout
 from glm4voice.text_tokenizer import GLMTokenizer
+
 from support import ROOT
 
 
@@ -38,7 +39,13 @@ def test_cli_writes_deterministic_checkpoints(tmp_path):
         assert "glm-4-voice-9b" in result.stdout and "random weights" in result.stdout, result.stderr
     a, b = tmp_path / "a", tmp_path / "b"
     expected_files = {
-        LLM_FOLDER: {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json"},
+        LLM_FOLDER: {
+            "config.json",
+            "generation_config.json",
+            "model.safetensors.index.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+        },
         SPEECH_TOKENIZER_FOLDER: {"config.json", "model.safetensors", "preprocessor_config.json"},
         DECODER_FOLDER: {"config.yaml", "flow.pt", "hift.pt"},
     }

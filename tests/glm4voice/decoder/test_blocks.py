@@ -48,7 +48,7 @@ def test_bounded_window_keeps_only_what_the_next_block_needs():
     state = new_state(window=20)
     seen = run(state, [10, 10, 20, 15, 25])
     assert [p for p, _, _ in seen] == [0, 10, 20, 20, 25]  # 40 decoded -> start 20; 55 -> start 30
-    for prompt_tokens, prompt_frames, feat_len in seen[1:]:
+    for _prompt_tokens, prompt_frames, feat_len in seen[1:]:
         assert 0 < prompt_frames < feat_len
     assert state.tokens_decoded == 80 and state.token_offset == 60 and state.tokens.tolist() == list(range(60, 80))
     assert state.mel_offset == GEOMETRY.mel_frames(60) and state.mel.shape[2] == state.frames_final - state.mel_offset

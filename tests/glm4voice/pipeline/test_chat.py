@@ -45,6 +45,7 @@ from glm4voice.pipeline import (
 )
 from glm4voice.pipeline.policy import QUICK_START_MAX_TURNS
 from glm4voice.protocol import AudioBlock, Demuxer, EndReason, InputMode
+
 from server.fault_server import FAIL_AFTER_SEED, FAIL_AFTER_TOKENS
 from support import ROOT, ServerProcess, free_port
 
@@ -469,20 +470,17 @@ def test_timing_never_moves_the_cuts_nor_changes_the_audio(models, special_token
     audio run (a young answer); fixed: the schedule. The pacing does change: with many turns running
     the quick first block is decoded only once the next one is cut, in the same decoder job."""
     ids = scripted_answer(models, special_tokens)
-    results = {}
-    for name, (delay, decoder_s, busy) in TIMINGS.items():
-        decoder = SlowDecoder(models.decoder, decoder_s)
 
-        async def main():
-            chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, PacedClient(ids, delay),
-                             PipelineConfig(adaptive_blocks=adaptive))  # fmt: skip
-            chat.load.active_turns = busy  # what the other turns would add
-            try:
-                return await collect(chat, chat.new_session(), UserText("Hi"), SEEDED)
-            finally:
-                chat.close()
+    async def turn(delay, decoder_s, busy):
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, SlowDecoder(models.decoder, decoder_s),
+                         PacedClient(ids, delay), PipelineConfig(adaptive_blocks=adaptive))  # fmt: skip
+        chat.load.active_turns = busy  # what the other turns would add
+        try:
+            return await collect(chat, chat.new_session(), UserText("Hi"), SEEDED)
+        finally:
+            chat.close()
 
-        results[name] = assert_well_formed(asyncio.run(main()))
+    results = {name: assert_well_formed(asyncio.run(turn(*timing))) for name, timing in TIMINGS.items()}
     reference = results["instant"]
     assert block_sizes(reference) == expected and reference.audio_tokens == 78
     for name, finished in results.items():
