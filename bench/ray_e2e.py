@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # replicas
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from bench.common import BenchRun, log, machine_info, median  # noqa: E402
-from glm4voice.defaults import PLAYER_LEAD_S  # noqa: E402
+from bench.common import BenchRun, log, machine_info, median
+from glm4voice.defaults import PLAYER_LEAD_S
 
 logger = logging.getLogger("bench.ray_e2e")
 
@@ -132,7 +132,7 @@ async def run_turn(chat, question, options, lead: float) -> dict:
     since = lambda: time.perf_counter() - started  # noqa: E731
     try:
         user_input = await chat.prepare_input(UserSpeech(question))
-    except Exception as error:  # TurnError: every speech replica busy, ...
+    except Exception as error:  # noqa: BLE001 - TurnError (every speech replica busy, ...): recorded as a failed turn
         return {"failed": f"input: {error}"}
     tokenized = since()
     prompt = Conversation(chat.text_tokenizer, chat.special).prompt_for(user_input)

@@ -8,7 +8,8 @@ as one object instead of many. No timer: a list is sent as soon as it has one it
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, TypeVar
+from collections.abc import AsyncIterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -26,7 +27,7 @@ async def in_batches(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
                 ready.append(item)
                 arrived.set()
             ended.append(None)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - raised to the consumer after the items before it
             ended.append(error)
         arrived.set()
 

@@ -30,7 +30,7 @@ class HeldStream:
         self.inner = inner
         self.started = False
 
-    def __aiter__(self) -> "HeldStream":
+    def __aiter__(self) -> HeldStream:
         return self
 
     async def __anext__(self) -> int:
@@ -84,7 +84,7 @@ class KillingStream:
         self.inner = inner
         self.backend = backend
 
-    def __aiter__(self) -> "KillingStream":
+    def __aiter__(self) -> KillingStream:
         return self
 
     async def __anext__(self) -> int:

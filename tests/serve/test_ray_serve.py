@@ -30,9 +30,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 from serve.held_engine import HOLD_SEED, KILL_ENGINE_SEED, KILL_MARKER_ENV
-from support import ROOT, ServerProcess, free_port
 
 from glm4voice.protocol import TextInput, render_prompt_text
+
+from support import ROOT, ServerProcess, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
