@@ -158,6 +158,9 @@ class ExternalTokenServer:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
 
+    def launch(self) -> None:
+        """Nothing: it runs already."""
+
     async def start(self) -> dict:
         async with AsyncTokenClient(self.url) as client:
             return await client.health()

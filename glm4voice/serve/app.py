@@ -34,12 +34,12 @@ logger = logging.getLogger("glm4voice.serve")
 
 
 def engine_application(config: ServeConfig) -> Application:
-    return serve.deployment(TokenEngine, **engine_options(config)).bind(config)
+    return serve.deployment(**engine_options(config))(TokenEngine).bind(config)
 
 
 def front_application(config: ServeConfig) -> Application:
-    speech = serve.deployment(SpeechSide, **speech_options(config)).bind(config) if config.speech.replicas else None
-    return serve.deployment(Ingress, **ingress_options(config)).bind(config, speech)
+    speech = serve.deployment(**speech_options(config))(SpeechSide).bind(config) if config.speech.replicas else None
+    return serve.deployment(**ingress_options(config))(Ingress).bind(config, speech)
 
 
 def deploy(config: ServeConfig) -> None:

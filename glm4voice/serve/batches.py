@@ -27,7 +27,7 @@ async def in_batches(source: AsyncIterator[T]) -> AsyncIterator[list[T]]:
                 ready.append(item)
                 arrived.set()
             ended.append(None)
-        except Exception as error:  # noqa: BLE001 (handed to the waiting caller, which raises it)
+        except Exception as error:  # noqa: BLE001 - raised to the consumer after the items before it
             ended.append(error)
         arrived.set()
 

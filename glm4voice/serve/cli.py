@@ -18,6 +18,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from types import FrameType, ModuleType
 
 from glm4voice import serving
 from glm4voice.devices import AUTO, DECODER_DTYPE_CHOICES, default_device, llm_dtypes
@@ -158,18 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _shut_down(ray, own_cluster: bool, undeploy) -> None:
+def _shut_down(ray: ModuleType, own_cluster: bool, undeploy: Callable[[], None]) -> None:
     from ray import serve
 
     if not ray.is_initialized():
         return
     try:
         if own_cluster:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
         else:
             undeploy()
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from glm4voice.defaults import GPU_MAX_CONCURRENT_TURNS, MAX_CONCURRENT_TURNS
 from glm4voice.devices import AUTO, DECODER_DTYPE_CHOICES
@@ -138,7 +139,7 @@ def gpu_shares(placement: Placement, speech_gpus: float | None = None) -> tuple[
     return 1.0, 1.0 if speech_gpus is None else speech_gpus
 
 
-def _scaling(spec: ReplicaSpec, per_replica: int) -> dict:
+def _scaling(spec: ReplicaSpec, per_replica: int) -> dict[str, Any]:
     if spec.autoscaled:
         target = max(1.0, AUTOSCALE_TARGET * per_replica)
         return {"autoscaling_config": {
@@ -148,16 +149,16 @@ def _scaling(spec: ReplicaSpec, per_replica: int) -> dict:
     return {"num_replicas": spec.replicas}
 
 
-def _actor(spec: ReplicaSpec) -> dict:
+def _actor(spec: ReplicaSpec) -> dict[str, Any]:
     return {"num_gpus": spec.gpus, "num_cpus": spec.cpus}
 
 
-def _lifecycle() -> dict:
+def _lifecycle() -> dict[str, Any]:
     return {"graceful_shutdown_timeout_s": REPLICA_GRACE_S, "health_check_period_s": HEALTH_CHECK_PERIOD_S,
             "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S}  # fmt: skip
 
 
-def engine_options(config: ServeConfig) -> dict:
+def engine_options(config: ServeConfig) -> dict[str, Any]:
     """``serve.deployment`` options of the token engine: one engine (one GPU) per replica, at most its
     batch of streams at once; the rest wait in the router's queue, up to ``max_queue``, then 503."""
     streams = config.server.max_concurrent_streams
@@ -165,12 +166,12 @@ def engine_options(config: ServeConfig) -> dict:
             "ray_actor_options": _actor(config.engine), **_scaling(config.engine, streams), **_lifecycle()}  # fmt: skip
 
 
-def speech_options(config: ServeConfig) -> dict:
+def speech_options(config: ServeConfig) -> dict[str, Any]:
     turns = config.turns_per_speech_replica
     return {"name": SPEECH_DEPLOYMENT, "max_ongoing_requests": turns, "max_queued_requests": config.server.max_queue,
             "ray_actor_options": _actor(config.speech), **_scaling(config.speech, turns), **_lifecycle()}  # fmt: skip
 
 
-def ingress_options(config: ServeConfig) -> dict:
+def ingress_options(config: ServeConfig) -> dict[str, Any]:
     return {"name": INGRESS_DEPLOYMENT, "num_replicas": config.ingress_replicas,
             "max_ongoing_requests": INGRESS_MAX_ONGOING, "ray_actor_options": {"num_cpus": 0}, **_lifecycle()}  # fmt: skip

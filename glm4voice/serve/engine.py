@@ -48,7 +48,7 @@ def load_backend(config: ServeConfig, settings: ServerSettings) -> Any:
 
 
 class TokenEngine:
-    async def __init__(self, config: ServeConfig):
+    async def __init__(self, config: ServeConfig):  # type: ignore[misc]  # Ray Serve awaits it
         self.settings = dataclasses.replace(config.server, device=config.replica_device)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.backend = load_backend(config, self.settings)
@@ -101,7 +101,7 @@ class TokenEngine:
             try:
                 async for ids in in_batches(aiter(stream)):
                     yield Tokens(tuple(ids))
-            except Exception as error:  # noqa: BLE001 (the stream ends with an error message for its client)
+            except Exception as error:  # noqa: BLE001 - the caller hears of it (the error line of its stream)
                 logger.warning("replica %s: a stream failed: %s", self.replica, error)
                 yield Failed(str(error))
             finally:

@@ -17,13 +17,16 @@ token server's own admission is set wide open here so that it never refuses firs
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, cast
 
 import anyio
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.responses import Response
 
 from glm4voice.openai_api import ApiSettings, add_openai_routes
+from glm4voice.pipeline import VoiceChat
 from glm4voice.serve.config import ENGINE_APP, ENGINE_DEPLOYMENT, INGRESS_MAX_ONGOING, ServeConfig
 from glm4voice.serve.tokens import RayTokenBackend, tokenizer_folder
 from glm4voice.serve.turns import RemoteVoiceChat
@@ -34,7 +37,7 @@ from glm4voice.text_tokenizer import GLMTokenizer
 REPLICAS_PATH = "/replicas"
 
 
-async def build_app(config: ServeConfig, speech: DeploymentHandle | None) -> FastAPI:
+async def build_app(config: ServeConfig, speech: DeploymentHandle[Any] | None) -> FastAPI:
     """The ingress's FastAPI app (built on the replica: handles and the tokenizer are its own)."""
     engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=ENGINE_APP)
     tokenizer = await anyio.to_thread.run_sync(GLMTokenizer.from_pretrained, tokenizer_folder(config.server.model_path))
@@ -46,10 +49,11 @@ async def build_app(config: ServeConfig, speech: DeploymentHandle | None) -> Fas
     chat = None
     if speech is not None:
         chat = RemoteVoiceChat(speech, tokenizer, config.pipeline)
-        add_openai_routes(app, chat, ApiSettings(retry_after_s=config.server.retry_after_s))
+        # RemoteVoiceChat has all that the routes use of a VoiceChat (glm4voice.serve.turns)
+        add_openai_routes(app, cast(VoiceChat, chat), ApiSettings(retry_after_s=config.server.retry_after_s))
 
     @app.get(REPLICAS_PATH)
-    async def replicas():
+    async def replicas() -> Response:
         """Each replica this ingress sent work to: its own counters as of the last stream it took, and
         what the ingress routed there (see :mod:`glm4voice.serve.board`)."""
         body = {"engine": backend.board.as_list()}
@@ -62,7 +66,7 @@ async def build_app(config: ServeConfig, speech: DeploymentHandle | None) -> Fas
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, config: ServeConfig, speech: DeploymentHandle | None = None):
+    def __init__(self, config: ServeConfig, speech: DeploymentHandle[Any] | None = None):
         self.config = config
         self.speech = speech
 

@@ -14,7 +14,7 @@ tokenized input, or :class:`InputRefused` with the pipeline's failure kind and m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from glm4voice.pipeline import FailureKind, TurnEvent
 
@@ -45,7 +45,7 @@ class Failed:
     text: str
 
 
-TokenMessage = Union[Accepted, Tokens, Refused, Failed]  # noqa: UP007 (a runtime alias)
+TokenMessage = Accepted | Tokens | Refused | Failed
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ logger = logging.getLogger("glm4voice.serve")
 
 
 class SpeechSide:
-    async def __init__(self, config: ServeConfig):
+    async def __init__(self, config: ServeConfig):  # type: ignore[misc]  # Ray Serve awaits it
         from glm4voice.decoder import AudioDecoder
         from glm4voice.decoder.options import graph_batch_sizes_for
         from speech_tokenizer import SpeechTokenizer

@@ -20,9 +20,9 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -78,12 +78,12 @@ class StreamCounters:
 class RemoteTokenStream:
     """Token ids of one request served by the engine replicas (``TokenStream``: ``async for``, ``cancel()``)."""
 
-    def __init__(self, start: Callable[[], DeploymentResponseGenerator], queue_timeout_s: float,
+    def __init__(self, start: Callable[[], DeploymentResponseGenerator[Any]], queue_timeout_s: float,
                  counters: StreamCounters | None = None):  # fmt: skip
         self._start = start
         self._queue_timeout_s = queue_timeout_s
         self._counters = counters or StreamCounters()
-        self._call: DeploymentResponseGenerator | None = None
+        self._call: DeploymentResponseGenerator[Any] | None = None
         self._ids: deque[int] = deque()
         self._deadline = time.monotonic() + queue_timeout_s
         self._moves_left = REPLACEMENTS
@@ -171,7 +171,7 @@ class RemoteTokenStream:
 
     def _abandon(self) -> None:
         if self._call is not None and not self._done:
-            self._call.cancel()
+            self._call.cancel()  # type: ignore[no-untyped-call]
         self._end()
 
     def _end(self) -> None:
@@ -180,6 +180,13 @@ class RemoteTokenStream:
             self._counters.streams_open -= 1
             if self.replica is not None:
                 self._counters.board.ended(self.replica)
+
+
+def _generate(
+    streaming: DeploymentHandle[Any], ids: list[int], request: GenerateRequest
+) -> DeploymentResponseGenerator[Any]:
+    """``TokenEngine.generate`` through a streaming handle (``handle.options(stream=True)``)."""
+    return cast(DeploymentResponseGenerator[Any], streaming.generate.remote(ids, request))
 
 
 def tokenizer_folder(model_path: str | Path) -> Path:
@@ -192,7 +199,7 @@ class RayTokenBackend:
 
     is_token_backend = True
 
-    def __init__(self, engine: DeploymentHandle, settings: ServerSettings):
+    def __init__(self, engine: DeploymentHandle[Any], settings: ServerSettings):
         self.engine = engine
         self.streaming = engine.options(stream=True)
         self.settings = settings
@@ -215,8 +222,8 @@ class RayTokenBackend:
 
     def submit(self, prompt_ids: list[int], request: GenerateRequest) -> RemoteTokenStream:
         ids = list(prompt_ids)
-        return RemoteTokenStream(lambda: self.streaming.generate.remote(ids, request),
-                                 self.settings.queue_timeout_s, self.counters)  # fmt: skip
+        return RemoteTokenStream(lambda: _generate(self.streaming, ids, request), self.settings.queue_timeout_s,
+                                 self.counters)  # fmt: skip
 
     def stats(self) -> dict[str, float]:
         return self.counters.as_dict()
@@ -236,7 +243,7 @@ class RayTokenClient:
 
     base_url = "the token engine replicas (Ray Serve)"
 
-    def __init__(self, engine: DeploymentHandle, settings: ServerSettings, tokenizer: GLMTokenizer,
+    def __init__(self, engine: DeploymentHandle[Any], settings: ServerSettings, tokenizer: GLMTokenizer,
                  info: dict[str, Any]):  # fmt: skip
         self.streaming = engine.options(stream=True)
         self.settings = settings
@@ -245,17 +252,20 @@ class RayTokenClient:
         self.limits = PromptLimits(min(settings.prompt_limit, engine_limit), vocab_size=info["vocab_size"])
         self.counters = StreamCounters()
 
-    async def stream(self, prompt: str | None = None, **params: Any) -> AsyncIterator[int]:
+    async def stream(self, prompt: str | None = None, **params: Any) -> AsyncGenerator[int, None]:
         """Token ids as the engine generates them (see :meth:`glm4voice.client.AsyncTokenClient.stream`)."""
         try:
             body = json.dumps(request_body(prompt, **params)).encode()
             request = parse_generate_request(body, self.settings.max_new_tokens_cap)
-            ids = list(request.prompt_token_ids or self.tokenizer.encode_prompt(request.prompt))
+            if request.prompt_token_ids is not None:
+                ids = list(request.prompt_token_ids)
+            else:
+                ids = self.tokenizer.encode_prompt(cast(str, request.prompt))  # (one of the two is given)
             check_prompt_ids(ids, self.limits)
         except RequestError as error:
             raise RequestRejectedError(error.status, error.text, error.detail) from error
-        stream = RemoteTokenStream(lambda: self.streaming.generate.remote(ids, request),
-                                   self.settings.queue_timeout_s, self.counters)  # fmt: skip
+        stream = RemoteTokenStream(lambda: _generate(self.streaming, ids, request), self.settings.queue_timeout_s,
+                                   self.counters)  # fmt: skip
         try:
             async for token in stream:
                 yield token

@@ -18,11 +18,12 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from glm4voice.audio import OUTPUT_SAMPLE_RATE
 from glm4voice.pipeline import (
@@ -40,7 +41,7 @@ from glm4voice.pipeline import (
     UserRequest,
     UserSpeech,
 )
-from glm4voice.protocol import AudioInput, SpecialTokens, TextInput
+from glm4voice.protocol import AudioInput, Demuxer, SpecialTokens, TextInput
 from glm4voice.serve.board import ReplicaBoard
 from glm4voice.serve.messages import Accepted, InputRefused
 from glm4voice.text_tokenizer import GLMTokenizer
@@ -64,7 +65,7 @@ class _RemoteReply:
 class RemoteVoiceChat:
     """A ``VoiceChat`` for the conversation sessions whose turns run on the ``SpeechSide`` replicas."""
 
-    def __init__(self, speech: DeploymentHandle, text_tokenizer: GLMTokenizer, config: PipelineConfig,
+    def __init__(self, speech: DeploymentHandle[Any], text_tokenizer: GLMTokenizer, config: PipelineConfig,
                  sample_rate: int = OUTPUT_SAMPLE_RATE):  # fmt: skip
         self.speech = speech
         self.streaming = speech.options(stream=True)
@@ -87,6 +88,8 @@ class RemoteVoiceChat:
             raise TurnError(FailureKind.SERVER_UNAVAILABLE, message) from None
         if isinstance(result, InputRefused):
             raise TurnError(result.kind, result.message)
+        if not isinstance(result, (TextInput, AudioInput)):
+            raise TypeError(f"a speech replica answered {type(result).__name__}, not a tokenized input")
         return result
 
     async def generate(self, prompt_ids: Sequence[int], options: GenerationOptions = GenerationOptions(), *,
@@ -96,10 +99,12 @@ class RemoteVoiceChat:
         started = time.perf_counter()
         reply = _RemoteReply()
         if progress is not None:
-            progress.follow(reply)
+            progress.follow(cast(Demuxer, reply))  # a TurnProgress reads only reply_ids
         text: list[str] = []
         chunks: list[np.ndarray] = []
-        call = self.streaming.generate.remote(list(prompt_ids), options, decode_audio)
+        call = cast(
+            DeploymentResponseGenerator[Any], self.streaming.generate.remote(list(prompt_ids), options, decode_audio)
+        )
         ended = False
         replica = None
         try:
@@ -131,7 +136,7 @@ class RemoteVoiceChat:
             yield self._failed(FailureKind.STREAM_FAILED, message, text, started)
         finally:
             if not ended:
-                call.cancel()
+                call.cancel()  # type: ignore[no-untyped-call]
             if replica is not None:
                 self.board.ended(replica)
 
