@@ -132,7 +132,7 @@ async def run_turn(chat, question, options, lead: float) -> dict:
     since = lambda: time.perf_counter() - started  # noqa: E731
     try:
         user_input = await chat.prepare_input(UserSpeech(question))
-    except Exception as error:
+    except Exception as error:  # TurnError (every speech replica busy, ...): recorded as a failed turn
         return {"failed": f"input: {error}"}
     tokenized = since()
     prompt = Conversation(chat.text_tokenizer, chat.special).prompt_for(user_input)

@@ -157,6 +157,9 @@ class RemoteTokenStream:
                     f"the engine replica {replica} serving this stream stopped after {self.tokens} tokens "
                     f"({type(error).__name__}); Ray Serve replaces it, and a new request goes to a running one"
                 ) from None
+            except BaseException:  # the replica's own failure (a bug), or this task cancelled: the stream is over
+                self._abandon()
+                raise
 
     def cancel(self) -> None:
         """Stop the request (the replica cancels the engine stream; idempotent)."""

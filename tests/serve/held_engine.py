@@ -93,6 +93,9 @@ class KillingStream:
             self.backend.killer = asyncio.get_running_loop().create_task(self.backend.kill_engine())
         return token
 
+    def cancel(self) -> None:
+        self.inner.cancel()
+
 
 def _first_kill() -> bool:
     """Whether no replica of this cluster has killed its engine yet (a file named by the test, created by
@@ -103,9 +106,6 @@ def _first_kill() -> bool:
     except FileExistsError:
         return False
     return True
-
-    def cancel(self) -> None:
-        self.inner.cancel()
 
 
 def build(settings):

@@ -49,6 +49,11 @@ LONG = {"prompt_token_ids": [1, 2, 3] * 10, "max_new_tokens": 64, "seed": HOLD_S
 """A turn that stays in flight after its first token until the test closes it."""
 BUSY = "every engine replica is busy"
 READY = "GLM-4-Voice on Ray Serve:"
+BIND_FAILED = "Failed to bind to address"
+START_ATTEMPTS = 3
+RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 52365, 52366})
+"""GCS, object manager, dashboard, client server, dashboard agent (HTTP, gRPC): a cluster may take them
+after the test chose its port."""
 LOST = "serving this stream stopped"
 
 
@@ -143,6 +148,16 @@ class Cluster:
         stream, what was routed there, what is open), by replica id."""
         return {e["replica"]: e for e in self.replicas()["engine"] if not e["lost"]}
 
+    def every_engine(self) -> dict[str, dict]:
+        """:meth:`engines`, once every running engine replica has taken a stream from the ingress (held
+        turns are opened until each has; Ray sends each to the replica with fewer ongoing requests)."""
+        try:
+            while len(self.engines()) < ENGINES:
+                self.open_long()
+        finally:
+            self.close_all()
+        return self.engines()
+
     def open_long(self) -> LongStream:
         """One more turn held in flight, and which replica took it."""
         before = self.engines()
@@ -163,11 +178,17 @@ class Cluster:
     def wait_idle(self) -> None:
         """Until no stream is open anywhere: the ingress's, and none on any replica."""
 
-        def idle():
-            health = httpx.get(self.url + "/health", timeout=30).json()
-            return health["engine"]["streams_open"] == 0 and all(e["open"] == 0 for e in self.engines().values())
+        seen: list[dict] = []
 
-        wait_until(idle, "every stream has ended")
+        def idle():
+            state = {"ingress": httpx.get(self.url + "/health", timeout=30).json()["engine"], **self.replicas()}
+            seen[:] = [state]
+            return state["ingress"]["streams_open"] == 0 and all(e["open"] == 0 for e in state["engine"])
+
+        try:
+            wait_until(idle, "every stream has ended")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last seen: {seen}") from None
 
     def hold_full(self, replica: str) -> None:
         """Hold turns in flight until ``replica`` takes no more, while another replica still has room."""
@@ -198,23 +219,46 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoints):
-    port = free_port()
-    args = ["--model-path", str(tiny_checkpoints.llm), "--tokenizer-path", str(tiny_checkpoints.speech_tokenizer),
-            "--flow-path", str(tiny_checkpoints.decoder), "--device", "cpu", "--dtype", "float32",
-            "--engine-replicas", str(ENGINES), "--speech-replicas", "1", "--num-cpus", "2",
-            "--max-concurrent-streams", str(STREAMS), "--max-queue", str(MAX_QUEUE), "--port", str(port),
-            "--queue-timeout", str(START_S), "--engine-factory", "tests.serve.held_engine:build"]  # fmt: skip
-    cluster = Cluster(args, port)
+    cluster = None
     try:
-        cluster.wait_ready()
+        for _ in range(START_ATTEMPTS):
+            port = serve_port()
+            args = ["--model-path", str(tiny_checkpoints.llm), "--tokenizer-path", str(tiny_checkpoints.speech_tokenizer),
+                    "--flow-path", str(tiny_checkpoints.decoder), "--device", "cpu", "--dtype", "float32",
+                    "--engine-replicas", str(ENGINES), "--speech-replicas", "1", "--num-cpus", "2",
+                    "--max-concurrent-streams", str(STREAMS), "--max-queue", str(MAX_QUEUE), "--port", str(port),
+                    "--queue-timeout", str(START_S), "--engine-factory", "tests.serve.held_engine:build"]  # fmt: skip
+            cluster = Cluster(args, port)
+            try:
+                cluster.wait_ready()
+                break
+            except AssertionError:
+                if BIND_FAILED not in cluster.log():  # the port was free when chosen, not when Serve bound it
+                    raise
+                reap(cluster)
+        else:
+            raise AssertionError(f"no free port for Ray Serve's proxy in {START_ATTEMPTS} tries")
         yield cluster
     finally:
-        for stream in list(cluster.open):
-            stream.close()
-        cluster.stop()
-        for line in session_processes(cluster.sid):  # never leave Ray behind, even when a test failed
-            os.kill(int(line.split()[0]), signal.SIGKILL)
-        cluster.kill_marker.unlink(missing_ok=True)
+        if cluster is not None:
+            reap(cluster)
+
+
+def reap(cluster: Cluster) -> None:
+    """Stop the command; never leave Ray behind, even when a test failed."""
+    for stream in list(cluster.open):
+        stream.close()
+    cluster.stop()
+    for line in session_processes(cluster.sid):
+        os.kill(int(line.split()[0]), signal.SIGKILL)
+    cluster.kill_marker.unlink(missing_ok=True)
+
+
+def serve_port() -> int:
+    """A free loopback port that none of Ray's own processes listens on by default."""
+    while (port := free_port()) in RAY_DEFAULT_PORTS:
+        pass
+    return port
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +357,7 @@ async def _first_refusal(url: str, count: int) -> tuple[int, dict, dict]:
 
 
 def test_a_seeded_stream_is_model_servers_byte_for_byte_on_either_replica(cluster, expected):
-    replicas = sorted(cluster.engines())
+    replicas = sorted(cluster.every_engine())
     for target in replicas:
         other = next(r for r in replicas if r != target)
         try:
@@ -427,6 +471,7 @@ def test_a_killed_replica_ends_its_streams_with_an_error_and_is_replaced(cluster
         for _ in range(ENGINES * STREAMS):
             cluster.open_long()
         engines = cluster.engines()
+        assert len(engines) == ENGINES  # every replica is full
         victim, survivor = sorted(engines)
         os.kill(engines[victim]["reported"]["pid"], signal.SIGKILL)
         # the victim's turns end with a clear error line; the others go on
@@ -464,7 +509,7 @@ async def _turns(url: str, count: int) -> list[bytes]:
 def test_a_replica_whose_engine_dies_ends_and_is_replaced(cluster, expected):
     """As model_server.py exits when its engine dies, so does the replica: its stream ends with an error
     line, the next turns go to the other replica, and Ray starts a new one."""
-    engines = cluster.engines()
+    engines = cluster.every_engine()
     target, other = sorted(engines)
     kill = {"prompt_token_ids": [4, 5, 6], "max_new_tokens": 64, "seed": KILL_ENGINE_SEED}
     try:
