@@ -531,19 +531,19 @@ class E2EBench:
         args = self.args
         levels, misses = [], 0
         for count in args.levels:
-            need = args.all_at_once_runs * (args.answer_seconds + 15) + 30
+            need = (1 + len(args.variants)) * args.all_at_once_runs * (args.answer_seconds + 15) + 30
             if self.left_s() < need:
                 log(f"skipping level {count}: {self.left_s():.0f} s of budget left, needs ~{need:.0f} s")
                 break
-            runs = []
-            for run in range(args.all_at_once_runs):
-                calls0, jobs0 = chat.blocks.calls, chat.blocks.jobs
-                t0 = time.perf_counter()
-                records = await self.together(chat, count, long, 1000 * count + 100 * run)
-                runs.append(self._level(count, records, time.perf_counter() - t0, chat, calls0, jobs0))
-                log(f"  {count} at once, run {run + 1}: {runs[-1]['underruns']} underruns, "
-                    f"{runs[-1]['with_underrun']} conversations ran dry, {runs[-1]['failed']} failed")  # fmt: skip
-            level = combine_runs(runs)
+            level = await self.all_at_once(chat, count, long)
+            for name, changes in args.variants:  # the same level with other pipeline settings, for comparison
+                variant = VoiceChat(chat.text_tokenizer, chat.speech_tokenizer, chat.decoder, chat.client,
+                                    replace(chat.config, **changes))  # fmt: skip
+                try:
+                    self.section(f"concurrency_{count}_{name}", {"changes": changes,
+                                                                 **await self.all_at_once(variant, count, long)})  # fmt: skip
+                finally:
+                    variant.close()
             levels.append(level)
             self.section(f"concurrency_{count}", level)
             misses = 0 if level["all_real_time"] else misses + 1
@@ -552,6 +552,20 @@ class E2EBench:
         real_time = [lv["conversations"] for lv in levels if lv["all_real_time"]]
         self.section("concurrency", {"levels": [lv["conversations"] for lv in levels], "runs": args.all_at_once_runs,
                                      "max_all_real_time": max(real_time, default=0)})  # fmt: skip
+
+    async def all_at_once(self, chat: VoiceChat, count: int, long: int) -> dict:
+        """``count`` conversations started in the same instant, ``--all-at-once-runs`` times in a row."""
+        runs = []
+        for run in range(self.args.all_at_once_runs):
+            calls0, jobs0, stats0 = chat.blocks.calls, chat.blocks.jobs, chat.decoder.stats.snapshot()
+            t0 = time.perf_counter()
+            records = await self.together(chat, count, long, 1000 * count + 100 * run)
+            runs.append(self._level(count, records, time.perf_counter() - t0, chat, calls0, jobs0))
+            runs[-1]["decoder"] = chat.decoder.stats.since(stats0)
+            log(f"  {count} at once, run {run + 1}: {runs[-1]['underruns']} underruns, "
+                f"{runs[-1]['with_underrun']} conversations ran dry, {runs[-1]['failed']} failed; "
+                f"decoder {runs[-1]['decoder']}")  # fmt: skip
+        return combine_runs(runs)
 
     async def unbatched(self, chat: VoiceChat, long: int) -> dict:
         unbatched = VoiceChat(chat.text_tokenizer, chat.speech_tokenizer, chat.decoder, chat.client,
@@ -643,9 +657,11 @@ class E2EBench:
         turns: list[dict] = []
         conversations: list[tuple[float, float]] = []
         counts = {}
+        decoder_at = {}
 
         async def snapshot(name: str, at: float) -> None:
             await asyncio.sleep(max(0.0, t0 + at - loop.time()))
+            decoder_at[name] = chat.decoder.stats.snapshot()
             counts[name] = (await tokens.engine_stats()).get("tokens_generated")
 
         async def converse(plan) -> None:
@@ -682,6 +698,9 @@ class E2EBench:
         if counts.get("warm") is not None and counts.get("end") is not None:
             tokens_in_window = counts["end"] - counts["warm"]
         figures = rate_figures(rate, turns, conversations, warm_s, window_s, tokens_in_window)
+        if {"warm", "end"} <= decoder_at.keys():  # the decoder's batches in the measured window
+            figures["decoder"] = decoder_at["end"].since(decoder_at["warm"])
+            figures["decoder"]["busy_share"] = round(figures["decoder"]["busy_s"] / max(window_s - warm_s, 1e-9), 3)
         figures["run_s"] = round(loop.time() - t0, 1)
         return figures
 
@@ -807,6 +826,38 @@ class E2EBench:
         self.section("memory" if layout == self.args.layout else f"memory_{layout.replace('-', '_')}", info)
 
 
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """``name:field=value,field=value;name2:...`` -> [(name, {field: value})], each value converted to the
+    type of the :class:`PipelineConfig` field's default."""
+    defaults = PipelineConfig()
+    variants = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, settings = part.partition(":")
+        if not name.isidentifier() or not settings:
+            raise argparse.ArgumentTypeError(f"a variant is name:field=value,..., got {part!r}")
+        changes: dict = {}
+        for setting in settings.split(","):
+            key, _, value = setting.partition("=")
+            key = key.strip()
+            if not hasattr(defaults, key):
+                raise argparse.ArgumentTypeError(f"PipelineConfig has no field {key!r}")
+            default = getattr(defaults, key)
+            if isinstance(default, bool):
+                changes[key] = value.strip().lower() in ("1", "true", "yes", "on")
+            else:  # a number (decode_batch is None by default: an int)
+                kind = type(default) if isinstance(default, (int, float)) else int
+                try:
+                    changes[key] = None if default is None and value.strip().lower() == "none" else kind(value)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"variant {name}: {key}={value!r} is not a number") from None
+        try:
+            replace(defaults, **changes)  # validates
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"variant {name}: {error}") from None
+        variants.append((name, changes))
+    return variants
+
+
 def combine_runs(runs: list[dict]) -> dict:
     """A level's record over its consecutive runs: the first run's figures, then the worst of every run
     (real time only if every run was) and each run's underruns."""
@@ -835,8 +886,9 @@ def combine_runs(runs: list[dict]) -> dict:
             "ttfa_max",
             "token_rate_min",
             "min_slack_s",
+            "decoder",
         )
-        combined["per_run"] = [{k: r[k] for k in keys} for r in runs]
+        combined["per_run"] = [{k: r.get(k) for k in keys} for r in runs]
     return combined
 
 
@@ -882,6 +934,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated, from {', '.join(SECTIONS)} (default %(default)s)")  # fmt: skip
     parser.add_argument("--levels", default="1,8,16,32,48,64", help="concurrent conversations to try")
     parser.add_argument("--all-at-once-runs", type=int, default=1, help="consecutive runs of each concurrency level")
+    parser.add_argument(
+        "--variants",
+        type=parse_variants,
+        default=[],
+        help="concurrency: each level also with other pipeline settings, "
+        "e.g. 'rate56:min_token_rate=56.25;batch16:decode_batch=16' (PipelineConfig fields)",
+    )
     parser.add_argument("--answer-seconds", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=10, help="single-user TTFA turns")
     parser.add_argument("--layout-turns", type=int, default=20, help="single-user TTFA turns per layout (layouts)")

@@ -107,7 +107,8 @@ class Process:
 
     def __init__(self, args: list[str], ready_url: str, log_path: Path):
         self.log_path = log_path
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keep the caller's
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "wb") as out:
             self.process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip

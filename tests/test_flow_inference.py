@@ -311,6 +311,7 @@ def test_feed_many_batches_streams_without_changing_them(decoder, codes):
     alone = {seed: stream_blocks(decoder, codes[:75], blocks, seed=seed, prompt_window=20)[0] for seed in seeds}
     streams = {seed: decoder.stream(seed=seed, prompt_window=20) for seed in seeds}
     pieces = {seed: [] for seed in seeds}
+    before = decoder.stats.snapshot()
     start = 0
     for size in blocks:
         heard: list[int] = []
@@ -320,6 +321,11 @@ def test_feed_many_batches_streams_without_changing_them(decoder, codes):
         for seed, pcm in zip(seeds, results):
             pieces[seed].append(pcm)
         start += size
+    # one batch of the three streams per call, no graph padding on the CPU
+    figures = decoder.stats.since(before)
+    assert figures["batches"] == len(blocks) and figures["mean_batch"] == len(seeds)
+    assert figures["padded_row_share"] == 0 and figures["mean_block_tokens"] == round(sum(blocks) / len(blocks), 1)
+    assert figures["busy_s"] > 0
     for seed in seeds:
         together = np.concatenate(pieces[seed] + [streams[seed].finish()])
         np.testing.assert_allclose(together, alone[seed], rtol=0, atol=1e-5)

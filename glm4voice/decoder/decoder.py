@@ -72,6 +72,7 @@ from glm4voice.decoder.options import (
 )
 from glm4voice.decoder.original import DEFAULT_TOKEN2WAV_SEED, UuidStates
 from glm4voice.decoder.state import StreamState, VocoderCarry
+from glm4voice.decoder.stats import DecodeStats
 from glm4voice.decoder.stream import DecoderStream
 from glm4voice.decoder.synthesis import BlockSynthesizer
 from glm4voice.devices import default_device, high_priority_stream
@@ -165,6 +166,9 @@ class AudioDecoder:
         self._claims = threading.Lock()
         """Guards the ``busy`` flags of the states and the uuid table of :meth:`token2wav`."""
         self._uuids = UuidStates()
+        self._graph_batches = self.options.graph_batch_sizes if use_graphs else ()
+        self.stats = DecodeStats()
+        """What :meth:`feed_many`'s batches have cost so far (read it from the decoder's thread, or between runs)."""
         # the highest-priority stream: in one process with the LLM engine, a listener's block goes first
         self._cuda_stream = high_priority_stream(self._device) if self._device.type == "cuda" else None
         if self._cuda_stream is not None:  # weights and constants are ready before the decoder's stream reads them
@@ -362,6 +366,7 @@ class AudioDecoder:
             batches = [members[i : i + limit] for members in groups.values() for i in range(0, len(members), limit)]
             batches.sort(key=lambda batch: min(state.samples_emitted for _, state, _ in batch))
             for batch in batches:
+                started = time.perf_counter()
                 try:
                     with self._device_context():
                         outputs = self._synth.run([block for _, _, block in batch])
@@ -376,6 +381,9 @@ class AudioDecoder:
                         self._end(state)
                         done(index, error)
                     continue
+                rows = next((b for b in self._graph_batches if b >= len(batch)), len(batch))
+                tokens = sum(block.new_tokens.numel() for _, _, block in batch)
+                self.stats.add(len(batch), rows, tokens, time.perf_counter() - started)
                 for (index, _, _), pcm in zip(batch, pcms):
                     done(index, pcm)
         finally:

@@ -128,13 +128,13 @@ class PipelineConfig:
     """Cuts and pacing for a listener (:class:`~glm4voice.pipeline.policy.AdaptiveBlocks`,
     :class:`~glm4voice.pipeline.policy.ListenerPacing`): on top of the schedule, a block is cut at
     the end of an audio run while a listener of an answer streamed at ``min_token_rate`` would
-    otherwise run dry before the block's scheduled size (young answers: at every run's end). Where
+    otherwise run dry before the next chance to cut (young answers: at their first runs' ends). Where
     blocks are cut depends on the tokens only; under load a quick first block is decoded only once
     the next one is cut (the listener then starts with both). Off: the schedule's cuts, every block
     decoded at once, as the original."""
     min_token_rate: float = MIN_TOKEN_RATE
-    """The slowest answer (tokens/s) whose listener adaptive cuts keep gapless (default: twice real
-    time); a lower rate cuts more, smaller blocks."""
+    """The slowest answer (tokens/s) whose listener adaptive cuts keep gapless (default: three times
+    real time); a lower rate cuts more, smaller blocks, which cost the decoder more per second of audio."""
     player_lead_s: float = PLAYER_LEAD_S
     """The listener's player starts this long after the first audio arrives (adaptive cuts and pacing
     count it as audio in hand)."""

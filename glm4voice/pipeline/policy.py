@@ -12,8 +12,8 @@ decisions are kept apart:
   machine is doing.
 
   - :class:`FixedBlocks`: blocks of the schedule's sizes only, as the original.
-  - :class:`AdaptiveBlocks`: the schedule, plus a cut at the end of an audio run while a listener
-    fed at :data:`MIN_TOKEN_RATE` would otherwise run dry before the block is complete.
+  - :class:`AdaptiveBlocks`: the schedule, plus a cut at the end of an audio run when a listener
+    fed at :data:`MIN_TOKEN_RATE` would otherwise run dry before the next chance to cut.
 
 - **Pacing** (:class:`BlockPacing`): when a cut block goes to the decoder. It may only delay: a
   block held back is decoded later, in order, never merged with the next one or cut elsewhere.
@@ -46,11 +46,13 @@ TOKENS_PER_AUDIO_TOKEN = (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT) / 
 """Generated tokens per audio token in the 13 text / 26 audio interleave (1.5)."""
 REAL_TIME_TOKEN_RATE = SPEECH_TOKEN_RATE * TOKENS_PER_AUDIO_TOKEN
 """Tokens per second an interleaved answer needs to be generated as fast as it plays (18.75)."""
-MIN_TOKEN_RATE = 2 * REAL_TIME_TOKEN_RATE
-"""The slowest answer (tokens/s) that :class:`AdaptiveBlocks`' cuts keep gapless: twice real time
-(37.5). Cuts are planned on a clock that counts tokens at this rate, never on measured time;
-answers streamed faster only have more audio in hand than planned. docs/PERFORMANCE.md, "Adaptive
-blocks", has the figures of the choice."""
+MIN_TOKEN_RATE = 3 * REAL_TIME_TOKEN_RATE
+"""The slowest answer (tokens/s) that :class:`AdaptiveBlocks`' cuts keep gapless: three times real
+time (56.25). Cuts are planned on a clock that
+counts tokens at this rate, never on measured time; answers streamed faster only have more audio in
+hand than planned. A lower rate cuts more, smaller blocks, and every block costs the decoder its
+prompt as well as its new tokens: at twice real time (37.5) 32 conversations started together
+outran the decoder of an H200 (docs/PERFORMANCE.md, "Adaptive blocks", has the figures)."""
 EARLY_CUT_MARGIN_S = 0.5
 """Audio kept in hand, on the planning clock, for the decoder's latency under load."""
 QUICK_START_MARGIN_S = 0.1
@@ -143,13 +145,18 @@ class AdaptiveBlocks(BlockPolicy):
     block has that shape, which batches well), plus early cuts at the ends of audio runs.
 
     When an audio run ends (a text token follows audio) and at least ``min_block_tokens`` are
-    pending, the block is cut there if a listener would otherwise run dry before it reaches its
-    scheduled size, planned on a clock that counts generated tokens at ``min_token_rate``: audio in
-    hand = the audio cut so far, less what the decoder holds back (``hold_back_s``), less what has
-    played since the first block (its player starting ``player_lead_s`` late), against the wait for
-    the scheduled size (the 13 text tokens ahead and 1.5 tokens per missing audio token) plus
-    :data:`EARLY_CUT_MARGIN_S`. Young answers are cut at every audio run's end; once enough audio is
-    in hand, blocks grow to the schedule's sizes.
+    pending, the block is cut there if a listener would otherwise run dry before the next chance to
+    hand the pending audio out, planned on a clock that counts generated tokens at
+    ``min_token_rate``: audio in hand = the audio cut so far, less what the decoder holds back
+    (``hold_back_s``), less what has played since the first block (its player starting
+    ``player_lead_s`` late), against the wait for that chance plus :data:`EARLY_CUT_MARGIN_S`. The
+    next chance is the sooner of the block reaching its scheduled size (the 13 text tokens ahead and
+    1.5 tokens per missing audio token) and the end of the next audio run (13 text and 26 audio
+    tokens ahead). So a young answer is cut at the ends of its first runs, and each later block
+    spans as many runs as the audio in hand allows, up to the schedule's size: the fewest cuts that
+    keep the planned listener supplied. Every cut costs a decoder call over the block's prompt (up to
+    the decoder's window) as well as its new tokens, so fewer, larger blocks are what lets one
+    decoder keep many listeners supplied (docs/PERFORMANCE.md, "Adaptive blocks").
     """
 
     def __init__(
@@ -196,9 +203,11 @@ class AdaptiveBlocks(BlockPolicy):
         return self.audio_tokens_out / SPEECH_TOKEN_RATE - self.hold_back_s + self.player_lead_s - played
 
     def wait_s(self, demux: DemuxState) -> float:
-        """Seconds on the planning clock until the pending block reaches its scheduled size."""
+        """Seconds on the planning clock, at the end of an audio run, until the next chance to hand the
+        pending audio out: it reaches its scheduled size, or the next audio run ends."""
         missing = max(0, self.schedule.size(demux.blocks_emitted) - demux.pending_audio)
-        return (TEXT_TOKENS_PER_SEGMENT + missing * TOKENS_PER_AUDIO_TOKEN) / self.min_token_rate
+        scheduled = TEXT_TOKENS_PER_SEGMENT + missing * TOKENS_PER_AUDIO_TOKEN
+        return min(scheduled, TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT) / self.min_token_rate
 
 
 # --- pacing: when a cut block is decoded ---------------------------------------------------------------

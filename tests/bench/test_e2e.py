@@ -5,6 +5,7 @@ whose JSON must hold the figures the issue asks for."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench.e2e import combine_runs, layouts_summary, parse_args, question_variant, turn_record
+from bench.e2e import combine_runs, layouts_summary, parse_args, parse_variants, question_variant, turn_record
 from bench.e2e_load import (
     LoadShape,
     capacity,
@@ -213,6 +214,16 @@ def test_repeated_runs_keep_each_runs_underruns_and_the_worst():
     assert summary["ttfa_p50_one_minus_two_process_s"] == pytest.approx(-0.09)
 
 
+def test_variants_name_pipeline_settings_with_their_types():
+    assert parse_variants("rate56:min_token_rate=56.25; b16:decode_batch=16;fixed:adaptive_blocks=off") == [
+        ("rate56", {"min_token_rate": 56.25}), ("b16", {"decode_batch": 16}), ("fixed", {"adaptive_blocks": False})]  # fmt: skip
+    for bad in ("nofield:colour=3", "b0:decode_batch=0", "no settings", "9x:decode_batch=2", "r:min_token_rate=x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_variants(bad)
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--variants", "b0:decode_batch=0"])
+
+
 def test_sections_are_checked():
     args = parse_args(["--sections", "layouts,poisson", "--device", "cpu"])
     assert args.sections == ("layouts", "poisson") and args.llm_device == "cpu" and args.llm_dtype == "float32"
@@ -230,6 +241,7 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "e2e.json"
     command = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--device", "cpu", "--config", "small", "--quick",
                "--sections", ",".join(NEW_SECTIONS), "--levels", "2", "--all-at-once-runs", "2",
+               "--variants", "one_at_a_time:decode_batch=1",
                "--budget-s", "3000", "--out", str(out)]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -264,11 +276,17 @@ def test_the_dry_run_of_each_new_section_writes_its_figures(dry_run, section):
         assert level["runs"] == 2 and len(level["underruns_per_run"]) == 2 and len(level["per_run"]) == 2
         assert {"all_real_time", "real_time_runs", "ttfa_p50", "token_rate_min"} <= set(level)
         assert dry_run["concurrency"]["runs"] == 2
+        for run in level["per_run"]:  # the decoder's batches: what they decoded, how full their graphs were
+            assert run["decoder"]["batches"] >= 1 and run["decoder"]["mean_block_tokens"] >= 1
+        variant = dry_run["concurrency_2_one_at_a_time"]
+        assert variant["changes"] == {"decode_batch": 1} and variant["runs"] == 2
+        assert all(run["decoder"]["mean_batch"] == 1 for run in variant["per_run"])
     else:
         rate = dry_run["poisson_0.3"]
         assert rate["turns"] >= 1 and rate["conversations"] >= 1
         for key in ("ttfa_p50", "ttfa_p95", "ttfa_p99", "underruns", "token_rate_total", "token_rate_p50",
                     "mean_concurrent_conversations", "passes"):  # fmt: skip
             assert key in rate, key
+        assert rate["decoder"]["busy_share"] >= 0 and "mean_batch" in rate["decoder"]
         summary = dry_run["poisson"]
         assert summary["rates_per_s"] == [0.3] and "capacity_conversations" in summary and "meets_target" in summary

@@ -1,0 +1,20 @@
+from glm4voice.decoder.stats import DecodeStats
+
+
+def test_a_run_is_the_difference_of_two_snapshots():
+    stats = DecodeStats()
+    stats.add(blocks=3, graph_rows=4, tokens=30, seconds=0.5)  # before the run
+    before = stats.snapshot()
+    stats.add(blocks=19, graph_rows=32, tokens=19 * 26, seconds=0.2)  # 19 blocks in the batch-32 graph
+    stats.add(blocks=1, graph_rows=1, tokens=10, seconds=0.05)
+    figures = stats.since(before)
+    assert figures == {
+        "batches": 2,
+        "mean_batch": 10.0,
+        "padded_row_share": round(1 - 20 / 33, 3),
+        "mean_block_tokens": round((19 * 26 + 10) / 20, 1),
+        "busy_s": 0.25,
+        "mean_batch_ms": 125.0,
+    }
+    assert before.batches == 1  # the snapshot does not move with the counters
+    assert DecodeStats().since(DecodeStats())["mean_batch"] is None
