@@ -43,6 +43,9 @@ STOP_LATENCY_BOUND_MS = 1500
 GAP_MARGIN = 3.0
 """The gap between the two questions: at least this many times the measured time to first audio."""
 MIN_GAP_S = 1.5
+SCENARIO_ATTEMPTS = 3
+"""Runs of the hands-free scenario, each with twice the gap, until the first answer plays at the second
+question's onset (see the test)."""
 
 
 @contextmanager
@@ -167,21 +170,17 @@ def first_audio_s(browser, stack, shots) -> float:
         page.close()
 
 
-def test_conversation_mode_two_turns_hands_free_with_barge_in(stack, shots, tmp_path, artifacts_dir, special_tokens):
-    """Question one, a silence, then question two while the first answer plays: both answered without a
-    click, the first stopped at the second's onset (measured on the page's clocks), shown cut, and only
-    its heard part in the second prompt."""
-    with chromium(write_microphone(tmp_path / "calibration.wav", [("Hello", 1.0)]).path) as browser:
-        first_audio = first_audio_s(browser, stack, shots)
-    silence_s = DEFAULT_SILENCE_DURATION_MS / 1000
-    gap_s = max(MIN_GAP_S, silence_s + GAP_MARGIN * first_audio + 1.0)
+def conversation(stack, shots, tmp_path, gap_s: float, attempt: int) -> dict:
+    """One run of the hands-free scenario: question one, ``gap_s`` of silence, question two. What the page
+    and the token server saw."""
+    suffix = "" if attempt == 0 else f"-retry{attempt}"
     microphone = write_microphone(
-        tmp_path / "conversation.wav",
+        tmp_path / f"conversation{suffix}.wav",
         [("Hello! What is the weather like today in Paris?", gap_s),
          ("Stop. Tell me a story about a cat instead.", 300.0)],
     )  # fmt: skip
     with chromium(microphone.path) as browser:
-        page = open_page(browser, stack, shots, "conversation", LONG_ANSWER_TOKENS)
+        page = open_page(browser, stack, shots, f"conversation{suffix}", LONG_ANSWER_TOKENS)
         mark = len(stack.requests())
         page.conversation_mode(True)
         page.shot("01-listening")
@@ -193,19 +192,51 @@ def test_conversation_mode_two_turns_hands_free_with_barge_in(stack, shots, tmp_
         page.wait_live("live.bargeIns.length >= 2")
         page.shot("03-interrupted")
         page.wait_live("live.events.filter(e => e.type === 'answer_done').length >= 2", WAIT_MS)
-        status = page.wait_status("Turn 2 · done")
+        run = {"status": page.wait_status("Turn 2 · done")}
         page.audio_durations("bot")
         page.shot("04-two-turns-answered")
-        answers, barge_ins = [e for e in page.live("events") if e["type"] == "answer"], page.live("bargeIns")
-        ended, bot, user_players = page.answers_done(), page.messages("bot"), page.audio_players("user")
+        run |= {
+            "answers": [e for e in page.live("events") if e["type"] == "answer"],
+            "barge_ins": page.live("bargeIns"),
+            "ended": page.answers_done(),
+            "bot": page.messages("bot"),
+            "user_players": page.audio_players("user"),
+            "requests": stack.requests()[mark : mark + 2],
+        }
         page.conversation_mode(False)
         page.shot("05-conversation-mode-off")
+        no_console_errors(page)
+    return run
 
-    first_question, second_question = barge_ins[:2]
-    interrupt = second_question
+
+def test_conversation_mode_two_turns_hands_free_with_barge_in(stack, shots, tmp_path, artifacts_dir, special_tokens):
+    """Question one, a silence, then question two while the first answer plays: both answered without a
+    click, the first stopped at the second's onset (measured on the page's clocks), shown cut, and only
+    its heard part in the second prompt.
+
+    The fake microphone plays its file on a fixed timeline, so the scenario needs the first answer to be
+    audible when the second question starts. The gap is sized from this machine's measured time to first
+    audio; if a load spike still delayed the answer past the second question's onset, the scenario did
+    not happen (the product is not at fault: the answer was interrupted before it was heard), and it runs
+    again with twice the gap, at most :data:`SCENARIO_ATTEMPTS` times."""
+    with chromium(write_microphone(tmp_path / "calibration.wav", [("Hello", 1.0)]).path) as browser:
+        first_audio = first_audio_s(browser, stack, shots)
+    silence_s = DEFAULT_SILENCE_DURATION_MS / 1000
+    gap_s = max(MIN_GAP_S, silence_s + GAP_MARGIN * first_audio + 1.0)
+    for attempt in range(SCENARIO_ATTEMPTS):
+        run = conversation(stack, shots, tmp_path, gap_s, attempt)
+        if run["barge_ins"][1]["playedAtOnsetMs"] > 0:  # the first answer was playing at the second onset
+            break
+        print(f"attempt {attempt + 1}: the first answer was not audible yet at the second question's onset "
+              f"(gap {gap_s:.1f} s); again with a gap of {2 * gap_s:.1f} s")  # fmt: skip
+        gap_s *= 2
+
+    first_question, interrupt = run["barge_ins"][:2]
+    ended, bot = run["ended"], run["bot"]
     figures = {
         "first_audio_s (calibration)": round(first_audio, 3),
         "gap_between_questions_s": round(gap_s, 3),
+        "attempts": attempt + 1,
         "stop_latency_ms (acoustic onset -> silence)": interrupt["stopLatencyMs"],
         "vad_onset_to_silence_ms": interrupt["silentMs"] - interrupt["vadOnsetMs"],
         "played_before_onset_ms": interrupt["playedAtOnsetMs"],
@@ -216,19 +247,18 @@ def test_conversation_mode_two_turns_hands_free_with_barge_in(stack, shots, tmp_
     (artifacts_dir / "browser" / "conversation-barge-in.json").write_text(json.dumps(figures, indent=2))
     print("barge-in, measured by the page:", json.dumps(figures))
     # two turns, no click: the first question found nothing playing; the second interrupted answer one
-    assert first_question["turn"] is None and [a["turn"] for a in answers[:1]] == [interrupt["turn"]]
-    assert len(answers) == 2 and ended[1] in ("completed", "incomplete")
+    assert first_question["turn"] is None and [a["turn"] for a in run["answers"][:1]] == [interrupt["turn"]]
+    assert len(run["answers"]) == 2 and ended[1] in ("completed", "incomplete")
     # the second question began while the first answer played, and the player stopped it promptly
     assert interrupt["playedAtOnsetMs"] > 0, figures
     assert interrupt["onsetMs"] is not None and 0 <= interrupt["stopLatencyMs"] <= STOP_LATENCY_BOUND_MS, figures
     # the chat: two spoken questions, the first answer marked as cut, the second done
-    assert "Turn 2 · done" in status and user_players == 2
+    assert "Turn 2 · done" in run["status"] and run["user_players"] == 2
     assert CUT_MARK in bot[0] and f"cut after {interrupt['playedMs'] / 1000:.1f} s" in bot[0]
     assert sum(CUT_MARK in text for text in bot) == 1
     # the prompt of the second answer holds only what was heard of the first
-    first, second = stack.requests()[mark : mark + 2]
+    first, second = run["requests"]
     assert_prompt_keeps_only_the_heard_part(first, second, interrupt["playedMs"], special_tokens)
-    no_console_errors(page)
 
 
 # --- several tabs, each its own conversation -------------------------------------------------------------
