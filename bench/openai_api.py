@@ -13,7 +13,8 @@ What it measures (medians over ``--repeats`` turns, the spoken question ``bench/
 - ``chat_completions``: ``POST /v1/chat/completions`` streamed (openai SDK, the question as input_audio
   wav): request sent -> first chunk with ``delta.audio.data``;
 - ``realtime``: ``/v1/realtime`` with server VAD, the question and 1 s of silence sent faster than real
-  time: ``speech_stopped`` received -> first ``response.output_audio.delta`` received;
+  time: the last ``speech_stopped`` received -> first ``response.output_audio.delta`` received (a pause
+  inside the question may end a first turn early, whose answer the next words cancel at once);
 - ``barge_in``: during an answer, a second question streamed at real-time pace (20 ms appends): the
   append holding its first speech sample sent -> ``response.done`` (cancelled) received; also when
   ``speech_started`` arrived, and where the VAD put the start (audio time, vs the known onset).
@@ -283,19 +284,31 @@ class Bench:
         a = self.args
         silence = np.zeros(RATE, dtype=np.float32)
         audio = np.concatenate([self.question_24k, silence])
-        times = []
+        times, segments = [], []
         for n in range(a.warmup + a.repeats):
             async with self._client().realtime.connect(model=MODEL) as connection:
                 await connection.session.update(session={"type": "realtime", "max_output_tokens": a.max_tokens})
                 for start in range(0, len(audio), RATE // 10):
                     await connection.input_audio_buffer.append(audio=pcm16_b64(audio[start : start + RATE // 10]))
-                _, stopped = await self._next(connection, "input_audio_buffer.speech_stopped")
-                _, first = await self._next(connection, "response.output_audio.delta")
+                # the question has pauses the VAD may take for the end of the turn (the audio is sent faster
+                # than real time, so the next words follow at once and cancel that answer): the clock
+                # starts at the last speech_stopped before the answer that is heard
+                stops = 0
+                while True:
+                    event, received = await self._next(
+                        connection, "input_audio_buffer.speech_stopped", "response.output_audio.delta"
+                    )
+                    if event["type"] == "input_audio_buffer.speech_stopped":
+                        stopped, stops = received, stops + 1
+                    else:
+                        first = received
+                        break
                 await connection.response.cancel()
                 await self._next(connection, "response.done")
             if n >= a.warmup:
                 times.append(first - stopped)
-        return {"ttfa_from_speech_stopped_ms": median_ms(times), "turns": len(times)}
+                segments.append(stops)
+        return {"ttfa_from_speech_stopped_ms": median_ms(times), "turns": len(times), "speech_stops_per_turn": segments}
 
     async def barge_in(self) -> dict:
         a = self.args
