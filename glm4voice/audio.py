@@ -174,7 +174,7 @@ def _read(source: AudioSource, source_rate: int | None) -> tuple[np.ndarray, int
     if isinstance(source, np.ndarray) or _is_tensor(source):
         if source_rate is None:
             raise AudioError("a sample array needs its sample rate (source_rate)")
-        return _from_array(source, source_rate)
+        return _from_array(_as_numpy(source), source_rate)
     raise AudioError(f"unsupported audio input of type {type(source).__name__}")
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
 from typing import Any, Protocol
 
@@ -95,7 +95,7 @@ def request_body(
     if (prompt is None) == (prompt_token_ids is None):
         raise ValueError("give exactly one of prompt (text) and prompt_token_ids")
     body: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens}
-    if prompt is not None:
+    if prompt_token_ids is None:
         body["prompt"] = prompt
     else:
         body["prompt_token_ids"] = [int(i) for i in prompt_token_ids]
@@ -258,7 +258,7 @@ class AsyncTokenClient:
 class InProcessServer(Protocol):
     """What :class:`InProcessTokenClient` needs (``glm4voice.server.inprocess.InProcessTokenServer``)."""
 
-    def generate_stream(self, body: bytes) -> AsyncIterator[int]: ...
+    def generate_stream(self, body: bytes) -> AsyncGenerator[int, None]: ...
     def health(self) -> Any: ...
 
 

@@ -141,13 +141,14 @@ def _float_problem(value: object, bounds: Bounds, hint: str = "") -> str | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"must be a number, got {value!r}"
     try:
-        value = float(value)
+        number = float(value)
     except OverflowError:  # an int too large for a float
+        assert isinstance(value, int)  # a float is always a float already
         return f"must be in {bounds}{hint}, got an integer of {value.bit_length()} bits"
-    if not math.isfinite(value) or value not in bounds:
-        return f"must be in {bounds}{hint}, got {value}"
-    if value != 0 and abs(value) < FLOAT32_SMALLEST_NORMAL:
-        return f"must be 0 or at least {FLOAT32_SMALLEST_NORMAL:.3g} (float32), got {value}"
+    if not math.isfinite(number) or number not in bounds:
+        return f"must be in {bounds}{hint}, got {number}"
+    if number != 0 and abs(number) < FLOAT32_SMALLEST_NORMAL:
+        return f"must be 0 or at least {FLOAT32_SMALLEST_NORMAL:.3g} (float32), got {number}"
     return None
 
 

@@ -110,7 +110,7 @@ class SpeechTokenizer:
 
     @property
     def num_codes(self) -> int:
-        return self.model.config.quantize_vocab_size
+        return self.model.config.codebook_size
 
     def tokenize(self, audio: SpeechInput, *, source_rate: int | None = None) -> list[int]:
         """Code ids of one utterance (ceil(duration * 12.5) of them)."""

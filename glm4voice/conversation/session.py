@@ -96,7 +96,7 @@ from glm4voice.pipeline import (
     UserText,
     VoiceChat,
 )
-from glm4voice.protocol import EndReason, UserInput
+from glm4voice.protocol import EndReason, TextInput, UserInput
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +181,12 @@ class ConversationSession:
             self._set_turn_detection(config.turn_detection)
 
     def _set_turn_detection(self, detection: TurnDetection | None) -> None:
-        if detection is not None and self.vad is None:
+        if detection is None:
+            self._detector = None
+        elif self.vad is None:
             raise SessionError("vad_unavailable", "server turn detection needs the VAD model")
-        self._detector = None if detection is None else VoiceActivityDetector(self.vad, detection)
+        else:
+            self._detector = VoiceActivityDetector(self.vad, detection)
         self._detector_origin = self.input_samples
         self._speech_item_id = None
         self._reports_due = 0
@@ -212,6 +215,8 @@ class ConversationSession:
             self.input_samples += len(samples)
             if self._detector is None:
                 return
+            # a detector exists only with the VAD and the turn detection it was made for (_set_turn_detection)
+            assert self.vad is not None and detection is not None
             for boundary in await self.vad.run(self._detector.feed, samples):
                 if isinstance(boundary, SpeechStart):
                     await self._speech_started(self._detector_origin + boundary.sample, detection)
@@ -235,6 +240,7 @@ class ConversationSession:
 
     async def _speech_stopped(self, end: int) -> None:
         item_id, self._speech_item_id = self._speech_item_id, None
+        assert item_id is not None  # called in speech only (after SpeechStarted)
         self.emit(SpeechStopped(item_id, samples_to_ms(end)))
         self._drop_before(self._speech_from)
         audio = self._take(end - self._buffer_start)
@@ -301,18 +307,21 @@ class ConversationSession:
             self._take(min(position - self._buffer_start, self._buffered))
 
     def _commit(self, samples: np.ndarray, item_id: str) -> UserItem:
-        item = UserItem(item_id, audio=Audio(samples, INPUT_SAMPLE_RATE))
+        audio = Audio(samples, INPUT_SAMPLE_RATE)
+        item = UserItem(item_id, audio=audio)
         previous = self._insert(item, None)
-        item.ready = asyncio.create_task(self._tokenize(item))
+        item.ready = asyncio.create_task(self._tokenize(item, audio))
         self.emit(InputCommitted(item, previous))
         self.emit(ItemAdded(item, previous))
         return item
 
-    async def _tokenize(self, item: UserItem) -> None:
+    async def _tokenize(self, item: UserItem, audio: Audio) -> None:
+        """Tokenize ``item``'s speech ``audio`` (run as a task: ``item.ready``)."""
         task = asyncio.current_task()
+        assert task is not None  # always run as a task
         self._tokenizing.add(task)
         try:
-            item.input = await self.chat.prepare_input(UserSpeech(item.audio))
+            item.input = await self.chat.prepare_input(UserSpeech(audio))
         except TurnError as error:
             logger.info("user audio %s refused: %s", item.id, error.message)
             if item in self.items:
@@ -328,13 +337,14 @@ class ConversationSession:
         self, text: str, previous_item_id: str | None = None, *, item_id: str | None = None
     ) -> UserItem:
         user_input = await self._prepare(UserText(text))
+        assert isinstance(user_input, TextInput)  # typed input is always tokenized as text
         return self.add_user_input(user_input, previous_item_id, text=user_input.text, item_id=item_id)
 
     def add_user_audio(self, audio: Audio, previous_item_id: str | None = None, item_id: str | None = None) -> UserItem:
         """Spoken input (any rate: the speech tokenizer resamples); tokenized in the background."""
         item = UserItem(self._new_item_id(item_id), audio=audio)
         previous = self._insert(item, previous_item_id)
-        item.ready = asyncio.create_task(self._tokenize(item))
+        item.ready = asyncio.create_task(self._tokenize(item, audio))
         self.emit(ItemAdded(item, previous))
         return item
 
@@ -471,6 +481,7 @@ class ConversationSession:
             else:
                 turns.append(Turn(pending, item.reply_ids))
                 pending = None
+        assert pending is not None  # _check_answerable: a user item ends them, tokenized (refused ones left out)
         return build_prompt(self.chat.text_tokenizer, self.chat.special, turns, pending)
 
     # --- responses ------------------------------------------------------------------------------------
@@ -493,10 +504,10 @@ class ConversationSession:
         self.emit(ResponseCreated(response))
         previous = self._insert(item, None)
         self.emit(ItemAdded(item, previous))
-        response.task = asyncio.create_task(self._run(response))
+        task = response.task = asyncio.create_task(self._run(response))
         # ends the response whatever ended the task, also a cancel before it ever ran; added first, it runs
         # before the callbacks of anyone waiting for the task (cancel_response returns after it)
-        response.task.add_done_callback(lambda _: self._finish(response))
+        task.add_done_callback(lambda _: self._finish(response, task))
         return response
 
     async def cancel_response(self, reason: CancelReason = CancelReason.CLIENT_CANCELLED) -> Response | None:
@@ -507,15 +518,16 @@ class ConversationSession:
             return None
         if response.cancel_reason is None:
             response.cancel_reason = reason
-        response.task.cancel()
-        await asyncio.wait([response.task])
+        task = _task_of(response)
+        task.cancel()
+        await asyncio.wait([task])
         return response
 
     async def wait(self) -> Response | None:
         """Until the answer in flight (if any) is done."""
         response = self.response
         if response is not None:
-            await asyncio.wait([response.task])
+            await asyncio.wait([_task_of(response)])
         return response
 
     async def _run(self, response: Response) -> None:
@@ -565,10 +577,10 @@ class ConversationSession:
         response.cancel_reason = response.cancel_reason or CancelReason.CLIENT_CANCELLED
         self._keep_heard(response)
 
-    def _finish(self, response: Response) -> None:
-        """The response's task is over: settle its status, free the session, report it."""
+    def _finish(self, response: Response, task: asyncio.Task[None]) -> None:
+        """The response's ``task`` is over: settle its status, free the session, report it."""
         if response.status is ResponseStatus.IN_PROGRESS:
-            if response.task.cancelled():  # cancelled before it started
+            if task.cancelled():  # cancelled before it started
                 self._cancelled(response)
             else:  # the turn ended without a final event
                 response.status = ResponseStatus.FAILED
@@ -619,6 +631,13 @@ class ConversationSession:
             task.cancel()
         if self._tokenizing:
             await asyncio.wait(list(self._tokenizing))
+
+
+def _task_of(response: Response) -> asyncio.Task[None]:
+    """The task answering ``response`` (:meth:`ConversationSession.create_response` starts it)."""
+    if response.task is None:
+        raise RuntimeError(f"response {response.id} has no task")
+    return response.task
 
 
 def _refused(item: Item) -> bool:

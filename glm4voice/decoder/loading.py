@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,6 +12,10 @@ from torch import nn
 from cosyvoice.config import load_decoder_config
 from glm4voice.audio import MEL_HOP_LENGTH, NUM_MEL_BINS
 from glm4voice.hub import resolve_checkpoint
+
+if TYPE_CHECKING:
+    from cosyvoice.flow.flow import MaskedDiffWithXvec
+    from cosyvoice.hifigan.generator import HiFTGenerator
 
 CONFIG_FILE = "config.yaml"
 FLOW_FILE = "flow.pt"
@@ -28,7 +33,7 @@ def load_modules(
     flow_ckpt_path: str | os.PathLike[str],
     hift_ckpt_path: str | os.PathLike[str],
     device: torch.device,
-) -> tuple[nn.Module, nn.Module]:
+) -> tuple[MaskedDiffWithXvec, HiFTGenerator]:
     """(flow, hift) built from config.yaml (on the meta device, so no memory is spent on random
     weights), their checkpoints assigned strictly, moved to ``device`` in eval mode."""
     with torch.device("meta"):

@@ -265,6 +265,23 @@ class EngineStats:
     """Cached sequences dropped to make room for a request (least recently used first)."""
 
 
+@dataclass
+class _Counters:
+    """The worker's running totals (read by :meth:`Engine.stats`)."""
+
+    tokens: int = 0
+    prompt_tokens: int = 0
+    finished: int = 0
+    failed: int = 0
+    decode_steps: int = 0
+    prefill_chunks: int = 0
+    decode_seconds: float = 0
+    prefill_seconds: float = 0
+    prefix_hits: int = 0
+    prefix_tokens_reused: int = 0
+    prefix_evictions: int = 0
+
+
 # --- streams -----------------------------------------------------------------------------------------
 
 
@@ -400,7 +417,7 @@ class Engine:
         self._decoding: list[_Request] = []
         self._prefix: PrefixCache | None = None
         self._inflight: tuple[list[_Request], Launch] | None = None
-        self._counters = collections.Counter()
+        self._counters = _Counters()
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, config: EngineConfig | None = None, **kwargs) -> Engine:
@@ -414,20 +431,18 @@ class Engine:
     # --- properties ---------------------------------------------------------------------------------
     @property
     def model_config(self) -> GLMConfig:
-        self._require_loaded()
-        return self._loaded.config
+        return self._require_loaded().config
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        self._require_loaded()
-        return self._stop_override if self._stop_override is not None else self._loaded.stop_ids
+        loaded = self._require_loaded()
+        return self._stop_override if self._stop_override is not None else loaded.stop_ids
 
     @property
     def max_seq_len(self) -> int:
         """Positions per stream (prompt + reply): ``config.max_seq_len``, capped by config.json's
         ``seq_length`` if it states one (:func:`glm4voice.llm.config.context_limit`; logged at start)."""
-        self._require_loaded()
-        return context_limit(self._loaded.config, self.config.max_seq_len)[0]
+        return context_limit(self._require_loaded().config, self.config.max_seq_len)[0]
 
     @property
     def vocab_size(self) -> int:
@@ -469,9 +484,24 @@ class Engine:
             raise EngineNotRunningError("the engine has not been started")
         return self._runner
 
-    def _require_loaded(self) -> None:
+    def _require_loaded(self) -> LoadedModel:
         if self._loaded is None:
             raise EngineNotRunningError("the model is loaded by start(); call it first")
+        return self._loaded
+
+    @property
+    def _prefix_cache(self) -> PrefixCache:
+        """The worker's prefix cache (made by start(), before the worker serves)."""
+        if self._prefix is None:
+            raise EngineNotRunningError("the engine has not been started")
+        return self._prefix
+
+    @property
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop that called start() (streams' events are handed to it)."""
+        if self._loop is None:
+            raise EngineNotRunningError("the engine has not been started")
+        return self._loop
 
     def stats(self) -> EngineStats:
         c = self._counters
@@ -479,17 +509,17 @@ class Engine:
             running=self.running,
             active_streams=len(self._prefilling) + len(self._decoding),
             queued=self._queued,
-            tokens_generated=c["tokens"],
-            prompt_tokens=c["prompt_tokens"],
-            requests_finished=c["finished"],
-            requests_failed=c["failed"],
-            decode_steps=c["decode_steps"],
-            prefill_chunks=c["prefill_chunks"],
-            decode_seconds=c["decode_seconds"],
-            prefill_seconds=c["prefill_seconds"],
-            prefix_hits=c["prefix_hits"],
-            prefix_tokens_reused=c["prefix_tokens_reused"],
-            prefix_evictions=c["prefix_evictions"],
+            tokens_generated=c.tokens,
+            prompt_tokens=c.prompt_tokens,
+            requests_finished=c.finished,
+            requests_failed=c.failed,
+            decode_steps=c.decode_steps,
+            prefill_chunks=c.prefill_chunks,
+            decode_seconds=c.decode_seconds,
+            prefill_seconds=c.prefill_seconds,
+            prefix_hits=c.prefix_hits,
+            prefix_tokens_reused=c.prefix_tokens_reused,
+            prefix_evictions=c.prefix_evictions,
         )
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -587,7 +617,7 @@ class Engine:
         if not events:
             return
         try:
-            self._loop.call_soon_threadsafe(self._dispatch, events)
+            self._event_loop.call_soon_threadsafe(self._dispatch, events)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             logger.warning("event loop closed; dropping %d stream events", len(events))
 
@@ -607,10 +637,10 @@ class Engine:
         except BaseException as error:
             logger.exception("engine start failed")
             self._fatal = error
-            self._loop.call_soon_threadsafe(_resolve, ready, error)
+            self._event_loop.call_soon_threadsafe(_resolve, ready, error)
             self._signal_closed(error)
             return
-        self._loop.call_soon_threadsafe(_resolve, ready, None)
+        self._event_loop.call_soon_threadsafe(_resolve, ready, None)
         reason: BaseException = EngineStoppedError("the engine was stopped")
         try:
             with torch.inference_mode():
@@ -626,7 +656,7 @@ class Engine:
 
     def _signal_closed(self, error: BaseException | None) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._on_closed, error)
+            self._event_loop.call_soon_threadsafe(self._on_closed, error)
         except RuntimeError:  # the event loop is closed: nobody is waiting
             pass
 
@@ -646,6 +676,7 @@ class Engine:
         config = self.config
         device = config.torch_device()
         if self._loaded is None:
+            assert not isinstance(self._source, LoadedModel)  # __init__ keeps a loaded model as _loaded
             self._loaded = load_model(
                 self._source, device=device, dtype=config.activation_dtype(),
                 quantize=config.dtype if config.dtype in QUANTIZED_DTYPES else None, method=config.quant_method,
@@ -707,7 +738,7 @@ class Engine:
             elif kind == "cancel":
                 self._cancel_request(payload)
             elif kind == "drop_cache":
-                self._prefix.drop_cached()
+                self._prefix_cache.drop_cached()
 
     def _cancel_request(self, request_id: int) -> None:
         for request in self._waiting:
@@ -731,30 +762,30 @@ class Engine:
     def _admit(self) -> None:
         events: list[_Event] = []
         try:
-            while self._waiting and self._prefix.has_free_slot():
+            while self._waiting and self._prefix_cache.has_free_slot():
                 self._place(self._waiting.popleft(), events)
         finally:
             self._post(events)  # first tokens of repeated prompts (no prefill needed)
 
     def _place(self, request: _Request, events: list[_Event]) -> None:
         self._dequeued()
-        placement = self._prefix.place(request.prompt)
+        placement = self._prefix_cache.place(request.prompt)
         request.slot, request.prefilled = placement.slot, placement.reuse
         params = request.params
         try:
             if placement.copy_from is not None:
-                self._runner.copy_prefix(placement.copy_from, placement.slot, placement.reuse, placement.repeat)
-            self._runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
-            token = self._runner.sample_first(request.slot, len(request.prompt)) if placement.repeat else None
+                self.runner.copy_prefix(placement.copy_from, placement.slot, placement.reuse, placement.repeat)
+            self.runner.set_sampling(request.slot, float(params.temperature), float(params.top_p), request.seed)
+            token = self.runner.sample_first(request.slot, len(request.prompt)) if placement.repeat else None
         except Exception as error:
             logger.exception("setting up request %d failed", request.id)
             self._fail(request, error)
             self._step_failed(error)
             return
         if placement.reuse:
-            self._counters["prefix_hits"] += 1
-            self._counters["prefix_tokens_reused"] += placement.reuse
-        self._counters["prefix_evictions"] += placement.evicted
+            self._counters.prefix_hits += 1
+            self._counters.prefix_tokens_reused += placement.reuse
+        self._counters.prefix_evictions += placement.evicted
         if token is None:
             self._prefilling.append(request)
         elif self._accept(request, token, events):
@@ -773,7 +804,7 @@ class Engine:
     def _release(self, request: _Request, keep: bool) -> None:
         """Free the request's slot; ``keep``: its keys and values stay cached for later requests."""
         if request.slot >= 0:
-            self._prefix.release(request.slot, keep)
+            self._prefix_cache.release(request.slot, keep)
             request.slot = -1
 
     def _prefill(self, events: list[_Event]) -> None:
@@ -786,7 +817,7 @@ class Engine:
             last = start + len(chunk) == len(request.prompt)
             started = time.perf_counter()
             try:
-                token = self._runner.prefill(request.slot, chunk, start, sample=last)
+                token = self.runner.prefill(request.slot, chunk, start, sample=last)
             except Exception as error:
                 logger.exception("prefill of request %d failed", request.id)
                 self._prefilling.pop(0)
@@ -794,15 +825,16 @@ class Engine:
                 self._step_failed(error)
                 continue
             self._failures_in_a_row = 0
-            self._counters["prefill_chunks"] += 1
-            self._counters["prefill_seconds"] += time.perf_counter() - started
-            self._counters["prompt_tokens"] += len(chunk)
-            self._prefix.written(request.slot, start, chunk)
+            self._counters.prefill_chunks += 1
+            self._counters.prefill_seconds += time.perf_counter() - started
+            self._counters.prompt_tokens += len(chunk)
+            self._prefix_cache.written(request.slot, start, chunk)
             request.prefilled += len(chunk)
             budget -= len(chunk)
             if last:
                 self._prefilling.pop(0)
-                self._prefix.prompt_done(request.slot, len(request.prompt))
+                self._prefix_cache.prompt_done(request.slot, len(request.prompt))
+                assert token is not None  # the last chunk samples (sample=last)
                 if self._accept(request, token, events):
                     self._decoding.append(request)
 
@@ -818,14 +850,14 @@ class Engine:
             if inflight is not None:
                 batch, launch = inflight
                 if self._decoding and batch == self._decoding:
-                    self._inflight = (batch, self._runner.launch(launch.rows, after=launch))
-                    self._counters["decode_steps"] += 1
-                self._take_tokens(batch, self._runner.collect(launch), events)
+                    self._inflight = (batch, self.runner.launch(launch.rows, after=launch))
+                    self._counters.decode_steps += 1
+                self._take_tokens(batch, self.runner.collect(launch), events)
             if self._inflight is None and self._decoding:
                 batch = list(self._decoding)
                 rows = [DecodeRow(r.slot, r.last_token, r.position) for r in batch]
-                self._inflight = (batch, self._runner.launch(rows))
-                self._counters["decode_steps"] += 1
+                self._inflight = (batch, self.runner.launch(rows))
+                self._counters.decode_steps += 1
         except Exception as error:
             failed = list(self._decoding)
             self._inflight = None
@@ -836,7 +868,7 @@ class Engine:
             logger.exception("decode step failed for %d streams", len(failed))
         else:
             self._failures_in_a_row = 0
-        self._counters["decode_seconds"] += time.perf_counter() - started
+        self._counters.decode_seconds += time.perf_counter() - started
 
     def _take_tokens(self, batch: list[_Request], tokens: list[int], events: list[_Event]) -> None:
         ended = set()
@@ -852,8 +884,8 @@ class Engine:
         """Record a new token; True if the request goes on."""
         request.generated += 1
         request.last_token = token
-        self._prefix.drawn(request.slot, request.position, token)
-        self._counters["tokens"] += 1
+        self._prefix_cache.drawn(request.slot, request.position, token)
+        self._counters.tokens += 1
         reason = None
         if token in request.stop_ids:
             reason = FinishReason.STOP
@@ -866,14 +898,14 @@ class Engine:
             events.append((request.stream, token, None))
             return True
         self._release(request, keep=True)
-        self._counters["finished"] += 1
+        self._counters.finished += 1
         events.append((request.stream, token, _End(reason)))
         return False
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         """End ``request``'s stream with GenerationError (posted at once: the worker may stop next)."""
         self._release(request, keep=False)
-        self._counters["failed"] += 1
+        self._counters.failed += 1
         failure = GenerationError(f"generation failed: {type(error).__name__}: {error}")
         failure.__cause__ = error
         self._post([(request.stream, None, _End(FinishReason.ERROR, failure))])
@@ -891,8 +923,10 @@ class Engine:
             if request in self._waiting:
                 self._dequeued()
             self._release(request, keep=False)
-            error = EngineStoppedError(str(reason)) if isinstance(reason, EngineStoppedError) else None
-            if error is None:
+            error: EngineError
+            if isinstance(reason, EngineStoppedError):
+                error = EngineStoppedError(str(reason))
+            else:
                 error = GenerationError(f"the engine worker failed: {type(reason).__name__}: {reason}")
                 error.__cause__ = reason
             events.append((request.stream, None, _End(FinishReason.ERROR, error)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from glm4voice.llm.config import DEFAULT_SEQ_LENGTH
-from glm4voice.llm.model import GLMModel
+from glm4voice.llm.model import Block, GLMModel
 
 
 def transformers_glm_config(model: GLMModel, **overrides):
@@ -58,6 +58,7 @@ def to_transformers_glm(model: GLMModel, attn_implementation: str = "sdpa"):
         "lm_head.weight": model.lm_head.weight,
     }
     for i, block in enumerate(model.layers):
+        assert isinstance(block, Block)  # GLMModel.layers holds Blocks only
         prefix = f"model.layers.{i}."
         w = block.qkv.weight
         state |= {
@@ -94,8 +95,8 @@ def queue_streamer():
     from transformers.generation.streamers import BaseStreamer
 
     class QueueStreamer(BaseStreamer):
-        def __init__(self):
-            self.queue: queue.Queue = queue.Queue()
+        def __init__(self) -> None:
+            self.queue: queue.Queue[int | None] = queue.Queue()
             self.prompt_seen = False
 
         def put(self, value):

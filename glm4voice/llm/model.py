@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -231,8 +232,8 @@ class GLMModel(nn.Module):
     def compile_steps(self, **compile_options) -> None:
         """torch.compile the per-token functions (compiled once, shared by all layers; the
         number of tokens is dynamic)."""
-        self.steps = tuple(dynamic_rows(torch.compile(fn, **compile_options)) for fn in PREFILL_STEPS)
-        self.decode_steps = tuple(dynamic_rows(torch.compile(fn, **compile_options)) for fn in DECODE_STEPS)
+        self.steps = _compiled_steps(PREFILL_STEPS, compile_options)
+        self.decode_steps = _compiled_steps(DECODE_STEPS, compile_options)
         self.softmax = dynamic_rows(torch.compile(masked_softmax, **compile_options), last_dim=True)
 
     def eager_steps(self) -> None:
@@ -399,6 +400,12 @@ class GLMModel(nn.Module):
         n = ids.shape[0]
         cache = KVCache.allocate(self.config, 1, n, self.dtype, ids.device)
         return self.prefill(ids, cache, 0, 0, self.rope_tables(n, ids.device), last_only=False)
+
+
+def _compiled_steps(steps: StepFunctions, compile_options: dict[str, Any]) -> StepFunctions:
+    """Each of ``steps`` compiled (:func:`dynamic_rows`), in order."""
+    first, second, third = (dynamic_rows(torch.compile(fn, **compile_options)) for fn in steps)
+    return first, second, third
 
 
 def dynamic_rows(fn: Callable, last_dim: bool = False) -> Callable:

@@ -417,7 +417,7 @@ def run(args, device: torch.device, reference_device: torch.device) -> QualityRe
     config = engine_config(reference_device, args.reference_dtype, None, longest, args.eager)
     reference = answer_and_score(loaded, config, prompts, args.steps)
     stop_ids = loaded.stop_ids
-    loaded = None
+    del loaded
     free_memory()
 
     quantized = args.dtype in QUANTIZED_DTYPES
@@ -427,7 +427,7 @@ def run(args, device: torch.device, reference_device: torch.device) -> QualityRe
     loaded = load_model(folder, device=device, dtype=config.activation_dtype(),
                         quantize=args.dtype if quantized else None, method=args.method)  # fmt: skip
     tested = answer_and_score(loaded, config, prompts, args.steps, reference=reference.tokens)
-    loaded = None
+    del loaded
     free_memory()
     return compare(tested_name, args.reference_dtype, prompts, reference, tested, special.audio_offset, stop_ids)
 

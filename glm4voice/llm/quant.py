@@ -244,10 +244,11 @@ def quantize_model(model: GLMModel, method: Method) -> GLMModel:
     """Quantize every linear layer and the embedding of an already loaded floating-point ``model`` in
     place (the loader does this tensor by tensor instead; this is for models built in memory: tests,
     benchmarks)."""
-    names = [name for name, m in model.named_modules() if type(m) is Linear and not is_quantized_tensor(m.weight)]
-    for name in names:
-        weight = model.get_submodule(name).weight.detach()
-        quantize_linear(model, name, weight, method)
+    linears = [
+        (name, m) for name, m in model.named_modules() if type(m) is Linear and not is_quantized_tensor(m.weight)
+    ]
+    for name, linear in linears:
+        quantize_linear(model, name, linear.weight.detach(), method)
     if not isinstance(model.embed, Int8Embedding):
         quantize_embedding(model, "embed", model.embed.weight.detach())
     return model
@@ -324,6 +325,9 @@ class Int8Embedding(nn.Module):
     """An embedding table of int8 rows with one scale per row (``table ~= weight * scale[:, None]``);
     a lookup gathers the rows' int8 values and scales them (shape comments: ids [n] -> [n, dim])."""
 
+    scale: torch.Tensor
+    """[rows] (a buffer)."""
+
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device="meta"),
@@ -350,6 +354,9 @@ class Int8Embedding(nn.Module):
 class FusedInt8Linear(Linear):
     """``y = x (q * scale)^T (+ b)`` with int8 ``q`` [out, in] and one scale per output row (the
     ``int8:fused`` method). Round-to-nearest per-channel int8 is close to lossless for LLM weights."""
+
+    scale: torch.Tensor
+    """[out] (a buffer)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         with torch.device("meta"):  # the weight is set by from_float: allocate nothing here

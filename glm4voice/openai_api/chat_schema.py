@@ -90,8 +90,13 @@ class AssistantMessage(_Strict):
 
 Message = Union[SystemMessage, UserMessage, AssistantMessage]  # noqa: UP007 (runtime alias for pydantic)
 Part = Union[TextPart, AudioPart, RefusalPart]  # noqa: UP007 (runtime alias for pydantic)
-ROLES = {"system": SystemMessage, "developer": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-PARTS = {
+ROLES: dict[str, type[Message]] = {
+    "system": SystemMessage,
+    "developer": SystemMessage,
+    "user": UserMessage,
+    "assistant": AssistantMessage,
+}
+PARTS: dict[str, dict[str, type[Part]]] = {
     "system": {"text": TextPart},
     "developer": {"text": TextPart},
     "user": {"text": TextPart, "input_audio": AudioPart},
@@ -121,14 +126,14 @@ def parse_messages(raw: list[Any]) -> list[tuple[Message, list[Part]]]:
     return parsed
 
 
-def _parts(content: Any, allowed: dict[str, type[BaseModel]], where: str) -> list[Part]:
+def _parts(content: Any, allowed: dict[str, type[Part]], where: str) -> list[Part]:
     if content is None:
         return []
     if isinstance(content, str):
         return [TextPart(type="text", text=content)]
     if not isinstance(content, list):
         raise invalid(f"{where} must be a string or a list of content parts", where)
-    parts = []
+    parts: list[Part] = []
     for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in allowed:
@@ -162,7 +167,7 @@ class StreamOptions(_Strict):
     include_obfuscation: StrictBool | None = None
 
 
-_NEUTRAL = {
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1, None),
     "stop": (None, [], ""),
     "frequency_penalty": (0, 0.0, None),

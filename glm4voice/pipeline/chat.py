@@ -429,7 +429,7 @@ class VoiceChat:
         *,
         decode_audio: bool = True,
         progress: TurnProgress | None = None,
-    ) -> AsyncIterator[TurnEvent]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         """The answer to a prompt the caller built (e.g. from its own history): AssistantText and
         AssistantAudio events, then exactly one TurnFinished or TurnFailed (no InputAccepted). With
         ``decode_audio=False`` the decoder is never called: audio tokens are generated (the model

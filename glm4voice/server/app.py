@@ -96,6 +96,12 @@ class ServerState:
         if self.request_exit is not None:
             self.request_exit()
 
+    def text_tokenizer(self) -> GLMTokenizer:
+        """The text tokenizer (loaded by the lifespan before the server is ready)."""
+        if self.tokenizer is None:
+            raise RuntimeError("the text tokenizer is not loaded yet (the server has not started)")
+        return self.tokenizer
+
     def limits(self) -> PromptLimits:
         """Prompt limits (once the engine has started: they depend on the loaded model)."""
         engine_limit = getattr(self.backend, "max_seq_len", self.settings.max_seq_len) - 1
@@ -195,8 +201,9 @@ async def open_stream(state: ServerState, body: bytes, arrived: float) -> Stream
             )
         parsed = parse_generate_request(body, settings.max_new_tokens_cap)
         if parsed.prompt is not None:
-            prompt_ids = await anyio.to_thread.run_sync(state.tokenizer.encode_prompt, parsed.prompt)
+            prompt_ids = await anyio.to_thread.run_sync(state.text_tokenizer().encode_prompt, parsed.prompt)
         else:
+            assert parsed.prompt_token_ids is not None  # the schema requires exactly one of the two
             prompt_ids = list(parsed.prompt_token_ids)
         check_prompt_ids(prompt_ids, state.limits())
     except RequestError as error:

@@ -27,7 +27,7 @@ stops accepting work and calls the ``on_engine_failure`` callback (``web_demo.py
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -70,7 +70,7 @@ class InProcessTokenServer:
         async with self.app.router.lifespan_context(self.app):
             yield self
 
-    async def generate_stream(self, body: bytes) -> AsyncIterator[int]:
+    async def generate_stream(self, body: bytes) -> AsyncGenerator[int, None]:
         """``POST /generate_stream`` without HTTP: ``body`` as the HTTP client sends it, the token ids
         as the route streams them. Raises :class:`~glm4voice.server.streaming.StreamRefused` (the JSON
         answer) before the first token, :class:`~glm4voice.server.streaming.StreamBroken` (the final

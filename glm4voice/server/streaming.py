@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -55,7 +55,7 @@ class StreamRefused(Exception):
     Retry-After) the HTTP server sends instead of a stream."""
 
     def __init__(self, response: Response):
-        super().__init__(response.body.decode("utf-8", errors="replace").strip())
+        super().__init__(bytes(response.body).decode("utf-8", errors="replace").strip())
         self.response = response
 
 
@@ -129,7 +129,7 @@ def refusal(status: int, text: str, retry_after_s: int | None = None) -> StreamR
     return StreamRefused(json_response(status, wire.error_body(text), headers))
 
 
-async def job_tokens(job: StreamJob) -> AsyncIterator[int]:
+async def job_tokens(job: StreamJob) -> AsyncGenerator[int, None]:
     """The token ids of ``job`` (see the module doc): raises :class:`StreamRefused` before the first
     token, :class:`StreamBroken` after it; sets ``job.outcome``. Closing it early (or cancelling the
     task that iterates it) cancels the engine stream. The caller ends the job (:meth:`StreamJob.end`)."""

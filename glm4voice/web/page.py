@@ -58,7 +58,7 @@ from glm4voice.defaults import (
     MAX_NEW_TOKENS_MIN,
 )
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
-from glm4voice.pipeline import GenerationOptions, TurnError, UserSpeech, UserText, VoiceChat
+from glm4voice.pipeline import GenerationOptions, TurnError, UserRequest, UserSpeech, UserText, VoiceChat
 from glm4voice.protocol import InputMode
 from glm4voice.web import live_script, player_script
 from glm4voice.web.chat_view import AnswerView, failure_markdown
@@ -271,6 +271,8 @@ class TurnHandler:
         self, tab: PageTab, mode, audio_path, text, temperature, top_p, max_new_tokens
     ) -> AsyncIterator[PageUpdate]:
         epoch = tab.epoch
+        request: UserRequest
+        content: dict[str, str] | str
         if mode == InputMode.AUDIO.value:
             request, content = UserSpeech(audio_path), {"path": str(audio_path)}
         else:
@@ -299,8 +301,9 @@ class TurnHandler:
                 return
             yield self._finished(tab, answer, text, audio_path)
         finally:
-            if not answer.done and tab.epoch == epoch:  # the page went away: the answer stops too
-                answer.response.task.cancel()
+            task = answer.response.task
+            if not answer.done and tab.epoch == epoch and task is not None:  # the page went away: it stops too
+                task.cancel()
 
     @staticmethod
     async def _cleared(tab: PageTab) -> PageUpdate:
@@ -525,8 +528,8 @@ def create_demo(
                     conversation = gr.Checkbox(False, label="Conversation mode: the microphone stays open; just "
                                                "talk, and speak over an answer to interrupt it",
                                                elem_id="conversation-mode")  # fmt: skip
-                    low, high, step = SILENCE_SLIDER
-                    silence = gr.Slider(low, high, value=DEFAULT_SILENCE_DURATION_MS, step=step,
+                    low_ms, high_ms, step_ms = SILENCE_SLIDER
+                    silence = gr.Slider(low_ms, high_ms, value=DEFAULT_SILENCE_DURATION_MS, step=step_ms,
                                         label="Silence that ends your turn (ms)", elem_id="silence-ms")  # fmt: skip
                 mode = gr.Radio([InputMode.AUDIO.value, InputMode.TEXT.value], value=InputMode.AUDIO.value,
                                 label="Input mode", elem_id="input-mode")  # fmt: skip

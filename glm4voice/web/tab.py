@@ -39,7 +39,8 @@ from glm4voice.conversation import (
     TurnDetection,
 )
 from glm4voice.conversation.vad import SileroVAD
-from glm4voice.pipeline import FailureKind, GenerationOptions, TurnError, UserRequest, UserSpeech, VoiceChat
+from glm4voice.pipeline import FailureKind, GenerationOptions, TurnError, UserRequest, VoiceChat
+from glm4voice.protocol import TextInput
 from glm4voice.web.chat_view import AnswerView, ChatView
 from glm4voice.web.files import DemoFiles
 from glm4voice.web.streams import AudioStreams, stream_url
@@ -106,12 +107,14 @@ class PageTab:
                 raise TurnError(FailureKind.SESSION_BUSY, BUSY_MESSAGE)
             item_id = f"item_{secrets.token_hex(10)}"
             self.view.show_user(item_id, content, began)
-            text = None if isinstance(request, UserSpeech) else user_input.text
+            text = user_input.text if isinstance(user_input, TextInput) else None
             self.session.add_user_input(user_input, text=text, item_id=item_id)
             prompt_tokens = len(await self.session.prompt_ids())  # what the answer's task will send
             response = self.session.create_response(options=options)
             response.prompt_tokens = prompt_tokens
         answer = self.view.answer_for(response)
+        if answer is None:  # the view adds it when the session announces the response (ResponseCreated)
+            raise RuntimeError("the chat view has no answer for the response just created")
         self._bump()
         return answer
 
