@@ -30,6 +30,7 @@ from fastapi.responses import Response as HTTPResponse
 from pydantic import ValidationError
 from starlette.types import Send
 
+from glm4voice.audio import to_pcm16
 from glm4voice.conversation import (
     ConversationSession,
     Response,
@@ -42,7 +43,7 @@ from glm4voice.conversation import (
     SessionEvent,
     new_id,
 )
-from glm4voice.openai_api.audio import API_SAMPLE_RATE, decode_base64, encode_answer, pcm16_base64, to_pcm16
+from glm4voice.openai_api.audio import API_SAMPLE_RATE, decode_base64, encode_answer, pcm16_base64
 from glm4voice.openai_api.chat_schema import (
     AssistantMessage,
     AudioPart,
