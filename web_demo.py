@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="audio tokens per decoded block, first to last (default %(default)s)",
     )
     parser.add_argument(
+        "--min-token-rate",
+        type=_positive_rate,
+        default=PipelineConfig().min_token_rate,
+        help="the slowest answer (tokens/s) the audio blocks are planned for (default %(default)s, three times "
+        "real time); lower it below what the LLM streams on a slow GPU (bench/llm.py): smaller blocks, more "
+        "decoder work",
+    )
+    parser.add_argument(
         "--max-concurrent-turns",
         type=int,
         default=None,
@@ -135,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens per second, got {text}")
+    return rate
+
+
 def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, Any]:
     """Load the models once (text tokenizer files, speech tokenizer, decoder) and the client
     (``client``: one given by the caller, e.g. the one-process layout's in-process client; default:
@@ -148,7 +166,7 @@ def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, 
 
     device = str(resolve_device(args.device))
     block_sizes = tuple(int(s) for s in args.block_sizes.split(",") if s.strip())
-    config = PipelineConfig(block_sizes=block_sizes)
+    config = PipelineConfig(block_sizes=block_sizes, min_token_rate=args.min_token_rate)
     started = time.perf_counter()
     llm_folder = resolve_checkpoint(args.model_path, allow_patterns=[TOKENIZER_MODEL_FILE, TOKENIZER_CONFIG_FILE])
     text_tokenizer = GLMTokenizer.from_pretrained(llm_folder)
