@@ -537,8 +537,7 @@ class E2EBench:
                 break
             level = await self.all_at_once(chat, count, long)
             for name, changes in args.variants:  # the same level with other pipeline settings, for comparison
-                variant = VoiceChat(chat.text_tokenizer, chat.speech_tokenizer, chat.decoder, chat.client,
-                                    replace(chat.config, **changes))  # fmt: skip
+                variant = with_config(chat, **changes)
                 try:
                     self.section(f"concurrency_{count}_{name}", {"changes": changes,
                                                                  **await self.all_at_once(variant, count, long)})  # fmt: skip
@@ -568,8 +567,7 @@ class E2EBench:
         return combine_runs(runs)
 
     async def unbatched(self, chat: VoiceChat, long: int) -> dict:
-        unbatched = VoiceChat(chat.text_tokenizer, chat.speech_tokenizer, chat.decoder, chat.client,
-                              replace(chat.config, decode_batch=1))  # fmt: skip
+        unbatched = with_config(chat, decode_batch=1)
         try:
             t0 = time.perf_counter()
             records = await self.together(unbatched, self.args.unbatched_level, long, 77000)
@@ -824,6 +822,12 @@ class E2EBench:
         info |= {"llm_dtype": self.args.llm_dtype, "levels": self.args.levels, "max_seq_len": self.args.max_seq_len,
                  "max_streams": self.max_streams}  # fmt: skip
         self.section("memory" if layout == self.args.layout else f"memory_{layout.replace('-', '_')}", info)
+
+
+def with_config(chat: VoiceChat, **changes) -> VoiceChat:
+    """A pipeline on ``chat``'s models and client with other :class:`PipelineConfig` settings (close it)."""
+    return VoiceChat(chat.text_tokenizer, chat.speech_tokenizer, chat.decoder, chat.client,
+                     replace(chat.config, **changes))  # fmt: skip
 
 
 def parse_variants(text: str) -> list[tuple[str, dict]]:
