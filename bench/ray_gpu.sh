@@ -7,7 +7,8 @@
 #   call 1, carry [".whl-ray/part1"]:           bash bench/ray_gpu.sh stash .whl-ray/part1
 #   call 2, carry [".whl-ray/part2", ".whl"]:   bash bench/ray_gpu.sh stash .whl-ray/part2 && bash bench/ray_gpu.sh install
 #                                               && PYTHONPATH=/tmp/site python3 bench/ray_e2e.py ...
-# (.whl: the project's own wheels, ../shared/device/fetch-wheels.sh; `install` installs both sets.)
+# (.whl: wheels of the web stack and audio packages the GPU image lacks, downloaded beforehand on a machine
+# with network access; `install` installs both sets.)
 #
 #   fetch [DIR] [PART_MB]   download into DIR (default .whl-ray, ignored by git) and split into parts of at
 #                           most PART_MB MiB (default 40: a part, the 2.4 MiB working tree and the project's
