@@ -3,8 +3,12 @@
 No host round trip and no torch.Generator state: row ``i`` draws one uniform number from a
 counter-based hash of (its seed, the index of the token being drawn), so the whole step can live
 in a CUDA graph, a request's draws do not depend on which other requests share its batch, and the
-same seed replays the same reply. The token is found by inverting the cumulative distribution of
-the kept tokens (sorted by probability), which costs one sort and a few passes over the vocabulary.
+same seed replays the same reply. The kept set is found in probability order (one sort); the token
+is then found by inverting the cumulative distribution of the kept tokens in *vocabulary* order.
+Inverting in vocabulary order keeps the draw stable under float noise: logits computed in another
+batch, or after a prefix-cache hit, differ in the last bits, which can swap two near-equal tokens in
+the sorted order (and would then move every later token's interval); in vocabulary order such noise
+only moves interval edges by as much as the noise itself.
 
 Semantics match transformers' ``TemperatureLogitsWarper`` then ``TopPLogitsWarper``: divide the
 logits by the temperature, keep the most probable tokens until their mass reaches ``top_p`` (the
@@ -55,9 +59,13 @@ def sample_next(
     keep = (cumulative - sorted_probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
     # a prefix of the sorted order; at least the most probable token even when top_p is 0 in float32
     # (a positive top_p below float32's range, e.g. 1e-50, arrives here as 0.0)
-    kept = keep.sum(dim=-1, keepdim=True).clamp_min(1)
-    kept_mass = cumulative.gather(-1, kept - 1)
-    target = uniform(seeds, counters)[:, None] * kept_mass
-    index = (cumulative <= target).sum(dim=-1, keepdim=True).clamp_max(kept - 1)
-    sampled = sorted_ids.gather(-1, index).squeeze(-1)
+    keep[:, 0] = True
+    kept = torch.zeros_like(keep).scatter_(-1, sorted_ids, keep)  # [b, vocab] in vocabulary order
+    mass = torch.where(kept, probs, 0.0).cumsum(dim=-1)  # [b, vocab]
+    target = uniform(seeds, counters)[:, None] * mass[:, -1:]
+    # the first kept token whose interval ends above the target; rounding can put the target at the
+    # total mass, so clamp to the last kept token
+    vocab_ids = torch.arange(probs.shape[-1], device=probs.device)
+    last_kept = torch.where(kept, vocab_ids, 0).amax(dim=-1)
+    sampled = (mass <= target).sum(dim=-1).minimum(last_kept)
     return torch.where(temperature > 0, sampled, greedy)
