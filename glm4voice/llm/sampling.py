@@ -1,18 +1,22 @@
 """Temperature / top-p sampling for a batch of rows, on the device, with per-row seeds.
 
-No host round trip and no torch.Generator state: row ``i`` draws one uniform number from a
-counter-based hash of (its seed, the index of the token being drawn), so the whole step can live
-in a CUDA graph, a request's draws do not depend on which other requests share its batch, and the
-same seed replays the same reply. The kept set is found in probability order (one sort); the token
-is then found by inverting the cumulative distribution of the kept tokens in *vocabulary* order.
-Inverting in vocabulary order keeps the draw stable under float noise: logits computed in another
-batch, or after a prefix-cache hit, differ in the last bits, which can swap two near-equal tokens in
-the sorted order (and would then move every later token's interval); in vocabulary order such noise
-only moves interval edges by as much as the noise itself.
+No host round trip and no torch.Generator state: the random numbers are a counter-based hash of (the
+row's seed, the index of the token being drawn, the vocabulary id), so the whole step can live in a
+CUDA graph, a request's draws do not depend on which other requests share its batch, and the same
+seed replays the same reply.
+
+The draw is a Gumbel-max race: each kept token gets ``logit / temperature + Gumbel noise`` and the
+highest wins, which picks token ``i`` with exactly its renormalised probability. The race is stable
+under float noise: logits computed in another batch, or after a prefix-cache hit, differ in the last
+bits, and that changes the winner only when the two best scores are that close. (Inverting the
+cumulative distribution of the probability-sorted tokens is not stable: near-equal tokens swap places
+in the sort, and every later token's interval moves.) It needs one sort for the top-p set and one
+pass over the vocabulary.
 
 Semantics match transformers' ``TemperatureLogitsWarper`` then ``TopPLogitsWarper``: divide the
 logits by the temperature, keep the most probable tokens until their mass reaches ``top_p`` (the
-token that crosses the threshold is kept), renormalise. ``temperature == 0`` means greedy.
+token that crosses the threshold is kept, and so is any token exactly as probable), renormalise.
+``temperature == 0`` means greedy.
 """
 
 from __future__ import annotations
@@ -34,11 +38,27 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def _hash(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """32-bit hash (int64 tensor) of int64 ``seeds`` (in [0, 2**63)) and ``counters``."""
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    return _mix32(_mix32(_mix32(_mix32(hi) ^ lo) ^ (counters & _MASK32)) ^ _MUL3)
+
+
+def _to_unit(h: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in (0, 1), never 0 or 1, from 32-bit hashes."""
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
 def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """One uniform (0, 1) float32 per row from int64 ``seeds`` (in [0, 2**63)) and ``counters``."""
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    h = _mix32(_mix32(_mix32(_mix32(hi) ^ lo) ^ (counters & _MASK32)) ^ _MUL3)
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return _to_unit(_hash(seeds, counters))
+
+
+def gumbel(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise [b, vocab] (float32): one number per row and vocabulary id."""
+    ids = torch.arange(vocab, device=seeds.device)  # [vocab]
+    h = _mix32(_mix32(_hash(seeds, counters)[:, None] ^ ids) ^ _MUL1)  # [b, vocab]
+    return -torch.log(-torch.log(_to_unit(h)))
 
 
 def sample_next(
@@ -53,19 +73,15 @@ def sample_next(
     ``temperature``/``top_p`` float32 [b]; ``seeds`` int64 [b] in [0, 2**63); ``counters`` int64 [b]:
     the index of the token being drawn (its position in the sequence)."""
     greedy = logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature.clamp_min(_MIN_TEMPERATURE)[:, None], dim=-1)
-    sorted_probs, sorted_ids = probs.sort(dim=-1, descending=True)
+    scaled = logits / temperature.clamp_min(_MIN_TEMPERATURE)[:, None]  # [b, vocab]
+    probs = torch.softmax(scaled, dim=-1)
+    sorted_probs = probs.sort(dim=-1, descending=True).values
     cumulative = sorted_probs.cumsum(dim=-1)
     keep = (cumulative - sorted_probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
     # a prefix of the sorted order; at least the most probable token even when top_p is 0 in float32
     # (a positive top_p below float32's range, e.g. 1e-50, arrives here as 0.0)
-    keep[:, 0] = True
-    kept = torch.zeros_like(keep).scatter_(-1, sorted_ids, keep)  # [b, vocab] in vocabulary order
-    mass = torch.where(kept, probs, 0.0).cumsum(dim=-1)  # [b, vocab]
-    target = uniform(seeds, counters)[:, None] * mass[:, -1:]
-    # the first kept token whose interval ends above the target; rounding can put the target at the
-    # total mass, so clamp to the last kept token
-    vocab_ids = torch.arange(probs.shape[-1], device=probs.device)
-    last_kept = torch.where(kept, vocab_ids, 0).amax(dim=-1)
-    sampled = (mass <= target).sum(dim=-1).minimum(last_kept)
+    kept = keep.sum(dim=-1, keepdim=True).clamp_min(1)
+    threshold = sorted_probs.gather(-1, kept - 1)  # [b, 1]: the least probable kept token's probability
+    race = torch.where(probs >= threshold, scaled + gumbel(seeds, counters, logits.shape[-1]), -torch.inf)
+    sampled = race.argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
