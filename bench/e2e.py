@@ -264,7 +264,8 @@ class E2EBench:
     def machine(self) -> dict:
         return machine_info(self.device, config=self.args.config, player_start_lead_s=self.lead,
                             layout=self.args.layout, sections=list(self.sections), llm_device=self.args.llm_device,
-                            llm_dtype=self.args.llm_dtype, max_seq_len=self.args.max_seq_len)  # fmt: skip
+                            llm_dtype=self.args.llm_dtype, max_seq_len=self.args.max_seq_len,
+                            mixed_decoder_batches=self.args.mixed_decoder_batches)  # fmt: skip
 
     def build_speech_tokenizer(self):
         from bench.speech_tokenizer import build
@@ -287,7 +288,7 @@ class E2EBench:
         # as conversations), as web_demo.py --max-concurrent-turns sizes them
         batches = graph_batch_sizes_for(self.max_streams)
         ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32,
-                            graph_batch_sizes=batches)  # fmt: skip
+                            graph_batch_sizes=batches, mixed_batches=self.args.mixed_decoder_batches)  # fmt: skip
         reference = None
         if self.wants_reference:
             reference = AudioDecoder(*files, self.device, dtype=torch.float32, prompt_window=None, cuda_graphs=False,
@@ -959,6 +960,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--poisson-seed", type=int, default=0)
     parser.add_argument("--reference-turns", type=int, default=3)
     parser.add_argument("--unbatched-level", type=int, default=32, help="0: skip the no-batching comparison")
+    parser.add_argument(
+        "--no-mixed-decoder-batches",
+        dest="mixed_decoder_batches",
+        action="store_false",
+        help="batch only decoder blocks of the same shape (AudioDecoder mixed_batches=False)",
+    )
     parser.add_argument(
         "--max-streams", type=int, default=None, help="the engine's stream slots (default: the largest level)"
     )

@@ -342,6 +342,67 @@ def test_feed_many_batches_streams_without_changing_them(decoder, codes):
     assert good_twin.pending_tokens == 0 and not good.state.busy
 
 
+def test_flow_rows_of_different_lengths_equal_each_row_alone(decoder, codes):
+    """inference_rows: one padded, masked batch of sequences of different lengths gives each its own mel."""
+    flow = decoder.flow
+    rows = [(0, 10), (20, 15), (40, 30)]  # (prompt tokens, new tokens)
+    g = torch.Generator().manual_seed(0)
+    tokens, prompts, lens, noises = [], [], [], []
+    for prompt, new in rows:
+        tokens.append(torch.tensor([codes[: prompt + new]]))
+        frames = decoder.mel_frames(prompt + new)
+        prompts.append(torch.randn(1, 80, decoder.mel_frames(prompt), generator=g))
+        lens.append(frames)
+        noises.append(torch.randn(1, 80, frames, generator=g))
+    embedding = torch.randn(len(rows), 192, generator=g)
+    with torch.no_grad():
+        together = flow.inference_rows(tokens, prompts, embedding, lens, noises, n_timesteps=4)
+        for row, (prompt, new) in enumerate(rows):
+            alone = flow.inference(
+                token=tokens[row][:, prompt:], token_len=torch.tensor([new], dtype=torch.int32),
+                prompt_token=tokens[row][:, :prompt], prompt_token_len=torch.tensor([prompt], dtype=torch.int32),
+                prompt_feat=prompts[row].transpose(1, 2), prompt_feat_len=torch.tensor([prompts[row].shape[2]]),
+                embedding=embedding[row : row + 1], feat_len=lens[row], n_timesteps=4, noise=noises[row],
+            )  # fmt: skip
+            assert together[row].shape == alone.shape == (1, 80, lens[row] - prompts[row].shape[2])
+            torch.testing.assert_close(together[row], alone, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="one entry per row"):
+        flow.inference_rows(tokens, prompts[:2], embedding, lens, noises)
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_feed_many_mixes_blocks_of_different_lengths(tiny_checkpoints, codes, mixed):
+    """Streams at different points of their answers: their later blocks (different lengths and prompts)
+    share one flow batch, and each stream hears what it would alone; first blocks batch by shape."""
+    decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", mixed_batches=mixed)
+    schedules = {3: [10, 20, 15, 25], 4: [10, 25, 18, 20], 5: [10, 16, 20, 22]}  # later lengths within 1.5x
+    alone = {
+        seed: stream_blocks(decoder, codes[: sum(sizes)], sizes, seed=seed, prompt_window=20)[0]
+        for seed, sizes in schedules.items()
+    }
+    streams = {seed: decoder.stream(seed=seed, prompt_window=20) for seed in schedules}
+    pieces: dict[int, list[np.ndarray]] = {seed: [] for seed in schedules}
+    starts = dict.fromkeys(schedules, 0)
+    batches = []
+    for step in range(4):
+        jobs, seeds = [], []
+        for seed, sizes in schedules.items():
+            jobs.append((streams[seed], codes[starts[seed] : starts[seed] + sizes[step]]))
+            seeds.append(seed)
+            starts[seed] += sizes[step]
+        before = decoder.stats.snapshot()
+        results = decoder.feed_many(jobs)
+        batches.append(decoder.stats.since(before)["batches"])
+        for seed, pcm in zip(seeds, results):
+            assert not isinstance(pcm, Exception), pcm
+            pieces[seed].append(pcm)
+    # first blocks (same shape): one batch; later blocks: one mixed batch, or one per shape
+    assert batches == ([1, 1, 1, 1] if mixed else [1, 3, 3, 3])
+    for seed in schedules:
+        together = np.concatenate(pieces[seed] + [streams[seed].finish()])
+        np.testing.assert_allclose(together, alone[seed], rtol=0, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     """Every graphed path equals eager mode: whole first blocks (default), the ODE alone for them, every
@@ -371,6 +432,21 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     for seed, pcm in zip((3, 4, 5), batched):
         np.testing.assert_allclose(pcm, eager.stream(seed=seed).feed(codes[:10]), atol=5e-3)
     assert any(shape[0] == 4 for shape in graphs.captured_graphs["first_block_flow"])
+    # later blocks of different lengths in one mixed batch (one masked ODE graph) equal each stream alone
+    mixed = {3: [10, 20, 30], 4: [10, 35, 15]}
+    streams = [graphs.stream(seed=s) for s in mixed]
+    starts, heard = [0, 0], {seed: [] for seed in mixed}
+    for step in range(3):
+        jobs = []
+        for i, sizes in enumerate(mixed.values()):
+            jobs.append((streams[i], codes[starts[i] : starts[i] + sizes[step]]))
+            starts[i] += sizes[step]
+        for seed, pcm in zip(mixed, graphs.feed_many(jobs)):
+            heard[seed].append(pcm)
+    for seed, sizes in mixed.items():
+        reference, _ = stream_blocks(eager, codes[: sum(sizes)], sizes, seed=seed)
+        together = np.concatenate(heard[seed] + [streams[list(mixed).index(seed)].finish()])
+        np.testing.assert_allclose(together, reference, atol=5e-3)
 
 
 @pytest.mark.gpu

@@ -123,7 +123,8 @@ class GraphedEulerSolver:
         return self.batch_sizes[-1]
 
     def eager(self, z, mu, mask, spks, cond, t_span) -> torch.Tensor:
-        return self.cfm.solve(z, mu, mask, spks, cond, t_span)
+        """The solve without graphs; a mask means padded input, as in the graphs (padding invisible)."""
+        return self.cfm.solve(z, mu, mask, spks, cond, t_span, padded=mask is not None)
 
     def _key(self, batch: int, frames: int, steps: int, masked: bool) -> tuple[int, int, int, bool] | None:
         """(graph batch, graph length, time points, padded) serving this call; None: run eagerly."""

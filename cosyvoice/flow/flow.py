@@ -3,7 +3,7 @@ the prompt and new tokens are encoded together and the mel length is computed fr
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -75,6 +75,73 @@ class MaskedDiffWithXvec(nn.Module):
         lengths = torch.full_like(token_len, feat_len)
         h, _ = self.length_regulator(h, lengths, max_len=feat_len)
         return h
+
+    def encode_rows(self, token: torch.Tensor, token_lens: Sequence[int], feat_lens: Sequence[int]) -> torch.Tensor:
+        """Tokens (B, T_tok) right-padded, row i valid up to ``token_lens[i]`` -> mu (B, max feat_len, 80),
+        row i stretched to ``feat_lens[i]`` frames and zero after them: each row as :meth:`encode` gives
+        it alone (the encoder masks padding keys; the length regulator, whose GroupNorm spans the time
+        axis, runs row by row)."""
+        lengths = torch.tensor(list(token_lens), dtype=torch.int32, device=token.device)
+        mask = padding_mask(lengths, token.shape[1]).unsqueeze(-1).to(self.input_embedding.weight.dtype)
+        x = self.input_embedding(torch.clamp(token, min=0)) * mask
+        h, _ = self.encoder(x, lengths)
+        h = self.encoder_proj(h)  # (B, T_tok, 80)
+        mu = h.new_zeros(h.shape[0], max(feat_lens), h.shape[2])
+        for row, (tokens, frames) in enumerate(zip(token_lens, feat_lens)):
+            ylens = torch.full((1,), frames, dtype=torch.int32, device=token.device)
+            mu[row, :frames] = self.length_regulator(h[row : row + 1, :tokens], ylens, max_len=frames)[0][0]
+        return mu
+
+    def inference_rows(
+        self,
+        tokens: Sequence[torch.Tensor],
+        prompt_feats: Sequence[torch.Tensor],
+        embedding: torch.Tensor,
+        feat_lens: Sequence[int],
+        noises: Sequence[torch.Tensor],
+        *,
+        n_timesteps: int = 10,
+        solve=None,
+    ) -> list[torch.Tensor]:
+        """:meth:`inference` for a batch of sequences of *different* lengths, as one padded batch.
+
+        Row i: ``tokens[i]`` (1, prompt + new tokens, on the device), ``prompt_feats[i]`` (1, 80, P_i) the
+        prompt's mel, ``feat_lens[i]`` mel frames in all, ``noises[i]`` (1, 80, feat_lens[i]);
+        ``embedding`` (B, 192). Returns row i's mel (1, 80, feat_lens[i] - P_i), float32: what
+        :meth:`inference` gives for that row alone, up to float rounding (the ODE runs masked, its
+        padding invisible to the valid frames). ``solve(z, mu, mask, spks, cond, t_span)`` replaces the
+        eager ODE solver; it must honour the mask (as :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver` does).
+        """
+        batch = len(tokens)
+        if not (len(prompt_feats) == len(feat_lens) == len(noises) == embedding.shape[0] == batch):
+            raise ValueError("tokens, prompt_feats, feat_lens, noises and embedding need one entry per row")
+        token_lens = [int(t.shape[1]) for t in tokens]
+        padded = tokens[0].new_zeros(batch, max(token_lens))
+        for row, t in enumerate(tokens):
+            padded[row, : token_lens[row]] = t[0]
+        prompt_frames = [int(f.shape[2]) for f in prompt_feats]
+        for prompt, frames in zip(prompt_frames, feat_lens):
+            if prompt > frames:
+                raise ValueError(f"the prompt mel ({prompt} frames) is longer than the whole mel ({frames} frames)")
+        mu = self.encode_rows(padded, token_lens, feat_lens).transpose(1, 2).contiguous()  # (B, 80, F)
+        frames = mu.shape[2]
+        lengths = torch.tensor(list(feat_lens), device=mu.device)
+        mask = padding_mask(lengths, frames).unsqueeze(1).to(mu.dtype)  # (B, 1, F)
+        conds = torch.zeros_like(mu)
+        z = torch.zeros_like(mu)
+        for row, (prompt, feat, noise) in enumerate(zip(prompt_frames, prompt_feats, noises)):
+            if tuple(noise.shape) != (1, mu.shape[1], feat_lens[row]):
+                raise ValueError(f"row {row}: noise has shape {tuple(noise.shape)}, expected (1, 80, {feat_lens[row]})")
+            conds[row, :, :prompt] = feat[0].to(mu.dtype)
+            z[row, :, : feat_lens[row]] = noise[0].to(device=mu.device, dtype=mu.dtype)
+        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        cfm = self.decoder
+        t_span = cfm.time_span(n_timesteps, device=mu.device)
+        if solve is None:
+            feat = cfm.solve(z, mu, mask, spks, conds, t_span, padded=True)
+        else:
+            feat = solve(z, mu, mask, spks, conds, t_span)
+        return [feat[row : row + 1, :, prompt_frames[row] : feat_lens[row]].float() for row in range(batch)]
 
     def inference(
         self,

@@ -6,12 +6,16 @@ Pure functions over :class:`~glm4voice.decoder.state.StreamState`; no model work
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from cosyvoice.flow.flow import mel_frames
 from glm4voice.decoder.state import StreamState, VocoderCarry
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,18 @@ class Block:
     def new_tokens(self) -> torch.Tensor:
         """(n,) the tokens this block adds (on the CPU for blocks of a stream)."""
         return self.tokens[0, self.prompt_tokens :]
+
+    @property
+    def starts_stream(self) -> bool:
+        """No prompt and nothing carried: a stream's first block (whole-block graphs serve these)."""
+        c = self.carry
+        return not self.prompt_tokens and c.mel_overlap is None and c.cache_mel is None and c.cache_source is None
+
+    def vocoder_key(self) -> tuple[int | bool, ...]:
+        """Blocks with equal keys can share one vocoder batch (same new mel frames, same carried state)."""
+        c = self.carry
+        return (self.feat_len - self.prompt_mel.shape[2], self.finalize,
+                c.mel_overlap is None, c.cache_mel is None, c.cache_source is None, c.cache_speech is None)  # fmt: skip
 
     def shape_key(self) -> tuple[int | bool, ...]:
         """Blocks with equal keys can run as one batch with no padding."""
@@ -121,3 +137,16 @@ def caller_block(
     if noise is None:
         noise = state.noise.take(0, feat_len)
     return Block(tokens, prompt_token.shape[1], prompt_feat.transpose(1, 2), feat_len, noise, state.carry, finalize)
+
+
+def length_batches(items: Sequence[T], feat_len: Callable[[T], int], limit: int, ratio: float) -> list[list[T]]:
+    """Split blocks of different lengths into batches (a mixed batch is padded to its longest row): in
+    order of length, at most ``limit`` per batch, the longest at most ``ratio`` times the shortest."""
+    batches: list[list[T]] = []
+    for item in sorted(items, key=feat_len):
+        current = batches[-1] if batches else None
+        if current is None or len(current) >= limit or feat_len(item) > ratio * feat_len(current[0]):
+            batches.append([item])
+        else:
+            current.append(item)
+    return batches

@@ -26,10 +26,12 @@ The original's own block call, ``token2wav(token, uuid, prompt_token, prompt_fea
 works too (per-uuid state inside, released at ``finalize``), as do ``offline_inference`` and
 ``stream_inference``.
 
-Many streams at once: :meth:`AudioDecoder.feed_many` decodes the next block of several streams together:
-blocks of the same shape (same token and prompt lengths, same carried state: streams that follow the
-same block schedule mostly are) run as one batch through the flow encoder, the ODE and the vocoder (a
-launch-bound block costs about as much for many streams as for one). Each row keeps its own noise,
+Many streams at once: :meth:`AudioDecoder.feed_many` decodes the next block of several streams together.
+Blocks of the same shape (same token and prompt lengths, same carried state) run as one batch through
+the flow encoder, the ODE and the vocoder (a launch-bound block costs about as much for many streams as
+for one). Later blocks of different lengths (streams that started at different times) share the flow
+as one padded, masked batch and the vocoder in groups of equal length (``mixed_batches``, on by
+default); first blocks are batched by shape, for their whole-block graphs. Each row keeps its own noise,
 prompt and vocoder randomness, so a stream's audio does not depend on its batch-mates (up to float
 rounding of batch-size-dependent kernels).
 
@@ -56,7 +58,7 @@ import torch
 from cosyvoice.flow.cuda_graph import GraphedEulerSolver
 from cosyvoice.flow.noise import NoiseSource, NoiseTimeline, OriginalNoise, mix_seed
 from glm4voice.audio import NUM_MEL_BINS, OUTPUT_SAMPLE_RATE, SPEAKER_EMBEDDING_DIM
-from glm4voice.decoder.blocks import BlockGeometry, caller_block, commit_block, take_block
+from glm4voice.decoder.blocks import Block, BlockGeometry, caller_block, commit_block, length_batches, take_block
 from glm4voice.decoder.codes import DecoderError, resolve_seed, validate_codes
 from glm4voice.decoder.graphs import FirstBlockGraphs
 from glm4voice.decoder.loading import decoder_files, load_modules
@@ -66,6 +68,7 @@ from glm4voice.decoder.options import (
     FIRST_BLOCK_GRAPH_TOKENS,
     HIFT_SEED_STREAM,
     MEL_CACHE_FRAMES,
+    MIXED_BATCH_LENGTH_RATIO,
     N_TIMESTEPS,
     TOKEN_OVERLAP,
     DecoderOptions,
@@ -82,6 +85,8 @@ logger = logging.getLogger(__name__)
 
 _DEFAULT = object()
 _EMPTY = np.zeros(0, dtype=np.float32)
+_MIXED = ("any later block",)
+"""The batch key of blocks that may share a mixed batch (:meth:`AudioDecoder._batch_key`)."""
 
 Job = tuple["DecoderStream | StreamState", Sequence[int]]
 
@@ -104,6 +109,7 @@ class AudioDecoder:
         compile_first_blocks: bool | str = False,
         graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
         graph_first_blocks: bool | None = None,
+        mixed_batches: bool = True,
     ):
         """``dtype``: float32 (exact) or bfloat16/float16 (the flow's estimator in that dtype: faster on
         a GPU, mel within about 1% rms of float32; docs/perf/decoder.md has the figures).
@@ -119,10 +125,13 @@ class AudioDecoder:
         first audio) as CUDA graphs of the flow and of the vocoder (default: with ``cuda_graphs``).
         ``compile_first_blocks`` (CUDA): ``torch.compile`` the estimator and the vocoder inside the
         first-block graphs (True, or a compile mode such as ``"max-autotune-no-cudagraphs"``): fewer,
-        fused kernels, at the price of minutes of compiling at warm-up."""
+        fused kernels, at the price of minutes of compiling at warm-up.
+        ``mixed_batches``: :meth:`feed_many` batches the flow of blocks of different lengths together
+        (padded and masked; streams that started at different times rarely have blocks of one shape);
+        off, only blocks of the same shape share a batch."""
         self.options = DecoderOptions(
             dtype, prompt_window, cuda_graphs, min_block_tokens, seam_crossfade, compile_first_blocks,
-            tuple(graph_batch_sizes), graph_first_blocks,
+            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches,
         )  # fmt: skip
         self._device = torch.device(device)
         use_graphs = self.options.use_graphs(self._device)
@@ -362,8 +371,12 @@ class AudioDecoder:
                     prepared.append((index, state, block))
             groups: dict[tuple, list] = {}
             for item in prepared:
-                groups.setdefault(item[2].shape_key(), []).append(item)
-            batches = [members[i : i + limit] for members in groups.values() for i in range(0, len(members), limit)]
+                groups.setdefault(self._batch_key(item[2]), []).append(item)
+            batches = [
+                batch
+                for members in groups.values()
+                for batch in length_batches(members, lambda item: item[2].feat_len, limit, MIXED_BATCH_LENGTH_RATIO)
+            ]
             batches.sort(key=lambda batch: min(state.samples_emitted for _, state, _ in batch))
             for batch in batches:
                 started = time.perf_counter()
@@ -390,6 +403,14 @@ class AudioDecoder:
             for state in claimed.values():  # only after an unexpected error above
                 self._unclaim(state)
         return results
+
+    def _batch_key(self, block: Block) -> tuple[object, ...]:
+        """Blocks with equal keys may share a batch: any later blocks (of any lengths) with mixed
+        batches, else only blocks of the same shape; first blocks always by shape (their whole-block
+        graphs have exact shapes)."""
+        if self.options.mixed_batches and not block.starts_stream:
+            return _MIXED
+        return block.shape_key()
 
     def finish(self, stream: DecoderStream | StreamState) -> np.ndarray:
         """Decode what is pending and the held-back tail; the stream cannot be fed afterwards."""

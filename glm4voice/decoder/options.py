@@ -36,6 +36,11 @@ def graph_batch_sizes_for(most_blocks: int, sizes: tuple[int, ...] = DEFAULT_GRA
     return tuple(b for b in sizes if b < cover) + (cover,)
 
 
+MIXED_BATCH_LENGTH_RATIO = 1.5
+"""A mixed batch of blocks of different lengths is padded to its longest row: the longest may be at
+most this many times the shortest. Small blocks beside long ones would wait for (and pay for) the
+long ones' padding; with 64 answers started together, mixing every length made more listeners run
+dry than batching equal shapes only (H100)."""
 FIRST_BLOCK_GRAPH_TOKENS = 40
 """Longest first block (tokens) replayed as whole-block CUDA graphs: the quick 10-token first block,
 and the first audio run of 26 tokens that the pipeline decodes as its first block under load. Each
@@ -56,6 +61,7 @@ class DecoderOptions:
     compile_first_blocks: bool | str = False
     graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_BATCH_SIZES
     graph_first_blocks: bool | None = None
+    mixed_batches: bool = True
 
     def __post_init__(self) -> None:
         sizes = self.graph_batch_sizes

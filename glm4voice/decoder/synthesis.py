@@ -1,7 +1,11 @@
 """Blocks -> mel -> speech: the flow and the vocoder with the seam bookkeeping between blocks.
 
-One call decodes a batch of blocks of the same :meth:`~glm4voice.decoder.blocks.Block.shape_key`
-(one per stream) and updates their carries:
+One call decodes a batch of blocks (one per stream) and updates their carries. Blocks of the same
+:meth:`~glm4voice.decoder.blocks.Block.shape_key` run as one batch all the way; blocks of different
+lengths share the flow as one padded batch (masked encoder and ODE, the length regulator row by row)
+and the vocoder in groups of the same :meth:`~glm4voice.decoder.blocks.Block.vocoder_key` (the vocoder
+has no masks: its convolutions and STFT would see the padding). Either way each row gets what it
+would alone, up to float rounding.
 
 - the flow makes the block's mel (prompt tokens + new tokens, conditioned on the prompt's mel);
 - the first 34 frames (5 tokens) are cross-faded (Hamming) with the previous block's version of them,
@@ -79,9 +83,34 @@ class BlockSynthesizer:
         self.embedding = torch.zeros(1, SPEAKER_EMBEDDING_DIM, device=device)
 
     def run(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[BlockResult]:
-        """Decode ``blocks`` (same shape key) as one batch; their carries move on to the next block."""
-        mel = self.flow_mel(blocks, embedding)
-        return self.vocode(blocks, mel)
+        """Decode ``blocks`` as one batch; their carries move on to the next block."""
+        if len({b.shape_key() for b in blocks}) == 1:
+            return self.vocode(blocks, self.flow_mel(blocks, embedding))
+        mels = self.flow_mels_mixed(blocks, embedding)
+        groups: dict[tuple[int | bool, ...], list[int]] = {}
+        for row, block in enumerate(blocks):
+            groups.setdefault(block.vocoder_key(), []).append(row)
+        results: list[BlockResult | None] = [None] * len(blocks)
+        for rows in groups.values():
+            outputs = self.vocode([blocks[r] for r in rows], torch.cat([mels[r] for r in rows]))
+            for row, out in zip(rows, outputs):
+                results[row] = out
+        return [r for r in results if r is not None]
+
+    def flow_mels_mixed(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The flow's mel (1, 80, frames after the prompt) of each block, float32; the blocks may differ
+        in length (one padded batch through the encoder and the ODE)."""
+        batch = len(blocks)
+        embedding = (self.embedding if embedding is None else embedding).expand(batch, -1)
+        return self.flow.inference_rows(
+            [b.tokens.to(self.device) for b in blocks],
+            [b.prompt_mel for b in blocks],
+            embedding,
+            [b.feat_len for b in blocks],
+            [b.noise for b in blocks],
+            n_timesteps=N_TIMESTEPS,
+            solve=self.solve,
+        )
 
     def graphed(self, blocks: Sequence[Block]) -> bool:
         """Whether these blocks run as first-block graphs."""

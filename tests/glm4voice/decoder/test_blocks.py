@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cosyvoice.flow.noise import NoiseTimeline
-from glm4voice.decoder.blocks import BlockGeometry, BlockResult, commit_block, take_block
+from glm4voice.decoder.blocks import BlockGeometry, BlockResult, commit_block, length_batches, take_block
 from glm4voice.decoder.state import StreamState, VocoderCarry
 
 GEOMETRY = BlockGeometry(block_size=10, input_frame_rate=12.5)
@@ -59,3 +59,11 @@ def test_unbounded_window_keeps_everything():
     seen = run(state, [10, 10, 20])
     assert [p for p, _, _ in seen] == [0, 10, 20] and state.token_offset == 0 and state.tokens.numel() == 40
     assert seen[-1][2] == GEOMETRY.mel_frames(40)
+
+
+def test_length_batches_keep_similar_lengths_together_and_the_limit():
+    lengths = [300, 100, 140, 149, 151, 1000, 120]
+    batches = length_batches(lengths, lambda n: n, limit=3, ratio=1.5)
+    assert batches == [[100, 120, 140], [149, 151], [300], [1000]]
+    assert length_batches([5] * 7, lambda n: n, limit=3, ratio=1.5) == [[5, 5, 5], [5, 5, 5], [5]]
+    assert length_batches([], lambda n: n, limit=3, ratio=1.5) == []
