@@ -58,9 +58,15 @@ class BlockBatcher:
         self.fastest_s: float | None = None
         """The quickest job so far (a small block on an otherwise idle decoder)."""
         self.calls = 0
-        """``feed_many`` calls made (with ``jobs`` below: the mean batch a listener shared)."""
+        """``feed_many`` calls made (with ``jobs`` below: the mean batch a listener shared); counted on
+        the worker before the call's results are delivered."""
         self.jobs = 0
         """Blocks decoded by those calls."""
+
+    @property
+    def idle(self) -> bool:
+        """No decoder job is running (its duration is then in ``latency_s`` and ``fastest_s``)."""
+        return not self._running
 
     async def feed(self, stream: Any, codes: Sequence[int]) -> np.ndarray:
         """``stream.feed(codes)``, decoded together with the other sessions' waiting blocks."""
@@ -90,10 +96,8 @@ class BlockBatcher:
         call = loop.run_in_executor(self.worker, self._decode, entries)
         call.add_done_callback(lambda done: self._finished(loop, entries, done, loop.time() - started))
 
-    def _decode(self, entries: list[_Entry]) -> tuple[int, int]:
-        """On the worker: the k-th blocks of the entries in the k-th ``feed_many`` call. Returns the
-        calls made and the blocks they decoded."""
-        calls = blocks = 0
+    def _decode(self, entries: list[_Entry]) -> None:
+        """On the worker: the k-th blocks of the entries in the k-th ``feed_many`` call."""
         for k in range(max(len(e.blocks) for e in entries)):
             members = [e for e in entries if len(e.blocks) > k and e.failure is None]
             if not members:
@@ -107,10 +111,9 @@ class BlockBatcher:
                 future.get_loop().call_soon_threadsafe(_settle, future, result)
 
             jobs = [(e.stream, e.blocks[k]) for e in members]
+            self.calls += 1  # before any result reaches a session, which may then read the counts
+            self.jobs += len(jobs)
             self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch)
-            calls += 1
-            blocks += len(jobs)
-        return calls, blocks
 
     def _finished(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry], call: asyncio.Future, seconds: float) -> None:  # fmt: skip
         self._running = False
@@ -121,10 +124,6 @@ class BlockBatcher:
         error = None if call.cancelled() else call.exception()
         if error is not None:  # feed_many itself failed (a bug): every block of the job hears of it
             logger.error("batched block decode failed: %r", error)
-        else:
-            calls, blocks = call.result()
-            self.calls += calls
-            self.jobs += blocks
         for entry in entries:  # results were delivered through ``deliver``; anything left failed
             for future in entry.futures:
                 _settle(future, error or entry.failure or RuntimeError("the block was not decoded"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import shutil
@@ -16,6 +17,18 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+
+UNTIL_S = 120.0
+"""How long :func:`until` waits before it fails: only a broken product waits this long."""
+
+
+async def until(condition, what: str = "condition not met in time", timeout: float = UNTIL_S) -> None:
+    """Wait (on the running event loop, which keeps serving) until ``condition()`` is true; fail with
+    ``what`` if it is still false after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ from openai.types.realtime import realtime_server_event as ga_events
 from openai_api.conftest import WAIT_S
 from openai_api.strict import no_extras
 from speech_samples import espeak, espeak_available, with_silence
+from support import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")]
 
@@ -109,13 +110,6 @@ async def realtime(web, *, beta: bool = False):
 async def send_audio(connection, samples: np.ndarray) -> None:
     for start in range(0, len(samples), CHUNK):
         await connection.input_audio_buffer.append(audio=pcm16(samples[start : start + CHUNK]))
-
-
-async def until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 def kept_ids(token_ids: list[int], special) -> list[int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from glm4voice.server.settings import ServerSettings
 from glm4voice.server.streaming import EngineRejected
 from glm4voice.serving import ConnectionLimits, build_server
 
-from support import free_port
+from support import free_port, until
 
 WAIT_S = 60.0
 """Deadline for a condition that must become true (never a speed check)."""
@@ -152,13 +151,6 @@ async def inprocess_side(folder: Path, text_tokenizer, config: ServerSettings):
     async with tokens.running(), InProcessTokenClient(tokens) as client:
         # stopping: what leaving `running()` does first (as uvicorn's shutdown does for the HTTP side)
         yield Side("inprocess", client, tokens.state, backend), tokens.begin_shutdown
-
-
-async def until(condition, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def outcome(client, *args, **params) -> tuple:

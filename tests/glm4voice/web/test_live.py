@@ -27,7 +27,7 @@ from glm4voice.web.tab import PageTab
 
 from scripted_chat import ScriptedChat
 from speech_samples import espeak, espeak_available, with_silence
-from support import free_port
+from support import free_port, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")]
 
@@ -198,14 +198,6 @@ async def bad_messages(socket: Socket) -> list[str]:
         await socket.websocket.send(message)
         errors.append((await socket.wait_for("error", mark))["message"])
     return errors
-
-
-async def until(condition) -> None:
-    async def wait():
-        while not condition():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(wait(), WAIT_S)
 
 
 def test_unknown_sockets_are_refused_and_a_vanished_page_stops_its_answer(text_tokenizer, files):

@@ -54,6 +54,7 @@ from glm4voice.web.tab import PageTab
 from glm4voice.web.uploads import SessionUploads
 
 from scripted_chat import ScriptedChat
+from support import until
 
 SKIP = gr.skip()
 AUDIO = InputMode.AUDIO.value
@@ -101,17 +102,6 @@ async def collect(handler: TurnHandler, mode, audio_path, text, ui=None, session
 
 def fresh_prompt(text_tokenizer, text: str) -> list[int]:
     return Conversation(text_tokenizer, SpecialTokens.from_tokenizer(text_tokenizer)).prompt_for(TextInput(text))
-
-
-async def until(condition, what: str) -> None:
-    async def wait():
-        while not condition():
-            await asyncio.sleep(0.01)
-
-    try:
-        await asyncio.wait_for(wait(), WAIT_S)
-    except TimeoutError:
-        raise AssertionError(what) from None
 
 
 # --- typed and recorded turns -------------------------------------------------------------------------
