@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -159,17 +159,45 @@ class BenchRun:
     def section(self, name: str, fn: Callable[[], dict], need_s: float = 0.0) -> dict:
         """Run ``fn`` (a dict of figures) unless less than ``need_s`` of the budget is left. A failing
         section records its error and the run goes on: one broken section must not lose the rest."""
+        skipped = self._skipped(name, need_s)
+        if skipped is not None:
+            return skipped
+        started = time.monotonic()
+        try:
+            result = fn()
+        except Exception as error:
+            result = _failed(error)
+        return self._finished(name, result, started)
+
+    async def section_async(self, name: str, fn: Callable[[], Awaitable[dict]], need_s: float = 0.0) -> dict:
+        """:meth:`section` for a coroutine function."""
+        skipped = self._skipped(name, need_s)
+        if skipped is not None:
+            return skipped
+        started = time.monotonic()
+        try:
+            result = await fn()
+        except Exception as error:
+            result = _failed(error)
+        return self._finished(name, result, started)
+
+    def _skipped(self, name: str, need_s: float) -> dict | None:
+        """The recorded skip of a section that needs more than the budget left, else None."""
         left = self.left_s()
-        if left < need_s:
-            result = {"skipped": f"{left:.0f} s left, needs ~{need_s:.0f} s"}
-        else:
+        if left >= need_s:
             log(f"[{name}] ...")
-            started = time.monotonic()
-            try:
-                result = fn()
-            except Exception as error:
-                log(traceback.format_exc())
-                result = {"error": f"{type(error).__name__}: {error}"}
-            result = {**result, "section_s": round(time.monotonic() - started, 1)}
+            return None
+        result = {"skipped": f"{left:.0f} s left, needs ~{need_s:.0f} s"}
         self.record(name, result)
         return result
+
+    def _finished(self, name: str, result: dict, started: float) -> dict:
+        result = {**result, "section_s": round(time.monotonic() - started, 1)}
+        self.record(name, result)
+        return result
+
+
+def _failed(error: Exception) -> dict:
+    """A failed section's result (its traceback goes to the log)."""
+    log(traceback.format_exc())
+    return {"error": f"{type(error).__name__}: {error}"}

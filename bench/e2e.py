@@ -71,7 +71,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
@@ -249,6 +249,7 @@ class E2EBench:
         self.run_results = BenchRun(args.out, args.budget_s)
         self.results = self.run_results.results
         self.section = self.run_results.record
+        self.section_async = self.run_results.section_async
         self.left_s = self.run_results.left_s
         self.started = self.run_results.started
         self.tmp = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
@@ -342,24 +343,6 @@ class E2EBench:
                 self.child = ChildTokenServer(self.args, self.tokenizer_dir, log_path, self.max_streams)
             return self.child
         return InProcessTokens(self.args, self.tokenizer_dir, self.max_streams)
-
-    async def section_async(self, name: str, fn: Callable[[], Awaitable[dict]], need_s: float = 0.0) -> dict:
-        """As :meth:`bench.common.BenchRun.section`, for a coroutine: skipped if less than ``need_s`` of the
-        budget is left; a failing section records its error and the run goes on."""
-        left = self.left_s()
-        if left < need_s:
-            result = {"skipped": f"{left:.0f} s left, needs ~{need_s:.0f} s"}
-        else:
-            log(f"[{name}] ...")
-            started = time.monotonic()
-            try:
-                result = await fn()
-            except Exception as error:
-                log(traceback.format_exc())
-                result = {"error": f"{type(error).__name__}: {error}"}
-            result = {**result, "section_s": round(time.monotonic() - started, 1)}
-        self.section(name, result)
-        return result
 
     # --- sections ----------------------------------------------------------------------------------
     def first_block(self, decoder: AudioDecoder) -> dict:

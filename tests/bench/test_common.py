@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -31,6 +32,27 @@ def test_a_section_that_does_not_fit_the_budget_is_skipped(tmp_path):
     skipped = run.section("long", lambda: ran.append(1) or {}, need_s=60)
     assert ran == [] and skipped["skipped"].endswith("needs ~60 s")
     assert BenchRun().left_s() == float("inf")
+
+
+def test_coroutine_sections_are_timed_recorded_and_skipped_alike(tmp_path):
+    run = BenchRun(tmp_path / "result.json", budget_s=30)
+
+    async def figures() -> dict:
+        await asyncio.sleep(0)
+        return {"figure": 2}
+
+    async def broken() -> dict:
+        raise ValueError("bad level")
+
+    async def sections() -> list[dict]:
+        return [await run.section_async("ok", figures), await run.section_async("broken", broken),
+                await run.section_async("long", figures, need_s=60)]  # fmt: skip
+
+    ok, failed, skipped = asyncio.run(sections())
+    assert ok["figure"] == 2 and "section_s" in ok
+    assert failed["error"] == "ValueError: bad level"
+    assert "figure" not in skipped and skipped["skipped"].endswith("needs ~60 s")
+    assert list(json.loads((tmp_path / "result.json").read_text())) == ["ok", "broken", "long"]
 
 
 def test_machine_info_and_timing_helpers():
