@@ -161,6 +161,7 @@ def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, 
     from glm4voice.client import AsyncTokenClient
     from glm4voice.decoder.options import graph_batch_sizes_for
     from glm4voice.hub import resolve_checkpoint
+    from glm4voice.memory import memory_report, summary_line
     from glm4voice.text_tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_MODEL_FILE, GLMTokenizer
     from speech_tokenizer import SpeechTokenizer
 
@@ -183,6 +184,7 @@ def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, 
     if decoder.device.type == "cuda":  # every block shape's CUDA graph now, not while a listener waits
         decoder.warm_up(block_sizes, first_block_sizes=chat.first_block_sizes)
     logger.info("models loaded on %s in %.1f s", device, time.perf_counter() - started)
+    logger.info("speech side %s", summary_line(memory_report(device, chat.memory_owners())))
     return chat, client
 
 

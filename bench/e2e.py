@@ -109,6 +109,7 @@ from glm4voice.decoder.options import graph_batch_sizes_for
 from glm4voice.defaults import PLAYER_LEAD_S
 from glm4voice.devices import default_device, llm_dtypes
 from glm4voice.llm.quant import QUANTIZED_DTYPES
+from glm4voice.memory import MemoryOwners, memory_report
 from glm4voice.pipeline import (
     AssistantAudio,
     GenerationOptions,
@@ -454,7 +455,9 @@ class E2EBench:
             finally:
                 chat.close()
                 await client.aclose()
-            self.memory(layout)  # while the token side still holds its memory
+            self.memory(
+                layout, speech_tokenizer.memory_owners() + decoder.memory_owners() + tokens.memory_owners()
+            )  # while the token side still holds its memory
         finally:
             await tokens.stop()
 
@@ -787,13 +790,17 @@ class E2EBench:
             self.section("reference", ref)
         return 0
 
-    def memory(self, layout: str) -> None:
-        """GPU memory of this layout's processes (``memory`` for ``--layout``, ``memory_<layout>`` else)."""
+    def memory(self, layout: str, owners: MemoryOwners) -> None:
+        """GPU memory of this layout's processes (``memory`` for ``--layout``, ``memory_<layout>`` else):
+        nvidia-smi's figure for each process, and where this process's memory goes (``this_process``,
+        see glm4voice.memory; the engine's parts with it in the one-process layout; the two-process
+        layout's token server logs its own at startup)."""
         if not self.cuda:
             return
         info = {
             "layout": layout,
             "bench_process_peak_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2),
+            "this_process": memory_report(self.device, owners),
         }
         try:
             smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"],

@@ -9,7 +9,7 @@
   answers, e.g. Ray Serve's ingress (``bench/ray_e2e.py --serve-only``), reached over HTTP.
 
 Both: ``await start()``, ``client(max_connections)``, ``await set_prefill_graphs(on)``,
-``await engine_stats()``, ``await stop()``.
+``await engine_stats()``, ``memory_owners()`` (what the token side holds in this process), ``await stop()``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import httpx
 
 from bench.common import free_port, log
 from glm4voice.client import AsyncTokenClient, InProcessTokenClient, TokenServerError
+from glm4voice.memory import MemoryOwners
 
 ROOT = Path(__file__).resolve().parent.parent
 TWO_PROCESS = "two-process"
@@ -98,6 +99,10 @@ class ChildTokenServer:
         async with AsyncTokenClient(self.url) as client:
             return (await client.health())["engine"]
 
+    def memory_owners(self) -> MemoryOwners:
+        """Nothing in this process (the server's own log has its memory report)."""
+        return MemoryOwners()
+
     async def stop(self) -> None:
         """Stop the child (and free its GPU memory); idempotent."""
         process, self.process = self.process, None
@@ -143,6 +148,10 @@ class InProcessTokens:
     async def engine_stats(self) -> dict:
         return self.backend.stats()
 
+    def memory_owners(self) -> MemoryOwners:
+        """The engine's tensors, pool and stream: it runs in this process."""
+        return self.backend.engine.memory_owners()
+
     async def stop(self) -> None:
         if self._running is not None:
             running, self._running = self._running, None
@@ -174,6 +183,10 @@ class ExternalTokenServer:
     async def engine_stats(self) -> dict:
         async with AsyncTokenClient(self.url) as client:
             return (await client.health())["engine"]
+
+    def memory_owners(self) -> MemoryOwners:
+        """Nothing in this process (the server's own log has its memory report)."""
+        return MemoryOwners()
 
     async def stop(self) -> None:
         """Nothing: it belongs to whoever started it."""

@@ -31,6 +31,7 @@ from glm4voice.audio import (
     load_audio,
 )
 from glm4voice.devices import high_priority_stream
+from glm4voice.memory import MemoryOwners, tensor_bytes
 from speech_tokenizer.modeling_whisper import WhisperVQEncoder
 from speech_tokenizer.pipeline import DEFAULT_BATCH_SIZE, check_feature_extractor, samples_per_token, tokenize_waveforms
 
@@ -102,6 +103,14 @@ class SpeechTokenizer:
     def cuda_stream(self) -> torch.cuda.Stream | None:
         """The CUDA stream tokenizing runs on (the device's highest priority; None on a CPU)."""
         return self._cuda_stream
+
+    def memory_owners(self) -> MemoryOwners:
+        """What the tokenizer holds on its device (see :mod:`glm4voice.memory`): the encoder's weights
+        and the stream it runs on."""
+        return MemoryOwners(
+            parts={"speech tokenizer weights": tensor_bytes(self.model)},
+            streams={"speech tokenizer": self._cuda_stream},
+        )
 
     @property
     def samples_per_token(self) -> int:

@@ -80,6 +80,7 @@ from glm4voice.decoder.stream import DecoderStream
 from glm4voice.decoder.synthesis import BlockSynthesizer
 from glm4voice.devices import default_device, high_priority_stream
 from glm4voice.hub import PUBLISHED_DECODER
+from glm4voice.memory import MemoryOwners, release_cached, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class AudioDecoder:
         self._prompt_window = self.options.check_window(prompt_window, self.block_size)
         if dtype != torch.float32:  # the estimator alone; encoder, ODE state and vocoder stay float32
             self.flow.decoder.estimator.to(dtype)
-        pool = torch.cuda.graph_pool_handle() if use_graphs else None  # one memory pool for all the decoder's graphs
+        pool = self._graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None  # one for all its graphs
         # with first-block graphs, the ODE graphs serve the longer blocks only (no compiling there)
         compile_exact = False if first_block_graphs else self.options.compile_mode or False
         self._solver = GraphedEulerSolver(
@@ -205,6 +206,15 @@ class AudioDecoder:
     def cuda_stream(self) -> torch.cuda.Stream | None:
         """The CUDA stream every decode runs on (the device's highest priority; None on a CPU)."""
         return self._cuda_stream
+
+    def memory_owners(self) -> MemoryOwners:
+        """What the decoder holds on its device (see :mod:`glm4voice.memory`): the flow's and vocoder's
+        weights, its CUDA graphs' pool and the stream it decodes on."""
+        return MemoryOwners(
+            parts={"decoder weights": tensor_bytes(self.flow, self.hift)},
+            pools={"decoder graphs": self._graph_pool},
+            streams={"decoder": self._cuda_stream},
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -595,6 +605,7 @@ class AudioDecoder:
             stream.finish()
         finally:
             stream.close()
+        release_cached(self._device, "decoder warm-up")
         seconds = time.perf_counter() - started
         captured = sum(len(shapes) for shapes in self.captured_graphs.values()) - before
         logger.info("decoder warm-up: %d CUDA graphs for batches %s in %.1f s", captured, list(batch_sizes), seconds)

@@ -73,6 +73,7 @@ from glm4voice.llm.runner import (
     Launch,
     ModelRunner,
 )
+from glm4voice.memory import MemoryOwners, memory_report, release_cached, summary_line, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -484,6 +485,20 @@ class Engine:
             raise EngineNotRunningError("the engine has not been started")
         return self._runner
 
+    def memory_owners(self) -> MemoryOwners:
+        """What the running engine holds on its device (see :mod:`glm4voice.memory`): the weights, the
+        KV cache, the per-slot state and rotary tables, and its CUDA graphs' pool; its steps run on
+        the device's default stream."""
+        runner = self.runner
+        return MemoryOwners(
+            parts={
+                "llm weights": tensor_bytes(runner.model),
+                "llm kv cache": runner.cache.nbytes(),
+                "llm slot state": tensor_bytes(runner.rope, runner.first_logits),
+            },
+            pools={"llm graphs": runner.graph_pool},
+        )
+
     def _require_loaded(self) -> LoadedModel:
         if self._loaded is None:
             raise EngineNotRunningError("the model is loaded by start(); call it first")
@@ -700,9 +715,11 @@ class Engine:
         self._prefix = PrefixCache(config.max_batch_size, self.max_seq_len, enabled=config.prefix_cache)
         if config.warmup:
             self._runner.warm_up()
+            release_cached(device, "engine warm-up")
         logger.info("engine ready on %s: %d slots x %d tokens, KV cache %.2f GB, stop ids %s", device,
                     config.max_batch_size, self.max_seq_len, self._runner.cache.nbytes() / 1e9,
                     sorted(self.stop_ids))  # fmt: skip
+        logger.info("engine %s", summary_line(memory_report(device, self.memory_owners())))
 
     def _serve(self) -> None:
         while True:

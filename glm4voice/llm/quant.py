@@ -49,6 +49,7 @@ from torch import nn
 
 from glm4voice.devices import FP8, INT4, INT8, QUANTIZED_DTYPES
 from glm4voice.llm.model import Linear
+from glm4voice.memory import tensor_bytes
 
 if TYPE_CHECKING:
     from glm4voice.llm.model import GLMModel
@@ -285,20 +286,9 @@ def weight_formats(model: nn.Module) -> dict[str, int]:
     return counts
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor occupies on its device (a torchao tensor: its inner tensors)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, n)) for n in names if getattr(tensor, n) is not None)
-    return tensor.numel() * tensor.element_size()
-
-
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers (what the weights occupy on the device)."""
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    return sum(tensor_bytes(t) for t in tensors)
+    return tensor_bytes(model)
 
 
 # --- int8:fused (plain torch) -----------------------------------------------------------------------------

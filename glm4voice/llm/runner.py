@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -120,6 +121,8 @@ class ModelRunner:
         else:
             model.eager_steps()
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graph_pool: Any = None
+        """The memory pool of every graph below (set by :meth:`warm_up` on CUDA)."""
         # prefill graphs: whole prompts (start 0) padded to one of these lengths; static inputs are
         # the ids, and [slot, last row, sampling counter]
         lengths = sorted({int(n) for n in prefill_graph_lengths if 0 < n <= max_seq_len}) if self.cuda_graphs else []
@@ -343,7 +346,7 @@ class ModelRunner:
                     self._step(b, kv_len)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.graph_pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.batch_sizes):
             for kv_len in reversed(self.kv_lengths):
                 graph = torch.cuda.CUDAGraph()

@@ -66,6 +66,7 @@ from glm4voice.client import (
     TokenServerError,
 )
 from glm4voice.defaults import MAX_INPUT_SECONDS, MAX_TEXT_CHARS, PLAYER_LEAD_S
+from glm4voice.memory import MemoryOwners
 from glm4voice.pipeline.events import (
     AssistantAudio,
     AssistantText,
@@ -155,6 +156,7 @@ class PipelineConfig:
 
 class SpeechTokenizerLike(Protocol):
     def tokenize(self, audio: Any) -> list[int]: ...
+    def memory_owners(self) -> MemoryOwners: ...
 
 
 class DecoderStreamLike(Protocol):
@@ -176,6 +178,7 @@ class AudioDecoderLike(Protocol):
         ...
 
     def stream(self, seed: int | None = None) -> DecoderStreamLike: ...
+    def memory_owners(self) -> MemoryOwners: ...
 
 
 class TokenStreamClient(Protocol):
@@ -368,6 +371,11 @@ class VoiceChat:
             min_block_tokens=self.decoder.min_block_tokens,
             player_lead_s=self.config.player_lead_s,
         )
+
+    def memory_owners(self) -> MemoryOwners:
+        """What the speech side holds on its device (see :mod:`glm4voice.memory`): the speech
+        tokenizer's and the decoder's weights, the decoder's graph pool, the streams they run on."""
+        return self.speech_tokenizer.memory_owners() + self.decoder.memory_owners()
 
     def close(self) -> None:
         self._input_worker.shutdown(wait=False, cancel_futures=True)

@@ -45,6 +45,7 @@ class SpeechSide:
     async def __init__(self, config: ServeConfig):  # type: ignore[misc]  # Ray Serve awaits it
         from glm4voice.decoder import AudioDecoder
         from glm4voice.decoder.options import graph_batch_sizes_for
+        from glm4voice.memory import memory_report, summary_line
         from speech_tokenizer import SpeechTokenizer
 
         started = time.perf_counter()
@@ -66,6 +67,7 @@ class SpeechSide:
         self.turns = 0
         logger.info("speech replica %s ready on %s in %.1f s (pid %d)", self.replica, device,
                     time.perf_counter() - started, os.getpid())  # fmt: skip
+        logger.info("speech replica %s", summary_line(memory_report(device, self.chat.memory_owners())))
 
     def info(self) -> dict[str, Any]:
         return {"replica": self.replica, "sample_rate": self.chat.sample_rate}

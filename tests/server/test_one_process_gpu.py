@@ -1,7 +1,8 @@
 """The one-process layout on a GPU (skipped without one): the speech side's streams have the device's
 highest priority, and the LLM engine and the speech decoder share one CUDA context without changing
 each other's results: a first block decoded (and its CUDA graphs captured) while the engine generates
-equals the same block decoded alone, and the engine's greedy tokens equal those it gives alone."""
+equals the same block decoded alone, and the engine's greedy tokens equal those it gives alone. The
+memory report tells their graph pools apart."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from flow_inference import AudioDecoder
 from glm4voice.client import InProcessTokenClient
 from glm4voice.devices import high_priority_stream
 from glm4voice.llm.engine import Engine, EngineConfig
+from glm4voice.memory import DEFAULT_POOL, OTHER_POOLS, memory_report
 from glm4voice.server.inprocess import InProcessTokenServer
 from glm4voice.server.settings import ServerSettings
 from speech_tokenizer import SpeechTokenizer
@@ -80,3 +82,30 @@ def test_engine_and_decoder_in_one_process_do_not_change_each_others_results(tin
     assert beside.size > 0
     np.testing.assert_allclose(beside, alone, atol=5e-3)  # captured then, replayed now (as the decoder's own tests)
     assert decoder.captured_graphs["first_block_flow"]
+
+
+def test_the_memory_report_names_each_components_graph_pool(tiny_checkpoints):
+    """glm4voice.memory on a real device: the allocator's segments carry the pool handles the engine and
+    the decoder captured their graphs in, and the pools add up to what the allocator reserved."""
+    decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device=DEVICE, dtype=torch.bfloat16)
+    tokenizer = SpeechTokenizer.from_pretrained(tiny_checkpoints.speech_tokenizer, device=DEVICE)
+    decoder.warm_up((10, 20), batch_sizes=(1, 2))
+    engine = Engine.from_pretrained(
+        tiny_checkpoints.llm,
+        EngineConfig(device=DEVICE, dtype="bfloat16", max_batch_size=2, max_seq_len=512),
+        stop_ids=(),
+    )
+
+    async def report() -> dict:
+        async with engine:
+            owners = engine.memory_owners() + decoder.memory_owners() + tokenizer.memory_owners()
+            return memory_report(DEVICE, owners)
+
+    figures = asyncio.run(report())
+    pools = figures["reserved_by_pool_gb"]
+    assert pools["llm graphs"] > 0 and pools["decoder graphs"] > 0, pools
+    assert OTHER_POOLS not in pools, pools  # every graph pool of this process is named
+    assert sum(pools.values()) == pytest.approx(figures["reserved_gb"], abs=0.002)
+    assert sum(figures["default_pool_by_stream_gb"].values()) == pytest.approx(pools.get(DEFAULT_POOL, 0), abs=0.002)
+    assert figures["allocated_gb"] >= figures["parts_total_gb"] > 0
+    assert figures["device_used_gb"] >= figures["reserved_gb"]
