@@ -253,9 +253,11 @@ class TokenStreamResponse(Response):
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             job.headers_sent = True
         job.answered = True
+        job.end()  # before the answer's last byte: a client that has it reads /health and /metrics with it counted
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_whole(self, send: Send, response: Response) -> None:
+        self.job.end()  # before the client can have the answer (see _serve)
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
         self.job.answered = True
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
