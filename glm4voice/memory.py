@@ -101,11 +101,12 @@ def tensor_bytes(*holders: Any) -> int:
 
 
 def memory_report(device: str | torch.device, owners: MemoryOwners) -> dict[str, Any]:
-    """The figures described in the module docstring (GB, rounded to MB); on a CPU only ``parts_gb``."""
+    """The figures described in the module docstring (GB, rounded to MB); on a CPU only the parts."""
     import torch
 
     device = torch.device(device)
     report: dict[str, Any] = {
+        "device": str(device),
         "parts_gb": {name: _gb(size) for name, size in owners.parts.items()},
         "parts_total_gb": _gb(sum(owners.parts.values())),
     }
@@ -173,7 +174,7 @@ def release_cached(device: str | torch.device, why: str) -> int:
 def summary_line(report: Mapping[str, Any]) -> str:
     """One log line of a :func:`memory_report`."""
     parts = ", ".join(f"{name} {size:.2f}" for name, size in report["parts_gb"].items())
-    line = f"GPU memory (GB): {parts}"
+    line = f"memory on {report['device']} (GB): {parts}"
     if "reserved_gb" in report:
         pools = ", ".join(f"{name} {size:.2f}" for name, size in report["reserved_by_pool_gb"].items())
         line += (

@@ -77,8 +77,8 @@ def test_owners_add_up_and_a_cpu_report_has_the_parts_only():
     both = a + b
     assert both.parts == {"weights": 2 * 10**9, "cache": 5 * 10**8} and set(both.pools) == {"graphs"}
     report = memory_report("cpu", both)
-    assert report == {"parts_gb": {"weights": 2.0, "cache": 0.5}, "parts_total_gb": 2.5}
-    assert summary_line(report) == "GPU memory (GB): weights 2.00, cache 0.50"
+    assert report == {"device": "cpu", "parts_gb": {"weights": 2.0, "cache": 0.5}, "parts_total_gb": 2.5}
+    assert summary_line(report) == "memory on cpu (GB): weights 2.00, cache 0.50"
 
 
 def test_each_component_reports_the_weights_it_holds(tiny_checkpoints):
