@@ -6,7 +6,8 @@ hands every block waiting at that moment to one decoder job on the worker (group
 no polling thread, a lone block is never held back): the job decodes the first waiting block of
 every session in one ``AudioDecoder.feed_many`` call, then the second ones in a second call, and so
 on, so a session's blocks are decoded in order and exactly as they were cut (never merged). Blocks
-that arrive while a job runs wait for the next one. Blocks of the same shape run as one batch on the
+that arrive while a job runs wait for the next one; the blocks of a turn that stops (its futures
+cancelled) are dropped, also between the rounds of a running job. Blocks of the same shape run as one batch on the
 GPU, so 32 listeners cost little more decoder time than one; each block's result reaches its
 session as soon as its batch is done.
 
@@ -99,7 +100,8 @@ class BlockBatcher:
     def _decode(self, entries: list[_Entry]) -> None:
         """On the worker: the k-th blocks of the entries in the k-th ``feed_many`` call."""
         for k in range(max(len(e.blocks) for e in entries)):
-            members = [e for e in entries if len(e.blocks) > k and e.failure is None]
+            # a session whose turn stopped meanwhile (its futures cancelled on the loop) is not decoded on
+            members = [e for e in entries if len(e.blocks) > k and e.failure is None and not e.futures[k].done()]
             if not members:
                 break
 

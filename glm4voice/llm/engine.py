@@ -73,7 +73,7 @@ from glm4voice.llm.runner import (
     Launch,
     ModelRunner,
 )
-from glm4voice.memory import MemoryOwners, memory_report, release_cached, summary_line, tensor_bytes
+from glm4voice.memory import GB, MemoryOwners, memory_report, release_cached, summary_line, tensor_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -717,7 +717,7 @@ class Engine:
             self._runner.warm_up()
             release_cached(device, "engine warm-up")
         logger.info("engine ready on %s: %d slots x %d tokens, KV cache %.2f GB, stop ids %s", device,
-                    config.max_batch_size, self.max_seq_len, self._runner.cache.nbytes() / 1e9,
+                    config.max_batch_size, self.max_seq_len, self._runner.cache.nbytes() / GB,
                     sorted(self.stop_ids))  # fmt: skip
         logger.info("engine %s", summary_line(memory_report(device, self.memory_owners())))
 

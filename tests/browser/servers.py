@@ -32,7 +32,7 @@ def start_stack(checkpoints):
     server = ServerProcess(
         [str(ROOT / "tests/openai_api/recording_server.py"), "--host", "127.0.0.1", "--port", str(server_port),
          "--model-path", str(checkpoints.llm), "--device", "cpu", "--dtype", "float32", "--max-concurrent-streams",
-         str(SERVER_SLOTS), "--max-queue", "0", "--max-seq-len", "4096"],
+         str(SERVER_SLOTS), "--max-queue", "0", "--max-seq-len", "4096", "--no-stop-tokens"],
         server_url + "/health",
     )  # fmt: skip
     web = ServerProcess(

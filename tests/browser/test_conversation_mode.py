@@ -34,7 +34,8 @@ LIVE_LEAD_S = 1.0
 """The player's start-up lead here: a jitter buffer for a loaded machine that decodes near real time."""
 LONG_ANSWER_TOKENS = 1000
 """About 75 s of speech from the tiny random model: an answer still generated and playing when it is
-interrupted, also on a fast machine."""
+interrupted, also on a fast machine (the stack's token server ends replies only at max_new_tokens: the tiny
+model's sampled stop ids would end a few answers in a hundred within their first second)."""
 SHORT_ANSWER_TOKENS = 40
 WAIT_MS = 240_000
 """Deadline for what must happen (never a speed check)."""

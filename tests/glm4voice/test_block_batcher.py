@@ -146,3 +146,30 @@ def test_a_streams_waiting_blocks_are_decoded_in_order_in_one_job():
             assert batcher.submit("nothing", []) == []
 
     asyncio.run(scenario())
+
+
+def test_a_turn_that_stops_during_a_job_loses_its_later_blocks():
+    """A session cancels its blocks' futures while the job's first round runs (the user interrupted
+    the answer): the job's later rounds decode only the other sessions' blocks."""
+
+    async def scenario():
+        decoder = GatedDecoder()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            busy = asyncio.create_task(batcher.feed("busy", [1]))
+            await _wait_entered(decoder)
+            stopped = batcher.submit("stopped", [[1] * 10, [1] * 16, [1] * 26])
+            kept = batcher.submit("kept", [[1] * 10, [1] * 16])
+            decoder.gates[0].set()
+            await busy
+            await _wait_entered(decoder)  # round one of the next job: both sessions
+            for future in stopped:
+                future.cancel()
+            decoder.gates[-1].set()
+            await _wait_entered(decoder)  # round two: the stopped turn's block is gone
+            decoder.gates[-1].set()
+            assert [len(await f) for f in kept] == [10, 16]
+            assert decoder.calls[1:] == [["stopped", "kept"], ["kept"]]
+            assert (batcher.calls, batcher.jobs) == (3, 4)
+
+    asyncio.run(scenario())

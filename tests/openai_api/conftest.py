@@ -67,7 +67,8 @@ class WebServer:
 def token_server_args(checkpoints, port: int, *extra: str) -> list[str]:
     return [str(ROOT / "tests/openai_api/recording_server.py"), "--host", "127.0.0.1", "--port", str(port),
             "--model-path", str(checkpoints.llm), "--device", "cpu", "--dtype", "float32",
-            "--max-concurrent-streams", str(TOKEN_SLOTS), "--max-queue", "0", "--max-seq-len", "4096", *extra]  # fmt: skip
+            "--max-concurrent-streams", str(TOKEN_SLOTS), "--max-queue", "0", "--max-seq-len", "4096", "--no-stop-tokens",
+            *extra]  # fmt: skip
 
 
 def web_server_args(checkpoints, port: int, server_url: str) -> list[str]:

@@ -4,12 +4,17 @@
 Built like ``model_server.main`` (same settings, real engine, same uvicorn server); the backend keeps, for
 each request in order, the prompt ids it received and the ids it streamed back, served at
 ``GET /test/requests`` (a test's view of "the prompt the token server received").
+
+``--no-stop-tokens``: the engine ends a reply only at its ``max_new_tokens``, never at the checkpoint's
+stop ids. The tiny random model samples a stop id now and then (a few answers in a hundred end early at a
+random point); a test that interrupts a long answer needs the answer to still be running when it does.
 """
 
 from __future__ import annotations
 
 import logging
 
+from glm4voice.llm.engine import Engine
 from glm4voice.server.engine_backend import EngineBackend, build_engine
 from model_server import build_parser, create_app, serve, settings_from_args
 
@@ -47,9 +52,15 @@ class RecordingBackend(EngineBackend):
 
 
 def main() -> None:
-    settings = settings_from_args(build_parser().parse_args())
+    parser = build_parser()
+    parser.add_argument("--no-stop-tokens", action="store_true", help="end replies only at max_new_tokens")
+    args = parser.parse_args()
+    settings = settings_from_args(args)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    backend = RecordingBackend(build_engine(settings), settings.model_path)
+    engine = build_engine(settings)
+    if args.no_stop_tokens:
+        engine = Engine.from_pretrained(settings.model_path, engine.config, stop_ids=())
+    backend = RecordingBackend(engine, settings.model_path)
     app = create_app(backend, settings)
 
     @app.get(REQUESTS_PATH)
