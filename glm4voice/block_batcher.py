@@ -7,9 +7,9 @@ no polling thread, a lone block is never held back): the job decodes the first w
 every session in one ``AudioDecoder.feed_many`` call, then the second ones in a second call, and so
 on, so a session's blocks are decoded in order and exactly as they were cut (never merged). Blocks
 that arrive while a job runs wait for the next one; the blocks of a turn that stops (its futures
-cancelled) are dropped, also between the rounds of a running job. Blocks of the same shape run as one batch on the
-GPU, so 32 listeners cost little more decoder time than one; each block's result reaches its
-session as soon as its batch is done.
+cancelled) are dropped, also between the rounds of a running job. Blocks of the same shape run as
+one batch on the GPU, so 32 listeners cost little more decoder time than one; each block's result
+reaches its session as soon as its batch is done.
 
 A decoder without ``feed_many`` (test doubles) gets one ``stream.feed`` call per block instead.
 """

@@ -99,8 +99,9 @@ def as_backend(engine: Any, settings: ServerSettings) -> Any:
     return EngineBackend(engine, settings.model_path)
 
 
-def build_engine(settings: ServerSettings) -> Engine:
-    """The engine for ``settings`` (built, not started: the server's lifespan loads and warms it)."""
+def build_engine(settings: ServerSettings, **engine_options: Any) -> Engine:
+    """The engine for ``settings`` (built, not started: the server's lifespan loads and warms it);
+    ``engine_options``: :class:`Engine` keywords (e.g. ``stop_ids``)."""
     config = EngineConfig(
         device=settings.device,
         dtype=settings.dtype,
@@ -111,4 +112,4 @@ def build_engine(settings: ServerSettings) -> Engine:
         max_queue=settings.max_concurrent_streams + settings.max_queue,
         eager=settings.eager,
     )
-    return Engine.from_pretrained(settings.model_path, config)
+    return Engine.from_pretrained(settings.model_path, config, **engine_options)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 
-from glm4voice.llm.engine import Engine
 from glm4voice.server.engine_backend import EngineBackend, build_engine
 from model_server import build_parser, create_app, serve, settings_from_args
 
@@ -57,9 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = settings_from_args(args)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = build_engine(settings)
-    if args.no_stop_tokens:
-        engine = Engine.from_pretrained(settings.model_path, engine.config, stop_ids=())
+    engine = build_engine(settings, **({"stop_ids": ()} if args.no_stop_tokens else {}))
     backend = RecordingBackend(engine, settings.model_path)
     app = create_app(backend, settings)
 
