@@ -18,7 +18,7 @@ import logging
 import sys
 
 from glm4voice import serving
-from glm4voice.devices import DeviceError, llm_dtypes, resolve_device
+from glm4voice.devices import DeviceError, llm_dtypes, prefer_expandable_segments, resolve_device
 from glm4voice.server.app import ServerState, create_app, serve
 from glm4voice.server.settings import ServerSettings
 
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prefer_expandable_segments()
     try:
         resolve_device(settings.device)
     except DeviceError as error:

@@ -48,7 +48,14 @@ from glm4voice.defaults import (
     WEB_DEMO_HOST,
     WEB_DEMO_PORT,
 )
-from glm4voice.devices import AUTO, DECODER_DTYPE_CHOICES, DeviceError, decoder_dtype, resolve_device
+from glm4voice.devices import (
+    AUTO,
+    DECODER_DTYPE_CHOICES,
+    DeviceError,
+    decoder_dtype,
+    prefer_expandable_segments,
+    resolve_device,
+)
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 from glm4voice.pipeline import PipelineConfig, VoiceChat
 from glm4voice.request_guard import HostPolicy, wildcard_notice
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prefer_expandable_segments()
     host_policy, limits = check_args(parser, args)
     if args.in_process_engine:
         return run_in_one_process(parser, args, host_policy, limits)

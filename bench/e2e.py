@@ -107,7 +107,7 @@ from glm4voice.checkpoints.text import write_tiny_text_tokenizer
 from glm4voice.client import AsyncTokenClient
 from glm4voice.decoder.options import graph_batch_sizes_for
 from glm4voice.defaults import PLAYER_LEAD_S
-from glm4voice.devices import default_device, llm_dtypes
+from glm4voice.devices import default_device, llm_dtypes, prefer_expandable_segments
 from glm4voice.llm.quant import QUANTIZED_DTYPES
 from glm4voice.memory import MemoryOwners, memory_report
 from glm4voice.pipeline import (
@@ -997,6 +997,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_expandable_segments()  # as the demo's processes do
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return E2EBench(args).run()

@@ -48,7 +48,7 @@ from fastapi import Request  # at module level: the endpoints' annotations are r
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from glm4voice.devices import llm_dtypes
+from glm4voice.devices import llm_dtypes, prefer_expandable_segments
 from glm4voice.protocol import AUDIO_TOKENS_PER_SEGMENT, TEXT_TOKENS_PER_SEGMENT
 
 logger = logging.getLogger("bench.e2e_server")
@@ -331,6 +331,7 @@ def build(args):
 
 
 def main(argv=None) -> int:
+    prefer_expandable_segments()  # as model_server.py does
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

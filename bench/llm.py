@@ -331,6 +331,8 @@ class Bench:
             reference = self.results.get("engine", {}).get("greedy_tokens")
             if reference and dtype_label in QUANTIZED_DTYPES:
                 result["greedy_identical_prefix_vs_bf16"] = identical_prefix(reference, result["greedy_tokens"])
+            if self.device.type == "cuda" and dtype_label in QUANTIZED_DTYPES:
+                result["profile"] = self.profile_step(engine.runner)  # where a quantized step's time goes
             result["memory"] = self.memory(engine, allocated_before)
         finally:
             self.loop.run_until_complete(engine.stop())

@@ -12,10 +12,12 @@ it, so a command line can build its parser before it loads torch.
   ``"auto"`` (:func:`decoder_dtype`: bfloat16 on CUDA, where it meets real time, float32 on a CPU).
 - Streams: :func:`high_priority_stream`, the CUDA stream the speech side (tokenizer, decoder) runs
   on, so that in a process that also runs the LLM engine its kernels go before the engine's.
+- Memory: :func:`prefer_expandable_segments`, the CUDA allocator setting the servers start with.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,6 +35,8 @@ DECODER_DTYPES = FLOAT_DTYPES
 """Precisions ``AudioDecoder(dtype=...)`` runs its flow estimator in (the rest stays float32)."""
 DECODER_DTYPE_CHOICES = (AUTO, *DECODER_DTYPES)
 """``web_demo.py --decoder-dtype``."""
+ALLOCATOR_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
 HIGHEST_STREAM_PRIORITY = -(1 << 20)
 """A stream priority below every device's range: torch maps it to the highest one the device has
 (lower numbers are higher priorities; an H100 offers 0 to -5)."""
@@ -119,3 +123,13 @@ def high_priority_stream(device: str | torch.device) -> torch.cuda.Stream:
     import torch
 
     return torch.cuda.Stream(torch.device(device), priority=HIGHEST_STREAM_PRIORITY)
+
+
+def prefer_expandable_segments() -> None:
+    """Let torch's CUDA caching allocator map memory in pages of growing segments
+    (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) unless the user has set that variable. Call it
+    before the process's first CUDA allocation. With whole segments, a free block shares its segment
+    with live tensors and is never given back: a quantized load (16-bit staging copies and the
+    quantizer's float32 temporaries between the weights it keeps) left the int4 demo's process holding
+    about 0.9 GB more on an H100 than with expandable segments, whose free pages go back to the driver."""
+    os.environ.setdefault(ALLOCATOR_ENV, EXPANDABLE_SEGMENTS)

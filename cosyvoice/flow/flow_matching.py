@@ -122,6 +122,27 @@ class ConditionalCFM(nn.Module):
         (1+r)·v(x | mu, spks, cond) − r·v(x | 0, 0, 0), both passes in one batch. ``mask`` None: all
         frames valid. The estimator runs in its own parameter dtype; the ODE state stays float32.
         ``estimator`` replaces ``self.estimator`` as the callable (e.g. a compiled one)."""
+        times = self.euler_times(t_span)
+        if time_conds is None:
+            time_conds = [self.estimator.time_conditioning(t) for t, _ in times]
+        for (t, dt), time_cond in zip(times, time_conds):
+            x = self.euler_step(x, mu, mask, spks, cond, t, dt, time_cond, padded=padded, estimator=estimator)
+        return x
+
+    def euler_step(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        mask: torch.Tensor | None,
+        spks: torch.Tensor | None,
+        cond: torch.Tensor | None,
+        t: torch.Tensor,
+        dt: torch.Tensor,
+        time_cond: tuple[torch.Tensor, ...] | None = None,
+        padded: bool = False,
+        estimator: Callable[..., torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One step of :meth:`solve`: x (B, 80, T) float32 at time t -> x at t + dt (both 0-d tensors)."""
         dtype = next(self.estimator.parameters()).dtype
         rate = self.inference_cfg_rate
         guided = rate > 0
@@ -134,18 +155,14 @@ class ConditionalCFM(nn.Module):
             return torch.cat([a, torch.zeros_like(a)]) if guided else a
 
         mask_in = None if mask is None else (torch.cat([mask, mask]) if guided else mask).to(dtype)
-        mu_in, spks_in, cond_in = prepared(mu), prepared(spks), prepared(cond)
-        times = self.euler_times(t_span)
-        if time_conds is None:
-            time_conds = [self.estimator.time_conditioning(t) for t, _ in times]
-        for (t, dt), time_cond in zip(times, time_conds):
-            x_in = x.to(dtype)
-            if guided:
-                x_in = torch.cat([x_in, x_in])
-            run = self.estimator if estimator is None else estimator
-            velocity = run(x_in, mask_in, mu_in, t, spks_in, cond_in, padded=padded, time_cond=time_cond)
-            velocity = velocity.float()
-            if guided:
-                velocity = (1.0 + rate) * velocity[:batch] - rate * velocity[batch:]
-            x = x + dt * velocity
-        return x
+        x_in = x.to(dtype)
+        if guided:
+            x_in = torch.cat([x_in, x_in])  # (2B, 80, T): conditional rows, then unconditional
+        run = self.estimator if estimator is None else estimator
+        velocity = run(
+            x_in, mask_in, prepared(mu), t, prepared(spks), prepared(cond), padded=padded, time_cond=time_cond
+        )
+        velocity = velocity.float()
+        if guided:
+            velocity = (1.0 + rate) * velocity[:batch] - rate * velocity[batch:]
+        return x + dt * velocity

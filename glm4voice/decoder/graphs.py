@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cosyvoice.flow.cuda_graph import warm_up_stream
 from glm4voice.audio import NUM_MEL_BINS
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 WARMUP_RUNS = 2
-"""Eager runs on a side stream before a capture (lazy CUDA state, cuBLAS workspaces, compiled code)."""
+"""Eager runs before a capture (lazy CUDA state, cuBLAS workspaces, compiled code)."""
 COMPILE_RECOMPILE_LIMIT = 64
 """torch.compile keeps a compiled variant per input shape (batch size x length); its default limit is
 lower than the number of graphs a decoder captures."""
@@ -60,10 +61,10 @@ Capture = Callable[[Callable[..., Tensors], Tensors, object, Callable[..., objec
 def cuda_capture(
     fn: Callable[..., Tensors], static: Tensors, pool: object, warm_up: Callable[..., object]
 ) -> tuple[Callable[[], None], Tensors]:
-    """Capture ``fn(*static)`` as a CUDA graph (after ``warm_up(*static)`` and a few runs of ``fn`` on a
-    side stream); returns its replay and its static outputs."""
+    """Capture ``fn(*static)`` as a CUDA graph (after ``warm_up(*static)`` and a few runs of ``fn`` on
+    :func:`~cosyvoice.flow.cuda_graph.warm_up_stream`); returns its replay and its static outputs."""
     device = static[0].device
-    side = torch.cuda.Stream(device=device)
+    side = warm_up_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         warm_up(*static)

@@ -7,6 +7,7 @@ memory report tells their graph pools apart."""
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from flow_inference import AudioDecoder
 from glm4voice.client import InProcessTokenClient
 from glm4voice.devices import high_priority_stream
 from glm4voice.llm.engine import Engine, EngineConfig
-from glm4voice.memory import DEFAULT_POOL, OTHER_POOLS, memory_report
+from glm4voice.memory import DEFAULT_POOL, OTHER_POOLS, MemoryOwners, memory_report
 from glm4voice.server.inprocess import InProcessTokenServer
 from glm4voice.server.settings import ServerSettings
 from speech_tokenizer import SpeechTokenizer
@@ -86,7 +87,12 @@ def test_engine_and_decoder_in_one_process_do_not_change_each_others_results(tin
 
 def test_the_memory_report_names_each_components_graph_pool(tiny_checkpoints):
     """glm4voice.memory on a real device: the allocator's segments carry the pool handles the engine and
-    the decoder captured their graphs in, and the pools add up to what the allocator reserved."""
+    the decoder captured their graphs in, and the pools add up to what the allocator reserved. Graphs of
+    earlier tests in this process may still hold pools of their own: those stay unnamed, and nothing of
+    this test's components joins them."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    earlier = memory_report(DEVICE, MemoryOwners())["reserved_by_pool_gb"].get(OTHER_POOLS, 0.0)
     decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device=DEVICE, dtype=torch.bfloat16)
     tokenizer = SpeechTokenizer.from_pretrained(tiny_checkpoints.speech_tokenizer, device=DEVICE)
     decoder.warm_up((10, 20), batch_sizes=(1, 2))
@@ -104,7 +110,7 @@ def test_the_memory_report_names_each_components_graph_pool(tiny_checkpoints):
     figures = asyncio.run(report())
     pools = figures["reserved_by_pool_gb"]
     assert pools["llm graphs"] > 0 and pools["decoder graphs"] > 0, pools
-    assert OTHER_POOLS not in pools, pools  # every graph pool of this process is named
+    assert pools.get(OTHER_POOLS, 0.0) <= earlier + 0.002, (pools, earlier)  # the engine's and decoder's are named
     assert sum(pools.values()) == pytest.approx(figures["reserved_gb"], abs=0.002)
     assert sum(figures["default_pool_by_stream_gb"].values()) == pytest.approx(pools.get(DEFAULT_POOL, 0), abs=0.002)
     assert figures["allocated_gb"] >= figures["parts_total_gb"] > 0
