@@ -2,7 +2,7 @@
 # Issue 17's figures for quantized LLM weights (fp8, int4, int8), full-size random weights, in two parts
 # that each fit one 10-minute GPU call:
 #   bash bench/quant_suite.sh OUT_DIR llm   # bench/llm.py --quant-only: bf16, fp8, int4, int8 both ways (~9 min)
-#   bash bench/quant_suite.sh OUT_DIR e2e   # bench/e2e.py: whole demo memory with int4 at 4 conversations,
+#   bash bench/quant_suite.sh OUT_DIR e2e   # bench/e2e.py: whole demo memory with int4 at 4 conversations (one process),
 #                                           # TTFA with fp8 beside bf16 (~8 min)
 # Each command's last lines (llm.log: "--- quantized weights ---"; e2e_*.log and the JSON "memory" and
 # "ttfa" sections) hold the figures docs/perf/llm.md and docs/PERFORMANCE.md record.
@@ -22,10 +22,11 @@ llm)
     sed -n '/=== headline ===/,$p' "$out/llm.log"
     ;;
 e2e)
-    # 1. the whole demo (token server + speech tokenizer + decoder) with int4 at 4 conversations, each stream
+    # 1. the whole demo (engine + speech tokenizer + decoder) with int4 at 4 conversations, each stream
     #    with the default 8192-token KV cache, decoder graphs for up to 4 blocks (launch --dtype int4
-    #    --max-concurrent-turns 4): memory.both_processes_gb
-    python bench/e2e.py --llm-dtype int4 --levels 4 --max-seq-len 8192 --repeats 5 --answer-seconds 10 \
+    #    --max-concurrent-turns 4 --layout one-process): memory.both_processes_gb (one process here; with
+    #    --layout two-process it adds the token server's process)
+    python bench/e2e.py --layout one-process --llm-dtype int4 --levels 4 --max-seq-len 8192 --repeats 5 --answer-seconds 10 \
         --unbatched-level 0 --budget-s 240 --out "$out/e2e_int4.json" --server-log "$out/e2e_int4_server.log" \
         > "$out/e2e_int4.log" 2>&1
     echo "e2e int4: exit $?"
@@ -49,7 +50,7 @@ for name in ("int4", "fp8", "bfloat16"):
     r = json.loads(path.read_text())
     memory, ttfa = r.get("memory", {}), r.get("ttfa", {})
     print(f"{name}: TTFA median {ttfa.get('ttfa')} s (tokens to first block {ttfa.get('tokens_to_first_block')} s); "
-          f"GPU memory of both processes {memory.get('both_processes_gb')} GB at {memory.get('levels')} conversations")
+          f"GPU memory of the demo's processes {memory.get('both_processes_gb')} GB at {memory.get('levels')} conversations")
 EOF
     ;;
 *)

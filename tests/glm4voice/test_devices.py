@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -82,3 +84,19 @@ def test_the_web_demo_refuses_a_bad_device_with_a_usage_message(capsys):
         web_demo.main(["--device", "tpu:0"])
     assert exited.value.code == 2
     assert "--device tpu:0" in capsys.readouterr().err
+
+
+def test_the_servers_prefer_expandable_segments_unless_the_user_chose(monkeypatch):
+    """model_server.py and web_demo.py start torch's CUDA allocator with expandable segments (freed memory
+    goes back to the driver page by page); a PYTORCH_CUDA_ALLOC_CONF of the user's own is left alone."""
+    import model_server
+    import web_demo
+
+    for main in (model_server.main, web_demo.main):  # set first, before either refuses its bad device
+        monkeypatch.delenv(devices.ALLOCATOR_ENV, raising=False)
+        with pytest.raises(SystemExit):
+            main(["--device", "tpu:0"])
+        assert os.environ[devices.ALLOCATOR_ENV] == "expandable_segments:True"
+    monkeypatch.setenv(devices.ALLOCATOR_ENV, "max_split_size_mb:512")
+    devices.prefer_expandable_segments()
+    assert os.environ[devices.ALLOCATOR_ENV] == "max_split_size_mb:512"
