@@ -96,7 +96,7 @@ def test_the_servers_prefer_expandable_segments_unless_the_user_chose(monkeypatc
         monkeypatch.delenv(devices.ALLOCATOR_ENV, raising=False)
         with pytest.raises(SystemExit):
             main(["--device", "tpu:0"])
-        assert os.environ[devices.ALLOCATOR_ENV] == "expandable_segments:True"
+        assert os.environ[devices.ALLOCATOR_ENV] == devices.EXPANDABLE_SEGMENTS
     monkeypatch.setenv(devices.ALLOCATOR_ENV, "max_split_size_mb:512")
     devices.prefer_expandable_segments()
     assert os.environ[devices.ALLOCATOR_ENV] == "max_split_size_mb:512"
