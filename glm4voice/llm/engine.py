@@ -402,6 +402,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._running = False
+        self._accepting = False  # the worker takes submissions; set and cleared under _lock
         self._fatal: BaseException | None = None
         self._closed: asyncio.Future | None = None
         self._failure_callbacks: list[Callable[[BaseException], object]] = []
@@ -582,20 +583,26 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         prompt = self._validate_prompt(prompt_ids)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        # The check and the put share the lock the worker takes before it drains its queue when it
+        # ends, so a request is either refused here or ended by that drain: never left unanswered.
         with self._lock:
+            if not self._accepting:
+                raise EngineNotRunningError(
+                    "the engine is not running" + (f" (the worker failed: {self._fatal!r})" if self._fatal else "")
+                )
             if self._queued >= self.config.max_queue:
                 raise EngineBusyError(
                     f"{self._queued} requests are already waiting (max_queue={self.config.max_queue})"
                 )
             self._queued += 1
-        request_id = self._next_id
-        self._next_id += 1
-        stream = GenerationStream(self, request_id, len(prompt), params)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        request = _Request(request_id, prompt, params, seed, self.stop_ids | params.stop_ids, stream)
-        self._open.add(request_id)
-        self._idle.clear()
-        self._commands.put(("submit", request))
+            request_id = self._next_id
+            self._next_id += 1
+            stream = GenerationStream(self, request_id, len(prompt), params)
+            request = _Request(request_id, prompt, params, seed, self.stop_ids | params.stop_ids, stream)
+            self._open.add(request_id)
+            self._idle.clear()
+            self._commands.put(("submit", request))
         return stream
 
     def _validate_prompt(self, prompt_ids: Sequence[int]) -> tuple[int, ...]:
@@ -655,6 +662,8 @@ class Engine:
             self._event_loop.call_soon_threadsafe(_resolve, ready, error)
             self._signal_closed(error)
             return
+        with self._lock:
+            self._accepting = True
         self._event_loop.call_soon_threadsafe(_resolve, ready, None)
         reason: BaseException = EngineStoppedError("the engine was stopped")
         try:
@@ -666,6 +675,8 @@ class Engine:
             reason = error
         finally:
             self._running = False
+            with self._lock:  # no submit() gets past its check after this: _end_all sees every request
+                self._accepting = False
             self._end_all(reason)
             self._signal_closed(self._fatal)
 

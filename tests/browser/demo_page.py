@@ -68,13 +68,28 @@ class DemoPage:
         return path
 
     # --- controls ------------------------------------------------------------------------------------
-    def set_max_new_tokens(self, n: int) -> None:
-        if not self.page.locator("#max-new-tokens input").is_visible():
+    def settle(self) -> None:
+        """Until the page has rendered two more frames: updates it had scheduled have been applied."""
+        self.page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+    def set_max_new_tokens(self, n: int, attempts: int = 3) -> None:
+        """Type ``n`` into the settings' number box. Gradio applies a component's initial properties
+        once more just after it mounts (inside the settings accordion: when it first opens); a value
+        typed before that is overwritten, so the value is typed again until it holds."""
+        box = self.page.locator("#max-new-tokens input")
+        if not box.is_visible():
             self.page.click("#settings button.label-wrap")
-        self.page.wait_for_selector("#max-new-tokens input")
-        self.page.fill("#max-new-tokens input", str(n))
-        self.page.press("#max-new-tokens input", "Enter")
-        assert self.page.input_value("#max-new-tokens input") == str(n)
+        box.wait_for(state="visible", timeout=WAIT_MS)
+        values = []
+        for _ in range(attempts):
+            self.settle()
+            box.fill(str(n))
+            box.press("Enter")
+            self.settle()
+            values.append(box.input_value())
+            if values[-1] == str(n):
+                return
+        raise AssertionError(f"the max-new-tokens box did not keep {n}: it read {values}")
 
     def text_mode(self) -> None:
         self.page.click("#input-mode label:has-text('text')")

@@ -2,6 +2,7 @@
 
 import asyncio
 import math
+import threading
 
 import pytest
 import torch
@@ -329,8 +330,11 @@ def test_a_broken_device_stops_the_worker_and_says_so(tiny_llm):
         runner = engine.runner
         real_launch = runner.launch
 
+        all_submitted = threading.Event()
+
         def launch(rows, after=None):
             if len(rows) == 2:
+                all_submitted.wait()  # the worker dies only after the test has submitted everything
                 raise RuntimeError("CUDA error: device-side assert triggered")
             return real_launch(rows, after)
 
@@ -339,6 +343,7 @@ def test_a_broken_device_stops_the_worker_and_says_so(tiny_llm):
         await first.__anext__()
         second = engine.submit(PROMPTS[1], SamplingParams(temperature=0, max_new_tokens=200))
         queued = [engine.submit(PROMPTS[2], GREEDY) for _ in range(8)]  # 6 of them wait for a slot
+        all_submitted.set()
         outcomes = await asyncio.gather(*(collect(s) for s in (first, second, *queued)), return_exceptions=True)
         error = await asyncio.wait_for(engine.wait_closed(), timeout=60)
         with pytest.raises(EngineNotRunningError, match="device-side assert"):
@@ -362,14 +367,56 @@ def test_repeated_failures_stop_the_worker(tiny_llm, monkeypatch):
 
     async def main():
         async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
-            engine.runner.prefill = lambda *args: (_ for _ in ()).throw(MemoryError("no memory"))
+            all_submitted = threading.Event()
+
+            def prefill(*args, **kwargs):
+                all_submitted.wait()  # no failure before the test has submitted all five
+                raise MemoryError("no memory")
+
+            engine.runner.prefill = prefill
             streams = [engine.submit(p, GREEDY) for p in PROMPTS[:5]]
+            all_submitted.set()
             outcomes = await asyncio.gather(*(collect(s) for s in streams), return_exceptions=True)
             return engine, outcomes, await engine.wait_closed()
 
     engine, outcomes, error = run(main())
     assert all(isinstance(o, GenerationError) for o in outcomes)
     assert engine.dead and "3 steps failed in a row" in str(error)
+
+
+def test_a_submit_racing_the_worker_death_is_refused_not_lost(tiny_llm, monkeypatch):
+    """The worker dies (and ends every queued request) between submit()'s first check and its
+    queueing: the request is refused with EngineNotRunningError, not queued where nobody answers."""
+    import glm4voice.llm.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_CONSECUTIVE_FAILURES", 1)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            fail_now = threading.Event()
+
+            def prefill(*args, **kwargs):
+                fail_now.wait()
+                raise MemoryError("no memory")
+
+            engine.runner.prefill = prefill
+            doomed = engine.submit(PROMPTS[0], GREEDY)
+            real_validate = engine._validate_prompt
+
+            def validate(prompt_ids):  # runs after submit()'s running check, before the request is queued
+                fail_now.set()
+                engine._thread.join()  # the worker has died and ended everything it had
+                return real_validate(prompt_ids)
+
+            engine._validate_prompt = validate
+            with pytest.raises(EngineNotRunningError, match="no memory"):
+                engine.submit(PROMPTS[1], GREEDY)
+            with pytest.raises(GenerationError, match="no memory"):
+                await collect(doomed)
+            return engine, await engine.wait_closed()
+
+    engine, error = run(main())
+    assert engine.dead and isinstance(error.__cause__, MemoryError)
 
 
 def test_a_clean_stop_is_not_a_failure(tiny_llm):
