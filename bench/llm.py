@@ -801,12 +801,13 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _quantized_layer(weight: torch.Tensor, method: quant.Method) -> Linear:
-    """A Linear holding ``weight`` quantized with ``method`` (the module the model would get)."""
+    """A Linear holding ``weight`` quantized with ``method``: the module the model's gate_up layer would
+    get (the layer name decides fp8:one_row's path)."""
     holder = torch.nn.Module()
     with torch.device("meta"):
-        holder.add_module("linear", Linear(weight.shape[1], weight.shape[0], bias=False))
-    quant.quantize_linear(holder, "linear", weight, method)
-    return holder.linear
+        holder.add_module("gate_up", Linear(weight.shape[1], weight.shape[0], bias=False))
+    quant.quantize_linear(holder, "gate_up", weight, method)
+    return holder.gate_up
 
 
 def _runs_on(method: quant.Method, device: torch.device) -> bool:

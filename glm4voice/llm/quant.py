@@ -21,6 +21,13 @@ measures the alternatives side by side):
 - ``fp8:dynamic`` (default): torchao's ``Float8DynamicActivationFloat8WeightConfig`` with per-row
   scales: float8 e4m3 weights, each activation row quantized to float8 on the fly, ``torch._scaled_mm``
   (CUDA compute capability >= 8.9: L4, L40S, H100, H200).
+- ``fp8:one_row``: as ``fp8:dynamic``, except that a one-token product of the ``gate_up`` layers
+  (:data:`FP8_ONE_ROW_LAYERS`) is a multiply-and-reduce over the float8 weight, compiled on its own
+  with inductor's coordinate-descent tuning (:class:`OneRowFp8Linear`). The decode step of one stream
+  spends most of its time in ``_scaled_mm``, whose cuBLASLt kernels tile a single row as if it were
+  128 and read the weights at ~1.9 TB/s on an H100; for the 27392x4096 ``gate_up`` weight (half of
+  the model's bytes) the tuned multiply-and-reduce read 2.9 TB/s (graph-replayed, one layer). To
+  become the default once the whole engine is measured faster with it.
 - ``fp8:weight_only``: torchao's ``Float8WeightOnlyConfig`` (per row): float8 weights dequantized to
   bfloat16 for the matmul (the alternative where dynamic activations turn out slower).
 - ``int4:tinygemm`` (default): torchao's ``Int4WeightOnlyConfig`` with groups of 128 input channels
@@ -41,7 +48,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +102,8 @@ METHODS: tuple[Method, ...] = (
     Method(INT8, "torchao", "torchao Int8WeightOnlyConfig, per channel", cpu=True),
     Method(FP8, "dynamic", "torchao Float8DynamicActivationFloat8WeightConfig, per-row float8 weights "
            "and activations, torch._scaled_mm", min_capability=FP8_CAPABILITY),
+    Method(FP8, "one_row", "as fp8:dynamic; one-token products of the gate_up layers: a multiply-reduce over "
+           "the float8 weight, compiled with coordinate-descent tuning", min_capability=FP8_CAPABILITY),
     Method(FP8, "weight_only", "torchao Float8WeightOnlyConfig, per-row float8 weights, bfloat16 matmul",
            min_capability=FP8_CAPABILITY),
     Method(INT4, "tinygemm", f"torchao Int4WeightOnlyConfig, groups of {INT4_GROUP_SIZE}, tinygemm "
@@ -196,7 +205,7 @@ def torchao_config(method: Method):
 
     if method.spec == "int8:torchao":
         return q.Int8WeightOnlyConfig(granularity=q.PerRow(), set_inductor_config=False)
-    if method.spec == "fp8:dynamic":
+    if method.spec in ("fp8:dynamic", "fp8:one_row"):
         # torch._scaled_mm (KernelPreference.TORCH), not the optional mslk package's kernels
         return q.Float8DynamicActivationFloat8WeightConfig(
             granularity=q.PerRow(), kernel_preference=KernelPreference.TORCH,
@@ -233,6 +242,9 @@ def quantize_linear(model: nn.Module, name: str, weight: torch.Tensor, method: M
             f"torchao left {name} ({'x'.join(map(str, weight.shape))}, {weight.dtype}) unquantized with {method.spec}: its kernel "
             f"needs other sizes (int4: input features divisible by {INT4_GROUP_SIZE}; fp8: both sizes by 16)"
         )
+    parent, _, attr = name.rpartition(".")
+    if method.spec == "fp8:one_row" and attr in FP8_ONE_ROW_LAYERS:
+        setattr(model.get_submodule(parent) if parent else model, attr, OneRowFp8Linear.from_quantized(module))
 
 
 def quantize_embedding(model: nn.Module, name: str, weight: torch.Tensor) -> None:
@@ -289,6 +301,74 @@ def weight_formats(model: nn.Module) -> dict[str, int]:
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers (what the weights occupy on the device)."""
     return tensor_bytes(model)
+
+
+# --- fp8:one_row ------------------------------------------------------------------------------------------
+
+FP8_ONE_ROW_LAYERS = ("gate_up",)
+"""The layers whose one-token products fp8:one_row computes itself. A per-layer probe on an H100
+(graph-replayed, one row, torch 2.11) found the tuned multiply-and-reduce faster than ``_scaled_mm``
+only on the 27392x4096 ``gate_up`` weight; on ``qkv`` (4608x4096), ``down`` (4096x13696) and the output
+layer (168960x4096) it was slower than even bfloat16."""
+
+
+def _one_row_product(x: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    # x [1, in] bf16, qdata [out, in] float8, row_scale [out] float32 -> [1, out] in x's dtype
+    return ((x.float()[:, None, :] * qdata.float()).sum(-1) * row_scale).to(x.dtype)
+
+
+_tuned_one_row_product = torch.compile(_one_row_product, dynamic=False, options={"coordinate_descent_tuning": True})
+"""Compiled on its own, so the tuning (which lengthens compiles) applies to this kernel only."""
+
+
+@torch.library.custom_op("glm4voice::fp8_one_row", mutates_args=())
+def fp8_one_row(x: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (qdata * row_scale[:, None])^T`` for one row ``x`` [1, in]: one pass over the float8 weight.
+    An operator of its own, so that the engine's compiled step functions call it as it is instead of
+    tracing it into their own kernels (with their own, untuned, settings)."""
+    product = _tuned_one_row_product if x.is_cuda else _one_row_product
+    return product(x, qdata, row_scale)
+
+
+@fp8_one_row.register_fake
+def _(x: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], qdata.shape[0])
+
+
+class OneRowFp8Linear(Linear):
+    """A torchao float8 (fp8:dynamic) layer whose one-token products are :func:`fp8_one_row` (the
+    ``fp8:one_row`` method). The float8 values and scales it reads are the weight's own tensors
+    (non-persistent buffers sharing their storage), so the layer holds no second copy."""
+
+    qdata: torch.Tensor
+    """[out, in] float8 e4m3 (the weight's values)."""
+    row_scale: torch.Tensor
+    """[out] float32 (the weight's per-row scales)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        with torch.device("meta"):  # the weight is set by from_quantized: allocate nothing here
+            super().__init__(in_features, out_features, bias)
+
+    @classmethod
+    def from_quantized(cls, linear: Linear) -> OneRowFp8Linear:
+        """``linear`` (with torchao's per-row float8 weight) as a one-row layer."""
+        weight: Any = linear.weight  # torchao's Float8Tensor: float8 values in .qdata, scales in .scale
+        module = cls(linear.in_features, linear.out_features, bias=False)
+        module.weight, module.bias = weight, linear.bias
+        module.register_buffer("qdata", weight.qdata, persistent=False)
+        module.register_buffer("row_scale", weight.scale.reshape(-1), persistent=False)
+        if module.qdata.dtype != torch.float8_e4m3fn or module.row_scale.shape != (linear.out_features,):
+            raise QuantizationUnsupported(
+                f"fp8:one_row needs per-row float8 e4m3 weights, got {module.qdata.dtype} with scales "
+                f"{tuple(weight.scale.shape)}"
+            )
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1:
+            y = fp8_one_row(x, self.qdata, self.row_scale)
+            return y if self.bias is None else y + self.bias
+        return super().forward(x)
 
 
 # --- int8:fused (plain torch) -----------------------------------------------------------------------------

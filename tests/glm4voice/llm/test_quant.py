@@ -146,6 +146,52 @@ def test_fp8_dynamic_plumbing_and_compiled_decode_on_the_cpu(monkeypatch):
             assert cosine.min() > 0.995, cosine
 
 
+@pytest.mark.slow
+def test_fp8_one_row_computes_one_token_products_itself_inside_the_compiled_step(monkeypatch):
+    """fp8:one_row: the gate_up layers' one-token products go through the glm4voice::fp8_one_row operator
+    (reading the float8 weight's own values and scales: no second copy), also from inside the compiled
+    decode step; products of more rows stay torchao's. (Hardware check lifted as for fp8:dynamic above.)"""
+    from torchao.quantization import quant_api
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *args, **kwargs: None)
+    reference = random_model(SMALL, "cpu", torch.bfloat16, seed=3)
+    dynamic = quant.quantize_model(copy.deepcopy(reference), quant.parse_spec("fp8:dynamic"))
+    model = quant.quantize_model(copy.deepcopy(reference), quant.parse_spec("fp8:one_row"))
+    assert quant.weight_formats(model) == {"Float8Tensor": 4 * SMALL.num_layers + 1}
+    assert all(type(block.gate_up) is quant.OneRowFp8Linear for block in model.layers)
+    assert {type(block.qkv) for block in model.layers} == {type(block.down) for block in model.layers} == {Linear}
+    assert weight_bytes(model) == weight_bytes(dynamic) and model.state_dict().keys() == dynamic.state_dict().keys()
+
+    layer = model.layers[0].gate_up
+    x = torch.randn(2, SMALL.hidden_size, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    dequantized = layer.weight.qdata.float() * layer.weight.scale.float()
+    one = layer(x[:1])
+    assert one.dtype == torch.bfloat16 and one.shape == (1, 2 * SMALL.ffn_hidden_size)
+    torch.testing.assert_close(one.float(), x[:1].float() @ dequantized.T, rtol=1e-2, atol=1e-2)  # bf16 output
+    torch.testing.assert_close(layer(x), dynamic.layers[0].gate_up(x), rtol=0, atol=0)  # 2 rows: torchao's path
+    tuned = quant._tuned_one_row_product(x[:1], layer.qdata, layer.row_scale)  # inductor's CPU kernel
+    torch.testing.assert_close(tuned, quant._one_row_product(x[:1], layer.qdata, layer.row_scale))
+
+    calls = []
+    plain = quant._one_row_product
+    monkeypatch.setattr(quant, "_one_row_product", lambda *args: calls.append(args[1].shape) or plain(*args))
+    compiled = copy.deepcopy(model)
+    compiled.compile_steps()
+    rope = model.rope_tables(65)
+    caches = [KVCache.allocate(model.config, 4, 64, torch.bfloat16, "cpu") for _ in range(2)]
+    with torch.inference_mode():
+        for m, cache in zip((model, compiled), caches):
+            m.prefill(IDS[:9], cache, 0, 0, rope)
+        for tokens, positions, one_row_calls in (([IDS[9]], [9], SMALL.num_layers), ([IDS[10], 0], [10, 0], 0)):
+            logits = []
+            for m, cache in zip((model, compiled), caches):
+                calls.clear()
+                logits.append(m.decode(torch.tensor(tokens), torch.tensor(positions), cache, rope, kv_len=16))
+                assert len(calls) == one_row_calls and set(calls) <= {layer.qdata.shape}
+            cosine = torch.nn.functional.cosine_similarity(logits[0].float(), logits[1].float(), dim=-1)
+            assert cosine.min() > 0.995, cosine
+
+
 def test_torchao_leaving_a_layer_unquantized_is_an_error():
     """int4 groups of 128 input channels: the tiny checkpoint's 64 do not divide; torchao would skip the
     layer silently, we refuse (int4's own kernel is GPU-only, so the check is run on the bare helper)."""
