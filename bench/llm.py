@@ -535,13 +535,16 @@ class Bench:
             streamer = queue_streamer()
             kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens_wanted,
                           do_sample=True, streamer=streamer, **SAMPLING)  # fmt: skip
+            failure: list[BaseException] = []
             submitted = time.perf_counter()
-            thread = threading.Thread(target=hf.generate, kwargs=kwargs)
+            thread = threading.Thread(target=_generate_streaming, args=(hf, kwargs, streamer, failure))
             thread.start()
             times = []
             while streamer.queue.get() is not None:
                 times.append(time.perf_counter())
             thread.join()
+            if failure:
+                raise RuntimeError("transformers' generate failed") from failure[0]
             runs.append((times, submitted))
         times, submitted = runs[-1]
         del hf
@@ -798,6 +801,16 @@ def _fmt(errors: dict) -> str:
 
 def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return round(((y.float() - reference).norm() / reference.norm()).item(), 5)
+
+
+def _generate_streaming(model, kwargs: dict, streamer, failure: list) -> None:
+    """``model.generate(**kwargs)`` into ``streamer``, which also ends (with the error in ``failure``) if
+    generate fails: transformers ends a streamer only on success."""
+    try:
+        model.generate(**kwargs)
+    except BaseException as error:
+        failure.append(error)
+        streamer.queue.put(None)
 
 
 def _quantized_layer(weight: torch.Tensor, method: quant.Method) -> Linear:

@@ -92,9 +92,15 @@ class BlockBatcher:
         self._waiting = []
         if not entries:
             return
-        self._running = True
         started = loop.time()
-        call = loop.run_in_executor(self.worker, self._decode, entries)
+        try:
+            call = loop.run_in_executor(self.worker, self._decode, entries)
+        except RuntimeError as error:  # the worker was shut down (the pipeline is closing)
+            for entry in entries:
+                for future in entry.futures:
+                    _settle(future, RuntimeError(f"the audio decoder is shut down: {error}"))
+            return
+        self._running = True
         call.add_done_callback(lambda done: self._finished(loop, entries, done, loop.time() - started))
 
     def _decode(self, entries: list[_Entry]) -> None:

@@ -125,6 +125,20 @@ def error_from_answer(status: int, headers: httpx.Headers, raw: bytes) -> TokenS
     return ProtocolError(f"unexpected HTTP {status}: {text}")
 
 
+def health_answer(response: httpx.Response) -> dict[str, Any]:
+    """The JSON object of a ``/health`` answer, or the error it means (an answer that is not the
+    server's JSON, e.g. a proxy's page: :class:`ProtocolError`)."""
+    if response.status_code != 200:
+        raise error_from_answer(response.status_code, response.headers, response.content)
+    try:
+        info = response.json()
+    except ValueError as error:
+        info = error
+    if not isinstance(info, dict):
+        raise ProtocolError(f"the /health answer is not the server's JSON: {response.text[:200]!r}")
+    return info
+
+
 class _LineReader:
     """Per-stream state: turns the answer's lines into token ids, or the right error."""
 
@@ -192,9 +206,7 @@ class TokenClient:
             response = self._http.get(HEALTH_PATH)
         except httpx.TransportError as error:
             raise ServerUnavailableError(f"cannot reach {self.base_url}: {error}") from error
-        if response.status_code != 200:
-            raise error_from_answer(response.status_code, response.headers, response.content)
-        return response.json()
+        return health_answer(response)
 
     def wait_until_ready(self, timeout: float, poll_s: float = 0.5) -> dict[str, Any]:
         """Poll ``/health`` until it answers 200; ServerUnavailableError after ``timeout`` s."""
@@ -250,9 +262,7 @@ class AsyncTokenClient:
             response = await self._http.get(HEALTH_PATH)
         except httpx.TransportError as error:
             raise ServerUnavailableError(f"cannot reach {self.base_url}: {error}") from error
-        if response.status_code != 200:
-            raise error_from_answer(response.status_code, response.headers, response.content)
-        return response.json()
+        return health_answer(response)
 
 
 class InProcessServer(Protocol):

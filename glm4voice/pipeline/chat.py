@@ -536,6 +536,21 @@ class VoiceChat:
             self._read_tokens(prompt_ids, options, demuxer, policy, pacing, clock, out, blocks)
         )
         decoder = asyncio.create_task(self._decode_blocks(options, pacing, clock, out, blocks, decode_audio))
+        ending = False
+
+        def died(task: asyncio.Task) -> None:
+            """A task that ends by an error it did not handle, or cancelled from elsewhere (the
+            workers shut down under it), still ends the turn: the consumer never waits forever."""
+            if ending or not (task.cancelled() or task.exception() is not None):
+                return
+            why = "it was cancelled" if task.cancelled() else repr(task.exception())
+            error = TurnError(FailureKind.INTERNAL, f"Internal error: the turn's {task.get_name()} stopped ({why}).")
+            out.put_nowait(self._failed(error, clock, clock.text))
+            out.put_nowait(_DONE)
+
+        for task, name in ((reader, "token reader"), (decoder, "audio decoder")):
+            task.set_name(name)
+            task.add_done_callback(died)
         try:
             while True:
                 event = await out.get()
@@ -546,6 +561,7 @@ class VoiceChat:
             # Normal end: both tasks are done. Early exit or failure: cancelling the reader closes
             # the HTTP stream, which frees the server's slot; a block being decoded in the worker
             # thread finishes there and is dropped.
+            ending = True
             for task in (reader, decoder):
                 task.cancel()
             await asyncio.gather(reader, decoder, return_exceptions=True)

@@ -173,3 +173,25 @@ def test_a_turn_that_stops_during_a_job_loses_its_later_blocks():
             assert (batcher.calls, batcher.jobs) == (3, 4)
 
     asyncio.run(scenario())
+
+
+def test_blocks_after_the_worker_shut_down_fail_instead_of_waiting_forever():
+    """The pipeline closes (its decode worker shut down) while a job runs: the blocks that waited for
+    the next job, and blocks submitted later, end with an error; nothing is left unanswered."""
+
+    async def scenario():
+        decoder = GatedDecoder()
+        worker = ThreadPoolExecutor(1)
+        batcher = BlockBatcher(decoder, worker)
+        running = batcher.submit("running", [[1, 2]])
+        await _wait_entered(decoder)
+        waiting = batcher.submit("waiting", [[1], [1, 2]])
+        worker.shutdown(wait=False, cancel_futures=True)
+        decoder.gates[0].set()
+        assert len(await running[0]) == 2  # the job that was running finishes
+        outcomes = await asyncio.gather(*waiting, *batcher.submit("later", [[1]]), return_exceptions=True)
+        assert all(isinstance(o, RuntimeError) and "shut down" in str(o) for o in outcomes), outcomes
+        assert batcher.idle and decoder.calls == [["running"]]
+        worker.shutdown(wait=True)
+
+    asyncio.run(scenario())

@@ -26,7 +26,7 @@ from glm4voice.audio import (
     encode_wav,
     load_audio,
 )
-from glm4voice.client import AsyncTokenClient, ServerBusyError, ServerUnavailableError, TokenClient
+from glm4voice.client import AsyncTokenClient, ProtocolError, ServerBusyError, ServerUnavailableError, TokenClient
 from glm4voice.pipeline import (
     AssistantAudio,
     AssistantText,
@@ -628,8 +628,13 @@ def _raise(error):
             FailureKind.SERVER_UNAVAILABLE,
             "not running or is restarting",
         ),
+        (  # e.g. a proxy's 200 page that is not JSON
+            lambda: _raise(ProtocolError("the /health answer is not the server's JSON: '<html>'")),
+            FailureKind.SERVER_UNAVAILABLE,
+            "not running or is restarting",
+        ),
     ],
-    ids=["busy", "engine-stopped", "stopping", "gone"],
+    ids=["busy", "engine-stopped", "stopping", "gone", "unreadable"],
 )
 def test_a_503_is_busy_only_if_the_server_says_it_is_ready(models, health, kind, words):
     async def main():
@@ -645,6 +650,52 @@ def test_a_503_is_busy_only_if_the_server_says_it_is_ready(models, health, kind,
         assert "try again in 2 s" in failed.message
     else:
         assert "busy" not in failed.message and "http://refusing" in failed.message
+
+
+class SilentClient:
+    """A token server whose streams end at once, without a token."""
+
+    base_url = "http://silent"
+
+    async def stream(self, prompt=None, **params):
+        return
+        yield  # an async generator, like the real client's stream
+
+
+class StuckDecoder:
+    """A decoder whose stream() waits for the test's gate (so a second turn queues behind it)."""
+
+    hold_back_s = 0.0
+    min_block_tokens = 1
+
+    def __init__(self, decoder):
+        self.decoder, self.entered, self.gate = decoder, threading.Event(), threading.Event()
+
+    def stream(self, seed=None):
+        self.entered.set()
+        assert self.gate.wait(WAIT_S)
+        return self.decoder.stream(seed=seed)
+
+
+def test_closing_the_pipeline_ends_the_turns_it_was_running(models):
+    """close() shuts the workers down under two turns (one in the decode worker, one queued behind it):
+    both end with TurnFailed instead of waiting forever."""
+
+    async def main():
+        decoder = StuckDecoder(models.decoder)
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, SilentClient())
+        first = asyncio.create_task(collect(chat, chat.new_session(), UserText("Hi")))
+        await asyncio.to_thread(decoder.entered.wait, WAIT_S)
+        second = asyncio.create_task(collect(chat, chat.new_session(), UserText("Hi")))
+        while not chat._decode_worker._work_queue.qsize() and not second.done():  # its stream() is queued
+            await asyncio.sleep(0.01)
+        chat.close()
+        decoder.gate.set()
+        return await asyncio.wait_for(asyncio.gather(first, second), WAIT_S)
+
+    for events in asyncio.run(main()):
+        assert isinstance(events[-1], TurnFailed), events
+        assert sum(isinstance(e, (TurnFailed, TurnFinished)) for e in events) == 1, events
 
 
 def test_stream_failing_midway_keeps_the_partial_answer_out_of_the_history(models, server_url):
