@@ -25,6 +25,7 @@ from typing import Any
 from ray import serve
 
 from glm4voice.defaults import ENGINE_FAILED_EXIT_CODE
+from glm4voice.devices import ALLOCATOR_ENV, prefer_expandable_segments
 from glm4voice.serve.batches import in_batches
 from glm4voice.serve.config import ServeConfig
 from glm4voice.serve.messages import Accepted, Failed, Refused, TokenMessage, Tokens
@@ -49,6 +50,7 @@ def load_backend(config: ServeConfig, settings: ServerSettings) -> Any:
 
 class TokenEngine:
     async def __init__(self, config: ServeConfig):  # type: ignore[misc]  # Ray Serve awaits it
+        prefer_expandable_segments()  # this replica's process: before its first CUDA allocation
         self.settings = dataclasses.replace(config.server, device=config.replica_device)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.backend = load_backend(config, self.settings)
@@ -113,7 +115,7 @@ class TokenEngine:
         """This replica's own counters and its engine's figures."""
         return {"replica": self.replica, "pid": os.getpid(), "accepted": self.accepted, "streams": self.streams,
                 "open_streams": self.open_streams, "refused": self.refused, "failed": self.failure is not None,
-                **self.backend.stats()}  # fmt: skip
+                "allocator": os.environ.get(ALLOCATOR_ENV), **self.backend.stats()}  # fmt: skip
 
     def check_health(self) -> None:
         """Ray's periodic health check: a replica whose engine died is replaced."""

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from glm4voice.devices import decoder_dtype
+from glm4voice.devices import ALLOCATOR_ENV, decoder_dtype, prefer_expandable_segments
 from glm4voice.pipeline import (
     GenerationOptions,
     TurnError,
@@ -48,6 +48,7 @@ class SpeechSide:
         from glm4voice.memory import memory_report, summary_line
         from speech_tokenizer import SpeechTokenizer
 
+        prefer_expandable_segments()  # this replica's process: before its first CUDA allocation
         started = time.perf_counter()
         self.replica = serve.get_replica_context().replica_id.unique_id
         device = config.replica_device
@@ -95,7 +96,7 @@ class SpeechSide:
 
     def stats(self) -> dict[str, Any]:
         blocks = self.chat.blocks
-        return {"replica": self.replica, "pid": os.getpid(), "turns": self.turns,
+        return {"replica": self.replica, "pid": os.getpid(), "allocator": os.environ.get(ALLOCATOR_ENV), "turns": self.turns,
                 "active_turns": self.chat.active_turns, "decoder_calls": blocks.calls,
                 "blocks_decoded": blocks.jobs}  # fmt: skip
 

@@ -31,6 +31,7 @@ import pytest
 import soundfile as sf
 from serve.held_engine import HOLD_SEED, KILL_ENGINE_SEED, KILL_MARKER_ENV
 
+from glm4voice import devices
 from glm4voice.protocol import TextInput, render_prompt_text
 
 from support import ROOT, ServerProcess, free_port
@@ -287,6 +288,11 @@ def expected(direct) -> bytes:
     return raw
 
 
+def expected_allocator() -> str:
+    """What a replica's PYTORCH_CUDA_ALLOC_CONF should be: the user's (inherited), else expandable segments."""
+    return os.environ.get(devices.ALLOCATOR_ENV, devices.EXPANDABLE_SEGMENTS)
+
+
 # --- load-aware routing and back-pressure -------------------------------------------------------------
 
 
@@ -303,6 +309,8 @@ def test_eight_concurrent_turns_spread_over_both_engine_replicas(cluster):
         # each replica's own counters, as it took its 4th turn: 4 in flight there
         assert {r: after[r]["reported"]["open_streams"] for r in after} == {r: STREAMS for r in after}
         assert all(e["reported"]["accepted"] >= STREAMS for e in after.values())
+        # each replica's process starts torch's CUDA allocator as model_server.py does
+        assert {e["reported"]["allocator"] for e in after.values()} == {expected_allocator()}
     finally:
         cluster.close_all()
 
@@ -410,7 +418,9 @@ def test_the_openai_sdk_gets_spoken_answers_from_the_speech_replica(cluster):
     # the same seeded answer, whichever engine replica generated the tokens
     np.testing.assert_array_equal(np.frombuffer(pcm, dtype="<i2"), samples)
     assert "".join(d.content or "" for d in deltas) == whole.choices[0].message.content
-    assert sum(r["routed"] for r in cluster.replicas()["speech"]) == speech_before + 2
+    speech = cluster.replicas()["speech"]
+    assert sum(r["routed"] for r in speech) == speech_before + 2
+    assert {r["reported"]["allocator"] for r in speech if r["routed"]} == {expected_allocator()}
 
 
 def test_a_realtime_session_runs_through_ray_serves_websocket_proxy(cluster):
