@@ -23,6 +23,18 @@ def linear_float_bytes(model) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
 
 
+def prefilled_with_compiled_copy(model, dtype: torch.dtype, slot: int):
+    """``(model, a compiled copy)``, a cache for each holding IDS[:9] in ``slot``, and the rope tables."""
+    compiled = copy.deepcopy(model)
+    compiled.compile_steps()
+    rope = model.rope_tables(65)
+    caches = [KVCache.allocate(model.config, 4, 64, dtype, "cpu") for _ in range(2)]
+    with torch.inference_mode():
+        for m, cache in zip((model, compiled), caches):
+            m.prefill(IDS[:9], cache, slot, 0, rope)
+    return (model, compiled), caches, rope
+
+
 def close_logits(a: torch.Tensor, b: torch.Tensor, cosine: float, top1: float) -> None:
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > cosine
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= top1
@@ -127,18 +139,13 @@ def test_fp8_dynamic_plumbing_and_compiled_decode_on_the_cpu(monkeypatch):
         torch.zeros(2, SMALL.hidden_size, dtype=torch.bfloat16)
     )  # an all-zero row: no 0/0 scale
     assert torch.isfinite(zeros).all()
-    compiled = copy.deepcopy(model)
-    compiled.compile_steps()
-    rope = model.rope_tables(65)
-    caches = [KVCache.allocate(model.config, 4, 64, torch.bfloat16, "cpu") for _ in range(2)]
+    models, caches, rope = prefilled_with_compiled_copy(model, torch.bfloat16, slot=1)
     with torch.inference_mode():
-        for m, cache in zip((model, compiled), caches):
-            m.prefill(IDS[:9], cache, 1, 0, rope)
         scratch = caches[0].scratch_position
         for tokens, positions in (([0, IDS[9]], [scratch, 9]), ([0, IDS[10], 0, 7], [scratch, 10, scratch, scratch])):
             logits = [
                 m.decode(torch.tensor(tokens), torch.tensor(positions), cache, rope, kv_len=16)
-                for m, cache in zip((model, compiled), caches)
+                for m, cache in zip(models, caches)
             ]
             # a compiled kernel's last-bit differences may move an activation across a float8 step
             # (3 mantissa bits): close, not equal (bf16 alone gives cosines > 0.9999 here)
@@ -175,16 +182,11 @@ def test_fp8_one_row_computes_one_token_products_itself_inside_the_compiled_step
     calls = []
     plain = quant._one_row_product
     monkeypatch.setattr(quant, "_one_row_product", lambda *args: calls.append(args[1].shape) or plain(*args))
-    compiled = copy.deepcopy(model)
-    compiled.compile_steps()
-    rope = model.rope_tables(65)
-    caches = [KVCache.allocate(model.config, 4, 64, torch.bfloat16, "cpu") for _ in range(2)]
+    models, caches, rope = prefilled_with_compiled_copy(model, torch.bfloat16, slot=0)
     with torch.inference_mode():
-        for m, cache in zip((model, compiled), caches):
-            m.prefill(IDS[:9], cache, 0, 0, rope)
         for tokens, positions, one_row_calls in (([IDS[9]], [9], SMALL.num_layers), ([IDS[10], 0], [10, 0], 0)):
             logits = []
-            for m, cache in zip((model, compiled), caches):
+            for m, cache in zip(models, caches):
                 calls.clear()
                 logits.append(m.decode(torch.tensor(tokens), torch.tensor(positions), cache, rope, kv_len=16))
                 assert len(calls) == one_row_calls and set(calls) <= {layer.qdata.shape}
@@ -258,18 +260,13 @@ def test_torchao_int8_compiled_decode_step_equals_eager(llm_folder):
     """torch.compile traces torchao's tensors inside the decode step's per-layer functions (dynamic batch
     sizes, inductor's CPU backend) and gives the eager logits."""
     eager = load_model(llm_folder, dtype="float32", quantize="int8", method="torchao").model
-    compiled = copy.deepcopy(eager)
-    compiled.compile_steps()
-    rope = eager.rope_tables(65)
-    caches = [KVCache.allocate(eager.config, 4, 64, torch.float32, "cpu") for _ in range(2)]
+    models, caches, rope = prefilled_with_compiled_copy(eager, torch.float32, slot=1)
     with torch.inference_mode():
-        for model, cache in zip((eager, compiled), caches):
-            model.prefill(IDS[:9], cache, 1, 0, rope)
         scratch = caches[0].scratch_position
         for tokens, positions in (([0, IDS[9]], [scratch, 9]), ([0, IDS[10], 0, 7], [scratch, 10, scratch, scratch])):
             logits = [
                 model.decode(torch.tensor(tokens), torch.tensor(positions), cache, rope, kv_len=16)
-                for model, cache in zip((eager, compiled), caches)
+                for model, cache in zip(models, caches)
             ]
             torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
 
