@@ -51,6 +51,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser, device_flag: str = "--
         choices=llm_dtypes(),
         help="weights and activations: what the engine implements (default %(default)s)",
     )
+    parser.add_argument(
+        "--quant-method",
+        default=None,
+        help="how a quantized --dtype is implemented, one of glm4voice.llm.quant's methods (e.g. hqq for int4; "
+        "a wrong name is answered with the dtype's methods); default: the dtype's default",
+    )
     if device_flag == "--device":
         parser.add_argument("--device", default=defaults.device, help="cuda:N or cpu (default %(default)s)")
     else:
@@ -97,7 +103,7 @@ def settings_from_args(args: argparse.Namespace, **overrides) -> ServerSettings:
     """The settings the flags give (``overrides``: fields set by the caller, e.g. the one-process
     command's device, host and port)."""
     fields = dict(
-        host=args.host, port=args.port, model_path=args.model_path, dtype=args.dtype,
+        host=args.host, port=args.port, model_path=args.model_path, dtype=args.dtype, quant_method=args.quant_method,
         device=getattr(args, "device", None), max_concurrent_streams=args.max_concurrent_streams,
         max_queue=args.max_queue, queue_timeout_s=args.queue_timeout, max_seq_len=args.max_seq_len,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens_cap=args.max_new_tokens_cap, eager=args.eager,

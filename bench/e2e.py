@@ -266,7 +266,8 @@ class E2EBench:
     def machine(self) -> dict:
         return machine_info(self.device, config=self.args.config, player_start_lead_s=self.lead,
                             layout=self.args.layout, sections=list(self.sections), llm_device=self.args.llm_device,
-                            llm_dtype=self.args.llm_dtype, max_seq_len=self.args.max_seq_len,
+                            llm_dtype=self.args.llm_dtype, llm_quant_method=self.args.llm_quant_method,
+                            max_seq_len=self.args.max_seq_len,
                             mixed_decoder_batches=self.args.mixed_decoder_batches)  # fmt: skip
 
     def build_speech_tokenizer(self):
@@ -921,6 +922,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model shapes: published (GPU) or small (CPU dry run)")  # fmt: skip
     parser.add_argument("--llm-dtype", default=None, choices=llm_dtypes(),
                         help="the engine's --dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    parser.add_argument("--llm-quant-method", default=None,
+                        help="how a quantized --llm-dtype is implemented (model_server.py --quant-method)")  # fmt: skip
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="skip the reference-style pipeline (implied by a quantized --llm-dtype)")  # fmt: skip
     parser.add_argument("--layout", choices=LAYOUTS, default=ONE_PROCESS,
@@ -979,6 +982,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.llm_device = args.llm_device or args.device
     if args.llm_dtype is None:
         args.llm_dtype = "bfloat16" if args.llm_device.startswith("cuda") else "float32"
+    if args.llm_quant_method is not None and args.llm_dtype not in QUANTIZED_DTYPES:
+        parser.error(f"--llm-quant-method needs a quantized --llm-dtype ({', '.join(QUANTIZED_DTYPES)})")
     if args.llm_dtype in QUANTIZED_DTYPES and args.reference:
         args.reference = False  # transformers' GLM (the reference server) runs float weights only
     if args.token_server_url:  # its one layout: reached over HTTP; no /reference

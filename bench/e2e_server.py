@@ -292,20 +292,21 @@ def build_backend(args):
 
     started = time.perf_counter()
     config = EngineConfig(
-        device=args.device, dtype=args.dtype, max_batch_size=args.max_streams, max_seq_len=args.max_seq_len,
-        max_queue=2 * args.max_streams + 64, eager=args.eager,
+        device=args.device, dtype=args.dtype, quant_method=args.quant_method, max_batch_size=args.max_streams,
+        max_seq_len=args.max_seq_len, max_queue=2 * args.max_streams + 64, eager=args.eager,
     )  # fmt: skip
     config.check_supported()  # before minutes of building
     quantized = args.dtype in QUANTIZED_DTYPES
     model = random_model(CONFIGS[args.config], torch.device(args.device), config.activation_dtype(), seed=0,
-                         quantize=args.dtype if quantized else None)  # fmt: skip
+                         quantize=args.dtype if quantized else None, method=args.quant_method)  # fmt: skip
     logger.info("random %s model (%s) on %s in %.1f s", args.config, args.dtype, args.device,
                 time.perf_counter() - started)  # fmt: skip
     tokenizer = GLMTokenizer.from_pretrained(args.tokenizer_dir)
     pattern = AnswerPattern.from_tokenizer(tokenizer)
     engine = Engine.from_model(model, config, stop_ids=())  # the pattern's <|user|> ends answers
     settings = ServerSettings(
-        host=args.host, port=args.port, model_path=str(args.tokenizer_dir), dtype=args.dtype, device=args.device,
+        host=args.host, port=args.port, model_path=str(args.tokenizer_dir), dtype=args.dtype,
+        quant_method=args.quant_method, device=args.device,
         max_concurrent_streams=args.max_streams, max_queue=256, max_seq_len=args.max_seq_len, eager=args.eager,
         log_level="warning",
     )  # fmt: skip
@@ -339,6 +340,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", choices=("published", "small"), default="published")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=llm_dtypes())
+    parser.add_argument("--quant-method", default=None, help="how a quantized --dtype is implemented")
     parser.add_argument("--max-streams", type=int, default=64)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--eager", action="store_true")

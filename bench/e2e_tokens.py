@@ -39,7 +39,7 @@ def server_args(args: argparse.Namespace, tokenizer_dir: Path, port: int, max_st
     """bench/e2e_server.py's arguments for this benchmark run."""
     return argparse.Namespace(
         host="127.0.0.1", port=port, tokenizer_dir=str(tokenizer_dir), config=args.config, device=args.llm_device,
-        dtype=args.llm_dtype, max_streams=max_streams, max_seq_len=args.max_seq_len, eager=False,
+        dtype=args.llm_dtype, quant_method=args.llm_quant_method, max_streams=max_streams, max_seq_len=args.max_seq_len, eager=False,
         reference=args.reference,
     )  # fmt: skip
 
@@ -63,7 +63,7 @@ class ChildTokenServer:
             sys.executable, str(ROOT / "bench" / "e2e_server.py"), "--port", str(o.port), "--tokenizer-dir",
             o.tokenizer_dir, "--config", o.config, "--device", o.device, "--dtype", o.dtype, "--max-streams",
             str(o.max_streams), "--max-seq-len", str(o.max_seq_len),
-        ] + ([] if o.reference else ["--no-reference"])  # fmt: skip
+        ] + ([] if o.reference else ["--no-reference"]) + (["--quant-method", o.quant_method] if o.quant_method else [])  # fmt: skip
         log(f"starting the token server: {' '.join(command)} (log: {self.log_path})")
         self._log = open(self.log_path, "w")  # noqa: SIM115 (open while the child process runs; closed in stop)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -38,7 +38,7 @@ from glm4voice.defaults import (
     WEB_DEMO_HOST,
     WEB_DEMO_PORT,
 )
-from glm4voice.devices import DeviceError, default_device, llm_dtypes, resolve_device
+from glm4voice.devices import QUANTIZED_DTYPES, DeviceError, default_device, llm_dtypes, resolve_device
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 
 logger = logging.getLogger("glm4voice.launch")
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="cuda:N or cpu for the speech decoder and speech tokenizer (default: --device)",
     )
     parser.add_argument("--dtype", default=LLM_DTYPE, choices=llm_dtypes(), help="LLM weights (default %(default)s)")
+    parser.add_argument("--quant-method", default=None,
+                        help="how a quantized --dtype is implemented (model_server.py --quant-method)")  # fmt: skip
     parser.add_argument(
         "--max-concurrent-turns",
         type=int,
@@ -219,8 +221,15 @@ def server_command(args: argparse.Namespace, model_path: str, device: str, dtype
         device,
         "--dtype",
         dtype,
+        *quant_method_args(args, dtype),
         *turns,
     ]
+
+
+def quant_method_args(args: argparse.Namespace, dtype: str) -> list[str]:
+    """``--quant-method`` for the engine's command, if one was asked for and ``dtype`` is still quantized
+    (random weights on the CPU run in float32)."""
+    return ["--quant-method", args.quant_method] if args.quant_method and dtype in QUANTIZED_DTYPES else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-concurrent-turns must be at least 1")
     if args.server_url and args.layout == ONE_PROCESS:
         parser.error("--server-url is the token server of the two-process layout")
-    from glm4voice.llm.quant import QuantizationUnsupported, check_supported
+    from glm4voice.llm.quant import check_supported
 
+    if args.quant_method is not None and args.dtype not in QUANTIZED_DTYPES:
+        parser.error(f"--quant-method needs a quantized --dtype ({', '.join(QUANTIZED_DTYPES)})")
     try:  # before anything starts: fp8 / int4 where they cannot run, with the dtypes that can
-        check_supported(args.dtype, devices.llm)
-    except QuantizationUnsupported as error:
+        check_supported(args.dtype, devices.llm, args.quant_method)
+    except ValueError as error:  # QuantizationUnsupported, or a method the dtype does not have
         parser.error(str(error))
 
     checkpoints = choose_checkpoints(args)
@@ -256,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.allowed_hosts:
         demo_args += ["--allowed-hosts", args.allowed_hosts]
     if args.layout == ONE_PROCESS:
-        engine_args = ["--in-process-engine", "--llm-device", devices.llm, "--dtype", dtype]
+        engine_args = ["--in-process-engine", "--llm-device", devices.llm, "--dtype", dtype,
+                       *quant_method_args(args, dtype)]  # fmt: skip
         if args.max_concurrent_turns is not None:
             engine_args += ["--max-concurrent-streams", str(args.max_concurrent_turns)]
         commands = {ONE_PROCESS_DEMO: [sys.executable, str(DEMO_SCRIPT), *demo_args, *engine_args]}

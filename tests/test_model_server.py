@@ -168,7 +168,7 @@ def health_monitor(server: Server, poll_s: float = 0.25):
 def test_health_reports_ready(server):
     health = server.health()
     assert health["status"] == "ready"
-    assert health["device"] == "cpu" and health["dtype"] == "float32"
+    assert health["device"] == "cpu" and health["dtype"] == "float32" and health["weights"] == "float32"
     assert health["max_concurrent_streams"] == MAIN_SLOTS
     assert health["max_prompt_tokens"] == MAX_PROMPT_TOKENS
     assert health["engine"]["running"] is True
@@ -874,6 +874,22 @@ def test_load_generator_runs_against_the_server_and_refuses_other_hosts(server):
     assert refused.returncode != 0 and "loopback addresses only" in refused.stderr
 
 
+def test_a_quantization_method_reaches_the_engine(tiny_checkpoints, stop_ids):
+    """``--dtype int8 --quant-method torchao``: the engine holds torchao's int8 weights (/health names the
+    method; the default int8 method would be ``int8:fused``) and answers."""
+    port = free_port()
+    args = _server_args("model_server.py", tiny_checkpoints.llm, port, "--max-concurrent-streams", "2",
+                        "--max-seq-len", "256")  # fmt: skip
+    args[args.index("float32")] = "int8"
+    with ServerProcess([*args, "--quant-method", "torchao"], f"http://127.0.0.1:{port}/health"):
+        url = f"http://127.0.0.1:{port}"
+        health = httpx.get(url + "/health", timeout=30).json()
+        assert (health["dtype"], health["weights"]) == ("int8", "int8:torchao")
+        with TokenClient(url) as client:
+            ids = list(client.stream(prompt=text_prompt("Hello!"), max_new_tokens=8, temperature=0.2, top_p=0.8))
+        assert_complete(ids, 8, stop_ids)
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 
@@ -890,6 +906,13 @@ def test_cli_has_the_original_flags_and_refuses_what_it_cannot_do():
                                  capture_output=True, text=True, cwd=ROOT)  # fmt: skip
         assert refused.returncode == 2 and f"--dtype {dtype} needs" in refused.stderr
         assert "on the CPU use --dtype int8 or float32" in refused.stderr
+    for flags, words in (
+        (["--dtype", "int4", "--quant-method", "fused"], "int4 has no method 'fused' (one of "),
+        (["--quant-method", "hqq"], "a quantization method needs a quantized dtype"),
+    ):
+        refused = subprocess.run([sys.executable, str(ROOT / "model_server.py"), *flags, "--device", "cpu"],
+                                 capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert refused.returncode == 2 and words in refused.stderr, refused.stderr
     bad = subprocess.run([sys.executable, str(ROOT / "model_server.py"), "--max-concurrent-streams", "0"],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "max_concurrent_streams" in bad.stderr

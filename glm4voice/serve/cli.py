@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--flow-path", default=PUBLISHED_DECODER, help="speech decoder folder or hub id")
     add("--device", default=None, help="cuda or cpu, for every replica (default: cuda if this machine has a GPU)")
     add("--dtype", default=defaults.dtype, choices=llm_dtypes(), help="LLM weights (default %(default)s)")
+    add("--quant-method", default=None, help="how a quantized --dtype is implemented (model_server.py --quant-method)")
     add("--decoder-dtype", default=AUTO, choices=DECODER_DTYPE_CHOICES, help="speech decoder estimator precision")
     add("--block-sizes", default=",".join(str(s) for s in PipelineConfig().block_sizes),
         help="audio tokens per decoded block (default %(default)s)")  # fmt: skip
@@ -101,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     placement = Placement(args.placement)
     engine_gpus, speech_gpus = gpu_shares(placement, args.speech_gpus) if on_gpu else (0.0, 0.0)
     server = ServerSettings(
-        host=args.host, port=args.port, model_path=args.model_path, dtype=args.dtype,
+        host=args.host, port=args.port, model_path=args.model_path, dtype=args.dtype, quant_method=args.quant_method,
         device="cuda:0" if on_gpu else "cpu", max_concurrent_streams=args.max_concurrent_streams,
         max_queue=args.max_queue, queue_timeout_s=args.queue_timeout, max_seq_len=args.max_seq_len,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens_cap=args.max_new_tokens_cap, eager=args.eager,

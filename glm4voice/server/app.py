@@ -256,6 +256,7 @@ def health_response(state: ServerState) -> Response:
         "device": settings.device,
         "device_name": state.device_name,
         "dtype": settings.dtype,
+        "weights": settings.weights,
         "engine": engine,
     }
     if state.failure is not None:

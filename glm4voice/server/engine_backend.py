@@ -105,6 +105,7 @@ def build_engine(settings: ServerSettings, **engine_options: Any) -> Engine:
     config = EngineConfig(
         device=settings.device,
         dtype=settings.dtype,
+        quant_method=settings.quant_method,
         max_batch_size=settings.max_concurrent_streams,
         max_seq_len=settings.max_seq_len,
         # the server admits at most max_concurrent_streams at once; the engine's own queue only

@@ -15,7 +15,7 @@ from glm4voice.defaults import (
     TOKEN_SERVER_HOST,
     TOKEN_SERVER_PORT,
 )
-from glm4voice.devices import llm_dtypes
+from glm4voice.devices import QUANTIZED_DTYPES, llm_dtypes
 from glm4voice.hub import PUBLISHED_LLM
 from glm4voice.request_guard import HostPolicy
 from glm4voice.serving import ConnectionLimits
@@ -33,6 +33,8 @@ class ServerSettings:
     port: int = TOKEN_SERVER_PORT
     model_path: str = PUBLISHED_LLM
     dtype: str = LLM_DTYPE
+    quant_method: str | None = None
+    """How a quantized ``dtype`` is implemented (e.g. ``hqq`` for int4; glm4voice.llm.quant); None: its default."""
     device: str = "cuda:0"
     max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
     """Streams generated at once (the engine's batch size)."""
@@ -61,6 +63,12 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.dtype not in llm_dtypes():
             raise ValueError(f"dtype must be one of {', '.join(llm_dtypes())}, got {self.dtype!r}")
+        if self.quant_method is not None:
+            if self.dtype not in QUANTIZED_DTYPES:
+                raise ValueError(f"a quantization method needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)})")
+            from glm4voice.llm.quant import resolve_method  # torch: only when a method is asked for
+
+            resolve_method(self.dtype, self.quant_method)  # ValueError naming the dtype's methods
         for name in ("port", "max_concurrent_streams", "max_seq_len", "max_new_tokens_cap", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -73,6 +81,15 @@ class ServerSettings:
             raise ValueError(
                 f"max_prompt_tokens must be in [1, max_seq_len={self.max_seq_len}), got {self.max_prompt_tokens}"
             )
+
+    @property
+    def weights(self) -> str:
+        """What the engine's linear layers hold: the dtype, or for a quantized one its method (``int4:tinygemm``)."""
+        if self.dtype not in QUANTIZED_DTYPES:
+            return self.dtype
+        from glm4voice.llm.quant import resolve_method
+
+        return resolve_method(self.dtype, self.quant_method).spec
 
     @property
     def host_policy(self) -> HostPolicy:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,6 +230,17 @@ def test_sections_are_checked():
     assert args.sections == ("layouts", "poisson") and args.llm_device == "cpu" and args.llm_dtype == "float32"
     with pytest.raises(SystemExit):
         parse_args(["--sections", "layouts,nonsense", "--device", "cpu"])
+
+
+def test_a_quantization_method_reaches_the_benchmarks_token_server():
+    from bench.e2e_tokens import server_args
+
+    args = parse_args(["--device", "cpu", "--llm-dtype", "int8", "--llm-quant-method", "torchao"])
+    options = server_args(args, Path("tokenizer"), 1234, 4)
+    assert (options.dtype, options.quant_method) == ("int8", "torchao")
+    assert parse_args(["--device", "cpu"]).llm_quant_method is None
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "cpu", "--llm-quant-method", "torchao"])  # a float dtype has no method
 
 
 # --- the dry run ---------------------------------------------------------------------------------------

@@ -29,6 +29,31 @@ def test_server_command_carries_dtype_and_turns():
     assert server_parser().parse_args(default[2:]).max_concurrent_streams == MAX_CONCURRENT_STREAMS
 
 
+def test_a_quantization_method_reaches_the_engine_command_while_the_dtype_is_quantized():
+    from model_server import build_parser as server_parser
+
+    args = launch.build_parser().parse_args(["--dtype", "int4", "--quant-method", "hqq"])
+    command = launch.server_command(args, "m", "cuda:0", args.dtype)
+    assert server_parser().parse_args(command[2:]).quant_method == "hqq"
+    # random weights on the CPU run in float32: no method goes with them
+    assert "--quant-method" not in launch.server_command(args, "m", "cpu", "float32")
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [(["--dtype", "int8", "--quant-method", "hqq"], "int8 has no method 'hqq' (one of fused, torchao)"),
+     (["--quant-method", "hqq"], "--quant-method needs a quantized --dtype")],
+)  # fmt: skip
+def test_a_wrong_quantization_method_is_refused_before_anything_starts(tmp_path, flags, words):
+    tiny_dir = tmp_path / "tiny"
+    refused = subprocess.run(
+        [sys.executable, "-m", "glm4voice.launch", *flags, "--device", "cpu", "--tiny-dir", str(tiny_dir)],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2 and words in refused.stderr, refused.stderr
+    assert not tiny_dir.exists()
+
+
 @pytest.mark.parametrize("dtype", ["fp8", "int4"])
 def test_gpu_only_dtypes_are_refused_on_the_cpu_before_anything_starts(tmp_path, dtype):
     tiny_dir = tmp_path / "tiny"

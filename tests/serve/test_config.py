@@ -30,6 +30,8 @@ def test_the_cpu_defaults_reserve_nothing_and_fix_the_replica_count():
     assert options["ray_actor_options"] == {"num_gpus": 0.0, "num_cpus": 0.0}
     assert cfg.speech.replicas == 2 and cfg.replica_device == "cpu"
     assert speech_options(cfg)["max_ongoing_requests"] == 8  # web_demo.py's turns on a CPU
+    quantized = config("--device", "cpu", "--dtype", "int8", "--quant-method", "torchao").server
+    assert quantized.weights == "int8:torchao" and cfg.server.weights == cfg.server.dtype
 
 
 def test_shared_placement_pairs_one_engine_and_one_speech_replica_per_gpu():
@@ -70,6 +72,7 @@ def test_the_ingress_holds_far_more_than_the_engines_take():
         (["--device", "cpu", "--engine-replicas", "3", "--max-engine-replicas", "2"], "replicas <= max_replicas"),
         (["--device", "cpu", "--engine-factory", "no_colon"], "module:function"),
         (["--device", "cpu", "--max-queue", "-1"], "max_queue"),
+        (["--device", "cpu", "--dtype", "int8", "--quant-method", "hqq"], "int8 has no method 'hqq'"),
     ],
 )
 def test_bad_settings_are_refused_with_a_message(argv, message):
