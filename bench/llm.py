@@ -776,6 +776,15 @@ class Bench:
             log(f"int8 decision: torchao {b} vs fused {a} tok/s single, {b32} vs {a32} tok/s per stream at 32: "
                 + ("torchao is at least as fast: make int8:torchao the default, delete FusedInt8Linear"
                    if faster else "keep int8:fused"))  # fmt: skip
+        dynamic, one_row = r.get("engine_fp8_dynamic", {}), r.get("engine_fp8_one_row", {})
+        if dynamic.get("single_stream") and one_row.get("single_stream"):
+            a, b = dynamic["single_stream"]["decode_tokens_per_s"], one_row["single_stream"]["decode_tokens_per_s"]
+            a32 = ((dynamic.get("concurrency") or {}).get("32") or {}).get("per_stream_tokens_per_s_min")
+            b32 = ((one_row.get("concurrency") or {}).get("32") or {}).get("per_stream_tokens_per_s_min")
+            faster = b > a and (a32 is None or b32 is None or b32 >= 0.95 * a32)  # 32 streams: within their spread
+            log(f"fp8 decision: one_row {b} vs dynamic {a} tok/s single, slowest of 32 {b32} vs {a32} tok/s: "
+                + ("one_row is faster: make fp8:one_row the default (DEFAULT_METHODS)" if faster
+                   else "keep fp8:dynamic"))  # fmt: skip
         outliers = r.get("outlier_layers") or {}
         for layer, cases in outliers.items() if isinstance(outliers, dict) else ():
             if not isinstance(cases, dict) or "activation_outliers" not in cases:

@@ -4,11 +4,13 @@
 #   bash bench/quant_suite.sh OUT_DIR llm   # bench/llm.py --quant-only: bf16, fp8, int4, int8 both ways (~9 min)
 #   bash bench/quant_suite.sh OUT_DIR e2e   # bench/e2e.py: whole demo memory with int4 at 4 conversations (one process),
 #                                           # TTFA with fp8 beside bf16 (~8 min)
+#   bash bench/quant_suite.sh OUT_DIR fp8   # bench/llm.py: fp8:one_row against fp8:dynamic and bf16, and the
+#                                           # "fp8 decision" line (run it twice: the bar needs two runs)
 # Each command's last lines (llm.log: "--- quantized weights ---"; e2e_*.log and the JSON "memory" and
 # "ttfa" sections) hold the figures docs/perf/llm.md and docs/PERFORMANCE.md record.
 set -uo pipefail
-out="${1:?usage: bash bench/quant_suite.sh OUT_DIR llm|e2e}"
-part="${2:?usage: bash bench/quant_suite.sh OUT_DIR llm|e2e}"
+out="${1:?usage: bash bench/quant_suite.sh OUT_DIR llm|fp8|e2e}"
+part="${2:?usage: bash bench/quant_suite.sh OUT_DIR llm|fp8|e2e}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -20,6 +22,12 @@ llm)
     python bench/llm.py --quant-only --budget-s 560 --out "$out/llm_quant.json" > "$out/llm.log" 2>&1
     echo "llm: exit $?"
     sed -n '/=== headline ===/,$p' "$out/llm.log"
+    ;;
+fp8)
+    python bench/llm.py --quant-only --quant fp8:dynamic,fp8:one_row --budget-s 560 --out "$out/llm_fp8.json" \
+        > "$out/llm_fp8.log" 2>&1
+    echo "llm fp8: exit $?"
+    sed -n '/=== headline ===/,$p' "$out/llm_fp8.log"
     ;;
 e2e)
     # 1. the whole demo (engine + speech tokenizer + decoder) with int4 at 4 conversations, each stream
@@ -54,7 +62,7 @@ for name in ("int4", "fp8", "bfloat16"):
 EOF
     ;;
 *)
-    echo "part must be llm or e2e, not $part" >&2
+    echo "part must be llm, fp8 or e2e, not $part" >&2
     exit 2
     ;;
 esac
