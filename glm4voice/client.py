@@ -132,8 +132,8 @@ def health_answer(response: httpx.Response) -> dict[str, Any]:
         raise error_from_answer(response.status_code, response.headers, response.content)
     try:
         info = response.json()
-    except ValueError as error:
-        info = error
+    except ValueError:  # not JSON at all
+        info = None
     if not isinstance(info, dict):
         raise ProtocolError(f"the /health answer is not the server's JSON: {response.text[:200]!r}")
     return info

@@ -541,8 +541,10 @@ class VoiceChat:
         def died(task: asyncio.Task) -> None:
             """A task that ends by an error it did not handle, or cancelled from elsewhere (the
             workers shut down under it), still ends the turn: the consumer never waits forever."""
+            nonlocal ending
             if ending or not (task.cancelled() or task.exception() is not None):
                 return
+            ending = True  # one report, even if both tasks die
             why = "it was cancelled" if task.cancelled() else repr(task.exception())
             error = TurnError(FailureKind.INTERNAL, f"Internal error: the turn's {task.get_name()} stopped ({why}).")
             out.put_nowait(self._failed(error, clock, clock.text))
