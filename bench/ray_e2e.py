@@ -70,7 +70,8 @@ def _pattern_engine(settings, shape: str):
 
     options = argparse.Namespace(
         host=settings.host, port=settings.port, tokenizer_dir=settings.model_path, config=shape, device=settings.device,
-        dtype=settings.dtype, max_streams=settings.max_concurrent_streams, max_seq_len=settings.max_seq_len,
+        dtype=settings.dtype, quant_method=settings.quant_method, max_streams=settings.max_concurrent_streams,
+        max_seq_len=settings.max_seq_len,
         eager=settings.eager, reference=False,
     )  # fmt: skip
     backend, _settings, _tokenizer, _model = build_backend(options)
