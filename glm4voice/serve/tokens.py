@@ -123,9 +123,9 @@ class RemoteTokenStream:
         """The next message of the replica's stream (None at its end), sending the request again to
         another replica if its own died before it sent a token."""
         while True:
-            if self._call is None:
-                self._call = self._start()
             try:
+                if self._call is None:  # starting the call can fail as iterating it can
+                    self._call = self._start()
                 if self.replica is None:  # still waiting in a router's queue for a free replica
                     return await asyncio.wait_for(anext(self._call), max(0.0, self._deadline - time.monotonic()))
                 return await anext(self._call)
@@ -173,9 +173,11 @@ class RemoteTokenStream:
         return replica
 
     def _abandon(self) -> None:
-        if self._call is not None and not self._done:
-            self._call.cancel()  # type: ignore[no-untyped-call]
-        self._end()
+        try:
+            if self._call is not None and not self._done:
+                self._call.cancel()  # type: ignore[no-untyped-call]
+        finally:  # the stream is over for the counters even if Ray's cancel raises
+            self._end()
 
     def _end(self) -> None:
         if not self._done:

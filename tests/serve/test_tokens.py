@@ -126,3 +126,32 @@ def test_an_unexpected_error_or_a_cancel_still_settles_the_counters():
 
     asyncio.run(first_then_cancel())
     assert held.cancelled and settled(counters)
+
+
+class CancelRaises(ScriptedCall):
+    def cancel(self) -> None:
+        super().cancel()
+        raise RuntimeError("the router could not cancel the request")
+
+
+def test_a_failing_start_or_cancel_still_settles_the_counters():
+    """Starting the call raises (as iterating it can: a full router), or Ray's cancel raises while the
+    stream is abandoned: the stream still counts as ended (the ingress's /health went on reporting one
+    open stream forever otherwise)."""
+    counters = StreamCounters()
+
+    def busy_router():
+        raise BackPressureError(num_queued_requests=16, max_queued_requests=16)
+
+    with pytest.raises(EngineRejected) as refused:
+        asyncio.run(drain(RemoteTokenStream(busy_router, queue_timeout_s=60, counters=counters)))
+    assert refused.value.status == 503 and settled(counters) and counters.streams_busy == 1
+    stream = stream_of(CancelRaises(Accepted("r1", {}), Tokens((1, 2))), counters=counters)
+
+    async def first_then_cancel():
+        assert await anext(stream) == 1
+        stream.cancel()
+
+    with pytest.raises(RuntimeError, match="could not cancel"):
+        asyncio.run(first_then_cancel())
+    assert settled(counters)
