@@ -7,17 +7,24 @@ each request in order, the prompt ids it received and the ids it streamed back, 
 
 ``--no-stop-tokens``: the engine ends a reply only at its ``max_new_tokens``, never at the checkpoint's
 stop ids. The tiny random model samples a stop id now and then (a few answers in a hundred end early at a
-random point); a test that interrupts a long answer needs the answer to still be running when it does.
+random point); a test that interrupts a long answer needs the answer to still be running when it does
+(see also :data:`HELD_MAX_NEW_TOKENS`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from glm4voice.server.engine_backend import EngineBackend, build_engine
 from model_server import build_parser, create_app, serve, settings_from_args
 
 REQUESTS_PATH = "/test/requests"
+HELD_MAX_NEW_TOKENS = 1777
+"""A request for exactly this many new tokens is held: after :data:`HELD_AFTER` tokens its stream sends
+nothing more (the engine's stream is cancelled) and stays open until its client goes. So a test that
+interrupts an answer finds it still running however fast the tiny model streams on a loaded machine."""
+HELD_AFTER = 120
 
 
 class RecordingStream:
@@ -29,6 +36,9 @@ class RecordingStream:
         return self
 
     async def __anext__(self) -> int:
+        if self._record["max_new_tokens"] == HELD_MAX_NEW_TOKENS and len(self._record["token_ids"]) >= HELD_AFTER:
+            self._stream.cancel()  # the engine's slot is free; the request stays open
+            await asyncio.Event().wait()  # until the request is cancelled
         token_id = await anext(self._stream)
         self._record["token_ids"].append(int(token_id))
         return token_id

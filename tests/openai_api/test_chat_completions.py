@@ -21,6 +21,7 @@ from glm4voice.client import AsyncTokenClient, TokenClient
 from glm4voice.pipeline import GenerationOptions, PipelineConfig, UserText, VoiceChat
 
 from openai_api.conftest import TOKEN_SLOTS, WAIT_S, WebServer, web_server_args
+from openai_api.recording_server import HELD_MAX_NEW_TOKENS
 from openai_api.strict import no_extras, validate
 from speech_samples import espeak, espeak_available
 from support import ServerProcess, free_port
@@ -287,7 +288,7 @@ def test_a_client_that_leaves_frees_the_model_server_at_once(web, token_server):
     cancelled = token_server.cancelled()
     answer = client.chat.completions.create(model=MODEL, messages=[user("Tell me a long story.")], stream=True,
                                             modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"},
-                                            max_completion_tokens=1800)  # fmt: skip
+                                            max_completion_tokens=HELD_MAX_NEW_TOKENS)  # fmt: skip
     for chunk in answer:
         if chunk.choices and chunk.choices[0].delta.audio is not None and chunk.choices[0].delta.audio.data:
             break
@@ -301,7 +302,7 @@ def test_a_client_that_leaves_frees_the_model_server_at_once(web, token_server):
         leaving = openai.AsyncOpenAI(base_url=web.api, api_key="unused", max_retries=0, timeout=WAIT_S)
         ask = asyncio.ensure_future(leaving.chat.completions.create(
             model=MODEL, messages=[user("Tell me a long story.")], modalities=["text", "audio"],
-            max_completion_tokens=1800,
+            max_completion_tokens=HELD_MAX_NEW_TOKENS,
         ))  # fmt: skip
         deadline = time.monotonic() + WAIT_S
         while len(await asyncio.to_thread(token_server.requests)) == requests:
@@ -314,6 +315,8 @@ def test_a_client_that_leaves_frees_the_model_server_at_once(web, token_server):
     asyncio.run(leave_while_generating())
     wait_for_cancelled(token_server, cancelled + 2)
     token_server.wait_idle()
+    # both answers were held open by the token server (still running when their clients left)
+    assert [r["max_new_tokens"] for r in token_server.requests()[-2:]] == [HELD_MAX_NEW_TOKENS] * 2
 
 
 def wait_for_cancelled(token_server, count: float) -> None:

@@ -20,6 +20,7 @@ from openai.types.beta.realtime import realtime_server_event as beta_events
 from openai.types.realtime import realtime_server_event as ga_events
 
 from openai_api.conftest import WAIT_S
+from openai_api.recording_server import HELD_AFTER, HELD_MAX_NEW_TOKENS
 from openai_api.strict import no_extras
 from speech_samples import espeak, espeak_available, with_silence
 from support import until
@@ -376,7 +377,8 @@ def test_a_client_that_vanishes_mid_answer_leaks_no_model_server_stream(web, tok
 
     async def scenario():
         async with realtime(web) as (connection, events):
-            await connection.session.update(session={"type": "realtime", "max_output_tokens": 1800,
+            # held by the token server after a few blocks: still streaming whenever the first audio arrives
+            await connection.session.update(session={"type": "realtime", "max_output_tokens": HELD_MAX_NEW_TOKENS,
                                                      "audio": {"input": {"turn_detection": None}}})  # fmt: skip
             await events.wait_for("session.updated")
             await connection.conversation.item.create(
@@ -393,3 +395,5 @@ def test_a_client_that_vanishes_mid_answer_leaks_no_model_server_stream(web, tok
         assert time.monotonic() < deadline, "the answer's token stream was not cancelled"
         time.sleep(0.05)
     token_server.wait_idle()
+    held = token_server.requests()[-1]  # the answer was held open by the token server, not ended early
+    assert held["max_new_tokens"] == HELD_MAX_NEW_TOKENS and len(held["token_ids"]) <= HELD_AFTER
