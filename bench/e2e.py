@@ -108,7 +108,7 @@ from glm4voice.client import AsyncTokenClient
 from glm4voice.decoder.options import graph_batch_sizes_for
 from glm4voice.defaults import PLAYER_LEAD_S
 from glm4voice.devices import default_device, llm_dtypes, prefer_expandable_segments
-from glm4voice.llm.quant import QUANTIZED_DTYPES
+from glm4voice.llm.quant import QUANTIZED_DTYPES, method_for
 from glm4voice.memory import MemoryOwners, memory_report
 from glm4voice.pipeline import (
     AssistantAudio,
@@ -982,8 +982,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.llm_device = args.llm_device or args.device
     if args.llm_dtype is None:
         args.llm_dtype = "bfloat16" if args.llm_device.startswith("cuda") else "float32"
-    if args.llm_quant_method is not None and args.llm_dtype not in QUANTIZED_DTYPES:
-        parser.error(f"--llm-quant-method needs a quantized --llm-dtype ({', '.join(QUANTIZED_DTYPES)})")
+    try:
+        method_for(args.llm_dtype, args.llm_quant_method)
+    except ValueError as error:
+        parser.error(f"--llm-quant-method: {error}")
     if args.llm_dtype in QUANTIZED_DTYPES and args.reference:
         args.reference = False  # transformers' GLM (the reference server) runs float weights only
     if args.token_server_url:  # its one layout: reached over HTTP; no /reference

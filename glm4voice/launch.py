@@ -246,11 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--server-url is the token server of the two-process layout")
     from glm4voice.llm.quant import check_supported
 
-    if args.quant_method is not None and args.dtype not in QUANTIZED_DTYPES:
-        parser.error(f"--quant-method needs a quantized --dtype ({', '.join(QUANTIZED_DTYPES)})")
     try:  # before anything starts: fp8 / int4 where they cannot run, with the dtypes that can
         check_supported(args.dtype, devices.llm, args.quant_method)
-    except ValueError as error:  # QuantizationUnsupported, or a method the dtype does not have
+    except ValueError as error:  # QuantizationUnsupported, or a --quant-method the dtype does not have
         parser.error(str(error))
 
     checkpoints = choose_checkpoints(args)

@@ -908,7 +908,7 @@ def test_cli_has_the_original_flags_and_refuses_what_it_cannot_do():
         assert "on the CPU use --dtype int8 or float32" in refused.stderr
     for flags, words in (
         (["--dtype", "int4", "--quant-method", "fused"], "int4 has no method 'fused' (one of "),
-        (["--quant-method", "hqq"], "a quantization method needs a quantized dtype"),
+        (["--quant-method", "hqq"], "needs a quantized dtype (int8, fp8, int4), not bfloat16"),
     ):
         refused = subprocess.run([sys.executable, str(ROOT / "model_server.py"), *flags, "--device", "cpu"],
                                  capture_output=True, text=True, cwd=ROOT)  # fmt: skip

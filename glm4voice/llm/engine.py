@@ -65,7 +65,7 @@ from glm4voice.llm.checkpoint import DTYPES, LoadedModel, load_model
 from glm4voice.llm.config import GLMConfig, context_limit
 from glm4voice.llm.model import GLMModel
 from glm4voice.llm.prefix_cache import PrefixCache
-from glm4voice.llm.quant import QUANTIZED_DTYPES, check_supported, resolve_method
+from glm4voice.llm.quant import QUANTIZED_DTYPES, check_supported, method_for
 from glm4voice.llm.runner import (
     DEFAULT_GRAPH_BATCH_SIZES,
     DEFAULT_PREFILL_GRAPH_LENGTHS,
@@ -189,10 +189,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ENGINE_DTYPES:
             raise ValueError(f"dtype must be one of {ENGINE_DTYPES}, got {self.dtype!r}")
-        if self.quant_method is not None:
-            if self.dtype not in QUANTIZED_DTYPES:
-                raise ValueError(f"quant_method {self.quant_method!r} needs a quantized dtype, not {self.dtype}")
-            resolve_method(self.dtype, self.quant_method)
+        method_for(self.dtype, self.quant_method)  # ValueError for a method this dtype does not have
         for name in ("max_batch_size", "max_seq_len", "max_queue", "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

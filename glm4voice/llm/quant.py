@@ -128,6 +128,18 @@ def resolve_method(dtype: str, name: str | None = None) -> Method:
     raise ValueError(f"{dtype} has no method {name!r} (one of {', '.join(method_names(dtype))})")
 
 
+def method_for(dtype: str, method: str | None = None) -> Method | None:
+    """The :class:`Method` ``dtype`` uses (``method``, or the dtype's default); None for a float dtype.
+    ValueError for a method with a float dtype, or a method the dtype does not have (naming its methods)."""
+    if dtype not in QUANTIZED_DTYPES:
+        if method is not None:
+            raise ValueError(
+                f"a quantization method ({method!r}) needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)}), not {dtype}"
+            )
+        return None
+    return resolve_method(dtype, method)
+
+
 def parse_spec(spec: str) -> Method:
     """``"int4"`` or ``"int4:hqq"`` -> its :class:`Method`."""
     dtype, _, name = spec.partition(":")
@@ -155,9 +167,9 @@ def _alternatives(dtype: str, device: torch.device) -> str:
 def check_supported(dtype: str, device: str | torch.device, method: str | None = None) -> Method | None:
     """The :class:`Method` that ``dtype`` uses on ``device`` (None for a float dtype), or
     :class:`QuantizationUnsupported` saying why it cannot run there and what can."""
-    if dtype not in QUANTIZED_DTYPES:
+    chosen = method_for(dtype, method)
+    if chosen is None:
         return None
-    chosen = resolve_method(dtype, method)
     device = torch.device(device)
     if device.type == "cpu" and not chosen.cpu:
         where = {FP8: f"an NVIDIA GPU with float8 support (compute capability {_cc(FP8_CAPABILITY)} or newer, "

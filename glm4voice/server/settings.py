@@ -15,7 +15,7 @@ from glm4voice.defaults import (
     TOKEN_SERVER_HOST,
     TOKEN_SERVER_PORT,
 )
-from glm4voice.devices import QUANTIZED_DTYPES, llm_dtypes
+from glm4voice.devices import llm_dtypes
 from glm4voice.hub import PUBLISHED_LLM
 from glm4voice.request_guard import HostPolicy
 from glm4voice.serving import ConnectionLimits
@@ -64,11 +64,9 @@ class ServerSettings:
         if self.dtype not in llm_dtypes():
             raise ValueError(f"dtype must be one of {', '.join(llm_dtypes())}, got {self.dtype!r}")
         if self.quant_method is not None:
-            if self.dtype not in QUANTIZED_DTYPES:
-                raise ValueError(f"a quantization method needs a quantized dtype ({', '.join(QUANTIZED_DTYPES)})")
-            from glm4voice.llm.quant import resolve_method  # torch: only when a method is asked for
+            from glm4voice.llm.quant import method_for  # torch: only when a method is asked for
 
-            resolve_method(self.dtype, self.quant_method)  # ValueError naming the dtype's methods
+            method_for(self.dtype, self.quant_method)  # ValueError naming what is wrong
         for name in ("port", "max_concurrent_streams", "max_seq_len", "max_new_tokens_cap", "retry_after_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -85,11 +83,10 @@ class ServerSettings:
     @property
     def weights(self) -> str:
         """What the engine's linear layers hold: the dtype, or for a quantized one its method (``int4:tinygemm``)."""
-        if self.dtype not in QUANTIZED_DTYPES:
-            return self.dtype
-        from glm4voice.llm.quant import resolve_method
+        from glm4voice.llm.quant import method_for
 
-        return resolve_method(self.dtype, self.quant_method).spec
+        method = method_for(self.dtype, self.quant_method)
+        return self.dtype if method is None else method.spec
 
     @property
     def host_policy(self) -> HostPolicy:

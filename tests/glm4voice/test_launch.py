@@ -42,7 +42,7 @@ def test_a_quantization_method_reaches_the_engine_command_while_the_dtype_is_qua
 @pytest.mark.parametrize(
     "flags, words",
     [(["--dtype", "int8", "--quant-method", "hqq"], "int8 has no method 'hqq' (one of fused, torchao)"),
-     (["--quant-method", "hqq"], "--quant-method needs a quantized --dtype")],
+     (["--quant-method", "hqq"], "needs a quantized dtype (int8, fp8, int4)")],
 )  # fmt: skip
 def test_a_wrong_quantization_method_is_refused_before_anything_starts(tmp_path, flags, words):
     tiny_dir = tmp_path / "tiny"
