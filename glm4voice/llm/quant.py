@@ -18,16 +18,17 @@ measures the alternatives side by side):
 - ``int8:torchao``: torchao's ``Int8WeightOnlyConfig`` (per row): ``mm(x, w.to(x.dtype)) * scale``.
   To become the default once the GPU shows it at least as fast as ``int8:fused`` (then
   :class:`FusedInt8Linear` and its helpers go).
-- ``fp8:dynamic`` (default): torchao's ``Float8DynamicActivationFloat8WeightConfig`` with per-row
+- ``fp8:dynamic``: torchao's ``Float8DynamicActivationFloat8WeightConfig`` with per-row
   scales: float8 e4m3 weights, each activation row quantized to float8 on the fly, ``torch._scaled_mm``
   (CUDA compute capability >= 8.9: L4, L40S, H100, H200).
-- ``fp8:one_row``: as ``fp8:dynamic``, except that a one-token product of the ``gate_up`` layers
-  (:data:`FP8_ONE_ROW_LAYERS`) is a multiply-and-reduce over the float8 weight, compiled on its own
-  with inductor's coordinate-descent tuning (:class:`OneRowFp8Linear`). The decode step of one stream
-  spends most of its time in ``_scaled_mm``, whose cuBLASLt kernels tile a single row as if it were
-  128 and read the weights at ~1.9 TB/s on an H100; for the 27392x4096 ``gate_up`` weight (half of
-  the model's bytes) the tuned multiply-and-reduce read 2.9 TB/s (graph-replayed, one layer). To
-  become the default once the whole engine is measured faster with it.
+- ``fp8:one_row`` (default): as ``fp8:dynamic``, except that a one-token product of the ``gate_up``
+  and ``down`` layers (:data:`FP8_ONE_ROW_LAYERS`, three quarters of the weight bytes) is a
+  multiply-and-reduce over the float8 weight, compiled on its own with inductor's coordinate-descent
+  tuning (:class:`OneRowFp8Linear`). The decode step of one stream spent most of its time in
+  ``_scaled_mm``, whose cuBLASLt kernels tile a single row as if it were 128: on an H100 they read
+  ``gate_up`` at ~1.9 TB/s and ``down`` at ~1.5 TB/s, the multiply-and-reduce both at ~2.6 TB/s
+  (kernel times of the engine's profiled step). One stream decodes ~190 tok/s instead of ~158
+  (docs/perf/llm.md); two or more rows take torchao's path, as in ``fp8:dynamic``.
 - ``fp8:weight_only``: torchao's ``Float8WeightOnlyConfig`` (per row): float8 weights dequantized to
   bfloat16 for the matmul (the alternative where dynamic activations turn out slower).
 - ``int4:tinygemm`` (default): torchao's ``Int4WeightOnlyConfig`` with groups of 128 input channels
@@ -102,15 +103,15 @@ METHODS: tuple[Method, ...] = (
     Method(INT8, "torchao", "torchao Int8WeightOnlyConfig, per channel", cpu=True),
     Method(FP8, "dynamic", "torchao Float8DynamicActivationFloat8WeightConfig, per-row float8 weights "
            "and activations, torch._scaled_mm", min_capability=FP8_CAPABILITY),
-    Method(FP8, "one_row", "as fp8:dynamic; one-token products of the gate_up layers: a multiply-reduce over "
-           "the float8 weight, compiled with coordinate-descent tuning", min_capability=FP8_CAPABILITY),
+    Method(FP8, "one_row", "as fp8:dynamic; one-token products of the gate_up and down layers: a multiply-reduce "
+           "over the float8 weight, compiled with coordinate-descent tuning", min_capability=FP8_CAPABILITY),
     Method(FP8, "weight_only", "torchao Float8WeightOnlyConfig, per-row float8 weights, bfloat16 matmul",
            min_capability=FP8_CAPABILITY),
     Method(INT4, "tinygemm", f"torchao Int4WeightOnlyConfig, groups of {INT4_GROUP_SIZE}, tinygemm "
            "_weight_int4pack_mm", min_capability=INT4_CAPABILITY),
     Method(INT4, "hqq", "as int4:tinygemm with HQQ-chosen scales and zero points", min_capability=INT4_CAPABILITY),
 )  # fmt: skip
-DEFAULT_METHODS = {INT8: "fused", FP8: "dynamic", INT4: "tinygemm"}
+DEFAULT_METHODS = {INT8: "fused", FP8: "one_row", INT4: "tinygemm"}
 
 
 def method_names(dtype: str) -> tuple[str, ...]:
@@ -317,11 +318,12 @@ def weight_bytes(model: nn.Module) -> int:
 
 # --- fp8:one_row ------------------------------------------------------------------------------------------
 
-FP8_ONE_ROW_LAYERS = ("gate_up",)
-"""The layers whose one-token products fp8:one_row computes itself. A per-layer probe on an H100
-(graph-replayed, one row, torch 2.11) found the tuned multiply-and-reduce faster than ``_scaled_mm``
-only on the 27392x4096 ``gate_up`` weight; on ``qkv`` (4608x4096), ``down`` (4096x13696) and the output
-layer (168960x4096) it was slower than even bfloat16."""
+FP8_ONE_ROW_LAYERS = ("gate_up", "down")
+"""The layers whose one-token products fp8:one_row computes itself: ``gate_up`` (27392x4096) and ``down``
+(4096x13696). Measured in the whole engine on an H100 (torch 2.11; bench/llm.py, one stream): gate_up
+alone 161-170 tok/s, gate_up and down 189-196, fp8:dynamic 158. Adding ``qkv`` and ``out`` (4608x4096,
+4096x4096) made it 46 tok/s (its step profile is dominated by eager elementwise and reduction kernels;
+not investigated further)."""
 
 
 def _one_row_product(x: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ def test_fp8_dynamic_plumbing_and_compiled_decode_on_the_cpu(monkeypatch):
 
 @pytest.mark.slow
 def test_fp8_one_row_computes_one_token_products_itself_inside_the_compiled_step(monkeypatch):
-    """fp8:one_row: the gate_up layers' one-token products go through the glm4voice::fp8_one_row operator
+    """fp8:one_row: the gate_up and down layers' one-token products go through the glm4voice::fp8_one_row operator
     (reading the float8 weight's own values and scales: no second copy), also from inside the compiled
     decode step; products of more rows stay torchao's. (Hardware check lifted as for fp8:dynamic above.)"""
     from torchao.quantization import quant_api
@@ -165,8 +165,10 @@ def test_fp8_one_row_computes_one_token_products_itself_inside_the_compiled_step
     dynamic = quant.quantize_model(copy.deepcopy(reference), quant.parse_spec("fp8:dynamic"))
     model = quant.quantize_model(copy.deepcopy(reference), quant.parse_spec("fp8:one_row"))
     assert quant.weight_formats(model) == {"Float8Tensor": 4 * SMALL.num_layers + 1}
-    assert all(type(block.gate_up) is quant.OneRowFp8Linear for block in model.layers)
-    assert {type(block.qkv) for block in model.layers} == {type(block.down) for block in model.layers} == {Linear}
+    assert quant.FP8_ONE_ROW_LAYERS == ("gate_up", "down")
+    assert all(type(block.gate_up) is type(block.down) is quant.OneRowFp8Linear for block in model.layers)
+    assert {type(block.qkv) for block in model.layers} == {type(block.out) for block in model.layers} == {Linear}
+    assert type(model.lm_head) is Linear
     assert weight_bytes(model) == weight_bytes(dynamic) and model.state_dict().keys() == dynamic.state_dict().keys()
 
     layer = model.layers[0].gate_up
@@ -184,12 +186,12 @@ def test_fp8_one_row_computes_one_token_products_itself_inside_the_compiled_step
     monkeypatch.setattr(quant, "_one_row_product", lambda *args: calls.append(args[1].shape) or plain(*args))
     models, caches, rope = prefilled_with_compiled_copy(model, torch.bfloat16, slot=0)
     with torch.inference_mode():
-        for tokens, positions, one_row_calls in (([IDS[9]], [9], SMALL.num_layers), ([IDS[10], 0], [10, 0], 0)):
+        for tokens, positions, one_row_calls in (([IDS[9]], [9], 2 * SMALL.num_layers), ([IDS[10], 0], [10, 0], 0)):
             logits = []
             for m, cache in zip(models, caches):
                 calls.clear()
                 logits.append(m.decode(torch.tensor(tokens), torch.tensor(positions), cache, rope, kv_len=16))
-                assert len(calls) == one_row_calls and set(calls) <= {layer.qdata.shape}
+                assert len(calls) == one_row_calls and set(calls) <= {layer.qdata.shape, model.layers[0].down.qdata.shape}
             cosine = torch.nn.functional.cosine_similarity(logits[0].float(), logits[1].float(), dim=-1)
             assert cosine.min() > 0.995, cosine
 
