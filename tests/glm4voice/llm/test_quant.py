@@ -191,7 +191,10 @@ def test_fp8_one_row_computes_one_token_products_itself_inside_the_compiled_step
             for m, cache in zip(models, caches):
                 calls.clear()
                 logits.append(m.decode(torch.tensor(tokens), torch.tensor(positions), cache, rope, kv_len=16))
-                assert len(calls) == one_row_calls and set(calls) <= {layer.qdata.shape, model.layers[0].down.qdata.shape}
+                assert len(calls) == one_row_calls and set(calls) <= {
+                    layer.qdata.shape,
+                    model.layers[0].down.qdata.shape,
+                }
             cosine = torch.nn.functional.cosine_similarity(logits[0].float(), logits[1].float(), dim=-1)
             assert cosine.min() > 0.995, cosine
 
