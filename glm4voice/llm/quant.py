@@ -101,10 +101,10 @@ METHODS: tuple[Method, ...] = (
     Method(INT8, "fused", "per-channel int8 in plain torch (fused one-row multiply-reduce on CUDA)",
            cpu=True, torchao=False),
     Method(INT8, "torchao", "torchao Int8WeightOnlyConfig, per channel", cpu=True),
-    Method(FP8, "dynamic", "torchao Float8DynamicActivationFloat8WeightConfig, per-row float8 weights "
-           "and activations, torch._scaled_mm", min_capability=FP8_CAPABILITY),
     Method(FP8, "one_row", "as fp8:dynamic; one-token products of the gate_up and down layers: a multiply-reduce "
            "over the float8 weight, compiled with coordinate-descent tuning", min_capability=FP8_CAPABILITY),
+    Method(FP8, "dynamic", "torchao Float8DynamicActivationFloat8WeightConfig, per-row float8 weights "
+           "and activations, torch._scaled_mm", min_capability=FP8_CAPABILITY),
     Method(FP8, "weight_only", "torchao Float8WeightOnlyConfig, per-row float8 weights, bfloat16 matmul",
            min_capability=FP8_CAPABILITY),
     Method(INT4, "tinygemm", f"torchao Int4WeightOnlyConfig, groups of {INT4_GROUP_SIZE}, tinygemm "
