@@ -482,6 +482,12 @@ class E2EBench:
             await self.section_async("first_block_while_generating", lambda: self._beside(decoder, client, tokens))
         if "ttfa" in self.sections:
             await self.section_async("ttfa", lambda: self.single_user(chat, args.repeats, 0, tokens))
+            for name, changes in args.variants:  # the same turns with other pipeline settings, for comparison
+                variant = with_config(chat, **changes)
+                try:
+                    await self.section_async(f"ttfa_{name}", lambda: self.single_user(variant, args.repeats, 0, tokens))
+                finally:
+                    variant.close()
             await self.section_async("ttfa_prefill_eager", lambda: self.prefill_eager(chat, tokens))
         if "answer_long" in self.sections:
             await self.section_async(
@@ -936,7 +942,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         type=parse_variants,
         default=[],
-        help="concurrency: each level also with other pipeline settings, "
+        help="ttfa and concurrency: the single-user turns and each level also with other pipeline settings, "
         "e.g. 'rate56:min_token_rate=56.25;batch16:decode_batch=16' (PipelineConfig fields)",
     )
     parser.add_argument("--answer-seconds", type=float, default=30.0)

@@ -12,14 +12,19 @@ one batch on the GPU, so 32 listeners cost little more decoder time than one; ea
 reaches its session as soon as its batch is done.
 
 A decoder without ``feed_many`` (test doubles) gets one ``stream.feed`` call per block instead.
+
+``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
+stream's first block runs inside it, so that the LLM engine of this process starts no new step
+meanwhile and a listener's first audio does not share the GPU with generation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +43,8 @@ class _Entry:
     stream: Any
     blocks: list[list[int]]
     futures: list[asyncio.Future]
+    first: bool = False
+    """``blocks[0]`` is the stream's first block (nothing decoded yet when it was queued)."""
     failure: BaseException | None = field(default=None)
     """Set on the worker when one of the blocks failed: the blocks after it are not decoded."""
 
@@ -47,10 +54,18 @@ class BlockBatcher:
     largest graphed batch, 1: blocks one at a time (what :meth:`feed` then costs is measured by
     bench/e2e.py)."""
 
-    def __init__(self, decoder: Any, worker: Executor, max_batch: int | None = None):
+    def __init__(
+        self,
+        decoder: Any,
+        worker: Executor,
+        max_batch: int | None = None,
+        *,
+        make_way: Callable[[], AbstractContextManager[None]] | None = None,
+    ):
         self.decoder = decoder
         self.worker = worker
         self.max_batch = max_batch
+        self.make_way = make_way
         self._batched = hasattr(decoder, "feed_many")
         self._waiting: list[_Entry] = []
         self._running = False
@@ -80,7 +95,8 @@ class BlockBatcher:
         loop = asyncio.get_running_loop()
         if not self._batched:  # the single worker runs its jobs in order
             return [loop.run_in_executor(self.worker, stream.feed, list(codes)) for codes in blocks]
-        entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks])
+        first = getattr(stream, "tokens_decoded", None) == 0
+        entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks], first)
         if entry.blocks:
             self._waiting.append(entry)
             if not self._running:
@@ -121,7 +137,9 @@ class BlockBatcher:
             jobs = [(e.stream, e.blocks[k]) for e in members]
             self.calls += 1  # before any result reaches a session, which may then read the counts
             self.jobs += len(jobs)
-            self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch)
+            urgent = self.make_way is not None and k == 0 and any(e.first for e in members)
+            with self.make_way() if urgent and self.make_way is not None else nullcontext():
+                self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch)
 
     def _finished(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry], call: asyncio.Future, seconds: float) -> None:  # fmt: skip
         self._running = False

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import aclosing, contextmanager
+from contextlib import AbstractContextManager, aclosing, contextmanager
 from typing import Any, Protocol
 
 import httpx
@@ -270,6 +270,7 @@ class InProcessServer(Protocol):
 
     def generate_stream(self, body: bytes) -> AsyncGenerator[int, None]: ...
     def health(self) -> Any: ...
+    def make_way(self) -> AbstractContextManager[None]: ...
 
 
 class InProcessTokenClient:
@@ -310,6 +311,11 @@ class InProcessTokenClient:
 
     async def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
         return [token async for token in self.stream(prompt, **params)]
+
+    def make_way(self) -> AbstractContextManager[None]:
+        """While in it, the engine starts no new step (``Engine.make_way``; any thread). Only this client
+        has it: an engine in another process cannot be asked."""
+        return self._server.make_way()
 
     async def health(self) -> dict[str, Any]:
         """``GET /health``'s body; the HTTP client's error when the server is not ready (503)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import logging
 import operator
@@ -43,7 +44,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,9 @@ logger = logging.getLogger(__name__)
 ENGINE_DTYPES = LLM_DTYPES
 """What ``--dtype`` accepts: float weights, or quantized ones (glm4voice.llm.quant: int8 weight-only
 anywhere, fp8 on GPUs with float8 support, int4 weight-only on CUDA GPUs of compute capability 8.0+)."""
+MAKE_WAY_LIMIT_S = 0.25
+"""Longest pause of the worker for one :meth:`Engine.make_way` (a caller that hangs must not stop
+generation)."""
 MAX_CONSECUTIVE_FAILURES = 16
 """Failed steps in a row (prefill or decode, no success between them) after which the device is
 taken to be broken: the worker stops with an error instead of failing every request forever."""
@@ -410,6 +414,13 @@ class Engine:
         self._open: set[int] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        # make_way(): callers inside it, how many have asked, how many the worker has paused for
+        self._way_clear = threading.Event()
+        self._way_clear.set()
+        self._way_holders = 0
+        self._way_asked = 0
+        self._way_honoured = 0
+        self._way_pauses = 0
         # worker-side state
         self._waiting: collections.deque[_Request] = collections.deque()
         self._prefilling: list[_Request] = []
@@ -568,6 +579,35 @@ class Engine:
     async def wait_idle(self) -> None:
         """Until no request is queued or running (every stream ended and its slot freed)."""
         await self._idle.wait()
+
+    @contextlib.contextmanager
+    def make_way(self) -> Iterator[None]:
+        """While the body runs, the worker launches no new prefill or decode step (one already on the
+        device finishes): for GPU work of this process that a listener waits for, such as a turn's first
+        audio block, whose decode takes about half as long again beside the LLM's steps. Each call
+        pauses the worker once, for at most :data:`MAKE_WAY_LIMIT_S`; the worker then goes on even if
+        the body has not finished, so that callers slow generation down but cannot stop it. Any thread."""
+        with self._lock:
+            self._way_holders += 1
+            self._way_asked += 1
+            self._way_clear.clear()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._way_holders -= 1
+                if self._way_holders == 0:
+                    self._way_clear.set()
+
+    @property
+    def make_way_calls(self) -> int:
+        """:meth:`make_way` calls so far (the worker pauses only for those that find it busy)."""
+        return self._way_asked
+
+    @property
+    def make_way_pauses(self) -> int:
+        """Times the worker has paused for :meth:`make_way` callers (callers that overlap may share one)."""
+        return self._way_pauses
 
     # --- requests -----------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> GenerationStream:
@@ -734,6 +774,7 @@ class Engine:
             busy = bool(self._waiting or self._prefilling or self._decoding or self._inflight)
             if not self._take_commands(block=not busy):
                 return
+            self._give_way()
             self._admit()
             if self._prefilling:
                 events: list[_Event] = []
@@ -747,6 +788,16 @@ class Engine:
                     self._decode(events)
                 finally:
                     self._post(events)
+
+    def _give_way(self) -> None:
+        """Pause (at most MAKE_WAY_LIMIT_S) for a :meth:`make_way` caller not yet paused for."""
+        with self._lock:
+            if self._way_asked == self._way_honoured or self._way_clear.is_set():
+                self._way_honoured = self._way_asked  # callers that already left need no pause
+                return
+            self._way_honoured = self._way_asked
+            self._way_pauses += 1
+        self._way_clear.wait(MAKE_WAY_LIMIT_S)
 
     def _take_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if ``block``); False once asked to stop."""

@@ -142,6 +142,10 @@ class PipelineConfig:
     decode_batch: int | None = None
     """Most blocks of different sessions decoded as one batch (None: as many as the decoder has
     graphs for, 16; 1: one block at a time). See :mod:`glm4voice.block_batcher`."""
+    first_blocks_first: bool = True
+    """With an engine in this process (the one-process layout: a client with ``make_way``), the
+    engine starts no new step while a turn's first audio block is decoded (``Engine.make_way``): the
+    listener waiting for it then does not share the GPU with generation. Off: both run at once."""
 
     def __post_init__(self) -> None:
         BlockSchedule(tuple(self.block_sizes))  # validates
@@ -329,7 +333,8 @@ class VoiceChat:
         # and run off the event loop; a thread waits on its queue, it does not poll.
         self._input_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-tokenize")
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
-        self.blocks = BlockBatcher(decoder, self._decode_worker, config.decode_batch)
+        make_way = getattr(client, "make_way", None) if config.first_blocks_first else None
+        self.blocks = BlockBatcher(decoder, self._decode_worker, config.decode_batch, make_way=make_way)
         self.load = TurnLoad(self.blocks)
         """What every turn's block pacing may know of the others (turns running, decoder job time)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,11 @@ class EngineBackend:
             watch(callback)
         else:
             logger.warning("this engine cannot report a dead worker: the server will not exit if it dies")
+
+    def make_way(self) -> AbstractContextManager[None]:
+        """The engine's :meth:`~glm4voice.llm.engine.Engine.make_way` (no pause for one without it)."""
+        make_way = getattr(self.engine, "make_way", None)
+        return make_way() if make_way is not None else nullcontext()
 
     def stats(self) -> dict[str, float]:
         return dataclasses.asdict(self.engine.stats())

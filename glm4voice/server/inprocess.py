@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractContextManager, aclosing, asynccontextmanager, nullcontext
 from typing import Any
 
 from fastapi import FastAPI
@@ -47,6 +47,12 @@ class InProcessTokenServer:
         self.settings = settings
         self.app: FastAPI = create_app(engine, settings, tokenizer)
         self.state: ServerState = self.app.state.server
+
+    def make_way(self) -> AbstractContextManager[None]:
+        """While in it, the engine starts no new step (see ``Engine.make_way``): what the speech side
+        decodes a turn's first audio block in, as it shares this process's GPU with the engine."""
+        make_way = getattr(self.state.backend, "make_way", None)
+        return make_way() if make_way is not None else nullcontext()
 
     @property
     def failure(self) -> BaseException | None:

@@ -4,6 +4,7 @@ reach the right session; a cancelled session's block is dropped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -193,5 +194,65 @@ def test_blocks_after_the_worker_shut_down_fail_instead_of_waiting_forever():
         assert all(isinstance(o, RuntimeError) and "shut down" in str(o) for o in outcomes), outcomes
         assert batcher.idle and decoder.calls == [["running"]]
         worker.shutdown(wait=True)
+
+    asyncio.run(scenario())
+
+
+class _Named(str):
+    """A stream name that also says how many tokens its stream has decoded (what the batcher reads)."""
+
+    tokens_decoded: int
+
+
+def _stream(name: str, tokens_decoded: int) -> _Named:
+    stream = _Named(name)
+    stream.tokens_decoded = tokens_decoded
+    return stream
+
+
+def test_a_call_with_a_first_block_runs_inside_make_way():
+    """One-process layout: a feed_many call that decodes a stream's first block runs inside make_way
+    (the LLM engine of the process starts no step meanwhile); calls of later blocks only, and the later
+    rounds of a job, run outside it. Without make_way nothing changes."""
+    held = 0
+    inside: list[bool] = []
+
+    @contextlib.contextmanager
+    def make_way():
+        nonlocal held
+        held += 1
+        try:
+            yield
+        finally:
+            held -= 1
+
+    class Recording(GatedDecoder):
+        def feed_many(self, jobs, on_result=None, max_batch=None):
+            inside.append(held > 0)
+            return super().feed_many(jobs, on_result, max_batch)
+
+    async def scenario():
+        decoder = Recording()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, make_way=make_way)
+            old = batcher.submit(_stream("old", 10), [[1] * 16])  # call 1: a later block alone
+            await _wait_entered(decoder)
+            new = batcher.submit(_stream("new", 0), [[1] * 10, [1] * 16])  # next job: a first block, then its second
+            other = batcher.submit(_stream("other", 26), [[1] * 26])
+            decoder.gates[0].set()
+            await old[0]
+            for _ in range(2):
+                await _wait_entered(decoder)
+                decoder.gates[-1].set()
+            assert [len(await f) for f in (*new, *other)] == [10, 16, 26]
+            assert decoder.calls == [["old"], ["new", "other"], ["new"]]
+            assert inside == [False, True, False] and held == 0
+
+            plain = BlockBatcher(decoder, worker)  # no make_way: the one-process layout's engine is elsewhere
+            task = asyncio.create_task(plain.feed(_stream("first", 0), [1]))
+            await _wait_entered(decoder)
+            decoder.gates[-1].set()
+            await task
+            assert inside[-1] is False
 
     asyncio.run(scenario())

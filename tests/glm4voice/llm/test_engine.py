@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from glm4voice.defaults import FLOAT32_SMALLEST_NORMAL, TEMPERATURE
+from glm4voice.llm import engine as engine_module
 from glm4voice.llm.engine import (
     Engine,
     EngineBusyError,
@@ -21,6 +22,8 @@ from glm4voice.llm.engine import (
     PromptTooLongError,
     SamplingParams,
 )
+
+from support import until
 
 PROMPTS = [
     [5, 9, 13],
@@ -552,3 +555,37 @@ def test_chained_decode_steps_continue_on_the_device(tiny_llm):
         assert [first[i]] + [step[i] for step in got] == greedy_reference(tiny_llm.model, prompt, 5)
     with pytest.raises(ValueError, match="at least one row"):
         runner.launch([])
+
+
+def test_make_way_pauses_the_worker_until_its_caller_leaves(tiny_llm, monkeypatch):
+    """Engine.make_way (the one-process layout decodes a turn's first audio block inside it): no step
+    starts while the caller is inside (within the limit, here a minute), and the request goes on after."""
+    monkeypatch.setattr(engine_module, "MAKE_WAY_LIMIT_S", 60.0)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            with engine.make_way():
+                stream = engine.submit(PROMPTS[0], GREEDY)
+                await until(lambda: engine.make_way_pauses == 1, "the worker did not pause")
+                await asyncio.sleep(0.1)  # the worker has the request, and waits
+                stats = engine.stats()
+                assert (stats.prefill_chunks, stats.decode_steps) == (0, 0)
+            return await collect(stream), engine.make_way_pauses
+
+    tokens, pauses = run(main())
+    assert len(tokens) == GREEDY.max_new_tokens and pauses == 1
+
+
+def test_a_caller_that_stays_in_make_way_pauses_the_worker_once(tiny_llm, monkeypatch):
+    """A caller that does not leave (a decoder call that hangs) delays generation by one limit, once:
+    the worker does not pause again at every step for the same caller."""
+    monkeypatch.setattr(engine_module, "MAKE_WAY_LIMIT_S", 0.2)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()) as engine:
+            with engine.make_way():
+                tokens = await collect(engine.submit(PROMPTS[1], GREEDY))
+                return tokens, engine.make_way_pauses
+
+    tokens, pauses = run(main())
+    assert len(tokens) == GREEDY.max_new_tokens and pauses == 1

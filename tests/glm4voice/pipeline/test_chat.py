@@ -805,3 +805,36 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     assert paced.first_block == 12 and paced.load is chats[0].load
     with pytest.raises(ValueError, match="invalid pipeline limits"):
         PipelineConfig(min_token_rate=0)
+
+
+@pytest.mark.parametrize("first_blocks_first", [True, False])
+def test_one_process_decodes_a_first_block_while_the_engine_makes_way(models, tiny_checkpoints, first_blocks_first):
+    """The one-process layout (the engine in this process, InProcessTokenClient): the turn's first audio
+    block is decoded inside Engine.make_way (the engine starts no step meanwhile; it pauses only if it
+    is still generating then, which depends on timing), each later block beside the engine's steps;
+    PipelineConfig(first_blocks_first=False) turns it off."""
+    from glm4voice.client import InProcessTokenClient
+    from glm4voice.server.engine_backend import build_engine
+    from glm4voice.server.inprocess import InProcessTokenServer
+    from glm4voice.server.settings import ServerSettings
+
+    settings = ServerSettings(model_path=str(tiny_checkpoints.llm), device="cpu", dtype="float32",
+                              max_concurrent_streams=2, max_seq_len=4096, log_level="warning")  # fmt: skip
+    engine = build_engine(settings)
+    config = PipelineConfig(first_blocks_first=first_blocks_first)
+
+    async def main():
+        tokens = InProcessTokenServer(engine, settings)
+        async with tokens.running(), InProcessTokenClient(tokens) as client:
+            chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, client, config)
+            try:
+                events = await collect(chat, chat.new_session(), UserText("Tell me a story."), FAST)
+            finally:
+                chat.close()
+            return events, engine.make_way_calls, engine.make_way_pauses
+
+    events, calls, pauses = asyncio.run(main())
+    finished = events[-1]
+    assert isinstance(finished, TurnFinished), events[-1]
+    assert len(block_sizes(finished)) >= 2 and any(isinstance(e, AssistantAudio) for e in events)
+    assert calls == (1 if first_blocks_first else 0) and pauses <= calls
