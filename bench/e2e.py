@@ -898,8 +898,12 @@ def prefix_reuse(before: dict, after: dict, turns: int) -> dict:
     """The engine's prefix-cache figures over ``turns`` turns (from its stats before and after)."""
     reused = after.get("prefix_tokens_reused", 0) - before.get("prefix_tokens_reused", 0)
     prompt = after.get("prompt_tokens", 0) - before.get("prompt_tokens", 0)
-    return {"prefix_tokens_reused_per_turn": round(reused / turns, 1) if turns else None,
-            "prompt_tokens_computed_per_turn": round(prompt / turns, 1) if turns else None}  # fmt: skip
+    out = {"prefix_tokens_reused_per_turn": round(reused / turns, 1) if turns else None,
+           "prompt_tokens_computed_per_turn": round(prompt / turns, 1) if turns else None}  # fmt: skip
+    for key in ("make_way_calls", "make_way_pauses"):  # one-process layout: the engine's pauses for first blocks
+        if key in after:
+            out[key] = after[key] - before.get(key, 0)
+    return out
 
 
 def layouts_summary(results: dict[str, dict]) -> dict:

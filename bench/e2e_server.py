@@ -197,6 +197,10 @@ class PatternBackend:
     def add_failure_callback(self, callback) -> None:
         self.inner.add_failure_callback(callback)
 
+    def make_way(self):
+        """The engine's make_way (the one-process layout decodes a turn's first block inside it)."""
+        return self.inner.make_way()
+
     def submit(self, prompt_ids, request):
         engine_prompt = self.history.to_engine(list(prompt_ids))
         stream = self.inner.submit(engine_prompt, request)

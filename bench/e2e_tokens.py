@@ -146,7 +146,11 @@ class InProcessTokens:
         return self.backend.set_prefill_graphs(on)
 
     async def engine_stats(self) -> dict:
-        return self.backend.stats()
+        engine = self.backend.engine  # with the engine's pauses for first blocks (Engine.make_way)
+        return self.backend.stats() | {
+            "make_way_calls": engine.make_way_calls,
+            "make_way_pauses": engine.make_way_pauses,
+        }
 
     def memory_owners(self) -> MemoryOwners:
         """The engine's tensors, pool and stream: it runs in this process."""
