@@ -514,7 +514,14 @@ def create_demo(
         gr.Markdown("# GLM-4-Voice\nSpeak or type; the answer streams as text and speech.", elem_id="title")
         if settings.random_weights_notice:
             gr.HTML(RANDOM_WEIGHTS_NOTICE, elem_id="random-weights-notice", js_on_load=None)
-        ui_state = gr.State(None, delete_callback=handler.end_session)
+
+        # a plain function, not the bound method: Gradio deep-copies every component's settings (this
+        # callback included) on each page load, and a bound method would be copied with the handler, the
+        # pipeline and its models (seconds per page load, and the weights' memory again on the GPU)
+        def end_session(state: Any) -> None:
+            handler.end_session(state)
+
+        ui_state = gr.State(None, delete_callback=end_session)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=320):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=460, feedback_options=None,

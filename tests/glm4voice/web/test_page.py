@@ -488,6 +488,30 @@ def test_the_app_serves_the_page_with_the_chats_player_lead_and_the_worklet(text
     app.state.files.cleanup()
 
 
+def test_loading_the_page_copies_no_part_of_the_pipeline(text_tokenizer):
+    """Gradio deep-copies the page's component settings on every page load (a State's delete callback
+    among them): nothing there may reach the pipeline, which holds the models (a copy per page load took
+    minutes on a busy CPU with the tiny models, and would copy the weights on the GPU)."""
+    copies = []
+
+    class Uncopyable(ScriptedChat):
+        def __deepcopy__(self, memo):
+            copies.append(type(self).__name__)
+            raise TypeError("the pipeline must not be copied")
+
+    app = create_app(Uncopyable(text_tokenizer, []), DemoSettings())
+
+    async def load():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            return [await client.get(path) for path in ("/", "/config")]
+
+    page, config = asyncio.run(load())
+    assert page.status_code == 200 and config.status_code == 200
+    assert copies == []
+    app.state.files.cleanup()
+
+
 def test_the_app_refuses_files_its_browser_session_did_not_upload(text_tokenizer):
     app = create_app(ScriptedChat(text_tokenizer, []), DemoSettings())
     body = {"data": ["audio", {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "", 0.2, 0.8, 40]}
