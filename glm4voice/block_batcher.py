@@ -137,8 +137,8 @@ class BlockBatcher:
             jobs = [(e.stream, e.blocks[k]) for e in members]
             self.calls += 1  # before any result reaches a session, which may then read the counts
             self.jobs += len(jobs)
-            urgent = self.make_way is not None and k == 0 and any(e.first for e in members)
-            with self.make_way() if urgent and self.make_way is not None else nullcontext():
+            make_way = self.make_way if k == 0 and any(e.first for e in members) else None
+            with make_way() if make_way is not None else nullcontext():
                 self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch)
 
     def _finished(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry], call: asyncio.Future, seconds: float) -> None:  # fmt: skip

@@ -791,6 +791,8 @@ class Engine:
 
     def _give_way(self) -> None:
         """Pause (at most MAKE_WAY_LIMIT_S) for a :meth:`make_way` caller not yet paused for."""
+        if self._way_asked == self._way_honoured:  # every step: no lock when nobody asked (a stale read waits a step)
+            return
         with self._lock:
             if self._way_asked == self._way_honoured or self._way_clear.is_set():
                 self._way_honoured = self._way_asked  # callers that already left need no pause
