@@ -194,6 +194,11 @@ def turn_record(events: list, lead: float) -> dict:
                     else (chunk.block_index, chunk.start_sample / OUTPUT_SAMPLE_RATE)
                 )
                 start += chunk.elapsed - due  # the player restarts from now (lead aside)
+    first = next((b for b in t.blocks if b.index == 0), None)
+    # the first block's time between being cut and reaching the listener: held back by the turn's pacing
+    # (until the next block is cut), then waiting for and running its decoder call
+    record["first_block_held"] = _gap(first.ready, first.decode_started) if first else None
+    record["first_block_call"] = _gap(first.decode_started, first.decoded) if first else None
     record["underruns"] = underruns
     record["first_underrun"] = first_late
     record["blocks"] = [b.codes for b in t.blocks if b.index is not None]
@@ -620,7 +625,7 @@ class E2EBench:
                           lead_s=self.lead)  # fmt: skip
         rates, misses = [], 0
         for rate in args.poisson_rates:
-            need = args.poisson_window_s + 1.5 * shape.answer_mean_s + 15
+            need = (1 + len(args.variants)) * (args.poisson_window_s + 1.5 * shape.answer_mean_s + 15)
             if self.left_s() < need:
                 log(f"poisson: skipping rate {rate}/s: {self.left_s():.0f} s of budget left, needs ~{need:.0f} s")
                 break
@@ -629,6 +634,14 @@ class E2EBench:
             )
             if "error" in figures:
                 break
+            for name, changes in args.variants:  # the same rate with other pipeline settings, for comparison
+                variant = with_config(chat, **changes)
+                try:
+                    await self.section_async(
+                        f"poisson_{rate:g}_{name}", lambda: self.poisson_rate(variant, tokens, shape, rate)
+                    )
+                finally:
+                    variant.close()
             rates.append(figures)
             misses = 0 if figures["passes"] else misses + 1
             if misses >= 2:
@@ -946,7 +959,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--variants",
         type=parse_variants,
         default=[],
-        help="ttfa and concurrency: the single-user turns and each level also with other pipeline settings, "
+        help="ttfa, concurrency and poisson: the single-user turns, each level and each rate also with other pipeline settings, "
         "e.g. 'rate56:min_token_rate=56.25;batch16:decode_batch=16' (PipelineConfig fields)",
     )
     parser.add_argument("--answer-seconds", type=float, default=30.0)

@@ -34,6 +34,10 @@ TYPED_QUESTIONS = (
 """What typed turns say (one after the other)."""
 TTFA_P95_LIMIT_S = 0.5
 """A rate passes if the TTFA p95 of its turns is at most this, with no underrun and no failure."""
+TTFA_PARTS = ("prefill", "tokens_to_first_block", "first_block_held", "first_block_call")
+"""Parts of a turn's TTFA (``bench/e2e.turn_record``) whose p50 and p95 each rate reports: the engine's
+prefill (queueing included), generating up to the first block, the first block held back by the turn's
+pacing, and its decoder call (waiting for a running call included)."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,8 @@ def rate_figures(
         "ttfa_max": percentile(ttfas, 100),
         "ttfa_spoken_p95": percentile([t["ttfa"] for t in ok if t["spoken"] and t.get("ttfa") is not None], 95),
         "ttfa_typed_p95": percentile([t["ttfa"] for t in ok if not t["spoken"] and t.get("ttfa") is not None], 95),
+        "ttfa_parts_p50": {key: percentile([t.get(key) for t in ok], 50) for key in TTFA_PARTS},
+        "ttfa_parts_p95": {key: percentile([t.get(key) for t in ok], 95) for key in TTFA_PARTS},
         "underruns": sum(t["underruns"] for t in ok),
         "turns_with_underrun": sum(1 for t in ok if t["underruns"]),
         "token_rate_total": round(tokens_in_window / span, 1) if tokens_in_window is not None and span > 0 else None,

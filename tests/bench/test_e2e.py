@@ -77,7 +77,7 @@ def test_rate_figures_count_the_measured_window_only():
         record = {"start_s": start, "spoken": spoken, "playback_end_s": start + length}
         if failed:
             return record | {"failed": failed}
-        return record | {"ttfa": ttfa, "underruns": underruns, "token_rate": 20.0}
+        return record | {"ttfa": ttfa, "underruns": underruns, "token_rate": 20.0, "first_block_held": ttfa / 2}
 
     turns = [turn(1.0, 9.0), turn(10.0, 0.2), turn(11.0, 0.3, spoken=False), turn(20.0, 0.4, underruns=2),
              turn(30.0, 0.6, failed="server_busy: busy"), turn(50.0, 9.0)]  # fmt: skip
@@ -88,6 +88,10 @@ def test_rate_figures_count_the_measured_window_only():
     assert figures["ttfa_p50"] == 0.3 and figures["ttfa_p95"] == figures["ttfa_p99"] == 0.4
     assert figures["ttfa_typed_p95"] == 0.3 and figures["underruns"] == 2 and figures["turns_with_underrun"] == 1
     assert figures["token_rate_total"] == 100.0
+    assert (
+        figures["ttfa_parts_p50"]["first_block_held"] == 0.15 and figures["ttfa_parts_p95"]["first_block_held"] == 0.2
+    )
+    assert figures["ttfa_parts_p50"]["prefill"] is None  # a part no turn recorded
     assert figures["mean_concurrent_conversations"] == pytest.approx((30 + 15 + 25) / 30, abs=0.05)
     assert figures["max_concurrent_answers"] == 2 and not figures["passes"]
     clean = rate_figures(1.0, [turn(12.0, 0.2), turn(13.0, 0.5)], conversations, 10.0, 40.0, None)

@@ -120,9 +120,8 @@ def test_a_decoder_without_feed_many_is_fed_block_by_block():
 
 
 def test_a_streams_waiting_blocks_are_decoded_in_order_in_one_job():
-    """Blocks a session hands over together: the k-th of every session in the k-th feed_many call of
-    the same job (never merged, never reordered); a failed block stops the ones after it, in that
-    stream only."""
+    """Blocks sessions hand over together: the k-th of every session in the k-th feed_many call after
+    (never merged, never reordered); a failed block stops the ones after it, in that stream only."""
 
     async def scenario():
         decoder = GatedDecoder()
@@ -135,7 +134,7 @@ def test_a_streams_waiting_blocks_are_decoded_in_order_in_one_job():
             c = batcher.submit("c", [[1] * 10])
             decoder.gates[0].set()
             await busy
-            for _ in range(3):  # the next job: three rounds
+            for _ in range(3):  # three calls
                 await _wait_entered(decoder)
                 decoder.gates[-1].set()
             assert decoder.calls[1:] == [["a", "bad", "c"], ["a"], ["a"]]
@@ -150,8 +149,8 @@ def test_a_streams_waiting_blocks_are_decoded_in_order_in_one_job():
 
 
 def test_a_turn_that_stops_during_a_job_loses_its_later_blocks():
-    """A session cancels its blocks' futures while the job's first round runs (the user interrupted
-    the answer): the job's later rounds decode only the other sessions' blocks."""
+    """A session cancels its blocks' futures while its first block is decoded (the user interrupted the
+    answer): the next calls decode only the other sessions' blocks."""
 
     async def scenario():
         decoder = GatedDecoder()
@@ -163,11 +162,11 @@ def test_a_turn_that_stops_during_a_job_loses_its_later_blocks():
             kept = batcher.submit("kept", [[1] * 10, [1] * 16])
             decoder.gates[0].set()
             await busy
-            await _wait_entered(decoder)  # round one of the next job: both sessions
+            await _wait_entered(decoder)  # the next call: both sessions
             for future in stopped:
                 future.cancel()
             decoder.gates[-1].set()
-            await _wait_entered(decoder)  # round two: the stopped turn's block is gone
+            await _wait_entered(decoder)  # the call after: the stopped turn's block is gone
             decoder.gates[-1].set()
             assert [len(await f) for f in kept] == [10, 16]
             assert decoder.calls[1:] == [["stopped", "kept"], ["kept"]]
@@ -212,8 +211,8 @@ def _stream(name: str, tokens_decoded: int) -> _Named:
 
 def test_a_call_with_a_first_block_runs_inside_make_way():
     """One-process layout: a feed_many call that decodes a stream's first block runs inside make_way
-    (the LLM engine of the process starts no step meanwhile); calls of later blocks only, and the later
-    rounds of a job, run outside it. Without make_way nothing changes."""
+    (the LLM engine of the process starts no step meanwhile); calls of later blocks run outside it.
+    Without make_way nothing changes."""
     held = 0
     inside: list[bool] = []
 
@@ -237,7 +236,7 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
             batcher = BlockBatcher(decoder, worker, make_way=make_way)
             old = batcher.submit(_stream("old", 10), [[1] * 16])  # call 1: a later block alone
             await _wait_entered(decoder)
-            new = batcher.submit(_stream("new", 0), [[1] * 10, [1] * 16])  # next job: a first block, then its second
+            new = batcher.submit(_stream("new", 0), [[1] * 10, [1] * 16])  # a first block, then its second
             other = batcher.submit(_stream("other", 26), [[1] * 26])
             decoder.gates[0].set()
             await old[0]
@@ -245,7 +244,8 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
                 await _wait_entered(decoder)
                 decoder.gates[-1].set()
             assert [len(await f) for f in (*new, *other)] == [10, 16, 26]
-            assert decoder.calls == [["old"], ["new", "other"], ["new"]]
+            # the first block goes alone, ahead of the block that waited with it
+            assert decoder.calls == [["old"], ["new"], ["new", "other"]]
             assert inside == [False, True, False] and held == 0
 
             plain = BlockBatcher(decoder, worker)  # no make_way: the one-process layout's engine is elsewhere
@@ -254,5 +254,68 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
             decoder.gates[-1].set()
             await task
             assert inside[-1] is False
+
+    asyncio.run(scenario())
+
+
+def test_a_block_its_listener_needs_later_waits_to_share_a_call(monkeypatch):
+    """A block with slack (``due`` far ahead) starts no job of its own; the next job, started by a block
+    that is due (here one with no ``due``: a listener waiting now), takes it along. A block due within
+    the margin starts a job at once, and so do enough sessions waiting together."""
+    import glm4voice.block_batcher as block_batcher
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        decoder = GatedDecoder()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            later = batcher.submit("later", [[1, 2]], due=loop.time() + 3600)
+            assert batcher.idle and decoder.calls == [], "a block with an hour of slack started a job"
+            now = batcher.submit("now", [[1]])
+            assert not batcher.idle  # started in submit, before any await
+            await _wait_entered(decoder)
+            assert decoder.calls == [["later", "now"]]
+            decoder.gates[0].set()
+            assert len(await later[0]) == 2 and len(await now[0]) == 1
+
+            await until(lambda: batcher.idle, "the job never finished")
+            soon = batcher.submit("soon", [[1]], due=loop.time() + block_batcher.DEFER_MARGIN_S / 2)
+            assert not batcher.idle, "a block due within the margin must start its job at once"
+            await _wait_entered(decoder)
+            decoder.gates[1].set()
+            await soon[0]
+
+            await until(lambda: batcher.idle, "the job never finished")
+            monkeypatch.setattr(block_batcher, "SHARED_CALL_STREAMS", 3)
+            waiting = [batcher.submit(name, [[1]], due=loop.time() + 3600)[0] for name in ("x", "y")]
+            assert batcher.idle
+            waiting.append(batcher.submit("z", [[1]], due=loop.time() + 3600)[0])
+            assert not batcher.idle, "three sessions waiting share a call at once"
+            await _wait_entered(decoder)
+            assert decoder.calls[2] == ["x", "y", "z"]
+            decoder.gates[2].set()
+            await asyncio.gather(*waiting)
+
+    asyncio.run(scenario())
+
+
+def test_a_deferred_block_is_decoded_when_it_comes_due_and_dropped_if_its_turn_stops():
+    """Nothing else needs to happen for a deferred block to be decoded: a timer on the loop starts its
+    job when it comes due. A deferred block whose turn stops is never decoded."""
+    import glm4voice.block_batcher as block_batcher
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        decoder = GatedDecoder()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            dropped = batcher.submit("stopped", [[1]], due=loop.time() + block_batcher.DEFER_MARGIN_S + 0.2)
+            dropped[0].cancel()
+            pending = batcher.submit("a", [[1, 2, 3]], due=loop.time() + block_batcher.DEFER_MARGIN_S + 0.2)
+            assert batcher.idle and decoder.calls == []
+            await _wait_entered(decoder)  # the timer started the job
+            assert decoder.calls == [["a"]], "the stopped turn's block was decoded"
+            decoder.gates[0].set()
+            assert len(await pending[0]) == 3
 
     asyncio.run(scenario())
