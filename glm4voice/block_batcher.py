@@ -11,19 +11,10 @@ as soon as its batch is done.
 
 **First blocks first.** While a stream's first block waits (a listener waits for the answer's first
 audio), the next job decodes only first blocks: at most the running call stands between a new turn
-and its first audio, never the other sessions' queued blocks.
+and its first audio, never the other sessions' queued blocks. (Later blocks would wait only while new
+first blocks kept arriving during every first-block call, tens of milliseconds each on an H100.)
 
 A decoder without ``feed_many`` (test doubles) gets one ``stream.feed`` call per block instead.
-
-**Blocks a listener needs only later wait to share a call.** A block submitted with ``due`` (the loop
-time at which its listener would run out of audio) is not decoded at once while it has slack: a job
-starts when some waiting block is due within :data:`DEFER_MARGIN_S` plus twice the recent job time,
-or when :data:`SHARED_CALL_STREAMS` sessions have blocks waiting; it then takes the next block of every
-waiting session, due or not. One timer on the event loop (``call_at``, no thread) starts the job for the earliest due
-block. The decoder is latency-bound for a few blocks (the published decoder's ODE step costs about
-as much for eight blocks as for three), so answers generated faster than they play cost far fewer,
-fuller calls, and a new turn's first block finds the decoder free sooner. Blocks without ``due``
-(a first block, whose listener waits now; an answer returned whole) start a job at once.
 
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
@@ -46,12 +37,6 @@ logger = logging.getLogger(__name__)
 
 LATENCY_WEIGHT = 0.3
 """Weight of the newest job in :attr:`BlockBatcher.latency_s`."""
-DEFER_MARGIN_S = 0.5
-"""A block submitted with ``due`` starts its job at the latest this long, plus twice the recent job
-duration (:attr:`BlockBatcher.latency_s`), before it is due."""
-SHARED_CALL_STREAMS = 8
-"""Sessions with blocks waiting at which a job starts although none is due yet: the published
-decoder's ODE step for eight 140-token rows costs 2.5 times one row's (H100: 12.1 against 4.8 ms)."""
 
 
 @dataclass
@@ -63,8 +48,6 @@ class _Entry:
     futures: list[asyncio.Future]
     first: bool = False
     """``blocks[0]`` is the stream's first block (nothing decoded yet when it was queued)."""
-    due: float | None = None
-    """Loop time at which the listener needs ``blocks[0]`` (None: now)."""
     failure: BaseException | None = field(default=None)
     """Set on the worker when one of the blocks failed: the blocks after it are not decoded."""
 
@@ -89,7 +72,6 @@ class BlockBatcher:
         self._batched = hasattr(decoder, "feed_many")
         self._waiting: list[_Entry] = []
         self._running = False
-        self._timer: asyncio.TimerHandle | None = None
         self.latency_s: float | None = None
         """Moving average of a decoder job's duration (what a block waits for once its job runs)."""
         self.fastest_s: float | None = None
@@ -105,54 +87,34 @@ class BlockBatcher:
         """No decoder job is running (its duration is then in ``latency_s`` and ``fastest_s``)."""
         return not self._running
 
-    async def feed(self, stream: Any, codes: Sequence[int], due: float | None = None) -> np.ndarray:
+    async def feed(self, stream: Any, codes: Sequence[int]) -> np.ndarray:
         """``stream.feed(codes)``, decoded together with the other sessions' waiting blocks."""
-        return await self.submit(stream, [codes], due)[0]
+        return await self.submit(stream, [codes])[0]
 
-    def submit(self, stream: Any, blocks: Sequence[Sequence[int]], due: float | None = None) -> list[asyncio.Future]:
+    def submit(self, stream: Any, blocks: Sequence[Sequence[int]]) -> list[asyncio.Future]:
         """Queue one stream's blocks, to be decoded in order; a future for each block's PCM (or its
-        error; a block after a failed one gets that failure). ``due``: the loop time
-        (``loop.time()``) at which the listener needs the first of them; None: now. Cancel the
-        futures of a turn that stops: a job not yet started then drops its blocks."""
+        error; a block after a failed one gets that failure). Cancel the futures of a turn that
+        stops: a job not yet started then drops its blocks."""
         loop = asyncio.get_running_loop()
         if not self._batched:  # the single worker runs its jobs in order
             return [loop.run_in_executor(self.worker, stream.feed, list(codes)) for codes in blocks]
         first = getattr(stream, "tokens_decoded", None) == 0
-        entry = _Entry(
-            stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks], first, due=due
-        )
+        entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks], first)
         if entry.blocks:
             self._waiting.append(entry)
             self._consider(loop)
         return entry.futures
 
-    def start_by(self, entry: _Entry) -> float:
-        """Loop time by which a job holding ``entry``'s next block must start (-inf: at once)."""
-        if entry.due is None:
-            return float("-inf")
-        return entry.due - DEFER_MARGIN_S - 2 * (self.latency_s or 0.0)
-
     def _consider(self, loop: asyncio.AbstractEventLoop) -> None:
-        """With the decoder idle: a job now if a waiting block is due or enough sessions wait to share
-        a call; otherwise a timer for the earliest due block."""
+        """With the decoder idle, start the next job: the waiting first blocks if any, else the next
+        block of every waiting session."""
         if self._running:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self._waiting = [e for e in self._waiting if not all(f.done() for f in e.futures)]  # a cancelled turn's dropped
         if not self._waiting:
             return
-        firsts = [e for e in self._waiting if e.first]
-        if firsts:  # listeners waiting for their first audio go before everyone else, in a call of their own
-            self._start(loop, firsts)
-            return
-        start_at = min(self.start_by(e) for e in self._waiting)
-        sharing = min(SHARED_CALL_STREAMS, self.max_batch or SHARED_CALL_STREAMS)
-        if start_at <= loop.time() or len(self._waiting) >= sharing:
-            self._start(loop, self._waiting)
-        else:
-            self._timer = loop.call_at(start_at, self._consider, loop)
+        firsts = [e for e in self._waiting if e.first]  # listeners waiting for their first audio go first
+        self._start(loop, firsts or self._waiting)
 
     def _start(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry]) -> None:
         self._waiting = [e for e in self._waiting if e not in entries]
@@ -198,12 +160,12 @@ class BlockBatcher:
         error = None if call.cancelled() else call.exception()
         if error is not None:  # feed_many itself failed (a bug): every block of the job hears of it
             logger.error("batched block decode failed: %r", error)
-        later = []
+        later: list[_Entry] = []
         for entry in entries:  # each entry's next block was delivered through ``deliver``, unless it failed
             failure = error or entry.failure
             _settle(entry.futures[0], failure or RuntimeError("the block was not decoded"))
             if failure is None and len(entry.blocks) > 1:  # its later blocks wait for the next job, in order
-                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:], due=entry.due))
+                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:]))
             else:
                 for future in entry.futures[1:]:
                     _settle(future, failure or RuntimeError("the block was not decoded"))

@@ -186,7 +186,6 @@ async def _start(service: OpenAIService, payload: dict[str, Any]) -> _Completion
         top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
         max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         seed=request.seed,
-        live=bool(request.stream),  # a whole answer returned at once has no listener to pace its audio for
     )
     config = SessionConfig(
         output_audio=request.wants_audio, output_sample_rate=API_SAMPLE_RATE, turn_detection=None, options=options

@@ -142,13 +142,6 @@ class PipelineConfig:
     decode_batch: int | None = None
     """Most blocks of different sessions decoded as one batch (None: as many as the decoder has
     graphs for, 16; 1: one block at a time). See :mod:`glm4voice.block_batcher`."""
-    defer_blocks: bool = False
-    """On: a turn played as it streams (``GenerationOptions.live``) hands each block after the first
-    audio to the decoder with the time its listener needs it (a player starting ``player_lead_s`` after
-    the first audio), and a block with slack waits to share a decoder call with other turns' blocks
-    (:class:`~glm4voice.block_batcher.BlockBatcher`). Off (the default): every block is decoded as soon
-    as it is cut. Under Poisson load on an H100 it raised the mean decoder batch only from 1.7 to 1.9
-    and did not lower TTFA (docs/PERFORMANCE.md, "Decoder jobs")."""
     first_blocks_first: bool = True
     """With an engine in this process (the one-process layout: a client with ``make_way``), the
     engine starts no new step while a turn's first audio block is decoded (``Engine.make_way``): the
@@ -642,29 +635,20 @@ class VoiceChat:
         loop = asyncio.get_running_loop()
         chunks: list[np.ndarray] = []
         position = 0
-        first_audio_at: float | None = None  # loop time of the first audio handed to the listener
 
         def emit(samples: np.ndarray, index: int | None, codes: int, ready: float, started: float) -> None:
-            nonlocal position, first_audio_at
+            nonlocal position
             samples = np.asarray(samples, dtype=np.float32).reshape(-1)
             decoded = clock.now()
             clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples)))
             if len(samples):
                 clock.mark("first_audio")
-                first_audio_at = loop.time() if first_audio_at is None else first_audio_at
                 chunks.append(samples)
                 out.put_nowait(AssistantAudio(samples, self.sample_rate, position, index, decoded))
                 position += len(samples)
 
         stream = None
         pcms: list[asyncio.Future] = []
-
-        def due() -> float | None:
-            """Loop time at which the listener runs out of the audio it has (None: it waits now)."""
-            if first_audio_at is None or not (self.config.defer_blocks and options.live):
-                return None
-            return first_audio_at + self.config.player_lead_s + position / self.sample_rate
-
         try:
             if not decode_audio:  # text only: the blocks are drained, the decoder never runs
                 while not isinstance(item := await blocks.get(), _EndOfStream):
@@ -684,7 +668,7 @@ class VoiceChat:
                     if not ready:
                         continue
                     started = clock.now()
-                    pcms = self.blocks.submit(stream, [block.codes for block, _ in ready], due())
+                    pcms = self.blocks.submit(stream, [block.codes for block, _ in ready])
                     # blocks handed over together reach the listener together: a held first block and
                     # the block after it start playing as one (the player's lead covers neither gap)
                     decoded = await asyncio.gather(*pcms)

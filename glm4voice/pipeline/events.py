@@ -64,9 +64,6 @@ class GenerationOptions:
     max_new_tokens: int = DEMO_MAX_NEW_TOKENS
     seed: int | None = None
     """Seeds the server's sampling and the decoder's noise: the same seed repeats a turn."""
-    live: bool = True
-    """The answer's audio is played as it streams. False (an answer returned whole): its blocks never
-    wait for the listener's need, even with ``PipelineConfig.defer_blocks`` on. Neither changes the audio."""
 
     def check(self) -> None:
         """Raise :class:`TurnError` (INVALID_INPUT) with a readable message for bad settings."""

@@ -119,7 +119,7 @@ def test_a_decoder_without_feed_many_is_fed_block_by_block():
     asyncio.run(scenario())
 
 
-def test_a_streams_waiting_blocks_are_decoded_in_order_in_one_job():
+def test_a_streams_waiting_blocks_are_decoded_in_order():
     """Blocks sessions hand over together: the k-th of every session in the k-th feed_many call after
     (never merged, never reordered); a failed block stops the ones after it, in that stream only."""
 
@@ -254,68 +254,5 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
             decoder.gates[-1].set()
             await task
             assert inside[-1] is False
-
-    asyncio.run(scenario())
-
-
-def test_a_block_its_listener_needs_later_waits_to_share_a_call(monkeypatch):
-    """A block with slack (``due`` far ahead) starts no job of its own; the next job, started by a block
-    that is due (here one with no ``due``: a listener waiting now), takes it along. A block due within
-    the margin starts a job at once, and so do enough sessions waiting together."""
-    import glm4voice.block_batcher as block_batcher
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        decoder = GatedDecoder()
-        with ThreadPoolExecutor(1) as worker:
-            batcher = BlockBatcher(decoder, worker)
-            later = batcher.submit("later", [[1, 2]], due=loop.time() + 3600)
-            assert batcher.idle and decoder.calls == [], "a block with an hour of slack started a job"
-            now = batcher.submit("now", [[1]])
-            assert not batcher.idle  # started in submit, before any await
-            await _wait_entered(decoder)
-            assert decoder.calls == [["later", "now"]]
-            decoder.gates[0].set()
-            assert len(await later[0]) == 2 and len(await now[0]) == 1
-
-            await until(lambda: batcher.idle, "the job never finished")
-            soon = batcher.submit("soon", [[1]], due=loop.time() + block_batcher.DEFER_MARGIN_S / 2)
-            assert not batcher.idle, "a block due within the margin must start its job at once"
-            await _wait_entered(decoder)
-            decoder.gates[1].set()
-            await soon[0]
-
-            await until(lambda: batcher.idle, "the job never finished")
-            monkeypatch.setattr(block_batcher, "SHARED_CALL_STREAMS", 3)
-            waiting = [batcher.submit(name, [[1]], due=loop.time() + 3600)[0] for name in ("x", "y")]
-            assert batcher.idle
-            waiting.append(batcher.submit("z", [[1]], due=loop.time() + 3600)[0])
-            assert not batcher.idle, "three sessions waiting share a call at once"
-            await _wait_entered(decoder)
-            assert decoder.calls[2] == ["x", "y", "z"]
-            decoder.gates[2].set()
-            await asyncio.gather(*waiting)
-
-    asyncio.run(scenario())
-
-
-def test_a_deferred_block_is_decoded_when_it_comes_due_and_dropped_if_its_turn_stops():
-    """Nothing else needs to happen for a deferred block to be decoded: a timer on the loop starts its
-    job when it comes due. A deferred block whose turn stops is never decoded."""
-    import glm4voice.block_batcher as block_batcher
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        decoder = GatedDecoder()
-        with ThreadPoolExecutor(1) as worker:
-            batcher = BlockBatcher(decoder, worker)
-            dropped = batcher.submit("stopped", [[1]], due=loop.time() + block_batcher.DEFER_MARGIN_S + 0.2)
-            dropped[0].cancel()
-            pending = batcher.submit("a", [[1, 2, 3]], due=loop.time() + block_batcher.DEFER_MARGIN_S + 0.2)
-            assert batcher.idle and decoder.calls == []
-            await _wait_entered(decoder)  # the timer started the job
-            assert decoder.calls == [["a"]], "the stopped turn's block was decoded"
-            decoder.gates[0].set()
-            assert len(await pending[0]) == 3
 
     asyncio.run(scenario())

@@ -494,69 +494,6 @@ def test_timing_never_moves_the_cuts_nor_changes_the_audio(models, special_token
         assert first.decode_started < second.ready
 
 
-@pytest.mark.parametrize("live, defer", [(True, True), (False, True), (True, False)])
-def test_a_live_turn_tells_the_decoder_when_its_listener_needs_each_later_block(models, special_tokens, live, defer):
-    """Played as it streams (``GenerationOptions.live``, ``PipelineConfig.defer_blocks``): every block
-    handed to the decoder after the first audio carries the time its listener runs dry, i.e. the first
-    audio's arrival, the player's lead, then the audio handed out so far; the first block carries none
-    (the listener waits now). An answer returned whole, or the switch off: no block carries one."""
-    ids = scripted_answer(models, special_tokens)
-    handed: list[tuple[int, float | None]] = []  # (samples the turn had handed out, due) per submit
-    seen: list[float] = []  # loop times: the turn's start, the consumer receiving the first audio
-    chunks = [0]  # audio chunks the consumer has received
-    heard: list[asyncio.Condition] = []  # made on the turn's loop
-
-    class GatedClient(PacedClient):
-        """The ids, each block's tokens only once the block before it was heard: one submit per block."""
-
-        async def stream(self, prompt=None, **params):
-            gates = {23: 1, 40: 2, len(ids) - 1: 3}  # next token's index: audio chunks heard before it
-            for k, token_id in enumerate(self.ids):
-                if k in gates:
-                    async with heard[0]:
-                        await heard[0].wait_for(lambda need=gates[k]: chunks[0] >= need)
-                yield token_id
-
-    async def turn():
-        heard.append(asyncio.Condition())
-        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, GatedClient(ids),
-                         PipelineConfig(defer_blocks=defer))  # fmt: skip
-        submit, samples_out = chat.blocks.submit, [0]
-
-        def recording_submit(stream, blocks, due=None):
-            handed.append((samples_out[0], due))
-            return submit(stream, blocks, due)
-
-        chat.blocks.submit = recording_submit
-        events = []
-        seen.append(asyncio.get_running_loop().time())
-        try:
-            async for event in chat.run_turn(chat.new_session(), UserText("Hi"), replace(SEEDED, live=live)):
-                if isinstance(event, AssistantAudio) and len(event.samples):
-                    if len(seen) == 1:
-                        seen.append(asyncio.get_running_loop().time())
-                    samples_out[0] += len(event.samples)
-                    async with heard[0]:
-                        chunks[0] += 1
-                        heard[0].notify_all()
-                events.append(event)
-        finally:
-            chat.close()
-        return events
-
-    finished = assert_well_formed(asyncio.run(turn()))
-    assert block_sizes(finished) == [10, 16, 26, 26] and len(handed) == 4
-    assert handed[0][1] is None  # the first block: nothing played yet, the listener waits
-    if not (live and defer):
-        assert all(due is None for _, due in handed)
-        return
-    lead = PipelineConfig().player_lead_s
-    # each due less the lead and the audio handed out before it: the first audio's arrival, the same for all
-    starts = [due - lead - samples / OUTPUT_SAMPLE_RATE for samples, due in handed[1:]]
-    assert max(starts) - min(starts) < 1e-6, starts
-    assert seen[0] <= starts[0] <= seen[1]
-
-
 # --- failures: a readable message, the session unchanged, the next turn works ------------------------
 
 
