@@ -39,7 +39,7 @@ LATENCY_WEIGHT = 0.3
 """Weight of the newest job in :attr:`BlockBatcher.latency_s`."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     """One session's blocks waiting for a decoder job, with a future for each block's PCM."""
 
@@ -114,10 +114,13 @@ class BlockBatcher:
         if not self._waiting:
             return
         firsts = [e for e in self._waiting if e.first]  # listeners waiting for their first audio go first
-        self._start(loop, firsts or self._waiting)
+        if firsts:
+            entries, self._waiting = firsts, [e for e in self._waiting if not e.first]
+        else:
+            entries, self._waiting = self._waiting, []
+        self._start(loop, entries)
 
     def _start(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry]) -> None:
-        self._waiting = [e for e in self._waiting if e not in entries]
         started = loop.time()
         try:
             call = loop.run_in_executor(self.worker, self._decode, entries)
