@@ -120,6 +120,8 @@ def attend_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slo
     b, kv_heads, group, head_dim = q.shape
     if head_dim & (head_dim - 1) or keys.stride(-1) != 1 or values.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("the Triton decode attention needs a power-of-two head size and contiguous head rows")
+    if not (slots.is_contiguous() and positions.is_contiguous()):
+        raise ValueError("the Triton decode attention reads slots and positions as contiguous vectors")
     splits, per_split = split_plan(b * kv_heads, kv_len)
     block_g = max(16, 1 << (group - 1).bit_length())
     # partial results: [b * KV, splits, BLOCK_G] maxima and sums, [b * KV, splits, BLOCK_G, d] values

@@ -332,25 +332,39 @@ class GLMModel(nn.Module):
         start position, number of real ids n). Row i (< n) sits at position ``start + i``, writes its
         key/value there and attends over the slot's positions ``<= start + i`` among the first
         ``kv_len`` (``start + n <= kv_len``); padding rows write to the cache's scratch position and
-        their outputs are ignored. Returns float32 logits [1, vocab] of the last real row."""
+        their outputs are ignored. Returns float32 logits [1, vocab] of the last real row.
+
+        Attention: with the Triton decode backend, every row is a decode query at its own position
+        (the split-K kernel reads only the positions a row sees, however large ``kv_len``; a masked
+        SDPA over the whole ``kv_len`` ran one program per 64 query rows of each key/value head, 64
+        programs on 132 streaming multiprocessors, and took ~70 us per layer per 1024 positions on an
+        H100). Otherwise one masked SDPA call."""
         attn_in, attn_out, logits = self.steps
         L = ids.shape[0]
         kv_heads, group, head_dim = self.config.num_kv_heads, self.config.group_size, self.config.head_dim
+        triton = attention.resolve(self.decode_attention, ids.device, head_dim) == "triton"
         slot, start, n = meta[0:1], meta[1:2], meta[2:3]
         rows = torch.arange(L, device=ids.device)
         real = rows < n  # [L]
         positions = torch.where(real, start + rows, cache.scratch_position)  # [L]
         cos, sin = rope[0][positions], rope[1][positions]  # [L, rotary/2]
         cache_rows = cache.row_index(slot.expand(L), positions)  # [2 * L * KV]
-        # [group * L, kv_len]: query row (g, i) sees positions <= its own; a padding row sees
-        # position 0 only (any valid row keeps its softmax finite)
-        visible = torch.arange(kv_len, device=ids.device)[None, :] <= torch.where(real, positions, 0)[:, None]
-        mask = visible.repeat(group, 1)
+        # the last position each row sees: its own; a padding row sees position 0 only (any valid
+        # position keeps its softmax finite)
+        seen = torch.where(real, positions, 0)  # [L]
+        slots = slot.repeat(L)  # [L] (the kernel reads one slot per row: no stride-0 view)
+        # [group * L, kv_len] (SDPA only): query row (g, i) sees positions <= seen[i]
+        mask = None if triton else (torch.arange(kv_len, device=ids.device)[None, :] <= seen[:, None]).repeat(group, 1)
         x = self.embed(ids)  # [L, hidden]
         for layer, block in enumerate(self.layers):
             q, kv = attn_in(block, x, cos, sin)  # [L, H, d], [2, L, KV, d]
             layer_cache = cache.kv[layer]  # [2, slots, KV, capacity, d]
             layer_cache.view(-1, head_dim).index_copy_(0, cache_rows, kv.reshape(-1, head_dim))
+            if triton:
+                context = attention.attend_triton(q.view(L, kv_heads, group, head_dim), layer_cache[0], layer_cache[1],
+                                                  slots, seen, kv_len, head_dim**-0.5)  # fmt: skip
+                x = attn_out(block, x, context.reshape(L, -1))  # [L, KV, group, d] -> [L, H * d]
+                continue
             slot_kv = layer_cache.index_select(1, slot)[:, 0, :, :kv_len]  # [2, KV, kv_len, d]
             # the query heads of a group and the rows become one query axis: [KV, group * L, d]
             q = q.view(L, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, group * L, head_dim)

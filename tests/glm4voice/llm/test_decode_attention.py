@@ -111,6 +111,32 @@ TRITON_CHECK = textwrap.dedent(
             assert out.dtype == dtype and out.shape == q.shape
             error = (out.double() - expected).abs().max().item()
             assert error < tolerance, (dtype, b, kv, g, d, kv_len, error)
+
+    # a continued prefill chunk (each row a query at its own position) equals the masked-SDPA path
+    from glm4voice.llm.checkpoint import random_model
+    from glm4voice.llm.config import GLMConfig
+    from glm4voice.llm.model import KVCache
+
+    config = GLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, ffn_hidden_size=128,
+                       vocab_size=256, layernorm_epsilon=1e-6, seq_length=256)
+    model = random_model(config, "cpu", torch.float32, seed=1)
+    rope = model.rope_tables(129)
+    history = torch.arange(1, 71) % 250
+    ids = torch.tensor([9, 8, 7, 6, 5, 0, 0, 0])  # 5 real ids, 3 padding
+    calls = []
+    kernel = attention.attend_triton
+    attention.attend_triton = lambda *args: calls.append(args[0].shape) or kernel(*args)
+    with torch.inference_mode():
+        results = {}
+        for backend in ("matmul", "triton"):
+            model.decode_attention = backend
+            cache = KVCache.allocate(config, 2, 128, torch.float32, "cpu")
+            model.prefill(history, cache, 1, 0, rope)
+            logits = model.prefill_continued_chunk(ids, torch.tensor([1, 70, 5]), cache, rope, 128)
+            results[backend] = logits, cache.kv[:, :, 1, :, :75].clone()
+    assert calls == [(8, 2, 2, 16)] * config.num_layers, calls  # every row of every layer, in one call each
+    assert (results["triton"][0] - results["matmul"][0]).abs().max().item() < 1e-4
+    torch.testing.assert_close(results["triton"][1], results["matmul"][1], rtol=1e-5, atol=1e-5)
     print("triton interpreter ok")
     """
 )
@@ -120,7 +146,8 @@ TRITON_CHECK = textwrap.dedent(
 def test_triton_kernel_equals_the_reference_in_the_interpreter():
     """The Triton kernels run by Triton's CPU interpreter (set before Triton is imported, hence the
     subprocess): split-K partials and their merge equal plain attention, padded query groups,
-    several splits, rows on any slots, rows that see one position and idle rows that see all."""
+    several splits, rows on any slots, rows that see one position and idle rows that see all; and a
+    continued prefill chunk through them equals its masked-SDPA path."""
     env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     result = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)  # fmt: skip
