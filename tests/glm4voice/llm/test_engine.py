@@ -589,3 +589,22 @@ def test_a_caller_that_stays_in_make_way_pauses_the_worker_once(tiny_llm, monkey
 
     tokens, pauses = run(main())
     assert len(tokens) == GREEDY.max_new_tokens and pauses == 1
+
+
+def test_a_running_engine_lowers_the_thread_switch_interval_and_keeps_a_lower_one(tiny_llm):
+    """The worker must get the GIL back soon after each step: start() lowers Python's switch interval
+    to SWITCH_INTERVAL_S (from the 5 ms default), and leaves a smaller one alone."""
+    import sys
+
+    before = sys.getswitchinterval()
+
+    async def started(interval: float) -> float:
+        sys.setswitchinterval(interval)
+        async with Engine(tiny_llm, cpu_config(), stop_ids=()):
+            return sys.getswitchinterval()
+
+    try:
+        assert run(started(0.005)) == pytest.approx(engine_module.SWITCH_INTERVAL_S)
+        assert run(started(engine_module.SWITCH_INTERVAL_S / 2)) == pytest.approx(engine_module.SWITCH_INTERVAL_S / 2)
+    finally:
+        sys.setswitchinterval(before)
