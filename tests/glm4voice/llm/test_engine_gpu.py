@@ -80,8 +80,8 @@ def test_prefix_cache_graphs_equal_eager_over_a_conversation(monkeypatch):
         history, replies = [5, 6, 7, 8], []
         for turn in range(5):
             prompt = history + [100 + 37 * c + 11 * turn + k for k in range(20 + 7 * turn)]
-            # a peaked distribution: the continuation graph's attention (grouped heads, one masked SDPA
-            # over the attention length) rounds differently from the eager chunk's (expanded heads)
+            # a peaked distribution: the continuation graph's attention (the Triton decode kernel, a
+            # query row per new token) rounds differently from the eager chunk's (SDPA, expanded heads)
             params = SamplingParams(temperature=0.3, top_p=0.9, max_new_tokens=40, seed=10 * c + turn)
             reply = await _collect(engine.submit(prompt, params))
             replies.append(reply)
