@@ -348,11 +348,11 @@ class GLMModel(nn.Module):
         real = rows < n  # [L]
         positions = torch.where(real, start + rows, cache.scratch_position)  # [L]
         cos, sin = rope[0][positions], rope[1][positions]  # [L, rotary/2]
-        cache_rows = cache.row_index(slot.expand(L), positions)  # [2 * L * KV]
+        slots = slot.repeat(L)  # [L] (the Triton kernel reads one slot per row: no stride-0 view)
+        cache_rows = cache.row_index(slots, positions)  # [2 * L * KV]
         # the last position each row sees: its own; a padding row sees position 0 only (any valid
         # position keeps its softmax finite)
         seen = torch.where(real, positions, 0)  # [L]
-        slots = slot.repeat(L)  # [L] (the kernel reads one slot per row: no stride-0 view)
         # [group * L, kv_len] (SDPA only): query row (g, i) sees positions <= seen[i]
         mask = None if triton else (torch.arange(kv_len, device=ids.device)[None, :] <= seen[:, None]).repeat(group, 1)
         x = self.embed(ids)  # [L, hidden]

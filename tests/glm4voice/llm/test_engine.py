@@ -2,6 +2,7 @@
 
 import asyncio
 import math
+import sys
 import threading
 
 import pytest
@@ -594,8 +595,6 @@ def test_a_caller_that_stays_in_make_way_pauses_the_worker_once(tiny_llm, monkey
 def test_a_running_engine_lowers_the_thread_switch_interval_and_keeps_a_lower_one(tiny_llm):
     """The worker must get the GIL back soon after each step: start() lowers Python's switch interval
     to SWITCH_INTERVAL_S (from the 5 ms default), and leaves a smaller one alone."""
-    import sys
-
     before = sys.getswitchinterval()
 
     async def started(interval: float) -> float:
