@@ -273,7 +273,8 @@ class E2EBench:
                             layout=self.args.layout, sections=list(self.sections), llm_device=self.args.llm_device,
                             llm_dtype=self.args.llm_dtype, llm_quant_method=self.args.llm_quant_method,
                             max_seq_len=self.args.max_seq_len,
-                            mixed_decoder_batches=self.args.mixed_decoder_batches)  # fmt: skip
+                            mixed_decoder_batches=self.args.mixed_decoder_batches,
+                            decoder_steps=self.args.decoder_steps)  # fmt: skip
 
     def build_speech_tokenizer(self):
         from bench.speech_tokenizer import build
@@ -296,7 +297,8 @@ class E2EBench:
         # as conversations), as web_demo.py --max-concurrent-turns sizes them
         batches = graph_batch_sizes_for(self.max_streams)
         ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32,
-                            graph_batch_sizes=batches, mixed_batches=self.args.mixed_decoder_batches)  # fmt: skip
+                            graph_batch_sizes=batches, mixed_batches=self.args.mixed_decoder_batches,
+                            step_batching=self.args.decoder_steps)  # fmt: skip
         reference = None
         if self.wants_reference:
             reference = AudioDecoder(*files, self.device, dtype=torch.float32, prompt_window=None, cuda_graphs=False,
@@ -981,6 +983,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="mixed_decoder_batches",
         action="store_false",
         help="batch only decoder blocks of the same shape (AudioDecoder mixed_batches=False)",
+    )
+    parser.add_argument(
+        "--decoder-steps",
+        action="store_true",
+        help="blocks join the decoder's ODE between its steps instead of whole-solve jobs (AudioDecoder step_batching=True)",
     )
     parser.add_argument(
         "--max-streams", type=int, default=None, help="the engine's stream slots (default: the largest level)"

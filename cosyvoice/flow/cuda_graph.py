@@ -213,25 +213,20 @@ class GraphedEulerSolver:
         mask = torch.ones(batch, 1, frames, device=device) if padded else None
         spks = torch.zeros(batch, spk_channels, device=device)
         t_span = self.cfm.time_span(steps - 1, device=device)
-        times = self.cfm.euler_times(t_span)
-        time_conds = self.cfm.time_conditioning(t_span)  # constants of the graph, one tuple per step
-        tables = (
-            torch.stack([t for t, _ in times]),
-            torch.stack([dt for _, dt in times]),
-            *(torch.stack(parts) for parts in zip(*time_conds)),
-        )
+        tables = self.cfm.step_tables(t_span)  # constants of the graph, one entry per step
         step = torch.zeros(1, dtype=torch.long, device=device)
         estimator: Callable[..., torch.Tensor] | None = None
         if self.compile_exact and not padded:
             if self._compiled is None:
-                self.cfm.solve(z, mu, mask, spks, cond, t_span, time_conds=time_conds)  # fills weight caches eagerly
+                self.cfm.solve(z, mu, mask, spks, cond, t_span)  # fills weight caches eagerly
                 mode = self.compile_exact if isinstance(self.compile_exact, str) else None
                 self._compiled = torch.compile(self.cfm.estimator, dynamic=False, mode=mode)
             estimator = self._compiled
 
         def run() -> None:
-            # (steps, ...) -> this step's entry (...), gathered on the device: no host synchronisation
-            t, dt, *time_cond = (table.index_select(0, step).squeeze(0) for table in tables)
+            # (steps, ...) -> this step's entry, gathered on the device: no host synchronisation
+            t, dt, *time_cond = (table.index_select(0, step) for table in tables)
+            t, dt = t.squeeze(0), dt.squeeze(0)  # 0-d: every row at this step; time_cond parts stay (1, C)
             x = self.cfm.euler_step(
                 z, mu, mask, spks, cond, t, dt, tuple(time_cond), padded=padded, estimator=estimator
             )
@@ -250,4 +245,4 @@ class GraphedEulerSolver:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             run()
-        return _Captured(graph, z, mu, mask, spks, cond, step, len(times), tables)
+        return _Captured(graph, z, mu, mask, spks, cond, step, int(tables[0].shape[0]), tables)

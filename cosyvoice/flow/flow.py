@@ -4,6 +4,7 @@ the prompt and new tokens are encoded together and the mel length is computed fr
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,27 @@ def mel_frames(tokens: int, input_frame_rate: float) -> int:
     (``int(n / rate * 22050 / 256)``; exact rational arithmetic would differ for some n)."""
     n = torch.tensor(tokens, dtype=torch.int32)
     return int((n / input_frame_rate * MEL_SAMPLE_RATE / MEL_HOP).int())
+
+
+@dataclass(eq=False)
+class RowInputs:
+    """The ODE's inputs for rows of different lengths, padded to the longest (``MaskedDiffWithXvec.prepare_rows``)."""
+
+    z: torch.Tensor
+    """(B, 80, F) float32: each row's starting noise, zero past its frames."""
+    mu: torch.Tensor
+    mask: torch.Tensor
+    """(B, 1, F): 1 on each row's valid frames."""
+    spks: torch.Tensor
+    """(B, 80): the projected speaker embeddings."""
+    cond: torch.Tensor
+    """(B, 80, F): each row's prompt mel, zero after it."""
+    feat_lens: list[int]
+    prompt_frames: list[int]
+
+    def mel_of(self, row: int, feat: torch.Tensor) -> torch.Tensor:
+        """Row ``row``'s mel after its prompt (1, 80, frames), float32, from its solved state ``feat`` (1, 80, >= its frames)."""
+        return feat[:, :, self.prompt_frames[row] : self.feat_lens[row]].float()
 
 
 class MaskedDiffWithXvec(nn.Module):
@@ -92,26 +114,18 @@ class MaskedDiffWithXvec(nn.Module):
             mu[row, :frames] = self.length_regulator(h[row : row + 1, :tokens], ylens, max_len=frames)[0][0]
         return mu
 
-    def inference_rows(
+    def prepare_rows(
         self,
         tokens: Sequence[torch.Tensor],
         prompt_feats: Sequence[torch.Tensor],
         embedding: torch.Tensor,
         feat_lens: Sequence[int],
         noises: Sequence[torch.Tensor],
-        *,
-        n_timesteps: int = 10,
-        solve=None,
-    ) -> list[torch.Tensor]:
-        """:meth:`inference` for a batch of sequences of *different* lengths, as one padded batch.
-
-        Row i: ``tokens[i]`` (1, prompt + new tokens, on the device), ``prompt_feats[i]`` (1, 80, P_i) the
-        prompt's mel, ``feat_lens[i]`` mel frames in all, ``noises[i]`` (1, 80, feat_lens[i]);
-        ``embedding`` (B, 192). Returns row i's mel (1, 80, feat_lens[i] - P_i), float32: what
-        :meth:`inference` gives for that row alone, up to float rounding (the ODE runs masked, its
-        padding invisible to the valid frames). ``solve(z, mu, mask, spks, cond, t_span)`` replaces the
-        eager ODE solver; it must honour the mask (as :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver` does).
-        """
+    ) -> RowInputs:
+        """The ODE's inputs for a batch of sequences of *different* lengths, as one padded batch (the
+        encoder and the length regulator run here). Row i: ``tokens[i]`` (1, prompt + new tokens, on the
+        device), ``prompt_feats[i]`` (1, 80, P_i) the prompt's mel, ``feat_lens[i]`` mel frames in all,
+        ``noises[i]`` (1, 80, feat_lens[i]); ``embedding`` (B, 192)."""
         batch = len(tokens)
         if not (len(prompt_feats) == len(feat_lens) == len(noises) == embedding.shape[0] == batch):
             raise ValueError("tokens, prompt_feats, feat_lens, noises and embedding need one entry per row")
@@ -135,13 +149,35 @@ class MaskedDiffWithXvec(nn.Module):
             conds[row, :, :prompt] = feat[0].to(mu.dtype)
             z[row, :, : feat_lens[row]] = noise[0].to(device=mu.device, dtype=mu.dtype)
         spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        return RowInputs(z, mu, mask, spks, conds, list(feat_lens), prompt_frames)
+
+    def inference_rows(
+        self,
+        tokens: Sequence[torch.Tensor],
+        prompt_feats: Sequence[torch.Tensor],
+        embedding: torch.Tensor,
+        feat_lens: Sequence[int],
+        noises: Sequence[torch.Tensor],
+        *,
+        n_timesteps: int = 10,
+        solve=None,
+    ) -> list[torch.Tensor]:
+        """:meth:`inference` for a batch of sequences of *different* lengths, as one padded batch (inputs
+        as :meth:`prepare_rows` takes them).
+
+        Returns row i's mel (1, 80, feat_lens[i] - P_i), float32: what :meth:`inference` gives for that
+        row alone, up to float rounding (the ODE runs masked, its padding invisible to the valid frames).
+        ``solve(z, mu, mask, spks, cond, t_span)`` replaces the eager ODE solver; it must honour the mask
+        (as :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver` does).
+        """
+        rows = self.prepare_rows(tokens, prompt_feats, embedding, feat_lens, noises)
         cfm = self.decoder
-        t_span = cfm.time_span(n_timesteps, device=mu.device)
+        t_span = cfm.time_span(n_timesteps, device=rows.mu.device)
         if solve is None:
-            feat = cfm.solve(z, mu, mask, spks, conds, t_span, padded=True)
+            feat = cfm.solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span, padded=True)
         else:
-            feat = solve(z, mu, mask, spks, conds, t_span)
-        return [feat[row : row + 1, :, prompt_frames[row] : feat_lens[row]].float() for row in range(batch)]
+            feat = solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span)
+        return [rows.mel_of(row, feat[row : row + 1]) for row in range(len(tokens))]
 
     def inference(
         self,

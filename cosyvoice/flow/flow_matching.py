@@ -106,6 +106,19 @@ class ConditionalCFM(nn.Module):
         """The estimator's time conditioning for every step (depends only on t_span)."""
         return [self.estimator.time_conditioning(t) for t, _ in self.euler_times(t_span)]
 
+    def step_tables(self, t_span: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Everything a step needs that depends on its index only, as tables with one entry per step:
+        (t (S,), dt (S,), each part of the time conditioning (S, ...)). A step reads its entry with
+        ``index_select`` on the device, so CUDA graphs replay steps without host work in between; one
+        index per row lets the rows of a batch be at different steps."""
+        times = self.euler_times(t_span)
+        conds = [self.estimator.time_conditioning(t) for t, _ in times]
+        return (
+            torch.stack([t for t, _ in times]),
+            torch.stack([dt for _, dt in times]),
+            *(torch.cat(parts) for parts in zip(*conds)),  # each part (1, C) per step -> (S, C)
+        )
+
     def solve(
         self,
         x: torch.Tensor,
@@ -142,11 +155,19 @@ class ConditionalCFM(nn.Module):
         padded: bool = False,
         estimator: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One step of :meth:`solve`: x (B, 80, T) float32 at time t -> x at t + dt (both 0-d tensors)."""
+        """One step of :meth:`solve`: x (B, 80, T) float32 at time t -> x at t + dt. ``t`` and ``dt`` are
+        0-d (every row at the same time) or (B,) (each row at its own time; then ``time_cond``, if given,
+        has one row per batch row)."""
         dtype = next(self.estimator.parameters()).dtype
         rate = self.inference_cfg_rate
         guided = rate > 0
         batch = x.shape[0]
+        if dt.ndim:  # (B,): each row its own step
+            dt = dt.view(-1, 1, 1)
+            if time_cond is not None and guided:  # the unconditional rows are at their rows' times too
+                time_cond = tuple(torch.cat([part, part]) for part in time_cond)
+            elif time_cond is None and guided:
+                t = torch.cat([t, t])
 
         def prepared(a: torch.Tensor | None) -> torch.Tensor | None:
             if a is None:

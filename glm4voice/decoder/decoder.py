@@ -57,6 +57,7 @@ import torch
 
 from cosyvoice.flow.cuda_graph import GraphedEulerSolver
 from cosyvoice.flow.noise import NoiseSource, NoiseTimeline, OriginalNoise, mix_seed
+from cosyvoice.flow.row_steps import RowSteps
 from glm4voice.audio import NUM_MEL_BINS, OUTPUT_SAMPLE_RATE, SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import Block, BlockGeometry, caller_block, commit_block, length_batches, take_block
 from glm4voice.decoder.codes import DecoderError, resolve_seed, validate_codes
@@ -76,6 +77,7 @@ from glm4voice.decoder.options import (
 from glm4voice.decoder.original import DEFAULT_TOKEN2WAV_SEED, UuidStates
 from glm4voice.decoder.state import StreamState, VocoderCarry
 from glm4voice.decoder.stats import DecodeStats
+from glm4voice.decoder.steps import StepJob, Stepper
 from glm4voice.decoder.stream import DecoderStream
 from glm4voice.decoder.synthesis import BlockSynthesizer
 from glm4voice.devices import default_device, high_priority_stream
@@ -111,6 +113,7 @@ class AudioDecoder:
         graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
         graph_first_blocks: bool | None = None,
         mixed_batches: bool = True,
+        step_batching: bool = False,
     ):
         """``dtype``: float32 (exact) or bfloat16/float16 (the flow's estimator in that dtype: faster on
         a GPU, mel within about 1% rms of float32; docs/perf/decoder.md has the figures).
@@ -129,10 +132,15 @@ class AudioDecoder:
         fused kernels, at the price of minutes of compiling at warm-up.
         ``mixed_batches``: :meth:`feed_many` batches the flow of blocks of different lengths together
         (padded and masked; streams that started at different times rarely have blocks of one shape);
-        off, only blocks of the same shape share a batch."""
+        off, only blocks of the same shape share a batch.
+        ``step_batching``: callers that decode many streams use :meth:`tick` (blocks join the ODE between
+        its steps; the web demo's block batcher does when this is on), and :meth:`warm_up` captures the
+        steps' CUDA graphs for every batch size (the whole-solve graphs then only for one block: a
+        stream's last block, which :meth:`finish` decodes alone). Off by default: on an H100 beside the
+        LLM engine it served fewer conversations than whole-solve calls (docs/perf/decoder.md)."""
         self.options = DecoderOptions(
             dtype, prompt_window, cuda_graphs, min_block_tokens, seam_crossfade, compile_first_blocks,
-            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches,
+            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches, step_batching,
         )  # fmt: skip
         self._device = torch.device(device)
         use_graphs = self.options.use_graphs(self._device)
@@ -171,6 +179,11 @@ class AudioDecoder:
             seam_crossfade,
             first_blocks,
         )
+        self._stepper = Stepper(
+            self,
+            RowSteps(self.flow.decoder, N_TIMESTEPS, self._device, self.flow.output_size, graphs=use_graphs,
+                     batch_sizes=self.options.graph_batch_sizes, pool=pool),
+        )  # fmt: skip
         self._lock = threading.RLock()
         """Serialises model work (the CUDA graphs have static buffers)."""
         self._claims = threading.Lock()
@@ -271,6 +284,11 @@ class AudioDecoder:
         return self.options.graph_batch_sizes[-1]
 
     @property
+    def step_batching(self) -> bool:
+        """Whether callers that decode many streams should use :meth:`tick` (see the constructor)."""
+        return self.options.step_batching
+
+    @property
     def graph_batch_sizes(self) -> tuple[int, ...]:
         """Batch sizes with CUDA graphs (a batch runs in the next size up): what :meth:`warm_up` takes."""
         return self.options.graph_batch_sizes
@@ -284,6 +302,7 @@ class AudioDecoder:
             "ode": self._solver.captured_shapes,
             "first_block_flow": first.flow_graphs.captured_shapes if first else [],
             "first_block_vocoder": first.vocoder_graphs.captured_shapes if first else [],
+            "steps": self._stepper.rows.captured_shapes,
         }
 
     @property
@@ -363,18 +382,11 @@ class AudioDecoder:
         try:
             for index, (job, codes) in enumerate(jobs):
                 try:
-                    state = _state_of(job)
-                    codes = validate_codes(codes, self._num_codes)
-                    self._claim(state)
-                except Exception as error:  # noqa: BLE001 - this job only: bad codes, busy stream
+                    block, state = self._take_job(job, codes)
+                except Exception as error:  # noqa: BLE001 - this job only: bad codes, busy or finished stream
                     done(index, error)
                     continue
                 claimed[index] = state
-                try:
-                    block = self._add_codes(state, codes)
-                except Exception as error:  # noqa: BLE001 - this job only: finished stream
-                    done(index, error)
-                    continue
                 if block is None:  # fewer than min_block_tokens pending: nothing to decode yet
                     done(index, _EMPTY.copy())
                 else:
@@ -389,30 +401,58 @@ class AudioDecoder:
             ]
             batches.sort(key=lambda batch: min(state.samples_emitted for _, state, _ in batch))
             for batch in batches:
-                started = time.perf_counter()
-                try:
-                    with self._device_context():
-                        outputs = self._synth.run([block for _, _, block in batch])
-                        pcms = []
-                        for (_, state, block), out in zip(batch, outputs):
-                            commit_block(state, self._geometry, block, out)
-                            pcms.append(self._emit(state, out.speech))
-                except Exception as error:  # every stream of the batch fails (its pending tokens are gone)
-                    if not isinstance(error, DecoderError):
-                        logger.exception("decoding a batch of %d blocks failed", len(batch))
-                    for index, state, _ in batch:
-                        self._end(state)
-                        done(index, error)
-                    continue
-                rows = next((b for b in self._graph_batches if b >= len(batch)), len(batch))
-                tokens = sum(block.new_tokens.numel() for _, _, block in batch)
-                self.stats.add(len(batch), rows, tokens, time.perf_counter() - started)
-                for (index, _, _), pcm in zip(batch, pcms):
-                    done(index, pcm)
+                with self._device_context():
+                    outputs = self._decode_batch([(state, block) for _, state, block in batch])
+                for (index, _, _), out in zip(batch, outputs):
+                    done(index, out)
         finally:
             for state in claimed.values():  # only after an unexpected error above
                 self._unclaim(state)
         return results
+
+    def tick(self, jobs: Sequence[StepJob] = (), make_way: Callable[[], contextlib.AbstractContextManager[None]] | None = None) -> int:  # fmt: skip
+        """Decode many streams' blocks with the blocks joining the ODE between its steps (a step boundary
+        and a few steps per call; :mod:`glm4voice.decoder.steps` says what happens at a boundary). ``jobs``:
+        new blocks (each stream at most once among the jobs and the blocks in hand; each job's ``reply``
+        gets its PCM or error, on this thread, once its block is done: a few calls later).
+        ``make_way``: a context in which the LLM engine of this process starts no step (the one-process
+        layout's ``Engine.make_way``), entered around the calls that decode streams' first blocks and
+        around a step whose listener is about to run dry. Returns the blocks still in hand: call again,
+        with or without new jobs, until it returns 0."""
+        return self._stepper.tick(jobs, make_way)
+
+    def _take_job(self, stream: DecoderStream | StreamState, codes: Sequence[int]) -> tuple[Block | None, StreamState]:
+        """Claim the stream, add the codes, take its next block (None: fewer than ``min_block_tokens``
+        pending; the stream stays claimed either way). Raises for bad codes, a busy or finished stream."""
+        state = _state_of(stream)
+        codes = validate_codes(codes, self._num_codes)
+        self._claim(state)
+        try:
+            return self._add_codes(state, codes), state
+        except BaseException:
+            self._unclaim(state)
+            raise
+
+    def _decode_batch(self, batch: Sequence[tuple[StreamState, Block]]) -> list[np.ndarray | Exception]:
+        """One batch through the flow and the vocoder (call within the device context): each stream's
+        PCM, or the error that ended every stream of the batch."""
+        started = time.perf_counter()
+        try:
+            outputs = self._synth.run([block for _, block in batch])
+            pcms: list[np.ndarray | Exception] = []
+            for (state, block), out in zip(batch, outputs):
+                commit_block(state, self._geometry, block, out)
+                pcms.append(self._emit(state, out.speech))
+        except Exception as error:  # every stream of the batch fails (its pending tokens are gone)
+            if not isinstance(error, DecoderError):
+                logger.exception("decoding a batch of %d blocks failed", len(batch))
+            for state, _ in batch:
+                self._end(state)
+            return [error] * len(batch)
+        rows = next((b for b in self._graph_batches if b >= len(batch)), len(batch))
+        tokens = sum(block.new_tokens.numel() for _, block in batch)
+        self.stats.add(len(batch), rows, tokens, time.perf_counter() - started)
+        return pcms
 
     def _batch_key(self, block: Block) -> tuple[object, ...]:
         """Blocks with equal keys may share a batch: any later blocks (of any lengths) with mixed
@@ -562,7 +602,8 @@ class AudioDecoder:
         decoded together by :meth:`feed_many`: the flow and vocoder graphs of first blocks of
         ``first_block_sizes`` tokens (default: ``block_sizes[0]``; e.g. add the pipeline's first audio
         run; sizes past ``FIRST_BLOCK_GRAPH_TOKENS`` have no such graphs), the ODE graph of every padded
-        length up to the prompt window plus the largest block; then decode one throwaway answer (the
+        length up to the prompt window plus the largest block (with ``step_batching``: the steps' graphs of
+        those lengths and batch sizes, the whole solves' for one block); then decode one throwaway answer (the
         encoder's and vocoder's kernels). Without it a graph is captured at its first use, while every
         stream waits. Returns seconds."""
         started = time.perf_counter()
@@ -582,8 +623,12 @@ class AudioDecoder:
                 longest = self.mel_frames(self._prompt_window + self.block_size + max(block_sizes))
                 frames += list(range(bucket, longest + bucket, bucket))
             channels = self.flow.output_size
+            # with step batching, many streams' blocks go through the steps; whole solves are a stream's last block
+            solves = batch_sizes[:1] if self.step_batching else batch_sizes
             with self._device_context():
-                self._solver.prepare(batch_sizes, frames, N_TIMESTEPS + 1, channels, channels, channels, self._device)
+                self._solver.prepare(solves, frames, N_TIMESTEPS + 1, channels, channels, channels, self._device)
+                if self.step_batching:
+                    self._stepper.rows.prepare(batch_sizes, frames)
         if first_blocks is not None:
             for size in first_sizes:
                 if self.mel_frames(size) > first_blocks.max_frames:
@@ -646,7 +691,20 @@ class AudioDecoder:
     def _emit(self, state: StreamState, speech: torch.Tensor) -> np.ndarray:
         """A block's audio on the host (call within the device context)."""
         pcm = speech[0].float().cpu().numpy()
-        state.samples_emitted += pcm.shape[0]
+        self._count_emitted(state, pcm.shape[0])
+        return pcm
+
+    @staticmethod
+    def _count_emitted(state: StreamState, samples: int) -> None:
+        if samples and state.first_audio_at is None:
+            state.first_audio_at = time.perf_counter()
+        state.samples_emitted += samples
+
+    def _pcm_to_host(self, state: StreamState, speech: torch.Tensor) -> torch.Tensor:
+        """:meth:`_emit` without waiting: the audio's copy to the host is queued on the device (read it
+        after the device has passed that point)."""
+        pcm = speech[0].float().to("cpu", non_blocking=True)  # into pinned memory, from a CUDA device
+        self._count_emitted(state, pcm.shape[0])
         return pcm
 
     def _token2wav_state(self, seed: int | None) -> StreamState:

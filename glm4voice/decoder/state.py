@@ -56,6 +56,9 @@ class StreamState:
     frames_final: int = 0
     """Mel frames whose audio is final (emitted, or held back only as the vocoder cache frame)."""
     samples_emitted: int = 0
+    first_audio_at: float | None = None
+    """When the decoder emitted the stream's first audio (``time.perf_counter``): the stream runs dry at
+    this time plus its audio so far, unless its next block comes first."""
     finished: bool = False
     busy: bool = False
     """A call is working on this state (set and cleared by the decoder under its lock)."""

@@ -19,12 +19,31 @@ class DecodeStats:
     tokens: int = 0
     """New speech tokens those blocks decoded (prompts not counted)."""
     seconds: float = 0.0
-    """Wall time of the batches on the decoder's thread (model work and the copy of the audio to the host)."""
+    """Wall time of the batches and the ticks on the decoder's thread (model work and the copy of the
+    audio to the host)."""
+    steps: int = 0
+    """ODE steps run by ``AudioDecoder.tick`` (blocks that join and leave between steps)."""
+    step_rows: int = 0
+    """Rows those steps advanced (blocks in flight, summed over the steps)."""
+    step_graph_rows: int = 0
+    """Rows those steps computed (the graphed batch size they were padded to)."""
+    step_blocks: int = 0
+    """Blocks that left the steps decoded."""
 
     def add(self, blocks: int, graph_rows: int, tokens: int, seconds: float) -> None:
         self.batches += 1
         self.blocks += blocks
         self.graph_rows += graph_rows
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def add_steps(self, rows: int, graph_rows: int, blocks_done: int, tokens: int, seconds: float, steps: int = 1) -> None:  # fmt: skip
+        """One tick: ``steps`` steps of ``rows`` rows (0: none ran) and ``blocks_done`` blocks that left."""
+        steps = steps if rows else 0
+        self.steps += steps
+        self.step_rows += rows * steps
+        self.step_graph_rows += graph_rows * steps
+        self.step_blocks += blocks_done
         self.tokens += tokens
         self.seconds += seconds
 
@@ -41,7 +60,14 @@ class DecodeStats:
             "batches": batches,
             "mean_batch": round(blocks / batches, 2) if batches else None,
             "padded_row_share": round(1 - blocks / rows, 3) if rows else None,
-            "mean_block_tokens": round((self.tokens - earlier.tokens) / blocks, 1) if blocks else None,
+            "mean_block_tokens": round((self.tokens - earlier.tokens) / done, 1)
+            if (done := blocks + self.step_blocks - earlier.step_blocks)
+            else None,
+            "steps": self.steps - earlier.steps,
+            "mean_step_rows": round((self.step_rows - earlier.step_rows) / steps, 2)
+            if (steps := self.steps - earlier.steps)
+            else None,
+            "step_blocks": self.step_blocks - earlier.step_blocks,
             "busy_s": round(seconds, 2),
             "mean_batch_ms": round(1000 * seconds / batches, 1) if batches else None,
         }

@@ -39,7 +39,7 @@ from glm4voice.decoder.options import MEL_CACHE_FRAMES, N_TIMESTEPS
 from glm4voice.decoder.state import VocoderCarry
 
 if TYPE_CHECKING:
-    from cosyvoice.flow.flow import MaskedDiffWithXvec
+    from cosyvoice.flow.flow import MaskedDiffWithXvec, RowInputs
     from cosyvoice.hifigan.generator import HiFTGenerator
 
 Solve = Callable[..., torch.Tensor]
@@ -86,7 +86,11 @@ class BlockSynthesizer:
         """Decode ``blocks`` as one batch; their carries move on to the next block."""
         if len({b.shape_key() for b in blocks}) == 1:
             return self.vocode(blocks, self.flow_mel(blocks, embedding))
-        mels = self.flow_mels_mixed(blocks, embedding)
+        return self.vocode_rows(blocks, self.flow_mels_mixed(blocks, embedding))
+
+    def vocode_rows(self, blocks: Sequence[Block], mels: Sequence[torch.Tensor]) -> list[BlockResult]:
+        """:meth:`vocode` for blocks of any lengths, each with its mel (1, 80, frames): in groups of
+        blocks that can share a vocoder batch."""
         groups: dict[tuple[int | bool, ...], list[int]] = {}
         for row, block in enumerate(blocks):
             groups.setdefault(block.vocoder_key(), []).append(row)
@@ -96,6 +100,17 @@ class BlockSynthesizer:
             for row, out in zip(rows, outputs):
                 results[row] = out
         return [r for r in results if r is not None]
+
+    def flow_inputs(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> RowInputs:
+        """The ODE's inputs of blocks of any lengths, as one padded batch (the flow encoder runs here)."""
+        embedding = (self.embedding if embedding is None else embedding).expand(len(blocks), -1)
+        return self.flow.prepare_rows(
+            [b.tokens.to(self.device) for b in blocks],
+            [b.prompt_mel for b in blocks],
+            embedding,
+            [b.feat_len for b in blocks],
+            [b.noise for b in blocks],
+        )
 
     def flow_mels_mixed(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The flow's mel (1, 80, frames after the prompt) of each block, float32; the blocks may differ

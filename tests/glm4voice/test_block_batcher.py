@@ -256,3 +256,53 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
             assert inside[-1] is False
 
     asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def stepped_decoder(tiny_checkpoints):
+    from flow_inference import AudioDecoder
+
+    return AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", step_batching=True)
+
+
+def test_sessions_blocks_join_the_decoders_steps_in_order_and_sound_as_fed_alone(stepped_decoder):
+    """A decoder with step batching: the batcher ticks it on the worker, hands each session's next block
+    once its last came back (blocks submitted together stay in order), interleaves other worker jobs
+    (a stream's finish) between ticks, and a stopped session's block is dropped."""
+    decoder = stepped_decoder
+    schedules = {1: [10, 20, 40], 2: [10, 30, 30], 3: [20, 20]}
+    codes = {s: np.random.default_rng(s).integers(0, decoder.num_codes, sum(z)).tolist() for s, z in schedules.items()}
+
+    def alone(seed):
+        stream = decoder.stream(seed=seed)
+        starts = np.cumsum([0, *schedules[seed]])
+        return [stream.feed(codes[seed][a:b]) for a, b in zip(starts, starts[1:])] + [stream.finish()]
+
+    async def session(batcher, worker, seed, all_at_once: bool):
+        loop = asyncio.get_running_loop()
+        stream = await loop.run_in_executor(worker, lambda: decoder.stream(seed=seed))
+        starts = np.cumsum([0, *schedules[seed]])
+        blocks = [codes[seed][a:b] for a, b in zip(starts, starts[1:])]
+        if all_at_once:
+            heard = await asyncio.gather(*batcher.submit(stream, blocks))
+        else:
+            heard = [await batcher.feed(stream, block) for block in blocks]
+        return [*heard, await loop.run_in_executor(worker, stream.finish)]
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            stopped_stream = decoder.stream(seed=9)
+            stopped = batcher.submit(stopped_stream, [codes[2][:10], codes[2][10:40], codes[2][40:70]])
+            stopped[1].cancel()  # its turn stopped while its first block was being decoded
+            stopped[2].cancel()
+            results = await asyncio.gather(*(session(batcher, worker, seed, seed == 2) for seed in schedules))
+            assert (await stopped[0]).size and stopped_stream.tokens_decoded == 10  # the others never decoded
+            await until(lambda: batcher.idle, "the decoder never went idle")
+            return results, batcher
+
+    results, batcher = asyncio.run(scenario())
+    for seed, heard in zip(schedules, results):
+        for got, want in zip(heard, alone(seed)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert batcher.jobs >= sum(len(z) for z in schedules.values()) and batcher.fastest_s <= batcher.latency_s

@@ -156,7 +156,7 @@ def test_graph_options(tiny_checkpoints):
     assert (
         decoder.graph_batch_sizes == DEFAULT_GRAPH_BATCH_SIZES == (1, 2, 4, 8, 16, 32, 64) and decoder.max_batch == 64
     )
-    assert decoder.captured_graphs == {"ode": [], "first_block_flow": [], "first_block_vocoder": []}
+    assert decoder.captured_graphs == {"ode": [], "first_block_flow": [], "first_block_vocoder": [], "steps": []}
     custom = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", graph_batch_sizes=[8, 1, 2, 8])
     assert custom.graph_batch_sizes == (1, 2, 8) and custom.max_batch == 8
     for bad, message in (
