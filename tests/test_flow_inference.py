@@ -343,7 +343,8 @@ def test_feed_many_batches_streams_without_changing_them(decoder, codes):
 
 
 def test_flow_rows_of_different_lengths_equal_each_row_alone(decoder, codes):
-    """inference_rows: one padded, masked batch of sequences of different lengths gives each its own mel."""
+    """prepare_rows and a masked solve: one padded batch of sequences of different lengths gives each its
+    own mel."""
     flow = decoder.flow
     rows = [(0, 10), (20, 15), (40, 30)]  # (prompt tokens, new tokens)
     g = torch.Generator().manual_seed(0)
@@ -356,7 +357,10 @@ def test_flow_rows_of_different_lengths_equal_each_row_alone(decoder, codes):
         noises.append(torch.randn(1, 80, frames, generator=g))
     embedding = torch.randn(len(rows), 192, generator=g)
     with torch.no_grad():
-        together = flow.inference_rows(tokens, prompts, embedding, lens, noises, n_timesteps=4)
+        inputs = flow.prepare_rows(tokens, prompts, embedding, lens, noises)
+        cfm = flow.decoder
+        solved = cfm.solve(inputs.z, inputs.mu, inputs.mask, inputs.spks, inputs.cond, cfm.time_span(4), padded=True)
+        together = [inputs.mel_of(row, solved[row : row + 1]) for row in range(len(rows))]
         for row, (prompt, new) in enumerate(rows):
             alone = flow.inference(
                 token=tokens[row][:, prompt:], token_len=torch.tensor([new], dtype=torch.int32),
@@ -367,7 +371,7 @@ def test_flow_rows_of_different_lengths_equal_each_row_alone(decoder, codes):
             assert together[row].shape == alone.shape == (1, 80, lens[row] - prompts[row].shape[2])
             torch.testing.assert_close(together[row], alone, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="one entry per row"):
-        flow.inference_rows(tokens, prompts[:2], embedding, lens, noises)
+        flow.prepare_rows(tokens, prompts[:2], embedding, lens, noises)
 
 
 @pytest.mark.parametrize("mixed", [True, False])

@@ -151,34 +151,6 @@ class MaskedDiffWithXvec(nn.Module):
         spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
         return RowInputs(z, mu, mask, spks, conds, list(feat_lens), prompt_frames)
 
-    def inference_rows(
-        self,
-        tokens: Sequence[torch.Tensor],
-        prompt_feats: Sequence[torch.Tensor],
-        embedding: torch.Tensor,
-        feat_lens: Sequence[int],
-        noises: Sequence[torch.Tensor],
-        *,
-        n_timesteps: int = 10,
-        solve=None,
-    ) -> list[torch.Tensor]:
-        """:meth:`inference` for a batch of sequences of *different* lengths, as one padded batch (inputs
-        as :meth:`prepare_rows` takes them).
-
-        Returns row i's mel (1, 80, feat_lens[i] - P_i), float32: what :meth:`inference` gives for that
-        row alone, up to float rounding (the ODE runs masked, its padding invisible to the valid frames).
-        ``solve(z, mu, mask, spks, cond, t_span)`` replaces the eager ODE solver; it must honour the mask
-        (as :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver` does).
-        """
-        rows = self.prepare_rows(tokens, prompt_feats, embedding, feat_lens, noises)
-        cfm = self.decoder
-        t_span = cfm.time_span(n_timesteps, device=rows.mu.device)
-        if solve is None:
-            feat = cfm.solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span, padded=True)
-        else:
-            feat = solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span)
-        return [rows.mel_of(row, feat[row : row + 1]) for row in range(len(tokens))]
-
     def inference(
         self,
         token: torch.Tensor,

@@ -115,17 +115,10 @@ class BlockSynthesizer:
     def flow_mels_mixed(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The flow's mel (1, 80, frames after the prompt) of each block, float32; the blocks may differ
         in length (one padded batch through the encoder and the ODE)."""
-        batch = len(blocks)
-        embedding = (self.embedding if embedding is None else embedding).expand(batch, -1)
-        return self.flow.inference_rows(
-            [b.tokens.to(self.device) for b in blocks],
-            [b.prompt_mel for b in blocks],
-            embedding,
-            [b.feat_len for b in blocks],
-            [b.noise for b in blocks],
-            n_timesteps=N_TIMESTEPS,
-            solve=self.solve,
-        )
+        rows = self.flow_inputs(blocks, embedding)
+        t_span = self.flow.decoder.time_span(N_TIMESTEPS, device=rows.mu.device)
+        feat = self.solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span)
+        return [rows.mel_of(row, feat[row : row + 1]) for row in range(len(blocks))]
 
     def graphed(self, blocks: Sequence[Block]) -> bool:
         """Whether these blocks run as first-block graphs."""
