@@ -16,7 +16,7 @@ first blocks kept arriving during every first-block call, tens of milliseconds e
 
 **Blocks that join between steps** (a decoder whose ``step_batching`` is on; off by default).
 Instead of whole-solve jobs, the worker runs ``AudioDecoder.tick`` calls: each is one boundary of the
-decoder's ODE (rows that finished leave, new blocks join) and one step, and the worker queues the next
+decoder's ODE (rows that finished leave, new blocks join) and a few steps, and the worker queues the next
 tick behind whatever else was queued on it meanwhile (a stream's ``finish``, a new stream) until no
 block is left in hand. Every session's next block joins at the next boundary (a few milliseconds);
 first blocks still run at once as calls of their own. Here a session's blocks wait in
@@ -151,7 +151,8 @@ class BlockBatcher:
 
     def _tick(self) -> None:
         """On the worker: hand the decoder every session's next block (unless its previous one is still
-        in the decoder) and run one tick; queue the next while blocks are in hand or waiting."""
+        in the decoder) and run one tick; queue the next while blocks are in hand or waiting. A failed
+        tick (a bug in the decoder) fails the blocks it held."""
         from glm4voice.decoder.steps import StepJob  # the decoder package imports torch
 
         with self._lock:

@@ -360,19 +360,15 @@ class GLMModel(nn.Module):
             q, kv = attn_in(block, x, cos, sin)  # [L, H, d], [2, L, KV, d]
             layer_cache = cache.kv[layer]  # [2, slots, KV, capacity, d]
             layer_cache.view(-1, head_dim).index_copy_(0, cache_rows, kv.reshape(-1, head_dim))
+            q = q.view(L, kv_heads, group, head_dim)
             if triton:
-                context = attention.attend_triton(q.view(L, kv_heads, group, head_dim), layer_cache[0], layer_cache[1],
-                                                  slots, seen, kv_len, head_dim**-0.5)  # fmt: skip
-                x = attn_out(block, x, context.reshape(L, -1))  # [L, KV, group, d] -> [L, H * d]
-                continue
-            slot_kv = layer_cache.index_select(1, slot)[:, 0, :, :kv_len]  # [2, KV, kv_len, d]
-            # the query heads of a group and the rows become one query axis: [KV, group * L, d]
-            q = q.view(L, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, group * L, head_dim)
-            with sdpa_kernel(SDPA_BACKENDS):
-                context = F.scaled_dot_product_attention(q[None], slot_kv[0][None], slot_kv[1][None], attn_mask=mask)
-            # [1, KV, group * L, d] -> [L, KV * group * d] (head h = kv * group + g, as the q rows)
-            context = context[0].view(kv_heads, group, L, head_dim).permute(2, 0, 1, 3).reshape(L, -1)
-            x = attn_out(block, x, context)
+                context = attention.attend_triton(
+                    q, layer_cache[0], layer_cache[1], slots, seen, kv_len, head_dim**-0.5
+                )
+            else:
+                assert mask is not None
+                context = _attend_chunk_sdpa(q, layer_cache, slot, mask, kv_len)
+            x = attn_out(block, x, context.reshape(L, -1))  # [L, KV, group, d] -> [L, H * d]
         return logits(self, x.index_select(0, n - 1))
 
     # --- decode: one new token for each of the first b slots ----------------------------------------
@@ -443,3 +439,19 @@ def build_meta_model(config: GLMConfig) -> GLMModel:
     """The module with every tensor on the meta device (no memory); the loader fills it."""
     with torch.device("meta"):
         return GLMModel(config)
+
+
+def _attend_chunk_sdpa(
+    q: torch.Tensor, layer_cache: torch.Tensor, slot: torch.Tensor, mask: torch.Tensor, kv_len: int
+) -> torch.Tensor:
+    """A continued chunk's attention as one masked SDPA call: q [L, KV, group, d] over the first ``kv_len``
+    positions of ``slot`` in ``layer_cache`` [2, slots, KV, capacity, d]; ``mask`` [group * L, kv_len] ->
+    [L, KV, group, d]."""
+    L, kv_heads, group, head_dim = q.shape
+    slot_kv = layer_cache.index_select(1, slot)[:, 0, :, :kv_len]  # [2, KV, kv_len, d]
+    # the query heads of a group and the rows become one query axis: [KV, group * L, d]
+    q = q.permute(1, 2, 0, 3).reshape(kv_heads, group * L, head_dim)
+    with sdpa_kernel(SDPA_BACKENDS):
+        context = F.scaled_dot_product_attention(q[None], slot_kv[0][None], slot_kv[1][None], attn_mask=mask)
+    # [1, KV, group * L, d] -> [L, KV, group, d] (head h = kv * group + g, as the q rows)
+    return context[0].view(kv_heads, group, L, head_dim).permute(2, 0, 1, 3)
