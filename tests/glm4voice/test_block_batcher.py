@@ -293,9 +293,12 @@ def test_sessions_blocks_join_the_decoders_steps_in_order_and_sound_as_fed_alone
         with ThreadPoolExecutor(1) as worker:
             batcher = BlockBatcher(decoder, worker)
             stopped_stream = decoder.stream(seed=9)
+            gate = threading.Event()
+            worker.submit(gate.wait, 30)  # no tick runs before the turn below stops
             stopped = batcher.submit(stopped_stream, [codes[2][:10], codes[2][10:40], codes[2][40:70]])
-            stopped[1].cancel()  # its turn stopped while its first block was being decoded
+            stopped[1].cancel()  # its turn stopped before its second block was decoded
             stopped[2].cancel()
+            gate.set()
             results = await asyncio.gather(*(session(batcher, worker, seed, seed == 2) for seed in schedules))
             assert (await stopped[0]).size and stopped_stream.tokens_decoded == 10  # the others never decoded
             await until(lambda: batcher.idle, "the decoder never went idle")
