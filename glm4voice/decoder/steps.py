@@ -2,7 +2,7 @@
 
 A ``feed_many`` call is a whole solve: the blocks that arrive while it runs wait for all of its 10
 steps, and the small calls that many streams then make are latency-bound (one step of one block costs
-about a third of a step of eight). :class:`Stepper` keeps every block in flight as a row of one batch
+about two fifths of a step of eight). :class:`Stepper` keeps every block in flight as a row of one batch
 (:class:`~cosyvoice.flow.row_steps.RowSteps`), each at its own step, and does the rest at the step
 boundaries:
 
@@ -21,6 +21,10 @@ boundaries:
 
 Each block's noise, prompt and vocoder randomness are its stream's, as in ``feed_many``: a stream's
 audio is what ``feed`` gives, up to the float rounding of the padded batch.
+
+Measured on an H100 beside the LLM engine (one process), this served fewer conversations than
+whole-solve calls, so ``AudioDecoder(step_batching=...)`` is off by default; docs/perf/decoder.md says
+why and what would have to change first.
 """
 
 from __future__ import annotations

@@ -309,3 +309,56 @@ def test_sessions_blocks_join_the_decoders_steps_in_order_and_sound_as_fed_alone
         for got, want in zip(heard, alone(seed)):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     assert batcher.jobs >= sum(len(z) for z in schedules.values()) and batcher.fastest_s <= batcher.latency_s
+
+
+class SteppingDecoder:
+    """A decoder with step batching whose ticks answer every job at once (``codes`` back as PCM), or
+    raise while ``broken``."""
+
+    step_batching = True
+
+    def __init__(self):
+        self.broken = False
+        self.ticks: list[list[str]] = []
+
+    def feed_many(self, jobs, on_result=None, max_batch=None):
+        raise AssertionError("a stepping decoder is ticked, not given whole-solve jobs")
+
+    def tick(self, jobs, make_way=None):
+        self.ticks.append([job.stream for job in jobs])
+        if self.broken and jobs:
+            raise RuntimeError("device lost")
+        for job in jobs:
+            job.reply(np.asarray(job.codes, np.float32))
+        return 0
+
+
+def test_a_failed_tick_reaches_its_blocks_and_the_next_tick_goes_on():
+    async def scenario():
+        decoder = SteppingDecoder()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            decoder.broken = True
+            a = batcher.submit("a", [[1, 2], [3]])  # the second block fails with the first
+            with pytest.raises(RuntimeError, match="device lost"):
+                await a[0]
+            with pytest.raises(RuntimeError, match="device lost"):
+                await a[1]
+            await until(lambda: batcher.idle, "the batcher never went idle after a failed tick")
+            decoder.broken = False
+            np.testing.assert_array_equal(await batcher.feed("b", [4, 5]), [4, 5])
+            assert ["a"] in decoder.ticks and ["b"] in decoder.ticks
+
+    asyncio.run(scenario())
+
+
+def test_blocks_handed_to_a_shut_down_worker_fail_with_a_message():
+    async def scenario():
+        worker = ThreadPoolExecutor(1)
+        worker.shutdown()
+        batcher = BlockBatcher(SteppingDecoder(), worker)
+        with pytest.raises(RuntimeError, match="decoder is shut down"):
+            await batcher.feed("a", [1])
+        assert batcher.idle
+
+    asyncio.run(scenario())
