@@ -50,7 +50,7 @@ adds its graphs to capture at warm-up."""
 WARMUP_RUNS = 2
 
 
-class _Arena:
+class Arena:
     """Static buffers of one batch size: each named buffer is a flat tensor, grown to the largest
     (channels x frames) asked for; a graph's buffers are contiguous views of its first elements, so
     graphs of one batch size share them (replays never overlap)."""
@@ -129,7 +129,7 @@ class GraphedEulerSolver:
             raise ValueError(f"batch_sizes must be positive, got {batch_sizes}")
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         self._graphs: dict[tuple[int, int, int, bool], _Captured] = {}
-        self._arenas: dict[int, _Arena] = {}
+        self._arenas: dict[int, Arena] = {}
         self._pool = pool
         self.compile_exact = compile_exact
         self._compiled: Callable[..., torch.Tensor] | None = None
@@ -206,7 +206,7 @@ class GraphedEulerSolver:
             steps,
             padded,
         )
-        arena = self._arenas.setdefault(batch, _Arena(batch, device))
+        arena = self._arenas.setdefault(batch, Arena(batch, device))
         z = arena.view("z", channels, frames).zero_()
         mu = arena.view("mu", channels, frames).zero_()
         cond = arena.view("cond", cond_channels, frames).zero_()

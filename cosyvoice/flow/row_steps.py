@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cosyvoice.flow.cuda_graph import DEFAULT_BATCH_SIZES, DEFAULT_BUCKET_FRAMES, DEFAULT_MAX_FRAMES, warm_up_stream
+from cosyvoice.flow.cuda_graph import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_BUCKET_FRAMES,
+    DEFAULT_MAX_FRAMES,
+    Arena,
+    warm_up_stream,
+)
 from cosyvoice.flow.flow_matching import ConditionalCFM
 
 logger = logging.getLogger(__name__)
@@ -137,7 +143,8 @@ class RowSteps:
         self._lanes: dict[int, _Lane] = {}
         """By upper bound (frames)."""
         self._shapes: dict[tuple[int, int], _Buffers] = {}
-        self._arenas: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._arenas: dict[tuple[int, int], Arena] = {}
+        """By (lane, rows)."""
         self.rows_computed = 0
         """Rows the last :meth:`step` computed (the graphed batch sizes its lanes are padded to)."""
 
@@ -325,22 +332,13 @@ class RowSteps:
 
     def _new_buffers(self, rows: int, frames: int) -> _Buffers:
         channels = self.channels
-        # the shapes of one lane and batch size share their buffers (one of them is live at a time): a
-        # flat tensor grown to the largest, each shape a contiguous view of its start
-        arena = self._arenas.setdefault((self.lane_of(frames), rows), {})
-
-        def view(name: str, width: int, length: int) -> torch.Tensor:
-            size = rows * width * length
-            flat = arena.get(name)
-            if flat is None or flat.numel() < size:
-                flat = arena[name] = torch.zeros(size, device=self.device)  # older views keep the old one
-            return flat[:size].view(rows, width, length)
-
+        # the shapes of one lane and batch size share their buffers (one of them is live at a time)
+        arena = self._arenas.setdefault((self.lane_of(frames), rows), Arena(rows, self.device))
         buffers = _Buffers(
-            z=view("z", channels, frames),
-            mu=view("mu", channels, frames),
-            cond=view("cond", channels, frames),
-            mask=view("mask", 1, frames).fill_(1),
+            z=arena.view("z", channels, frames),
+            mu=arena.view("mu", channels, frames),
+            cond=arena.view("cond", channels, frames),
+            mask=arena.view("mask", 1, frames).fill_(1),
             spks=torch.zeros(rows, channels, device=self.device),  # the speaker embedding, projected to 80
             index=torch.zeros(rows, dtype=torch.long, device=self.device),
         )

@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,7 +82,7 @@ class _Flight:
     job: StepJob
     state: StreamState
     block: Block
-    tag: int = field(default=0)
+    tag: int = 0
     deadline: float = 0.0
     """When the stream runs out of audio without this block (``time.perf_counter``)."""
 

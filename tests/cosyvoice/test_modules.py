@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cosyvoice.flow.cuda_graph import _Arena
+from cosyvoice.flow.cuda_graph import Arena
 from cosyvoice.flow.decoder import ConditionalDecoder, SinusoidalPosEmb, masked_group_norm
 from cosyvoice.flow.flow import mel_frames
 from cosyvoice.flow.flow_matching import ConditionalCFM, original_noise
@@ -314,7 +314,7 @@ def test_hift_with_predrawn_randomness_equals_drawing_it():
 
 
 def test_ode_graph_arena_views_share_one_buffer_per_batch_size():
-    arena = _Arena(rows=4, device="cpu")
+    arena = Arena(rows=4, device="cpu")
     long = arena.view("z", 80, 256)
     short = arena.view("z", 80, 128)
     assert long.is_contiguous() and short.is_contiguous() and short.data_ptr() == long.data_ptr()
