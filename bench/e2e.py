@@ -274,7 +274,8 @@ class E2EBench:
                             llm_dtype=self.args.llm_dtype, llm_quant_method=self.args.llm_quant_method,
                             max_seq_len=self.args.max_seq_len,
                             mixed_decoder_batches=self.args.mixed_decoder_batches,
-                            decoder_steps=self.args.decoder_steps)  # fmt: skip
+                            decoder_steps=self.args.decoder_steps,
+                            later_vocoder_graphs=self.args.later_vocoder_graphs)  # fmt: skip
 
     def build_speech_tokenizer(self):
         from bench.speech_tokenizer import build
@@ -298,7 +299,8 @@ class E2EBench:
         batches = graph_batch_sizes_for(self.max_streams)
         ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32,
                             graph_batch_sizes=batches, mixed_batches=self.args.mixed_decoder_batches,
-                            step_batching=self.args.decoder_steps)  # fmt: skip
+                            step_batching=self.args.decoder_steps,
+                            graph_later_vocoder=self.args.later_vocoder_graphs and self.cuda)  # fmt: skip
         reference = None
         if self.wants_reference:
             reference = AudioDecoder(*files, self.device, dtype=torch.float32, prompt_window=None, cuda_graphs=False,
@@ -988,6 +990,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decoder-steps",
         action="store_true",
         help="blocks join the decoder's ODE between its steps instead of whole-solve jobs (AudioDecoder step_batching=True)",
+    )
+    parser.add_argument(
+        "--later-vocoder-graphs",
+        action="store_true",
+        help="the vocoder of later blocks replays CUDA graphs (AudioDecoder graph_later_vocoder=True; CUDA only)",
     )
     parser.add_argument(
         "--max-streams", type=int, default=None, help="the engine's stream slots (default: the largest level)"

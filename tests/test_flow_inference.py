@@ -410,15 +410,18 @@ def test_feed_many_mixes_blocks_of_different_lengths(tiny_checkpoints, codes, mi
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     """Every graphed path equals eager mode: whole first blocks (default), the ODE alone for them, every
-    length padded to a bucket; streamed, batched and offline."""
+    length padded to a bucket, the later blocks' vocoder; streamed, batched and offline."""
     eager = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", cuda_graphs=False)
     graphs = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda")
     ode_only = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_first_blocks=False)
     padded = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_first_blocks=False)
     padded.solver.exact_frames = 0  # every length padded to a bucket
-    assert eager.captured_graphs == {"ode": [], "first_block_flow": [], "first_block_vocoder": [], "steps": []}
+    later = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_later_vocoder=True)
+    assert eager.captured_graphs == {
+        "ode": [], "first_block_flow": [], "first_block_vocoder": [], "later_vocoder": [], "steps": []
+    }  # fmt: skip
     reference, _ = stream_blocks(eager, codes, [10, 25, 55], seed=1)
-    for decoder in (graphs, ode_only, padded):
+    for decoder in (graphs, ode_only, padded, later):
         for _ in range(2):  # capture, then replay
             streamed, _ = stream_blocks(decoder, codes, [10, 25, 55], seed=1)
             np.testing.assert_allclose(streamed, reference, atol=5e-3)  # TF32 convolutions, other kernels
@@ -426,6 +429,8 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     assert graphs.captured_graphs["ode"] and all(padded for *_, padded in graphs.captured_graphs["ode"])
     assert not ode_only.captured_graphs["first_block_flow"] and (1, 68, 11, False) in ode_only.captured_graphs["ode"]
     assert all(padded for *_, padded in padded.captured_graphs["ode"])
+    # the 25- and 55-token blocks and the flush of the held-back frames, each captured once and replayed
+    assert not graphs.captured_graphs["later_vocoder"] and len(later.captured_graphs["later_vocoder"]) == 3
     np.testing.assert_allclose(graphs.decode(codes, seed=2), eager.decode(codes, seed=2), atol=5e-3)
     np.testing.assert_allclose(
         graphs.decode(codes[:8], seed=2), eager.decode(codes[:8], seed=2), atol=5e-3

@@ -61,7 +61,7 @@ from cosyvoice.flow.row_steps import RowSteps
 from glm4voice.audio import NUM_MEL_BINS, OUTPUT_SAMPLE_RATE, SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import Block, BlockGeometry, caller_block, commit_block, length_batches, take_block
 from glm4voice.decoder.codes import DecoderError, resolve_seed, validate_codes
-from glm4voice.decoder.graphs import FirstBlockGraphs
+from glm4voice.decoder.graphs import FirstBlockGraphs, VocoderGraphs
 from glm4voice.decoder.loading import decoder_files, load_modules
 from glm4voice.decoder.options import (
     DEFAULT_GRAPH_BATCH_SIZES,
@@ -114,6 +114,7 @@ class AudioDecoder:
         graph_first_blocks: bool | None = None,
         mixed_batches: bool = True,
         step_batching: bool = False,
+        graph_later_vocoder: bool = False,
     ):
         """``dtype``: float32 (exact) or bfloat16/float16 (the flow's estimator in that dtype: faster on
         a GPU, mel within about 1% rms of float32; docs/perf/decoder.md has the figures).
@@ -137,10 +138,15 @@ class AudioDecoder:
         its steps; the web demo's block batcher does when this is on), and :meth:`warm_up` captures the
         steps' CUDA graphs for every batch size (the whole-solve graphs then only for one block: a
         stream's last block, which :meth:`finish` decodes alone). Off by default: on an H100 beside the
-        LLM engine it served fewer conversations than whole-solve calls (docs/perf/decoder.md)."""
+        LLM engine it served fewer conversations than whole-solve calls (docs/perf/decoder.md).
+        ``graph_later_vocoder`` (CUDA graphs): replay the vocoder of every later block (those that carry
+        state from the last) as CUDA graphs, one per (batch, mel frames), captured by :meth:`warm_up` for
+        the schedule's blocks and at a shape's first use for others. Its eager kernels cost host time that
+        grows many times over while other Python threads of the process (the event loop, the LLM engine's
+        worker) want the interpreter's lock. Off by default until measured end to end (docs/perf/decoder.md)."""
         self.options = DecoderOptions(
             dtype, prompt_window, cuda_graphs, min_block_tokens, seam_crossfade, compile_first_blocks,
-            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches, step_batching,
+            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches, step_batching, graph_later_vocoder,
         )  # fmt: skip
         self._device = torch.device(device)
         use_graphs = self.options.use_graphs(self._device)
@@ -170,6 +176,11 @@ class AudioDecoder:
                 self.flow, self.hift, N_TIMESTEPS, self.options.graph_batch_sizes, self.mel_frames(FIRST_BLOCK_GRAPH_TOKENS), pool,
                 self.options.compile_mode,
             )  # fmt: skip
+        later_vocoder = None
+        if self.options.use_later_vocoder_graphs(self._device):
+            later_vocoder = VocoderGraphs(self.hift, self.options.graph_batch_sizes, pool)
+        self.stats = DecodeStats()
+        """What :meth:`feed_many`'s batches have cost so far (read it from the decoder's thread, or between runs)."""
         self._synth = BlockSynthesizer(
             self.flow,
             self.hift,
@@ -178,6 +189,8 @@ class AudioDecoder:
             self._mel_overlap_len,
             seam_crossfade,
             first_blocks,
+            self.stats,
+            later_vocoder,
         )
         self._stepper = Stepper(
             self,
@@ -190,8 +203,6 @@ class AudioDecoder:
         """Guards the ``busy`` flags of the states and the uuid table of :meth:`token2wav`."""
         self._uuids = UuidStates()
         self._graph_batches = self.options.graph_batch_sizes if use_graphs else ()
-        self.stats = DecodeStats()
-        """What :meth:`feed_many`'s batches have cost so far (read it from the decoder's thread, or between runs)."""
         # the highest-priority stream: in one process with the LLM engine, a listener's block goes first
         self._cuda_stream = high_priority_stream(self._device) if self._device.type == "cuda" else None
         if self._cuda_stream is not None:  # weights and constants are ready before the decoder's stream reads them
@@ -297,11 +308,12 @@ class AudioDecoder:
     def captured_graphs(self) -> dict[str, list[tuple]]:
         """The CUDA graphs captured so far: the ODE's ``(batch, frames, time points, padded)`` and the
         first-block stages' ``(batch, input shapes...)``."""
-        first = self._synth.first_blocks
+        first, later = self._synth.first_blocks, self._synth.later_vocoder
         return {
             "ode": self._solver.captured_shapes,
             "first_block_flow": first.flow_graphs.captured_shapes if first else [],
             "first_block_vocoder": first.vocoder_graphs.captured_shapes if first else [],
+            "later_vocoder": later.graphs.captured_shapes if later else [],
             "steps": self._stepper.rows.captured_shapes,
         }
 
@@ -440,9 +452,10 @@ class AudioDecoder:
         try:
             outputs = self._synth.run([block for _, block in batch])
             pcms: list[np.ndarray | Exception] = []
-            for (state, block), out in zip(batch, outputs):
-                commit_block(state, self._geometry, block, out)
-                pcms.append(self._emit(state, out.speech))
+            with self.stats.phase("to_host"):
+                for (state, block), out in zip(batch, outputs):
+                    commit_block(state, self._geometry, block, out)
+                    pcms.append(self._emit(state, out.speech))
         except Exception as error:  # every stream of the batch fails (its pending tokens are gone)
             if not isinstance(error, DecoderError):
                 logger.exception("decoding a batch of %d blocks failed", len(batch))
@@ -603,9 +616,10 @@ class AudioDecoder:
         ``first_block_sizes`` tokens (default: ``block_sizes[0]``; e.g. add the pipeline's first audio
         run; sizes past ``FIRST_BLOCK_GRAPH_TOKENS`` have no such graphs), the ODE graph of every padded
         length up to the prompt window plus the largest block (with ``step_batching``: the steps' graphs of
-        those lengths and batch sizes, the whole solves' for one block); then decode one throwaway answer (the
-        encoder's and vocoder's kernels). Without it a graph is captured at its first use, while every
-        stream waits. Returns seconds."""
+        those lengths and batch sizes, the whole solves' for one block); then decode throwaway answers (the
+        encoder's and vocoder's kernels), one stream alone and, with later-block vocoder graphs, as many
+        streams together as each of their batch sizes (the graphs of the schedule's block lengths). Without
+        it a graph is captured at its first use, while every stream waits. Returns seconds."""
         started = time.perf_counter()
         batch_sizes = tuple(self.graph_batch_sizes if batch_sizes is None else batch_sizes)
         first_sizes = tuple(block_sizes[:1] if first_block_sizes is None else first_block_sizes)
@@ -641,15 +655,23 @@ class AudioDecoder:
                             raise result
                     for stream in streams:
                         stream.close()
-        stream = self.stream(seed=0)
-        try:
-            offset = 0
-            for size in list(block_sizes) + [block_sizes[-1]]:
-                stream.feed([(offset + 7 * k) % self._num_codes for k in range(size)])
-                offset += size
-            stream.finish()
-        finally:
-            stream.close()
+        later = self._synth.later_vocoder
+        answers = [1] if later is None else sorted({1, *(b for b in batch_sizes if b in later.graphs.batch_sizes)})
+        for batch in answers:  # throwaway answers, ``batch`` streams together (the later-block vocoder's graphs)
+            streams = [self.stream(seed=row) for row in range(batch)]
+            try:
+                offset = 0
+                for size in list(block_sizes) + [block_sizes[-1]]:
+                    codes = [(offset + 7 * k) % self._num_codes for k in range(size)]
+                    for result in self.feed_many([(stream, codes) for stream in streams]):
+                        if isinstance(result, Exception):
+                            raise result
+                    offset += size
+                for stream in streams:
+                    stream.finish()
+            finally:
+                for stream in streams:
+                    stream.close()
         release_cached(self._device, "decoder warm-up")
         seconds = time.perf_counter() - started
         captured = sum(len(shapes) for shapes in self.captured_graphs.values()) - before

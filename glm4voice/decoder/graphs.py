@@ -6,8 +6,13 @@ ODE and the vocoder are each hundreds of small kernels, and outside a graph ever
 host-side launch. :class:`FirstBlockGraphs` captures each of the two stages as one graph per (batch,
 length), so a first block is two replays (two, not one: a benchmark can time the stages, and the
 vocoder's randomness is drawn between them). Longer blocks keep the ODE graphs of
-:class:`cosyvoice.flow.cuda_graph.GraphedEulerSolver` (padded lengths, any prompt) with the encoder and
-vocoder eager: there the kernels are large and launches matter little.
+:class:`cosyvoice.flow.cuda_graph.GraphedEulerSolver` (padded lengths, any prompt) with the encoder
+eager, and their vocoder replays :class:`VocoderGraphs` (one graph per batch and exact length: the
+vocoder has no masks, so a padded length would change the audio near its end). Alone their kernels
+are large enough that launches matter little; but each eager operation gives up the interpreter's lock,
+and beside a busy Python thread of the same process (the event loop, the LLM engine's worker) getting it
+back costs up to the thread switch interval: a later block's eager vocoder took 14 ms alone and 364 ms
+beside a spinning thread, the graph 4 and 10 ms (H100, one 40-token block).
 
 The vocoder's randomness is drawn eagerly from each stream's generator (the same draws as the eager
 vocoder makes, in the same order) into the graph's static buffers, so a replayed block sounds like the
@@ -29,6 +34,7 @@ import torch
 
 from cosyvoice.flow.cuda_graph import warm_up_stream
 from glm4voice.audio import NUM_MEL_BINS
+from glm4voice.decoder.options import LATER_VOCODER_GRAPH_BYTES, LATER_VOCODER_GRAPH_MAX_BATCH
 
 if TYPE_CHECKING:
     from cosyvoice.flow.flow import MaskedDiffWithXvec
@@ -38,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 WARMUP_RUNS = 2
 """Eager runs before a capture (lazy CUDA state, cuBLAS workspaces, compiled code)."""
+LATER_VOCODER_WARMUP_RUNS = 0
+"""Runs of the later-block vocoder before a capture, past the eager call every capture starts with:
+its shapes are captured while listeners wait, and the decoder's warm-up has run the vocoder before."""
 COMPILE_RECOMPILE_LIMIT = 64
 """torch.compile keeps a compiled variant per input shape (batch size x length); its default limit is
 lower than the number of graphs a decoder captures."""
@@ -54,21 +63,26 @@ class _Captured:
     outputs: Tensors
 
 
-Capture = Callable[[Callable[..., Tensors], Tensors, object, Callable[..., object]], tuple[Callable[[], None], Tensors]]
-"""``capture(fn, static_inputs, pool, warm_up) -> (replay, static_outputs)`` (default :func:`cuda_capture`)."""
+Capture = Callable[..., tuple[Callable[[], None], Tensors]]
+"""``capture(fn, static_inputs, pool, warm_up, runs=WARMUP_RUNS) -> (replay, static_outputs)`` (default
+:func:`cuda_capture`)."""
 
 
 def cuda_capture(
-    fn: Callable[..., Tensors], static: Tensors, pool: object, warm_up: Callable[..., object]
+    fn: Callable[..., Tensors],
+    static: Tensors,
+    pool: object,
+    warm_up: Callable[..., object],
+    runs: int = WARMUP_RUNS,
 ) -> tuple[Callable[[], None], Tensors]:
-    """Capture ``fn(*static)`` as a CUDA graph (after ``warm_up(*static)`` and a few runs of ``fn`` on
+    """Capture ``fn(*static)`` as a CUDA graph (after ``warm_up(*static)`` and ``runs`` runs of ``fn`` on
     :func:`~cosyvoice.flow.cuda_graph.warm_up_stream`); returns its replay and its static outputs."""
     device = static[0].device
     side = warm_up_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         warm_up(*static)
-        for _ in range(WARMUP_RUNS):
+        for _ in range(runs):
             fn(*static)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -93,9 +107,15 @@ class GraphedFunction:
         pool: object,
         eager: Callable[..., Tensors] | None = None,
         capture: Capture | None = None,
+        warm_up_runs: int = WARMUP_RUNS,
+        max_bytes: int | None = None,
     ):
         self.name = name
         self.capture = capture
+        self.warm_up_runs = warm_up_runs
+        self.max_bytes = max_bytes
+        """Static buffers the graphs may keep in all (None: no limit); past it new shapes run eagerly."""
+        self.static_bytes = 0
         self.candidates: list[Callable[..., Tensors]] = list(fn) if isinstance(fn, (list, tuple)) else [fn]  # type: ignore[list-item]
         self.eager: Callable[..., Tensors] = eager or self.candidates[-1]
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
@@ -118,6 +138,8 @@ class GraphedFunction:
         if rows is None or key in self._failed:
             return self.eager(*inputs)
         captured = self._graphs.get(key)
+        if captured is None and self.max_bytes is not None and self.static_bytes >= self.max_bytes:
+            return self.eager(*inputs)
         if captured is None:
             captured = self._first_capture(rows, inputs)
             if captured is None:
@@ -147,7 +169,11 @@ class GraphedFunction:
         for buffer, value in zip(static, inputs):
             buffer[: value.shape[0]].copy_(value)
         # the eager function first fills lazy caches (it is also what torch.compile traces against)
-        replay, outputs = (self.capture or cuda_capture)(fn, static, self._pool, self.eager)
+        replay, outputs = (self.capture or cuda_capture)(fn, static, self._pool, self.eager, runs=self.warm_up_runs)
+        self.static_bytes += sum(x.numel() * x.element_size() for x in (*static, *outputs))
+        if self.max_bytes is not None and self.static_bytes >= self.max_bytes:
+            logger.warning("%s: %d graphs keep %.2f GiB of buffers; new shapes run eagerly", self.name,
+                           len(self._graphs) + 1, self.static_bytes / 2**30)  # fmt: skip
         return _Captured(replay, static, outputs)
 
 
@@ -231,6 +257,37 @@ class FirstBlockGraphs:
 
     def _vocode_eager(self, mel: torch.Tensor, uniform: torch.Tensor, normal: torch.Tensor) -> Tensors:
         speech, source = self.hift.inference(mel, None, randomness=(uniform, normal))
+        return speech, source
+
+
+class VocoderGraphs:
+    """The vocoder of later blocks (a carried source, any length) as CUDA graphs: one per (batch, mel
+    frames), captured at first use, for batches up to
+    :data:`~glm4voice.decoder.options.LATER_VOCODER_GRAPH_MAX_BATCH` and within
+    :data:`~glm4voice.decoder.options.LATER_VOCODER_GRAPH_BYTES`; the randomness is drawn eagerly from
+    each stream's generator, as for first blocks."""
+
+    def __init__(self, hift: HiFTGenerator, batch_sizes: Sequence[int], pool: object, capture: Capture | None = None):
+        self.hift = hift
+        sizes = [b for b in batch_sizes if b <= LATER_VOCODER_GRAPH_MAX_BATCH] or [min(batch_sizes)]
+        self.graphs = GraphedFunction(
+            "the later-block vocoder", self._vocode_eager, sizes, pool, capture=capture,
+            warm_up_runs=LATER_VOCODER_WARMUP_RUNS, max_bytes=LATER_VOCODER_GRAPH_BYTES,
+        )  # fmt: skip
+
+    def serves(self, batch: int) -> bool:
+        return self.graphs.rows_for(batch) is not None
+
+    def vocode(
+        self, mel: torch.Tensor, cache_source: torch.Tensor, uniform: torch.Tensor, normal: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mel (B, 80, frames), cache_source (B, 1, n) and the source's randomness
+        (``hift.draw_randomness``) -> (speech, source)."""
+        speech, source = self.graphs(mel, cache_source, uniform, normal)
+        return speech, source
+
+    def _vocode_eager(self, mel: torch.Tensor, cache_source: torch.Tensor, uniform: torch.Tensor, normal: torch.Tensor) -> Tensors:  # fmt: skip
+        speech, source = self.hift.inference(mel, cache_source, randomness=(uniform, normal))
         return speech, source
 
 

@@ -1,10 +1,19 @@
 """What the decoder's batched calls have cost, as plain counters (a run's figures are the difference
 of two snapshots): how many blocks shared a batch, how many rows the CUDA graphs computed for them
-(a batch runs in the next graphed size up, the rest is padding), and the time spent."""
+(a batch runs in the next graphed size up, the rest is padding), and the time spent, in all and per
+phase of a batch (host time on the decoder's thread: what launching the work cost, or waiting for the
+device where a phase copies to the host)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+PHASES = ("flow", "ode", "vocoder", "to_host")
+"""Phases of a batch: ``flow`` the flow's inputs and encoder (the ODE excluded), ``ode`` the ODE solve,
+``vocoder`` the vocoder and the seams, ``to_host`` the audio's copy to the host (it waits for the device)."""
 
 
 @dataclass
@@ -29,6 +38,19 @@ class DecodeStats:
     """Rows those steps computed (the graphed batch size they were padded to)."""
     step_blocks: int = 0
     """Blocks that left the steps decoded."""
+    phase_s: dict[str, float] = field(default_factory=dict)
+    """Host seconds per phase of :data:`PHASES` (the ODE's time is not part of ``flow``'s)."""
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Count the body's wall time as phase ``name`` (less the phases timed inside it)."""
+        started = time.perf_counter()
+        inner = sum(self.phase_s.values())
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - started - (sum(self.phase_s.values()) - inner)
+            self.phase_s[name] = self.phase_s.get(name, 0.0) + spent
 
     def add(self, blocks: int, graph_rows: int, tokens: int, seconds: float) -> None:
         self.batches += 1
@@ -48,9 +70,9 @@ class DecodeStats:
         self.seconds += seconds
 
     def snapshot(self) -> DecodeStats:
-        return replace(self)
+        return replace(self, phase_s=dict(self.phase_s))
 
-    def since(self, earlier: DecodeStats) -> dict[str, float | int | None]:
+    def since(self, earlier: DecodeStats) -> dict[str, float | int | dict[str, float] | None]:
         """Figures of the batches run after ``earlier`` (a snapshot of the same counters)."""
         batches = self.batches - earlier.batches
         blocks = self.blocks - earlier.blocks
@@ -70,4 +92,9 @@ class DecodeStats:
             "step_blocks": self.step_blocks - earlier.step_blocks,
             "busy_s": round(seconds, 2),
             "mean_batch_ms": round(1000 * seconds / batches, 1) if batches else None,
+            "phase_s": {
+                name: round(self.phase_s.get(name, 0.0) - earlier.phase_s.get(name, 0.0), 3)
+                for name in PHASES
+                if name in self.phase_s
+            },
         }

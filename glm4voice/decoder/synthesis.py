@@ -15,9 +15,9 @@ would alone, up to float rounding.
   cross-faded with the previous block's version of them (the vocoder computes them without left
   context; without the fade the seam is an audible jump, as in the original).
 
-First blocks (no prompt, nothing carried) may run as CUDA graphs of whole stages
-(:mod:`glm4voice.decoder.graphs`); everything else runs the modules, with the ODE's own graphs when
-``solve`` is a :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver`.
+First blocks (no prompt, nothing carried) may run as CUDA graphs of whole stages, and the vocoder of
+later blocks as graphs of its own (:mod:`glm4voice.decoder.graphs`); everything else runs the modules,
+with the ODE's own graphs when ``solve`` is a :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver`.
 
 Not thread-safe: the caller (:class:`~glm4voice.decoder.AudioDecoder`) holds its lock and device
 context around every call.
@@ -26,6 +26,7 @@ context around every call.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,9 +35,10 @@ import torch
 from glm4voice.audio import SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import Block, BlockResult
 from glm4voice.decoder.codes import DecoderError
-from glm4voice.decoder.graphs import FirstBlockGraphs
+from glm4voice.decoder.graphs import FirstBlockGraphs, VocoderGraphs
 from glm4voice.decoder.options import MEL_CACHE_FRAMES, N_TIMESTEPS
 from glm4voice.decoder.state import VocoderCarry
+from glm4voice.decoder.stats import DecodeStats
 
 if TYPE_CHECKING:
     from cosyvoice.flow.flow import MaskedDiffWithXvec, RowInputs
@@ -69,9 +71,14 @@ class BlockSynthesizer:
         mel_overlap: int,
         seam_crossfade: bool,
         first_blocks: FirstBlockGraphs | None = None,
+        stats: DecodeStats | None = None,
+        later_vocoder: VocoderGraphs | None = None,
     ):
         self.flow = flow
+        self.stats = stats
+        """Where the phases of each call are timed (None: not timed)."""
         self.first_blocks = first_blocks
+        self.later_vocoder = later_vocoder
         self.hift = hift
         self.solve = solve
         self.device = device
@@ -85,8 +92,22 @@ class BlockSynthesizer:
     def run(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[BlockResult]:
         """Decode ``blocks`` as one batch; their carries move on to the next block."""
         if len({b.shape_key() for b in blocks}) == 1:
-            return self.vocode(blocks, self.flow_mel(blocks, embedding))
-        return self.vocode_rows(blocks, self.flow_mels_mixed(blocks, embedding))
+            with self._phase("flow"):
+                mel = self.flow_mel(blocks, embedding)
+            with self._phase("vocoder"):
+                return self.vocode(blocks, mel)
+        with self._phase("flow"):
+            mels = self.flow_mels_mixed(blocks, embedding)
+        with self._phase("vocoder"):
+            return self.vocode_rows(blocks, mels)
+
+    def _phase(self, name: str) -> AbstractContextManager[None]:
+        return self.stats.phase(name) if self.stats is not None else nullcontext()
+
+    def _solve(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """``solve``, timed as the ``ode`` phase."""
+        with self._phase("ode"):
+            return self.solve(*inputs)
 
     def vocode_rows(self, blocks: Sequence[Block], mels: Sequence[torch.Tensor]) -> list[BlockResult]:
         """:meth:`vocode` for blocks of any lengths, each with its mel (1, 80, frames): in groups of
@@ -117,7 +138,7 @@ class BlockSynthesizer:
         in length (one padded batch through the encoder and the ODE)."""
         rows = self.flow_inputs(blocks, embedding)
         t_span = self.flow.decoder.time_span(N_TIMESTEPS, device=rows.mu.device)
-        feat = self.solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span)
+        feat = self._solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span)
         return [rows.mel_of(row, feat[row : row + 1]) for row in range(len(blocks))]
 
     def graphed(self, blocks: Sequence[Block]) -> bool:
@@ -153,7 +174,7 @@ class BlockSynthesizer:
             feat_len=first.feat_len,
             n_timesteps=N_TIMESTEPS,
             noise=torch.cat([b.noise.to(self.device) for b in blocks]),
-            solve=self.solve,
+            solve=self._solve,
         ).float()
 
     def vocode(self, blocks: Sequence[Block], mel: torch.Tensor) -> list[BlockResult]:
@@ -205,6 +226,10 @@ class BlockSynthesizer:
         if graphed and self.first_blocks is not None:
             randomness = self.hift.draw_randomness(len(generators), mel.shape[2], list(generators), self.device)
             return self.first_blocks.vocode(mel, *randomness)
+        later = self.later_vocoder
+        if cache_source is not None and later is not None and later.serves(len(generators)):
+            randomness = self.hift.draw_randomness(len(generators), mel.shape[2], list(generators), self.device)
+            return later.vocode(mel, cache_source, *randomness)
         generator = generators[0] if len(generators) == 1 else list(generators)
         return self.hift.inference(mel, cache_source, generator)
 

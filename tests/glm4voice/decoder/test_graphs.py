@@ -11,8 +11,8 @@ import torch
 
 from cosyvoice.flow.cuda_graph import DEFAULT_EXACT_FRAMES
 from flow_inference import AudioDecoder
-from glm4voice.decoder.blocks import BlockGeometry, take_block
-from glm4voice.decoder.graphs import FirstBlockGraphs, GraphedFunction
+from glm4voice.decoder.blocks import BlockGeometry, commit_block, take_block
+from glm4voice.decoder.graphs import FirstBlockGraphs, GraphedFunction, VocoderGraphs
 from glm4voice.decoder.options import DEFAULT_GRAPH_BATCH_SIZES, N_TIMESTEPS
 from glm4voice.decoder.synthesis import BlockSynthesizer
 
@@ -24,7 +24,7 @@ class StandInCapture:
     def __init__(self):
         self.captured: list[tuple] = []
 
-    def __call__(self, fn, static, pool, warm_up):
+    def __call__(self, fn, static, pool, warm_up, runs=0):
         warm_up(*static)
         outputs = tuple(out.clone() for out in fn(*static))
         self.captured.append(tuple(tuple(x.shape) for x in static))
@@ -60,6 +60,17 @@ def test_graphed_function_pads_batches_and_captures_once_per_shape():
     graphed(torch.full((4, 4), 7.0), torch.ones(4, 4))
     doubled, _ = graphed(x[:3], y[:3])
     assert torch.equal(doubled, x * 2 + y)
+
+
+def test_graphed_function_stops_capturing_past_its_byte_budget():
+    capture = StandInCapture()
+    # one graph of batch 2 x 8 float32: 64 B of input, 64 B of output; the budget is reached after it
+    graphed = GraphedFunction("test", lambda x: (x + 1,), (2,), pool=None, capture=capture, max_bytes=128)
+    assert torch.equal(graphed(torch.zeros(2, 8))[0], torch.ones(2, 8))
+    assert graphed.static_bytes == 128
+    assert torch.equal(graphed(torch.zeros(2, 3))[0], torch.ones(2, 3))  # a new shape past the budget: eager
+    assert torch.equal(graphed(torch.zeros(1, 8))[0], torch.ones(1, 8))  # a captured shape still replays
+    assert len(capture.captured) == 1 and graphed.captured_shapes == [(2, (8,))]
 
 
 def test_graphed_function_falls_back_variant_by_variant():
@@ -151,18 +162,57 @@ def test_only_first_blocks_take_the_graphs(decoder):
     assert not synth.graphed([second])
 
 
+def test_later_block_vocoder_graphs_compute_what_the_eager_vocoder_computes(decoder):
+    """Later blocks (carried source, prompt) of three streams through the graphed vocoder (batch 3 in
+    the graph of 4, a final block alone in the graph of 1) give the eager decoder's audio and carries;
+    first blocks (nothing carried) stay eager."""
+    capture = StandInCapture()
+    graphs = VocoderGraphs(decoder.hift, (1, 2, 4, 64), None, capture=capture)
+    assert graphs.graphs.batch_sizes == (1, 2, 4) and graphs.serves(4) and not graphs.serves(5)  # 64: too large
+    graphed = BlockSynthesizer(decoder.flow, decoder.hift, decoder.solver.eager, decoder.device,
+                               decoder.mel_overlap_len, True, later_vocoder=graphs)  # fmt: skip
+    geometry = BlockGeometry(decoder.block_size, float(decoder.flow.input_frame_rate))
+    codes = np.random.default_rng(3).integers(0, decoder.num_codes, 60).tolist()
+    runs = {}
+    with torch.inference_mode():
+        for name, synth in (("graphed", graphed), ("eager", decoder.synthesizer)):
+            states = [decoder.new_state(seed=seed) for seed in (1, 2, 3)]
+            heard = []
+            for start, end, rows in ((0, 10, 3), (10, 30, 3), (30, 60, 1)):  # the last: one stream's final block
+                blocks = []
+                for state in states[:rows]:
+                    state.pending.extend(codes[start:end])
+                    blocks.append(take_block(state, geometry, finalize=end == 60))
+                for state, block, out in zip(states, blocks, synth.run(blocks)):
+                    commit_block(state, geometry, block, out)
+                    heard.append((out.speech, out.mel, block.carry.cache_source))
+            runs[name] = heard
+    assert len(runs["graphed"]) == 7
+    for (speech, mel, source), (speech_e, mel_e, source_e) in zip(runs["graphed"], runs["eager"]):
+        torch.testing.assert_close(speech, speech_e, rtol=0, atol=1e-5)
+        torch.testing.assert_close(mel, mel_e, rtol=0, atol=1e-5)
+        assert (source is None) == (source_e is None)
+        if source is not None:
+            torch.testing.assert_close(source, source_e, rtol=0, atol=1e-5)
+    assert [shape[0] for shape in graphs.graphs.captured_shapes] == [1, 4]  # the second blocks and the final one
+
+
 def test_graph_options(tiny_checkpoints):
     decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu")
     assert (
         decoder.graph_batch_sizes == DEFAULT_GRAPH_BATCH_SIZES == (1, 2, 4, 8, 16, 32, 64) and decoder.max_batch == 64
     )
-    assert decoder.captured_graphs == {"ode": [], "first_block_flow": [], "first_block_vocoder": [], "steps": []}
+    assert decoder.captured_graphs == {
+        "ode": [], "first_block_flow": [], "first_block_vocoder": [], "later_vocoder": [], "steps": []
+    }  # fmt: skip
+    assert decoder.synthesizer.later_vocoder is None  # the CPU decoder runs eagerly
     custom = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", graph_batch_sizes=[8, 1, 2, 8])
     assert custom.graph_batch_sizes == (1, 2, 8) and custom.max_batch == 8
     for bad, message in (
         ({"graph_batch_sizes": ()}, "graph_batch_sizes"),
         ({"graph_batch_sizes": (0, 4)}, "graph_batch_sizes"),
         ({"graph_first_blocks": True}, "graph_first_blocks"),
+        ({"graph_later_vocoder": True}, "graph_later_vocoder"),
         ({"compile_first_blocks": "fastest"}, "compile_first_blocks"),
         ({"cuda_graphs": True}, "CUDA"),
     ):
@@ -201,3 +251,35 @@ def test_decoder_with_first_block_graphs_streams_batches_and_warms_up(tiny_check
     for a, b in zip(results["graphed"], results["eager"]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert graphed.captured_graphs == shapes  # nothing captured while streaming
+
+
+def test_decoder_with_later_vocoder_graphs_warms_up_each_batch_size(tiny_checkpoints, monkeypatch):
+    """The decoder's wiring of the later-block vocoder graphs (stand-in capture on the CPU): warm_up
+    captures the schedule's later blocks for every graphed batch size; streams that follow the schedule
+    capture nothing more, a block of another length captures its graph at first use, and the audio is
+    the eager decoder's."""
+    import glm4voice.decoder.graphs as graphs_module
+    from glm4voice.decoder.options import DecoderOptions
+
+    eager = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", graph_batch_sizes=(1, 2))
+    monkeypatch.setattr(graphs_module, "cuda_capture", StandInCapture())
+    monkeypatch.setattr(DecoderOptions, "use_later_vocoder_graphs", lambda self, device: True)
+    graphed = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", graph_batch_sizes=(1, 2))
+    graphed.warm_up((10, 20))
+    warm = graphed.captured_graphs["later_vocoder"]
+    assert sorted({shape[0] for shape in warm}) == [1, 2]
+    codes = np.random.default_rng(4).integers(0, graphed.num_codes, 60).tolist()
+    results = {}
+    for name, decoder in (("graphed", graphed), ("eager", eager)):
+        streams = [decoder.stream(seed=s) for s in (1, 2)]
+        pieces = [[] for _ in streams]
+        for start, size in ((0, 10), (10, 20), (30, 20)):
+            for piece, pcm in zip(pieces, decoder.feed_many([(s, codes[start : start + size]) for s in streams])):
+                piece.append(pcm)
+        if name == "graphed":
+            assert graphed.captured_graphs["later_vocoder"] == warm  # the schedule's shapes were warmed up
+        pieces[0].append(streams[0].feed(codes[50:60]))  # a 10-token later block: a new length
+        results[name] = [np.concatenate(p + [s.finish()]) for p, s in zip(pieces, streams)]
+    for a, b in zip(results["graphed"], results["eager"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert len(graphed.captured_graphs["later_vocoder"]) > len(warm)
