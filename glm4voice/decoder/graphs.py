@@ -1,4 +1,5 @@
-"""Whole first blocks as CUDA graphs: the flow (encoder, length regulator, ODE) and the vocoder.
+"""Whole first blocks as CUDA graphs: the flow (encoder, length regulator, ODE) and the vocoder; and
+the vocoder of later blocks.
 
 The block that sets the time to first audio (no prompt, no carried state, a few dozen tokens) is
 launch-bound from end to end: the flow encoder, the length regulator, the 20 estimator passes of the
@@ -7,12 +8,13 @@ host-side launch. :class:`FirstBlockGraphs` captures each of the two stages as o
 length), so a first block is two replays (two, not one: a benchmark can time the stages, and the
 vocoder's randomness is drawn between them). Longer blocks keep the ODE graphs of
 :class:`cosyvoice.flow.cuda_graph.GraphedEulerSolver` (padded lengths, any prompt) with the encoder
-eager, and their vocoder replays :class:`VocoderGraphs` (one graph per batch and exact length: the
-vocoder has no masks, so a padded length would change the audio near its end). Alone their kernels
-are large enough that launches matter little; but each eager operation gives up the interpreter's lock,
-and beside a busy Python thread of the same process (the event loop, the LLM engine's worker) getting it
-back costs up to the thread switch interval: a later block's eager vocoder took 14 ms alone and 364 ms
-beside a spinning thread, the graph 4 and 10 ms (H100, one 40-token block).
+eager; their vocoder can replay :class:`VocoderGraphs` (``AudioDecoder(graph_later_vocoder=True)``; one
+graph per batch and exact length: the vocoder has no masks, so a padded length would change the audio
+near its end). Alone their kernels are large enough that launches matter little; but each eager
+operation gives up the interpreter's lock, and beside a busy Python thread of the same process (the
+event loop, the LLM engine's worker) getting it back costs up to the thread switch interval: a later
+block's eager vocoder took 14 ms alone and 364 ms beside a spinning thread, the graph 4 and 10 ms
+(H100, one 40-token block).
 
 The vocoder's randomness is drawn eagerly from each stream's generator (the same draws as the eager
 vocoder makes, in the same order) into the graph's static buffers, so a replayed block sounds like the
