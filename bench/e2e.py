@@ -275,7 +275,7 @@ class E2EBench:
                             max_seq_len=self.args.max_seq_len,
                             mixed_decoder_batches=self.args.mixed_decoder_batches,
                             decoder_steps=self.args.decoder_steps,
-                            later_vocoder_graphs=self.args.later_vocoder_graphs)  # fmt: skip
+                            later_block_graphs=self.args.later_block_graphs)  # fmt: skip
 
     def build_speech_tokenizer(self):
         from bench.speech_tokenizer import build
@@ -300,7 +300,7 @@ class E2EBench:
         ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32,
                             graph_batch_sizes=batches, mixed_batches=self.args.mixed_decoder_batches,
                             step_batching=self.args.decoder_steps,
-                            graph_later_vocoder=self.args.later_vocoder_graphs and self.cuda)  # fmt: skip
+                            graph_later_blocks=self.args.later_block_graphs and self.cuda)  # fmt: skip
         reference = None
         if self.wants_reference:
             reference = AudioDecoder(*files, self.device, dtype=torch.float32, prompt_window=None, cuda_graphs=False,
@@ -992,9 +992,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="blocks join the decoder's ODE between its steps instead of whole-solve jobs (AudioDecoder step_batching=True)",
     )
     parser.add_argument(
-        "--later-vocoder-graphs",
+        "--later-block-graphs",
         action="store_true",
-        help="the vocoder of later blocks replays CUDA graphs (AudioDecoder graph_later_vocoder=True; CUDA only)",
+        help="the encoder and vocoder of later blocks replay CUDA graphs (AudioDecoder graph_later_blocks=True; CUDA only)",
     )
     parser.add_argument(
         "--max-streams", type=int, default=None, help="the engine's stream slots (default: the largest level)"

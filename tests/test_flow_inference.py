@@ -416,9 +416,10 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     ode_only = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_first_blocks=False)
     padded = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_first_blocks=False)
     padded.solver.exact_frames = 0  # every length padded to a bucket
-    later = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_later_vocoder=True)
+    later = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_later_blocks=True)
     assert eager.captured_graphs == {
-        "ode": [], "first_block_flow": [], "first_block_vocoder": [], "later_vocoder": [], "steps": []
+        "ode": [], "first_block_flow": [], "first_block_vocoder": [], "later_encoder": [], "later_vocoder": [],
+        "steps": [],
     }  # fmt: skip
     reference, _ = stream_blocks(eager, codes, [10, 25, 55], seed=1)
     for decoder in (graphs, ode_only, padded, later):
@@ -429,8 +430,10 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     assert graphs.captured_graphs["ode"] and all(padded for *_, padded in graphs.captured_graphs["ode"])
     assert not ode_only.captured_graphs["first_block_flow"] and (1, 68, 11, False) in ode_only.captured_graphs["ode"]
     assert all(padded for *_, padded in padded.captured_graphs["ode"])
-    # the 25- and 55-token blocks and the flush of the held-back frames, each captured once and replayed
+    # the vocoder of the 25- and 55-token blocks and of the flush of the held-back frames, each captured
+    # once and replayed; the encoder of the two later blocks
     assert not graphs.captured_graphs["later_vocoder"] and len(later.captured_graphs["later_vocoder"]) == 3
+    assert later.captured_graphs["later_encoder"]
     np.testing.assert_allclose(graphs.decode(codes, seed=2), eager.decode(codes, seed=2), atol=5e-3)
     np.testing.assert_allclose(
         graphs.decode(codes[:8], seed=2), eager.decode(codes[:8], seed=2), atol=5e-3

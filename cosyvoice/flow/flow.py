@@ -3,7 +3,7 @@ the prompt and new tokens are encoded together and the mel length is computed fr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,11 @@ def mel_frames(tokens: int, input_frame_rate: float) -> int:
     (``int(n / rate * 22050 / 256)``; exact rational arithmetic would differ for some n)."""
     n = torch.tensor(tokens, dtype=torch.int32)
     return int((n / input_frame_rate * MEL_SAMPLE_RATE / MEL_HOP).int())
+
+
+Encode = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``encode(token (B, T_tok), token_len (B,), feat_len (B,), frames) -> mu (B, frames, 80)``:
+:meth:`MaskedDiffWithXvec.encode_padded` or its CUDA graphs."""
 
 
 @dataclass(eq=False)
@@ -101,18 +106,21 @@ class MaskedDiffWithXvec(nn.Module):
     def encode_rows(self, token: torch.Tensor, token_lens: Sequence[int], feat_lens: Sequence[int]) -> torch.Tensor:
         """Tokens (B, T_tok) right-padded, row i valid up to ``token_lens[i]`` -> mu (B, max feat_len, 80),
         row i stretched to ``feat_lens[i]`` frames and zero after them: each row as :meth:`encode` gives
-        it alone (the encoder masks padding keys; the length regulator, whose GroupNorm spans the time
-        axis, runs row by row)."""
-        lengths = torch.tensor(list(token_lens), dtype=torch.int32, device=token.device)
-        mask = padding_mask(lengths, token.shape[1]).unsqueeze(-1).to(self.input_embedding.weight.dtype)
+        it alone, up to float rounding (:meth:`encode_padded`)."""
+        lengths = torch.tensor([list(token_lens), list(feat_lens)], dtype=torch.int32).to(token.device)
+        return self.encode_padded(token, lengths[0], lengths[1], max(feat_lens))
+
+    def encode_padded(
+        self, token: torch.Tensor, token_len: torch.Tensor, feat_len: torch.Tensor, frames: int
+    ) -> torch.Tensor:
+        """:meth:`encode_rows` with the lengths as (B,) integer tensors on the device and ``frames`` >= every
+        row's: no host synchronisation (the encoder masks padding keys; the length regulator masks its
+        convolutions and GroupNorm statistics per row)."""
+        mask = padding_mask(token_len, token.shape[1]).unsqueeze(-1).to(self.input_embedding.weight.dtype)
         x = self.input_embedding(torch.clamp(token, min=0)) * mask
-        h, _ = self.encoder(x, lengths)
+        h, _ = self.encoder(x, token_len)
         h = self.encoder_proj(h)  # (B, T_tok, 80)
-        mu = h.new_zeros(h.shape[0], max(feat_lens), h.shape[2])
-        for row, (tokens, frames) in enumerate(zip(token_lens, feat_lens)):
-            ylens = torch.full((1,), frames, dtype=torch.int32, device=token.device)
-            mu[row, :frames] = self.length_regulator(h[row : row + 1, :tokens], ylens, max_len=frames)[0][0]
-        return mu
+        return self.length_regulator.forward_rows(h, token_len, feat_len, frames)
 
     def prepare_rows(
         self,
@@ -121,34 +129,41 @@ class MaskedDiffWithXvec(nn.Module):
         embedding: torch.Tensor,
         feat_lens: Sequence[int],
         noises: Sequence[torch.Tensor],
+        encode: Encode | None = None,
     ) -> RowInputs:
         """The ODE's inputs for a batch of sequences of *different* lengths, as one padded batch (the
-        encoder and the length regulator run here). Row i: ``tokens[i]`` (1, prompt + new tokens, on the
-        device), ``prompt_feats[i]`` (1, 80, P_i) the prompt's mel, ``feat_lens[i]`` mel frames in all,
-        ``noises[i]`` (1, 80, feat_lens[i]); ``embedding`` (B, 192)."""
+        encoder and the length regulator run here). Row i: ``tokens[i]`` (1, prompt + new tokens),
+        ``prompt_feats[i]`` (1, 80, P_i) the prompt's mel on the device, ``feat_lens[i]`` mel frames in all,
+        ``noises[i]`` (1, 80, feat_lens[i]); ``embedding`` (B, 192) on the device. Tokens and noise are
+        padded where they are (on the host: one copy each to the device). ``encode``: replaces
+        :meth:`encode_padded` (CUDA graphs)."""
         batch = len(tokens)
         if not (len(prompt_feats) == len(feat_lens) == len(noises) == embedding.shape[0] == batch):
             raise ValueError("tokens, prompt_feats, feat_lens, noises and embedding need one entry per row")
+        device = embedding.device
         token_lens = [int(t.shape[1]) for t in tokens]
-        padded = tokens[0].new_zeros(batch, max(token_lens))
+        padded = tokens[0].new_zeros(batch, max(token_lens), dtype=torch.long)
         for row, t in enumerate(tokens):
             padded[row, : token_lens[row]] = t[0]
         prompt_frames = [int(f.shape[2]) for f in prompt_feats]
         for prompt, frames in zip(prompt_frames, feat_lens):
             if prompt > frames:
                 raise ValueError(f"the prompt mel ({prompt} frames) is longer than the whole mel ({frames} frames)")
-        mu = self.encode_rows(padded, token_lens, feat_lens).transpose(1, 2).contiguous()  # (B, 80, F)
-        frames = mu.shape[2]
-        lengths = torch.tensor(list(feat_lens), device=mu.device)
-        mask = padding_mask(lengths, frames).unsqueeze(1).to(mu.dtype)  # (B, 1, F)
-        conds = torch.zeros_like(mu)
-        z = torch.zeros_like(mu)
-        for row, (prompt, feat, noise) in enumerate(zip(prompt_frames, prompt_feats, noises)):
-            if tuple(noise.shape) != (1, mu.shape[1], feat_lens[row]):
+        frames = max(feat_lens)
+        z = noises[0].new_zeros(batch, self.output_size, frames)
+        for row, noise in enumerate(noises):
+            if tuple(noise.shape) != (1, self.output_size, feat_lens[row]):
                 raise ValueError(f"row {row}: noise has shape {tuple(noise.shape)}, expected (1, 80, {feat_lens[row]})")
+            z[row, :, : feat_lens[row]] = noise[0]
+        lengths = torch.tensor([token_lens, list(feat_lens)], dtype=torch.int32).to(device)
+        mu = (encode or self.encode_padded)(padded.to(device), lengths[0], lengths[1], frames)
+        mu = mu.transpose(1, 2).contiguous()  # (B, 80, F)
+        mask = padding_mask(lengths[1], frames).unsqueeze(1).to(mu.dtype)  # (B, 1, F)
+        conds = torch.zeros_like(mu)
+        for row, (prompt, feat) in enumerate(zip(prompt_frames, prompt_feats)):
             conds[row, :, :prompt] = feat[0].to(mu.dtype)
-            z[row, :, : feat_lens[row]] = noise[0].to(device=mu.device, dtype=mu.dtype)
         spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        z = z.to(device=device, dtype=mu.dtype)
         return RowInputs(z, mu, mask, spks, conds, list(feat_lens), prompt_frames)
 
     def inference(
@@ -166,6 +181,7 @@ class MaskedDiffWithXvec(nn.Module):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         solve=None,
+        encode: Encode | None = None,
     ) -> torch.Tensor:
         """The original's ``inference``: returns the mel (B, 80, T) of the frames after the prompt mel.
 
@@ -173,7 +189,8 @@ class MaskedDiffWithXvec(nn.Module):
         tokens, new tokens, prompt mel frames; no padding), each computed as it would be alone.
         ``feat_len`` overrides the total mel length (default: :func:`mel_frames` of prompt+new tokens);
         ``noise`` (B, 80, feat_len) or ``generator`` give the ODE's starting noise; ``solve(z, mu, mask,
-        spks, cond, t_span)`` (mask None) replaces the eager ODE solver (CUDA graphs).
+        spks, cond, t_span)`` (mask None) replaces the eager ODE solver (CUDA graphs); ``encode`` (see
+        :data:`Encode`) the encoder and length regulator (then equal up to float rounding).
         """
         batch = token.shape[0]
         if prompt_token.shape[0] != batch or prompt_feat.shape[0] != batch or embedding.shape[0] != batch:
@@ -184,7 +201,11 @@ class MaskedDiffWithXvec(nn.Module):
         if feat_len is None:
             feat_len = self.mel_frames(total)
         lengths = torch.full((batch,), total, dtype=torch.int32, device=token.device)
-        mu = self.encode(tokens, lengths, feat_len).transpose(1, 2).contiguous()  # (B, 80, T)
+        if encode is None:
+            mu = self.encode(tokens, lengths, feat_len)
+        else:
+            mu = encode(tokens, lengths, torch.full_like(lengths, feat_len), feat_len)
+        mu = mu.transpose(1, 2).contiguous()  # (B, 80, T)
 
         prompt_frames = int(prompt_feat.shape[1])
         if prompt_frames > feat_len:

@@ -61,7 +61,7 @@ from cosyvoice.flow.row_steps import RowSteps
 from glm4voice.audio import NUM_MEL_BINS, OUTPUT_SAMPLE_RATE, SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import Block, BlockGeometry, caller_block, commit_block, length_batches, take_block
 from glm4voice.decoder.codes import DecoderError, resolve_seed, validate_codes
-from glm4voice.decoder.graphs import FirstBlockGraphs, VocoderGraphs
+from glm4voice.decoder.graphs import FirstBlockGraphs, LaterBlockGraphs
 from glm4voice.decoder.loading import decoder_files, load_modules
 from glm4voice.decoder.options import (
     DEFAULT_GRAPH_BATCH_SIZES,
@@ -114,7 +114,7 @@ class AudioDecoder:
         graph_first_blocks: bool | None = None,
         mixed_batches: bool = True,
         step_batching: bool = False,
-        graph_later_vocoder: bool = False,
+        graph_later_blocks: bool = False,
     ):
         """``dtype``: float32 (exact) or bfloat16/float16 (the flow's estimator in that dtype: faster on
         a GPU, mel within about 1% rms of float32; docs/perf/decoder.md has the figures).
@@ -139,14 +139,15 @@ class AudioDecoder:
         steps' CUDA graphs for every batch size (the whole-solve graphs then only for one block: a
         stream's last block, which :meth:`finish` decodes alone). Off by default: on an H100 beside the
         LLM engine it served fewer conversations than whole-solve calls (docs/perf/decoder.md).
-        ``graph_later_vocoder`` (CUDA graphs): replay the vocoder of every later block (those that carry
-        state from the last) as CUDA graphs, one per (batch, mel frames), captured by :meth:`warm_up` for
-        the schedule's blocks and at a shape's first use for others. Its eager kernels cost host time that
-        grows many times over while other Python threads of the process (the event loop, the LLM engine's
-        worker) want the interpreter's lock. Off by default until measured end to end (docs/perf/decoder.md)."""
+        ``graph_later_blocks`` (CUDA graphs): replay the encoder and the vocoder of every later block (those
+        with a prompt and a carried state) as CUDA graphs: the encoder's per padded length, the vocoder's
+        per exact length; :meth:`warm_up` captures the schedule's, others are captured at first use. Their
+        eager kernels cost host time that grows many times over while other Python threads of the process
+        (the event loop, the LLM engine's worker) want the interpreter's lock. Off by default until
+        measured end to end (docs/perf/decoder.md)."""
         self.options = DecoderOptions(
             dtype, prompt_window, cuda_graphs, min_block_tokens, seam_crossfade, compile_first_blocks,
-            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches, step_batching, graph_later_vocoder,
+            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches, step_batching, graph_later_blocks,
         )  # fmt: skip
         self._device = torch.device(device)
         use_graphs = self.options.use_graphs(self._device)
@@ -176,9 +177,9 @@ class AudioDecoder:
                 self.flow, self.hift, N_TIMESTEPS, self.options.graph_batch_sizes, self.mel_frames(FIRST_BLOCK_GRAPH_TOKENS), pool,
                 self.options.compile_mode,
             )  # fmt: skip
-        later_vocoder = None
-        if self.options.use_later_vocoder_graphs(self._device):
-            later_vocoder = VocoderGraphs(self.hift, self.options.graph_batch_sizes, pool)
+        later_blocks = None
+        if self.options.use_later_block_graphs(self._device):
+            later_blocks = LaterBlockGraphs(self.flow, self.hift, self.options.graph_batch_sizes, pool)
         self.stats = DecodeStats()
         """What :meth:`feed_many`'s batches have cost so far (read it from the decoder's thread, or between runs)."""
         self._synth = BlockSynthesizer(
@@ -190,7 +191,7 @@ class AudioDecoder:
             seam_crossfade,
             first_blocks,
             self.stats,
-            later_vocoder,
+            later_blocks,
         )
         self._stepper = Stepper(
             self,
@@ -308,12 +309,13 @@ class AudioDecoder:
     def captured_graphs(self) -> dict[str, list[tuple]]:
         """The CUDA graphs captured so far: the ODE's ``(batch, frames, time points, padded)`` and the
         first-block stages' ``(batch, input shapes...)``."""
-        first, later = self._synth.first_blocks, self._synth.later_vocoder
+        first, later = self._synth.first_blocks, self._synth.later_blocks
         return {
             "ode": self._solver.captured_shapes,
             "first_block_flow": first.flow_graphs.captured_shapes if first else [],
             "first_block_vocoder": first.vocoder_graphs.captured_shapes if first else [],
-            "later_vocoder": later.graphs.captured_shapes if later else [],
+            "later_encoder": later.encoder_graphs.captured_shapes if later else [],
+            "later_vocoder": later.vocoder_graphs.captured_shapes if later else [],
             "steps": self._stepper.rows.captured_shapes,
         }
 
@@ -617,8 +619,8 @@ class AudioDecoder:
         run; sizes past ``FIRST_BLOCK_GRAPH_TOKENS`` have no such graphs), the ODE graph of every padded
         length up to the prompt window plus the largest block (with ``step_batching``: the steps' graphs of
         those lengths and batch sizes, the whole solves' for one block); then decode throwaway answers (the
-        encoder's and vocoder's kernels), one stream alone and, with later-block vocoder graphs, as many
-        streams together as each of their batch sizes (the graphs of the schedule's block lengths). Without
+        encoder's and vocoder's kernels), one stream alone and, with later-block graphs, as many streams
+        together as each of their batch sizes (the graphs of the schedule's block lengths). Without
         it a graph is captured at its first use, while every stream waits. Returns seconds."""
         started = time.perf_counter()
         batch_sizes = tuple(self.graph_batch_sizes if batch_sizes is None else batch_sizes)
@@ -655,9 +657,9 @@ class AudioDecoder:
                             raise result
                     for stream in streams:
                         stream.close()
-        later = self._synth.later_vocoder
-        answers = [1] if later is None else sorted({1, *(b for b in batch_sizes if b in later.graphs.batch_sizes)})
-        for batch in answers:  # throwaway answers, ``batch`` streams together (the later-block vocoder's graphs)
+        later = self._synth.later_blocks
+        answers = [1] if later is None else sorted({1, *(b for b in batch_sizes if b in later.batch_sizes)})
+        for batch in answers:  # throwaway answers, ``batch`` streams together (the later blocks' graphs)
             streams = [self.stream(seed=row) for row in range(batch)]
             try:
                 offset = 0

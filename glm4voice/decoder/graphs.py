@@ -1,5 +1,5 @@
 """Whole first blocks as CUDA graphs: the flow (encoder, length regulator, ODE) and the vocoder; and
-the vocoder of later blocks.
+the encoder and the vocoder of later blocks.
 
 The block that sets the time to first audio (no prompt, no carried state, a few dozen tokens) is
 launch-bound from end to end: the flow encoder, the length regulator, the 20 estimator passes of the
@@ -8,10 +8,9 @@ host-side launch. :class:`FirstBlockGraphs` captures each of the two stages as o
 length), so a first block is two replays (two, not one: a benchmark can time the stages, and the
 vocoder's randomness is drawn between them). Longer blocks keep the ODE graphs of
 :class:`cosyvoice.flow.cuda_graph.GraphedEulerSolver` (padded lengths, any prompt) with the encoder
-eager; their vocoder can replay :class:`VocoderGraphs` (``AudioDecoder(graph_later_vocoder=True)``; one
-graph per batch and exact length: the vocoder has no masks, so a padded length would change the audio
-near its end). Alone their kernels are large enough that launches matter little; but each eager
-operation gives up the interpreter's lock, and beside a busy Python thread of the same process (the
+eager; with ``AudioDecoder(graph_later_blocks=True)`` their encoder and vocoder replay
+:class:`LaterBlockGraphs`. Alone their kernels are large enough that launches matter little; but each
+eager operation gives up the interpreter's lock, and beside a busy Python thread of the same process (the
 event loop, the LLM engine's worker) getting it back costs up to the thread switch interval: a later
 block's eager vocoder took 14 ms alone and 364 ms beside a spinning thread, the graph 4 and 10 ms
 (H100, one 40-token block).
@@ -33,10 +32,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
-from cosyvoice.flow.cuda_graph import warm_up_stream
+from cosyvoice.flow.cuda_graph import DEFAULT_BUCKET_FRAMES, warm_up_stream
+from cosyvoice.transformer.encoder import padding_mask
 from glm4voice.audio import NUM_MEL_BINS
-from glm4voice.decoder.options import LATER_VOCODER_GRAPH_BYTES, LATER_VOCODER_GRAPH_MAX_BATCH
+from glm4voice.decoder.options import (
+    LATER_BLOCK_GRAPH_BYTES,
+    LATER_BLOCK_GRAPH_MAX_BATCH,
+    LATER_ENCODER_TOKEN_BUCKET,
+)
 
 if TYPE_CHECKING:
     from cosyvoice.flow.flow import MaskedDiffWithXvec
@@ -46,9 +51,9 @@ logger = logging.getLogger(__name__)
 
 WARMUP_RUNS = 2
 """Eager runs before a capture (lazy CUDA state, cuBLAS workspaces, compiled code)."""
-LATER_VOCODER_WARMUP_RUNS = 0
-"""Runs of the later-block vocoder before a capture, past the eager call every capture starts with:
-its shapes are captured while listeners wait, and the decoder's warm-up has run the vocoder before."""
+LATER_BLOCK_WARMUP_RUNS = 0
+"""Runs of a later-block stage before a capture, past the eager call every capture starts with: its
+shapes are captured while listeners wait, and the decoder's warm-up has run the stage before."""
 COMPILE_RECOMPILE_LIMIT = 64
 """torch.compile keeps a compiled variant per input shape (batch size x length); its default limit is
 lower than the number of graphs a decoder captures."""
@@ -262,35 +267,78 @@ class FirstBlockGraphs:
         return speech, source
 
 
-class VocoderGraphs:
-    """The vocoder of later blocks (a carried source, any length) as CUDA graphs: one per (batch, mel
-    frames), captured at first use, for batches up to
-    :data:`~glm4voice.decoder.options.LATER_VOCODER_GRAPH_MAX_BATCH` and within
-    :data:`~glm4voice.decoder.options.LATER_VOCODER_GRAPH_BYTES`; the randomness is drawn eagerly from
-    each stream's generator, as for first blocks."""
+class LaterBlockGraphs:
+    """The encoder and the vocoder of later blocks (a prompt, a carried source, any lengths) as CUDA
+    graphs, for batches up to :data:`~glm4voice.decoder.options.LATER_BLOCK_GRAPH_MAX_BATCH`, each stage
+    within :data:`~glm4voice.decoder.options.LATER_BLOCK_GRAPH_BYTES` of static buffers; graphs are
+    captured at a shape's first use (``AudioDecoder.warm_up`` captures the schedule's).
 
-    def __init__(self, hift: HiFTGenerator, batch_sizes: Sequence[int], pool: object, capture: Capture | None = None):
+    - The encoder (token embedding, Conformer, length regulator) masks every row to its own lengths
+      (``MaskedDiffWithXvec.encode_padded``), so its graphs serve padded shapes: tokens padded to
+      :data:`~glm4voice.decoder.options.LATER_ENCODER_TOKEN_BUCKET`, frames to the ODE graphs' bucket.
+      It equals the eager encoder up to float rounding (the masked GroupNorm sums in another order).
+    - The vocoder has no masks (padding would change the audio near a block's end): one graph per exact
+      mel length. Its randomness is drawn eagerly from each stream's generator, as for first blocks; it
+      equals the eager vocoder exactly."""
+
+    def __init__(
+        self,
+        flow: MaskedDiffWithXvec,
+        hift: HiFTGenerator,
+        batch_sizes: Sequence[int],
+        pool: object,
+        capture: Capture | None = None,
+    ):
+        self.flow = flow
         self.hift = hift
-        sizes = [b for b in batch_sizes if b <= LATER_VOCODER_GRAPH_MAX_BATCH] or [min(batch_sizes)]
-        self.graphs = GraphedFunction(
+        sizes = [b for b in batch_sizes if b <= LATER_BLOCK_GRAPH_MAX_BATCH] or [min(batch_sizes)]
+        self.encoder_graphs = GraphedFunction(
+            "the later-block encoder", self._encode_eager, sizes, pool, capture=capture,
+            warm_up_runs=LATER_BLOCK_WARMUP_RUNS, max_bytes=LATER_BLOCK_GRAPH_BYTES,
+        )  # fmt: skip
+        self.vocoder_graphs = GraphedFunction(
             "the later-block vocoder", self._vocode_eager, sizes, pool, capture=capture,
-            warm_up_runs=LATER_VOCODER_WARMUP_RUNS, max_bytes=LATER_VOCODER_GRAPH_BYTES,
+            warm_up_runs=LATER_BLOCK_WARMUP_RUNS, max_bytes=LATER_BLOCK_GRAPH_BYTES,
         )  # fmt: skip
 
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return self.vocoder_graphs.batch_sizes
+
     def serves(self, batch: int) -> bool:
-        return self.graphs.rows_for(batch) is not None
+        return self.vocoder_graphs.rows_for(batch) is not None
+
+    def encode(self, token: torch.Tensor, token_len: torch.Tensor, feat_len: torch.Tensor, frames: int) -> torch.Tensor:
+        """``MaskedDiffWithXvec.encode_padded`` (an :data:`~cosyvoice.flow.flow.Encode`) from a graph of
+        the padded shape: token (B, T) int64, token_len and feat_len (B,) int32 -> mu (B, frames, 80)."""
+        batch, tokens = token.shape
+        if not self.serves(batch):
+            return self.flow.encode_padded(token, token_len, feat_len, frames)
+        token = F.pad(token, (0, _round_up(tokens, LATER_ENCODER_TOKEN_BUCKET) - tokens))
+        frame_mask = padding_mask(feat_len, _round_up(frames, DEFAULT_BUCKET_FRAMES)).float()
+        return self.encoder_graphs(token, token_len, feat_len, frame_mask)[0][:, :frames]
 
     def vocode(
         self, mel: torch.Tensor, cache_source: torch.Tensor, uniform: torch.Tensor, normal: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """mel (B, 80, frames), cache_source (B, 1, n) and the source's randomness
         (``hift.draw_randomness``) -> (speech, source)."""
-        speech, source = self.graphs(mel, cache_source, uniform, normal)
+        speech, source = self.vocoder_graphs(mel, cache_source, uniform, normal)
         return speech, source
+
+    # -- the captured functions (rows independent, no host synchronisation) ------------------------
+    def _encode_eager(self, token: torch.Tensor, token_len: torch.Tensor, feat_len: torch.Tensor, frame_mask: torch.Tensor) -> Tensors:  # fmt: skip
+        # a batch's padding rows have no tokens and no frames: lengths of one keep their arithmetic finite
+        mu = self.flow.encode_padded(token, token_len.clamp(min=1), feat_len.clamp(min=1), frame_mask.shape[1])
+        return (mu * frame_mask.unsqueeze(-1).to(mu.dtype),)
 
     def _vocode_eager(self, mel: torch.Tensor, cache_source: torch.Tensor, uniform: torch.Tensor, normal: torch.Tensor) -> Tensors:  # fmt: skip
         speech, source = self.hift.inference(mel, cache_source, randomness=(uniform, normal))
         return speech, source
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _raise_recompile_limit() -> None:

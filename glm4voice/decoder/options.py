@@ -46,12 +46,15 @@ FIRST_BLOCK_GRAPH_TOKENS = 40
 and the first audio run of 26 tokens that the pipeline decodes as its first block under load. Each
 size is a graph of its own (first blocks are not padded: the length regulator stretches the tokens it
 is given), captured by ``warm_up`` for the sizes it is told."""
-LATER_VOCODER_GRAPH_MAX_BATCH = 16
-"""Most blocks in a later-block vocoder graph (larger batches of a shape run eagerly): a graph keeps
-its output buffers (speech and source, rows x samples each), and large batches are not launch-bound."""
-LATER_VOCODER_GRAPH_BYTES = 1 << 30
-"""Static buffers (inputs and outputs) the later-block vocoder's graphs may keep in all: a graph per
-(batch, exact length) is captured at first use, and past this budget new shapes run eagerly."""
+LATER_BLOCK_GRAPH_MAX_BATCH = 16
+"""Most blocks in a later-block graph (larger batches run eagerly): a graph keeps its output buffers
+(the vocoder's speech and source: rows x samples each), and large batches are not launch-bound."""
+LATER_BLOCK_GRAPH_BYTES = 1 << 30
+"""Static buffers (inputs and outputs) that the graphs of each later-block stage (encoder, vocoder) may
+keep in all: graphs are captured at a shape's first use, and past this budget new shapes run eagerly."""
+LATER_ENCODER_TOKEN_BUCKET = 32
+"""Later blocks' tokens (prompt and new) are padded to a multiple of this for the encoder's graphs (their
+frames to the ODE graphs' bucket): a few graphs serve every prompt and block length."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -69,7 +72,7 @@ class DecoderOptions:
     graph_first_blocks: bool | None = None
     mixed_batches: bool = True
     step_batching: bool = False
-    graph_later_vocoder: bool = False
+    graph_later_blocks: bool = False
 
     def __post_init__(self) -> None:
         sizes = self.graph_batch_sizes
@@ -113,11 +116,11 @@ class DecoderOptions:
             raise ValueError("graph_first_blocks=True needs CUDA graphs (a CUDA device)")
         return graphs if self.graph_first_blocks is None else bool(self.graph_first_blocks)
 
-    def use_later_vocoder_graphs(self, device: torch.device) -> bool:
-        """Whether the vocoder of blocks after a stream's first replays CUDA graphs."""
-        if self.graph_later_vocoder and not self.use_graphs(device):
-            raise ValueError("graph_later_vocoder=True needs CUDA graphs (a CUDA device)")
-        return bool(self.graph_later_vocoder)
+    def use_later_block_graphs(self, device: torch.device) -> bool:
+        """Whether the encoder and the vocoder of blocks after a stream's first replay CUDA graphs."""
+        if self.graph_later_blocks and not self.use_graphs(device):
+            raise ValueError("graph_later_blocks=True needs CUDA graphs (a CUDA device)")
+        return bool(self.graph_later_blocks)
 
     def use_graphs(self, device: torch.device) -> bool:
         """Whether the ODE replays CUDA graphs on ``device`` (default: on for CUDA)."""

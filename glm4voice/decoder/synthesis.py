@@ -15,8 +15,8 @@ would alone, up to float rounding.
   cross-faded with the previous block's version of them (the vocoder computes them without left
   context; without the fade the seam is an audible jump, as in the original).
 
-First blocks (no prompt, nothing carried) may run as CUDA graphs of whole stages, and the vocoder of
-later blocks as graphs of its own (:mod:`glm4voice.decoder.graphs`); everything else runs the modules,
+First blocks (no prompt, nothing carried) may run as CUDA graphs of whole stages, and the encoder and
+the vocoder of later blocks as graphs of their own (:mod:`glm4voice.decoder.graphs`); everything else runs the modules,
 with the ODE's own graphs when ``solve`` is a :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver`.
 
 Not thread-safe: the caller (:class:`~glm4voice.decoder.AudioDecoder`) holds its lock and device
@@ -35,7 +35,7 @@ import torch
 from glm4voice.audio import SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import Block, BlockResult
 from glm4voice.decoder.codes import DecoderError
-from glm4voice.decoder.graphs import FirstBlockGraphs, VocoderGraphs
+from glm4voice.decoder.graphs import FirstBlockGraphs, LaterBlockGraphs
 from glm4voice.decoder.options import MEL_CACHE_FRAMES, N_TIMESTEPS
 from glm4voice.decoder.state import VocoderCarry
 from glm4voice.decoder.stats import DecodeStats
@@ -72,13 +72,15 @@ class BlockSynthesizer:
         seam_crossfade: bool,
         first_blocks: FirstBlockGraphs | None = None,
         stats: DecodeStats | None = None,
-        later_vocoder: VocoderGraphs | None = None,
+        later_blocks: LaterBlockGraphs | None = None,
     ):
         self.flow = flow
         self.stats = stats
         """Where the phases of each call are timed (None: not timed)."""
         self.first_blocks = first_blocks
-        self.later_vocoder = later_vocoder
+        self.later_blocks = later_blocks
+        self._encode = later_blocks.encode if later_blocks is not None else None
+        """The later blocks' encoder (None: the flow's own, eager)."""
         self.hift = hift
         self.solve = solve
         self.device = device
@@ -126,11 +128,12 @@ class BlockSynthesizer:
         """The ODE's inputs of blocks of any lengths, as one padded batch (the flow encoder runs here)."""
         embedding = (self.embedding if embedding is None else embedding).expand(len(blocks), -1)
         return self.flow.prepare_rows(
-            [b.tokens.to(self.device) for b in blocks],
+            [b.tokens for b in blocks],
             [b.prompt_mel for b in blocks],
             embedding,
             [b.feat_len for b in blocks],
             [b.noise for b in blocks],
+            encode=self._encode,
         )
 
     def flow_mels_mixed(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -175,6 +178,7 @@ class BlockSynthesizer:
             n_timesteps=N_TIMESTEPS,
             noise=torch.cat([b.noise.to(self.device) for b in blocks]),
             solve=self._solve,
+            encode=self._encode,
         ).float()
 
     def vocode(self, blocks: Sequence[Block], mel: torch.Tensor) -> list[BlockResult]:
@@ -226,7 +230,7 @@ class BlockSynthesizer:
         if graphed and self.first_blocks is not None:
             randomness = self.hift.draw_randomness(len(generators), mel.shape[2], list(generators), self.device)
             return self.first_blocks.vocode(mel, *randomness)
-        later = self.later_vocoder
+        later = self.later_blocks
         if cache_source is not None and later is not None and later.serves(len(generators)):
             randomness = self.hift.draw_randomness(len(generators), mel.shape[2], list(generators), self.device)
             return later.vocode(mel, cache_source, *randomness)

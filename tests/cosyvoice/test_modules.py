@@ -7,12 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice.flow.cuda_graph import Arena
 from cosyvoice.flow.decoder import ConditionalDecoder, SinusoidalPosEmb, masked_group_norm
 from cosyvoice.flow.flow import mel_frames
 from cosyvoice.flow.flow_matching import ConditionalCFM, original_noise
+from cosyvoice.flow.length_regulator import InterpolateRegulator
 from cosyvoice.hifigan.f0_predictor import ConvRNNF0Predictor
 from cosyvoice.hifigan.generator import HiFTGenerator, Snake, istft
 from cosyvoice.transformer.attention import RelPositionMultiHeadedAttention, block_causal_mask, shift_relative
@@ -321,3 +323,38 @@ def test_ode_graph_arena_views_share_one_buffer_per_batch_size():
     assert arena.view("mu", 80, 128).data_ptr() != short.data_ptr()  # another buffer per name
     longer = arena.view("z", 80, 512)  # grows: a new buffer, the old views stay valid
     assert longer.shape == (4, 80, 512) and longer.data_ptr() != long.data_ptr() and long.shape == (4, 80, 256)
+
+
+def test_regulator_rows_pick_the_tokens_torchs_nearest_interpolation_picks():
+    """forward_rows' stretch (a gather with indices computed on the device) picks, for every row length
+    and frame count, the token F.interpolate(mode="nearest") picks (identity and doubling included)."""
+    regulator = InterpolateRegulator(1, ())
+    regulator.model = nn.Sequential(nn.Identity())  # the stretch alone: each frame shows its token's index
+    pairs = [(t, f) for t in range(1, 41) for f in {t, 2 * t, mel_frames(t, 12.5), 3 * t + 1, max(1, t // 2)}]
+    tokens, frames = max(t for t, _ in pairs), max(f for _, f in pairs)
+    x = torch.arange(tokens, dtype=torch.float32).view(1, tokens, 1).expand(len(pairs), -1, -1).contiguous()
+    token_lens = torch.tensor([t for t, _ in pairs])
+    feat_lens = torch.tensor([f for _, f in pairs])
+    stretched = regulator.forward_rows(x, token_lens, feat_lens, frames)[..., 0]
+    for row, (t, f) in enumerate(pairs):
+        expected = F.interpolate(torch.arange(t, dtype=torch.float32).view(1, 1, t), size=f, mode="nearest")[0, 0]
+        assert torch.equal(stretched[row, :f], expected), (t, f)
+        assert not stretched[row, f:].any()
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_regulator_rows_equal_each_row_alone(groups):
+    """Rows of different lengths in one padded batch (junk past each row's tokens) give what forward gives
+    each row alone, zero past its frames."""
+    regulator = _randomize(InterpolateRegulator(8, (1, 1), out_channels=6, groups=groups), seed=groups)
+    rows = [(12, 83), (5, 5), (7, 14), (1, 7), (20, 138)]  # (tokens, frames)
+    x = torch.randn(len(rows), 20, 8, generator=_seeded(3)) * 3  # past each row's tokens: junk that must not leak in
+    token_lens = torch.tensor([t for t, _ in rows])
+    feat_lens = torch.tensor([f for _, f in rows])
+    with torch.no_grad():
+        together = regulator.forward_rows(x, token_lens, feat_lens, 140)
+        assert together.shape == (len(rows), 140, 6)
+        for row, (t, f) in enumerate(rows):
+            alone, _ = regulator(x[row : row + 1, :t], torch.tensor([f]), max_len=f)
+            torch.testing.assert_close(together[row : row + 1, :f], alone, atol=1e-5, rtol=1e-5)
+            assert not together[row, f:].any()
