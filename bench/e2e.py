@@ -564,6 +564,7 @@ class E2EBench:
             records = await self.together(chat, count, long, 1000 * count + 100 * run)
             runs.append(self._level(count, records, time.perf_counter() - t0, chat, calls0, jobs0))
             runs[-1]["decoder"] = chat.decoder.stats.since(stats0)
+            runs[-1]["decoder"]["graphs"] = graph_counts(chat.decoder)  # captures while listeners waited show here
             log(f"  {count} at once, run {run + 1}: {runs[-1]['underruns']} underruns, "
                 f"{runs[-1]['with_underrun']} conversations ran dry, {runs[-1]['failed']} failed; "
                 f"decoder {runs[-1]['decoder']}")  # fmt: skip
@@ -710,6 +711,7 @@ class E2EBench:
         if {"warm", "end"} <= decoder_at.keys():  # the decoder's batches in the measured window
             figures["decoder"] = decoder_at["end"].since(decoder_at["warm"])
             figures["decoder"]["busy_share"] = round(figures["decoder"]["busy_s"] / max(window_s - warm_s, 1e-9), 3)
+        figures["decoder_graphs"] = graph_counts(chat.decoder)
         figures["run_s"] = round(loop.time() - t0, 1)
         return figures
 
@@ -837,6 +839,11 @@ class E2EBench:
         info |= {"llm_dtype": self.args.llm_dtype, "levels": self.args.levels, "max_seq_len": self.args.max_seq_len,
                  "max_streams": self.max_streams}  # fmt: skip
         self.section("memory" if layout == self.args.layout else f"memory_{layout.replace('-', '_')}", info)
+
+
+def graph_counts(decoder: AudioDecoder) -> dict[str, int]:
+    """How many CUDA graphs of each kind the decoder has captured so far."""
+    return {kind: len(shapes) for kind, shapes in decoder.captured_graphs.items()}
 
 
 def with_config(chat: VoiceChat, **changes) -> VoiceChat:

@@ -307,8 +307,8 @@ class AudioDecoder:
 
     @property
     def captured_graphs(self) -> dict[str, list[tuple]]:
-        """The CUDA graphs captured so far: the ODE's ``(batch, frames, time points, padded)`` and the
-        first-block stages' ``(batch, input shapes...)``."""
+        """The CUDA graphs captured so far: the ODE's ``(batch, frames, time points, padded)``, the
+        first-block and later-block stages' ``(batch, input shapes...)``, the steps' (step batching)."""
         first, later = self._synth.first_blocks, self._synth.later_blocks
         return {
             "ode": self._solver.captured_shapes,
