@@ -43,7 +43,7 @@ class InterpolateRegulator(nn.Module):
         each row's own frames). ``token_lens``, ``feat_lens``: (B,) integer tensors on x's device; no host
         synchronisation (CUDA graphs can capture it)."""
         # torch's nearest interpolation to `size`: source = min(floor(dst * float32(in / out)), in - 1)
-        scale = token_lens.float() / feat_lens.float()  # (B,)
+        scale = token_lens.float() / feat_lens.clamp(min=1).float()  # (B,); a row of no frames stays finite
         positions = torch.arange(frames, device=x.device, dtype=torch.float32)
         source = torch.floor(positions.unsqueeze(0) * scale.unsqueeze(1)).long()  # (B, frames)
         source = torch.minimum(source, (token_lens.long() - 1).clamp(min=0).unsqueeze(1))
