@@ -430,8 +430,9 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     assert graphs.captured_graphs["ode"] and all(padded for *_, padded in graphs.captured_graphs["ode"])
     assert not ode_only.captured_graphs["first_block_flow"] and (1, 68, 11, False) in ode_only.captured_graphs["ode"]
     assert all(padded for *_, padded in padded.captured_graphs["ode"])
-    # the vocoder of the 25- and 55-token blocks and of the flush of the held-back frames, each captured
-    # once and replayed; the encoder of the two later blocks
+    # the vocoder of the 25- and 55-token blocks and of the flush of the held-back frames, and the encoder
+    # of the two later blocks: captured at their second use (the second stream above, whose audio then
+    # came from the graphs)
     assert not graphs.captured_graphs["later_vocoder"] and len(later.captured_graphs["later_vocoder"]) == 3
     assert later.captured_graphs["later_encoder"]
     np.testing.assert_allclose(graphs.decode(codes, seed=2), eager.decode(codes, seed=2), atol=5e-3)

@@ -141,7 +141,7 @@ class AudioDecoder:
         LLM engine it served fewer conversations than whole-solve calls (docs/perf/decoder.md).
         ``graph_later_blocks`` (CUDA graphs): replay the encoder and the vocoder of every later block (those
         with a prompt and a carried state) as CUDA graphs: the encoder's per padded length, the vocoder's
-        per exact length; :meth:`warm_up` captures the schedule's, others are captured at first use. Their
+        per exact length; :meth:`warm_up` captures the schedule's, others are captured at their second use. Their
         eager kernels cost host time that grows many times over while other Python threads of the process
         (the event loop, the LLM engine's worker) want the interpreter's lock. Off by default until
         measured end to end (docs/perf/decoder.md)."""
@@ -659,21 +659,9 @@ class AudioDecoder:
                         stream.close()
         later = self._synth.later_blocks
         answers = [1] if later is None else sorted({1, *(b for b in batch_sizes if b in later.batch_sizes)})
-        for batch in answers:  # throwaway answers, ``batch`` streams together (the later blocks' graphs)
-            streams = [self.stream(seed=row) for row in range(batch)]
-            try:
-                offset = 0
-                for size in list(block_sizes) + [block_sizes[-1]]:
-                    codes = [(offset + 7 * k) % self._num_codes for k in range(size)]
-                    for result in self.feed_many([(stream, codes) for stream in streams]):
-                        if isinstance(result, Exception):
-                            raise result
-                    offset += size
-                for stream in streams:
-                    stream.finish()
-            finally:
-                for stream in streams:
-                    stream.close()
+        with later.capturing_at_first_use() if later is not None else contextlib.nullcontext():
+            for batch in answers:  # throwaway answers, ``batch`` streams together (the later blocks' graphs)
+                self._throwaway_answer(batch, block_sizes)
         release_cached(self._device, "decoder warm-up")
         seconds = time.perf_counter() - started
         captured = sum(len(shapes) for shapes in self.captured_graphs.values()) - before
@@ -681,6 +669,23 @@ class AudioDecoder:
         return seconds
 
     # ---- internals ---------------------------------------------------------------------------------
+    def _throwaway_answer(self, batch: int, block_sizes: Sequence[int]) -> None:
+        """``batch`` streams decoded together through ``block_sizes`` (the last twice), then finished."""
+        streams = [self.stream(seed=row) for row in range(batch)]
+        try:
+            offset = 0
+            for size in list(block_sizes) + [block_sizes[-1]]:
+                codes = [(offset + 7 * k) % self._num_codes for k in range(size)]
+                for result in self.feed_many([(stream, codes) for stream in streams]):
+                    if isinstance(result, Exception):
+                        raise result
+                offset += size
+            for stream in streams:
+                stream.finish()
+        finally:
+            for stream in streams:
+                stream.close()
+
     def _add_codes(self, state: StreamState, codes: list[int]):
         """Append codes to a claimed stream; its next block once ``min_block_tokens`` are pending."""
         if state.finished:

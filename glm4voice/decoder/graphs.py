@@ -26,8 +26,9 @@ else replays (the graphs share one memory pool with the ODE graphs).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,9 @@ WARMUP_RUNS = 2
 LATER_BLOCK_WARMUP_RUNS = 0
 """Runs of a later-block stage before a capture, past the eager call every capture starts with: its
 shapes are captured while listeners wait, and the decoder's warm-up has run the stage before."""
+LATER_BLOCK_CAPTURE_AFTER = 2
+"""A later-block shape is captured at its second use (after warm-up): a stream's last block has a length
+of its own, met once; a graph for it would cost a capture and memory for nothing."""
 COMPILE_RECOMPILE_LIMIT = 64
 """torch.compile keeps a compiled variant per input shape (batch size x length); its default limit is
 lower than the number of graphs a decoder captures."""
@@ -116,6 +120,7 @@ class GraphedFunction:
         capture: Capture | None = None,
         warm_up_runs: int = WARMUP_RUNS,
         max_bytes: int | None = None,
+        capture_after: int = 1,
     ):
         self.name = name
         self.capture = capture
@@ -123,6 +128,10 @@ class GraphedFunction:
         self.max_bytes = max_bytes
         """Static buffers the graphs may keep in all (None: no limit); past it new shapes run eagerly."""
         self.static_bytes = 0
+        self.capture_after = capture_after
+        """A shape is captured at its ``capture_after``-th use (1: the first); before, it runs eagerly, so
+        that shapes met once (a last block's length) cost no capture and no memory."""
+        self._uses: dict[_Key, int] = {}
         self.candidates: list[Callable[..., Tensors]] = list(fn) if isinstance(fn, (list, tuple)) else [fn]  # type: ignore[list-item]
         self.eager: Callable[..., Tensors] = eager or self.candidates[-1]
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
@@ -147,6 +156,10 @@ class GraphedFunction:
         captured = self._graphs.get(key)
         if captured is None and self.max_bytes is not None and self.static_bytes >= self.max_bytes:
             return self.eager(*inputs)
+        if captured is None and self.capture_after > 1:
+            uses = self._uses[key] = self._uses.get(key, 0) + 1
+            if uses < self.capture_after:
+                return self.eager(*inputs)
         if captured is None:
             captured = self._first_capture(rows, inputs)
             if captured is None:
@@ -270,8 +283,9 @@ class FirstBlockGraphs:
 class LaterBlockGraphs:
     """The encoder and the vocoder of later blocks (a prompt, a carried source, any lengths) as CUDA
     graphs, for batches up to :data:`~glm4voice.decoder.options.LATER_BLOCK_GRAPH_MAX_BATCH`, each stage
-    within :data:`~glm4voice.decoder.options.LATER_BLOCK_GRAPH_BYTES` of static buffers; graphs are
-    captured at a shape's first use (``AudioDecoder.warm_up`` captures the schedule's).
+    within :data:`~glm4voice.decoder.options.LATER_BLOCK_GRAPH_BYTES` of static buffers; a shape is
+    captured at its second use (:data:`LATER_BLOCK_CAPTURE_AFTER`; ``AudioDecoder.warm_up`` captures the
+    schedule's at once).
 
     - The encoder (token embedding, Conformer, length regulator) masks every row to its own lengths
       (``MaskedDiffWithXvec.encode_padded``), so its graphs serve padded shapes: tokens padded to
@@ -295,11 +309,26 @@ class LaterBlockGraphs:
         self.encoder_graphs = GraphedFunction(
             "the later-block encoder", self._encode_eager, sizes, pool, capture=capture,
             warm_up_runs=LATER_BLOCK_WARMUP_RUNS, max_bytes=LATER_BLOCK_GRAPH_BYTES,
+            capture_after=LATER_BLOCK_CAPTURE_AFTER,
         )  # fmt: skip
         self.vocoder_graphs = GraphedFunction(
             "the later-block vocoder", self._vocode_eager, sizes, pool, capture=capture,
             warm_up_runs=LATER_BLOCK_WARMUP_RUNS, max_bytes=LATER_BLOCK_GRAPH_BYTES,
+            capture_after=LATER_BLOCK_CAPTURE_AFTER,
         )  # fmt: skip
+
+    @contextlib.contextmanager
+    def capturing_at_first_use(self) -> Iterator[None]:
+        """Within it, every new shape is captured at its first use (``AudioDecoder.warm_up``)."""
+        stages = (self.encoder_graphs, self.vocoder_graphs)
+        before = [stage.capture_after for stage in stages]
+        for stage in stages:
+            stage.capture_after = 1
+        try:
+            yield
+        finally:
+            for stage, after in zip(stages, before):
+                stage.capture_after = after
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:

@@ -73,6 +73,16 @@ def test_graphed_function_stops_capturing_past_its_byte_budget():
     assert len(capture.captured) == 1 and graphed.captured_shapes == [(2, (8,))]
 
 
+def test_graphed_function_captures_a_shape_at_its_nth_use():
+    capture = StandInCapture()
+    graphed = GraphedFunction("test", lambda x: (x * 3,), (1, 2), pool=None, capture=capture, capture_after=2)
+    x = torch.arange(4.0).view(1, 4)
+    assert torch.equal(graphed(x)[0], x * 3) and not capture.captured  # first use: eager
+    assert torch.equal(graphed(x)[0], x * 3) and capture.captured == [((1, 4),)]  # second: captured
+    assert torch.equal(graphed(x + 1)[0], (x + 1) * 3) and len(capture.captured) == 1  # replayed
+    assert torch.equal(graphed(torch.ones(2, 4))[0], torch.full((2, 4), 3.0)) and len(capture.captured) == 1
+
+
 def test_graphed_function_falls_back_variant_by_variant():
     capture = StandInCapture()
 
@@ -178,7 +188,7 @@ def test_later_block_graphs_compute_what_the_eager_decoder_computes(decoder):
     calls = [{0: (0, 10), 1: (0, 10), 2: (0, 10)}, {0: (10, 30), 1: (10, 30), 2: (10, 22)},
              {0: (30, 50), 1: (30, 50)}, {2: (22, 90)}]  # fmt: skip
     runs = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), graphs.capturing_at_first_use():
         for name, synth in (("graphed", graphed), ("eager", decoder.synthesizer)):
             states = [decoder.new_state(seed=seed) for seed in (1, 2, 3)]
             heard = []
@@ -264,8 +274,8 @@ def test_decoder_with_first_block_graphs_streams_batches_and_warms_up(tiny_check
 def test_decoder_with_later_block_graphs_warms_up_each_batch_size(tiny_checkpoints, monkeypatch):
     """The decoder's wiring of the later-block graphs (stand-in capture on the CPU): warm_up
     captures the schedule's later blocks for every graphed batch size; streams that follow the schedule
-    capture nothing more, a block of another length captures its graph at first use, and the audio is
-    the eager decoder's."""
+    capture nothing more, nor does a block of another length met once, and the audio is the eager
+    decoder's."""
     import glm4voice.decoder.graphs as graphs_module
     from glm4voice.decoder.options import DecoderOptions
 
@@ -287,8 +297,8 @@ def test_decoder_with_later_block_graphs_warms_up_each_batch_size(tiny_checkpoin
                 piece.append(pcm)
         if name == "graphed":
             assert graphed.captured_graphs["later_vocoder"] == warm  # the schedule's shapes were warmed up
-        pieces[0].append(streams[0].feed(codes[50:60]))  # a 10-token later block: a new length
+        pieces[0].append(streams[0].feed(codes[50:60]))  # a 10-token later block: a new length, met once
         results[name] = [np.concatenate(p + [s.finish()]) for p, s in zip(pieces, streams)]
     for a, b in zip(results["graphed"], results["eager"]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
-    assert len(graphed.captured_graphs["later_vocoder"]) > len(warm)
+    assert graphed.captured_graphs["later_vocoder"] == warm  # a shape met once runs eagerly: no capture
