@@ -51,7 +51,8 @@ LATER_BLOCK_GRAPH_MAX_BATCH = 16
 (the vocoder's speech and source: rows x samples each), and large batches are not launch-bound."""
 LATER_BLOCK_GRAPH_BYTES = 1 << 30
 """Static buffers (inputs and outputs) that the graphs of each later-block stage (encoder, vocoder) may
-keep in all: graphs are captured at a shape's first use, and past this budget new shapes run eagerly."""
+keep in all: graphs are captured while streams run (a shape's second use), and past this budget new
+shapes run eagerly."""
 LATER_ENCODER_TOKEN_BUCKET = 32
 """Later blocks' tokens (prompt and new) are padded to a multiple of this for the encoder's graphs (their
 frames to the ODE graphs' bucket): a few graphs serve every prompt and block length."""

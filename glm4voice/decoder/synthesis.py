@@ -16,8 +16,9 @@ would alone, up to float rounding.
   context; without the fade the seam is an audible jump, as in the original).
 
 First blocks (no prompt, nothing carried) may run as CUDA graphs of whole stages, and the encoder and
-the vocoder of later blocks as graphs of their own (:mod:`glm4voice.decoder.graphs`); everything else runs the modules,
-with the ODE's own graphs when ``solve`` is a :class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver`.
+the vocoder of later blocks as graphs of their own (:mod:`glm4voice.decoder.graphs`); everything else
+runs the modules, with the ODE's own graphs when ``solve`` is a
+:class:`~cosyvoice.flow.cuda_graph.GraphedEulerSolver`.
 
 Not thread-safe: the caller (:class:`~glm4voice.decoder.AudioDecoder`) holds its lock and device
 context around every call.
