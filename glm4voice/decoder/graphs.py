@@ -306,16 +306,13 @@ class LaterBlockGraphs:
         self.flow = flow
         self.hift = hift
         sizes = [b for b in batch_sizes if b <= LATER_BLOCK_GRAPH_MAX_BATCH] or [min(batch_sizes)]
-        self.encoder_graphs = GraphedFunction(
-            "the later-block encoder", self._encode_eager, sizes, pool, capture=capture,
-            warm_up_runs=LATER_BLOCK_WARMUP_RUNS, max_bytes=LATER_BLOCK_GRAPH_BYTES,
-            capture_after=LATER_BLOCK_CAPTURE_AFTER,
-        )  # fmt: skip
-        self.vocoder_graphs = GraphedFunction(
-            "the later-block vocoder", self._vocode_eager, sizes, pool, capture=capture,
-            warm_up_runs=LATER_BLOCK_WARMUP_RUNS, max_bytes=LATER_BLOCK_GRAPH_BYTES,
-            capture_after=LATER_BLOCK_CAPTURE_AFTER,
-        )  # fmt: skip
+
+        def stage(name: str, fn: Callable[..., Tensors]) -> GraphedFunction:
+            return GraphedFunction(name, fn, sizes, pool, capture=capture, warm_up_runs=LATER_BLOCK_WARMUP_RUNS,
+                                   max_bytes=LATER_BLOCK_GRAPH_BYTES, capture_after=LATER_BLOCK_CAPTURE_AFTER)  # fmt: skip
+
+        self.encoder_graphs = stage("the later-block encoder", self._encode_eager)
+        self.vocoder_graphs = stage("the later-block vocoder", self._vocode_eager)
 
     @contextlib.contextmanager
     def capturing_at_first_use(self) -> Iterator[None]:

@@ -238,6 +238,19 @@ def test_graph_options(tiny_checkpoints):
             AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", **bad)
 
 
+def two_streams_fed_together(decoder, codes, sizes):
+    """Streams of seeds 1 and 2 fed the same codes in blocks of ``sizes``, each block of both in one
+    ``feed_many`` call; returns the streams and the PCM of each block, per stream."""
+    streams = [decoder.stream(seed=s) for s in (1, 2)]
+    pieces = [[] for _ in streams]
+    start = 0
+    for size in sizes:
+        for piece, pcm in zip(pieces, decoder.feed_many([(s, codes[start : start + size]) for s in streams])):
+            piece.append(pcm)
+        start += size
+    return streams, pieces
+
+
 def test_decoder_with_first_block_graphs_streams_batches_and_warms_up(tiny_checkpoints, monkeypatch):
     """The decoder's wiring of the first-block graphs (stand-in capture on the CPU): warm_up captures
     the first block of every graphed batch size, streams then capture nothing more, and the audio is the
@@ -260,11 +273,7 @@ def test_decoder_with_first_block_graphs_streams_batches_and_warms_up(tiny_check
     codes = np.random.default_rng(2).integers(0, graphed.num_codes, 40).tolist()
     results = {}
     for name, decoder in (("graphed", graphed), ("eager", eager)):
-        streams = [decoder.stream(seed=s) for s in (1, 2)]
-        pieces = [[] for _ in streams]
-        for start, size in ((0, 10), (10, 20), (30, 10)):
-            for piece, pcm in zip(pieces, decoder.feed_many([(s, codes[start : start + size]) for s in streams])):
-                piece.append(pcm)
+        streams, pieces = two_streams_fed_together(decoder, codes, (10, 20, 10))
         results[name] = [np.concatenate(p + [s.finish()]) for p, s in zip(pieces, streams)]
     for a, b in zip(results["graphed"], results["eager"]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
@@ -290,11 +299,7 @@ def test_decoder_with_later_block_graphs_warms_up_each_batch_size(tiny_checkpoin
     codes = np.random.default_rng(4).integers(0, graphed.num_codes, 60).tolist()
     results = {}
     for name, decoder in (("graphed", graphed), ("eager", eager)):
-        streams = [decoder.stream(seed=s) for s in (1, 2)]
-        pieces = [[] for _ in streams]
-        for start, size in ((0, 10), (10, 20), (30, 20)):
-            for piece, pcm in zip(pieces, decoder.feed_many([(s, codes[start : start + size]) for s in streams])):
-                piece.append(pcm)
+        streams, pieces = two_streams_fed_together(decoder, codes, (10, 20, 20))
         if name == "graphed":
             assert graphed.captured_graphs["later_vocoder"] == warm  # the schedule's shapes were warmed up
         pieces[0].append(streams[0].feed(codes[50:60]))  # a 10-token later block: a new length, met once
