@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder work",
     )
     parser.add_argument(
+        "--cover-start",
+        action="store_true",
+        help="send a turn's first audio only once the audio decoded so far covers the wait for the later "
+        "blocks at the measured token rate and decoder latency: under heavy load the answer starts later "
+        'and plays without gaps (PipelineConfig.cover_start; docs/PERFORMANCE.md, "2026-11-28, evening")',
+    )
+    parser.add_argument(
         "--max-concurrent-turns",
         type=int,
         default=None,
@@ -174,7 +181,7 @@ def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, 
 
     device = str(resolve_device(args.device))
     block_sizes = tuple(int(s) for s in args.block_sizes.split(",") if s.strip())
-    config = PipelineConfig(block_sizes=block_sizes, min_token_rate=args.min_token_rate)
+    config = PipelineConfig(block_sizes=block_sizes, min_token_rate=args.min_token_rate, cover_start=args.cover_start)
     started = time.perf_counter()
     llm_folder = resolve_checkpoint(args.model_path, allow_patterns=[TOKENIZER_MODEL_FILE, TOKENIZER_CONFIG_FILE])
     text_tokenizer = GLMTokenizer.from_pretrained(llm_folder)

@@ -97,6 +97,9 @@ class BlockBatcher:
         block waits for once it is taken."""
         self.fastest_s: float | None = None
         """The quickest job (stepped: block) so far (a small block on an otherwise idle decoder)."""
+        self.block_s: float | None = None
+        """Moving average of a job's duration per block in it (whole-solve jobs only): what each running
+        turn's next block adds to a round of jobs that decodes them all."""
         self.calls = 0
         """``feed_many`` calls made (stepped: ticks that took new blocks); with ``jobs`` below: the mean
         batch a listener shared. Counted on the worker before the call's results are delivered."""
@@ -267,6 +270,10 @@ class BlockBatcher:
             seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
         )
         self.fastest_s = seconds if self.fastest_s is None else min(self.fastest_s, seconds)
+        per_block = seconds / len(entries)
+        self.block_s = (
+            per_block if self.block_s is None else (1 - LATENCY_WEIGHT) * self.block_s + LATENCY_WEIGHT * per_block
+        )
         error = None if call.cancelled() else call.exception()
         if error is not None:  # feed_many itself failed (a bug): every block of the job hears of it
             logger.error("batched block decode failed: %r", error)

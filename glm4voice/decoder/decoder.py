@@ -143,8 +143,9 @@ class AudioDecoder:
         with a prompt and a carried state) as CUDA graphs: the encoder's per padded length, the vocoder's
         per exact length; :meth:`warm_up` captures the schedule's, others are captured at their second use. Their
         eager kernels cost host time that grows many times over while other Python threads of the process
-        (the event loop, the LLM engine's worker) want the interpreter's lock. Off by default until
-        measured end to end (docs/perf/decoder.md)."""
+        (the event loop, the LLM engine's worker) want the interpreter's lock. Off by default: on an H100
+        with 64 conversations at once it cut that host time but not the decoder's busy time, and as many
+        listeners ran dry (docs/perf/decoder.md)."""
         self.options = DecoderOptions(
             dtype, prompt_window, cuda_graphs, min_block_tokens, seam_crossfade, compile_first_blocks,
             tuple(graph_batch_sizes), graph_first_blocks, mixed_batches, step_batching, graph_later_blocks,

@@ -146,6 +146,14 @@ class PipelineConfig:
     """With an engine in this process (the one-process layout: a client with ``make_way``), the
     engine starts no new step while a turn's first audio block is decoded (``Engine.make_way``): the
     listener waiting for it then does not share the GPU with generation. Off: both run at once."""
+    cover_start: bool = False
+    """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
+    the wait for every later block at the answer's measured token rate and the decoder's measured
+    latency (:meth:`~glm4voice.pipeline.policy.ListenerPacing.start_covered`); the blocks are decoded
+    as usual meanwhile, only their audio is kept back. Under heavy load the first audio comes later
+    and then plays without a gap (64 conversations started together on an H100: 0-2 of 64 ran dry
+    against 25-43); at moderate load it costs time to first audio for few or no gaps saved
+    (docs/PERFORMANCE.md, "2026-11-28, evening"). Off: the first decoded audio goes out at once."""
 
     def __post_init__(self) -> None:
         BlockSchedule(tuple(self.block_sizes))  # validates
@@ -276,6 +284,12 @@ class TurnLoad:
         average (their blocks share the jobs)."""
         return self.blocks.fastest_s if self.active_turns <= 1 else self.blocks.latency_s
 
+    def decoder_round_s(self) -> float | None:
+        """A decoder job's time per block, times the turns running: how long the decoder takes to decode
+        the next block of every running turn (None: no job measured yet)."""
+        per_block = self.blocks.block_s
+        return None if per_block is None else per_block * max(1, self.active_turns)
+
 
 @dataclass(frozen=True)
 class _EndOfStream:
@@ -375,6 +389,8 @@ class VoiceChat:
             hold_back_s=self.decoder.hold_back_s,
             min_block_tokens=self.decoder.min_block_tokens,
             player_lead_s=self.config.player_lead_s,
+            schedule=self.schedule,
+            cover_start=self.config.cover_start,
         )
 
     def memory_owners(self) -> MemoryOwners:
@@ -657,8 +673,10 @@ class VoiceChat:
             else:
                 stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
                 ready: list[tuple[AudioBlock, float]] = []  # cut, not yet handed to the decoder
+                cut: list[int] = []  # sizes of the blocks handed to the decoder
+                unheard: list[tuple] = []  # decoded before the listener starts: emit()'s arguments
                 end: _EndOfStream | None = None
-                paced = False
+                paced = started_playing = False
                 while end is None:
                     end = _take_waiting(await blocks.get(), blocks, ready)
                     if not paced and end is None and [block.index for block, _ in ready] == [0]:
@@ -669,12 +687,20 @@ class VoiceChat:
                         continue
                     started = clock.now()
                     pcms = self.blocks.submit(stream, [block.codes for block, _ in ready])
+                    cut += [len(block.codes) for block, _ in ready]
                     # blocks handed over together reach the listener together: a held first block and
                     # the block after it start playing as one (the player's lead covers neither gap)
                     decoded = await asyncio.gather(*pcms)
-                    for (block, ready_at), samples in zip(ready, decoded):
-                        emit(samples, block.index, len(block.codes), ready_at, started)
+                    unheard += [(samples, block.index, len(block.codes), ready_at, started)
+                                for (block, ready_at), samples in zip(ready, decoded)]  # fmt: skip
                     ready, pcms = [], []
+                    if started_playing or end is not None or pacing.start_covered(clock.now(), cut):
+                        started_playing = True
+                        for args in unheard:
+                            emit(*args)
+                        unheard = []
+                for args in unheard:  # the answer ended before its start was covered
+                    emit(*args)
                 started = clock.now()
                 tail = await loop.run_in_executor(self._decode_worker, stream.finish)
                 emit(tail, None, 0, started, started)

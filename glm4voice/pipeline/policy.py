@@ -22,12 +22,14 @@ decisions are kept apart:
   - :class:`ListenerPacing`: holds a quick first block back until the next block is cut when the
     next one could not follow in time (the measured token rate, decoder latency and turns running
     through the narrow :class:`SharedLoad`), so that a listener who starts hearing the answer does
-    not run dry after the first chunk.
+    not run dry after the first chunk; and starts the listener only once the audio decoded so far
+    covers the wait for every later block of the schedule (:meth:`ListenerPacing.start_covered`).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,6 +59,10 @@ EARLY_CUT_MARGIN_S = 0.5
 """Audio kept in hand, on the planning clock, for the decoder's latency under load."""
 QUICK_START_MARGIN_S = 0.1
 """Slack required on top of the estimated time until the second block plays."""
+START_HORIZON_S = 15.0
+"""How far into an answer's audio :meth:`ListenerPacing.start_covered` checks that later blocks arrive in
+time (the schedule's blocks grow, so the first few are the tight ones; an answer slower than real time
+would otherwise never start before it ends)."""
 QUICK_START_MAX_TURNS = 8
 """A quick first block is decoded at once only while at most this many turns run: many turns
 starting together share the decoder's calls, and a short first chunk then runs dry before the next
@@ -225,6 +231,11 @@ class SharedLoad(Protocol):
         """Expected duration of the decoder call a new block joins (None: not measured yet)."""
         ...
 
+    def decoder_round_s(self) -> float | None:
+        """Expected time for the decoder to decode the next block of every running turn (None: not
+        measured yet)."""
+        ...
+
 
 class BlockPacing:
     """When a turn's cut blocks go to the decoder: every block as soon as it is cut. One instance
@@ -239,6 +250,12 @@ class BlockPacing:
         the answer ends), then both in order."""
         return False
 
+    def start_covered(self, now: float, cut: Sequence[int]) -> bool:
+        """Blocks of ``cut`` audio tokens (in order: every block handed to the decoder so far) are
+        decoded at ``now`` and the listener has heard nothing yet. False: keep their audio back until
+        a later block is decoded (or the answer ends), then send it all."""
+        return True
+
 
 class ListenerPacing(BlockPacing):
     """Holds a quick first block back while the block after it could not follow in time.
@@ -249,12 +266,28 @@ class ListenerPacing(BlockPacing):
     decoded (one decoder call to wait for, one to run) before the short first chunk (less the
     decoder's ``hold_back_s``) and the player's lead (``player_lead_s``) have played, and at most
     :data:`QUICK_START_MAX_TURNS` turns run; otherwise it waits for the next block, and the listener
-    starts with both."""
+    starts with both.
+
+    With ``cover_start`` the listener also starts only once the audio decoded so far covers the wait
+    for every later block (:meth:`start_covered`): under load, where the answer streams at a few
+    times real time and the decoder's calls take a quarter of a second, a listener started on the
+    first blocks runs dry when the schedule's blocks grow (an 80-token block is generated in about
+    3 s at 40 tok/s, while the 52 tokens before it play for 4.2 s less the decoder's wait)."""
 
     def __init__(
-        self, load: SharedLoad, *, first_block: int, hold_back_s: float, min_block_tokens: int, player_lead_s: float
+        self,
+        load: SharedLoad,
+        *,
+        first_block: int,
+        hold_back_s: float,
+        min_block_tokens: int,
+        player_lead_s: float,
+        schedule: BlockSchedule | None = None,
+        cover_start: bool = False,
     ):
         self.load = load
+        self.schedule = schedule or BlockSchedule()
+        self.cover_start = cover_start
         self.first_block = first_block
         self.hold_back_s = hold_back_s
         self.min_block_tokens = min_block_tokens
@@ -293,3 +326,27 @@ class ListenerPacing(BlockPacing):
         chunk_s = self.first_block / SPEECH_TOKEN_RATE - self.hold_back_s
         decoder_s = self.load.decoder_wait_s() or 0.0  # one call to wait for, one to run
         return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S > chunk_s + self.player_lead_s
+
+    def start_covered(self, now: float, cut: Sequence[int]) -> bool:
+        """Whether a listener started now hears every block within :data:`START_HORIZON_S` of the answer
+        without a gap: each later block of the schedule (sizes from ``len(cut)`` on; early cuts only make
+        blocks smaller, so sooner) is generated at the answer's measured token rate and decoded before
+        the audio ahead of it, less the decoder's ``hold_back_s`` and plus the player's lead, has
+        played. Decoding takes one decoder call to wait for and one to run, or a round of every running
+        turn's next block, whichever is longer (under load each turn's blocks wait for the others').
+        Always true without ``cover_start`` or a measured rate."""
+        rate = self.rate()
+        if not self.cover_start or rate is None:
+            return True
+        audio_rate = rate / TOKENS_PER_AUDIO_TOKEN  # audio tokens per second
+        decoder_s = max(2 * (self.load.decoder_wait_s() or 0.0), self.load.decoder_round_s() or 0.0)
+        have = before = sum(cut)  # audio tokens generated and cut; those ahead of the next block
+        index = len(cut)
+        while before / SPEECH_TOKEN_RATE < START_HORIZON_S:
+            size = self.schedule.size(index)
+            ready_s = (before + size - have) / audio_rate + decoder_s + QUICK_START_MARGIN_S
+            if ready_s > before / SPEECH_TOKEN_RATE - self.hold_back_s + self.player_lead_s:
+                return False
+            before += size
+            index += 1
+        return True

@@ -68,6 +68,7 @@ def test_waiting_blocks_share_one_call_and_get_their_own_results():
             assert (batcher.calls, batcher.jobs) == (2, 4)  # counted before the results were delivered
             await until(lambda: batcher.idle, "the job never finished")
             assert 0 < batcher.fastest_s <= batcher.latency_s  # call durations are tracked
+            assert 0 < batcher.block_s < batcher.latency_s  # and per block: the second call had three
 
     asyncio.run(scenario())
 

@@ -494,6 +494,50 @@ def test_timing_never_moves_the_cuts_nor_changes_the_audio(models, special_token
         assert first.decode_started < second.ready
 
 
+def test_the_turn_load_reads_the_decoders_measured_times():
+    """What a turn's pacing learns of the others: alone, the quickest job; among others, the average
+    job; a round of every running turn's next block, the time per block times the turns."""
+    from types import SimpleNamespace
+
+    from glm4voice.pipeline.chat import TurnLoad
+
+    blocks = SimpleNamespace(fastest_s=0.05, latency_s=0.3, block_s=None)
+    load = TurnLoad(blocks)  # type: ignore[arg-type]
+    assert load.decoder_round_s() is None  # nothing decoded yet
+    blocks.block_s = 0.02
+    load.active_turns = 1
+    assert (load.decoder_wait_s(), load.decoder_round_s()) == (0.05, 0.02)
+    load.active_turns = 64
+    assert load.decoder_wait_s() == 0.3 and load.decoder_round_s() == pytest.approx(1.28)
+
+
+def test_a_covered_start_keeps_the_audio_back_not_the_blocks(models, special_tokens):
+    """``cover_start`` with a decoder that could never keep up (a round of every turn's blocks takes
+    1000 s): the blocks are cut and decoded as without it (tokens arrive over about a second, so the
+    first blocks are decoded long before the last is cut), but their audio goes out only once the
+    answer has ended, all of it, equal to the audio of a turn without it. Off (the default), the
+    pacing never keeps audio back."""
+    ids = scripted_answer(models, special_tokens)
+
+    async def turn(cover):
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder,
+                         PacedClient(ids, lambda k: 0.01), PipelineConfig(cover_start=cover))  # fmt: skip
+        chat.load.decoder_round_s = lambda: 1000.0
+        try:
+            return await collect(chat, chat.new_session(), UserText("Hi"), SEEDED), chat.block_pacing()
+        finally:
+            chat.close()
+
+    (covered, pacing), (plain, default_pacing) = asyncio.run(turn(True)), asyncio.run(turn(False))
+    assert pacing.cover_start and not default_pacing.cover_start
+    kept, sent = assert_well_formed(covered), assert_well_formed(plain)
+    assert block_sizes(kept) == block_sizes(sent) == [10, 16, 26, 26]
+    np.testing.assert_array_equal(kept.audio, sent.audio)
+    last_block = [b for b in kept.timings.blocks if b.index is not None][-1]
+    audio_out = [e.elapsed for e in covered if isinstance(e, AssistantAudio)]
+    assert len(audio_out) == 5 and min(audio_out) >= last_block.decode_started
+
+
 # --- failures: a readable message, the session unchanged, the next turn works ------------------------
 
 

@@ -38,8 +38,13 @@ class Load:
     active_turns: int = 1
     wait_s: float | None = None
 
+    round_s: float | None = None
+
     def decoder_wait_s(self) -> float | None:
         return self.wait_s
+
+    def decoder_round_s(self) -> float | None:
+        return self.round_s
 
 
 def answer(special, text_tokenizer, audio_seconds: float) -> list[int]:
@@ -59,10 +64,11 @@ def adaptive(schedule: BlockSchedule = SCHEDULE, **options) -> AdaptiveBlocks:
     )
 
 
-def pacing(load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEAD_S) -> ListenerPacing:
-    return ListenerPacing(
-        load, first_block=first_block, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK, player_lead_s=lead_s
-    )
+def pacing(
+    load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEAD_S, cover_start: bool = False
+) -> ListenerPacing:
+    return ListenerPacing(load, first_block=first_block, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK,
+                          player_lead_s=lead_s, schedule=SCHEDULE, cover_start=cover_start)  # fmt: skip
 
 
 def cuts(policy: BlockPolicy, ids: list[int], special, text_tokenizer) -> list[int]:
@@ -86,6 +92,7 @@ class Run:
     decoded: list[int] = field(default_factory=list)
     held_first: bool = False
     decode_started: list[float] = field(default_factory=list)
+    first_audio: float | None = None
     underruns: int = 0
 
 
@@ -94,7 +101,8 @@ def simulate(policy, block_pacing, ids, special, text_tokenizer, token_times, de
     ``token_times[k]``; the pacing may hold the first block until the next is cut; a decoder job
     takes every block cut by the time it starts and decodes them one after another, in order, each in
     ``decode_s(size)`` seconds; each block's PCM (less the decoder's hold-back, but for the last one)
-    goes to a player that starts ``LEAD_S`` after the first PCM."""
+    goes to a player that starts ``LEAD_S`` after the first PCM the pacing lets out (after a job, once
+    :meth:`~ListenerPacing.start_covered` says so, or with the last block)."""
     demuxer = Demuxer(text_tokenizer, special, policy.demuxer_schedule)
     blocks: list[tuple[int, float]] = []  # (size, cut at)
     hold_first = False
@@ -126,8 +134,11 @@ def simulate(policy, block_pacing, ids, special, text_tokenizer, token_times, de
             run.decoded.append(size)
             run.decode_started.append(start)
         k = job_end
-    play_from, heard = pcm[0][0] + LEAD_S, 0.0
+        if run.first_audio is None and (k == len(blocks) or block_pacing.start_covered(free, run.decoded)):
+            run.first_audio = free
+    play_from, heard = run.first_audio + LEAD_S, 0.0
     for when, playable in pcm:
+        when = max(when, run.first_audio)  # audio kept back goes out with the first audio
         if when > play_from + heard:  # the player ran dry; it restarts now
             run.underruns += 1
             play_from = when - heard
@@ -319,3 +330,57 @@ def test_the_decoders_hold_back_and_the_players_lead_enter_the_pacing():
     with_lead, without = pacing(Load(wait_s=0.0)), pacing(Load(wait_s=0.0), lead_s=0.0)
     assert not with_lead.hold_first_block(feed_tokens(with_lead, rate))
     assert without.hold_first_block(feed_tokens(without, rate))
+
+
+# --- covered starts -----------------------------------------------------------------------------------
+
+
+def test_a_covered_start_waits_until_every_block_in_the_horizon_can_follow():
+    """44 tok/s (2.3 times real time) with a decoder round of 1.6 s (64 turns at 25 ms a block): a
+    listener started on the first two blocks (2.4 s of audio) would wait for the 40-token block; the
+    start is covered once that block is decoded (the 80- and 160-token blocks after it are generated and
+    decoded before the audio ahead of them has played; past START_HORIZON_S nothing is checked)."""
+    crowded = pacing(Load(active_turns=64, wait_s=0.3, round_s=1.6), cover_start=True)
+    now = feed_tokens(crowded, 44.0, count=60)
+    assert [crowded.start_covered(now, cut) for cut in ([10], [10, 20])] == [False, False]
+    assert crowded.start_covered(now, [10, 20, 40])
+    slower_decoder = pacing(Load(active_turns=64, wait_s=0.3, round_s=3.0), cover_start=True)
+    assert not slower_decoder.start_covered(feed_tokens(slower_decoder, 44.0, count=60), [10, 20, 40])
+    # an answer alone, at a single stream's rate: one decoder call of 50 ms to wait for, one to run
+    alone = pacing(Load(wait_s=0.05, round_s=0.05), cover_start=True)
+    assert alone.start_covered(feed_tokens(alone, 120.0, count=60), [10])
+    # off (the default), no rate yet, or no pacing: the first audio goes out at once
+    assert not pacing(Load()).cover_start
+    off = pacing(Load(active_turns=64, wait_s=0.3, round_s=1.6))
+    assert off.start_covered(feed_tokens(off, 44.0, count=60), [10])
+    unknown = pacing(Load(wait_s=0.3, round_s=1.6), cover_start=True)
+    assert unknown.rate() is None and unknown.start_covered(0.0, [10])
+    assert BlockPacing().start_covered(0.0, [10])
+
+
+def test_a_covered_start_bounds_its_wait_for_an_answer_slower_than_real_time():
+    """At 0.8 times real time no start keeps every later block in time; the check looks
+    START_HORIZON_S into the audio, so enough audio in hand still starts the listener."""
+    slow = pacing(Load(wait_s=0.05, round_s=0.05), cover_start=True)
+    now = feed_tokens(slow, 0.8 * REAL_TIME_TOKEN_RATE, count=60)
+    assert not slow.start_covered(now, [10, 20, 40])
+    assert slow.start_covered(now, [10, 20, 40, 80, 160])  # 24.8 s in hand: past the horizon
+
+
+@pytest.mark.parametrize("rate", [40.0, 56.25])
+def test_a_covered_start_trades_time_to_first_audio_for_no_gap(special_tokens, text_tokenizer, rate):
+    """A turn among many: tokens at two to three times real time, each block waiting 2 s for the
+    decoder (a round of the other turns' blocks). Started on its first block the listener runs dry;
+    covered, it starts later and hears the 60 s answer without a gap. The cuts and the decoding are
+    the same either way: only the audio is kept back."""
+    ids = answer(special_tokens, text_tokenizer, 60)
+    load = Load(active_turns=QUICK_START_MAX_TURNS, wait_s=1.0, round_s=2.0)
+
+    def run(cover: bool) -> Run:
+        block_pacing = pacing(load, cover_start=cover)
+        return simulate(adaptive(), block_pacing, ids, special_tokens, text_tokenizer, steady(rate), lambda n: 2.0)
+
+    runs = {cover: run(cover) for cover in (False, True)}
+    assert runs[False].underruns > 0 and runs[True].underruns == 0
+    assert runs[True].first_audio > runs[False].first_audio
+    assert runs[True].cut == runs[False].cut and runs[True].decode_started == runs[False].decode_started
