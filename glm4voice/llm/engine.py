@@ -30,6 +30,11 @@ loop; then every stream ends with GenerationError, :attr:`Engine.dead` is true, 
 holds the error, and :meth:`Engine.wait_closed` / :meth:`Engine.add_failure_callback` tell the owner
 (a server should exit non-zero so that a supervisor restarts it). Cancelling a stream frees its
 slot before the next step.
+
+Backpressure (``EngineConfig.max_unread_tokens``): a stream whose consumer has left that many tokens
+unread is held: it keeps its slot but takes no decode steps (no device time) until the consumer has
+read half of them. A slow HTTP client, or a voice pipeline whose decoder is far behind, then stops
+generation for its own stream only; the others go on, and the worker sleeps if every stream is held.
 """
 
 from __future__ import annotations
@@ -93,6 +98,9 @@ any Python thread of the process that holds it then (the event loop streaming to
 side) could delay each step by up to 5 ms. On an H100 (fp8, one process with the speech side) the 23
 tokens before a turn's first audio took 111-112 ms with 0.5 ms against 122-123 ms with 5 ms (two
 runs each; bench/e2e.py's layouts section)."""
+MAX_UNREAD_TOKENS = 256
+"""Default :attr:`EngineConfig.max_unread_tokens`: about ten seconds of a spoken answer (26 audio and
+13 text tokens per 2.08 s), far more than a consumer that keeps up ever leaves unread."""
 MAX_CONSECUTIVE_FAILURES = 16
 """Failed steps in a row (prefill or decode, no success between them) after which the device is
 taken to be broken: the worker stops with an error instead of failing every request forever."""
@@ -198,6 +206,9 @@ class EngineConfig:
     compile: bool | None = None
     """torch.compile the per-token layer functions; None = on CUDA unless eager."""
     warmup: bool = True
+    max_unread_tokens: int | None = MAX_UNREAD_TOKENS
+    """A stream whose consumer leaves this many generated tokens unread takes no decode steps until it
+    has read half of them (see the module docstring); None: generate regardless."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ENGINE_DTYPES:
@@ -207,6 +218,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        unread = self.max_unread_tokens
+        if unread is not None and (isinstance(unread, bool) or not isinstance(unread, int) or unread < 2):
+            raise ValueError(f"max_unread_tokens must be an integer >= 2 or None, got {unread!r}")
         if any(not isinstance(b, int) or b < 1 for b in self.cuda_graph_batch_sizes):
             raise ValueError(f"cuda_graph_batch_sizes must be positive integers, got {self.cuda_graph_batch_sizes}")
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.prefill_graph_lengths):
@@ -255,7 +269,7 @@ class FinishReason(str, enum.Enum):
 class EngineStats:
     running: bool
     active_streams: int
-    """Requests holding a cache slot (prefilling or decoding)."""
+    """Requests holding a cache slot (prefilling, decoding or held)."""
     queued: int
     """Requests waiting for a slot."""
     tokens_generated: int
@@ -274,6 +288,10 @@ class EngineStats:
     """Prompt tokens not computed because the cache held them."""
     prefix_evictions: int = 0
     """Cached sequences dropped to make room for a request (least recently used first)."""
+    held_streams: int = 0
+    """Streams held because their consumers left ``max_unread_tokens`` unread (no decode steps)."""
+    holds: int = 0
+    """Times a stream was held so far."""
 
 
 @dataclass
@@ -288,6 +306,7 @@ class _Counters:
     prefill_chunks: int = 0
     decode_seconds: float = 0
     prefill_seconds: float = 0
+    holds: int = 0
     prefix_hits: int = 0
     prefix_tokens_reused: int = 0
     prefix_evictions: int = 0
@@ -316,6 +335,8 @@ class GenerationStream:
         self.tokens_generated = 0
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False
+        self._unread = 0  # tokens in the queue (event loop side, like the queue)
+        self._hold_asked = False  # the worker was asked to hold this stream and not yet to resume it
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -327,6 +348,11 @@ class GenerationStream:
         if self._closed:  # cancelled while waiting
             raise StopAsyncIteration
         if isinstance(item, int):
+            self._unread -= 1
+            limit = self._engine.config.max_unread_tokens
+            if self._hold_asked and limit is not None and self._unread <= limit // 2:
+                self._hold_asked = False
+                self._engine._command("resume", self.request_id)
             return item
         self._closed = True
         self.finish_reason = item.reason
@@ -361,9 +387,15 @@ class GenerationStream:
             return
         if token is not None:
             self.tokens_generated += 1
+            self._unread += 1
             self._queue.put_nowait(token)
         if end is not None:
             self._queue.put_nowait(end)
+        elif not self._hold_asked and token is not None:
+            limit = self._engine.config.max_unread_tokens
+            if limit is not None and self._unread >= limit:
+                self._hold_asked = True
+                self._engine._command("hold", self.request_id)
 
 
 @dataclass(eq=False)
@@ -434,6 +466,7 @@ class Engine:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._prefilling: list[_Request] = []
         self._decoding: list[_Request] = []
+        self._held: list[_Request] = []  # decoding, but their consumers are behind (backpressure)
         self._prefix: PrefixCache | None = None
         self._inflight: tuple[list[_Request], Launch] | None = None
         self._counters = _Counters()
@@ -540,7 +573,7 @@ class Engine:
         c = self._counters
         return EngineStats(
             running=self.running,
-            active_streams=len(self._prefilling) + len(self._decoding),
+            active_streams=len(self._prefilling) + len(self._decoding) + len(self._held),
             queued=self._queued,
             tokens_generated=c.tokens,
             prompt_tokens=c.prompt_tokens,
@@ -553,6 +586,8 @@ class Engine:
             prefix_hits=c.prefix_hits,
             prefix_tokens_reused=c.prefix_tokens_reused,
             prefix_evictions=c.prefix_evictions,
+            held_streams=len(self._held),
+            holds=c.holds,
         )
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -680,8 +715,12 @@ class Engine:
             self._commands.put(("drop_cache", None))
 
     def _cancel(self, request_id: int) -> None:
+        self._command("cancel", request_id)
+
+    def _command(self, kind: str, request_id: int) -> None:
+        """A stream's command to the worker ("cancel", "hold", "resume"; any thread; none once it is gone)."""
         if self._thread is not None and self._thread.is_alive():
-            self._commands.put(("cancel", request_id))
+            self._commands.put((kind, request_id))
 
     # --- event-loop side of the worker's output -----------------------------------------------------
     def _post(self, events: list[_Event]) -> None:
@@ -827,6 +866,10 @@ class Engine:
                 self._waiting.append(payload)
             elif kind == "cancel":
                 self._cancel_request(payload)
+            elif kind == "hold":
+                self._move(payload, self._decoding, self._held)
+            elif kind == "resume":
+                self._move(payload, self._held, self._decoding)
             elif kind == "drop_cache":
                 self._prefix_cache.drop_cached()
 
@@ -837,13 +880,23 @@ class Engine:
                 self._dequeued()
                 self._post([(request.stream, None, _End(FinishReason.CANCELLED))])
                 return
-        for group in (self._prefilling, self._decoding):
+        for group in (self._prefilling, self._decoding, self._held):
             for request in group:
                 if request.id == request_id:
                     group.remove(request)
                     self._release(request, keep=True)
                     self._post([(request.stream, None, _End(FinishReason.CANCELLED))])
                     return
+
+    def _move(self, request_id: int, source: list[_Request], target: list[_Request]) -> None:
+        """Hold or resume a decoding stream (one that ended or was cancelled meanwhile is in neither list)."""
+        for request in source:
+            if request.id == request_id:
+                source.remove(request)
+                target.append(request)
+                if target is self._held:
+                    self._counters.holds += 1
+                return
 
     def _dequeued(self) -> None:
         with self._lock:
@@ -967,8 +1020,9 @@ class Engine:
                 continue
             if not self._accept(request, token, events):
                 ended.add(request)
-        if ended:
+        if ended:  # a request held after this step was launched ends from the held list
             self._decoding = [r for r in self._decoding if r not in ended]
+            self._held = [r for r in self._held if r not in ended]
 
     def _accept(self, request: _Request, token: int, events: list[_Event]) -> bool:
         """Record a new token; True if the request goes on."""
@@ -1009,7 +1063,7 @@ class Engine:
                 break
             if kind == "submit":
                 self._waiting.append(payload)
-        for request in [*self._waiting, *self._prefilling, *self._decoding]:
+        for request in [*self._waiting, *self._prefilling, *self._decoding, *self._held]:
             if request in self._waiting:
                 self._dequeued()
             self._release(request, keep=False)
@@ -1023,6 +1077,7 @@ class Engine:
         self._waiting.clear()
         self._prefilling.clear()
         self._decoding.clear()
+        self._held.clear()
         self._inflight = None
         self._post(events)
 

@@ -25,7 +25,7 @@ from glm4voice.server.streaming import EngineRejected, TokenStream
 
 logger = logging.getLogger("glm4voice.server")
 
-ENGINE_GAUGES = frozenset({"running", "active_streams", "queued"})
+ENGINE_GAUGES = frozenset({"running", "active_streams", "queued", "held_streams"})
 """Fields of ``EngineStats`` that go up and down; every other field only grows (a counter)."""
 
 

@@ -530,6 +530,11 @@ def test_engine_config_validation():
         EngineConfig(dtype="int3")
     with pytest.raises(ValueError, match="max_batch_size"):
         EngineConfig(max_batch_size=0)
+    for bad in (1, 0, True, 2.5):
+        with pytest.raises(ValueError, match="max_unread_tokens"):
+            EngineConfig(max_unread_tokens=bad)
+    assert EngineConfig(max_unread_tokens=None).max_unread_tokens is None
+    assert EngineConfig().max_unread_tokens == engine_module.MAX_UNREAD_TOKENS
     config = EngineConfig(device="cpu")
     assert not config.use_cuda_graphs() and not config.use_compile()
     assert EngineConfig(device="cpu", dtype="int8").activation_dtype() == torch.float32
@@ -607,3 +612,64 @@ def test_a_running_engine_lowers_the_thread_switch_interval_and_keeps_a_lower_on
         assert run(started(engine_module.SWITCH_INTERVAL_S / 2)) == pytest.approx(engine_module.SWITCH_INTERVAL_S / 2)
     finally:
         sys.setswitchinterval(before)
+
+
+# --- backpressure --------------------------------------------------------------------------------------
+
+LONG_GREEDY = SamplingParams(temperature=0, max_new_tokens=200)
+"""Long enough that the event loop hears of the unread tokens long before the reply could end, however
+the threads are scheduled (the hold is asked for when the loop takes the worker's tokens)."""
+
+
+def test_a_stream_whose_consumer_stops_reading_is_held_and_resumes_where_it_was(tiny_llm):
+    """max_unread_tokens=8: a stream nobody reads stops taking decode steps (other streams run on,
+    whole) and, once its consumer reads again, goes on to the same greedy reply as a stream read at
+    once."""
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(max_unread_tokens=8), stop_ids=()) as engine:
+            unread = engine.submit(PROMPTS[1], LONG_GREEDY)
+            assert len(await collect(engine.submit(PROMPTS[0], GREEDY))) == GREEDY.max_new_tokens
+            await until(lambda: engine.stats().held_streams == 1, "the unread stream was not held")
+            # every step from now on leaves it out: another whole reply does not move it
+            assert len(await collect(engine.submit(PROMPTS[2], GREEDY))) == GREEDY.max_new_tokens
+            held_at = unread.tokens_generated
+            assert len(await collect(engine.submit(PROMPTS[3], GREEDY))) == GREEDY.max_new_tokens
+            assert unread.tokens_generated == held_at < LONG_GREEDY.max_new_tokens
+            late = await collect(unread)  # reading resumes it
+            stats = engine.stats()
+            alone = await collect(engine.submit(PROMPTS[1], LONG_GREEDY))
+            return late, stats, alone, unread
+
+    late, stats, alone, unread = run(main())
+    assert late == alone and unread.finish_reason is FinishReason.LENGTH
+    assert stats.holds >= 1 and stats.held_streams == 0
+
+
+def test_a_held_stream_can_be_cancelled_and_is_ended_by_stop(tiny_llm):
+    async def main():
+        engine = Engine(tiny_llm, cpu_config(max_unread_tokens=4), stop_ids=())
+        await engine.start()
+        cancelled = engine.submit(PROMPTS[1], LONG_GREEDY)
+        stopped = engine.submit(PROMPTS[2], LONG_GREEDY)
+        await until(lambda: engine.stats().held_streams == 2, "the unread streams were not held")
+        cancelled.cancel()
+        assert await collect(cancelled) == [] and cancelled.finish_reason is FinishReason.CANCELLED
+        await until(lambda: engine.stats().active_streams == 1, "the cancelled stream kept its slot")
+        await engine.stop()
+        with pytest.raises(EngineStoppedError):
+            await collect(stopped)
+        return stopped
+
+    assert run(main()).finish_reason is FinishReason.ERROR
+
+
+def test_without_a_limit_an_unread_stream_runs_to_its_end(tiny_llm):
+    async def main():
+        async with Engine(tiny_llm, cpu_config(max_unread_tokens=None), stop_ids=()) as engine:
+            unread = engine.submit(PROMPTS[1], LONG_GREEDY)
+            await engine.wait_idle()  # generated to the end without a reader
+            return unread, engine.stats()
+
+    unread, stats = run(main())
+    assert unread.tokens_generated == LONG_GREEDY.max_new_tokens and stats.holds == 0
