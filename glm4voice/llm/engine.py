@@ -98,9 +98,11 @@ any Python thread of the process that holds it then (the event loop streaming to
 side) could delay each step by up to 5 ms. On an H100 (fp8, one process with the speech side) the 23
 tokens before a turn's first audio took 111-112 ms with 0.5 ms against 122-123 ms with 5 ms (two
 runs each; bench/e2e.py's layouts section)."""
-MAX_UNREAD_TOKENS = 256
-"""Default :attr:`EngineConfig.max_unread_tokens`: about ten seconds of a spoken answer (26 audio and
-13 text tokens per 2.08 s), far more than a consumer that keeps up ever leaves unread."""
+MAX_UNREAD_TOKENS = 64
+"""Default :attr:`EngineConfig.max_unread_tokens`: about 3.4 s of a spoken answer (26 audio and 13 text
+tokens per 2.08 s), a third of a second of generation for one stream on an H100; more than a consumer
+that keeps up leaves unread, few enough that a consumer that waits on purpose (a paced voice turn,
+``PipelineConfig.pace_generation``) soon stops its stream's generation."""
 MAX_CONSECUTIVE_FAILURES = 16
 """Failed steps in a row (prefill or decode, no success between them) after which the device is
 taken to be broken: the worker stops with an error instead of failing every request forever."""

@@ -154,6 +154,13 @@ class PipelineConfig:
     and then plays without a gap (64 conversations started together on an H100: 0-2 of 64 ran dry
     against 25-43); at moderate load it costs time to first audio for few or no gaps saved
     (docs/PERFORMANCE.md, "2026-11-28, evening"). Off: the first decoded audio goes out at once."""
+    pace_generation: bool = False
+    """With ``adaptive_blocks``: a turn's token reader stops reading while its listener has several
+    seconds more in hand than its next block needs
+    (:meth:`~glm4voice.pipeline.policy.ListenerPacing.read_delay_s`); an engine in this process then
+    stops generating that stream once ``max_unread_tokens`` wait (``EngineConfig``), leaving the GPU to
+    the decoder and to turns that need tokens. What is cut and decoded does not change. Not measured
+    yet: off by default."""
 
     def __post_init__(self) -> None:
         BlockSchedule(tuple(self.block_sizes))  # validates
@@ -391,6 +398,7 @@ class VoiceChat:
             player_lead_s=self.config.player_lead_s,
             schedule=self.schedule,
             cover_start=self.config.cover_start,
+            pace_generation=self.config.pace_generation,
         )
 
     def memory_owners(self) -> MemoryOwners:
@@ -602,6 +610,7 @@ class VoiceChat:
                 max_new_tokens=int(options.max_new_tokens),
                 seed=options.seed,
             )
+            audio_cut = 0  # audio tokens handed out in blocks
             async with aclosing(stream) as tokens:
                 async for token_id in tokens:
                     clock.mark("first_token")
@@ -612,9 +621,17 @@ class VoiceChat:
                         clock.mark("first_audio_token")
                     pacing.token(clock.now())
                     for event in cut_and_demux(token_id, kind, demuxer, policy):
+                        if isinstance(event, AudioBlock):
+                            audio_cut += len(event.codes)
                         end = await self._route(event, clock, out, blocks) or end
                     if demuxer.finished:
                         break
+                    next_block = policy.demuxer_schedule.size(demuxer.blocks_emitted)
+                    delay = pacing.read_delay_s(clock.now(), clock.marks.get("first_audio"), audio_cut,
+                                                demuxer.pending_audio, next_block)  # fmt: skip
+                    if delay:  # the listener is far ahead: leave the next tokens with the engine
+                        pacing.paused(delay)
+                        await asyncio.sleep(delay)
             if not demuxer.finished:
                 for event in demuxer.close():
                     end = await self._route(event, clock, out, blocks) or end

@@ -23,7 +23,9 @@ decisions are kept apart:
     next one could not follow in time (the measured token rate, decoder latency and turns running
     through the narrow :class:`SharedLoad`), so that a listener who starts hearing the answer does
     not run dry after the first chunk; and starts the listener only once the audio decoded so far
-    covers the wait for every later block of the schedule (:meth:`ListenerPacing.start_covered`).
+    covers the wait for every later block of the schedule (:meth:`ListenerPacing.start_covered`);
+    and lets a turn's token reader wait while its listener is far ahead
+    (:meth:`ListenerPacing.read_delay_s`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ START_HORIZON_S = 15.0
 """How far into an answer's audio :meth:`ListenerPacing.start_covered` checks that later blocks arrive in
 time (the schedule's blocks grow, so the first few are the tight ones; an answer slower than real time
 would otherwise never start before it ends)."""
+PACE_SLACK_S = 3.0
+"""A paced turn (:meth:`ListenerPacing.read_delay_s`) stops reading tokens while its listener has more
+than this in hand beyond what its next block needs (generating it at the answer's rate and decoding it)."""
+MIN_PACE_PAUSE_S = 0.5
+"""Shorter pauses are not taken: each costs the engine a hold and a resume of the stream."""
 QUICK_START_MAX_TURNS = 8
 """A quick first block is decoded at once only while at most this many turns run: many turns
 starting together share the decoder's calls, and a short first chunk then runs dry before the next
@@ -256,6 +263,17 @@ class BlockPacing:
         a later block is decoded (or the answer ends), then send it all."""
         return True
 
+    def read_delay_s(self, now: float, first_audio_at: float | None, audio_cut: int, pending: int, next_block: int) -> float:  # fmt: skip
+        """Seconds the turn's token reader may wait before reading on (0: read now), ``now`` and
+        ``first_audio_at`` on the turn's clock, ``audio_cut`` audio tokens handed out in blocks,
+        ``pending`` audio tokens waiting for the next block of ``next_block``. Never changes what is
+        cut or decoded, only when the tokens are read: a reader that waits leaves them with the
+        engine, which then stops generating the stream (``EngineConfig.max_unread_tokens``)."""
+        return 0.0
+
+    def paused(self, seconds: float) -> None:
+        """The reader waited ``seconds`` (as :meth:`read_delay_s` allowed)."""
+
 
 class ListenerPacing(BlockPacing):
     """Holds a quick first block back while the block after it could not follow in time.
@@ -272,7 +290,11 @@ class ListenerPacing(BlockPacing):
     for every later block (:meth:`start_covered`): under load, where the answer streams at a few
     times real time and the decoder's calls take a quarter of a second, a listener started on the
     first blocks runs dry when the schedule's blocks grow (an 80-token block is generated in about
-    3 s at 40 tok/s, while the 52 tokens before it play for 4.2 s less the decoder's wait)."""
+    3 s at 40 tok/s, while the 52 tokens before it play for 4.2 s less the decoder's wait).
+
+    With ``pace_generation`` the turn's token reader waits while its listener is far ahead
+    (:meth:`read_delay_s`), so that the engine, which stops generating a stream whose tokens are not
+    read, leaves the GPU to the decoder and to the turns that need tokens."""
 
     def __init__(
         self,
@@ -284,10 +306,17 @@ class ListenerPacing(BlockPacing):
         player_lead_s: float,
         schedule: BlockSchedule | None = None,
         cover_start: bool = False,
+        pace_generation: bool = False,
     ):
         self.load = load
         self.schedule = schedule or BlockSchedule()
         self.cover_start = cover_start
+        self.pace_generation = pace_generation
+        self.paused_s = 0.0
+        """Time the turn's reader has waited so far."""
+        self.paced_rate: float | None = None
+        """The token rate before the reader first waited (afterwards tokens the engine generated during a
+        wait arrive at once, and would overstate it)."""
         self.first_block = first_block
         self.hold_back_s = hold_back_s
         self.min_block_tokens = min_block_tokens
@@ -327,6 +356,34 @@ class ListenerPacing(BlockPacing):
         decoder_s = self.load.decoder_wait_s() or 0.0  # one call to wait for, one to run
         return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S > chunk_s + self.player_lead_s
 
+    def decoder_s(self) -> float:
+        """Time from handing a block to the decoder to its audio: one call to wait for and one to run,
+        or a round of every running turn's next block, whichever is longer (under load each turn's
+        blocks wait for the others')."""
+        return max(2 * (self.load.decoder_wait_s() or 0.0), self.load.decoder_round_s() or 0.0)
+
+    def read_delay_s(self, now: float, first_audio_at: float | None, audio_cut: int, pending: int, next_block: int) -> float:  # fmt: skip
+        """With ``pace_generation``, once the listener has started: how long the listener's audio in hand
+        (the audio cut, less the decoder's ``hold_back_s`` and what has played since the first audio
+        and the player's lead) exceeds, by more than :data:`PACE_SLACK_S`, what the next block needs:
+        its missing tokens at the answer's token rate before the reader first waited, and the decoder's
+        time (:meth:`decoder_s`). Pauses shorter than :data:`MIN_PACE_PAUSE_S` are not taken."""
+        if not self.pace_generation or first_audio_at is None:
+            return 0.0
+        rate = self.paced_rate or self.rate()
+        if rate is None:
+            return 0.0
+        played_s = max(0.0, now - first_audio_at - self.player_lead_s)
+        in_hand_s = audio_cut / SPEECH_TOKEN_RATE - self.hold_back_s - played_s
+        missing_s = max(0, next_block - pending) * TOKENS_PER_AUDIO_TOKEN / rate
+        delay = in_hand_s - missing_s - self.decoder_s() - PACE_SLACK_S
+        return delay if delay >= MIN_PACE_PAUSE_S else 0.0
+
+    def paused(self, seconds: float) -> None:
+        if self.paced_rate is None:
+            self.paced_rate = self.rate()
+        self.paused_s += seconds
+
     def start_covered(self, now: float, cut: Sequence[int]) -> bool:
         """Whether a listener started now hears every block within :data:`START_HORIZON_S` of the answer
         without a gap: each later block of the schedule (sizes from ``len(cut)`` on; early cuts only make
@@ -339,7 +396,7 @@ class ListenerPacing(BlockPacing):
         if not self.cover_start or rate is None:
             return True
         audio_rate = rate / TOKENS_PER_AUDIO_TOKEN  # audio tokens per second
-        decoder_s = max(2 * (self.load.decoder_wait_s() or 0.0), self.load.decoder_round_s() or 0.0)
+        decoder_s = self.decoder_s()
         have = before = sum(cut)  # audio tokens generated and cut; those ahead of the next block
         index = len(cut)
         while before / SPEECH_TOKEN_RATE < START_HORIZON_S:

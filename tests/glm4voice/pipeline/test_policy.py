@@ -9,9 +9,12 @@ import pytest
 
 from glm4voice.audio import SPEECH_TOKEN_RATE
 from glm4voice.pipeline.policy import (
+    MIN_PACE_PAUSE_S,
     MIN_TOKEN_RATE,
+    PACE_SLACK_S,
     QUICK_START_MAX_TURNS,
     REAL_TIME_TOKEN_RATE,
+    TOKENS_PER_AUDIO_TOKEN,
     AdaptiveBlocks,
     BlockPacing,
     BlockPolicy,
@@ -64,11 +67,9 @@ def adaptive(schedule: BlockSchedule = SCHEDULE, **options) -> AdaptiveBlocks:
     )
 
 
-def pacing(
-    load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEAD_S, cover_start: bool = False
-) -> ListenerPacing:
+def pacing(load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEAD_S, **options) -> ListenerPacing:
     return ListenerPacing(load, first_block=first_block, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK,
-                          player_lead_s=lead_s, schedule=SCHEDULE, cover_start=cover_start)  # fmt: skip
+                          player_lead_s=lead_s, schedule=SCHEDULE, **options)  # fmt: skip
 
 
 def cuts(policy: BlockPolicy, ids: list[int], special, text_tokenizer) -> list[int]:
@@ -384,3 +385,45 @@ def test_a_covered_start_trades_time_to_first_audio_for_no_gap(special_tokens, t
     assert runs[False].underruns > 0 and runs[True].underruns == 0
     assert runs[True].first_audio > runs[False].first_audio
     assert runs[True].cut == runs[False].cut and runs[True].decode_started == runs[False].decode_started
+
+
+# --- paced generation ---------------------------------------------------------------------------------
+
+
+def test_a_paced_reader_waits_only_while_its_listener_is_far_ahead():
+    """100 tok/s, 160 tokens cut (12.8 s), the next 160-token block just begun: 1 s after the first
+    audio the listener has 12.8 - hold-back - 0.85 s in hand, the next block needs 2.4 s of tokens and
+    0.2 s of decoder: the reader may wait for what is left beyond PACE_SLACK_S. Less in hand (later,
+    or a block nearly complete that still misses tokens), it reads on."""
+    paced = pacing(Load(wait_s=0.1, round_s=0.05), pace_generation=True)
+    feed_tokens(paced, 100.0, count=50)
+    in_hand = 160 / SPEECH_TOKEN_RATE - HOLD_BACK_S - (1.0 - LEAD_S)
+    missing = 160 * TOKENS_PER_AUDIO_TOKEN / 100.0
+    expected = in_hand - missing - 0.2 - PACE_SLACK_S
+    assert expected > MIN_PACE_PAUSE_S
+    assert paced.read_delay_s(11.0, 10.0, 160, 0, 160) == pytest.approx(expected)
+    # the same state later: the wait shrinks as the audio plays, down to below the shortest pause worth taking
+    assert paced.read_delay_s(13.5, 10.0, 160, 0, 160) == pytest.approx(expected - 2.5)
+    assert paced.read_delay_s(11.0 + expected - MIN_PACE_PAUSE_S + 0.1, 10.0, 160, 0, 160) == 0.0
+    # the next block complete but for 20 tokens: it needs less, so the wait is longer
+    assert paced.read_delay_s(11.0, 10.0, 160, 140, 160) > expected
+    # before the first audio, without pacing, or without a rate: no wait
+    assert paced.read_delay_s(11.0, None, 160, 0, 160) == 0.0
+    plain = pacing(Load(wait_s=0.1, round_s=0.05))
+    feed_tokens(plain, 100.0, count=50)
+    assert plain.read_delay_s(11.0, 10.0, 160, 0, 160) == 0.0
+    assert pacing(Load(), pace_generation=True).read_delay_s(11.0, 10.0, 160, 0, 160) == 0.0
+    assert BlockPacing().read_delay_s(11.0, 10.0, 160, 0, 160) == 0.0
+
+
+def test_a_paced_reader_keeps_the_rate_it_measured_before_its_first_wait():
+    """Tokens the engine generated while the reader waited arrive at once; the rate used afterwards is
+    the one measured before the first wait."""
+    paced = pacing(Load(wait_s=0.1, round_s=0.05), pace_generation=True)
+    now = feed_tokens(paced, 100.0, count=50)
+    before = paced.read_delay_s(now + 1.0, now, 160, 0, 160)
+    paced.paused(2.0)
+    for _ in range(40):  # a burst read after the wait
+        paced.token(now + 3.0)
+    assert paced.paused_s == 2.0 and paced.paced_rate == pytest.approx(100.0)
+    assert paced.read_delay_s(now + 1.0, now, 160, 0, 160) == pytest.approx(before)
