@@ -1,15 +1,19 @@
 """A token server client that stops reading: its stream is held in the engine (no decode steps) while the
-others run, and goes on to its whole answer once the client reads again. The app is driven through ASGI
-with a ``send`` that blocks, as a server's ``send`` does once a slow client's buffers are full."""
+others run, and goes on to its whole answer once the client reads again. Over HTTP the app is driven
+through ASGI with a ``send`` that blocks, as a server's ``send`` does once a slow client's buffers are
+full; in process (the one-process layout) the client simply stops iterating, as a paced voice turn's
+reader does."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
+from glm4voice.client import InProcessTokenClient
 from glm4voice.llm.checkpoint import load_model
 from glm4voice.llm.engine import Engine, EngineConfig
 from glm4voice.server.app import create_app
+from glm4voice.server.inprocess import InProcessTokenServer
 from glm4voice.server.settings import ServerSettings
 
 from support import until
@@ -56,13 +60,17 @@ class Client:
                 await self.read_on.wait()
 
 
-def test_a_client_that_stops_reading_is_held_and_then_served_whole(tiny_checkpoints, text_tokenizer):
-    model = load_model(tiny_checkpoints.llm, device="cpu", dtype="float32")
+def engine_and_settings(folder) -> tuple[Engine, ServerSettings]:
+    model = load_model(folder, device="cpu", dtype="float32")
     config = EngineConfig(
         device="cpu", dtype="float32", max_batch_size=4, max_seq_len=256, max_unread_tokens=UNREAD_LIMIT
     )
-    engine = Engine(model, config, stop_ids=())
-    settings = ServerSettings(model_path=str(tiny_checkpoints.llm), device="cpu", dtype="float32", max_seq_len=256)
+    settings = ServerSettings(model_path=str(folder), device="cpu", dtype="float32", max_seq_len=256)
+    return Engine(model, config, stop_ids=()), settings
+
+
+def test_a_client_that_stops_reading_is_held_and_then_served_whole(tiny_checkpoints, text_tokenizer):
+    engine, settings = engine_and_settings(tiny_checkpoints.llm)
     app = create_app(engine, settings, text_tokenizer)
 
     async def main():
@@ -83,3 +91,22 @@ def test_a_client_that_stops_reading_is_held_and_then_served_whole(tiny_checkpoi
     assert len(quick.lines) == MAX_NEW_TOKENS and held.held_streams == 1 and held.holds >= 1
     assert [line["token_id"] for line in slow.lines] == [line["token_id"] for line in alone.lines]
     assert len(slow.lines) == MAX_NEW_TOKENS and all(line["error_code"] == 0 for line in slow.lines)
+
+
+def test_an_in_process_reader_that_waits_holds_its_stream(tiny_checkpoints, text_tokenizer):
+    engine, settings = engine_and_settings(tiny_checkpoints.llm)
+    server = InProcessTokenServer(engine, settings, text_tokenizer)
+    request = {"prompt_token_ids": list(range(100, 141)), "temperature": 0, "max_new_tokens": MAX_NEW_TOKENS}
+
+    async def main():
+        async with server.running():
+            client = InProcessTokenClient(server)
+            waiting = aiter(client.stream(**request))
+            first = await anext(waiting)  # then the reader waits
+            await until(lambda: engine.stats().held_streams == 1, "the waiting reader's stream was not held")
+            rest = [token async for token in waiting]
+            return [first, *rest], await client.generate(**request), engine.stats()
+
+    paused, straight, stats = asyncio.run(main())
+    assert paused == straight and len(paused) == MAX_NEW_TOKENS
+    assert stats.holds >= 1 and stats.held_streams == 0
