@@ -132,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
         'and plays without gaps (PipelineConfig.cover_start; docs/PERFORMANCE.md, "2026-11-28, evening")',
     )
     parser.add_argument(
+        "--pace-generation",
+        action=argparse.BooleanOptionalAction,
+        default=PipelineConfig().pace_generation,
+        help="read a turn's tokens no faster than its listener needs them, so the LLM engine in this process "
+        "leaves the GPU to the decoder and to turns that need tokens (PipelineConfig.pace_generation; "
+        "default %(default)s)",
+    )
+    parser.add_argument(
         "--max-concurrent-turns",
         type=int,
         default=None,
@@ -181,7 +189,12 @@ def load_chat(args: argparse.Namespace, client: Any = None) -> tuple[VoiceChat, 
 
     device = str(resolve_device(args.device))
     block_sizes = tuple(int(s) for s in args.block_sizes.split(",") if s.strip())
-    config = PipelineConfig(block_sizes=block_sizes, min_token_rate=args.min_token_rate, cover_start=args.cover_start)
+    config = PipelineConfig(
+        block_sizes=block_sizes,
+        min_token_rate=args.min_token_rate,
+        cover_start=args.cover_start,
+        pace_generation=args.pace_generation,
+    )
     started = time.perf_counter()
     llm_folder = resolve_checkpoint(args.model_path, allow_patterns=[TOKENIZER_MODEL_FILE, TOKENIZER_CONFIG_FILE])
     text_tokenizer = GLMTokenizer.from_pretrained(llm_folder)

@@ -148,7 +148,7 @@ def test_command_line_keeps_the_original_flags():
 def test_max_concurrent_turns_sizes_the_decoder_graphs(tiny_checkpoints):
     """One block per turn in flight: the decoder keeps graphs only for batches up to the turn limit
     (a small card serving a few conversations); without the flag, every size. --min-token-rate reaches
-    the turns' cuts, --cover-start their pacing."""
+    the turns' cuts, --cover-start and --no-pace-generation their pacing."""
     import web_demo
     from glm4voice.decoder.options import DEFAULT_GRAPH_BATCH_SIZES
 
@@ -156,14 +156,16 @@ def test_max_concurrent_turns_sizes_the_decoder_graphs(tiny_checkpoints):
              "--flow-path", str(tiny_checkpoints.decoder), "--device", "cpu"]  # fmt: skip
     from glm4voice.pipeline import MIN_TOKEN_RATE
 
-    cases = ((["--max-concurrent-turns", "4", "--min-token-rate", "40", "--cover-start"], (1, 2, 4), 40.0, True),
-             ([], DEFAULT_GRAPH_BATCH_SIZES, MIN_TOKEN_RATE, False))  # fmt: skip
-    for extra, expected, rate, cover in cases:
+    cases = ((["--max-concurrent-turns", "4", "--min-token-rate", "40", "--cover-start", "--no-pace-generation"],
+              (1, 2, 4), 40.0, True, False),
+             ([], DEFAULT_GRAPH_BATCH_SIZES, MIN_TOKEN_RATE, False, True))  # fmt: skip
+    for extra, expected, rate, cover, pace in cases:
         chat, client = web_demo.load_chat(web_demo.build_parser().parse_args(paths + extra))
         try:
             assert chat.decoder.graph_batch_sizes == expected
             assert chat.config.min_token_rate == rate and chat.block_policy().min_token_rate == rate
             assert chat.block_pacing().cover_start is cover
+            assert chat.block_pacing().pace_generation is pace and not chat.block_pacing(paced=False).pace_generation
         finally:
             chat.close()
             asyncio.run(client.aclose())

@@ -869,7 +869,8 @@ class Engine:
             elif kind == "cancel":
                 self._cancel_request(payload)
             elif kind == "hold":
-                self._move(payload, self._decoding, self._held)
+                if self._move(payload, self._decoding, self._held):
+                    self._counters.holds += 1
             elif kind == "resume":
                 self._move(payload, self._held, self._decoding)
             elif kind == "drop_cache":
@@ -890,15 +891,15 @@ class Engine:
                     self._post([(request.stream, None, _End(FinishReason.CANCELLED))])
                     return
 
-    def _move(self, request_id: int, source: list[_Request], target: list[_Request]) -> None:
-        """Hold or resume a decoding stream (one that ended or was cancelled meanwhile is in neither list)."""
+    def _move(self, request_id: int, source: list[_Request], target: list[_Request]) -> bool:
+        """Hold or resume a decoding stream; False if it is not in ``source`` (it ended or was cancelled
+        meanwhile)."""
         for request in source:
             if request.id == request_id:
                 source.remove(request)
                 target.append(request)
-                if target is self._held:
-                    self._counters.holds += 1
-                return
+                return True
+        return False
 
     def _dequeued(self) -> None:
         with self._lock:

@@ -172,6 +172,18 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     return payload
 
 
+def generation_options(request: ChatCompletionRequest) -> GenerationOptions:
+    """The turn's settings: the request's sampling, else the API's defaults; a streamed answer is paced
+    for a listener (``GenerationOptions.paced``), a whole one comes as fast as it can."""
+    return GenerationOptions(
+        temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
+        top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
+        max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        seed=request.seed,
+        paced=bool(request.stream),
+    )
+
+
 async def _start(service: OpenAIService, payload: dict[str, Any]) -> _Completion:
     try:
         request = ChatCompletionRequest.model_validate(payload)
@@ -181,12 +193,7 @@ async def _start(service: OpenAIService, payload: dict[str, Any]) -> _Completion
         raise _unknown_model(service, request.model)
     request.check()
     messages = parse_messages(request.messages)
-    options = GenerationOptions(
-        temperature=DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
-        top_p=DEFAULT_TOP_P if request.top_p is None else request.top_p,
-        max_new_tokens=request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-        seed=request.seed,
-    )
+    options = generation_options(request)
     config = SessionConfig(
         output_audio=request.wants_audio, output_sample_rate=API_SAMPLE_RATE, turn_detection=None, options=options
     )

@@ -64,6 +64,11 @@ class GenerationOptions:
     max_new_tokens: int = DEMO_MAX_NEW_TOKENS
     seed: int | None = None
     """Seeds the server's sampling and the decoder's noise: the same seed repeats a turn."""
+    paced: bool = True
+    """The answer's audio is played as it arrives (the page, a Realtime or streaming client): the
+    pipeline may read its tokens no faster than the listener needs them
+    (``PipelineConfig.pace_generation``). False: as fast as it can (a caller that waits for the whole
+    answer, such as a chat completion without ``stream``)."""
 
     def check(self) -> None:
         """Raise :class:`TurnError` (INVALID_INPUT) with a readable message for bad settings."""

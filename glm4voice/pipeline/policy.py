@@ -263,6 +263,11 @@ class BlockPacing:
         a later block is decoded (or the answer ends), then send it all."""
         return True
 
+    @property
+    def paces_reading(self) -> bool:
+        """Whether the turn's token reader should ask :meth:`read_delay_s` after each token."""
+        return False
+
     def read_delay_s(self, now: float, first_audio_at: float | None, audio_cut: int, pending: int, next_block: int) -> float:  # fmt: skip
         """Seconds the turn's token reader may wait before reading on (0: read now), ``now`` and
         ``first_audio_at`` on the turn's clock, ``audio_cut`` audio tokens handed out in blocks,
@@ -355,6 +360,10 @@ class ListenerPacing(BlockPacing):
         chunk_s = self.first_block / SPEECH_TOKEN_RATE - self.hold_back_s
         decoder_s = self.load.decoder_wait_s() or 0.0  # one call to wait for, one to run
         return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S > chunk_s + self.player_lead_s
+
+    @property
+    def paces_reading(self) -> bool:
+        return self.pace_generation
 
     def decoder_s(self) -> float:
         """Time from handing a block to the decoder to its audio: one call to wait for and one to run,

@@ -99,6 +99,18 @@ def test_text_answers_never_run_the_decoder(web, token_server):
     assert completion.choices[0].finish_reason in ("stop", "length")
 
 
+def test_only_a_streamed_answer_is_paced_for_a_listener():
+    """A chat completion without ``stream`` waits for the whole answer: its reading is never paced to a
+    listener (``GenerationOptions.paced``); a streamed one may be played as it arrives."""
+    from glm4voice.openai_api.chat import generation_options
+    from glm4voice.openai_api.chat_schema import ChatCompletionRequest
+
+    body = {"model": MODEL, "messages": [user("Hi")], "seed": 3}
+    streamed = generation_options(ChatCompletionRequest.model_validate({**body, "stream": True}))
+    whole = generation_options(ChatCompletionRequest.model_validate(body))
+    assert streamed.paced and not whole.paced and streamed.seed == whole.seed == 3
+
+
 def test_streamed_audio_equals_the_whole_answer_for_the_same_seed(web):
     """The web process cuts decoder blocks at fixed sizes (tests/openai_api/web_server.py), so two calls
     with the same seed decode the same samples; streamed pcm16 chunks must join into the wav exactly."""

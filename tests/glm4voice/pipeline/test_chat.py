@@ -495,9 +495,10 @@ def test_timing_never_moves_the_cuts_nor_changes_the_audio(models, special_token
 
 
 def test_a_paced_reader_waits_where_its_pacing_says_and_the_answer_is_unchanged(models, special_tokens, monkeypatch):
-    """``pace_generation``: the reader asks the pacing after every token whether to wait (with the audio
-    cut so far, the pending audio and the next block's size) and waits as told; the cuts and the audio
-    are those of a turn read straight through."""
+    """``pace_generation`` (the default): the reader asks the pacing after every token whether to wait
+    (with the audio cut so far, the pending audio and the next block's size) and waits as told; the cuts
+    and the audio are those of a turn read straight through. A turn whose options say its audio is not
+    played as it arrives (``paced=False``), or a pipeline with the option off, is never paced."""
     from glm4voice.pipeline.policy import ListenerPacing
 
     ids = scripted_answer(models, special_tokens)
@@ -507,23 +508,27 @@ def test_a_paced_reader_waits_where_its_pacing_says_and_the_answer_is_unchanged(
         asked.setdefault(self, []).append((audio_cut, pending, next_block))
         return 0.05 if len(asked[self]) == 30 else 0.0  # one wait, mid-answer
 
-    async def turn(paced):
-        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder,
-                         PacedClient(ids), PipelineConfig(pace_generation=paced))  # fmt: skip
+    async def turn(config: PipelineConfig, options: GenerationOptions = SEEDED):
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, PacedClient(ids), config)
         pacings = []
         make = chat.block_pacing
-        chat.block_pacing = lambda: pacings.append(make()) or pacings[-1]  # type: ignore[method-assign]
+        chat.block_pacing = lambda paced: pacings.append(make(paced)) or pacings[-1]  # type: ignore[method-assign]
         try:
-            return await collect(chat, chat.new_session(), UserText("Hi"), SEEDED), pacings[0]
+            return await collect(chat, chat.new_session(), UserText("Hi"), options), pacings[0]
         finally:
             chat.close()
 
     monkeypatch.setattr(ListenerPacing, "read_delay_s", read_delay_s)
-    (paced, pacing), (straight, _) = asyncio.run(turn(True)), asyncio.run(turn(False))
+    paced, pacing = asyncio.run(turn(PipelineConfig()))
+    straight, off = asyncio.run(turn(PipelineConfig(pace_generation=False)))
+    unplayed, not_played = asyncio.run(turn(PipelineConfig(), replace(SEEDED, paced=False)))
     assert pacing.pace_generation and pacing.paused_s == pytest.approx(0.05)
+    assert not off.pace_generation and not not_played.pace_generation and off.paused_s == not_played.paused_s == 0
+    assert off not in asked and not_played not in asked  # the reader never asks a pacing that does not pace
     a, b = assert_well_formed(paced), assert_well_formed(straight)
     assert block_sizes(a) == block_sizes(b) and a.reply_ids == b.reply_ids
     np.testing.assert_array_equal(a.audio, b.audio)
+    np.testing.assert_array_equal(assert_well_formed(unplayed).audio, b.audio)
     # what the reader reported: every block's audio once it was cut, the pending rest, the schedule's next size
     cut_then_pending = [cut + pending for cut, pending, _ in asked[pacing]]
     assert cut_then_pending == sorted(cut_then_pending) and cut_then_pending[-1] == a.audio_tokens

@@ -414,6 +414,7 @@ def test_a_paced_reader_waits_only_while_its_listener_is_far_ahead():
     assert plain.read_delay_s(11.0, 10.0, 160, 0, 160) == 0.0
     assert pacing(Load(), pace_generation=True).read_delay_s(11.0, 10.0, 160, 0, 160) == 0.0
     assert BlockPacing().read_delay_s(11.0, 10.0, 160, 0, 160) == 0.0
+    assert paced.paces_reading and not plain.paces_reading and not BlockPacing().paces_reading
 
 
 def test_a_paced_reader_keeps_the_rate_it_measured_before_its_first_wait():
