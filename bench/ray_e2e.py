@@ -100,8 +100,7 @@ def write_checkpoints(folder: Path, shape: str, text_only: bool = False) -> dict
 
 
 def serve_config(args, paths: dict[str, Path], gpus: int):
-    from glm4voice.pipeline import PipelineConfig
-    from glm4voice.serve.config import Placement, ReplicaSpec, ServeConfig, gpu_shares
+    from glm4voice.serve.config import Placement, ReplicaSpec, ServeConfig, gpu_shares, speech_pipeline
     from glm4voice.server.settings import ServerSettings
 
     replicas = max(1, gpus) if args.replicas is None else args.replicas
@@ -114,7 +113,7 @@ def serve_config(args, paths: dict[str, Path], gpus: int):
         max_new_tokens_cap=8192, log_level="warning",
     )  # fmt: skip
     return ServeConfig(
-        server=server, tokenizer_path=str(paths["speech"]), flow_path=str(paths["decoder"]), pipeline=PipelineConfig(),
+        server=server, tokenizer_path=str(paths["speech"]), flow_path=str(paths["decoder"]), pipeline=speech_pipeline(),
         engine=ReplicaSpec(replicas, None, engine_gpus), speech=ReplicaSpec(speech_replicas, None, speech_gpus),
         max_concurrent_turns=streams, engine_factory=f"bench.ray_e2e:{args.config}_engine",
     )  # fmt: skip
@@ -208,9 +207,9 @@ async def bench(args, run: BenchRun) -> None:
     speech = serve.get_deployment_handle(SPEECH_DEPLOYMENT, app_name=SERVE_APP)
     engines = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=ENGINE_APP)
     tokenizer = GLMTokenizer.from_pretrained(tokenizer_folder(args.paths["text"]))
-    from glm4voice.pipeline import PipelineConfig
+    from glm4voice.serve.config import speech_pipeline
 
-    chat = RemoteVoiceChat(speech, tokenizer, PipelineConfig())
+    chat = RemoteVoiceChat(speech, tokenizer, speech_pipeline())
     lead = PLAYER_LEAD_S
     short = answer_length(LOW_LATENCY_BLOCK_SIZES[0] + LOW_LATENCY_BLOCK_SIZES[1])
     long = answer_length(int(args.answer_seconds * SPEECH_TOKEN_RATE))

@@ -299,7 +299,10 @@ class ListenerPacing(BlockPacing):
 
     With ``pace_generation`` the turn's token reader waits while its listener is far ahead
     (:meth:`read_delay_s`), so that the engine, which stops generating a stream whose tokens are not
-    read, leaves the GPU to the decoder and to the turns that need tokens."""
+    read, leaves the GPU to the decoder and to the turns that need tokens.
+
+    ``cover_start`` and ``pace_generation`` have no defaults here: the pipeline passes its
+    :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is where the defaults live."""
 
     def __init__(
         self,
@@ -310,8 +313,8 @@ class ListenerPacing(BlockPacing):
         min_block_tokens: int,
         player_lead_s: float,
         schedule: BlockSchedule | None = None,
-        cover_start: bool = False,
-        pace_generation: bool = False,
+        cover_start: bool,
+        pace_generation: bool,
     ):
         self.load = load
         self.schedule = schedule or BlockSchedule()

@@ -25,7 +25,7 @@ from glm4voice import serving
 from glm4voice.devices import AUTO, DECODER_DTYPE_CHOICES, default_device, llm_dtypes
 from glm4voice.hub import PUBLISHED_DECODER, PUBLISHED_LLM, PUBLISHED_SPEECH_TOKENIZER
 from glm4voice.pipeline import PipelineConfig
-from glm4voice.serve.config import SERVE_PORT, Placement, ReplicaSpec, ServeConfig, gpu_shares
+from glm4voice.serve.config import SERVE_PORT, Placement, ReplicaSpec, ServeConfig, gpu_shares, speech_pipeline
 from glm4voice.server.settings import ServerSettings
 
 logger = logging.getLogger("glm4voice.serve")
@@ -113,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     block_sizes = tuple(int(s) for s in args.block_sizes.split(",") if s.strip())
     return ServeConfig(
         server=server, tokenizer_path=args.tokenizer_path, flow_path=args.flow_path,
-        decoder_dtype=args.decoder_dtype, pipeline=PipelineConfig(block_sizes=block_sizes),
+        decoder_dtype=args.decoder_dtype, pipeline=speech_pipeline(block_sizes=block_sizes),
         engine=ReplicaSpec(args.engine_replicas, args.max_engine_replicas, engine_gpus, args.engine_cpus),
         speech=ReplicaSpec(speech_replicas, args.max_speech_replicas, speech_gpus, args.speech_cpus),
         max_concurrent_turns=args.max_concurrent_turns, ingress_replicas=args.ingress_replicas,

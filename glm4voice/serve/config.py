@@ -28,6 +28,15 @@ ENGINE_DEPLOYMENT = "TokenEngine"
 SPEECH_DEPLOYMENT = "SpeechSide"
 INGRESS_DEPLOYMENT = "Ingress"
 
+
+def speech_pipeline(**fields: Any) -> PipelineConfig:
+    """A speech replica's :class:`PipelineConfig` (``fields`` as its own): paced generation off. The
+    replica reads its tokens from an engine replica through Ray Serve, whose streams do not push back:
+    pacing would only read them later while the engine generates each answer to its end anyway, and
+    each paced turn would keep one of the replica's ``max_ongoing_requests`` for its whole playback."""
+    return PipelineConfig(**{"pace_generation": False, **fields})
+
+
 SERVE_PORT = 8000
 """Ray Serve's HTTP port (its own default)."""
 SHARED_SPEECH_GPUS = 0.4
@@ -89,7 +98,8 @@ class ServeConfig:
     tokenizer_path: str = PUBLISHED_SPEECH_TOKENIZER
     flow_path: str = PUBLISHED_DECODER
     decoder_dtype: str = AUTO
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    pipeline: PipelineConfig = field(default_factory=speech_pipeline)
+    """The speech replicas' pipeline (:func:`speech_pipeline`: not paced)."""
     engine: ReplicaSpec = field(default_factory=ReplicaSpec)
     speech: ReplicaSpec = field(default_factory=ReplicaSpec)
     """``replicas=0``: no speech side (``/generate_stream`` only; the OpenAI routes need it)."""

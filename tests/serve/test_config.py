@@ -15,6 +15,7 @@ from glm4voice.serve.config import (
     gpu_shares,
     ingress_options,
     speech_options,
+    speech_pipeline,
 )
 
 
@@ -32,6 +33,18 @@ def test_the_cpu_defaults_reserve_nothing_and_fix_the_replica_count():
     assert speech_options(cfg)["max_ongoing_requests"] == 8  # web_demo.py's turns on a CPU
     quantized = config("--device", "cpu", "--dtype", "int8", "--quant-method", "torchao").server
     assert quantized.weights == "int8:torchao" and cfg.server.weights == cfg.server.dtype
+
+
+def test_speech_replicas_do_not_pace_their_turns():
+    """Ray Serve's streams do not push back, so a speech replica reads its tokens as they come (pacing
+    would only keep its turns open longer); the command line's block sizes still reach its pipeline."""
+    from glm4voice.pipeline import PipelineConfig
+
+    assert PipelineConfig().pace_generation  # the web demo's default, which Ray Serve turns off
+    assert not ServeConfig().pipeline.pace_generation and not speech_pipeline().pace_generation
+    cfg = config("--device", "cpu", "--block-sizes", "12,24")
+    assert cfg.pipeline.block_sizes == (12, 24) and not cfg.pipeline.pace_generation
+    assert speech_pipeline(pace_generation=True).pace_generation  # a caller may still ask for it
 
 
 def test_shared_placement_pairs_one_engine_and_one_speech_replica_per_gpu():
