@@ -274,7 +274,6 @@ class E2EBench:
                             llm_dtype=self.args.llm_dtype, llm_quant_method=self.args.llm_quant_method,
                             max_seq_len=self.args.max_seq_len,
                             mixed_decoder_batches=self.args.mixed_decoder_batches,
-                            decoder_steps=self.args.decoder_steps,
                             later_block_graphs=self.args.later_block_graphs)  # fmt: skip
 
     def build_speech_tokenizer(self):
@@ -299,7 +298,6 @@ class E2EBench:
         batches = graph_batch_sizes_for(self.max_streams)
         ours = AudioDecoder(*files, self.device, dtype=torch.bfloat16 if self.cuda else torch.float32,
                             graph_batch_sizes=batches, mixed_batches=self.args.mixed_decoder_batches,
-                            step_batching=self.args.decoder_steps,
                             graph_later_blocks=self.args.later_block_graphs and self.cuda)  # fmt: skip
         reference = None
         if self.wants_reference:
@@ -994,11 +992,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="mixed_decoder_batches",
         action="store_false",
         help="batch only decoder blocks of the same shape (AudioDecoder mixed_batches=False)",
-    )
-    parser.add_argument(
-        "--decoder-steps",
-        action="store_true",
-        help="blocks join the decoder's ODE between its steps instead of whole-solve jobs (AudioDecoder step_batching=True)",
     )
     parser.add_argument(
         "--later-block-graphs",

@@ -419,7 +419,6 @@ def test_cuda_graphs_match_eager_on_the_gpu(tiny_checkpoints, codes):
     later = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cuda", graph_later_blocks=True)
     assert eager.captured_graphs == {
         "ode": [], "first_block_flow": [], "first_block_vocoder": [], "later_encoder": [], "later_vocoder": [],
-        "steps": [],
     }  # fmt: skip
     reference, _ = stream_blocks(eager, codes, [10, 25, 55], seed=1)
     for decoder in (graphs, ode_only, padded, later):
@@ -485,7 +484,7 @@ def test_warm_up_captures_every_graph_a_schedule_needs(tiny_checkpoints, codes):
     )
     decoder.warm_up((10, 20, 40))  # every graphed batch size
     shapes = decoder.captured_graphs
-    off = {"steps", "later_encoder", "later_vocoder"}  # step batching and later-block graphs are off
+    off = {"later_encoder", "later_vocoder"}  # later-block graphs are off
     assert all(shapes[name] for name in shapes.keys() - off) and not any(shapes[name] for name in off)
     assert {shape[0] for shape in shapes["first_block_flow"]} == {1, 2, 4}
     for sizes in ([10, 20, 40, 40, 40], [10, 16, 26, 13, 40, 11, 40]):

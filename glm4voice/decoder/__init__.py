@@ -3,8 +3,8 @@
 Modules, one job each: :mod:`~glm4voice.decoder.codes` (input checks), :mod:`~glm4voice.decoder.options`
 (constants and options), :mod:`~glm4voice.decoder.state` (per-stream state as plain data),
 :mod:`~glm4voice.decoder.blocks` (block bookkeeping), :mod:`~glm4voice.decoder.synthesis` (the model
-work on a batch of blocks), :mod:`~glm4voice.decoder.graphs` (whole first blocks as CUDA graphs), :mod:`~glm4voice.decoder.steps`
-(blocks that join the ODE between its steps, ``AudioDecoder.tick``),
+work on a batch of blocks), :mod:`~glm4voice.decoder.graphs` (first blocks, and optionally the encoder
+and vocoder of later ones, as CUDA graphs),
 :mod:`~glm4voice.decoder.loading` (the checkpoint folder), :mod:`~glm4voice.decoder.original` (the
 original's per-uuid ``token2wav`` table),
 :mod:`~glm4voice.decoder.decoder` (:class:`AudioDecoder`, which owns the states and every decode path)

@@ -57,7 +57,6 @@ import torch
 
 from cosyvoice.flow.cuda_graph import GraphedEulerSolver
 from cosyvoice.flow.noise import NoiseSource, NoiseTimeline, OriginalNoise, mix_seed
-from cosyvoice.flow.row_steps import RowSteps
 from glm4voice.audio import NUM_MEL_BINS, OUTPUT_SAMPLE_RATE, SPEAKER_EMBEDDING_DIM
 from glm4voice.decoder.blocks import Block, BlockGeometry, caller_block, commit_block, length_batches, take_block
 from glm4voice.decoder.codes import DecoderError, resolve_seed, validate_codes
@@ -77,7 +76,6 @@ from glm4voice.decoder.options import (
 from glm4voice.decoder.original import DEFAULT_TOKEN2WAV_SEED, UuidStates
 from glm4voice.decoder.state import StreamState, VocoderCarry
 from glm4voice.decoder.stats import DecodeStats
-from glm4voice.decoder.steps import StepJob, Stepper
 from glm4voice.decoder.stream import DecoderStream
 from glm4voice.decoder.synthesis import BlockSynthesizer
 from glm4voice.devices import default_device, high_priority_stream
@@ -113,7 +111,6 @@ class AudioDecoder:
         graph_batch_sizes: Sequence[int] = DEFAULT_GRAPH_BATCH_SIZES,
         graph_first_blocks: bool | None = None,
         mixed_batches: bool = True,
-        step_batching: bool = False,
         graph_later_blocks: bool = False,
     ):
         """``dtype``: float32 (exact) or bfloat16/float16 (the flow's estimator in that dtype: faster on
@@ -134,11 +131,6 @@ class AudioDecoder:
         ``mixed_batches``: :meth:`feed_many` batches the flow of blocks of different lengths together
         (padded and masked; streams that started at different times rarely have blocks of one shape);
         off, only blocks of the same shape share a batch.
-        ``step_batching``: callers that decode many streams use :meth:`tick` (blocks join the ODE between
-        its steps; the web demo's block batcher does when this is on), and :meth:`warm_up` captures the
-        steps' CUDA graphs for every batch size (the whole-solve graphs then only for one block: a
-        stream's last block, which :meth:`finish` decodes alone). Off by default: on an H100 beside the
-        LLM engine it served fewer conversations than whole-solve calls (docs/perf/decoder.md).
         ``graph_later_blocks`` (CUDA graphs): replay the encoder and the vocoder of every later block (those
         with a prompt and a carried state) as CUDA graphs: the encoder's per padded length, the vocoder's
         per exact length; :meth:`warm_up` captures the schedule's, others are captured at their second use. Their
@@ -148,7 +140,7 @@ class AudioDecoder:
         listeners ran dry (docs/perf/decoder.md)."""
         self.options = DecoderOptions(
             dtype, prompt_window, cuda_graphs, min_block_tokens, seam_crossfade, compile_first_blocks,
-            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches, step_batching, graph_later_blocks,
+            tuple(graph_batch_sizes), graph_first_blocks, mixed_batches, graph_later_blocks,
         )  # fmt: skip
         self._device = torch.device(device)
         use_graphs = self.options.use_graphs(self._device)
@@ -194,11 +186,6 @@ class AudioDecoder:
             self.stats,
             later_blocks,
         )
-        self._stepper = Stepper(
-            self,
-            RowSteps(self.flow.decoder, N_TIMESTEPS, self._device, self.flow.output_size, graphs=use_graphs,
-                     batch_sizes=self.options.graph_batch_sizes, pool=pool),
-        )  # fmt: skip
         self._lock = threading.RLock()
         """Serialises model work (the CUDA graphs have static buffers)."""
         self._claims = threading.Lock()
@@ -297,11 +284,6 @@ class AudioDecoder:
         return self.options.graph_batch_sizes[-1]
 
     @property
-    def step_batching(self) -> bool:
-        """Whether callers that decode many streams should use :meth:`tick` (see the constructor)."""
-        return self.options.step_batching
-
-    @property
     def graph_batch_sizes(self) -> tuple[int, ...]:
         """Batch sizes with CUDA graphs (a batch runs in the next size up): what :meth:`warm_up` takes."""
         return self.options.graph_batch_sizes
@@ -309,7 +291,7 @@ class AudioDecoder:
     @property
     def captured_graphs(self) -> dict[str, list[tuple]]:
         """The CUDA graphs captured so far: the ODE's ``(batch, frames, time points, padded)``, the
-        first-block and later-block stages' ``(batch, input shapes...)``, the steps' (step batching)."""
+        first-block and later-block stages' ``(batch, input shapes...)``."""
         first, later = self._synth.first_blocks, self._synth.later_blocks
         return {
             "ode": self._solver.captured_shapes,
@@ -317,7 +299,6 @@ class AudioDecoder:
             "first_block_vocoder": first.vocoder_graphs.captured_shapes if first else [],
             "later_encoder": later.encoder_graphs.captured_shapes if later else [],
             "later_vocoder": later.vocoder_graphs.captured_shapes if later else [],
-            "steps": self._stepper.rows.captured_shapes,
         }
 
     @property
@@ -424,17 +405,6 @@ class AudioDecoder:
             for state in claimed.values():  # only after an unexpected error above
                 self._unclaim(state)
         return results
-
-    def tick(self, jobs: Sequence[StepJob] = (), make_way: Callable[[], contextlib.AbstractContextManager[None]] | None = None) -> int:  # fmt: skip
-        """Decode many streams' blocks with the blocks joining the ODE between its steps (a step boundary
-        and a few steps per call; :mod:`glm4voice.decoder.steps` says what happens at a boundary). ``jobs``:
-        new blocks (each stream at most once among the jobs and the blocks in hand; each job's ``reply``
-        gets its PCM or error, on this thread, once its block is done: a few calls later).
-        ``make_way``: a context in which the LLM engine of this process starts no step (the one-process
-        layout's ``Engine.make_way``), entered around the calls that decode streams' first blocks and
-        around a step whose listener is about to run dry. Returns the blocks still in hand: call again,
-        with or without new jobs, until it returns 0."""
-        return self._stepper.tick(jobs, make_way)
 
     def _take_job(self, stream: DecoderStream | StreamState, codes: Sequence[int]) -> tuple[Block | None, StreamState]:
         """Claim the stream, add the codes, take its next block (None: fewer than ``min_block_tokens``
@@ -618,8 +588,7 @@ class AudioDecoder:
         decoded together by :meth:`feed_many`: the flow and vocoder graphs of first blocks of
         ``first_block_sizes`` tokens (default: ``block_sizes[0]``; e.g. add the pipeline's first audio
         run; sizes past ``FIRST_BLOCK_GRAPH_TOKENS`` have no such graphs), the ODE graph of every padded
-        length up to the prompt window plus the largest block (with ``step_batching``: the steps' graphs of
-        those lengths and batch sizes, the whole solves' for one block); then decode throwaway answers (the
+        length up to the prompt window plus the largest block; then decode throwaway answers (the
         encoder's and vocoder's kernels), one stream alone and, with later-block graphs, as many streams
         together as each of their batch sizes (the graphs of the schedule's block lengths). Without
         it a graph is captured at its first use, while every stream waits. Returns seconds."""
@@ -640,12 +609,8 @@ class AudioDecoder:
                 longest = self.mel_frames(self._prompt_window + self.block_size + max(block_sizes))
                 frames += list(range(bucket, longest + bucket, bucket))
             channels = self.flow.output_size
-            # with step batching, many streams' blocks go through the steps; whole solves are a stream's last block
-            solves = batch_sizes[:1] if self.step_batching else batch_sizes
             with self._device_context():
-                self._solver.prepare(solves, frames, N_TIMESTEPS + 1, channels, channels, channels, self._device)
-                if self.step_batching:
-                    self._stepper.rows.prepare(batch_sizes, frames)
+                self._solver.prepare(batch_sizes, frames, N_TIMESTEPS + 1, channels, channels, channels, self._device)
         if first_blocks is not None:
             for size in first_sizes:
                 if self.mel_frames(size) > first_blocks.max_frames:

@@ -72,7 +72,6 @@ class DecoderOptions:
     graph_batch_sizes: tuple[int, ...] = DEFAULT_GRAPH_BATCH_SIZES
     graph_first_blocks: bool | None = None
     mixed_batches: bool = True
-    step_batching: bool = False
     graph_later_blocks: bool = False
 
     def __post_init__(self) -> None:

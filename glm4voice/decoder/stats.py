@@ -28,16 +28,7 @@ class DecodeStats:
     tokens: int = 0
     """New speech tokens those blocks decoded (prompts not counted)."""
     seconds: float = 0.0
-    """Wall time of the batches and the ticks on the decoder's thread (model work and the copy of the
-    audio to the host)."""
-    steps: int = 0
-    """ODE steps run by ``AudioDecoder.tick`` (blocks that join and leave between steps)."""
-    step_rows: int = 0
-    """Rows those steps advanced (blocks in flight, summed over the steps)."""
-    step_graph_rows: int = 0
-    """Rows those steps computed (the graphed batch size they were padded to)."""
-    step_blocks: int = 0
-    """Blocks that left the steps decoded."""
+    """Wall time of the batches on the decoder's thread (model work and the copy of the audio to the host)."""
     phase_s: dict[str, float] = field(default_factory=dict)
     """Host seconds per phase of :data:`PHASES` (the ODE's time is not part of ``flow``'s)."""
 
@@ -59,16 +50,6 @@ class DecodeStats:
         self.tokens += tokens
         self.seconds += seconds
 
-    def add_steps(self, rows: int, graph_rows: int, blocks_done: int, tokens: int, seconds: float, steps: int = 1) -> None:  # fmt: skip
-        """One tick: ``steps`` steps of ``rows`` rows (0: none ran) and ``blocks_done`` blocks that left."""
-        steps = steps if rows else 0
-        self.steps += steps
-        self.step_rows += rows * steps
-        self.step_graph_rows += graph_rows * steps
-        self.step_blocks += blocks_done
-        self.tokens += tokens
-        self.seconds += seconds
-
     def snapshot(self) -> DecodeStats:
         return replace(self, phase_s=dict(self.phase_s))
 
@@ -82,14 +63,7 @@ class DecodeStats:
             "batches": batches,
             "mean_batch": round(blocks / batches, 2) if batches else None,
             "padded_row_share": round(1 - blocks / rows, 3) if rows else None,
-            "mean_block_tokens": round((self.tokens - earlier.tokens) / done, 1)
-            if (done := blocks + self.step_blocks - earlier.step_blocks)
-            else None,
-            "steps": self.steps - earlier.steps,
-            "mean_step_rows": round((self.step_rows - earlier.step_rows) / steps, 2)
-            if (steps := self.steps - earlier.steps)
-            else None,
-            "step_blocks": self.step_blocks - earlier.step_blocks,
+            "mean_block_tokens": round((self.tokens - earlier.tokens) / blocks, 1) if blocks else None,
             "busy_s": round(seconds, 2),
             "mean_batch_ms": round(1000 * seconds / batches, 1) if batches else None,
             "phase_s": {

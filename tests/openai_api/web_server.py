@@ -35,10 +35,6 @@ class CountingDecoder:
         self.blocks += len(jobs)
         return self._decoder.feed_many(jobs, **kwargs)
 
-    def tick(self, jobs=(), make_way=None):
-        self.blocks += len(jobs)
-        return self._decoder.tick(jobs, make_way)
-
     def __getattr__(self, name):
         return getattr(self._decoder, name)
 

@@ -221,7 +221,6 @@ def test_graph_options(tiny_checkpoints):
     )
     assert decoder.captured_graphs == {
         "ode": [], "first_block_flow": [], "first_block_vocoder": [], "later_encoder": [], "later_vocoder": [],
-        "steps": [],
     }  # fmt: skip
     assert decoder.synthesizer.later_blocks is None  # the CPU decoder runs eagerly
     custom = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", graph_batch_sizes=[8, 1, 2, 8])

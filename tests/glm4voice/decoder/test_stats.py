@@ -13,27 +13,12 @@ def test_a_run_is_the_difference_of_two_snapshots():
         "mean_batch": 10.0,
         "padded_row_share": round(1 - 20 / 33, 3),
         "mean_block_tokens": round((19 * 26 + 10) / 20, 1),
-        "steps": 0,
-        "mean_step_rows": None,
-        "step_blocks": 0,
         "busy_s": 0.25,
         "mean_batch_ms": 125.0,
         "phase_s": {},
     }
     assert before.batches == 1  # the snapshot does not move with the counters
     assert DecodeStats().since(DecodeStats())["mean_batch"] is None
-
-
-def test_ticks_count_their_steps_and_the_blocks_that_left():
-    stats = DecodeStats()
-    before = stats.snapshot()
-    stats.add_steps(rows=3, graph_rows=4, blocks_done=0, tokens=0, seconds=0.01)
-    stats.add_steps(rows=5, graph_rows=8, blocks_done=2, tokens=80, seconds=0.02)
-    stats.add_steps(rows=0, graph_rows=0, blocks_done=1, tokens=40, seconds=0.01)  # the last rows left, no step
-    figures = stats.since(before)
-    assert figures["steps"] == 2 and figures["mean_step_rows"] == 4.0 and figures["step_blocks"] == 3
-    assert figures["mean_block_tokens"] == 40.0 and figures["busy_s"] == 0.04
-    assert figures["batches"] == 0 and figures["mean_batch"] is None
 
 
 def test_phases_count_their_own_time_less_the_phases_inside_them(monkeypatch):
