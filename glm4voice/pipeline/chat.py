@@ -289,6 +289,7 @@ class TurnLoad:
     def __init__(self, blocks: BlockBatcher):
         self.blocks = blocks
         self.active_turns = 0
+        """Turns running now whose audio is decoded (text-only answers leave the decoder alone)."""
 
     def decoder_wait_s(self) -> float | None:
         """Alone, a small block's job (the fastest seen); with other turns running, the recent
@@ -362,11 +363,12 @@ class VoiceChat:
         self.blocks = BlockBatcher(decoder, self._decode_worker, config.decode_batch, make_way=make_way)
         self.load = TurnLoad(self.blocks)
         """What every turn's block pacing may know of the others (turns running, decoder job time)."""
+        self._turns_running = 0
 
     @property
     def active_turns(self) -> int:
-        """Turns running now (all sessions)."""
-        return self.load.active_turns
+        """Turns running now (all sessions), text-only answers included."""
+        return self._turns_running
 
     def decoder_wait_s(self) -> float | None:
         """Expected duration of the decoder call a new block joins (see :meth:`TurnLoad.decoder_wait_s`)."""
@@ -434,6 +436,7 @@ class VoiceChat:
             yield self._failed(busy, clock, "")
             return
         session.busy = True
+        self._turns_running += 1
         self.load.active_turns += 1
         session.turns_started += 1
         epoch = session.epoch
@@ -455,6 +458,7 @@ class VoiceChat:
                 yield event
         finally:
             session.busy = False
+            self._turns_running -= 1
             self.load.active_turns -= 1
 
     async def prepare_input(self, request: UserRequest) -> TextInput | AudioInput:
@@ -483,14 +487,17 @@ class VoiceChat:
         except TurnError as error:
             yield self._failed(error, clock, "")
             return
-        self.load.active_turns += 1
+        speaking = int(decode_audio)  # a text-only answer is no load on the decoder
+        self._turns_running += 1
+        self.load.active_turns += speaking
         try:
             async for event in self._reply(
                 list(prompt_ids), options, clock, decode_audio=decode_audio, progress=progress
             ):
                 yield event
         finally:
-            self.load.active_turns -= 1
+            self._turns_running -= 1
+            self.load.active_turns -= speaking
 
     async def _prepare_input(
         self, request: UserRequest, clock: _TurnClock

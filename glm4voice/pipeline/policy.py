@@ -231,7 +231,7 @@ class SharedLoad(Protocol):
 
     @property
     def active_turns(self) -> int:
-        """Turns running now, this one included."""
+        """Turns running now whose audio the decoder decodes, this one included."""
         ...
 
     def decoder_wait_s(self) -> float | None:

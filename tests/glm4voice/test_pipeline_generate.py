@@ -131,14 +131,20 @@ def test_text_only_generation_never_opens_the_decoder(models, special_tokens):
     async def main():
         chat = VoiceChat(text_tokenizer, speech_tokenizer, counting, ScriptedClient(ids))
         try:
-            return [e async for e in chat.generate([5, 6], decode_audio=False)]
+            events, counted = [], set()
+            async for event in chat.generate([5, 6], decode_audio=False):
+                events.append(event)
+                counted.add((chat.active_turns, chat.load.active_turns))
+            return events, counted
         finally:
             chat.close()
 
-    events = asyncio.run(main())
+    events, counted = asyncio.run(main())
     finished = events[-1]
     assert isinstance(finished, TurnFinished)
     assert counting.streams == 0
+    # a running turn, but no load on the decoder for the other turns' pacing to count
+    assert counted == {(1, 0)}
     assert not any(isinstance(e, AssistantAudio) for e in events)
     assert len(finished.audio) == 0 and finished.audio_tokens == 78 and finished.reply_ids == tuple(ids[:-1])
     assert "".join(e.text for e in events if isinstance(e, AssistantText)) == finished.text != ""
