@@ -36,9 +36,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -370,6 +370,18 @@ class VoiceChat:
         """Turns running now (all sessions), text-only answers included."""
         return self._turns_running
 
+    @contextmanager
+    def _running(self, decodes_audio: bool) -> Iterator[None]:
+        """Count a turn while it runs: in ``active_turns``, and in the decoder's load unless it is text only."""
+        speaking = int(decodes_audio)
+        self._turns_running += 1
+        self.load.active_turns += speaking
+        try:
+            yield
+        finally:
+            self._turns_running -= 1
+            self.load.active_turns -= speaking
+
     def decoder_wait_s(self) -> float | None:
         """Expected duration of the decoder call a new block joins (see :meth:`TurnLoad.decoder_wait_s`)."""
         return self.load.decoder_wait_s()
@@ -436,30 +448,27 @@ class VoiceChat:
             yield self._failed(busy, clock, "")
             return
         session.busy = True
-        self._turns_running += 1
-        self.load.active_turns += 1
         session.turns_started += 1
         epoch = session.epoch
         try:
-            try:
-                options.check()
-                user_input, speech_seconds = await self._prepare_input(request, clock)
-                prompt_ids = session.conversation.prompt_for(user_input)
-            except TurnError as error:
-                yield self._failed(error, clock, "")
-                return
-            clock.mark("input_ready")
-            mode = InputMode.AUDIO if isinstance(user_input, AudioInput) else InputMode.TEXT
-            speech_tokens = len(user_input.codes) if isinstance(user_input, AudioInput) else 0
-            yield InputAccepted(mode, len(prompt_ids), speech_tokens, speech_seconds, clock.now())
-            async for event in self._reply(prompt_ids, options, clock):
-                if isinstance(event, TurnFinished) and session.epoch == epoch:
-                    session.conversation.add_turn(prompt_ids, event.reply_ids)
-                yield event
+            with self._running(decodes_audio=True):
+                try:
+                    options.check()
+                    user_input, speech_seconds = await self._prepare_input(request, clock)
+                    prompt_ids = session.conversation.prompt_for(user_input)
+                except TurnError as error:
+                    yield self._failed(error, clock, "")
+                    return
+                clock.mark("input_ready")
+                mode = InputMode.AUDIO if isinstance(user_input, AudioInput) else InputMode.TEXT
+                speech_tokens = len(user_input.codes) if isinstance(user_input, AudioInput) else 0
+                yield InputAccepted(mode, len(prompt_ids), speech_tokens, speech_seconds, clock.now())
+                async for event in self._reply(prompt_ids, options, clock):
+                    if isinstance(event, TurnFinished) and session.epoch == epoch:
+                        session.conversation.add_turn(prompt_ids, event.reply_ids)
+                    yield event
         finally:
             session.busy = False
-            self._turns_running -= 1
-            self.load.active_turns -= 1
 
     async def prepare_input(self, request: UserRequest) -> TextInput | AudioInput:
         """Check and tokenize one input without running a turn (speech through the speech tokenizer
@@ -487,17 +496,11 @@ class VoiceChat:
         except TurnError as error:
             yield self._failed(error, clock, "")
             return
-        speaking = int(decode_audio)  # a text-only answer is no load on the decoder
-        self._turns_running += 1
-        self.load.active_turns += speaking
-        try:
+        with self._running(decode_audio):  # a text-only answer is no load on the decoder
             async for event in self._reply(
                 list(prompt_ids), options, clock, decode_audio=decode_audio, progress=progress
             ):
                 yield event
-        finally:
-            self._turns_running -= 1
-            self.load.active_turns -= speaking
 
     async def _prepare_input(
         self, request: UserRequest, clock: _TurnClock

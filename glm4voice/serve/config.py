@@ -29,14 +29,6 @@ SPEECH_DEPLOYMENT = "SpeechSide"
 INGRESS_DEPLOYMENT = "Ingress"
 
 
-def speech_pipeline(**fields: Any) -> PipelineConfig:
-    """A speech replica's :class:`PipelineConfig` (``fields`` as its own): paced generation off. The
-    replica reads its tokens from an engine replica through Ray Serve, whose streams do not push back:
-    pacing would only read them later while the engine generates each answer to its end anyway, and
-    each paced turn would keep one of the replica's ``max_ongoing_requests`` for its whole playback."""
-    return PipelineConfig(**{"pace_generation": False, **fields})
-
-
 SERVE_PORT = 8000
 """Ray Serve's HTTP port (its own default)."""
 SHARED_SPEECH_GPUS = 0.4
@@ -51,6 +43,14 @@ REPLICA_GRACE_S = 5.0
 """How long a replica that is being stopped lets its open requests run."""
 HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
+
+
+def speech_pipeline(**fields: Any) -> PipelineConfig:
+    """A speech replica's :class:`PipelineConfig` (``fields`` as its own): paced generation off. The
+    replica reads its tokens from an engine replica through Ray Serve, whose streams do not push back:
+    pacing would only read them later while the engine generates each answer to its end anyway, and
+    each paced turn would keep one of the replica's ``max_ongoing_requests`` for its whole playback."""
+    return PipelineConfig(**{"pace_generation": False, **fields})
 
 
 class Placement(str, enum.Enum):
