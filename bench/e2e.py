@@ -712,6 +712,7 @@ class E2EBench:
             figures["decoder"] = decoder_at["end"].since(decoder_at["warm"])
             figures["decoder"]["busy_share"] = round(figures["decoder"]["busy_s"] / max(window_s - warm_s, 1e-9), 3)
         figures["decoder_graphs"] = graph_counts(chat.decoder)
+        figures["first_blocks_cut_in"] = chat.blocks.cut_ins  # the whole run's (PipelineConfig.first_blocks_cut_in)
         figures["run_s"] = round(loop.time() - t0, 1)
         return figures
 

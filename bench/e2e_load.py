@@ -34,6 +34,8 @@ TYPED_QUESTIONS = (
 """What typed turns say (one after the other)."""
 TTFA_P95_LIMIT_S = 0.5
 """A rate passes if the TTFA p95 of its turns is at most this, with no underrun and no failure."""
+SLOWEST_TURNS = 6
+"""Turns whose TTFA parts each rate's figures list (the slowest: the tail that sets p95)."""
 TTFA_PARTS = ("prefill", "tokens_to_first_block", "first_block_held", "first_block_call")
 """Parts of a turn's TTFA (``bench/e2e.turn_record``) whose p50 and p95 each rate reports: the engine's
 prefill (queueing included), generating up to the first block, the first block held back by the turn's
@@ -219,6 +221,10 @@ def rate_figures(
         "mean_concurrent_conversations": round(mean_overlap(conversations, warm_s, window_s), 1),
         "mean_concurrent_answers": round(mean_overlap(answers, warm_s, window_s), 1),
         "max_concurrent_answers": max_overlap(answers, warm_s, window_s),
+        "slowest_turns": [  # where the tail's time went
+            {key: t.get(key) for key in ("start_s", "ttfa", *TTFA_PARTS)} | {"blocks": t.get("blocks", [])[:2]}
+            for t in sorted(ok, key=lambda t: -(t.get("ttfa") or 0))[:SLOWEST_TURNS]
+        ],
     }
     figures["passes"] = (passes or default_pass)(figures)
     return figures

@@ -11,20 +11,33 @@ as soon as its batch is done.
 
 **First blocks first.** While a stream's first block waits (a listener waits for the answer's first
 audio), the next job decodes only first blocks: at most the running call stands between a new turn
-and its first audio, never the other sessions' queued blocks. (Later blocks would wait only while new
-first blocks kept arriving during every first-block call, tens of milliseconds each on an H100.)
+and its first audio, never the other sessions' queued blocks. The blocks handed over together with a
+first block (a turn's pacing may hold its first block back until the next one is cut: the listener
+then starts with both) are first blocks in this sense too: each goes in the next job of first
+blocks, not in a batch with every other session's waiting block. (Later blocks would wait only while
+new first blocks kept arriving during every first-block call, tens of milliseconds each on an H100.)
 
 A decoder without ``feed_many`` (test doubles) gets one ``stream.feed`` call per block instead.
 
+**First blocks cut in** (``cut_in``): a first block that arrives while a job runs need not wait for
+the job's end. The job's decoder call stands aside at its next pause point (between the ODE's steps
+of its later blocks, before their vocoder, between its batches; ``AudioDecoder.feed_many``'s
+``pause``) and decodes the waiting first blocks there, on the worker, before it goes on; and once
+more when the call has returned: a new turn waits for one ODE step, not for a whole call. First blocks
+that arrive after that go first in the next job, as without it.
+
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
-meanwhile and a listener's first audio does not share the GPU with generation.
+meanwhile and a listener's first audio does not share the GPU with generation (first blocks that cut
+in run inside it too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from contextlib import AbstractContextManager, nullcontext
@@ -47,7 +60,8 @@ class _Entry:
     blocks: list[list[int]]
     futures: list[asyncio.Future]
     first: bool = False
-    """``blocks[0]`` is the stream's first block (nothing decoded yet when it was queued)."""
+    """The blocks start with the stream's first block (nothing decoded yet when they were queued): its
+    listener waits for every one of them."""
     failure: BaseException | None = field(default=None)
     """Set on the worker when one of the blocks failed: the blocks after it are not decoded."""
 
@@ -64,14 +78,28 @@ class BlockBatcher:
         max_batch: int | None = None,
         *,
         make_way: Callable[[], AbstractContextManager[None]] | None = None,
+        cut_in: bool = False,
     ):
+        """``cut_in``: first blocks cut into the running job at its pause points (the decoder's
+        ``feed_many`` must take ``pause``)."""
         self.decoder = decoder
         self.worker = worker
         self.max_batch = max_batch
         self.make_way = make_way
+        self.cut_in = cut_in
         self._batched = hasattr(decoder, "feed_many")
         self._waiting: list[_Entry] = []
         self._running = False
+        self._cut_in_lock = threading.Lock()
+        """Guards the two lists below, which the loop's ``submit`` and the worker's pause points share."""
+        self._to_cut_in: list[_Entry] = []
+        """First blocks that arrived while the job ran, for its next pause point."""
+        self._cut_in_done: list[_Entry] = []
+        """Those the running job decoded at a pause point (settled with the job's own when it ends)."""
+        self._cut_in_s = 0.0
+        """The running job's time spent decoding them (not the job's own duration)."""
+        self.cut_ins = 0
+        """First blocks decoded at a pause point of another job."""
         self.latency_s: float | None = None
         """Moving average of a decoder job's duration, what a block waits for once it is taken."""
         self.fastest_s: float | None = None
@@ -104,6 +132,10 @@ class BlockBatcher:
         first = getattr(stream, "tokens_decoded", None) == 0
         entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks], first)
         if not entry.blocks:
+            return entry.futures
+        if first and self.cut_in and self._running:
+            with self._cut_in_lock:
+                self._to_cut_in.append(entry)
             return entry.futures
         self._waiting.append(entry)
         self._consider(loop)
@@ -139,6 +171,30 @@ class BlockBatcher:
     def _decode(self, entries: list[_Entry]) -> None:
         """On the worker: the next block of each entry, in one ``feed_many`` call (a job is one call:
         blocks that arrive meanwhile, first blocks above all, need not wait for a session's later ones)."""
+        self._cut_in_s = 0.0
+        self._feed(entries, self._decode_cutting_in if self.cut_in else None)
+        if self.cut_in:  # those that came during the call's last part: now, not after a trip through the loop
+            self._decode_cutting_in()
+
+    def _decode_cutting_in(self) -> None:
+        """On the worker, at a pause point of the running job: decode the first blocks waiting to cut in."""
+        with self._cut_in_lock:
+            entries, self._to_cut_in = self._to_cut_in, []
+            self._cut_in_done += entries
+        if not entries:
+            return
+        started = time.perf_counter()
+        try:
+            self._feed(entries, None)
+        except Exception as error:  # noqa: BLE001 - those blocks fail, the running job goes on
+            logger.error("decoding first blocks at a pause point failed: %r", error)
+            for entry in entries:
+                entry.failure = entry.failure or error
+        self.cut_ins += len(entries)
+        self._cut_in_s += time.perf_counter() - started
+
+    def _feed(self, entries: list[_Entry], pause: Callable[[], None] | None) -> None:
+        """On the worker: one ``feed_many`` call for the next block of each entry."""
         # a session whose turn stopped meanwhile (its futures cancelled on the loop) is not decoded
         members = [e for e in entries if not e.futures[0].done()]
         if not members:
@@ -155,11 +211,16 @@ class BlockBatcher:
         self.calls += 1  # before any result reaches a session, which may then read the counts
         self.jobs += len(jobs)
         make_way = self.make_way if any(e.first for e in members) else None
+        options = {"pause": pause} if pause is not None else {}
         with make_way() if make_way is not None else nullcontext():
-            self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch)
+            self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch, **options)
 
     def _finished(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry], call: asyncio.Future, seconds: float) -> None:  # fmt: skip
         self._running = False
+        with self._cut_in_lock:  # the worker is done with them
+            cut_in, self._cut_in_done = self._cut_in_done, []
+            not_yet, self._to_cut_in = self._to_cut_in, []  # arrived after the job's last pause point
+        seconds -= self._cut_in_s
         self.latency_s = (
             seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
         )
@@ -172,15 +233,17 @@ class BlockBatcher:
         if error is not None:  # feed_many itself failed (a bug): every block of the job hears of it
             logger.error("batched block decode failed: %r", error)
         later: list[_Entry] = []
-        for entry in entries:  # each entry's next block was delivered through ``deliver``, unless it failed
-            failure = error or entry.failure
+        # each entry's next block was delivered through ``deliver``, unless it failed; blocks that cut in
+        # were decoded by calls of their own (a failure of the job's call after them is not theirs)
+        for entry, job_error in [(e, error) for e in entries] + [(e, None) for e in cut_in]:
+            failure = job_error or entry.failure
             _settle(entry.futures[0], failure or RuntimeError("the block was not decoded"))
             if failure is None and len(entry.blocks) > 1:  # its later blocks wait for the next job, in order
-                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:]))
+                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:], entry.first))
             else:
                 for future in entry.futures[1:]:
                     _settle(future, failure or RuntimeError("the block was not decoded"))
-        self._waiting = later + self._waiting
+        self._waiting = later + not_yet + self._waiting
         self._consider(loop)
 
 

@@ -4,6 +4,7 @@ prompt window, determinism and bad input."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -405,6 +406,67 @@ def test_feed_many_mixes_blocks_of_different_lengths(tiny_checkpoints, codes, mi
     for seed in schedules:
         together = np.concatenate(pieces[seed] + [streams[seed].finish()])
         np.testing.assert_allclose(together, alone[seed], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_first_blocks_decoded_at_pause_points_change_no_stream(tiny_checkpoints, codes, device):
+    """feed_many's ``pause``: other streams' first blocks decoded in the middle of a batch of later
+    blocks (between its ODE steps, before its vocoder) leave every stream's audio as it is alone; the
+    time spent there is not the outer batch's."""
+    decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device=device)
+    reference = decoder if device == "cpu" else AudioDecoder.from_pretrained(
+        tiny_checkpoints.decoder, device=device, cuda_graphs=False
+    )  # fmt: skip
+    atol = 1e-5 if device == "cpu" else 5e-3
+    sizes = {3: [10, 20, 30], 4: [10, 35, 15]}  # streams under way: their later blocks are paused
+    newcomers = {5: [10, 20], 6: [15, 25]}  # streams that start meanwhile; 15 tokens: no first-block graph
+    alone = {
+        seed: stream_blocks(reference, codes[: sum(s)], s, seed=seed)[0] for seed, s in {**sizes, **newcomers}.items()
+    }
+    streams = {seed: decoder.stream(seed=seed) for seed in {**sizes, **newcomers}}
+    heard: dict[int, list[np.ndarray]] = {seed: [] for seed in streams}
+    to_start = list(newcomers)
+    pauses = nested = 0
+    slept = 0.0
+
+    def pause() -> None:  # one newcomer's first block at each of the first pause points, then nothing
+        nonlocal pauses, nested, slept
+        pauses += 1
+        if to_start:
+            seed = to_start.pop(0)
+            nested += 1
+            (pcm,) = decoder.feed_many([(streams[seed], codes[: newcomers[seed][0]])])
+            heard[seed].append(pcm)
+            started = time.perf_counter()
+            time.sleep(0.2)
+            slept += time.perf_counter() - started
+
+    starts = dict.fromkeys(sizes, 0)
+    expected_pauses = 0
+    for step in range(3):
+        jobs = []
+        for seed, s in sizes.items():
+            jobs.append((streams[seed], codes[starts[seed] : starts[seed] + s[step]]))
+            starts[seed] += s[step]
+        before, wall = decoder.stats.snapshot(), time.perf_counter()
+        results = decoder.feed_many(jobs, pause=pause if step else None)
+        wall = time.perf_counter() - wall
+        for seed, pcm in zip(sizes, results):
+            assert not isinstance(pcm, Exception), pcm
+            heard[seed].append(pcm)
+        if step == 1:  # the pause's own time (the newcomers' blocks and the sleep) is not this call's
+            assert decoder.stats.seconds - before.seconds <= wall - slept
+        batches = decoder.stats.since(before)["batches"] - nested  # the newcomers' calls: one batch each
+        nested = 0
+        # first blocks: no pause; a batch of later blocks: after each of its ODE's steps but the last (9)
+        # and before its vocoder; and one between two batches
+        expected_pauses += 0 if step == 0 else 10 * batches + batches - 1
+    assert pauses == expected_pauses >= 20 and not to_start
+    for seed in newcomers:  # the rest of the newcomers' answers, plainly
+        heard[seed].append(streams[seed].feed(codes[newcomers[seed][0] : sum(newcomers[seed])]))
+    for seed, pieces in heard.items():
+        together = np.concatenate(pieces + [streams[seed].finish()])
+        np.testing.assert_allclose(together, alone[seed], rtol=0, atol=atol)
 
 
 @pytest.mark.gpu

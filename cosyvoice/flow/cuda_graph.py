@@ -133,6 +133,8 @@ class GraphedEulerSolver:
         self._pool = pool
         self.compile_exact = compile_exact
         self._compiled: Callable[..., torch.Tensor] | None = None
+        self._solving = False
+        """A replay loop is running (a solve from its ``between_steps`` must not touch the buffers)."""
 
     @property
     def captured_shapes(self) -> list[tuple[int, int, int, bool]]:
@@ -144,9 +146,9 @@ class GraphedEulerSolver:
         """Largest batch with a graph (larger batches run eagerly)."""
         return self.batch_sizes[-1]
 
-    def eager(self, z, mu, mask, spks, cond, t_span) -> torch.Tensor:
+    def eager(self, z, mu, mask, spks, cond, t_span, between_steps: Callable[[], None] | None = None) -> torch.Tensor:
         """The solve without graphs; a mask means padded input, as in the graphs (padding invisible)."""
-        return self.cfm.solve(z, mu, mask, spks, cond, t_span, padded=mask is not None)
+        return self.cfm.solve(z, mu, mask, spks, cond, t_span, padded=mask is not None, between_steps=between_steps)
 
     def _key(self, batch: int, frames: int, steps: int, masked: bool) -> tuple[int, int, int, bool] | None:
         """(graph batch, graph length, time points, padded) serving this call; None: run eagerly."""
@@ -167,12 +169,18 @@ class GraphedEulerSolver:
             self._graphs[key] = self._capture(key, channels, spk_channels, cond_channels, device)
         return len(new)
 
-    def __call__(self, z, mu, mask, spks, cond, t_span) -> torch.Tensor:
-        """``mask`` (B, 1, T) or None (every frame valid); a mask always takes the padded path."""
+    def __call__(
+        self, z, mu, mask, spks, cond, t_span, between_steps: Callable[[], None] | None = None
+    ) -> torch.Tensor:
+        """``mask`` (B, 1, T) or None (every frame valid); a mask always takes the padded path.
+        ``between_steps()``: called on the host after every step but the last, once the step before
+        it has run on the device (the step itself is then running: one step stays queued, so the
+        device does not idle while the host waits); work it queues on the same stream runs between
+        the two steps. A solve called from there runs eagerly (the graphs' buffers hold this one's state)."""
         batch, channels, frames = mu.shape
         key = None if mu.device.type != "cuda" else self._key(batch, frames, int(t_span.shape[0]), mask is not None)
-        if key is None:
-            return self.eager(z, mu, mask, spks, cond, t_span)
+        if key is None or self._solving:
+            return self.eager(z, mu, mask, spks, cond, t_span, between_steps)
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._capture(key, channels, spks.shape[1], cond.shape[1], mu.device)
@@ -191,9 +199,22 @@ class GraphedEulerSolver:
         captured.spks[:batch].copy_(spks)
         captured.spks[batch:].zero_()
         captured.step.zero_()
-        for _ in range(captured.steps):
-            captured.graph.replay()
-        return captured.z[:batch, :, :frames].clone()
+        self._solving = True
+        try:
+            previous: torch.cuda.Event | None = None
+            for step in range(captured.steps):
+                captured.graph.replay()
+                if between_steps is None or step + 1 == captured.steps:
+                    continue
+                queued = torch.cuda.Event()
+                queued.record()
+                if previous is not None:
+                    previous.synchronize()
+                previous = queued
+                between_steps()
+            return captured.z[:batch, :, :frames].clone()
+        finally:
+            self._solving = False
 
     def _capture(
         self, key: tuple[int, int, int, bool], channels: int, spk_channels: int, cond_channels: int, device

@@ -109,8 +109,7 @@ class ConditionalCFM(nn.Module):
     def step_tables(self, t_span: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Everything a step needs that depends on its index only, as tables with one entry per step:
         (t (S,), dt (S,), each part of the time conditioning (S, ...)). A step reads its entry with
-        ``index_select`` on the device, so CUDA graphs replay steps without host work in between; one
-        index per row lets the rows of a batch be at different steps."""
+        ``index_select`` on the device, so CUDA graphs replay steps without host work in between."""
         times = self.euler_times(t_span)
         conds = [self.estimator.time_conditioning(t) for t, _ in times]
         return (
@@ -130,16 +129,20 @@ class ConditionalCFM(nn.Module):
         padded: bool = False,
         time_conds: list[tuple[torch.Tensor, ...]] | None = None,
         estimator: Callable[..., torch.Tensor] | None = None,
+        between_steps: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Fixed-step Euler from x (noise) over ``t_span``; with guidance rate r the velocity is
         (1+r)·v(x | mu, spks, cond) − r·v(x | 0, 0, 0), both passes in one batch. ``mask`` None: all
         frames valid. The estimator runs in its own parameter dtype; the ODE state stays float32.
-        ``estimator`` replaces ``self.estimator`` as the callable (e.g. a compiled one)."""
+        ``estimator`` replaces ``self.estimator`` as the callable (e.g. a compiled one).
+        ``between_steps()`` is called after every step but the last (other work may run there)."""
         times = self.euler_times(t_span)
         if time_conds is None:
             time_conds = [self.estimator.time_conditioning(t) for t, _ in times]
-        for (t, dt), time_cond in zip(times, time_conds):
+        for index, ((t, dt), time_cond) in enumerate(zip(times, time_conds)):
             x = self.euler_step(x, mu, mask, spks, cond, t, dt, time_cond, padded=padded, estimator=estimator)
+            if between_steps is not None and index + 1 < len(times):
+                between_steps()
         return x
 
     def euler_step(
@@ -155,19 +158,12 @@ class ConditionalCFM(nn.Module):
         padded: bool = False,
         estimator: Callable[..., torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One step of :meth:`solve`: x (B, 80, T) float32 at time t -> x at t + dt. ``t`` and ``dt`` are
-        0-d (every row at the same time) or (B,) (each row at its own time; then ``time_cond``, if given,
-        has one row per batch row)."""
+        """One step of :meth:`solve`: x (B, 80, T) float32 at time t -> x at t + dt (``t`` and ``dt`` 0-d:
+        every row at the same time)."""
         dtype = next(self.estimator.parameters()).dtype
         rate = self.inference_cfg_rate
         guided = rate > 0
         batch = x.shape[0]
-        if dt.ndim:  # (B,): each row its own step
-            dt = dt.view(-1, 1, 1)
-            if time_cond is not None and guided:  # the unconditional rows are at their rows' times too
-                time_cond = tuple(torch.cat([part, part]) for part in time_cond)
-            elif time_cond is None and guided:
-                t = torch.cat([t, t])
 
         def prepared(a: torch.Tensor | None) -> torch.Tensor | None:
             if a is None:

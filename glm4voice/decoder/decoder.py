@@ -356,13 +356,21 @@ class AudioDecoder:
         jobs: Sequence[Job],
         on_result: Callable[[int, np.ndarray | Exception], None] | None = None,
         max_batch: int | None = None,
+        pause: Callable[[], None] | None = None,
     ) -> list[np.ndarray | Exception]:
         """:meth:`feed` for each ``(stream, codes)`` job (each stream at most once), with the blocks that
         have the same shape decoded as one batch of at most ``max_batch`` (default ``self.max_batch``).
         Returns each job's PCM, or the exception its stream raised (bad codes, a finished stream, a failed
         decode); ``on_result(index, result)`` is called as soon as a job is done (first the groups whose
-        streams have played the least audio: they are the most urgent)."""
+        streams have played the least audio: they are the most urgent).
+
+        ``pause()`` is called, on this thread, where this call can stand aside for more urgent blocks:
+        between its batches, and inside a batch of later blocks between the ODE's steps and before the
+        vocoder (with the decoder's lock held: it may call :meth:`feed_many` for *other* streams, without
+        a ``pause`` of its own). Those calls run on the device between this call's work, and the time
+        spent in ``pause`` is not counted as this call's in :attr:`stats`."""
         results: list = [None] * len(jobs)
+        aside = _Pause(pause) if pause is not None else None
         limit = max(1, int(max_batch or self.max_batch))
         claimed: dict[int, StreamState] = {}
 
@@ -396,9 +404,11 @@ class AudioDecoder:
                 for batch in length_batches(members, lambda item: item[2].feat_len, limit, MIXED_BATCH_LENGTH_RATIO)
             ]
             batches.sort(key=lambda batch: min(state.samples_emitted for _, state, _ in batch))
-            for batch in batches:
+            for position, batch in enumerate(batches):
+                if position and aside is not None:
+                    aside()
                 with self._device_context():
-                    outputs = self._decode_batch([(state, block) for _, state, block in batch])
+                    outputs = self._decode_batch([(state, block) for _, state, block in batch], aside)
                 for (index, _, _), out in zip(batch, outputs):
                     done(index, out)
         finally:
@@ -418,12 +428,16 @@ class AudioDecoder:
             self._unclaim(state)
             raise
 
-    def _decode_batch(self, batch: Sequence[tuple[StreamState, Block]]) -> list[np.ndarray | Exception]:
+    def _decode_batch(
+        self, batch: Sequence[tuple[StreamState, Block]], aside: _Pause | None = None
+    ) -> list[np.ndarray | Exception]:
         """One batch through the flow and the vocoder (call within the device context): each stream's
-        PCM, or the error that ended every stream of the batch."""
+        PCM, or the error that ended every stream of the batch. ``aside``: where the batch may stand aside
+        (:meth:`feed_many`'s ``pause``)."""
         started = time.perf_counter()
+        aside_before = aside.seconds if aside is not None else 0.0
         try:
-            outputs = self._synth.run([block for _, block in batch])
+            outputs = self._synth.run([block for _, block in batch], pause=aside)
             pcms: list[np.ndarray | Exception] = []
             with self.stats.phase("to_host"):
                 for (state, block), out in zip(batch, outputs):
@@ -437,7 +451,8 @@ class AudioDecoder:
             return [error] * len(batch)
         rows = next((b for b in self._graph_batches if b >= len(batch)), len(batch))
         tokens = sum(block.new_tokens.numel() for _, block in batch)
-        self.stats.add(len(batch), rows, tokens, time.perf_counter() - started)
+        elsewhere = aside.seconds - aside_before if aside is not None else 0.0  # other calls, counted by themselves
+        self.stats.add(len(batch), rows, tokens, time.perf_counter() - started - elsewhere)
         return pcms
 
     def _batch_key(self, block: Block) -> tuple[object, ...]:
@@ -746,6 +761,21 @@ class AudioDecoder:
             self._cuda_stream.wait_stream(torch.cuda.current_stream(self._device))
             with torch.cuda.stream(self._cuda_stream):
                 yield
+
+
+class _Pause:
+    """:meth:`AudioDecoder.feed_many`'s ``pause``, timed: ``seconds`` spent in it so far."""
+
+    def __init__(self, pause: Callable[[], None]):
+        self.pause = pause
+        self.seconds = 0.0
+
+    def __call__(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.pause()
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def _state_of(stream: DecoderStream | StreamState) -> StreamState:

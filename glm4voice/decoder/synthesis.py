@@ -26,6 +26,7 @@ context around every call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
@@ -92,25 +93,37 @@ class BlockSynthesizer:
         self.seam_fade_in = raised_cosine_fade_in(self.cache_samples, device)
         self.embedding = torch.zeros(1, SPEAKER_EMBEDDING_DIM, device=device)
 
-    def run(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[BlockResult]:
-        """Decode ``blocks`` as one batch; their carries move on to the next block."""
+    def run(
+        self, blocks: Sequence[Block], embedding: torch.Tensor | None = None, pause: Callable[[], None] | None = None
+    ) -> list[BlockResult]:
+        """Decode ``blocks`` as one batch; their carries move on to the next block. ``pause()``: where
+        other streams' blocks may be decoded in the middle of a batch of later blocks (between the ODE's
+        steps, and before the vocoder); a whole first block is not split."""
+        if blocks[0].starts_stream:
+            pause = None
         if len({b.shape_key() for b in blocks}) == 1:
             with self._phase("flow"):
-                mel = self.flow_mel(blocks, embedding)
+                mel = self.flow_mel(blocks, embedding, pause)
+            if pause is not None:
+                pause()
             with self._phase("vocoder"):
                 return self.vocode(blocks, mel)
         with self._phase("flow"):
-            mels = self.flow_mels_mixed(blocks, embedding)
+            mels = self.flow_mels_mixed(blocks, embedding, pause)
+        if pause is not None:
+            pause()
         with self._phase("vocoder"):
             return self.vocode_rows(blocks, mels)
 
     def _phase(self, name: str) -> AbstractContextManager[None]:
         return self.stats.phase(name) if self.stats is not None else nullcontext()
 
-    def _solve(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def _solve(self, *inputs: torch.Tensor, between_steps: Callable[[], None] | None = None) -> torch.Tensor:
         """``solve``, timed as the ``ode`` phase."""
         with self._phase("ode"):
-            return self.solve(*inputs)
+            if between_steps is None:
+                return self.solve(*inputs)
+            return self.solve(*inputs, between_steps=between_steps)
 
     def vocode_rows(self, blocks: Sequence[Block], mels: Sequence[torch.Tensor]) -> list[BlockResult]:
         """:meth:`vocode` for blocks of any lengths, each with its mel (1, 80, frames): in groups of
@@ -137,12 +150,14 @@ class BlockSynthesizer:
             encode=self._encode,
         )
 
-    def flow_mels_mixed(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def flow_mels_mixed(
+        self, blocks: Sequence[Block], embedding: torch.Tensor | None = None, pause: Callable[[], None] | None = None
+    ) -> list[torch.Tensor]:
         """The flow's mel (1, 80, frames after the prompt) of each block, float32; the blocks may differ
-        in length (one padded batch through the encoder and the ODE)."""
+        in length (one padded batch through the encoder and the ODE, which calls ``pause`` between steps)."""
         rows = self.flow_inputs(blocks, embedding)
         t_span = self.flow.decoder.time_span(N_TIMESTEPS, device=rows.mu.device)
-        feat = self._solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span)
+        feat = self._solve(rows.z, rows.mu, rows.mask, rows.spks, rows.cond, t_span, between_steps=pause)
         return [rows.mel_of(row, feat[row : row + 1]) for row in range(len(blocks))]
 
     def graphed(self, blocks: Sequence[Block]) -> bool:
@@ -155,8 +170,11 @@ class BlockSynthesizer:
             len(blocks), first.prompt_tokens, carried, first.feat_len
         )
 
-    def flow_mel(self, blocks: Sequence[Block], embedding: torch.Tensor | None = None) -> torch.Tensor:
-        """The flow's mel (B, 80, frames after the prompt) of the blocks, float32."""
+    def flow_mel(
+        self, blocks: Sequence[Block], embedding: torch.Tensor | None = None, pause: Callable[[], None] | None = None
+    ) -> torch.Tensor:
+        """The flow's mel (B, 80, frames after the prompt) of the blocks, float32 (the ODE calls ``pause``
+        between steps)."""
         first = blocks[0]
         batch = len(blocks)
         prompt_tokens = first.prompt_tokens
@@ -178,7 +196,7 @@ class BlockSynthesizer:
             feat_len=first.feat_len,
             n_timesteps=N_TIMESTEPS,
             noise=torch.cat([b.noise.to(self.device) for b in blocks]),
-            solve=self._solve,
+            solve=self._solve if pause is None else functools.partial(self._solve, between_steps=pause),
             encode=self._encode,
         ).float()
 

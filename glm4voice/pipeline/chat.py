@@ -85,6 +85,7 @@ from glm4voice.pipeline.events import (
 )
 from glm4voice.pipeline.policy import (
     MIN_TOKEN_RATE,
+    QUICK_START_MAX_TURNS,
     AdaptiveBlocks,
     BlockPacing,
     BlockPolicy,
@@ -146,6 +147,19 @@ class PipelineConfig:
     """With an engine in this process (the one-process layout: a client with ``make_way``), the
     engine starts no new step while a turn's first audio block is decoded (``Engine.make_way``): the
     listener waiting for it then does not share the GPU with generation. Off: both run at once."""
+    quick_start_max_turns: int = QUICK_START_MAX_TURNS
+    """With ``adaptive_blocks``: while more turns than this run, a turn's quick first block is held back
+    until its next block is cut, and the listener starts with both
+    (:meth:`~glm4voice.pipeline.policy.ListenerPacing.hold_first_block`). Those turns set TTFA p95 under
+    Poisson load, but holding fewer (1000, with ``first_blocks_cut_in``) left 10 of 87 turns dry at 0.35
+    conversations/s on an H200 (docs/PERFORMANCE.md, "2026-11-28, H200, evening")."""
+    first_blocks_cut_in: bool = False
+    """A turn's first block need not wait for the decoder call that is running: the call stands aside
+    between its ODE steps (and before its vocoder, and between its batches) and decodes the waiting
+    first blocks there (:mod:`glm4voice.block_batcher`). On an H200 under Poisson load (0.27/s) this
+    halved the first block's call at the median and lowered TTFA p50 by 60-80 ms, but not p95, and a
+    turn ran dry in 3 of 5 runs against none (docs/PERFORMANCE.md, "2026-11-28, H200, evening").
+    Off: a first block waits for the running call to end, then goes first."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured
@@ -170,6 +184,7 @@ class PipelineConfig:
         BlockSchedule(tuple(self.block_sizes))  # validates
         bad_batch = self.decode_batch is not None and self.decode_batch < 1
         limits_ok = self.max_input_seconds > 0 and self.max_text_chars >= 1 and self.max_pending_blocks >= 1
+        limits_ok = limits_ok and self.quick_start_max_turns >= 0
         if not limits_ok or bad_batch or not self.player_lead_s >= 0 or not self.min_token_rate > 0:
             raise ValueError(f"invalid pipeline limits: {self}")
 
@@ -360,7 +375,9 @@ class VoiceChat:
         self._input_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-tokenize")
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
         make_way = getattr(client, "make_way", None) if config.first_blocks_first else None
-        self.blocks = BlockBatcher(decoder, self._decode_worker, config.decode_batch, make_way=make_way)
+        self.blocks = BlockBatcher(
+            decoder, self._decode_worker, config.decode_batch, make_way=make_way, cut_in=config.first_blocks_cut_in
+        )
         self.load = TurnLoad(self.blocks)
         """What every turn's block pacing may know of the others (turns running, decoder job time)."""
         self._turns_running = 0
@@ -418,6 +435,7 @@ class VoiceChat:
             schedule=self.schedule,
             cover_start=self.config.cover_start,
             pace_generation=self.config.pace_generation and paced,
+            quick_start_max_turns=self.config.quick_start_max_turns,
         )
 
     def memory_owners(self) -> MemoryOwners:

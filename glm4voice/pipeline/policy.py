@@ -288,7 +288,7 @@ class ListenerPacing(BlockPacing):
     is decoded at once only if that rest can be generated (at the answer's measured token rate) and
     decoded (one decoder call to wait for, one to run) before the short first chunk (less the
     decoder's ``hold_back_s``) and the player's lead (``player_lead_s``) have played, and at most
-    :data:`QUICK_START_MAX_TURNS` turns run; otherwise it waits for the next block, and the listener
+    ``quick_start_max_turns`` (default :data:`QUICK_START_MAX_TURNS`) turns run; otherwise it waits for the next block, and the listener
     starts with both.
 
     With ``cover_start`` the listener also starts only once the audio decoded so far covers the wait
@@ -301,7 +301,7 @@ class ListenerPacing(BlockPacing):
     (:meth:`read_delay_s`), so that the engine, which stops generating a stream whose tokens are not
     read, leaves the GPU to the decoder and to the turns that need tokens.
 
-    ``cover_start`` and ``pace_generation`` have no defaults here: the pipeline passes its
+    ``cover_start``, ``pace_generation`` and ``quick_start_max_turns`` have no defaults here: the pipeline passes its
     :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is where the defaults live."""
 
     def __init__(
@@ -315,9 +315,11 @@ class ListenerPacing(BlockPacing):
         schedule: BlockSchedule | None = None,
         cover_start: bool,
         pace_generation: bool,
+        quick_start_max_turns: int,
     ):
         self.load = load
         self.schedule = schedule or BlockSchedule()
+        self.quick_start_max_turns = quick_start_max_turns
         self.cover_start = cover_start
         self.pace_generation = pace_generation
         self.paused_s = 0.0
@@ -354,7 +356,7 @@ class ListenerPacing(BlockPacing):
     def hold_first_block(self, now: float) -> bool:
         if not self.quick_start:
             return False
-        if self.load.active_turns > QUICK_START_MAX_TURNS:
+        if self.load.active_turns > self.quick_start_max_turns:
             return True
         rate = self.rate()
         if rate is None:

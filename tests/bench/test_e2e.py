@@ -282,8 +282,9 @@ def test_the_dry_run_of_each_new_section_writes_its_figures(dry_run, section):
             assert figures["ttfa_p50"] > 0 and figures["ttfa_p95"] >= figures["ttfa_p50"]
             assert figures["first_block_while_generating"]["tokens_streamed_meanwhile"] >= 20
             assert "prefix_tokens_reused_per_turn" in figures
-        # one process: each turn's first block decoded inside the engine's make_way (no such call over HTTP)
-        assert layouts["one-process"]["make_way_calls"] == 2 and "make_way_calls" not in layouts["two-process"]
+        # one process: each turn's first block decoded inside the engine's make_way (no such call over HTTP),
+        # and the block handed over with it when the turn held its first block back (the listener waits for both)
+        assert 2 <= layouts["one-process"]["make_way_calls"] <= 4 and "make_way_calls" not in layouts["two-process"]
         assert "ttfa_p50_one_minus_two_process_s" in layouts
     elif section == "turns":
         turns = dry_run["turns"]

@@ -241,13 +241,14 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
             other = batcher.submit(_stream("other", 26), [[1] * 26])
             decoder.gates[0].set()
             await old[0]
-            for _ in range(2):
+            for _ in range(3):
                 await _wait_entered(decoder)
                 decoder.gates[-1].set()
             assert [len(await f) for f in (*new, *other)] == [10, 16, 26]
-            # the first block goes alone, ahead of the block that waited with it
-            assert decoder.calls == [["old"], ["new"], ["new", "other"]]
-            assert inside == [False, True, False] and held == 0
+            # the first block goes alone, ahead of the block that waited with it; the block handed over
+            # with it (its listener waits for both) goes next, also alone and inside make_way
+            assert decoder.calls == [["old"], ["new"], ["new"], ["other"]]
+            assert inside == [False, True, True, False] and held == 0
 
             plain = BlockBatcher(decoder, worker)  # no make_way: the one-process layout's engine is elsewhere
             task = asyncio.create_task(plain.feed(_stream("first", 0), [1]))
@@ -255,5 +256,124 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
             decoder.gates[-1].set()
             await task
             assert inside[-1] is False
+
+    asyncio.run(scenario())
+
+
+class PausingDecoder(GatedDecoder):
+    """feed_many whose call with a ``pause`` (a job of the batcher's) stands aside once, when the test
+    opens ``go``, then returns when it opens ``resume``; calls without one (blocks cutting in) return at once."""
+
+    def __init__(self, failing: str | None = None, gated: str | None = None):
+        super().__init__()
+        self.go, self.paused, self.resume = threading.Event(), threading.Event(), threading.Event()
+        self.failing = failing
+        self.gated = gated
+        """A stream whose call (one without a pause) waits for ``gate_open``, after setting ``gate_entered``."""
+        self.gate_entered, self.gate_open = threading.Event(), threading.Event()
+        self.inside: list[bool] = []
+        self.held = 0
+
+    @contextlib.contextmanager
+    def make_way(self):
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+    def feed_many(self, jobs, on_result=None, max_batch=None, pause=None):
+        names = [stream for stream, _ in jobs]
+        self.calls.append(names)
+        self.inside.append(self.held > 0)
+        if pause is not None:
+            self.entered.release()
+            assert self.go.wait(10)
+            pause()
+            self.paused.set()
+            assert self.resume.wait(10)
+        elif self.failing in names:
+            raise RuntimeError("device lost while cutting in")
+        elif self.gated in names:
+            self.gate_entered.set()
+            assert self.gate_open.wait(10)
+        results = [np.full(len(codes), len(codes), np.float32) for _, codes in jobs]
+        for index, result in enumerate(results):
+            if on_result is not None:
+                on_result(index, result)
+        return results
+
+
+def test_a_first_block_cuts_into_the_running_job():
+    """With cut_in, a first block that arrives while a job of later blocks runs is decoded at the job's
+    next pause point (inside make_way) and reaches its session before the job ends; the block handed
+    over with it goes in the next job, then the blocks that waited."""
+
+    async def scenario():
+        decoder = PausingDecoder()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, make_way=decoder.make_way, cut_in=True)
+            old = batcher.submit(_stream("old", 10), [[1] * 16])
+            await _wait_entered(decoder)
+            new = batcher.submit(_stream("new", 0), [[1] * 10, [1] * 16])
+            other = batcher.submit(_stream("other", 26), [[1] * 26])
+            decoder.go.set()
+            assert len(await new[0]) == 10  # while the job of "old" is still running
+            assert not decoder.resume.is_set() and not old[0].done() and not batcher.idle
+            decoder.resume.set()
+            assert [len(await f) for f in (*old, new[1], *other)] == [16, 16, 26]
+            assert decoder.calls == [["old"], ["new"], ["new"], ["other"]]
+            assert decoder.inside == [False, True, True, False]  # the blocks of "new" ran inside make_way
+            assert batcher.cut_ins == 1 and (batcher.calls, batcher.jobs) == (4, 4)
+            await until(lambda: batcher.idle, "the last job never finished")
+            assert batcher.latency_s is not None and batcher.block_s is not None
+
+    asyncio.run(scenario())
+
+
+def test_first_blocks_after_the_last_pause_point_are_decoded_after_the_call_or_first_in_the_next_job():
+    """A first block that arrives after the call's last pause point is decoded as soon as the call
+    returns, on the worker; one that arrives after that goes first in the next job."""
+
+    async def scenario():
+        decoder = PausingDecoder(gated="late")
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, cut_in=True)
+            old = batcher.submit(_stream("old", 10), [[1] * 16])
+            await _wait_entered(decoder)
+            decoder.go.set()
+            await loop.run_in_executor(None, decoder.paused.wait, 10)  # its pause point is behind it
+            other = batcher.submit(_stream("other", 26), [[1] * 26])
+            late = batcher.submit(_stream("late", 0), [[1] * 10])
+            decoder.resume.set()
+            await loop.run_in_executor(None, decoder.gate_entered.wait, 10)  # "late" decoded after the call
+            last = batcher.submit(_stream("last", 0), [[1] * 10])
+            decoder.gate_open.set()
+            assert [len(await f) for f in (*old, *late, *last, *other)] == [16, 10, 10, 26]
+            assert decoder.calls == [["old"], ["late"], ["last"], ["other"]] and batcher.cut_ins == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_while_cutting_in_stays_with_those_blocks():
+    """The decoder call of blocks cutting in raises: those blocks (and the ones after them) get the
+    error; the running job and the other sessions go on."""
+
+    async def scenario():
+        decoder = PausingDecoder(failing="bad")
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, cut_in=True)
+            old = batcher.submit(_stream("old", 10), [[1] * 16])
+            await _wait_entered(decoder)
+            bad = batcher.submit(_stream("bad", 0), [[1] * 10, [1] * 16])
+            decoder.go.set()
+            decoder.resume.set()
+            assert len(await old[0]) == 16
+            for future in bad:
+                with pytest.raises(RuntimeError, match="cutting in"):
+                    await future
+            after = await batcher.feed(_stream("after", 0), [1] * 10)
+            assert len(after) == 10 and decoder.calls[-1] == ["after"]
 
     asyncio.run(scenario())

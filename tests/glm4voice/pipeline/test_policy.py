@@ -69,7 +69,12 @@ def adaptive(schedule: BlockSchedule = SCHEDULE, **options) -> AdaptiveBlocks:
 
 def pacing(load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEAD_S, **options) -> ListenerPacing:
     """A listener's pacing; covered starts and paced generation off unless ``options`` turn them on."""
-    options = {"cover_start": False, "pace_generation": False, **options}
+    options = {
+        "cover_start": False,
+        "pace_generation": False,
+        "quick_start_max_turns": QUICK_START_MAX_TURNS,
+        **options,
+    }
     return ListenerPacing(load, first_block=first_block, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK,
                           player_lead_s=lead_s, schedule=SCHEDULE, **options)  # fmt: skip
 
