@@ -288,8 +288,8 @@ class ListenerPacing(BlockPacing):
     is decoded at once only if that rest can be generated (at the answer's measured token rate) and
     decoded (one decoder call to wait for, one to run) before the short first chunk (less the
     decoder's ``hold_back_s``) and the player's lead (``player_lead_s``) have played, and at most
-    ``quick_start_max_turns`` (default :data:`QUICK_START_MAX_TURNS`) turns run; otherwise it waits for the next block, and the listener
-    starts with both.
+    ``quick_start_max_turns`` turns run (the pipeline's default: :data:`QUICK_START_MAX_TURNS`);
+    otherwise it waits for the next block, and the listener starts with both.
 
     With ``cover_start`` the listener also starts only once the audio decoded so far covers the wait
     for every later block (:meth:`start_covered`): under load, where the answer streams at a few
@@ -301,8 +301,9 @@ class ListenerPacing(BlockPacing):
     (:meth:`read_delay_s`), so that the engine, which stops generating a stream whose tokens are not
     read, leaves the GPU to the decoder and to the turns that need tokens.
 
-    ``cover_start``, ``pace_generation`` and ``quick_start_max_turns`` have no defaults here: the pipeline passes its
-    :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is where the defaults live."""
+    ``cover_start``, ``pace_generation`` and ``quick_start_max_turns`` have no defaults here: the
+    pipeline passes its :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is where the defaults
+    live."""
 
     def __init__(
         self,
