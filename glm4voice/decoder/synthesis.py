@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from cosyvoice.hifigan.generator import HiFTGenerator
 
 Solve = Callable[..., torch.Tensor]
-"""``solve(z, mu, mask, spks, cond, t_span) -> mel`` (the eager ODE or its CUDA graphs)."""
+"""``solve(z, mu, mask, spks, cond, t_span, between_steps=None) -> mel`` (the eager ODE or its CUDA graphs)."""
 
 
 def hamming_fade(length: int, device: torch.device) -> torch.Tensor:
@@ -121,8 +121,6 @@ class BlockSynthesizer:
     def _solve(self, *inputs: torch.Tensor, between_steps: Callable[[], None] | None = None) -> torch.Tensor:
         """``solve``, timed as the ``ode`` phase."""
         with self._phase("ode"):
-            if between_steps is None:
-                return self.solve(*inputs)
             return self.solve(*inputs, between_steps=between_steps)
 
     def vocode_rows(self, blocks: Sequence[Block], mels: Sequence[torch.Tensor]) -> list[BlockResult]:
@@ -196,7 +194,7 @@ class BlockSynthesizer:
             feat_len=first.feat_len,
             n_timesteps=N_TIMESTEPS,
             noise=torch.cat([b.noise.to(self.device) for b in blocks]),
-            solve=self._solve if pause is None else functools.partial(self._solve, between_steps=pause),
+            solve=functools.partial(self._solve, between_steps=pause),
             encode=self._encode,
         ).float()
 
