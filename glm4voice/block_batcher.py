@@ -29,15 +29,7 @@ that arrive after that go first in the next job, as without it.
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
 meanwhile and a listener's first audio does not share the GPU with generation (first blocks that cut
-in run inside it too). With ``later_blocks_make_way`` every call runs inside it: each later block's
-call then has the GPU to itself as well, and generation waits for it.
-
-**Later blocks deferred** (``defer_later``): a later block submitted with a ``due`` time (when its
-listener will have played all the audio it has) need not be decoded at once. While every waiting
-block's due time is more than :data:`DEFER_LEAD_S` away, the decoder stays idle (a first block that
-arrives then starts at once); the waiting blocks are decoded together in one job when the soonest of
-them comes that close, or when :data:`DEFER_MAX_BLOCKS` wait. Fewer, larger jobs: each costs little
-more than a job of one block.
+in run inside it too).
 """
 
 from __future__ import annotations
@@ -58,12 +50,6 @@ logger = logging.getLogger(__name__)
 
 LATENCY_WEIGHT = 0.3
 """Weight of the newest job in :attr:`BlockBatcher.latency_s`."""
-DEFER_LEAD_S = 1.0
-"""With ``defer_later``: a deferred block's job starts this long before its listener runs dry (room
-for a running job, first blocks that go first, and the job itself)."""
-DEFER_MAX_BLOCKS = 16
-"""With ``defer_later``: this many waiting blocks start a job at once (the decoder's largest graphed
-batch)."""
 
 
 @dataclass(eq=False)
@@ -78,8 +64,6 @@ class _Entry:
     listener waits for every one of them."""
     failure: BaseException | None = field(default=None)
     """Set on the worker when one of the blocks failed: the blocks after it are not decoded."""
-    due: float | None = None
-    """Loop time when the stream's listener runs out of audio without these blocks (None: unknown)."""
 
 
 class BlockBatcher:
@@ -95,21 +79,14 @@ class BlockBatcher:
         *,
         make_way: Callable[[], AbstractContextManager[None]] | None = None,
         cut_in: bool = False,
-        later_blocks_make_way: bool = False,
-        defer_later: bool = False,
     ):
         """``cut_in``: first blocks cut into the running job at its pause points (the decoder's
-        ``feed_many`` must take ``pause``). ``later_blocks_make_way``: calls of later blocks only run
-        inside ``make_way`` too. ``defer_later``: later blocks with a due time wait until it is near."""
+        ``feed_many`` must take ``pause``)."""
         self.decoder = decoder
         self.worker = worker
         self.max_batch = max_batch
         self.make_way = make_way
         self.cut_in = cut_in
-        self.later_blocks_make_way = later_blocks_make_way
-        self.defer_later = defer_later
-        self._wake: asyncio.TimerHandle | None = None
-        """With ``defer_later``: the timer that starts the deferred blocks' job."""
         self._batched = hasattr(decoder, "feed_many")
         self._waiting: list[_Entry] = []
         self._running = False
@@ -145,17 +122,15 @@ class BlockBatcher:
         """``stream.feed(codes)``, decoded together with the other sessions' waiting blocks."""
         return await self.submit(stream, [codes])[0]
 
-    def submit(self, stream: Any, blocks: Sequence[Sequence[int]], due: float | None = None) -> list[asyncio.Future]:
+    def submit(self, stream: Any, blocks: Sequence[Sequence[int]]) -> list[asyncio.Future]:
         """Queue one stream's blocks, to be decoded in order; a future for each block's PCM (or its
         error; a block after a failed one gets that failure). Cancel the futures of a turn that
-        stops: a job not yet started then drops its blocks. ``due``: the loop time when the stream's
-        listener runs out of audio without them (with ``defer_later``, later blocks wait until it is
-        near)."""
+        stops: a job not yet started then drops its blocks."""
         loop = asyncio.get_running_loop()
         if not self._batched:  # the single worker runs its jobs in order
             return [loop.run_in_executor(self.worker, stream.feed, list(codes)) for codes in blocks]
         first = getattr(stream, "tokens_decoded", None) == 0
-        entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks], first, due=due)
+        entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks], first)
         if not entry.blocks:
             return entry.futures
         if first and self.cut_in and self._running:
@@ -178,27 +153,8 @@ class BlockBatcher:
         if firsts:
             entries, self._waiting = firsts, [e for e in self._waiting if not e.first]
         else:
-            start_at = self._deferred_until()
-            if start_at is not None and start_at > loop.time():
-                if self._wake is None or self._wake.when() != start_at:
-                    if self._wake is not None:
-                        self._wake.cancel()
-                    self._wake = loop.call_at(start_at, self._consider, loop)
-                return
             entries, self._waiting = self._waiting, []
-        if self._wake is not None:
-            self._wake.cancel()
-            self._wake = None
         self._start(loop, entries)
-
-    def _deferred_until(self) -> float | None:
-        """With ``defer_later``, for the waiting later blocks: when their job should start (None: now)."""
-        if not self.defer_later or len(self._waiting) >= DEFER_MAX_BLOCKS:
-            return None
-        dues = [e.due for e in self._waiting]
-        if any(due is None for due in dues):
-            return None
-        return min(dues) - DEFER_LEAD_S  # type: ignore[type-var]
 
     def _start(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry]) -> None:
         started = loop.time()
@@ -254,7 +210,7 @@ class BlockBatcher:
         jobs = [(e.stream, e.blocks[0]) for e in members]
         self.calls += 1  # before any result reaches a session, which may then read the counts
         self.jobs += len(jobs)
-        make_way = self.make_way if self.later_blocks_make_way or any(e.first for e in members) else None
+        make_way = self.make_way if any(e.first for e in members) else None
         options = {"pause": pause} if pause is not None else {}
         with make_way() if make_way is not None else nullcontext():
             self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch, **options)
@@ -283,7 +239,7 @@ class BlockBatcher:
             failure = job_error or entry.failure
             _settle(entry.futures[0], failure or RuntimeError("the block was not decoded"))
             if failure is None and len(entry.blocks) > 1:  # its later blocks wait for the next job, in order
-                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:], entry.first, due=entry.due))
+                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:], entry.first))
             else:
                 for future in entry.futures[1:]:
                     _settle(future, failure or RuntimeError("the block was not decoded"))

@@ -160,16 +160,6 @@ class PipelineConfig:
     halved the first block's call at the median and lowered TTFA p50 by 60-80 ms, but not p95, and a
     turn ran dry in 3 of 5 runs against none (docs/PERFORMANCE.md, "2026-11-28, H200, evening").
     Off: a first block waits for the running call to end, then goes first."""
-    later_blocks_make_way: bool = False
-    """With ``first_blocks_first`` and an engine in this process: the engine starts no new step while
-    any block is decoded, not only a first block. Each decoder call then runs alone on the GPU, and
-    generation waits for it (for at most ``MAKE_WAY_LIMIT_S`` per call). Off: later blocks are decoded
-    beside generation."""
-    defer_later_blocks: bool = False
-    """Once a turn's listener plays, its later blocks are decoded only when the listener's audio in hand
-    gets short (``DEFER_LEAD_S`` before it runs out), together with every other waiting block: fewer,
-    larger decoder jobs, and a decoder more often idle when a first block arrives
-    (:mod:`glm4voice.block_batcher`). Off: each block is decoded as soon as the decoder is free."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured
@@ -386,13 +376,7 @@ class VoiceChat:
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
         make_way = getattr(client, "make_way", None) if config.first_blocks_first else None
         self.blocks = BlockBatcher(
-            decoder,
-            self._decode_worker,
-            config.decode_batch,
-            make_way=make_way,
-            cut_in=config.first_blocks_cut_in,
-            later_blocks_make_way=config.later_blocks_make_way,
-            defer_later=config.defer_later_blocks,
+            decoder, self._decode_worker, config.decode_batch, make_way=make_way, cut_in=config.first_blocks_cut_in
         )
         self.load = TurnLoad(self.blocks)
         """What every turn's block pacing may know of the others (turns running, decoder job time)."""
@@ -754,11 +738,7 @@ class VoiceChat:
                     if not ready:
                         continue
                     started = clock.now()
-                    due = None  # when the listener has played all it has (on the loop's clock)
-                    if started_playing and "first_audio" in clock.marks:
-                        dry_at = clock.marks["first_audio"] + self.config.player_lead_s + position / self.sample_rate
-                        due = loop.time() + dry_at - started
-                    pcms = self.blocks.submit(stream, [block.codes for block, _ in ready], due)
+                    pcms = self.blocks.submit(stream, [block.codes for block, _ in ready])
                     cut += [len(block.codes) for block, _ in ready]
                     # blocks handed over together reach the listener together: a held first block and
                     # the block after it start playing as one (the player's lead covers neither gap)

@@ -260,40 +260,6 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
     asyncio.run(scenario())
 
 
-def test_with_later_blocks_making_way_every_call_runs_inside_make_way():
-    """``later_blocks_make_way``: a call of later blocks only runs inside make_way as well."""
-    held = 0
-    inside: list[bool] = []
-
-    @contextlib.contextmanager
-    def make_way():
-        nonlocal held
-        held += 1
-        try:
-            yield
-        finally:
-            held -= 1
-
-    class Recording(GatedDecoder):
-        def feed_many(self, jobs, on_result=None, max_batch=None):
-            inside.append(held > 0)
-            return super().feed_many(jobs, on_result, max_batch)
-
-    async def scenario():
-        decoder = Recording()
-        with ThreadPoolExecutor(1) as worker:
-            batcher = BlockBatcher(decoder, worker, make_way=make_way, later_blocks_make_way=True)
-            old = batcher.submit(_stream("old", 10), [[1] * 16, [1] * 20])  # two later blocks: two calls
-            for _ in range(2):
-                await _wait_entered(decoder)
-                decoder.gates[-1].set()
-            assert [len(await f) for f in old] == [16, 20]
-            assert decoder.calls == [["old"], ["old"]]
-            assert inside == [True, True] and held == 0
-
-    asyncio.run(scenario())
-
-
 class PausingDecoder(GatedDecoder):
     """feed_many whose call with a ``pause`` (a job of the batcher's) stands aside once, when the test
     opens ``go``, then returns when it opens ``resume``; calls without one (blocks cutting in) return at once."""
