@@ -199,6 +199,9 @@ def turn_record(events: list, lead: float) -> dict:
     # (until the next block is cut), then waiting for and running its decoder call
     record["first_block_held"] = _gap(first.ready, first.decode_started) if first else None
     record["first_block_call"] = _gap(first.decode_started, first.decoded) if first else None
+    # handed to the decoder together with the next block (the pacing held it until that one was cut)
+    second = next((b for b in t.blocks if b.index == 1), None)
+    record["first_block_with_next"] = bool(first and second and second.decode_started == first.decode_started)
     record["underruns"] = underruns
     record["first_underrun"] = first_late
     record["blocks"] = [b.codes for b in t.blocks if b.index is not None]

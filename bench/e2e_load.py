@@ -213,6 +213,7 @@ def rate_figures(
         "ttfa_typed_p95": percentile([t["ttfa"] for t in ok if not t["spoken"] and t.get("ttfa") is not None], 95),
         "ttfa_parts_p50": {key: percentile([t.get(key) for t in ok], 50) for key in TTFA_PARTS},
         "ttfa_parts_p95": {key: percentile([t.get(key) for t in ok], 95) for key in TTFA_PARTS},
+        "turns_first_block_with_next": sum(1 for t in ok if t.get("first_block_with_next")),
         "underruns": sum(t["underruns"] for t in ok),
         "turns_with_underrun": sum(1 for t in ok if t["underruns"]),
         "token_rate_total": round(tokens_in_window / span, 1) if tokens_in_window is not None and span > 0 else None,
@@ -222,7 +223,8 @@ def rate_figures(
         "mean_concurrent_answers": round(mean_overlap(answers, warm_s, window_s), 1),
         "max_concurrent_answers": max_overlap(answers, warm_s, window_s),
         "slowest_turns": [  # where the tail's time went
-            {key: t.get(key) for key in ("start_s", "ttfa", *TTFA_PARTS)} | {"blocks": t.get("blocks", [])[:2]}
+            {key: t.get(key) for key in ("start_s", "ttfa", *TTFA_PARTS, "first_block_with_next")}
+            | {"blocks": t.get("blocks", [])[:2]}
             for t in sorted(ok, key=lambda t: -(t.get("ttfa") or 0))[:SLOWEST_TURNS]
         ],
     }

@@ -29,6 +29,7 @@ from bench.e2e_server import AnswerPattern, ForcedHistory, PatternStream, answer
 from glm4voice.audio import INPUT_SAMPLE_RATE, Audio
 from glm4voice.pipeline.events import (
     AssistantAudio,
+    BlockTiming,
     EndReason,
     InputAccepted,
     TurnFailed,
@@ -77,7 +78,8 @@ def test_rate_figures_count_the_measured_window_only():
         record = {"start_s": start, "spoken": spoken, "playback_end_s": start + length}
         if failed:
             return record | {"failed": failed}
-        return record | {"ttfa": ttfa, "underruns": underruns, "token_rate": 20.0, "first_block_held": ttfa / 2}
+        return record | {"ttfa": ttfa, "underruns": underruns, "token_rate": 20.0, "first_block_held": ttfa / 2,
+                         "first_block_with_next": ttfa > 0.25}  # fmt: skip
 
     turns = [turn(1.0, 9.0), turn(10.0, 0.2), turn(11.0, 0.3, spoken=False), turn(20.0, 0.4, underruns=2),
              turn(30.0, 0.6, failed="server_busy: busy"), turn(50.0, 9.0)]  # fmt: skip
@@ -92,6 +94,8 @@ def test_rate_figures_count_the_measured_window_only():
         figures["ttfa_parts_p50"]["first_block_held"] == 0.15 and figures["ttfa_parts_p95"]["first_block_held"] == 0.2
     )
     assert figures["ttfa_parts_p50"]["prefill"] is None  # a part no turn recorded
+    assert figures["turns_first_block_with_next"] == 2  # of the measured turns that did not fail
+    assert [t["first_block_with_next"] for t in figures["slowest_turns"]] == [True, True, False]
     assert figures["mean_concurrent_conversations"] == pytest.approx((30 + 15 + 25) / 30, abs=0.05)
     assert figures["max_concurrent_answers"] == 2 and not figures["passes"]
     clean = rate_figures(1.0, [turn(12.0, 0.2), turn(13.0, 0.5)], conversations, 10.0, 40.0, None)
@@ -175,12 +179,13 @@ def test_question_variants_differ_and_keep_the_length():
 # --- records -------------------------------------------------------------------------------------------
 
 
-def _finished(chunk_times: list[float], chunk_s: float = 0.5) -> list:
+def _finished(chunk_times: list[float], chunk_s: float = 0.5, blocks: tuple = ()) -> list:
     rate = 22050
     chunks = [AssistantAudio(np.zeros(int(chunk_s * rate), np.float32), rate, int(i * chunk_s * rate), i, t)
               for i, t in enumerate(chunk_times)]  # fmt: skip
     timings = TurnTimings(input_loaded=0.01, speech_tokenized=0.03, request_sent=0.031, first_token=0.05,
-                          first_block_ready=0.2, first_audio=chunk_times[0], last_token=1.0, tokens=30)  # fmt: skip
+                          first_block_ready=0.2, first_audio=chunk_times[0], last_token=1.0, tokens=30,
+                          blocks=blocks)  # fmt: skip
     audio = np.zeros(int(chunk_s * rate) * len(chunks), np.float32)
     end = TurnFinished("", audio, rate, EndReason.USER, (), 10, 20, 0, timings, chunk_times[-1] + 0.1)
     return [InputAccepted(InputMode.AUDIO, 80, 63, 5.0, 0.03), *chunks, end]
@@ -194,6 +199,16 @@ def test_a_turn_record_has_its_playback_end_and_underruns():
     assert late["underruns"] == 1 and late["playback_end_s"] == pytest.approx(2.0 + 0.5)
     failed = turn_record([TurnFailed(kind_of("server_busy"), "busy", "", TurnTimings(), 0.2)], lead=0.15)
     assert failed["failed"].startswith("server_busy") and "ttfa" not in failed
+
+
+def test_a_turn_record_says_whether_the_first_block_went_to_the_decoder_with_the_next():
+    first = BlockTiming(0, 10, ready=0.2, decode_started=0.2, decoded=0.25, samples=100)
+    alone = turn_record(_finished([0.25], blocks=(first, BlockTiming(1, 16, 0.5, 0.5, 0.6, 100))), lead=0.15)
+    assert not alone["first_block_with_next"] and alone["first_block_held"] == 0.0
+    held_first = BlockTiming(0, 10, ready=0.2, decode_started=0.5, decoded=0.6, samples=100)
+    held = turn_record(_finished([0.7], blocks=(held_first, BlockTiming(1, 16, 0.5, 0.5, 0.7, 100))), lead=0.15)
+    assert held["first_block_with_next"] and held["first_block_held"] == pytest.approx(0.3)
+    assert not turn_record(_finished([0.25], blocks=(first,)), lead=0.15)["first_block_with_next"]  # one block
 
 
 def kind_of(value: str):
