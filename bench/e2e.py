@@ -667,6 +667,7 @@ class E2EBench:
         log(f"  poisson {rate:g}/s: {len(plans)} conversations over {window_s:g} s, measured from {warm_s:.1f} s")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        cut_ins = chat.blocks.cut_ins  # the pipeline's count so far (a pipeline may run several rates)
         turns: list[dict] = []
         conversations: list[tuple[float, float]] = []
         counts = {}
@@ -715,7 +716,8 @@ class E2EBench:
             figures["decoder"] = decoder_at["end"].since(decoder_at["warm"])
             figures["decoder"]["busy_share"] = round(figures["decoder"]["busy_s"] / max(window_s - warm_s, 1e-9), 3)
         figures["decoder_graphs"] = graph_counts(chat.decoder)
-        figures["first_blocks_cut_in"] = chat.blocks.cut_ins  # the whole run's (PipelineConfig.first_blocks_cut_in)
+        # this rate's blocks that cut in (PipelineConfig.first_blocks_cut_in)
+        figures["first_blocks_cut_in"] = chat.blocks.cut_ins - cut_ins
         figures["run_s"] = round(loop.time() - t0, 1)
         return figures
 
