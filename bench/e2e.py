@@ -112,6 +112,7 @@ from glm4voice.llm.quant import QUANTIZED_DTYPES, method_for
 from glm4voice.memory import MemoryOwners, memory_report
 from glm4voice.pipeline import (
     AssistantAudio,
+    BlockTiming,
     GenerationOptions,
     InputAccepted,
     PipelineConfig,
@@ -196,18 +197,25 @@ def turn_record(events: list, lead: float) -> dict:
                 start += chunk.elapsed - due  # the player restarts from now (lead aside)
     first = next((b for b in t.blocks if b.index == 0), None)
     # the first block's time between being cut and reaching the listener: held back by the turn's pacing
-    # (until the next block is cut), then waiting for and running its decoder call
+    # (until the next block is cut), then waiting for and running its decoder call, then its audio kept
+    # back until later blocks are decoded (a held first block decoded at once, or a covered start)
     record["first_block_held"] = _gap(first.ready, first.decode_started) if first else None
     record["first_block_call"] = _gap(first.decode_started, first.decoded) if first else None
-    # handed to the decoder together with the next block (the pacing held it until that one was cut)
+    record["first_audio_kept"] = _gap(first.decoded, _sent(first)) if first else None
+    # the listener started with the next block too (the pacing held the first one until that one was cut)
     second = next((b for b in t.blocks if b.index == 1), None)
-    record["first_block_with_next"] = bool(first and second and second.decode_started == first.decode_started)
+    record["first_block_with_next"] = bool(first and second and _sent(second) == _sent(first))
     record["underruns"] = underruns
     record["first_underrun"] = first_late
     record["blocks"] = [b.codes for b in t.blocks if b.index is not None]
     record["min_slack_s"] = round(slack, 4) if chunks else None
     record["playback_end_s"] = round(start + end.audio_seconds, 4) if start is not None else end.elapsed
     return record
+
+
+def _sent(block: BlockTiming) -> float:
+    """When a block's audio went to the listener."""
+    return block.decoded if block.sent is None else block.sent
 
 
 def time_on(fn: Callable[[], object], stream) -> tuple[object, float]:

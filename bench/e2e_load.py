@@ -36,10 +36,11 @@ TTFA_P95_LIMIT_S = 0.5
 """A rate passes if the TTFA p95 of its turns is at most this, with no underrun and no failure."""
 SLOWEST_TURNS = 6
 """Turns whose TTFA parts each rate's figures list (the slowest: the tail that sets p95)."""
-TTFA_PARTS = ("prefill", "tokens_to_first_block", "first_block_held", "first_block_call")
+TTFA_PARTS = ("prefill", "tokens_to_first_block", "first_block_held", "first_block_call", "first_audio_kept")
 """Parts of a turn's TTFA (``bench/e2e.turn_record``) whose p50 and p95 each rate reports: the engine's
 prefill (queueing included), generating up to the first block, the first block held back by the turn's
-pacing, and its decoder call (waiting for a running call included)."""
+pacing, its decoder call (waiting for a running call included), and its audio kept back until later
+blocks were decoded (the listener starts with them)."""
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,11 @@ def rate_figures(
         "mean_concurrent_conversations": round(mean_overlap(conversations, warm_s, window_s), 1),
         "mean_concurrent_answers": round(mean_overlap(answers, warm_s, window_s), 1),
         "max_concurrent_answers": max_overlap(answers, warm_s, window_s),
+        "dry_turns": [  # where listeners ran dry: (block, seconds into the answer) of the first gap
+            {key: t.get(key) for key in ("start_s", "ttfa", "first_underrun", "underruns", "first_block_with_next")}
+            | {"blocks": t.get("blocks", [])[:5]}
+            for t in sorted((t for t in ok if t["underruns"]), key=lambda t: t["start_s"])[:SLOWEST_TURNS]
+        ],
         "slowest_turns": [  # where the tail's time went
             {key: t.get(key) for key in ("start_s", "ttfa", *TTFA_PARTS, "first_block_with_next")}
             | {"blocks": t.get("blocks", [])[:2]}

@@ -122,14 +122,17 @@ class BlockBatcher:
         """``stream.feed(codes)``, decoded together with the other sessions' waiting blocks."""
         return await self.submit(stream, [codes])[0]
 
-    def submit(self, stream: Any, blocks: Sequence[Sequence[int]]) -> list[asyncio.Future]:
+    def submit(self, stream: Any, blocks: Sequence[Sequence[int]], first: bool | None = None) -> list[asyncio.Future]:
         """Queue one stream's blocks, to be decoded in order; a future for each block's PCM (or its
         error; a block after a failed one gets that failure). Cancel the futures of a turn that
-        stops: a job not yet started then drops its blocks."""
+        stops: a job not yet started then drops its blocks. ``first``: the listener waits for these
+        blocks to start, so they go with the first blocks (None: when they start the stream, i.e.
+        nothing of it is decoded yet)."""
         loop = asyncio.get_running_loop()
         if not self._batched:  # the single worker runs its jobs in order
             return [loop.run_in_executor(self.worker, stream.feed, list(codes)) for codes in blocks]
-        first = getattr(stream, "tokens_decoded", None) == 0
+        if first is None:
+            first = getattr(stream, "tokens_decoded", None) == 0
         entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks], first)
         if not entry.blocks:
             return entry.futures

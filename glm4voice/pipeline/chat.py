@@ -153,6 +153,17 @@ class PipelineConfig:
     (:meth:`~glm4voice.pipeline.policy.ListenerPacing.hold_first_block`). Those turns set TTFA p95 under
     Poisson load, but holding fewer (1000, with ``first_blocks_cut_in``) left 10 of 87 turns dry at 0.35
     conversations/s on an H200 (docs/PERFORMANCE.md, "2026-11-28, H200, evening")."""
+    quick_start_counts_unheard: bool = False
+    """With ``adaptive_blocks``: the turns counted against ``quick_start_max_turns`` are those whose
+    listener has heard nothing yet (the turns starting, whose first blocks share the decoder's calls),
+    not every running turn. Under Poisson load most running turns are long past their start, so far
+    fewer first blocks are held; 64 turns started together count as before."""
+    decode_held_first_block: bool = False
+    """With ``adaptive_blocks``: a quick first block that the pacing holds back is decoded at once, and
+    only its audio is kept back until the next block is decoded (the listener still starts with both),
+    so that the listener then waits for one decoder call, the next block's, not for two. What is cut
+    and decoded, and in which order, does not change. Off: the held block goes to the decoder together
+    with the next one."""
     first_blocks_cut_in: bool = False
     """A turn's first block need not wait for the decoder call that is running: the call stands aside
     between its ODE steps (and before its vocoder, and between its batches) and decodes the waiting
@@ -305,6 +316,8 @@ class TurnLoad:
         self.blocks = blocks
         self.active_turns = 0
         """Turns running now whose audio is decoded (text-only answers leave the decoder alone)."""
+        self.unheard_turns = 0
+        """Those of them whose listener has not had any audio yet (from the input to the first audio)."""
 
     def decoder_wait_s(self) -> float | None:
         """Alone, a small block's job (the fastest seen); with other turns running, the recent
@@ -388,16 +401,20 @@ class VoiceChat:
         return self._turns_running
 
     @contextmanager
-    def _running(self, decodes_audio: bool) -> Iterator[None]:
-        """Count a turn while it runs: in ``active_turns``, and in the decoder's load unless it is text only."""
+    def _running(self, decodes_audio: bool, clock: _TurnClock) -> Iterator[None]:
+        """Count a turn while it runs: in ``active_turns``, and in the decoder's load unless it is text
+        only (there among the unheard turns until ``_decode_blocks`` sends its first audio)."""
         speaking = int(decodes_audio)
         self._turns_running += 1
         self.load.active_turns += speaking
+        self.load.unheard_turns += speaking
         try:
             yield
         finally:
             self._turns_running -= 1
             self.load.active_turns -= speaking
+            if "first_audio" not in clock.marks:  # never heard: still counted
+                self.load.unheard_turns -= speaking
 
     def decoder_wait_s(self) -> float | None:
         """Expected duration of the decoder call a new block joins (see :meth:`TurnLoad.decoder_wait_s`)."""
@@ -436,6 +453,7 @@ class VoiceChat:
             cover_start=self.config.cover_start,
             pace_generation=self.config.pace_generation and paced,
             quick_start_max_turns=self.config.quick_start_max_turns,
+            quick_start_counts_unheard=self.config.quick_start_counts_unheard,
         )
 
     def memory_owners(self) -> MemoryOwners:
@@ -469,7 +487,7 @@ class VoiceChat:
         session.turns_started += 1
         epoch = session.epoch
         try:
-            with self._running(decodes_audio=True):
+            with self._running(decodes_audio=True, clock=clock):
                 try:
                     options.check()
                     user_input, speech_seconds = await self._prepare_input(request, clock)
@@ -514,7 +532,7 @@ class VoiceChat:
         except TurnError as error:
             yield self._failed(error, clock, "")
             return
-        with self._running(decode_audio):  # a text-only answer is no load on the decoder
+        with self._running(decode_audio, clock):  # a text-only answer is no load on the decoder
             async for event in self._reply(
                 list(prompt_ids), options, clock, decode_audio=decode_audio, progress=progress
             ):
@@ -704,16 +722,23 @@ class VoiceChat:
         chunks: list[np.ndarray] = []
         position = 0
 
-        def emit(samples: np.ndarray, index: int | None, codes: int, ready: float, started: float) -> None:
+        def emit(samples: np.ndarray, index: int | None, codes: int, ready: float, started: float, decoded: float, sent: float) -> None:  # fmt: skip
             nonlocal position
             samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-            decoded = clock.now()
-            clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples)))
+            clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples), sent))
             if len(samples):
+                if "first_audio" not in clock.marks:
+                    self.load.unheard_turns -= 1  # counted by _running
                 clock.mark("first_audio")
                 chunks.append(samples)
-                out.put_nowait(AssistantAudio(samples, self.sample_rate, position, index, decoded))
+                out.put_nowait(AssistantAudio(samples, self.sample_rate, position, index, sent))
                 position += len(samples)
+
+        def when_done(pcm: asyncio.Future) -> list[float]:
+            """The turn's time when ``pcm`` is settled (filled in then)."""
+            at: list[float] = []
+            pcm.add_done_callback(lambda _: at.append(clock.now()))
+            return at
 
         stream = None
         pcms: list[asyncio.Future] = []
@@ -726,36 +751,45 @@ class VoiceChat:
                 stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
                 ready: list[tuple[AudioBlock, float]] = []  # cut, not yet handed to the decoder
                 cut: list[int] = []  # sizes of the blocks handed to the decoder
-                unheard: list[tuple] = []  # decoded before the listener starts: emit()'s arguments
+                unheard: list[tuple[np.ndarray, int | None, int, float, float, float]] = []  # emit()'s, less `sent`
                 end: _EndOfStream | None = None
                 paced = started_playing = False
+                held = False  # a held first block decoded at once: the listener waits for the next block
                 while end is None:
                     end = _take_waiting(await blocks.get(), blocks, ready)
                     if not paced and end is None and [block.index for block, _ in ready] == [0]:
                         paced = True
                         if pacing.hold_first_block(clock.now()):
-                            continue  # decoded once the next block is cut, in order
+                            if not self.config.decode_held_first_block:
+                                continue  # decoded once the next block is cut, in order
+                            held = True  # decoded now, heard with the next block
                     if not ready:
                         continue
                     started = clock.now()
-                    pcms = self.blocks.submit(stream, [block.codes for block, _ in ready])
+                    # a held first block's next block is waited for as a first block is
+                    pcms = self.blocks.submit(stream, [block.codes for block, _ in ready], first=True if held else None)
+                    done_at = [when_done(pcm) for pcm in pcms]
                     cut += [len(block.codes) for block, _ in ready]
                     # blocks handed over together reach the listener together: a held first block and
                     # the block after it start playing as one (the player's lead covers neither gap)
                     decoded = await asyncio.gather(*pcms)
-                    unheard += [(samples, block.index, len(block.codes), ready_at, started)
-                                for (block, ready_at), samples in zip(ready, decoded)]  # fmt: skip
+                    unheard += [(samples, block.index, len(block.codes), ready_at, started, at[0])
+                                for (block, ready_at), samples, at in zip(ready, decoded, done_at)]  # fmt: skip
                     ready, pcms = [], []
-                    if started_playing or end is not None or pacing.start_covered(clock.now(), cut):
+                    held = held and len(cut) == 1
+                    if end is not None or (not held and (started_playing or pacing.start_covered(clock.now(), cut))):
                         started_playing = True
+                        sent = clock.now()
                         for args in unheard:
-                            emit(*args)
+                            emit(*args, sent)
                         unheard = []
+                sent = clock.now()
                 for args in unheard:  # the answer ended before its start was covered
-                    emit(*args)
+                    emit(*args, sent)
                 started = clock.now()
                 tail = await loop.run_in_executor(self._decode_worker, stream.finish)
-                emit(tail, None, 0, started, started)
+                decoded_at = clock.now()
+                emit(tail, None, 0, started, started, decoded_at, decoded_at)
                 stream_end = end
         except asyncio.CancelledError:
             for pcm in pcms:  # blocks not decoded yet are dropped

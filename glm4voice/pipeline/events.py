@@ -138,8 +138,13 @@ class BlockTiming:
     ready: float
     """When the demultiplexer completed the block (s since turn start)."""
     decode_started: float
+    """When the block went to the decoder."""
     decoded: float
+    """When the decoder returned it."""
     samples: int
+    sent: float | None = None
+    """When its audio went to the listener (later than ``decoded`` while the listener's start waits for
+    later blocks; None: as ``decoded``)."""
 
 
 @dataclass(frozen=True)

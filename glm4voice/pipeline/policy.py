@@ -234,6 +234,11 @@ class SharedLoad(Protocol):
         """Turns running now whose audio the decoder decodes, this one included."""
         ...
 
+    @property
+    def unheard_turns(self) -> int:
+        """Those of them whose listener has heard nothing yet (the turns starting), this one included."""
+        ...
+
     def decoder_wait_s(self) -> float | None:
         """Expected duration of the decoder call a new block joins (None: not measured yet)."""
         ...
@@ -288,7 +293,8 @@ class ListenerPacing(BlockPacing):
     is decoded at once only if that rest can be generated (at the answer's measured token rate) and
     decoded (one decoder call to wait for, one to run) before the short first chunk (less the
     decoder's ``hold_back_s``) and the player's lead (``player_lead_s``) have played, and at most
-    ``quick_start_max_turns`` turns run (the pipeline's default: :data:`QUICK_START_MAX_TURNS`);
+    ``quick_start_max_turns`` turns run (the pipeline's default: :data:`QUICK_START_MAX_TURNS`; with
+    ``quick_start_counts_unheard`` only the turns whose listener has heard nothing yet count);
     otherwise it waits for the next block, and the listener starts with both.
 
     With ``cover_start`` the listener also starts only once the audio decoded so far covers the wait
@@ -301,7 +307,7 @@ class ListenerPacing(BlockPacing):
     (:meth:`read_delay_s`), so that the engine, which stops generating a stream whose tokens are not
     read, leaves the GPU to the decoder and to the turns that need tokens.
 
-    ``cover_start``, ``pace_generation`` and ``quick_start_max_turns`` have no defaults here: the
+    ``cover_start``, ``pace_generation`` and the quick start's two settings have no defaults here: the
     pipeline passes its :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is where the defaults
     live."""
 
@@ -317,10 +323,12 @@ class ListenerPacing(BlockPacing):
         cover_start: bool,
         pace_generation: bool,
         quick_start_max_turns: int,
+        quick_start_counts_unheard: bool,
     ):
         self.load = load
         self.schedule = schedule or BlockSchedule()
         self.quick_start_max_turns = quick_start_max_turns
+        self.quick_start_counts_unheard = quick_start_counts_unheard
         self.cover_start = cover_start
         self.pace_generation = pace_generation
         self.paused_s = 0.0
@@ -357,7 +365,8 @@ class ListenerPacing(BlockPacing):
     def hold_first_block(self, now: float) -> bool:
         if not self.quick_start:
             return False
-        if self.load.active_turns > self.quick_start_max_turns:
+        starting = self.load.unheard_turns if self.quick_start_counts_unheard else self.load.active_turns
+        if starting > self.quick_start_max_turns:
             return True
         rate = self.rate()
         if rate is None:

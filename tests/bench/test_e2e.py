@@ -96,6 +96,7 @@ def test_rate_figures_count_the_measured_window_only():
     assert figures["ttfa_parts_p50"]["prefill"] is None  # a part no turn recorded
     assert figures["turns_first_block_with_next"] == 2  # of the measured turns that did not fail
     assert [t["first_block_with_next"] for t in figures["slowest_turns"]] == [True, True, False]
+    assert [(t["start_s"], t["underruns"]) for t in figures["dry_turns"]] == [(20.0, 2)]
     assert figures["mean_concurrent_conversations"] == pytest.approx((30 + 15 + 25) / 30, abs=0.05)
     assert figures["max_concurrent_answers"] == 2 and not figures["passes"]
     clean = rate_figures(1.0, [turn(12.0, 0.2), turn(13.0, 0.5)], conversations, 10.0, 40.0, None)
@@ -201,13 +202,22 @@ def test_a_turn_record_has_its_playback_end_and_underruns():
     assert failed["failed"].startswith("server_busy") and "ttfa" not in failed
 
 
-def test_a_turn_record_says_whether_the_first_block_went_to_the_decoder_with_the_next():
+def test_a_turn_record_says_whether_the_listener_started_with_the_next_block():
     first = BlockTiming(0, 10, ready=0.2, decode_started=0.2, decoded=0.25, samples=100)
     alone = turn_record(_finished([0.25], blocks=(first, BlockTiming(1, 16, 0.5, 0.5, 0.6, 100))), lead=0.15)
     assert not alone["first_block_with_next"] and alone["first_block_held"] == 0.0
-    held_first = BlockTiming(0, 10, ready=0.2, decode_started=0.5, decoded=0.6, samples=100)
-    held = turn_record(_finished([0.7], blocks=(held_first, BlockTiming(1, 16, 0.5, 0.5, 0.7, 100))), lead=0.15)
+    assert alone["first_block_call"] == pytest.approx(0.05) and alone["first_audio_kept"] == 0.0
+    # held back by the pacing, then decoded in the next block's job; both sent when the second was decoded
+    held_first = BlockTiming(0, 10, ready=0.2, decode_started=0.5, decoded=0.6, samples=100, sent=0.7)
+    second = BlockTiming(1, 16, 0.5, 0.5, 0.7, 100, sent=0.7)
+    held = turn_record(_finished([0.7], blocks=(held_first, second)), lead=0.15)
     assert held["first_block_with_next"] and held["first_block_held"] == pytest.approx(0.3)
+    assert held["first_block_call"] == pytest.approx(0.1) and held["first_audio_kept"] == pytest.approx(0.1)
+    # decoded at once, its audio kept back until the second block was decoded
+    early_first = BlockTiming(0, 10, ready=0.2, decode_started=0.2, decoded=0.25, samples=100, sent=0.7)
+    early = turn_record(_finished([0.7], blocks=(early_first, second)), lead=0.15)
+    assert early["first_block_with_next"] and early["first_block_held"] == 0.0
+    assert early["first_audio_kept"] == pytest.approx(0.45)
     assert not turn_record(_finished([0.25], blocks=(first,)), lead=0.15)["first_block_with_next"]  # one block
 
 

@@ -260,6 +260,48 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
     asyncio.run(scenario())
 
 
+def test_blocks_a_listener_waits_for_go_with_the_first_blocks_when_the_caller_says_so():
+    """``submit(first=True)``: a stream with audio decoded already (a held first block decoded at once)
+    whose next block its listener waits for: it goes in the next job of first blocks, ahead of the later
+    blocks that waited before it, and inside make_way; ``first=False`` does the opposite for a new stream."""
+    inside: list[bool] = []
+    held = 0
+
+    @contextlib.contextmanager
+    def make_way():
+        nonlocal held
+        held += 1
+        try:
+            yield
+        finally:
+            held -= 1
+
+    class Recording(GatedDecoder):
+        def feed_many(self, jobs, on_result=None, max_batch=None):
+            inside.append(held > 0)
+            return super().feed_many(jobs, on_result, max_batch)
+
+    async def scenario():
+        decoder = Recording()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, make_way=make_way)
+            running = batcher.submit(_stream("running", 10), [[1] * 16])
+            await _wait_entered(decoder)
+            later = batcher.submit(_stream("later", 26), [[1] * 26])
+            waited = batcher.submit(_stream("waited", 10), [[1] * 16], first=True)
+            fresh = batcher.submit(_stream("fresh", 0), [[1] * 10], first=False)
+            decoder.gates[0].set()
+            await running[0]
+            for _ in range(2):
+                await _wait_entered(decoder)
+                decoder.gates[-1].set()
+            assert [len(await f[0]) for f in (waited, later, fresh)] == [16, 26, 10]
+            assert decoder.calls == [["running"], ["waited"], ["later", "fresh"]]
+            assert inside == [False, True, False] and held == 0
+
+    asyncio.run(scenario())
+
+
 class PausingDecoder(GatedDecoder):
     """feed_many whose call with a ``pause`` (a job of the batcher's) stands aside once, when the test
     opens ``go``, then returns when it opens ``resume``; calls without one (blocks cutting in) return at once."""

@@ -498,6 +498,63 @@ def test_timing_never_moves_the_cuts_nor_changes_the_audio(models, special_token
         assert first.decode_started < second.ready
 
 
+def test_a_held_first_block_decoded_at_once_is_heard_with_the_next_and_sounds_the_same(models, special_tokens):
+    """``decode_held_first_block``: a quick first block held back under load (here: turns starting, as
+    ``quick_start_counts_unheard`` counts them) goes to the decoder as soon as it is cut; its audio waits
+    for the next block's, and both reach the listener at once. The cuts, their order and the audio are
+    those of a turn decoded without any holding."""
+    ids = scripted_answer(models, special_tokens)
+
+    async def turn(config, starting):
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder,
+                         PacedClient(ids, lambda k: 0.005), config)  # fmt: skip
+        chat.load.active_turns = chat.load.unheard_turns = starting  # what the other turns would add
+        try:
+            events = await collect(chat, chat.new_session(), UserText("Hi"), SEEDED)
+            return events, chat.load.unheard_turns
+        finally:
+            chat.close()
+
+    reference, _ = asyncio.run(turn(PipelineConfig(), 0))
+    config = PipelineConfig(decode_held_first_block=True, quick_start_counts_unheard=True)
+    events, unheard_after = asyncio.run(turn(config, QUICK_START_MAX_TURNS))
+    finished, expected = assert_well_formed(events), assert_well_formed(reference)
+    assert block_sizes(finished) == block_sizes(expected) == [10, 16, 26, 26]
+    np.testing.assert_array_equal(finished.audio, expected.audio)
+    first, second = finished.timings.blocks[:2]
+    assert first.decode_started < second.ready  # decoded at once, not held until the next block was cut
+    assert first.sent == second.sent and first.sent >= second.decoded  # heard with the next block
+    first_audio = next(e for e in events if isinstance(e, AssistantAudio))
+    assert first_audio.block_index == 0 and first_audio.elapsed == first.sent
+    assert unheard_after == QUICK_START_MAX_TURNS  # this turn's count is gone again
+
+
+def test_a_turn_counts_as_unheard_until_its_first_audio(models, special_tokens):
+    """``TurnLoad.unheard_turns`` counts a spoken turn from its input to its first audio; a text-only
+    answer and a turn that fails before any audio leave the count as it was."""
+    ids = scripted_answer(models, special_tokens)
+
+    async def scenario():
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, PacedClient(ids),
+                         PipelineConfig())  # fmt: skip
+        seen = []
+        try:
+            async for event in chat.run_turn(chat.new_session(), UserText("Hi"), SEEDED):
+                if isinstance(event, (InputAccepted, AssistantAudio, TurnFinished)):
+                    seen.append((type(event).__name__, chat.load.unheard_turns))
+            failed = await collect(chat, chat.new_session(), UserText("   "), SEEDED)
+            async for _ in chat.generate(ids[:5], SEEDED, decode_audio=False):
+                seen.append(("text only", chat.load.unheard_turns))
+            return seen, failed[-1], chat.load.unheard_turns, chat.load.active_turns
+        finally:
+            chat.close()
+
+    seen, failed, unheard, active = asyncio.run(scenario())
+    assert seen[0] == ("InputAccepted", 1) and seen[1] == ("AssistantAudio", 0)
+    assert {count for name, count in seen[1:]} == {0} and seen[-1][0] == "text only"
+    assert isinstance(failed, TurnFailed) and (unheard, active) == (0, 0)
+
+
 def test_a_paced_reader_waits_where_its_pacing_says_and_the_answer_is_unchanged(models, special_tokens, monkeypatch):
     """``pace_generation`` (the default): the reader asks the pacing after every token whether to wait
     (with the audio cut so far, the pending audio and the next block's size) and waits as told; the cuts

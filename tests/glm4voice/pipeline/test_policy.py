@@ -40,6 +40,7 @@ class Load:
 
     active_turns: int = 1
     wait_s: float | None = None
+    unheard_turns: int = 1
 
     round_s: float | None = None
 
@@ -73,6 +74,7 @@ def pacing(load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEA
         "cover_start": False,
         "pace_generation": False,
         "quick_start_max_turns": QUICK_START_MAX_TURNS,
+        "quick_start_counts_unheard": False,
         **options,
     }
     return ListenerPacing(load, first_block=first_block, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK,
@@ -319,6 +321,16 @@ def test_the_first_block_goes_at_once_when_its_follow_up_keeps_up():
 def test_the_first_block_waits_for_the_next_when_it_could_not_follow(load, rate):
     held = pacing(load)
     assert held.hold_first_block(feed_tokens(held, rate))
+
+
+def test_counting_the_unheard_turns_holds_a_first_block_only_among_turns_starting():
+    """``quick_start_counts_unheard``: many turns running whose listeners all hear their answers do
+    not hold a quick first block back; many turns starting (nothing heard yet) do, as without it."""
+    playing = Load(active_turns=64, unheard_turns=1, wait_s=0.0)
+    starting = Load(active_turns=64, unheard_turns=QUICK_START_MAX_TURNS + 1, wait_s=0.0)
+    for load, counts_unheard, holds in ((playing, False, True), (playing, True, False), (starting, True, True)):
+        quick = pacing(load, quick_start_counts_unheard=counts_unheard)
+        assert quick.hold_first_block(feed_tokens(quick, 100.0)) is holds, (load, counts_unheard)
 
 
 def test_no_hold_without_a_quick_start_or_a_measured_rate():
