@@ -226,7 +226,10 @@ class AudioDecoderLike(Protocol):
         """Fewest pending tokens a stream decodes; smaller early blocks are not worth handing out."""
         ...
 
-    def stream(self, seed: int | None = None) -> DecoderStreamLike: ...
+    def stream(self, seed: int | None = None) -> DecoderStreamLike:
+        """A new stream; called on the event loop, so host work only (the decoding runs in ``feed``)."""
+        ...
+
     def memory_owners(self) -> MemoryOwners: ...
 
 
@@ -748,7 +751,7 @@ class VoiceChat:
                     pass
                 stream_end = item
             else:
-                stream = await loop.run_in_executor(self._decode_worker, lambda: self.decoder.stream(seed=options.seed))
+                stream = self.decoder.stream(seed=options.seed)  # host work only: no wait for the decoder's calls
                 ready: list[tuple[AudioBlock, float]] = []  # cut, not yet handed to the decoder
                 cut: list[int] = []  # sizes of the blocks handed to the decoder
                 unheard: list[tuple[np.ndarray, int | None, int, float, float, float]] = []  # emit()'s, less `sent`
@@ -766,8 +769,11 @@ class VoiceChat:
                     if not ready:
                         continue
                     started = clock.now()
-                    # a held first block's next block is waited for as a first block is
-                    pcms = self.blocks.submit(stream, [block.codes for block, _ in ready], first=True if held else None)
+                    # the block after the first goes with the first blocks: its listener has heard only the
+                    # short first block (0.4 s of audio once the decoder's hold-back is taken), or nothing
+                    pcms = self.blocks.submit(
+                        stream, [block.codes for block, _ in ready], first=True if len(cut) == 1 else None
+                    )
                     done_at = [when_done(pcm) for pcm in pcms]
                     cut += [len(block.codes) for block, _ in ready]
                     # blocks handed over together reach the listener together: a held first block and
