@@ -196,13 +196,14 @@ def turn_record(events: list, lead: float) -> dict:
                 )
                 start += chunk.elapsed - due  # the player restarts from now (lead aside)
     first = next((b for b in t.blocks if b.index == 0), None)
-    # the first block's time between being cut and reaching the listener: held back by the turn's pacing
-    # (until the next block is cut), then waiting for and running its decoder call, then its audio kept
-    # back until later blocks are decoded (a held first block decoded at once, or a covered start)
+    # the first block's time between being cut and reaching the listener: held back from the decoder by
+    # the turn's pacing (PipelineConfig.decode_held_first_block off), then waiting for and running its
+    # decoder call, then its audio kept back until later blocks are decoded (a held first block, or a
+    # covered start)
     record["first_block_held"] = _gap(first.ready, first.decode_started) if first else None
     record["first_block_call"] = _gap(first.decode_started, first.decoded) if first else None
     record["first_audio_kept"] = _gap(first.decoded, _sent(first)) if first else None
-    # the listener started with the next block too (the pacing held the first one until that one was cut)
+    # the listener started with the next block too (the pacing held the first one back)
     second = next((b for b in t.blocks if b.index == 1), None)
     record["first_block_with_next"] = bool(first and second and _sent(second) == _sent(first))
     record["underruns"] = underruns

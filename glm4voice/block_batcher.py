@@ -14,7 +14,9 @@ audio), the next job decodes only first blocks: at most the running call stands 
 and its first audio, never the other sessions' queued blocks. The blocks handed over together with a
 first block (a turn's pacing may hold its first block back until the next one is cut: the listener
 then starts with both) are first blocks in this sense too: each goes in the next job of first
-blocks, not in a batch with every other session's waiting block. (Later blocks would wait only while
+blocks, not in a batch with every other session's waiting block. So is a block the caller marks
+(``submit(first=True)``): the pipeline marks the block after a first block, which the listener
+waits for with only the short first chunk in hand, or nothing. (Later blocks would wait only while
 new first blocks kept arriving during every first-block call, tens of milliseconds each on an H100.)
 
 A decoder without ``feed_many`` (test doubles) gets one ``stream.feed`` call per block instead.

@@ -148,17 +148,19 @@ class PipelineConfig:
     engine starts no new step while a turn's first audio block is decoded (``Engine.make_way``): the
     listener waiting for it then does not share the GPU with generation. Off: both run at once."""
     quick_start_max_turns: int = QUICK_START_MAX_TURNS
-    """With ``adaptive_blocks``: while more turns than this run, a turn's quick first block is held back
-    until its next block is cut, and the listener starts with both
-    (:meth:`~glm4voice.pipeline.policy.ListenerPacing.hold_first_block`). Those turns set TTFA p95 under
-    Poisson load, but holding fewer (1000, with ``first_blocks_cut_in``) left 10 of 87 turns dry at 0.35
-    conversations/s on an H200 (docs/PERFORMANCE.md, "2026-11-28, H200, evening")."""
-    quick_start_counts_unheard: bool = False
+    """With ``adaptive_blocks``: while more turns than this are starting (see
+    ``quick_start_counts_unheard``), a turn's quick first block is held back: its listener starts only
+    with the next block (:meth:`~glm4voice.pipeline.policy.ListenerPacing.hold_first_block`)."""
+    quick_start_counts_unheard: bool = True
     """With ``adaptive_blocks``: the turns counted against ``quick_start_max_turns`` are those whose
     listener has heard nothing yet (the turns starting, whose first blocks share the decoder's calls),
     not every running turn. Under Poisson load most running turns are long past their start, so far
-    fewer first blocks are held; 64 turns started together count as before."""
-    decode_held_first_block: bool = False
+    fewer first blocks are held; 64 turns started together count as before. Held first blocks set
+    TTFA p95 under Poisson load: on an H200 at 0.35 conversations/s, counting every running turn held
+    30-32 of 87 turns' first blocks and gave TTFA p95 0.86-0.98 s; counting the unheard ones (with
+    ``decode_held_first_block``) held 4 and gave 0.61-0.66 s (docs/PERFORMANCE.md, "2026-11-28, H200,
+    late"). Off: every running turn counts."""
+    decode_held_first_block: bool = True
     """With ``adaptive_blocks``: a quick first block that the pacing holds back is decoded at once, and
     only its audio is kept back until the next block is decoded (the listener still starts with both),
     so that the listener then waits for one decoder call, the next block's, not for two. What is cut

@@ -15,11 +15,12 @@ decisions are kept apart:
   - :class:`AdaptiveBlocks`: the schedule, plus a cut at the end of an audio run when a listener
     fed at :data:`MIN_TOKEN_RATE` would otherwise run dry before the next chance to cut.
 
-- **Pacing** (:class:`BlockPacing`): when a cut block goes to the decoder. It may only delay: a
-  block held back is decoded later, in order, never merged with the next one or cut elsewhere.
+- **Pacing** (:class:`BlockPacing`): when a cut block goes to the decoder or its audio to the
+  listener. It may only delay: a block held back is decoded or heard later, in order, never merged
+  with the next one or cut elsewhere.
 
   - :class:`BlockPacing`: every block at once.
-  - :class:`ListenerPacing`: holds a quick first block back until the next block is cut when the
+  - :class:`ListenerPacing`: holds a quick first block back until the next block is decoded when the
     next one could not follow in time (the measured token rate, decoder latency and turns running
     through the narrow :class:`SharedLoad`), so that a listener who starts hearing the answer does
     not run dry after the first chunk; and starts the listener only once the audio decoded so far
@@ -71,9 +72,10 @@ than this in hand beyond what its next block needs (generating it at the answer'
 MIN_PACE_PAUSE_S = 0.5
 """Shorter pauses are not taken: each costs the engine a hold and a resume of the stream."""
 QUICK_START_MAX_TURNS = 8
-"""A quick first block is decoded at once only while at most this many turns run: many turns
-starting together share the decoder's calls, and a short first chunk then runs dry before the next
-block arrives (bench/e2e.py's concurrency section; docs/PERFORMANCE.md, "Adaptive blocks")."""
+"""A quick first block is heard at once only while at most this many turns start (or run: see
+``PipelineConfig.quick_start_counts_unheard``): many turns starting together share the decoder's
+calls, and a short first chunk then runs dry before the next block arrives (bench/e2e.py's
+concurrency section; docs/PERFORMANCE.md, "Adaptive blocks")."""
 
 
 class TokenKind(enum.Enum):
@@ -258,8 +260,9 @@ class BlockPacing:
         """A token arrived ``now`` (s since the turn began)."""
 
     def hold_first_block(self, now: float) -> bool:
-        """The first block was cut at ``now``. True: decode it only once the next block is cut (or
-        the answer ends), then both in order."""
+        """The first block was cut at ``now``. True: its listener starts only once the next block is
+        decoded too (or the answer ends); the pipeline decodes it at once and keeps its audio back, or
+        hands it to the decoder with the next block (``PipelineConfig.decode_held_first_block``)."""
         return False
 
     def start_covered(self, now: float, cut: Sequence[int]) -> bool:
@@ -290,12 +293,13 @@ class ListenerPacing(BlockPacing):
 
     A first block of ``first_block`` tokens is a quick start when the rest of its audio run (26
     tokens) is at least ``min_block_tokens``, so that the end of the run cuts the next block soon. It
-    is decoded at once only if that rest can be generated (at the answer's measured token rate) and
+    is heard at once only if that rest can be generated (at the answer's measured token rate) and
     decoded (one decoder call to wait for, one to run) before the short first chunk (less the
     decoder's ``hold_back_s``) and the player's lead (``player_lead_s``) have played, and at most
     ``quick_start_max_turns`` turns run (the pipeline's default: :data:`QUICK_START_MAX_TURNS`; with
     ``quick_start_counts_unheard`` only the turns whose listener has heard nothing yet count);
-    otherwise it waits for the next block, and the listener starts with both.
+    otherwise it waits for the next block, and the listener starts with both (the pipeline decodes
+    the first block meanwhile unless ``PipelineConfig.decode_held_first_block`` is off).
 
     With ``cover_start`` the listener also starts only once the audio decoded so far covers the wait
     for every later block (:meth:`start_covered`): under load, where the answer streams at a few

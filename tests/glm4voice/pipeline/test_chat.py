@@ -471,14 +471,14 @@ TIMINGS = {
 def test_timing_never_moves_the_cuts_nor_changes_the_audio(models, special_tokens, adaptive, expected):
     """The same ids and seed under very different token and decoder timings: the same cuts, decoded
     in that order, and the same audio. Adaptive cuts: the quick first block, then the end of every
-    audio run (a young answer); fixed: the schedule. The pacing does change: with many turns running
-    the quick first block is decoded only once the next one is cut, in the same decoder job."""
+    audio run (a young answer); fixed: the schedule. The pacing does change: with many turns starting
+    the quick first block is decoded at once but heard only with the next one."""
     ids = scripted_answer(models, special_tokens)
 
     async def turn(delay, decoder_s, busy):
         chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, SlowDecoder(models.decoder, decoder_s),
                          PacedClient(ids, delay), PipelineConfig(adaptive_blocks=adaptive))  # fmt: skip
-        chat.load.active_turns = busy  # what the other turns would add
+        chat.load.active_turns = chat.load.unheard_turns = busy  # what the other turns would add
         try:
             return await collect(chat, chat.new_session(), UserText("Hi"), SEEDED)
         finally:
@@ -492,10 +492,11 @@ def test_timing_never_moves_the_cuts_nor_changes_the_audio(models, special_token
         assert [b.index for b in finished.timings.blocks] == [0, 1, 2, 3, None], name
         np.testing.assert_array_equal(finished.audio, reference.audio, err_msg=name)
     first, second = results["crowded"].timings.blocks[:2]
-    if adaptive:  # held back until the next block was cut, then both in one job
-        assert first.decode_started >= second.ready and first.decode_started == second.decode_started
-    else:  # fixed: every block at once
-        assert first.decode_started < second.ready
+    assert first.decode_started < second.ready  # decoded at once in both
+    if adaptive:  # held back: heard once the next block was decoded
+        assert first.sent == second.sent >= second.decoded
+    else:  # fixed: every block heard once decoded, before the next goes to the decoder
+        assert first.decoded <= first.sent <= second.decode_started
 
 
 def test_a_held_first_block_decoded_at_once_is_heard_with_the_next_and_sounds_the_same(models, special_tokens):
