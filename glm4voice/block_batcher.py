@@ -62,8 +62,8 @@ class _Entry:
     blocks: list[list[int]]
     futures: list[asyncio.Future]
     first: bool = False
-    """The blocks start with the stream's first block (nothing decoded yet when they were queued): its
-    listener waits for every one of them."""
+    """The stream's listener waits for every one of these blocks: they start with the stream's first
+    block (nothing decoded yet when they were queued), or the caller said so (``submit(first=True)``)."""
     failure: BaseException | None = field(default=None)
     """Set on the worker when one of the blocks failed: the blocks after it are not decoded."""
 
