@@ -210,31 +210,37 @@ def _stream(name: str, tokens_decoded: int) -> _Named:
     return stream
 
 
+class MakeWayDecoder(GatedDecoder):
+    """A GatedDecoder beside a ``make_way`` that it records: whether each call ran inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = 0
+        """make_way contexts open now."""
+        self.inside: list[bool] = []
+
+    @contextlib.contextmanager
+    def make_way(self):
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+    def feed_many(self, jobs, on_result=None, max_batch=None):
+        self.inside.append(self.held > 0)
+        return super().feed_many(jobs, on_result, max_batch)
+
+
 def test_a_call_with_a_first_block_runs_inside_make_way():
     """One-process layout: a feed_many call that decodes a stream's first block runs inside make_way
     (the LLM engine of the process starts no step meanwhile); calls of later blocks run outside it.
     Without make_way nothing changes."""
-    held = 0
-    inside: list[bool] = []
-
-    @contextlib.contextmanager
-    def make_way():
-        nonlocal held
-        held += 1
-        try:
-            yield
-        finally:
-            held -= 1
-
-    class Recording(GatedDecoder):
-        def feed_many(self, jobs, on_result=None, max_batch=None):
-            inside.append(held > 0)
-            return super().feed_many(jobs, on_result, max_batch)
 
     async def scenario():
-        decoder = Recording()
+        decoder = MakeWayDecoder()
         with ThreadPoolExecutor(1) as worker:
-            batcher = BlockBatcher(decoder, worker, make_way=make_way)
+            batcher = BlockBatcher(decoder, worker, make_way=decoder.make_way)
             old = batcher.submit(_stream("old", 10), [[1] * 16])  # call 1: a later block alone
             await _wait_entered(decoder)
             new = batcher.submit(_stream("new", 0), [[1] * 10, [1] * 16])  # a first block, then its second
@@ -248,14 +254,14 @@ def test_a_call_with_a_first_block_runs_inside_make_way():
             # the first block goes alone, ahead of the block that waited with it; the block handed over
             # with it (its listener waits for both) goes next, also alone and inside make_way
             assert decoder.calls == [["old"], ["new"], ["new"], ["other"]]
-            assert inside == [False, True, True, False] and held == 0
+            assert decoder.inside == [False, True, True, False] and decoder.held == 0
 
             plain = BlockBatcher(decoder, worker)  # no make_way: the one-process layout's engine is elsewhere
             task = asyncio.create_task(plain.feed(_stream("first", 0), [1]))
             await _wait_entered(decoder)
             decoder.gates[-1].set()
             await task
-            assert inside[-1] is False
+            assert decoder.inside[-1] is False
 
     asyncio.run(scenario())
 
@@ -264,27 +270,11 @@ def test_blocks_a_listener_waits_for_go_with_the_first_blocks_when_the_caller_sa
     """``submit(first=True)``: a stream with audio decoded already (a held first block decoded at once)
     whose next block its listener waits for: it goes in the next job of first blocks, ahead of the later
     blocks that waited before it, and inside make_way; ``first=False`` does the opposite for a new stream."""
-    inside: list[bool] = []
-    held = 0
-
-    @contextlib.contextmanager
-    def make_way():
-        nonlocal held
-        held += 1
-        try:
-            yield
-        finally:
-            held -= 1
-
-    class Recording(GatedDecoder):
-        def feed_many(self, jobs, on_result=None, max_batch=None):
-            inside.append(held > 0)
-            return super().feed_many(jobs, on_result, max_batch)
 
     async def scenario():
-        decoder = Recording()
+        decoder = MakeWayDecoder()
         with ThreadPoolExecutor(1) as worker:
-            batcher = BlockBatcher(decoder, worker, make_way=make_way)
+            batcher = BlockBatcher(decoder, worker, make_way=decoder.make_way)
             running = batcher.submit(_stream("running", 10), [[1] * 16])
             await _wait_entered(decoder)
             later = batcher.submit(_stream("later", 26), [[1] * 26])
@@ -297,12 +287,12 @@ def test_blocks_a_listener_waits_for_go_with_the_first_blocks_when_the_caller_sa
                 decoder.gates[-1].set()
             assert [len(await f[0]) for f in (waited, later, fresh)] == [16, 26, 10]
             assert decoder.calls == [["running"], ["waited"], ["later", "fresh"]]
-            assert inside == [False, True, False] and held == 0
+            assert decoder.inside == [False, True, False] and decoder.held == 0
 
     asyncio.run(scenario())
 
 
-class PausingDecoder(GatedDecoder):
+class PausingDecoder(MakeWayDecoder):
     """feed_many whose call with a ``pause`` (a job of the batcher's) stands aside once, when the test
     opens ``go``, then returns when it opens ``resume``; calls without one (blocks cutting in) return at once."""
 
@@ -313,16 +303,6 @@ class PausingDecoder(GatedDecoder):
         self.gated = gated
         """A stream whose call (one without a pause) waits for ``gate_open``, after setting ``gate_entered``."""
         self.gate_entered, self.gate_open = threading.Event(), threading.Event()
-        self.inside: list[bool] = []
-        self.held = 0
-
-    @contextlib.contextmanager
-    def make_way(self):
-        self.held += 1
-        try:
-            yield
-        finally:
-            self.held -= 1
 
     def feed_many(self, jobs, on_result=None, max_batch=None, pause=None):
         names = [stream for stream, _ in jobs]
