@@ -137,6 +137,8 @@ LONG_SEQ_LEN = 4096
 """... for the turns and poisson sections: a conversation's history grows by every turn."""
 TURNS_PER_CONVERSATION = 5
 """The ``turns`` section compares the 5th turn of a conversation with its 1st."""
+BLOCK_PATH_BLOCKS = 4
+"""A turn's record keeps the path of this many first blocks (``block_path``: where a gap came from)."""
 
 
 def question_variant(question: Audio, variant: int) -> Audio:
@@ -209,6 +211,12 @@ def turn_record(events: list, lead: float) -> dict:
     record["underruns"] = underruns
     record["first_underrun"] = first_late
     record["blocks"] = [b.codes for b in t.blocks if b.index is not None]
+    # the first blocks' path (seconds from the turn's start): cut, handed to the decoder, decoded, sent
+    record["block_path"] = [
+        [b.index, round(b.ready, 4), round(b.decode_started, 4), round(b.decoded, 4), round(_sent(b), 4)]
+        for b in t.blocks
+        if b.index is not None and b.index < BLOCK_PATH_BLOCKS
+    ]
     record["min_slack_s"] = round(slack, 4) if chunks else None
     record["playback_end_s"] = round(start + end.audio_seconds, 4) if start is not None else end.elapsed
     return record

@@ -225,7 +225,7 @@ def rate_figures(
         "max_concurrent_answers": max_overlap(answers, warm_s, window_s),
         "dry_turns": [  # where listeners ran dry: (block, seconds into the answer) of the first gap
             {key: t.get(key) for key in ("start_s", "ttfa", "first_underrun", "underruns", "first_block_with_next")}
-            | {"blocks": t.get("blocks", [])[:5]}
+            | {"blocks": t.get("blocks", [])[:5], "block_path": t.get("block_path")}
             for t in sorted((t for t in ok if t["underruns"]), key=lambda t: t["start_s"])[:SLOWEST_TURNS]
         ],
         "slowest_turns": [  # where the tail's time went

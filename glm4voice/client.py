@@ -270,7 +270,7 @@ class InProcessServer(Protocol):
 
     def generate_stream(self, body: bytes) -> AsyncGenerator[int, None]: ...
     def health(self) -> Any: ...
-    def make_way(self) -> AbstractContextManager[None]: ...
+    def make_way(self, starting_tokens: int = 0) -> AbstractContextManager[None]: ...
 
 
 class InProcessTokenClient:
@@ -312,10 +312,11 @@ class InProcessTokenClient:
     async def generate(self, prompt: str | None = None, **params: Any) -> list[int]:
         return [token async for token in self.stream(prompt, **params)]
 
-    def make_way(self) -> AbstractContextManager[None]:
-        """While in it, the engine starts no new step (``Engine.make_way``; any thread). Only this client
-        has it: an engine in another process cannot be asked."""
-        return self._server.make_way()
+    def make_way(self, starting_tokens: int = 0) -> AbstractContextManager[None]:
+        """While in it, the engine starts no new step but those of requests with fewer than
+        ``starting_tokens`` tokens (``Engine.make_way``; any thread). Only this client has it: an engine
+        in another process cannot be asked."""
+        return self._server.make_way(starting_tokens)
 
     async def health(self) -> dict[str, Any]:
         """``GET /health``'s body; the HTTP client's error when the server is not ready (503)."""

@@ -464,6 +464,8 @@ class Engine:
         self._way_asked = 0
         self._way_honoured = 0
         self._way_pauses = 0
+        self._way_starting = 0  # the largest starting_tokens of the callers inside (under _lock)
+        self._way_until: float | None = None  # worker: end of the current pause (None: not pausing)
         # worker-side state
         self._waiting: collections.deque[_Request] = collections.deque()
         self._prefilling: list[_Request] = []
@@ -630,15 +632,23 @@ class Engine:
         await self._idle.wait()
 
     @contextlib.contextmanager
-    def make_way(self) -> Iterator[None]:
+    def make_way(self, starting_tokens: int = 0) -> Iterator[None]:
         """While the body runs, the worker launches no new prefill or decode step (one already on the
         device finishes): for GPU work of this process that a listener waits for, such as a turn's first
         audio block, whose decode takes about half as long again beside the LLM's steps. Each call
         pauses the worker once, for at most :data:`MAKE_WAY_LIMIT_S`; the worker then goes on even if
-        the body has not finished, so that callers slow generation down but cannot stop it. Any thread."""
+        the body has not finished, so that callers slow generation down but cannot stop it. Any thread.
+
+        ``starting_tokens``: requests that have generated fewer tokens than this (and prompts waiting or
+        being prefilled) are not paused: the worker steps them alone, in smaller batches, while the others
+        wait. Other listeners' first audio then is not held up behind the body (their own first tokens
+        keep coming); with several callers inside, the largest value counts."""
+        if starting_tokens < 0:
+            raise ValueError(f"starting_tokens must be >= 0, got {starting_tokens}")
         with self._lock:
             self._way_holders += 1
             self._way_asked += 1
+            self._way_starting = max(self._way_starting, starting_tokens)
             self._way_clear.clear()
         try:
             yield
@@ -646,6 +656,7 @@ class Engine:
             with self._lock:
                 self._way_holders -= 1
                 if self._way_holders == 0:
+                    self._way_starting = 0
                     self._way_clear.set()
 
     @property
@@ -827,7 +838,7 @@ class Engine:
             busy = bool(self._waiting or self._prefilling or self._decoding or self._inflight)
             if not self._take_commands(block=not busy):
                 return
-            self._give_way()
+            starting_only = self._give_way()
             self._admit()
             if self._prefilling:
                 events: list[_Event] = []
@@ -838,21 +849,38 @@ class Engine:
             if self._decoding or self._inflight:
                 events = []
                 try:
-                    self._decode(events)
+                    self._decode(events, starting_only)
                 finally:
                     self._post(events)
 
-    def _give_way(self) -> None:
-        """Pause (at most MAKE_WAY_LIMIT_S) for a :meth:`make_way` caller not yet paused for."""
-        if self._way_asked == self._way_honoured:  # every step: no lock when nobody asked (a stale read waits a step)
-            return
-        with self._lock:
-            if self._way_asked == self._way_honoured or self._way_clear.is_set():
+    def _give_way(self) -> bool:
+        """Pause (at most MAKE_WAY_LIMIT_S) for a :meth:`make_way` caller not yet paused for. True: the
+        pause goes on, but starting requests may step meanwhile (their ``starting_tokens``)."""
+        if self._way_asked != self._way_honoured:  # every step: no lock when nobody asked (a stale read waits a step)
+            with self._lock:
+                if self._way_asked != self._way_honoured and not self._way_clear.is_set():
+                    self._way_until = time.perf_counter() + MAKE_WAY_LIMIT_S
+                    self._way_pauses += 1
                 self._way_honoured = self._way_asked  # callers that already left need no pause
-                return
-            self._way_honoured = self._way_asked
-            self._way_pauses += 1
-        self._way_clear.wait(MAKE_WAY_LIMIT_S)
+        if self._way_until is None:
+            return False
+        left = self._way_until - time.perf_counter()
+        if left > 0 and not self._way_clear.is_set():
+            if self._starting(self._way_starting):
+                return True
+            self._way_clear.wait(left)
+        self._way_until = None
+        return False
+
+    def _starting(self, tokens: int) -> bool:
+        """Whether any request may step during a pause for callers' ``starting_tokens``: prompts being
+        prefilled or waiting with a slot free, or decoding requests that have generated fewer than
+        ``tokens``."""
+        if tokens <= 0:
+            return False
+        if self._prefilling or (self._waiting and self._prefix_cache.has_free_slot()):
+            return True
+        return any(r.generated < tokens for r in self._decoding)
 
     def _take_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if ``block``); False once asked to stop."""
@@ -984,23 +1012,28 @@ class Engine:
                 if self._accept(request, token, events):
                     self._decoding.append(request)
 
-    def _decode(self, events: list[_Event]) -> None:
+    def _decode(self, events: list[_Event], starting_only: bool = False) -> None:
         """Collect the step in flight and keep one step in flight. While the running requests
         stay the same, the next step is launched on the device before the previous one is
         collected, so the host's bookkeeping overlaps the device's work; a request that ended
         in the previous step costs its row one wasted step. Any change (a request joins, ends or
-        is cancelled) collects first and launches from the host's state."""
+        is cancelled) collects first and launches from the host's state. ``starting_only``: during a
+        :meth:`make_way` pause, only the requests that have generated fewer than its
+        ``starting_tokens`` step."""
         started = time.perf_counter()
         inflight, self._inflight = self._inflight, None
+        stepping = self._decoding
+        if starting_only:
+            stepping = [r for r in self._decoding if r.generated < self._way_starting]
         try:
             if inflight is not None:
                 batch, launch = inflight
-                if self._decoding and batch == self._decoding:
+                if stepping and batch == stepping:
                     self._inflight = (batch, self.runner.launch(launch.rows, after=launch))
                     self._counters.decode_steps += 1
                 self._take_tokens(batch, self.runner.collect(launch), events)
-            if self._inflight is None and self._decoding:
-                batch = list(self._decoding)
+            if self._inflight is None and stepping:
+                batch = [r for r in stepping if r in self._decoding]  # a request may have ended in the step
                 rows = [DecodeRow(r.slot, r.last_token, r.position) for r in batch]
                 self._inflight = (batch, self.runner.launch(rows))
                 self._counters.decode_steps += 1

@@ -33,6 +33,7 @@ is unchanged (a failed or cancelled turn is not recorded).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -147,6 +148,15 @@ class PipelineConfig:
     """With an engine in this process (the one-process layout: a client with ``make_way``), the
     engine starts no new step while a turn's first audio block is decoded (``Engine.make_way``): the
     listener waiting for it then does not share the GPU with generation. Off: both run at once."""
+    spare_starting_tokens: int = 0
+    """With ``first_blocks_first``: while a first block is decoded, the engine goes on stepping, alone,
+    the requests that have generated fewer tokens than this (and new prompts' prefills), instead of
+    pausing them with the others (``Engine.make_way``'s ``starting_tokens``), so that turns starting
+    together do not wait for each other's first blocks. An answer opens with 13 text tokens, then 26
+    audio tokens: 23 spares a turn until its 10-token first block, 39 until the block after it too. On
+    an H200 under Poisson load, 23 lowered TTFA p95 from 0.62 to 0.47 s (0.27 conversations/s) and from
+    0.73 to 0.47 s (0.35/s), but 5 turns ran dry at 0.35/s against none, all at the block after the
+    first, whose tokens then waited (docs/PERFORMANCE.md, "2026-11-29, H200"). 0: every request pauses."""
     quick_start_max_turns: int = QUICK_START_MAX_TURNS
     """With ``adaptive_blocks``: while more turns than this are starting (see
     ``quick_start_counts_unheard``), a turn's quick first block is held back: its listener starts only
@@ -197,7 +207,7 @@ class PipelineConfig:
         BlockSchedule(tuple(self.block_sizes))  # validates
         bad_batch = self.decode_batch is not None and self.decode_batch < 1
         limits_ok = self.max_input_seconds > 0 and self.max_text_chars >= 1 and self.max_pending_blocks >= 1
-        limits_ok = limits_ok and self.quick_start_max_turns >= 0
+        limits_ok = limits_ok and self.quick_start_max_turns >= 0 and self.spare_starting_tokens >= 0
         if not limits_ok or bad_batch or not self.player_lead_s >= 0 or not self.min_token_rate > 0:
             raise ValueError(f"invalid pipeline limits: {self}")
 
@@ -393,6 +403,8 @@ class VoiceChat:
         self._input_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-tokenize")
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
         make_way = getattr(client, "make_way", None) if config.first_blocks_first else None
+        if make_way is not None and config.spare_starting_tokens:
+            make_way = functools.partial(make_way, starting_tokens=config.spare_starting_tokens)
         self.blocks = BlockBatcher(
             decoder, self._decode_worker, config.decode_batch, make_way=make_way, cut_in=config.first_blocks_cut_in
         )

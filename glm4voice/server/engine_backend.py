@@ -85,10 +85,10 @@ class EngineBackend:
         else:
             logger.warning("this engine cannot report a dead worker: the server will not exit if it dies")
 
-    def make_way(self) -> AbstractContextManager[None]:
+    def make_way(self, starting_tokens: int = 0) -> AbstractContextManager[None]:
         """The engine's :meth:`~glm4voice.llm.engine.Engine.make_way` (no pause for one without it)."""
         make_way = getattr(self.engine, "make_way", None)
-        return make_way() if make_way is not None else nullcontext()
+        return make_way(starting_tokens) if make_way is not None else nullcontext()
 
     def stats(self) -> dict[str, float]:
         return dataclasses.asdict(self.engine.stats())

@@ -48,11 +48,12 @@ class InProcessTokenServer:
         self.app: FastAPI = create_app(engine, settings, tokenizer)
         self.state: ServerState = self.app.state.server
 
-    def make_way(self) -> AbstractContextManager[None]:
-        """While in it, the engine starts no new step (see ``Engine.make_way``): what the speech side
-        decodes a turn's first audio block in, as it shares this process's GPU with the engine."""
+    def make_way(self, starting_tokens: int = 0) -> AbstractContextManager[None]:
+        """While in it, the engine starts no new step but those of starting requests (see
+        ``Engine.make_way``): what the speech side decodes a turn's first audio block in, as it shares
+        this process's GPU with the engine."""
         make_way = getattr(self.state.backend, "make_way", None)
-        return make_way() if make_way is not None else nullcontext()
+        return make_way(starting_tokens) if make_way is not None else nullcontext()
 
     @property
     def failure(self) -> BaseException | None:

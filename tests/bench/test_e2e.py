@@ -79,7 +79,7 @@ def test_rate_figures_count_the_measured_window_only():
         if failed:
             return record | {"failed": failed}
         return record | {"ttfa": ttfa, "underruns": underruns, "token_rate": 20.0, "first_block_held": ttfa / 2,
-                         "first_block_with_next": ttfa > 0.25}  # fmt: skip
+                         "first_block_with_next": ttfa > 0.25, "block_path": [[0, start]]}  # fmt: skip
 
     turns = [turn(1.0, 9.0), turn(10.0, 0.2), turn(11.0, 0.3, spoken=False), turn(20.0, 0.4, underruns=2),
              turn(30.0, 0.6, failed="server_busy: busy"), turn(50.0, 9.0)]  # fmt: skip
@@ -96,7 +96,7 @@ def test_rate_figures_count_the_measured_window_only():
     assert figures["ttfa_parts_p50"]["prefill"] is None  # a part no turn recorded
     assert figures["turns_first_block_with_next"] == 2  # of the measured turns that did not fail
     assert [t["first_block_with_next"] for t in figures["slowest_turns"]] == [True, True, False]
-    assert [(t["start_s"], t["underruns"]) for t in figures["dry_turns"]] == [(20.0, 2)]
+    assert [(t["start_s"], t["underruns"], t["block_path"]) for t in figures["dry_turns"]] == [(20.0, 2, [[0, 20.0]])]
     assert figures["mean_concurrent_conversations"] == pytest.approx((30 + 15 + 25) / 30, abs=0.05)
     assert figures["max_concurrent_answers"] == 2 and not figures["passes"]
     clean = rate_figures(1.0, [turn(12.0, 0.2), turn(13.0, 0.5)], conversations, 10.0, 40.0, None)
@@ -212,6 +212,7 @@ def test_a_turn_record_says_whether_the_listener_started_with_the_next_block():
     second = BlockTiming(1, 16, 0.5, 0.5, 0.7, 100, sent=0.7)
     held = turn_record(_finished([0.7], blocks=(held_first, second)), lead=0.15)
     assert held["first_block_with_next"] and held["first_block_held"] == pytest.approx(0.3)
+    assert held["block_path"] == [[0, 0.2, 0.5, 0.6, 0.7], [1, 0.5, 0.5, 0.7, 0.7]]  # cut, handed over, decoded, sent
     assert held["first_block_call"] == pytest.approx(0.1) and held["first_audio_kept"] == pytest.approx(0.1)
     # decoded at once, its audio kept back until the second block was decoded
     early_first = BlockTiming(0, 10, ready=0.2, decode_started=0.2, decoded=0.25, samples=100, sent=0.7)

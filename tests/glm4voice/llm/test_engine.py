@@ -597,6 +597,45 @@ def test_a_caller_that_stays_in_make_way_pauses_the_worker_once(tiny_llm, monkey
     assert len(tokens) == GREEDY.max_new_tokens and pauses == 1
 
 
+def test_make_way_lets_starting_requests_step_alone(tiny_llm, monkeypatch):
+    """make_way(starting_tokens=K): while the caller is inside (within the limit, here a minute), a new
+    request is prefilled and steps until it has K tokens, and a request already past K does not step
+    (at most the steps already on the device finish); both then end with the tokens they would have
+    had without the pause."""
+    monkeypatch.setattr(engine_module, "MAKE_WAY_LIMIT_S", 60.0)
+    k = 8
+    longer = SamplingParams(temperature=0, max_new_tokens=120)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(max_unread_tokens=None), stop_ids=()) as engine:
+            a = engine.submit(PROMPTS[0], longer)
+            a_tokens = [await anext(a) for _ in range(k + 1)]  # a is past k
+            b = engine.submit(PROMPTS[3], GREEDY)
+            with engine.make_way(starting_tokens=k):
+                before = engine.stats().tokens_generated
+                b_tokens = [await anext(b) for _ in range(k)]  # would wait a minute if b paused too
+                during = engine.stats().tokens_generated - before
+                pauses = engine.make_way_pauses
+            a_tokens += await collect(a)
+            b_tokens += await collect(b)
+            return a_tokens, b_tokens, during, pauses
+
+    a_tokens, b_tokens, during, pauses = run(main())
+    assert pauses == 1
+    # b's tokens from `before` on (one more may be launched before its count is read) and a's last
+    # steps launched before the pause began; a stepping along with b would add about k more
+    assert during <= k + 1 + 3
+    assert a_tokens == greedy_reference(tiny_llm.model, PROMPTS[0], longer.max_new_tokens)
+    assert b_tokens == greedy_reference(tiny_llm.model, PROMPTS[3], GREEDY.max_new_tokens)
+
+
+def test_make_way_rejects_negative_starting_tokens(tiny_llm):
+    engine = Engine(tiny_llm, cpu_config(), stop_ids=())
+    with pytest.raises(ValueError, match="starting_tokens"):
+        with engine.make_way(starting_tokens=-1):
+            pass
+
+
 def test_a_running_engine_lowers_the_thread_switch_interval_and_keeps_a_lower_one(tiny_llm):
     """The worker must get the GIL back soon after each step: start() lowers Python's switch interval
     to SWITCH_INTERVAL_S (from the 5 ms default), and leaves a smaller one alone."""

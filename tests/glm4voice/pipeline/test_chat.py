@@ -44,7 +44,12 @@ from glm4voice.pipeline import (
     cut_and_demux,
 )
 from glm4voice.pipeline.policy import QUICK_START_MAX_TURNS
-from glm4voice.protocol import AudioBlock, Demuxer, EndReason, InputMode
+from glm4voice.protocol import (
+    AudioBlock,
+    Demuxer,
+    EndReason,
+    InputMode,
+)
 
 from server.fault_server import FAIL_AFTER_SEED, FAIL_AFTER_TOKENS
 from support import ROOT, ServerProcess, free_port
@@ -993,17 +998,20 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     assert paced.first_block == 12 and paced.load is chats[0].load and paced.quick_start_max_turns == 3
     assert PipelineConfig().quick_start_max_turns == QUICK_START_MAX_TURNS
     assert (chats[0].blocks.cut_in, chats[1].blocks.cut_in) == (False, True)
-    for bad in ({"min_token_rate": 0}, {"quick_start_max_turns": -1}):
+    for bad in ({"min_token_rate": 0}, {"quick_start_max_turns": -1}, {"spare_starting_tokens": -1}):
         with pytest.raises(ValueError, match="invalid pipeline limits"):
             PipelineConfig(**bad)
 
 
-@pytest.mark.parametrize("first_blocks_first", [True, False])
-def test_one_process_decodes_a_first_block_while_the_engine_makes_way(models, tiny_checkpoints, first_blocks_first):
+@pytest.mark.parametrize("first_blocks_first, spare_starting_tokens", [(True, 0), (False, 0), (True, 39)])
+def test_one_process_decodes_a_first_block_while_the_engine_makes_way(
+    models, tiny_checkpoints, first_blocks_first, spare_starting_tokens
+):
     """The one-process layout (the engine in this process, InProcessTokenClient): the turn's first audio
     block is decoded inside Engine.make_way (the engine starts no step meanwhile; it pauses only if it
     is still generating then, which depends on timing), each later block beside the engine's steps;
-    PipelineConfig(first_blocks_first=False) turns it off."""
+    PipelineConfig(first_blocks_first=False) turns it off. With spare_starting_tokens, make_way spares
+    the requests that have generated fewer tokens."""
     from glm4voice.client import InProcessTokenClient
     from glm4voice.server.engine_backend import build_engine
     from glm4voice.server.inprocess import InProcessTokenServer
@@ -1012,7 +1020,15 @@ def test_one_process_decodes_a_first_block_while_the_engine_makes_way(models, ti
     settings = ServerSettings(model_path=str(tiny_checkpoints.llm), device="cpu", dtype="float32",
                               max_concurrent_streams=2, max_seq_len=4096, log_level="warning")  # fmt: skip
     engine = build_engine(settings)
-    config = PipelineConfig(first_blocks_first=first_blocks_first)
+    config = PipelineConfig(first_blocks_first=first_blocks_first, spare_starting_tokens=spare_starting_tokens)
+    spared = []
+    engine_make_way = engine.make_way
+
+    def make_way(starting_tokens=0):
+        spared.append(starting_tokens)
+        return engine_make_way(starting_tokens)
+
+    engine.make_way = make_way
 
     async def main():
         tokens = InProcessTokenServer(engine, settings)
@@ -1035,3 +1051,4 @@ def test_one_process_decodes_a_first_block_while_the_engine_makes_way(models, ti
     handovers = [sum(1 for b in blocks if b.decode_started == at) for at in sorted({b.decode_started for b in blocks})]
     waited_for = handovers[0] + (handovers[1] if handovers[0] == 1 and len(handovers) > 1 else 0)
     assert calls == (waited_for if first_blocks_first else 0) and pauses <= calls
+    assert spared == [spare_starting_tokens] * calls
