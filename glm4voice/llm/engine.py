@@ -465,6 +465,7 @@ class Engine:
         self._way_honoured = 0
         self._way_pauses = 0
         self._way_starting = 0  # the largest starting_tokens of the callers inside (under _lock)
+        self._way_wake = threading.Event()  # a pausing worker's wake-up: the way is clear, or a request came
         self._way_until: float | None = None  # worker: end of the current pause (None: not pausing)
         # worker-side state
         self._waiting: collections.deque[_Request] = collections.deque()
@@ -658,6 +659,7 @@ class Engine:
                 if self._way_holders == 0:
                     self._way_starting = 0
                     self._way_clear.set()
+                    self._way_wake.set()
 
     @property
     def make_way_calls(self) -> int:
@@ -700,6 +702,8 @@ class Engine:
             self._open.add(request_id)
             self._idle.clear()
             self._commands.put(("submit", request))
+            if self._way_starting:  # a worker pausing for make_way steps it (see _give_way)
+                self._way_wake.set()
         return stream
 
     def _validate_prompt(self, prompt_ids: Sequence[int]) -> tuple[int, ...]:
@@ -868,7 +872,11 @@ class Engine:
         if left > 0 and not self._way_clear.is_set():
             if self._starting(self._way_starting):
                 return True
-            self._way_clear.wait(left)
+            self._way_wake.clear()  # make_way's exit and submit() set it after their change: seen below
+            if not self._way_clear.is_set() and not (self._way_starting and not self._commands.empty()):
+                self._way_wake.wait(left)
+            if self._way_starting and not self._way_clear.is_set() and time.perf_counter() < self._way_until:
+                return True  # a request came: the loop takes it, then steps it alone
         self._way_until = None
         return False
 

@@ -629,6 +629,33 @@ def test_make_way_lets_starting_requests_step_alone(tiny_llm, monkeypatch):
     assert b_tokens == greedy_reference(tiny_llm.model, PROMPTS[3], GREEDY.max_new_tokens)
 
 
+def test_a_request_submitted_during_a_make_way_pause_steps_alone(tiny_llm, monkeypatch):
+    """A request that arrives while the worker already pauses for make_way(starting_tokens=K) (no request
+    was starting then) is prefilled and steps to K tokens at once, not after the pause."""
+    monkeypatch.setattr(engine_module, "MAKE_WAY_LIMIT_S", 60.0)
+    k = 8
+    longer = SamplingParams(temperature=0, max_new_tokens=120)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(max_unread_tokens=None), stop_ids=()) as engine:
+            a = engine.submit(PROMPTS[0], longer)
+            a_tokens = [await anext(a) for _ in range(k + 1)]
+            with engine.make_way(starting_tokens=k):
+                await until(lambda: engine.make_way_pauses == 1, "the worker did not pause")
+                before = engine.stats().tokens_generated
+                b = engine.submit(PROMPTS[3], GREEDY)
+                b_tokens = [await anext(b) for _ in range(k)]  # a minute late if the worker slept on
+                during = engine.stats().tokens_generated - before
+            a_tokens += await collect(a)
+            b_tokens += await collect(b)
+            return a_tokens, b_tokens, during
+
+    a_tokens, b_tokens, during = run(main())
+    assert during <= k + 1 + 3  # as above: b's, and a's steps on the device when the pause began
+    assert a_tokens == greedy_reference(tiny_llm.model, PROMPTS[0], longer.max_new_tokens)
+    assert b_tokens == greedy_reference(tiny_llm.model, PROMPTS[3], GREEDY.max_new_tokens)
+
+
 def test_make_way_rejects_negative_starting_tokens(tiny_llm):
     engine = Engine(tiny_llm, cpu_config(), stop_ids=())
     with pytest.raises(ValueError, match="starting_tokens"):
