@@ -1030,18 +1030,20 @@ class Engine:
         ``starting_tokens`` step."""
         started = time.perf_counter()
         inflight, self._inflight = self._inflight, None
-        stepping = self._decoding
-        if starting_only:
-            stepping = [r for r in self._decoding if r.generated < self._way_starting]
+        starting = [r for r in self._decoding if r.generated < self._way_starting] if starting_only else None
         try:
             if inflight is not None:
                 batch, launch = inflight
+                stepping = self._decoding if starting is None else starting
                 if stepping and batch == stepping:
                     self._inflight = (batch, self.runner.launch(launch.rows, after=launch))
                     self._counters.decode_steps += 1
                 self._take_tokens(batch, self.runner.collect(launch), events)
-            if self._inflight is None and stepping:
-                batch = [r for r in stepping if r in self._decoding]  # a request may have ended in the step
+            if starting is None:
+                batch = list(self._decoding)
+            else:  # those that did not end in the step just collected
+                batch = [r for r in starting if r.slot >= 0]
+            if self._inflight is None and batch:
                 rows = [DecodeRow(r.slot, r.last_token, r.position) for r in batch]
                 self._inflight = (batch, self.runner.launch(rows))
                 self._counters.decode_steps += 1

@@ -656,6 +656,29 @@ def test_a_request_submitted_during_a_make_way_pause_steps_alone(tiny_llm, monke
     assert b_tokens == greedy_reference(tiny_llm.model, PROMPTS[3], GREEDY.max_new_tokens)
 
 
+def test_a_starting_request_that_ends_during_a_make_way_pause_leaves_the_others_running(tiny_llm, monkeypatch):
+    """A request spared by make_way(starting_tokens=K) that ends before K tokens (here its length) ends
+    normally, and the paused request goes on after the pause with its own tokens."""
+    monkeypatch.setattr(engine_module, "MAKE_WAY_LIMIT_S", 60.0)
+    k = 8
+    longer, short = SamplingParams(temperature=0, max_new_tokens=120), SamplingParams(temperature=0, max_new_tokens=3)
+
+    async def main():
+        async with Engine(tiny_llm, cpu_config(max_unread_tokens=None), stop_ids=()) as engine:
+            a = engine.submit(PROMPTS[0], longer)
+            a_tokens = [await anext(a) for _ in range(k + 1)]
+            b = engine.submit(PROMPTS[3], short)
+            with engine.make_way(starting_tokens=k):
+                b_tokens = await collect(b)  # ends inside: a minute late if b paused too
+            a_tokens += await collect(a)
+            return a_tokens, b_tokens, engine.stats()
+
+    a_tokens, b_tokens, stats = run(main())
+    assert b_tokens == greedy_reference(tiny_llm.model, PROMPTS[3], short.max_new_tokens)
+    assert a_tokens == greedy_reference(tiny_llm.model, PROMPTS[0], longer.max_new_tokens)
+    assert stats.requests_failed == 0
+
+
 def test_make_way_rejects_negative_starting_tokens(tiny_llm):
     engine = Engine(tiny_llm, cpu_config(), stop_ids=())
     with pytest.raises(ValueError, match="starting_tokens"):
