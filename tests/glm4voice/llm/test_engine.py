@@ -597,23 +597,37 @@ def test_a_caller_that_stays_in_make_way_pauses_the_worker_once(tiny_llm, monkey
     assert len(tokens) == GREEDY.max_new_tokens and pauses == 1
 
 
-def test_make_way_lets_starting_requests_step_alone(tiny_llm, monkeypatch):
+SPARED = 8
+"""``starting_tokens`` of the make_way tests below."""
+LONGER = SamplingParams(temperature=0, max_new_tokens=120)
+
+
+async def _past_spared(engine: Engine):
+    """A request on PROMPTS[0] (LONGER) and the tokens read until it has more than SPARED."""
+    stream = engine.submit(PROMPTS[0], LONGER)
+    return stream, [await anext(stream) for _ in range(SPARED + 1)]
+
+
+@pytest.mark.parametrize("arrives", ["before", "during"])
+def test_make_way_lets_starting_requests_step_alone(tiny_llm, monkeypatch, arrives):
     """make_way(starting_tokens=K): while the caller is inside (within the limit, here a minute), a new
     request is prefilled and steps until it has K tokens, and a request already past K does not step
     (at most the steps already on the device finish); both then end with the tokens they would have
-    had without the pause."""
+    had without the pause. The new request arrives before the pause, or while the worker pauses with
+    no request starting."""
     monkeypatch.setattr(engine_module, "MAKE_WAY_LIMIT_S", 60.0)
-    k = 8
-    longer = SamplingParams(temperature=0, max_new_tokens=120)
 
     async def main():
         async with Engine(tiny_llm, cpu_config(max_unread_tokens=None), stop_ids=()) as engine:
-            a = engine.submit(PROMPTS[0], longer)
-            a_tokens = [await anext(a) for _ in range(k + 1)]  # a is past k
-            b = engine.submit(PROMPTS[3], GREEDY)
-            with engine.make_way(starting_tokens=k):
+            a, a_tokens = await _past_spared(engine)
+            b = engine.submit(PROMPTS[3], GREEDY) if arrives == "before" else None
+            with engine.make_way(starting_tokens=SPARED):
                 before = engine.stats().tokens_generated
-                b_tokens = [await anext(b) for _ in range(k)]  # would wait a minute if b paused too
+                if b is None:
+                    await until(lambda: engine.make_way_pauses == 1, "the worker did not pause")
+                    before = engine.stats().tokens_generated
+                    b = engine.submit(PROMPTS[3], GREEDY)
+                b_tokens = [await anext(b) for _ in range(SPARED)]  # a minute late if b paused too
                 during = engine.stats().tokens_generated - before
                 pauses = engine.make_way_pauses
             a_tokens += await collect(a)
@@ -623,36 +637,9 @@ def test_make_way_lets_starting_requests_step_alone(tiny_llm, monkeypatch):
     a_tokens, b_tokens, during, pauses = run(main())
     assert pauses == 1
     # b's tokens from `before` on (one more may be launched before its count is read) and a's last
-    # steps launched before the pause began; a stepping along with b would add about k more
-    assert during <= k + 1 + 3
-    assert a_tokens == greedy_reference(tiny_llm.model, PROMPTS[0], longer.max_new_tokens)
-    assert b_tokens == greedy_reference(tiny_llm.model, PROMPTS[3], GREEDY.max_new_tokens)
-
-
-def test_a_request_submitted_during_a_make_way_pause_steps_alone(tiny_llm, monkeypatch):
-    """A request that arrives while the worker already pauses for make_way(starting_tokens=K) (no request
-    was starting then) is prefilled and steps to K tokens at once, not after the pause."""
-    monkeypatch.setattr(engine_module, "MAKE_WAY_LIMIT_S", 60.0)
-    k = 8
-    longer = SamplingParams(temperature=0, max_new_tokens=120)
-
-    async def main():
-        async with Engine(tiny_llm, cpu_config(max_unread_tokens=None), stop_ids=()) as engine:
-            a = engine.submit(PROMPTS[0], longer)
-            a_tokens = [await anext(a) for _ in range(k + 1)]
-            with engine.make_way(starting_tokens=k):
-                await until(lambda: engine.make_way_pauses == 1, "the worker did not pause")
-                before = engine.stats().tokens_generated
-                b = engine.submit(PROMPTS[3], GREEDY)
-                b_tokens = [await anext(b) for _ in range(k)]  # a minute late if the worker slept on
-                during = engine.stats().tokens_generated - before
-            a_tokens += await collect(a)
-            b_tokens += await collect(b)
-            return a_tokens, b_tokens, during
-
-    a_tokens, b_tokens, during = run(main())
-    assert during <= k + 1 + 3  # as above: b's, and a's steps on the device when the pause began
-    assert a_tokens == greedy_reference(tiny_llm.model, PROMPTS[0], longer.max_new_tokens)
+    # steps launched before the pause began; a stepping along with b would add about SPARED more
+    assert during <= SPARED + 1 + 3
+    assert a_tokens == greedy_reference(tiny_llm.model, PROMPTS[0], LONGER.max_new_tokens)
     assert b_tokens == greedy_reference(tiny_llm.model, PROMPTS[3], GREEDY.max_new_tokens)
 
 
@@ -660,22 +647,20 @@ def test_a_starting_request_that_ends_during_a_make_way_pause_leaves_the_others_
     """A request spared by make_way(starting_tokens=K) that ends before K tokens (here its length) ends
     normally, and the paused request goes on after the pause with its own tokens."""
     monkeypatch.setattr(engine_module, "MAKE_WAY_LIMIT_S", 60.0)
-    k = 8
-    longer, short = SamplingParams(temperature=0, max_new_tokens=120), SamplingParams(temperature=0, max_new_tokens=3)
+    short = SamplingParams(temperature=0, max_new_tokens=3)
 
     async def main():
         async with Engine(tiny_llm, cpu_config(max_unread_tokens=None), stop_ids=()) as engine:
-            a = engine.submit(PROMPTS[0], longer)
-            a_tokens = [await anext(a) for _ in range(k + 1)]
+            a, a_tokens = await _past_spared(engine)
             b = engine.submit(PROMPTS[3], short)
-            with engine.make_way(starting_tokens=k):
+            with engine.make_way(starting_tokens=SPARED):
                 b_tokens = await collect(b)  # ends inside: a minute late if b paused too
             a_tokens += await collect(a)
             return a_tokens, b_tokens, engine.stats()
 
     a_tokens, b_tokens, stats = run(main())
     assert b_tokens == greedy_reference(tiny_llm.model, PROMPTS[3], short.max_new_tokens)
-    assert a_tokens == greedy_reference(tiny_llm.model, PROMPTS[0], longer.max_new_tokens)
+    assert a_tokens == greedy_reference(tiny_llm.model, PROMPTS[0], LONGER.max_new_tokens)
     assert stats.requests_failed == 0
 
 
