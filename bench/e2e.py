@@ -294,7 +294,7 @@ class E2EBench:
                             llm_dtype=self.args.llm_dtype, llm_quant_method=self.args.llm_quant_method,
                             max_seq_len=self.args.max_seq_len,
                             mixed_decoder_batches=self.args.mixed_decoder_batches,
-                            later_block_graphs=self.args.later_block_graphs)  # fmt: skip
+                            later_block_graphs=self.args.later_block_graphs, pipeline=self.args.pipeline)  # fmt: skip
 
     def build_speech_tokenizer(self):
         from bench.speech_tokenizer import build
@@ -471,7 +471,7 @@ class E2EBench:
                 "layout": layout, **{k: health.get(k) for k in ("device", "dtype", "max_concurrent_streams")},
                 "max_seq_len": args.max_seq_len})  # fmt: skip
             client = tokens.client(max_connections=2 * max_streams + 8)
-            chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, PipelineConfig())
+            chat = VoiceChat(text_tokenizer, speech_tokenizer, decoder, client, PipelineConfig(**args.pipeline))
             try:
                 await self.warm_up(chat)
                 if "layouts" in self.sections:
@@ -995,6 +995,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="ttfa, concurrency and poisson: the single-user turns, each level and each rate also with other pipeline settings, "
         "e.g. 'rate56:min_token_rate=56.25;batch16:decode_batch=16' (PipelineConfig fields)",
+    )
+    parser.add_argument(
+        "--pipeline",
+        type=lambda text: parse_variants(f"base:{text}")[0][1],
+        default={},
+        help="every section's pipeline settings in place of the defaults, e.g. 'cover_start=1' (PipelineConfig "
+        "fields; --variants change these)",
     )
     parser.add_argument("--answer-seconds", type=float, default=30.0)
     parser.add_argument("--repeats", type=int, default=10, help="single-user TTFA turns")

@@ -33,13 +33,12 @@ is unchanged (a failed or cancelled turn is not recorded).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing, contextmanager
+from contextlib import AbstractContextManager, aclosing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -87,6 +86,8 @@ from glm4voice.pipeline.events import (
 from glm4voice.pipeline.policy import (
     MIN_TOKEN_RATE,
     QUICK_START_MAX_TURNS,
+    SPARE_MAX_TURNS,
+    SPARE_STARTING_TOKENS,
     AdaptiveBlocks,
     BlockPacing,
     BlockPolicy,
@@ -148,15 +149,22 @@ class PipelineConfig:
     """With an engine in this process (the one-process layout: a client with ``make_way``), the
     engine starts no new step while a turn's first audio block is decoded (``Engine.make_way``): the
     listener waiting for it then does not share the GPU with generation. Off: both run at once."""
-    spare_starting_tokens: int = 0
+    spare_starting_tokens: int = SPARE_STARTING_TOKENS
     """With ``first_blocks_first``: while a first block is decoded, the engine goes on stepping, alone,
     the requests that have generated fewer tokens than this (and new prompts' prefills), instead of
     pausing them with the others (``Engine.make_way``'s ``starting_tokens``), so that turns starting
-    together do not wait for each other's first blocks. An answer opens with 13 text tokens, then 26
-    audio tokens: 23 spares a turn until its 10-token first block, 39 until the block after it too. On
-    an H200 under Poisson load, 23 lowered TTFA p95 from 0.62 to 0.47 s (0.27 conversations/s) and from
-    0.73 to 0.47 s (0.35/s), but 5 turns ran dry at 0.35/s against none, all at the block after the
-    first, whose tokens then waited (docs/PERFORMANCE.md, "2026-11-29, H200"). 0: every request pauses."""
+    together do not wait for each other's first blocks. The default, 39, spares a turn through its
+    first two blocks (the answer's first 13 text and 26 audio tokens); 23 spares it through its first
+    block only. On an H200 under Poisson load, in the same process, 39 lowered TTFA p95 from 0.54 to
+    0.42 s (0.2 conversations/s, the only rate without a gap), from 0.75 to 0.52 s (0.27/s) and from
+    0.85 to 0.46 s (0.35/s); 23 left 6 turns dry at 0.35/s, at the block after the first, whose tokens
+    it does not spare (docs/PERFORMANCE.md, "2026-11-29, H200, second session"). 0: every request
+    pauses."""
+    spare_max_turns: int = SPARE_MAX_TURNS
+    """With ``spare_starting_tokens``: requests are spared only while at most this many turns are
+    starting (their listeners have heard nothing yet); with more, every request pauses as with 0. On an
+    H200, 64 conversations started together with every starting turn spared ran dry 37-43 of 64 per run
+    (against 5-16 without sparing) and, with ``cover_start``, started after 11 s instead of 4-6 s."""
     quick_start_max_turns: int = QUICK_START_MAX_TURNS
     """With ``adaptive_blocks``: while more turns than this are starting (see
     ``quick_start_counts_unheard``), a turn's quick first block is held back: its listener starts only
@@ -208,6 +216,7 @@ class PipelineConfig:
         bad_batch = self.decode_batch is not None and self.decode_batch < 1
         limits_ok = self.max_input_seconds > 0 and self.max_text_chars >= 1 and self.max_pending_blocks >= 1
         limits_ok = limits_ok and self.quick_start_max_turns >= 0 and self.spare_starting_tokens >= 0
+        limits_ok = limits_ok and self.spare_max_turns >= 0
         if not limits_ok or bad_batch or not self.player_lead_s >= 0 or not self.min_token_rate > 0:
             raise ValueError(f"invalid pipeline limits: {self}")
 
@@ -402,15 +411,24 @@ class VoiceChat:
         # and run off the event loop; a thread waits on its queue, it does not poll.
         self._input_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-tokenize")
         self._decode_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm4voice-decode")
-        make_way = getattr(client, "make_way", None) if config.first_blocks_first else None
-        if make_way is not None and config.spare_starting_tokens:
-            make_way = functools.partial(make_way, starting_tokens=config.spare_starting_tokens)
+        self._engine_make_way = getattr(client, "make_way", None) if config.first_blocks_first else None
         self.blocks = BlockBatcher(
-            decoder, self._decode_worker, config.decode_batch, make_way=make_way, cut_in=config.first_blocks_cut_in
+            decoder,
+            self._decode_worker,
+            config.decode_batch,
+            make_way=self._make_way if self._engine_make_way is not None else None,
+            cut_in=config.first_blocks_cut_in,
         )
         self.load = TurnLoad(self.blocks)
         """What every turn's block pacing may know of the others (turns running, decoder job time)."""
         self._turns_running = 0
+
+    def _make_way(self) -> AbstractContextManager[None]:
+        """The engine's pause for a first block (decoder thread): sparing the starting turns' requests
+        while few turns are starting (``spare_starting_tokens``, ``spare_max_turns``)."""
+        assert self._engine_make_way is not None  # given to the batcher only then
+        few = self.load.unheard_turns <= self.config.spare_max_turns  # an int set on the event loop: read once
+        return self._engine_make_way(starting_tokens=self.config.spare_starting_tokens if few else 0)
 
     @property
     def active_turns(self) -> int:

@@ -76,6 +76,14 @@ QUICK_START_MAX_TURNS = 8
 ``PipelineConfig.quick_start_counts_unheard``): many turns starting together share the decoder's
 calls, and a short first chunk then runs dry before the next block arrives (bench/e2e.py's
 concurrency section; docs/PERFORMANCE.md, "Adaptive blocks")."""
+SPARE_STARTING_TOKENS = TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT
+"""A turn's engine request keeps stepping while other turns' first blocks are decoded until it has
+generated this many tokens (``PipelineConfig.spare_starting_tokens``): the answer's first segment, 13
+text and 26 audio tokens, which adaptive cuts decode as its first two blocks (10 and 16 audio tokens)."""
+SPARE_MAX_TURNS = 16
+"""Starting turns are spared (``SPARE_STARTING_TOKENS``) only while at most this many are starting
+(``PipelineConfig.spare_max_turns``): under Poisson load a burst starts a few turns together; when
+dozens start at once, sparing them all would leave the first blocks' decoder calls no pause at all."""
 
 
 class TokenKind(enum.Enum):

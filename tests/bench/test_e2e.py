@@ -253,6 +253,12 @@ def test_variants_name_pipeline_settings_with_their_types():
             parse_variants(bad)
     with pytest.raises(SystemExit):
         parse_args(["--device", "cpu", "--variants", "b0:decode_batch=0"])
+    # --pipeline: the same settings, in place of the defaults for every section
+    base = parse_args(["--device", "cpu", "--pipeline", "cover_start=1, spare_max_turns=4"]).pipeline
+    assert base == {"cover_start": True, "spare_max_turns": 4} and parse_args(["--device", "cpu"]).pipeline == {}
+    for bad in ("colour=3", "spare_max_turns=-1", "decode_batch=x"):
+        with pytest.raises(SystemExit):
+            parse_args(["--device", "cpu", "--pipeline", bad])
 
 
 def test_sections_are_checked():
