@@ -155,8 +155,8 @@ class PipelineConfig:
     pausing them with the others (``Engine.make_way``'s ``starting_tokens``), so that turns starting
     together do not wait for each other's first blocks. The default, 39, spares a turn through its
     first two blocks (the answer's first 13 text and 26 audio tokens); 23 spares it through its first
-    block only. On an H200 under Poisson load, in the same process, 39 lowered TTFA p95 from 0.54 to
-    0.42 s (0.2 conversations/s, the only rate without a gap), from 0.75 to 0.52 s (0.27/s) and from
+    block only. On an H200 under Poisson load, in the same process, 39 lowered TTFA p95 from 0.55 to
+    0.42 s (0.2 conversations/s; no gap in two runs of two), from 0.75 to 0.52 s (0.27/s) and from
     0.85 to 0.46 s (0.35/s); 23 left 6 turns dry at 0.35/s, at the block after the first, whose tokens
     it does not spare (docs/PERFORMANCE.md, "2026-11-29, H200, second session"). 0: every request
     pauses."""
