@@ -77,6 +77,10 @@ class AssistantItem:
 
     @property
     def audio_ms(self) -> int:
+        """The audio's duration; after a truncation, the cut as given (its whole samples, counted back, can
+        come to a millisecond less)."""
+        if self.truncated_ms is not None:
+            return self.truncated_ms
         return self.audio_samples * 1000 // self.sample_rate
 
 

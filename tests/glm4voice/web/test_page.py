@@ -203,6 +203,11 @@ def test_a_second_submit_while_an_answer_runs_is_refused(scripted):
 # --- Stop ---------------------------------------------------------------------------------------------
 
 
+HEARD_MS = 550
+"""What the page's player reports heard in the stop test: a value whose samples, counted back in whole
+milliseconds, give 549 ms (rounded to a tenth, 0.5 against 0.6 s)."""
+
+
 def test_stop_cancels_the_answer_and_keeps_what_was_heard(scripted, text_tokenizer):
     special = SpecialTokens.from_tokenizer(text_tokenizer)
     reply = tuple(text_tokenizer.encode("Once upon a time", allow_special=False)) + tuple(
@@ -219,7 +224,7 @@ def test_stop_cancels_the_answer_and_keeps_what_was_heard(scripted, text_tokeniz
         rest = asyncio.ensure_future(_drain(turn))
         await until(lambda: chat.held is not None and chat.held.is_set(), "the answer never streamed")
         answer = tab.view.latest
-        report = json.dumps({"turn": answer.turn, "playedMs": 500, "wasPlaying": True})
+        report = json.dumps({"turn": answer.turn, "playedMs": HEARD_MS, "wasPlaying": True})
         stopped = dict(zip(PAGE_OUTPUTS, await handler.stop(report, tab), strict=True))
         updates = await asyncio.wait_for(rest, WAIT_S)
         nothing = await handler.stop(json.dumps({"turn": None, "playedMs": 0}), tab)
@@ -228,12 +233,13 @@ def test_stop_cancels_the_answer_and_keeps_what_was_heard(scripted, text_tokeniz
     tab, answer, stopped, updates, nothing = asyncio.run(main())
     response, item = answer.response, answer.item
     assert response.status is ResponseStatus.CANCELLED and answer.stream.closed
-    assert item.truncated_ms == 500 and item.reply_ids == heard_reply(reply, 500, chat.special)
-    assert sum(chat.special.is_audio(i) for i in item.reply_ids) == 6  # 500 ms: 6.25 tokens
-    # the page: the answer marked as cut, its wav the heard half second, the status says so
+    assert item.truncated_ms == HEARD_MS and item.reply_ids == heard_reply(reply, HEARD_MS, chat.special)
+    assert sum(chat.special.is_audio(i) for i in item.reply_ids) == 7  # 550 ms: 6.9 tokens
+    # the page: the answer marked as cut after what was heard (0.55 s: "0.6"; the wav's whole samples last
+    # 549.98 ms, which would read "0.5"), its wav the heard part, the status says so
     text, wav = stopped["chat"][1]["content"], stopped["chat"][2]["content"]["path"]
-    assert CUT_MARK in text and "cut after 0.5 s" in text
-    assert sf.info(wav).frames == OUTPUT_SAMPLE_RATE // 2
+    assert CUT_MARK in text and "cut after 0.6 s" in text
+    assert sf.info(wav).frames == OUTPUT_SAMPLE_RATE * HEARD_MS // 1000
     assert stopped["status"].startswith("Turn 1 · stopped ✂️")
     assert updates[-1].status == stopped["status"] and updates[-1].chat == stopped["chat"]
     assert nothing == PageUpdate(session=tab).outputs()  # nothing more to stop: the page stays
