@@ -88,6 +88,7 @@ from glm4voice.pipeline.policy import (
     QUICK_START_MAX_TURNS,
     SPARE_MAX_TURNS,
     SPARE_STARTING_TOKENS,
+    URGENT_IN_HAND_S,
     AdaptiveBlocks,
     BlockPacing,
     BlockPolicy,
@@ -165,6 +166,14 @@ class PipelineConfig:
     starting (their listeners have heard nothing yet); with more, every request pauses as with 0. On an
     H200, 64 conversations started together with every starting turn spared ran dry 37-43 of 64 per run
     (against 5-16 without sparing) and, with ``cover_start``, started after 11 s instead of 4-6 s."""
+    urgent_in_hand_s: float = URGENT_IN_HAND_S
+    """With ``adaptive_blocks``: a later block whose listener, already playing, has less audio than this
+    in hand when the block is handed to the decoder goes with the first blocks (:mod:`glm4voice.block_batcher`: the
+    decoder's next job, ahead of other sessions' later blocks, and ``first_blocks_first``'s pause), as
+    the block after the first always does (:meth:`~glm4voice.pipeline.policy.ListenerPacing.urgent`).
+    Under Poisson load a burst of starting turns keeps the decoder on first blocks, and a young answer's
+    third block waited 0.4-0.6 s for its call while its listener had about 0.5 s left (H200, 0.27 and
+    0.35 conversations/s: the only turns that ran dry). 0: only the blocks that start a listener."""
     quick_start_max_turns: int = QUICK_START_MAX_TURNS
     """With ``adaptive_blocks``: while more turns than this are starting (see
     ``quick_start_counts_unheard``), a turn's quick first block is held back: its listener starts only
@@ -216,7 +225,7 @@ class PipelineConfig:
         bad_batch = self.decode_batch is not None and self.decode_batch < 1
         limits_ok = self.max_input_seconds > 0 and self.max_text_chars >= 1 and self.max_pending_blocks >= 1
         limits_ok = limits_ok and self.quick_start_max_turns >= 0 and self.spare_starting_tokens >= 0
-        limits_ok = limits_ok and self.spare_max_turns >= 0
+        limits_ok = limits_ok and self.spare_max_turns >= 0 and self.urgent_in_hand_s >= 0
         if not limits_ok or bad_batch or not self.player_lead_s >= 0 or not self.min_token_rate > 0:
             raise ValueError(f"invalid pipeline limits: {self}")
 
@@ -489,6 +498,7 @@ class VoiceChat:
             pace_generation=self.config.pace_generation and paced,
             quick_start_max_turns=self.config.quick_start_max_turns,
             quick_start_counts_unheard=self.config.quick_start_counts_unheard,
+            urgent_in_hand_s=self.config.urgent_in_hand_s,
         )
 
     def memory_owners(self) -> MemoryOwners:
@@ -802,9 +812,11 @@ class VoiceChat:
                         continue
                     started = clock.now()
                     # the block after the first goes with the first blocks: its listener has heard only the
-                    # short first block (0.4 s of audio once the decoder's hold-back is taken), or nothing
+                    # short first block (0.4 s of audio once the decoder's hold-back is taken), or nothing;
+                    # so does a later one whose listener is about to run dry (urgent_in_hand_s)
+                    urgent = len(cut) == 1 or pacing.urgent(clock.now(), clock.marks.get("first_audio"), sum(cut))
                     pcms = self.blocks.submit(
-                        stream, [block.codes for block, _ in ready], first=True if len(cut) == 1 else None
+                        stream, [block.codes for block, _ in ready], first=True if urgent else None
                     )
                     done_at = [when_done(pcm) for pcm in pcms]
                     cut += [len(block.codes) for block, _ in ready]

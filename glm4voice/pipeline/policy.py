@@ -80,6 +80,11 @@ SPARE_STARTING_TOKENS = TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT
 """A turn's engine request keeps stepping while other turns' first blocks are decoded until it has
 generated this many tokens (``PipelineConfig.spare_starting_tokens``): the answer's first segment, 13
 text and 26 audio tokens, which adaptive cuts decode as its first two blocks (10 and 16 audio tokens)."""
+URGENT_IN_HAND_S = 1.0
+"""A later block goes with the first blocks (``PipelineConfig.urgent_in_hand_s``) when its listener,
+already playing, has less audio than this in hand as it is handed to the decoder: more than the
+decoder's slowest calls for a later block under Poisson load on an H200 (0.34-0.68 s, while turns
+starting together keep the decoder on first blocks), less than a paced listener keeps in hand."""
 SPARE_MAX_TURNS = 16
 """Starting turns are spared (``SPARE_STARTING_TOKENS``) only while at most this many are starting
 (``PipelineConfig.spare_max_turns``): under Poisson load a burst starts a few turns together; when
@@ -279,6 +284,12 @@ class BlockPacing:
         a later block is decoded (or the answer ends), then send it all."""
         return True
 
+    def urgent(self, now: float, first_audio_at: float | None, audio_cut: int) -> bool:
+        """Whether the next block, handed to the decoder ``now`` with ``audio_cut`` audio tokens in the
+        blocks before it, goes with the first blocks: its listener would run dry waiting for it behind
+        other sessions' blocks."""
+        return False
+
     @property
     def paces_reading(self) -> bool:
         """Whether the turn's token reader should ask :meth:`read_delay_s` after each token."""
@@ -336,8 +347,10 @@ class ListenerPacing(BlockPacing):
         pace_generation: bool,
         quick_start_max_turns: int,
         quick_start_counts_unheard: bool,
+        urgent_in_hand_s: float = 0.0,
     ):
         self.load = load
+        self.urgent_in_hand_s = urgent_in_hand_s
         self.schedule = schedule or BlockSchedule()
         self.quick_start_max_turns = quick_start_max_turns
         self.quick_start_counts_unheard = quick_start_counts_unheard
@@ -409,11 +422,23 @@ class ListenerPacing(BlockPacing):
         rate = self.paced_rate or self.rate()
         if rate is None:
             return 0.0
-        played_s = max(0.0, now - first_audio_at - self.player_lead_s)
-        in_hand_s = audio_cut / SPEECH_TOKEN_RATE - self.hold_back_s - played_s
+        in_hand_s = self.in_hand_s(now, first_audio_at, audio_cut)
         missing_s = max(0, next_block - pending) * TOKENS_PER_AUDIO_TOKEN / rate
         delay = in_hand_s - missing_s - self.decoder_s() - PACE_SLACK_S
         return delay if delay >= MIN_PACE_PAUSE_S else 0.0
+
+    def in_hand_s(self, now: float, first_audio_at: float, audio_cut: int) -> float:
+        """Audio a listener that started at ``first_audio_at`` has left ``now``: the ``audio_cut`` audio
+        tokens, less the decoder's ``hold_back_s`` and what has played since (after the player's lead)."""
+        played_s = max(0.0, now - first_audio_at - self.player_lead_s)
+        return audio_cut / SPEECH_TOKEN_RATE - self.hold_back_s - played_s
+
+    def urgent(self, now: float, first_audio_at: float | None, audio_cut: int) -> bool:
+        """With ``urgent_in_hand_s`` (0: never), once the listener has started: whether it has less than
+        that in hand (:meth:`in_hand_s`)."""
+        if not self.urgent_in_hand_s or first_audio_at is None:
+            return False
+        return self.in_hand_s(now, first_audio_at, audio_cut) < self.urgent_in_hand_s
 
     def paused(self, seconds: float) -> None:
         if self.paced_rate is None:

@@ -43,7 +43,7 @@ from glm4voice.pipeline import (
     VoiceChat,
     cut_and_demux,
 )
-from glm4voice.pipeline.policy import QUICK_START_MAX_TURNS, SPARE_MAX_TURNS, SPARE_STARTING_TOKENS
+from glm4voice.pipeline.policy import QUICK_START_MAX_TURNS, SPARE_MAX_TURNS, SPARE_STARTING_TOKENS, URGENT_IN_HAND_S
 from glm4voice.protocol import (
     AudioBlock,
     Demuxer,
@@ -535,6 +535,43 @@ def test_a_held_first_block_decoded_at_once_is_heard_with_the_next_and_sounds_th
     assert unheard_after == QUICK_START_MAX_TURNS  # this turn's count is gone again
 
 
+@pytest.mark.parametrize("urgent_in_hand_s", [0.0, 1e6])
+def test_a_later_block_goes_with_the_first_blocks_when_its_listener_is_short(models, special_tokens, urgent_in_hand_s):  # fmt: skip
+    """The block after the first always goes with the first blocks (``submit(first=True)``); a later one
+    only when its listener, already playing, has less than ``urgent_in_hand_s`` in hand: with 1e6 s every
+    hand-over after the first one (the listener has started by then), with 0 only the one right after
+    it. Blocks waiting together go in one hand-over, so the rule is checked per hand-over, by the blocks
+    handed over before it. The cuts and the audio do not change."""
+    ids = scripted_answer(models, special_tokens)
+
+    async def turn():
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder,
+                         PacedClient(ids, lambda k: 0.005 if k < 39 else 0.02),
+                         PipelineConfig(urgent_in_hand_s=urgent_in_hand_s))  # fmt: skip
+        calls: list[tuple[int, bool | None]] = []  # (blocks handed over before, first)
+        submit = chat.blocks.submit
+
+        def recording(stream, blocks, first=None):
+            calls.append((handed[0], first))
+            handed[0] += len(blocks)
+            return submit(stream, blocks, first)
+
+        handed = [0]
+
+        chat.blocks.submit = recording
+        try:
+            return await collect(chat, chat.new_session(), UserText("Hi"), SEEDED), calls
+        finally:
+            chat.close()
+
+    events, calls = asyncio.run(turn())
+    assert block_sizes(assert_well_formed(events)) == [10, 16, 26, 26]
+    assert sum(1 for before, _ in calls if before >= 2), "no block was handed over after the first two"
+    for before, first in calls:
+        urgent = before == 1 or (before >= 1 and urgent_in_hand_s > 0)
+        assert first is (True if urgent else None), calls
+
+
 def test_a_turn_counts_as_unheard_until_its_first_audio(models, special_tokens):
     """``TurnLoad.unheard_turns`` counts a spoken turn from its input to its first audio; a text-only
     answer and a turn that fails before any audio leave the count as it was."""
@@ -978,7 +1015,13 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     chats = [
         VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, PacedClient([]), config)
         for config in (
-            PipelineConfig(player_lead_s=0.3, min_token_rate=30.0, block_sizes=(12, 30), quick_start_max_turns=3),
+            PipelineConfig(
+                player_lead_s=0.3,
+                min_token_rate=30.0,
+                block_sizes=(12, 30),
+                quick_start_max_turns=3,
+                urgent_in_hand_s=0.7,
+            ),
             PipelineConfig(adaptive_blocks=False, first_blocks_cut_in=True),
         )
     ]
@@ -997,13 +1040,14 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     assert adaptive.min_token_rate == 30.0 and PipelineConfig().min_token_rate == MIN_TOKEN_RATE
     assert paced.first_block == 12 and paced.load is chats[0].load and paced.quick_start_max_turns == 3
     assert PipelineConfig().quick_start_max_turns == QUICK_START_MAX_TURNS
+    assert paced.urgent_in_hand_s == 0.7 and PipelineConfig().urgent_in_hand_s == URGENT_IN_HAND_S
     assert (PipelineConfig().spare_starting_tokens, PipelineConfig().spare_max_turns) == (
         SPARE_STARTING_TOKENS,
         SPARE_MAX_TURNS,
     )
     assert (chats[0].blocks.cut_in, chats[1].blocks.cut_in) == (False, True)
     for bad in ({"min_token_rate": 0}, {"quick_start_max_turns": -1}, {"spare_starting_tokens": -1},
-                {"spare_max_turns": -1}):  # fmt: skip
+                {"spare_max_turns": -1}, {"urgent_in_hand_s": -0.1}):  # fmt: skip
         with pytest.raises(ValueError, match="invalid pipeline limits"):
             PipelineConfig(**bad)
 

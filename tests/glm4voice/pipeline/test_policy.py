@@ -15,6 +15,7 @@ from glm4voice.pipeline.policy import (
     QUICK_START_MAX_TURNS,
     REAL_TIME_TOKEN_RATE,
     TOKENS_PER_AUDIO_TOKEN,
+    URGENT_IN_HAND_S,
     AdaptiveBlocks,
     BlockPacing,
     BlockPolicy,
@@ -434,6 +435,22 @@ def test_a_paced_reader_waits_only_while_its_listener_is_far_ahead():
     assert pacing(Load(), pace_generation=True).read_delay_s(11.0, 10.0, 160, 0, 160) == 0.0
     assert BlockPacing().read_delay_s(11.0, 10.0, 160, 0, 160) == 0.0
     assert paced.paces_reading and not plain.paces_reading and not BlockPacing().paces_reading
+
+
+def test_a_later_block_is_urgent_once_its_listener_has_little_left():
+    """26 audio tokens cut (2.08 s), the listener started at 10.0 s: what it has left is that less the
+    decoder's hold-back and what played after the player's lead; the next block is urgent once that is
+    below ``urgent_in_hand_s``, never before the listener starts, and never with 0."""
+    urgent = pacing(Load(), urgent_in_hand_s=URGENT_IN_HAND_S)
+    in_hand = 26 / SPEECH_TOKEN_RATE - HOLD_BACK_S  # until the player's lead has passed
+    assert urgent.in_hand_s(10.0, 10.0, 26) == pytest.approx(in_hand)
+    assert urgent.in_hand_s(10.0 + LEAD_S, 10.0, 26) == pytest.approx(in_hand)
+    assert urgent.in_hand_s(10.5 + LEAD_S, 10.0, 26) == pytest.approx(in_hand - 0.5)
+    edge = 10.0 + LEAD_S + in_hand - URGENT_IN_HAND_S  # the moment it has URGENT_IN_HAND_S left
+    assert [urgent.urgent(edge + dt, 10.0, 26) for dt in (-0.01, 0.01)] == [False, True]
+    assert not urgent.urgent(edge + 0.01, 10.0, 26 + 13)  # a second more audio cut: not yet
+    assert not urgent.urgent(99.0, None, 26)  # the listener has not started (nothing to run out of)
+    assert not pacing(Load()).urgent(99.0, 10.0, 26) and not BlockPacing().urgent(99.0, 10.0, 26)
 
 
 def test_a_paced_reader_keeps_the_rate_it_measured_before_its_first_wait():
