@@ -154,13 +154,14 @@ class PipelineConfig:
     """With ``first_blocks_first``: while a first block is decoded, the engine goes on stepping, alone,
     the requests that have generated fewer tokens than this (and new prompts' prefills), instead of
     pausing them with the others (``Engine.make_way``'s ``starting_tokens``), so that turns starting
-    together do not wait for each other's first blocks. The default, 39, spares a turn through its
-    first two blocks (the answer's first 13 text and 26 audio tokens); 23 spares it through its first
-    block only. On an H200 under Poisson load, in the same process, 39 lowered TTFA p95 from 0.55 to
-    0.42 s (0.2 conversations/s; no gap in two runs of two), from 0.75 to 0.52 s (0.27/s) and from
-    0.85 to 0.46 s (0.35/s); 23 left 6 turns dry at 0.35/s, at the block after the first, whose tokens
-    it does not spare (docs/PERFORMANCE.md, "2026-11-29, H200, second session"). 0: every request
-    pauses."""
+    together do not wait for each other's first blocks. The default, 78, spares a turn through its
+    first three blocks (the answer's first two segments of 13 text and 26 audio tokens); 39 through its
+    first two, 23 through its first. On an H200 under Poisson load, in the same process, 39 lowered TTFA
+    p95 from 0.55 to 0.42 s (0.2 conversations/s), from 0.75 to 0.52 s (0.27/s) and from 0.85 to 0.46 s
+    (0.35/s), but each value leaves turns dry in a burst of starting turns at the first block it does not
+    spare (23: the second, 6 turns at 0.35/s; 39: the third, 2-3 turns), whose tokens waited behind the
+    burst's first blocks; 78 left none dry at 0.35/s (docs/PERFORMANCE.md, "2026-11-29, H200, second
+    session" and "third session"). 0: every request pauses."""
     spare_max_turns: int = SPARE_MAX_TURNS
     """With ``spare_starting_tokens``: requests are spared only while at most this many turns are
     starting (their listeners have heard nothing yet); with more, every request pauses as with 0. On an

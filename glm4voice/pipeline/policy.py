@@ -76,10 +76,11 @@ QUICK_START_MAX_TURNS = 8
 ``PipelineConfig.quick_start_counts_unheard``): many turns starting together share the decoder's
 calls, and a short first chunk then runs dry before the next block arrives (bench/e2e.py's
 concurrency section; docs/PERFORMANCE.md, "Adaptive blocks")."""
-SPARE_STARTING_TOKENS = TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT
+SPARE_STARTING_TOKENS = 2 * (TEXT_TOKENS_PER_SEGMENT + AUDIO_TOKENS_PER_SEGMENT)
 """A turn's engine request keeps stepping while other turns' first blocks are decoded until it has
-generated this many tokens (``PipelineConfig.spare_starting_tokens``): the answer's first segment, 13
-text and 26 audio tokens, which adaptive cuts decode as its first two blocks (10 and 16 audio tokens)."""
+generated this many tokens (``PipelineConfig.spare_starting_tokens``): the answer's first two segments,
+13 text and 26 audio tokens each, which adaptive cuts decode as its first three blocks (10, 16 and 26
+audio tokens)."""
 URGENT_IN_HAND_S = 1.0
 """A later block goes with the first blocks (``PipelineConfig.urgent_in_hand_s``) when its listener,
 already playing, has less audio than this in hand as it is handed to the decoder: more than the
