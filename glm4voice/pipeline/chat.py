@@ -166,15 +166,20 @@ class PipelineConfig:
     """With ``spare_starting_tokens``: requests are spared only while at most this many turns are
     starting (their listeners have heard nothing yet); with more, every request pauses as with 0. On an
     H200, 64 conversations started together with every starting turn spared ran dry 37-43 of 64 per run
-    (against 5-16 without sparing) and, with ``cover_start``, started after 11 s instead of 4-6 s."""
+    (against 5-16 without sparing) and, with ``cover_start``, started after 6.5-11 s instead of 4-6 s;
+    with this limit they run as without sparing (52-64 dry; with ``cover_start`` 0 of 64 in three runs,
+    TTFA p50 12.7-15.4 s: docs/PERFORMANCE.md, "2026-11-29, H200, third session")."""
     urgent_in_hand_s: float = URGENT_IN_HAND_S
     """With ``adaptive_blocks``: a later block whose listener, already playing, has less audio than this
     in hand when the block is handed to the decoder goes with the first blocks (:mod:`glm4voice.block_batcher`: the
     decoder's next job, ahead of other sessions' later blocks, and ``first_blocks_first``'s pause), as
     the block after the first always does (:meth:`~glm4voice.pipeline.policy.ListenerPacing.urgent`).
-    Under Poisson load a burst of starting turns keeps the decoder on first blocks, and a young answer's
-    third block waited 0.4-0.6 s for its call while its listener had about 0.5 s left (H200, 0.27 and
-    0.35 conversations/s: the only turns that ran dry). 0: only the blocks that start a listener."""
+    Under Poisson load a burst of starting turns keeps the decoder on first blocks: with 39 starting
+    tokens spared a young answer's third block waited 0.3-0.6 s for its call while its listener had
+    about 0.5 s left (H200, 0.27 and 0.35 conversations/s: the only turns that ran dry); urgent, its
+    call took 0.28-0.35 s. Its effect on TTFA p95 and gaps was within the runs' spread in three
+    comparisons (docs/PERFORMANCE.md, "2026-11-29, H200, third session"). 0: only the blocks that start
+    a listener."""
     quick_start_max_turns: int = QUICK_START_MAX_TURNS
     """With ``adaptive_blocks``: while more turns than this are starting (see
     ``quick_start_counts_unheard``), a turn's quick first block is held back: its listener starts only

@@ -84,7 +84,7 @@ audio tokens)."""
 URGENT_IN_HAND_S = 1.0
 """A later block goes with the first blocks (``PipelineConfig.urgent_in_hand_s``) when its listener,
 already playing, has less audio than this in hand as it is handed to the decoder: more than the
-decoder's slowest calls for a later block under Poisson load on an H200 (0.34-0.68 s, while turns
+decoder's slowest calls for a later block under Poisson load on an H200 (0.3-0.68 s, while turns
 starting together keep the decoder on first blocks), less than a paced listener keeps in hand."""
 SPARE_MAX_TURNS = 16
 """Starting turns are spared (``SPARE_STARTING_TOKENS``) only while at most this many are starting
