@@ -211,6 +211,7 @@ def turn_record(events: list, lead: float) -> dict:
     record["underruns"] = underruns
     record["first_underrun"] = first_late
     record["blocks"] = [b.codes for b in t.blocks if b.index is not None]
+    record["urgent_blocks"] = sum(1 for b in t.blocks if b.urgent)  # later blocks sent with the first ones
     # the first blocks' path (seconds from the turn's start): cut, handed to the decoder, decoded, sent
     record["block_path"] = [
         [b.index, round(b.ready, 4), round(b.decode_started, 4), round(b.decoded, 4), round(_sent(b), 4)]

@@ -215,6 +215,8 @@ def rate_figures(
         "ttfa_parts_p50": {key: percentile([t.get(key) for t in ok], 50) for key in TTFA_PARTS},
         "ttfa_parts_p95": {key: percentile([t.get(key) for t in ok], 95) for key in TTFA_PARTS},
         "turns_first_block_with_next": sum(1 for t in ok if t.get("first_block_with_next")),
+        "urgent_blocks": sum(t.get("urgent_blocks", 0) for t in ok),
+        "turns_with_urgent_blocks": sum(1 for t in ok if t.get("urgent_blocks")),
         "underruns": sum(t["underruns"] for t in ok),
         "turns_with_underrun": sum(1 for t in ok if t["underruns"]),
         "token_rate_total": round(tokens_in_window / span, 1) if tokens_in_window is not None and span > 0 else None,
@@ -224,7 +226,10 @@ def rate_figures(
         "mean_concurrent_answers": round(mean_overlap(answers, warm_s, window_s), 1),
         "max_concurrent_answers": max_overlap(answers, warm_s, window_s),
         "dry_turns": [  # where listeners ran dry: (block, seconds into the answer) of the first gap
-            {key: t.get(key) for key in ("start_s", "ttfa", "first_underrun", "underruns", "first_block_with_next")}
+            {
+                key: t.get(key)
+                for key in ("start_s", "ttfa", "first_underrun", "underruns", "first_block_with_next", "urgent_blocks")
+            }
             | {"blocks": t.get("blocks", [])[:5], "block_path": t.get("block_path")}
             for t in sorted((t for t in ok if t["underruns"]), key=lambda t: t["start_s"])[:SLOWEST_TURNS]
         ],

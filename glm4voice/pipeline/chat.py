@@ -773,10 +773,10 @@ class VoiceChat:
         chunks: list[np.ndarray] = []
         position = 0
 
-        def emit(samples: np.ndarray, index: int | None, codes: int, ready: float, started: float, decoded: float, sent: float) -> None:  # fmt: skip
+        def emit(samples: np.ndarray, index: int | None, codes: int, ready: float, started: float, decoded: float, urgent: bool, sent: float) -> None:  # fmt: skip
             nonlocal position
             samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-            clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples), sent))
+            clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples), sent, urgent))
             if len(samples):
                 if "first_audio" not in clock.marks:
                     self.load.unheard_turns -= 1  # counted by _running
@@ -802,7 +802,9 @@ class VoiceChat:
                 stream = self.decoder.stream(seed=options.seed)  # host work only: no wait for the decoder's calls
                 ready: list[tuple[AudioBlock, float]] = []  # cut, not yet handed to the decoder
                 cut: list[int] = []  # sizes of the blocks handed to the decoder
-                unheard: list[tuple[np.ndarray, int | None, int, float, float, float]] = []  # emit()'s, less `sent`
+                unheard: list[
+                    tuple[np.ndarray, int | None, int, float, float, float, bool]
+                ] = []  # emit()'s, less `sent`
                 end: _EndOfStream | None = None
                 paced = started_playing = False
                 held = False  # a held first block decoded at once: the listener waits for the next block
@@ -820,16 +822,16 @@ class VoiceChat:
                     # the block after the first goes with the first blocks: its listener has heard only the
                     # short first block (0.4 s of audio once the decoder's hold-back is taken), or nothing;
                     # so does a later one whose listener is about to run dry (urgent_in_hand_s)
-                    urgent = len(cut) == 1 or pacing.urgent(clock.now(), clock.marks.get("first_audio"), sum(cut))
+                    urgent = len(cut) > 1 and pacing.urgent(clock.now(), clock.marks.get("first_audio"), sum(cut))
                     pcms = self.blocks.submit(
-                        stream, [block.codes for block, _ in ready], first=True if urgent else None
+                        stream, [block.codes for block, _ in ready], first=True if len(cut) == 1 or urgent else None
                     )
                     done_at = [when_done(pcm) for pcm in pcms]
                     cut += [len(block.codes) for block, _ in ready]
                     # blocks handed over together reach the listener together: a held first block and
                     # the block after it start playing as one (the player's lead covers neither gap)
                     decoded = await asyncio.gather(*pcms)
-                    unheard += [(samples, block.index, len(block.codes), ready_at, started, at[0])
+                    unheard += [(samples, block.index, len(block.codes), ready_at, started, at[0], urgent)
                                 for (block, ready_at), samples, at in zip(ready, decoded, done_at)]  # fmt: skip
                     ready, pcms = [], []
                     held = held and len(cut) == 1
@@ -845,7 +847,7 @@ class VoiceChat:
                 started = clock.now()
                 tail = await loop.run_in_executor(self._decode_worker, stream.finish)
                 decoded_at = clock.now()
-                emit(tail, None, 0, started, started, decoded_at, decoded_at)
+                emit(tail, None, 0, started, started, decoded_at, False, decoded_at)
                 stream_end = end
         except asyncio.CancelledError:
             for pcm in pcms:  # blocks not decoded yet are dropped

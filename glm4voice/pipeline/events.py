@@ -145,6 +145,10 @@ class BlockTiming:
     sent: float | None = None
     """When its audio went to the listener (later than ``decoded`` while the listener's start waits for
     later blocks; None: as ``decoded``)."""
+    urgent: bool = False
+    """It went to the decoder with the first blocks because its listener, already playing, was short of
+    audio (``PipelineConfig.urgent_in_hand_s``); the block after the first always goes with them and is
+    not counted here."""
 
 
 @dataclass(frozen=True)

@@ -74,15 +74,15 @@ def test_poisson_plans_are_reproducible_and_have_the_asked_shape():
 
 
 def test_rate_figures_count_the_measured_window_only():
-    def turn(start, ttfa, spoken=True, underruns=0, failed=None, length=10.0):
+    def turn(start, ttfa, spoken=True, underruns=0, failed=None, length=10.0, urgent=0):
         record = {"start_s": start, "spoken": spoken, "playback_end_s": start + length}
         if failed:
             return record | {"failed": failed}
         return record | {"ttfa": ttfa, "underruns": underruns, "token_rate": 20.0, "first_block_held": ttfa / 2,
-                         "first_block_with_next": ttfa > 0.25, "block_path": [[0, start]]}  # fmt: skip
+                         "first_block_with_next": ttfa > 0.25, "block_path": [[0, start]], "urgent_blocks": urgent}  # fmt: skip
 
-    turns = [turn(1.0, 9.0), turn(10.0, 0.2), turn(11.0, 0.3, spoken=False), turn(20.0, 0.4, underruns=2),
-             turn(30.0, 0.6, failed="server_busy: busy"), turn(50.0, 9.0)]  # fmt: skip
+    turns = [turn(1.0, 9.0, urgent=5), turn(10.0, 0.2), turn(11.0, 0.3, spoken=False, urgent=1),
+             turn(20.0, 0.4, underruns=2, urgent=2), turn(30.0, 0.6, failed="server_busy: busy"), turn(50.0, 9.0)]  # fmt: skip
     conversations = [(0.0, 40.0), (5.0, 25.0), (15.0, 45.0)]
     figures = rate_figures(1.5, turns, conversations, warm_s=10.0, window_s=40.0, tokens_in_window=3000)
     assert figures["turns"] == 4 and figures["turns_spoken"] == 3 and figures["turns_typed"] == 1
@@ -95,6 +95,10 @@ def test_rate_figures_count_the_measured_window_only():
     )
     assert figures["ttfa_parts_p50"]["prefill"] is None  # a part no turn recorded
     assert figures["turns_first_block_with_next"] == 2  # of the measured turns that did not fail
+    assert (figures["urgent_blocks"], figures["turns_with_urgent_blocks"]) == (
+        3,
+        2,
+    )  # the turn at 1.0 s is not measured
     assert [t["first_block_with_next"] for t in figures["slowest_turns"]] == [True, True, False]
     assert [(t["start_s"], t["underruns"], t["block_path"]) for t in figures["dry_turns"]] == [(20.0, 2, [[0, 20.0]])]
     assert figures["mean_concurrent_conversations"] == pytest.approx((30 + 15 + 25) / 30, abs=0.05)
@@ -207,6 +211,14 @@ def test_a_turn_record_says_whether_the_listener_started_with_the_next_block():
     alone = turn_record(_finished([0.25], blocks=(first, BlockTiming(1, 16, 0.5, 0.5, 0.6, 100))), lead=0.15)
     assert not alone["first_block_with_next"] and alone["first_block_held"] == 0.0
     assert alone["first_block_call"] == pytest.approx(0.05) and alone["first_audio_kept"] == 0.0
+    assert alone["urgent_blocks"] == 0
+    third = BlockTiming(2, 26, 1.5, 1.5, 1.6, 100, urgent=True)  # sent with the first blocks: its listener was short
+    assert (
+        turn_record(_finished([0.25], blocks=(first, BlockTiming(1, 16, 0.5, 0.5, 0.6, 100), third)), lead=0.15)[
+            "urgent_blocks"
+        ]
+        == 1
+    )
     # held back by the pacing, then decoded in the next block's job; both sent when the second was decoded
     held_first = BlockTiming(0, 10, ready=0.2, decode_started=0.5, decoded=0.6, samples=100, sent=0.7)
     second = BlockTiming(1, 16, 0.5, 0.5, 0.7, 100, sent=0.7)

@@ -548,11 +548,11 @@ def test_a_later_block_goes_with_the_first_blocks_when_its_listener_is_short(mod
         chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder,
                          PacedClient(ids, lambda k: 0.005 if k < 39 else 0.02),
                          PipelineConfig(urgent_in_hand_s=urgent_in_hand_s))  # fmt: skip
-        calls: list[tuple[int, bool | None]] = []  # (blocks handed over before, first)
+        calls: list[tuple[int, int, bool | None]] = []  # (blocks handed over before, blocks, first)
         submit = chat.blocks.submit
 
         def recording(stream, blocks, first=None):
-            calls.append((handed[0], first))
+            calls.append((handed[0], len(blocks), first))
             handed[0] += len(blocks)
             return submit(stream, blocks, first)
 
@@ -565,11 +565,16 @@ def test_a_later_block_goes_with_the_first_blocks_when_its_listener_is_short(mod
             chat.close()
 
     events, calls = asyncio.run(turn())
-    assert block_sizes(assert_well_formed(events)) == [10, 16, 26, 26]
-    assert sum(1 for before, _ in calls if before >= 2), "no block was handed over after the first two"
-    for before, first in calls:
+    finished = assert_well_formed(events)
+    assert block_sizes(finished) == [10, 16, 26, 26]
+    assert sum(1 for before, _, _ in calls if before >= 2), "no block was handed over after the first two"
+    for before, _, first in calls:
         urgent = before == 1 or (before >= 1 and urgent_in_hand_s > 0)
         assert first is (True if urgent else None), calls
+    # the turn's timings name the urgent ones: later blocks sent with the first blocks, not the one after the first
+    urgent_blocks = [before >= 2 and first is True for before, count, first in calls for _ in range(count)]
+    assert [b.urgent for b in finished.timings.blocks if b.index is not None] == urgent_blocks
+    assert any(urgent_blocks) is (urgent_in_hand_s > 0)
 
 
 def test_a_turn_counts_as_unheard_until_its_first_audio(models, special_tokens):
