@@ -358,6 +358,21 @@ class TurnLoad:
         self.unheard_turns = 0
         """Those of them whose listener has not had any audio yet (from the input to the first audio)."""
 
+    def turn_started(self, speaking: bool) -> None:
+        """A turn began; ``speaking``: its audio is decoded (a text-only answer leaves the decoder alone)."""
+        self.active_turns += speaking
+        self.unheard_turns += speaking
+
+    def first_audio_sent(self) -> None:
+        """A speaking turn's listener got its first audio: it is no longer starting."""
+        self.unheard_turns -= 1
+
+    def turn_ended(self, speaking: bool, heard: bool) -> None:
+        """A turn ended; ``heard``: its first audio was sent (then it left the unheard ones already)."""
+        self.active_turns -= speaking
+        if not heard:
+            self.unheard_turns -= speaking
+
     def decoder_wait_s(self) -> float | None:
         """Alone, a small block's job (the fastest seen); with other turns running, the recent
         average (their blocks share the jobs)."""
@@ -454,17 +469,13 @@ class VoiceChat:
     def _running(self, decodes_audio: bool, clock: _TurnClock) -> Iterator[None]:
         """Count a turn while it runs: in ``active_turns``, and in the decoder's load unless it is text
         only (there among the unheard turns until ``_decode_blocks`` sends its first audio)."""
-        speaking = int(decodes_audio)
         self._turns_running += 1
-        self.load.active_turns += speaking
-        self.load.unheard_turns += speaking
+        self.load.turn_started(decodes_audio)
         try:
             yield
         finally:
             self._turns_running -= 1
-            self.load.active_turns -= speaking
-            if "first_audio" not in clock.marks:  # never heard: still counted
-                self.load.unheard_turns -= speaking
+            self.load.turn_ended(decodes_audio, heard="first_audio" in clock.marks)
 
     def decoder_wait_s(self) -> float | None:
         """Expected duration of the decoder call a new block joins (see :meth:`TurnLoad.decoder_wait_s`)."""
@@ -779,7 +790,7 @@ class VoiceChat:
             clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples), sent, urgent))
             if len(samples):
                 if "first_audio" not in clock.marks:
-                    self.load.unheard_turns -= 1  # counted by _running
+                    self.load.first_audio_sent()  # counted by _running
                 clock.mark("first_audio")
                 chunks.append(samples)
                 out.put_nowait(AssistantAudio(samples, self.sample_rate, position, index, sent))
