@@ -813,9 +813,8 @@ class VoiceChat:
                 stream = self.decoder.stream(seed=options.seed)  # host work only: no wait for the decoder's calls
                 ready: list[tuple[AudioBlock, float]] = []  # cut, not yet handed to the decoder
                 cut: list[int] = []  # sizes of the blocks handed to the decoder
-                unheard: list[
-                    tuple[np.ndarray, int | None, int, float, float, float, bool]
-                ] = []  # emit()'s, less `sent`
+                # decoded, not yet sent: emit()'s arguments less `sent`
+                unheard: list[tuple[np.ndarray, int | None, int, float, float, float, bool]] = []
                 end: _EndOfStream | None = None
                 paced = started_playing = False
                 held = False  # a held first block decoded at once: the listener waits for the next block

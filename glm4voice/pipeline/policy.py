@@ -331,9 +331,12 @@ class ListenerPacing(BlockPacing):
     (:meth:`read_delay_s`), so that the engine, which stops generating a stream whose tokens are not
     read, leaves the GPU to the decoder and to the turns that need tokens.
 
-    ``cover_start``, ``pace_generation`` and the quick start's two settings have no defaults here: the
-    pipeline passes its :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is where the defaults
-    live."""
+    With ``urgent_in_hand_s`` a later block whose listener, already playing, has less than that in hand
+    goes with the first blocks (:meth:`urgent`).
+
+    ``cover_start``, ``pace_generation``, ``urgent_in_hand_s`` and the quick start's two settings have no
+    defaults here: the pipeline passes its :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is
+    where the defaults live."""
 
     def __init__(
         self,
@@ -348,7 +351,7 @@ class ListenerPacing(BlockPacing):
         pace_generation: bool,
         quick_start_max_turns: int,
         quick_start_counts_unheard: bool,
-        urgent_in_hand_s: float = 0.0,
+        urgent_in_hand_s: float,
     ):
         self.load = load
         self.urgent_in_hand_s = urgent_in_hand_s

@@ -70,12 +70,14 @@ def adaptive(schedule: BlockSchedule = SCHEDULE, **options) -> AdaptiveBlocks:
 
 
 def pacing(load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEAD_S, **options) -> ListenerPacing:
-    """A listener's pacing; covered starts and paced generation off unless ``options`` turn them on."""
+    """A listener's pacing; covered starts, paced generation and urgent blocks off unless ``options`` turn
+    them on."""
     options = {
         "cover_start": False,
         "pace_generation": False,
         "quick_start_max_turns": QUICK_START_MAX_TURNS,
         "quick_start_counts_unheard": False,
+        "urgent_in_hand_s": 0.0,
         **options,
     }
     return ListenerPacing(load, first_block=first_block, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK,
