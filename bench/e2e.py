@@ -254,6 +254,7 @@ def summarize(records: list[dict], keys=("ttfa", "load", "tokenize", "prompt", "
                                          "tokens_to_first_block", "first_block_decode")) -> dict:  # fmt: skip
     ok = [r for r in records if "failed" not in r]
     out = {"turns": len(records), "failed": len(records) - len(ok)}
+    out["urgent_blocks"] = sum(r.get("urgent_blocks", 0) for r in ok)  # later blocks sent with the first ones
     if len(ok) < len(records):
         out["failures"] = sorted({r["failed"] for r in records if "failed" in r})[:3]
     for key in keys:

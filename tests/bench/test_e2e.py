@@ -327,8 +327,11 @@ def test_the_dry_run_of_each_new_section_writes_its_figures(dry_run, section):
             assert figures["first_block_while_generating"]["tokens_streamed_meanwhile"] >= 20
             assert "prefix_tokens_reused_per_turn" in figures
         # one process: each turn's first block decoded inside the engine's make_way (no such call over HTTP),
-        # and the block handed over with it when the turn held its first block back (the listener waits for both)
-        assert 2 <= layouts["one-process"]["make_way_calls"] <= 4 and "make_way_calls" not in layouts["two-process"]
+        # and the block handed over with it when the turn held its first block back (the listener waits for both),
+        # and each urgent later block (its listener short of audio: how often depends on the machine's speed)
+        one_process = layouts["one-process"]
+        assert 2 <= one_process["make_way_calls"] <= 4 + one_process["urgent_blocks"]
+        assert "make_way_calls" not in layouts["two-process"]
         assert "ttfa_p50_one_minus_two_process_s" in layouts
     elif section == "turns":
         turns = dry_run["turns"]
