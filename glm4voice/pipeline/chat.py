@@ -36,11 +36,11 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, aclosing, contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import numpy as np
@@ -84,6 +84,7 @@ from glm4voice.pipeline.events import (
     UserText,
 )
 from glm4voice.pipeline.policy import (
+    HELD_RECHECK_S,
     MIN_TOKEN_RATE,
     QUICK_START_MAX_TURNS,
     SPARE_MAX_TURNS,
@@ -114,6 +115,7 @@ from glm4voice.protocol import (
 from glm4voice.text_tokenizer import GLMTokenizer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SILENCE_PEAK = 10 ** (-60 / 20)
 """Input whose loudest sample is below -60 dBFS is treated as containing no speech."""
@@ -199,6 +201,13 @@ class PipelineConfig:
     so that the listener then waits for one decoder call, the next block's, not for two. What is cut
     and decoded, and in which order, does not change. Off: the held block goes to the decoder together
     with the next one."""
+    start_held_early: bool = True
+    """With ``adaptive_blocks`` and ``decode_held_first_block``: a held first block's audio goes out as
+    soon as the next block, from the tokens in so far at the answer's measured rate and the decoder's
+    measured latency, is expected before the first chunk has played
+    (:meth:`~glm4voice.pipeline.policy.ListenerPacing.held_start_in_s`), instead of once the next
+    block is decoded; not while more than ``quick_start_max_turns`` turns are starting. Off: the
+    listener starts with the next block."""
     first_blocks_cut_in: bool = False
     """A turn's first block need not wait for the decoder call that is running: the call stands aside
     between its ODE steps (and before its vocoder, and between its batches) and decodes the waiting
@@ -397,6 +406,11 @@ class _EndOfStream:
 _DONE = object()
 
 
+def _as_samples(pcm: Any) -> np.ndarray:
+    """A decoder's output as one float32 channel."""
+    return np.asarray(pcm, dtype=np.float32).reshape(-1)
+
+
 def _take_waiting(item, blocks: asyncio.Queue, ready: list) -> _EndOfStream | None:
     """Append ``item`` and every block already waiting in ``blocks`` to ``ready``, in order; the end of
     the stream if it came."""
@@ -516,6 +530,7 @@ class VoiceChat:
             quick_start_max_turns=self.config.quick_start_max_turns,
             quick_start_counts_unheard=self.config.quick_start_counts_unheard,
             urgent_in_hand_s=self.config.urgent_in_hand_s,
+            start_held_early=self.config.start_held_early and self.config.decode_held_first_block,
         )
 
     def memory_owners(self) -> MemoryOwners:
@@ -784,16 +799,16 @@ class VoiceChat:
         chunks: list[np.ndarray] = []
         position = 0
 
-        def emit(samples: np.ndarray, index: int | None, codes: int, ready: float, started: float, decoded: float, urgent: bool, sent: float) -> None:  # fmt: skip
+        def emit(samples: np.ndarray, timing: BlockTiming, sent: float) -> None:
+            """Send a decoded block's audio (``sent``: now) and record its timing."""
             nonlocal position
-            samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-            clock.blocks.append(BlockTiming(index, codes, ready, started, decoded, len(samples), sent, urgent))
+            clock.blocks.append(replace(timing, sent=sent))
             if len(samples):
                 if "first_audio" not in clock.marks:
                     self.load.first_audio_sent()  # counted by _running
                 clock.mark("first_audio")
                 chunks.append(samples)
-                out.put_nowait(AssistantAudio(samples, self.sample_rate, position, index, sent))
+                out.put_nowait(AssistantAudio(samples, self.sample_rate, position, timing.index, sent))
                 position += len(samples)
 
         def when_done(pcm: asyncio.Future) -> list[float]:
@@ -813,13 +828,43 @@ class VoiceChat:
                 stream = self.decoder.stream(seed=options.seed)  # host work only: no wait for the decoder's calls
                 ready: list[tuple[AudioBlock, float]] = []  # cut, not yet handed to the decoder
                 cut: list[int] = []  # sizes of the blocks handed to the decoder
-                # decoded, not yet sent: emit()'s arguments less `sent`
-                unheard: list[tuple[np.ndarray, int | None, int, float, float, float, bool]] = []
+                unheard: list[tuple[np.ndarray, BlockTiming]] = []  # decoded, not yet sent
                 end: _EndOfStream | None = None
                 paced = started_playing = False
                 held = False  # a held first block decoded at once: the listener waits for the next block
+
+                def send_if_started(start: bool) -> None:
+                    """Send the unheard audio if the listener plays, or may start now (``start``)."""
+                    nonlocal started_playing, unheard
+                    if started_playing or start:
+                        started_playing = True
+                        sent = clock.now()
+                        for samples, timing in unheard:
+                            emit(samples, timing, sent)
+                        unheard = []
+
+                async def start_held_early(waiting: Awaitable[T]) -> T:
+                    """``await waiting``; meanwhile a held first block's decoded audio goes out once the
+                    pacing expects the next block in time (``PipelineConfig.start_held_early``)."""
+                    nonlocal held
+                    if not (held and unheard):
+                        return await waiting
+                    future = asyncio.ensure_future(waiting)
+                    try:
+                        while (wait := pacing.held_start_in_s(clock.now())) is not None:
+                            if wait <= 0:
+                                held = False
+                                send_if_started(pacing.start_covered(clock.now(), cut))
+                                break
+                            await asyncio.wait([future], timeout=max(wait, HELD_RECHECK_S))
+                            if future.done():
+                                break
+                        return await future
+                    finally:
+                        future.cancel()  # left waiting only when the turn is cancelled
+
                 while end is None:
-                    end = _take_waiting(await blocks.get(), blocks, ready)
+                    end = _take_waiting(await start_held_early(blocks.get()), blocks, ready)
                     if not paced and end is None and [block.index for block, _ in ready] == [0]:
                         paced = True
                         if pacing.hold_first_block(clock.now()):
@@ -840,24 +885,20 @@ class VoiceChat:
                     cut += [len(block.codes) for block, _ in ready]
                     # blocks handed over together reach the listener together: a held first block and
                     # the block after it start playing as one (the player's lead covers neither gap)
-                    decoded = await asyncio.gather(*pcms)
-                    unheard += [(samples, block.index, len(block.codes), ready_at, started, at[0], urgent)
-                                for (block, ready_at), samples, at in zip(ready, decoded, done_at)]  # fmt: skip
+                    decoded = await start_held_early(asyncio.gather(*pcms))
+                    for (block, ready_at), pcm, at in zip(ready, decoded, done_at):
+                        samples = _as_samples(pcm)
+                        timing = BlockTiming(block.index, len(block.codes), ready_at, started, at[0], len(samples),
+                                             urgent=urgent)  # fmt: skip
+                        unheard.append((samples, timing))
                     ready, pcms = [], []
                     held = held and len(cut) == 1
-                    if end is not None or (not held and (started_playing or pacing.start_covered(clock.now(), cut))):
-                        started_playing = True
-                        sent = clock.now()
-                        for args in unheard:
-                            emit(*args, sent)
-                        unheard = []
-                sent = clock.now()
-                for args in unheard:  # the answer ended before its start was covered
-                    emit(*args, sent)
+                    send_if_started(end is not None or (not held and pacing.start_covered(clock.now(), cut)))
+                send_if_started(True)  # the answer ended before its start was covered
                 started = clock.now()
-                tail = await loop.run_in_executor(self._decode_worker, stream.finish)
+                tail = _as_samples(await loop.run_in_executor(self._decode_worker, stream.finish))
                 decoded_at = clock.now()
-                emit(tail, None, 0, started, started, decoded_at, False, decoded_at)
+                emit(tail, BlockTiming(None, 0, started, started, decoded_at, len(tail)), decoded_at)
                 stream_end = end
         except asyncio.CancelledError:
             for pcm in pcms:  # blocks not decoded yet are dropped

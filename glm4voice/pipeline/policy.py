@@ -20,10 +20,10 @@ decisions are kept apart:
   with the next one or cut elsewhere.
 
   - :class:`BlockPacing`: every block at once.
-  - :class:`ListenerPacing`: holds a quick first block back until the next block is decoded when the
-    next one could not follow in time (the measured token rate, decoder latency and turns running
-    through the narrow :class:`SharedLoad`), so that a listener who starts hearing the answer does
-    not run dry after the first chunk; and starts the listener only once the audio decoded so far
+  - :class:`ListenerPacing`: holds a quick first block back when the next one could not follow in
+    time (the measured token rate, decoder latency and turns running through the narrow
+    :class:`SharedLoad`), until the next block is decoded or, from the tokens in so far, expected in
+    time, so that a listener who starts hearing the answer does not run dry after the first chunk; and starts the listener only once the audio decoded so far
     covers the wait for every later block of the schedule (:meth:`ListenerPacing.start_covered`);
     and lets a turn's token reader wait while its listener is far ahead
     (:meth:`ListenerPacing.read_delay_s`).
@@ -62,6 +62,9 @@ EARLY_CUT_MARGIN_S = 0.5
 """Audio kept in hand, on the planning clock, for the decoder's latency under load."""
 QUICK_START_MARGIN_S = 0.1
 """Slack required on top of the estimated time until the second block plays."""
+HELD_RECHECK_S = 0.02
+"""Shortest wait before a held first block's start is estimated again
+(:meth:`ListenerPacing.held_start_in_s`): the estimate moves only as tokens arrive."""
 START_HORIZON_S = 15.0
 """How far into an answer's audio :meth:`ListenerPacing.start_covered` checks that later blocks arrive in
 time (the schedule's blocks grow, so the first few are the tight ones; an answer slower than real time
@@ -279,6 +282,12 @@ class BlockPacing:
         hands it to the decoder with the next block (``PipelineConfig.decode_held_first_block``)."""
         return False
 
+    def held_start_in_s(self, now: float) -> float | None:
+        """A held first block (:meth:`hold_first_block`) is decoded and the next block is not. Seconds
+        after ``now`` when its audio may go out all the same, ahead of the next block (0 or less: now;
+        the pipeline asks again then); None: only with the next block."""
+        return None
+
     def start_covered(self, now: float, cut: Sequence[int]) -> bool:
         """Blocks of ``cut`` audio tokens (in order: every block handed to the decoder so far) are
         decoded at ``now`` and the listener has heard nothing yet. False: keep their audio back until
@@ -334,7 +343,12 @@ class ListenerPacing(BlockPacing):
     With ``urgent_in_hand_s`` a later block whose listener, already playing, has less than that in hand
     goes with the first blocks (:meth:`urgent`).
 
-    ``cover_start``, ``pace_generation``, ``urgent_in_hand_s`` and the quick start's two settings have no
+    With ``start_held_early`` a held first block's audio goes out as soon as the next block, from the
+    tokens in so far, is expected in time (:meth:`held_start_in_s`), not once it is decoded: the wait
+    is then the amount by which the hold's estimate missed, not the next block's whole time.
+
+    ``cover_start``, ``pace_generation``, ``urgent_in_hand_s``, ``start_held_early`` and the quick
+    start's two settings have no
     defaults here: the pipeline passes its :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is
     where the defaults live."""
 
@@ -352,8 +366,12 @@ class ListenerPacing(BlockPacing):
         quick_start_max_turns: int,
         quick_start_counts_unheard: bool,
         urgent_in_hand_s: float,
+        start_held_early: bool,
     ):
         self.load = load
+        self.start_held_early = start_held_early
+        self.held_at_tokens: int | None = None
+        """:attr:`tokens` when the first block was held back (None: not held)."""
         self.urgent_in_hand_s = urgent_in_hand_s
         self.schedule = schedule or BlockSchedule()
         self.quick_start_max_turns = quick_start_max_turns
@@ -394,16 +412,36 @@ class ListenerPacing(BlockPacing):
     def hold_first_block(self, now: float) -> bool:
         if not self.quick_start:
             return False
+        late_s = self._next_block_late_s(0)
+        held = self._many_starting() or (late_s is not None and late_s > 0)
+        self.held_at_tokens = self.tokens if held else None
+        return held
+
+    def held_start_in_s(self, now: float) -> float | None:
+        """With ``start_held_early``: how long after ``now`` the next block, generated at the answer's
+        measured rate from the tokens in so far, is expected to reach the listener in time (the first
+        chunk's cover as in :meth:`hold_first_block`); None while more than ``quick_start_max_turns``
+        turns are starting, or without a measured rate."""
+        if not self.start_held_early or self.held_at_tokens is None or self._many_starting():
+            return None
+        return self._next_block_late_s(self.tokens - self.held_at_tokens)
+
+    def _many_starting(self) -> bool:
         starting = self.load.unheard_turns if self.quick_start_counts_unheard else self.load.active_turns
-        if starting > self.quick_start_max_turns:
-            return True
+        return starting > self.quick_start_max_turns
+
+    def _next_block_late_s(self, generated: int) -> float | None:
+        """How much later than a quick first chunk sent now covers (its audio less the decoder's
+        ``hold_back_s``, plus the player's lead) the next block, with ``generated`` of its tokens in, is
+        expected to be decoded: the rest of the first audio run at the measured token rate, one
+        decoder call to wait for and one to run, and :data:`QUICK_START_MARGIN_S` (None: no rate)."""
         rate = self.rate()
         if rate is None:
-            return False
-        rest_s = (AUDIO_TOKENS_PER_SEGMENT - self.first_block) / rate
+            return None
+        rest_s = max(0, AUDIO_TOKENS_PER_SEGMENT - self.first_block - generated) / rate
         chunk_s = self.first_block / SPEECH_TOKEN_RATE - self.hold_back_s
-        decoder_s = self.load.decoder_wait_s() or 0.0  # one call to wait for, one to run
-        return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S > chunk_s + self.player_lead_s
+        decoder_s = self.load.decoder_wait_s() or 0.0
+        return rest_s + 2 * decoder_s + QUICK_START_MARGIN_S - (chunk_s + self.player_lead_s)
 
     @property
     def paces_reading(self) -> bool:

@@ -43,8 +43,15 @@ from glm4voice.pipeline import (
     VoiceChat,
     cut_and_demux,
 )
-from glm4voice.pipeline.policy import QUICK_START_MAX_TURNS, SPARE_MAX_TURNS, SPARE_STARTING_TOKENS, URGENT_IN_HAND_S
+from glm4voice.pipeline.policy import (
+    QUICK_START_MAX_TURNS,
+    SPARE_MAX_TURNS,
+    SPARE_STARTING_TOKENS,
+    URGENT_IN_HAND_S,
+    BlockPacing,
+)
 from glm4voice.protocol import (
+    TEXT_TOKENS_PER_SEGMENT,
     AudioBlock,
     Demuxer,
     EndReason,
@@ -535,6 +542,73 @@ def test_a_held_first_block_decoded_at_once_is_heard_with_the_next_and_sounds_th
     assert unheard_after == QUICK_START_MAX_TURNS  # this turn's count is gone again
 
 
+class GatedClient(PacedClient):
+    """Answers with ``ids``, the first ``before`` of them at once and the rest once ``gate`` is set."""
+
+    def __init__(self, ids: list[int], before: int, gate: asyncio.Event):
+        super().__init__(ids)
+        self.before, self.gate = before, gate
+
+    async def stream(self, prompt=None, **params):
+        for k, token_id in enumerate(self.ids):
+            if k == self.before:
+                await self.gate.wait()
+            yield token_id
+
+
+class HeldPacing(BlockPacing):
+    """Holds every first block back; :meth:`held_start_in_s` answers ``waits`` in turn (the last one
+    from then on)."""
+
+    def __init__(self, waits: list[float | None]):
+        self.waits = waits
+        self.asked = 0
+
+    def hold_first_block(self, now: float) -> bool:
+        return True
+
+    def held_start_in_s(self, now: float) -> float | None:
+        self.asked += 1
+        return self.waits[min(self.asked, len(self.waits)) - 1]
+
+
+def test_a_held_first_block_is_heard_before_the_next_once_the_pacing_expects_it_in_time(models, special_tokens):
+    """``start_held_early``: a held first block's audio goes out, ahead of the next block, as soon as the
+    pacing's estimate says so. Here the server sends the answer's first 23 tokens (13 text, the 10 audio
+    tokens of the first block) and the rest only once the listener has heard something: the turn
+    finishes only if the held block went out on its own. The pacing first asks for 0.05 s more, is asked
+    again then (nothing else happened), and says now. The cuts and the audio do not change."""
+    ids = scripted_answer(models, special_tokens)
+
+    async def turn(pacing: BlockPacing | None):
+        gate = asyncio.Event()
+        client = GatedClient(ids, TEXT_TOKENS_PER_SEGMENT + 10, gate) if pacing else PacedClient(ids)
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, models.decoder, client, PipelineConfig())
+        if pacing is not None:
+            chat.block_pacing = lambda paced=True: pacing
+        events = []
+        try:
+            async for event in chat.run_turn(chat.new_session(), UserText("Hi"), SEEDED):
+                events.append(event)
+                if isinstance(event, AssistantAudio):
+                    gate.set()
+            return events
+        finally:
+            chat.close()
+
+    reference = assert_well_formed(asyncio.run(turn(None)))
+    pacing = HeldPacing([0.05, 0.0])
+    events = asyncio.run(asyncio.wait_for(turn(pacing), WAIT_S * 5))  # waits forever if the block stays held
+    finished = assert_well_formed(events)
+    assert block_sizes(finished) == block_sizes(reference) == [10, 16, 26, 26]
+    np.testing.assert_array_equal(finished.audio, reference.audio)
+    first, second = finished.timings.blocks[:2]
+    assert first.decoded <= first.sent < second.ready  # heard before the next block was even cut
+    assert pacing.asked == 2
+    first_audio = next(e for e in events if isinstance(e, AssistantAudio))
+    assert first_audio.block_index == 0 and first_audio.elapsed == first.sent
+
+
 @pytest.mark.parametrize("urgent_in_hand_s", [0.0, 1e6])
 def test_a_later_block_goes_with_the_first_blocks_when_its_listener_is_short(models, special_tokens, urgent_in_hand_s):  # fmt: skip
     """The block after the first always goes with the first blocks (``submit(first=True)``); a later one
@@ -1014,7 +1088,7 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     and the smallest block that the decoder publishes, the player's lead and the planning rate from
     the config; fixed blocks are decoded at once."""
     from glm4voice.defaults import PLAYER_LEAD_S
-    from glm4voice.pipeline import MIN_TOKEN_RATE, AdaptiveBlocks, BlockPacing, FixedBlocks, ListenerPacing
+    from glm4voice.pipeline import MIN_TOKEN_RATE, AdaptiveBlocks, FixedBlocks, ListenerPacing
 
     decoder = models.decoder
     chats = [
@@ -1046,6 +1120,13 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     assert paced.first_block == 12 and paced.load is chats[0].load and paced.quick_start_max_turns == 3
     assert PipelineConfig().quick_start_max_turns == QUICK_START_MAX_TURNS
     assert paced.urgent_in_hand_s == 0.7 and PipelineConfig().urgent_in_hand_s == URGENT_IN_HAND_S
+    assert paced.start_held_early is PipelineConfig().start_held_early is True
+    for config in (PipelineConfig(start_held_early=False), PipelineConfig(decode_held_first_block=False)):
+        chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, PacedClient([]), config)
+        try:  # the early start needs the held block decoded at once
+            assert chat.block_pacing().start_held_early is False, config
+        finally:
+            chat.close()
     assert (PipelineConfig().spare_starting_tokens, PipelineConfig().spare_max_turns) == (
         SPARE_STARTING_TOKENS,
         SPARE_MAX_TURNS,

@@ -12,6 +12,7 @@ from glm4voice.pipeline.policy import (
     MIN_PACE_PAUSE_S,
     MIN_TOKEN_RATE,
     PACE_SLACK_S,
+    QUICK_START_MARGIN_S,
     QUICK_START_MAX_TURNS,
     REAL_TIME_TOKEN_RATE,
     TOKENS_PER_AUDIO_TOKEN,
@@ -70,14 +71,15 @@ def adaptive(schedule: BlockSchedule = SCHEDULE, **options) -> AdaptiveBlocks:
 
 
 def pacing(load: Load, first_block: int = SCHEDULE.sizes[0], lead_s: float = LEAD_S, **options) -> ListenerPacing:
-    """A listener's pacing; covered starts, paced generation and urgent blocks off unless ``options`` turn
-    them on."""
+    """A listener's pacing; covered starts, paced generation, urgent blocks and early starts of held first
+    blocks off unless ``options`` turn them on."""
     options = {
         "cover_start": False,
         "pace_generation": False,
         "quick_start_max_turns": QUICK_START_MAX_TURNS,
         "quick_start_counts_unheard": False,
         "urgent_in_hand_s": 0.0,
+        "start_held_early": False,
         **options,
     }
     return ListenerPacing(load, first_block=first_block, hold_back_s=HOLD_BACK_S, min_block_tokens=MIN_BLOCK,
@@ -353,6 +355,46 @@ def test_the_decoders_hold_back_and_the_players_lead_enter_the_pacing():
     with_lead, without = pacing(Load(wait_s=0.0)), pacing(Load(wait_s=0.0), lead_s=0.0)
     assert not with_lead.hold_first_block(feed_tokens(with_lead, rate))
     assert without.hold_first_block(feed_tokens(without, rate))
+
+
+def test_a_held_first_block_starts_once_the_next_is_expected_in_time():
+    """``start_held_early``: right after the hold, the wait is by how much the next block (16 tokens at
+    20 tok/s, two decoder calls of 0.05 s, the margin) misses the first chunk's cover (its audio less
+    the hold-back, plus the lead); each token of the next block in shortens it by one token's time, and
+    once it is 0 a listener started then hears the next block's audio before the first chunk has
+    played, with the margin to spare."""
+    rate, wait = 20.0, 0.05
+    held = pacing(Load(wait_s=wait), start_held_early=True)
+    now = feed_tokens(held, rate)
+    assert held.held_start_in_s(now) is None  # not held (yet)
+    assert held.hold_first_block(now)
+    cover_s = 10 / SPEECH_TOKEN_RATE - HOLD_BACK_S + LEAD_S
+    expected = 16 / rate + 2 * wait + QUICK_START_MARGIN_S - cover_s
+    assert expected > 0 and held.held_start_in_s(now) == pytest.approx(expected)
+    waits = []
+    for k in range(1, 17):
+        held.token(now + k / rate)
+        waits.append(held.held_start_in_s(now + k / rate))
+    assert waits == pytest.approx([expected - k / rate for k in range(1, 17)])
+    start_k = next(k for k, w in enumerate(waits, start=1) if w <= 0)
+    started, next_decoded = now + start_k / rate, now + 16 / rate + 2 * wait
+    assert next_decoded + QUICK_START_MARGIN_S <= started + cover_s + 1e-9
+    assert next_decoded > started  # it did start before the next block was decoded
+
+
+def test_a_held_first_block_waits_for_the_next_without_early_starts_or_among_many_starting():
+    rate = 20.0
+    off = pacing(Load(wait_s=0.05))
+    assert off.hold_first_block(feed_tokens(off, rate)) and off.held_start_in_s(99.0) is None
+    assert BlockPacing().held_start_in_s(99.0) is None
+    crowd = Load(wait_s=0.0, unheard_turns=QUICK_START_MAX_TURNS + 1)
+    crowded = pacing(crowd, quick_start_counts_unheard=True, start_held_early=True)
+    now = feed_tokens(crowded, 100.0)
+    assert crowded.hold_first_block(now) and crowded.held_start_in_s(now) is None
+    crowd.unheard_turns = QUICK_START_MAX_TURNS  # the others have started hearing: the estimate counts
+    assert crowded.held_start_in_s(now) == pytest.approx(
+        16 / 100.0 + QUICK_START_MARGIN_S - (10 / SPEECH_TOKEN_RATE - HOLD_BACK_S + LEAD_S)
+    )
 
 
 # --- covered starts -----------------------------------------------------------------------------------
