@@ -218,6 +218,10 @@ def turn_record(events: list, lead: float) -> dict:
         for b in t.blocks
         if b.index is not None and b.index < BLOCK_PATH_BLOCKS
     ]
+    # every block: [index, audio tokens, handed to the decoder, decoded] (what the decoder did, turn by turn)
+    record["blocks_decoded"] = [
+        [b.index, b.codes, round(b.decode_started, 4), round(b.decoded, 4)] for b in t.blocks if b.index is not None
+    ]
     record["min_slack_s"] = round(slack, 4) if chunks else None
     record["playback_end_s"] = round(start + end.audio_seconds, 4) if start is not None else end.elapsed
     return record

@@ -36,6 +36,8 @@ TTFA_P95_LIMIT_S = 0.5
 """A rate passes if the TTFA p95 of its turns is at most this, with no underrun and no failure."""
 SLOWEST_TURNS = 6
 """Turns whose TTFA parts each rate's figures list (the slowest: the tail that sets p95)."""
+MEANWHILE_BLOCKS = 24
+"""Most of the other turns' blocks listed per slow turn (:func:`decoded_meanwhile`)."""
 TTFA_PARTS = ("prefill", "tokens_to_first_block", "first_block_held", "first_block_call", "first_audio_kept")
 """Parts of a turn's TTFA (``bench/e2e.turn_record``) whose p50 and p95 each rate reports: the engine's
 prefill (queueing included), generating up to the first block, the first block held back by the turn's
@@ -231,16 +233,43 @@ def rate_figures(
                 for key in ("start_s", "ttfa", "first_underrun", "underruns", "first_block_with_next", "urgent_blocks")
             }
             | {"blocks": t.get("blocks", [])[:5], "block_path": t.get("block_path")}
+            | decoded_meanwhile(t, turns)
             for t in sorted((t for t in ok if t["underruns"]), key=lambda t: t["start_s"])[:SLOWEST_TURNS]
         ],
         "slowest_turns": [  # where the tail's time went
             {key: t.get(key) for key in ("start_s", "ttfa", *TTFA_PARTS, "first_block_with_next")}
             | {"blocks": t.get("blocks", [])[:2]}
+            | decoded_meanwhile(t, turns)
             for t in sorted(ok, key=lambda t: -(t.get("ttfa") or 0))[:SLOWEST_TURNS]
         ],
     }
     figures["passes"] = (passes or default_pass)(figures)
     return figures
+
+
+def decoded_meanwhile(turn: dict, turns: Sequence[dict]) -> dict:
+    """What the decoder did while the slower of ``turn``'s first two blocks waited for it and was decoded
+    (its ``blocks_decoded``, from ``bench/e2e.turn_record``): ``slow_block`` [index, seconds into the
+    turn it was handed over, seconds until decoded], and ``decoded_meanwhile``, the other turns' blocks
+    delivered in that time, [seconds after the hand-over, audio tokens, block index], in order (blocks of
+    one decoder call arrive together), at most :data:`MEANWHILE_BLOCKS` of them. Empty without the
+    record."""
+    early = [b for b in turn.get("blocks_decoded") or [] if b[0] in (0, 1)]
+    if not early:
+        return {}
+    index, _, handed, decoded = max(early, key=lambda b: b[3] - b[2])
+    start, end = turn["start_s"] + handed, turn["start_s"] + decoded
+    meanwhile = sorted(
+        [round(other["start_s"] + at - start, 4), codes, other_index]
+        for other in turns
+        if other is not turn
+        for other_index, codes, _, at in other.get("blocks_decoded") or []
+        if start <= other["start_s"] + at <= end
+    )
+    return {
+        "slow_block": [index, handed, round(decoded - handed, 4)],
+        "decoded_meanwhile": meanwhile[:MEANWHILE_BLOCKS],
+    }
 
 
 def default_pass(figures: dict) -> bool:

@@ -19,6 +19,7 @@ from bench.e2e import combine_runs, layouts_summary, parse_args, parse_variants,
 from bench.e2e_load import (
     LoadShape,
     capacity,
+    decoded_meanwhile,
     max_overlap,
     mean_overlap,
     percentile,
@@ -110,6 +111,19 @@ def test_rate_figures_count_the_measured_window_only():
     result = capacity([clean | {"mean_concurrent_conversations": 40.0}, slow, figures])
     assert result["capacity_rate_per_s"] == 1.0 and result["capacity_conversations"] == 40.0
     assert capacity([slow])["capacity_conversations"] == 0 and capacity([slow])["capacity_rate_per_s"] is None
+
+
+def test_a_slow_turn_lists_what_the_decoder_delivered_while_its_early_block_waited():
+    """The slower of the first two blocks (here block 1: 0.5 s from hand-over to audio) and the other
+    turns' blocks delivered in that time, on the run's clock; its own blocks and blocks outside the
+    interval are left out."""
+    slow = {"start_s": 10.0, "blocks_decoded": [[0, 10, 0.2, 0.3], [1, 16, 0.4, 0.9], [2, 26, 0.9, 1.1]]}
+    other = {"start_s": 9.0, "blocks_decoded": [[3, 80, 1.0, 1.45], [4, 160, 1.45, 1.8], [5, 160, 1.8, 2.5]]}
+    young = {"start_s": 10.3, "blocks_decoded": [[0, 10, 0.1, 0.55]]}
+    found = decoded_meanwhile(slow, [slow, other, young])
+    assert found["slow_block"] == [1, 0.4, 0.5]
+    assert found["decoded_meanwhile"] == [[0.05, 80, 3], [0.4, 160, 4], [0.45, 10, 0]]
+    assert decoded_meanwhile({"start_s": 1.0}, [other]) == {}  # a record without the blocks
 
 
 def test_percentiles_and_overlaps():
@@ -225,6 +239,7 @@ def test_a_turn_record_says_whether_the_listener_started_with_the_next_block():
     held = turn_record(_finished([0.7], blocks=(held_first, second)), lead=0.15)
     assert held["first_block_with_next"] and held["first_block_held"] == pytest.approx(0.3)
     assert held["block_path"] == [[0, 0.2, 0.5, 0.6, 0.7], [1, 0.5, 0.5, 0.7, 0.7]]  # cut, handed over, decoded, sent
+    assert held["blocks_decoded"] == [[0, 10, 0.5, 0.6], [1, 16, 0.5, 0.7]]  # every block: size, handed over, decoded
     assert held["first_block_call"] == pytest.approx(0.1) and held["first_audio_kept"] == pytest.approx(0.1)
     # decoded at once, its audio kept back until the second block was decoded
     early_first = BlockTiming(0, 10, ready=0.2, decode_started=0.2, decoded=0.25, samples=100, sent=0.7)
