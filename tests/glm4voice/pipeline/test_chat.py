@@ -1120,11 +1120,14 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     assert paced.first_block == 12 and paced.load is chats[0].load and paced.quick_start_max_turns == 3
     assert PipelineConfig().quick_start_max_turns == QUICK_START_MAX_TURNS
     assert paced.urgent_in_hand_s == 0.7 and PipelineConfig().urgent_in_hand_s == URGENT_IN_HAND_S
-    assert paced.start_held_early is PipelineConfig().start_held_early is True
-    for config in (PipelineConfig(start_held_early=False), PipelineConfig(decode_held_first_block=False)):
+    assert paced.start_held_early is PipelineConfig().start_held_early is False
+    for config, early in (
+        (PipelineConfig(start_held_early=True), True),
+        (PipelineConfig(start_held_early=True, decode_held_first_block=False), False),  # needs the block decoded
+    ):
         chat = VoiceChat(models.text_tokenizer, models.speech_tokenizer, decoder, PacedClient([]), config)
-        try:  # the early start needs the held block decoded at once
-            assert chat.block_pacing().start_held_early is False, config
+        try:
+            assert chat.block_pacing().start_held_early is early, config
         finally:
             chat.close()
     assert (PipelineConfig().spare_starting_tokens, PipelineConfig().spare_max_turns) == (
