@@ -690,7 +690,8 @@ class E2EBench:
         log(f"  poisson {rate:g}/s: {len(plans)} conversations over {window_s:g} s, measured from {warm_s:.1f} s")
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        cut_ins = chat.blocks.cut_ins  # the pipeline's count so far (a pipeline may run several rates)
+        cut_ins = chat.blocks.cut_ins  # the pipeline's counts so far (a pipeline may run several rates)
+        yields = chat.blocks.yields
         turns: list[dict] = []
         conversations: list[tuple[float, float]] = []
         counts = {}
@@ -741,6 +742,7 @@ class E2EBench:
         figures["decoder_graphs"] = graph_counts(chat.decoder)
         # this rate's blocks that cut in (PipelineConfig.first_blocks_cut_in)
         figures["first_blocks_cut_in"] = chat.blocks.cut_ins - cut_ins
+        figures["later_calls_yielded"] = chat.blocks.yields - yields  # PipelineConfig.later_calls_yield
         figures["run_s"] = round(loop.time() - t0, 1)
         return figures
 

@@ -28,6 +28,12 @@ of its later blocks, before their vocoder, between its batches; ``AudioDecoder.f
 more when the call has returned: a new turn waits for one ODE step, not for a whole call. First blocks
 that arrive after that go first in the next job, as without it.
 
+**Later jobs yield** (``yield_to_first``): the same wait shortened without decoding inside another
+call: a job of later blocks ends between its batches (``AudioDecoder.feed_many``'s ``stop``) once a
+first block waits; the blocks of its batches left are not decoded (their codes are pending in their
+streams again) and go back to the queue, ahead of the later blocks that waited, and the first blocks
+go next. A new turn waits for one batch, not for a whole call.
+
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
 meanwhile and a listener's first audio does not share the GPU with generation (first blocks that cut
@@ -66,6 +72,9 @@ class _Entry:
     block (nothing decoded yet when they were queued), or the caller said so (``submit(first=True)``)."""
     failure: BaseException | None = field(default=None)
     """Set on the worker when one of the blocks failed: the blocks after it are not decoded."""
+    stopped: bool = False
+    """Set on the worker when the job ended before this entry's batch (``yield_to_first``): its next
+    block is pending in its stream again and goes back to the queue as it was."""
 
 
 class BlockBatcher:
@@ -81,14 +90,22 @@ class BlockBatcher:
         *,
         make_way: Callable[[], AbstractContextManager[None]] | None = None,
         cut_in: bool = False,
+        yield_to_first: bool = False,
     ):
         """``cut_in``: first blocks cut into the running job at its pause points (the decoder's
-        ``feed_many`` must take ``pause``)."""
+        ``feed_many`` must take ``pause``). ``yield_to_first``: a job of later blocks ends between its
+        batches once a first block waits (the decoder's ``feed_many`` must take ``stop``)."""
         self.decoder = decoder
         self.worker = worker
         self.max_batch = max_batch
         self.make_way = make_way
         self.cut_in = cut_in
+        self.yield_to_first = yield_to_first
+        self._first_waiting = threading.Event()
+        """Set on the loop when a first block is queued while a job runs, cleared when a job starts; the
+        worker reads it between the batches of a job of later blocks (``yield_to_first``)."""
+        self.yields = 0
+        """Jobs of later blocks that ended early for first blocks (``yield_to_first``)."""
         self._batched = hasattr(decoder, "feed_many")
         self._waiting: list[_Entry] = []
         self._running = False
@@ -143,6 +160,8 @@ class BlockBatcher:
                 self._to_cut_in.append(entry)
             return entry.futures
         self._waiting.append(entry)
+        if first and self._running:
+            self._first_waiting.set()
         self._consider(loop)
         return entry.futures
 
@@ -163,6 +182,7 @@ class BlockBatcher:
 
     def _start(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry]) -> None:
         started = loop.time()
+        self._first_waiting.clear()  # this job takes every first block waiting, or there is none
         try:
             call = loop.run_in_executor(self.worker, self._decode, entries)
         except RuntimeError as error:  # the worker was shut down (the pipeline is closing)
@@ -205,7 +225,10 @@ class BlockBatcher:
         if not members:
             return
 
+        delivered: set[int] = set()
+
         def deliver(index: int, result: Any) -> None:  # as each batch finishes
+            delivered.add(index)
             entry = members[index]
             if isinstance(result, BaseException):
                 entry.failure = result
@@ -215,10 +238,18 @@ class BlockBatcher:
         jobs = [(e.stream, e.blocks[0]) for e in members]
         self.calls += 1  # before any result reaches a session, which may then read the counts
         self.jobs += len(jobs)
-        make_way = self.make_way if any(e.first for e in members) else None
-        options = {"pause": pause} if pause is not None else {}
+        firsts = any(e.first for e in members)
+        make_way = self.make_way if firsts else None
+        options: dict[str, Any] = {"pause": pause} if pause is not None else {}
+        if self.yield_to_first and not firsts:
+            options["stop"] = self._first_waiting.is_set
         with make_way() if make_way is not None else nullcontext():
             self.decoder.feed_many(jobs, on_result=deliver, max_batch=self.max_batch, **options)
+        if "stop" in options and len(delivered) < len(members):  # the call ended before their batches
+            for index, entry in enumerate(members):
+                entry.stopped = index not in delivered
+            self.jobs -= len(members) - len(delivered)
+            self.yields += 1
 
     def _finished(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry], call: asyncio.Future, seconds: float) -> None:  # fmt: skip
         self._running = False
@@ -226,11 +257,15 @@ class BlockBatcher:
             cut_in, self._cut_in_done = self._cut_in_done, []
             not_yet, self._to_cut_in = self._to_cut_in, []  # arrived after the job's last pause point
         seconds -= self._cut_in_s
+        back = [e for e in entries if e.stopped]  # not decoded: queued again, as they were
+        for entry in back:
+            entry.stopped = False
+        entries = [e for e in entries if e not in back]
         self.latency_s = (
             seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
         )
         self.fastest_s = seconds if self.fastest_s is None else min(self.fastest_s, seconds)
-        per_block = seconds / len(entries)
+        per_block = seconds / max(1, len(entries))
         self.block_s = (
             per_block if self.block_s is None else (1 - LATENCY_WEIGHT) * self.block_s + LATENCY_WEIGHT * per_block
         )
@@ -248,7 +283,7 @@ class BlockBatcher:
             else:
                 for future in entry.futures[1:]:
                     _settle(future, failure or RuntimeError("the block was not decoded"))
-        self._waiting = later + not_yet + self._waiting
+        self._waiting = later + back + not_yet + self._waiting
         self._consider(loop)
 
 

@@ -14,6 +14,7 @@ import torch
 from cosyvoice.flow.noise import NoiseTimeline, mix_seed
 from flow_inference import HIFT_SEED_STREAM, AudioDecoder, DecoderError
 from glm4voice.audio import MEL_HOP_LENGTH, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE
+from glm4voice.decoder.decoder import NotDecoded
 
 SEAM_LIMIT = 3.0
 """Largest allowed seam score: prediction error at/after a seam over the signal's 99th percentile."""
@@ -405,6 +406,48 @@ def test_feed_many_mixes_blocks_of_different_lengths(tiny_checkpoints, codes, mi
     assert batches == ([1, 1, 1, 1] if mixed else [1, 3, 3, 3])
     for seed in schedules:
         together = np.concatenate(pieces[seed] + [streams[seed].finish()])
+        np.testing.assert_allclose(together, alone[seed], rtol=0, atol=1e-4)
+
+
+def test_a_stopped_call_leaves_the_blocks_of_its_later_batches_pending_and_unchanged(tiny_checkpoints, codes):
+    """feed_many's ``stop``: asked between batches (one per shape here), true after the first one: the
+    jobs of the other batches get NotDecoded, no ``on_result``, their streams free with the codes pending;
+    fed again with no new codes, then on as usual, every stream hears what it would alone."""
+    decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", mixed_batches=False)
+    schedules = {3: [10, 20, 15], 4: [10, 25, 18], 5: [10, 16, 20]}  # the later blocks: three shapes
+    alone = {
+        seed: stream_blocks(decoder, codes[: sum(sizes)], sizes, seed=seed, prompt_window=20)[0]
+        for seed, sizes in schedules.items()
+    }
+    streams = {seed: decoder.stream(seed=seed, prompt_window=20) for seed in schedules}
+    heard: dict[int, list[np.ndarray]] = {seed: [] for seed in schedules}
+    starts = dict.fromkeys(schedules, 0)
+
+    def jobs_of(step: int) -> list:
+        jobs = [(streams[seed], codes[starts[seed] : starts[seed] + sizes[step]]) for seed, sizes in schedules.items()]
+        for seed, sizes in schedules.items():
+            starts[seed] += sizes[step]
+        return jobs
+
+    for seed, pcm in zip(schedules, decoder.feed_many(jobs_of(0))):
+        heard[seed].append(pcm)
+    asked, delivered = [], []
+    results = decoder.feed_many(jobs_of(1), on_result=lambda index, _: delivered.append(index),
+                                stop=lambda: asked.append(True) or True)  # fmt: skip
+    decoded = [seed for seed, r in zip(schedules, results) if not isinstance(r, NotDecoded)]
+    left = [seed for seed, r in zip(schedules, results) if isinstance(r, NotDecoded)]
+    assert len(decoded) == 1 and len(left) == 2 and len(asked) == 1
+    assert delivered == [list(schedules).index(decoded[0])]
+    for seed in left:
+        assert streams[seed].pending_tokens == schedules[seed][1] and not streams[seed].state.busy
+    heard[decoded[0]].append(results[list(schedules).index(decoded[0])])
+    for seed, pcm in zip(left, decoder.feed_many([(streams[seed], []) for seed in left])):
+        heard[seed].append(pcm)
+    for seed, pcm in zip(schedules, decoder.feed_many(jobs_of(2), stop=lambda: False)):
+        heard[seed].append(pcm)
+    for seed, pieces in heard.items():
+        assert not any(isinstance(p, Exception) for p in pieces), pieces
+        together = np.concatenate(pieces + [streams[seed].finish()])
         np.testing.assert_allclose(together, alone[seed], rtol=0, atol=1e-4)
 
 

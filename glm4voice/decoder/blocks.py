@@ -101,6 +101,12 @@ def take_block(state: StreamState, geometry: BlockGeometry, finalize: bool) -> B
     return Block(tokens, prompt.numel(), prompt_mel, end_frame - start_frame, noise, state.carry, finalize)
 
 
+def put_back_block(state: StreamState, block: Block) -> None:
+    """Undo :func:`take_block` for a block that was not decoded: its codes are pending again, ahead of
+    any added since (nothing else of the stream changed)."""
+    state.pending = block.new_tokens.tolist() + state.pending
+
+
 def commit_block(state: StreamState, geometry: BlockGeometry, block: Block, result: BlockResult) -> None:
     """Count the decoded block; keep its tokens and final mel as the next prompt (within the window)."""
     new = block.new_tokens

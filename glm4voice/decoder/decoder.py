@@ -58,7 +58,15 @@ import torch
 from cosyvoice.flow.cuda_graph import GraphedEulerSolver
 from cosyvoice.flow.noise import NoiseSource, NoiseTimeline, OriginalNoise, mix_seed
 from glm4voice.audio import NUM_MEL_BINS, OUTPUT_SAMPLE_RATE, SPEAKER_EMBEDDING_DIM
-from glm4voice.decoder.blocks import Block, BlockGeometry, caller_block, commit_block, length_batches, take_block
+from glm4voice.decoder.blocks import (
+    Block,
+    BlockGeometry,
+    caller_block,
+    commit_block,
+    length_batches,
+    put_back_block,
+    take_block,
+)
 from glm4voice.decoder.codes import DecoderError, resolve_seed, validate_codes
 from glm4voice.decoder.graphs import FirstBlockGraphs, LaterBlockGraphs
 from glm4voice.decoder.loading import decoder_files, load_modules
@@ -357,6 +365,7 @@ class AudioDecoder:
         on_result: Callable[[int, np.ndarray | Exception], None] | None = None,
         max_batch: int | None = None,
         pause: Callable[[], None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> list[np.ndarray | Exception]:
         """:meth:`feed` for each ``(stream, codes)`` job (each stream at most once), with the blocks that
         have the same shape decoded as one batch of at most ``max_batch`` (default ``self.max_batch``).
@@ -368,7 +377,12 @@ class AudioDecoder:
         between its batches, and inside a batch of later blocks between the ODE's steps and before the
         vocoder (with the decoder's lock held: it may call :meth:`feed_many` for *other* streams, without
         a ``pause`` of its own). Those calls run on the device between this call's work, and the time
-        spent in ``pause`` is not counted as this call's in :attr:`stats`."""
+        spent in ``pause`` is not counted as this call's in :attr:`stats`.
+
+        ``stop()`` is called, on this thread, between batches: when it returns true the call ends there,
+        and the jobs of the batches left get :class:`NotDecoded` (``on_result`` is not called for them):
+        their codes are pending in their streams again, so feeding the stream again (with no new codes,
+        or more) decodes them exactly as they would have been."""
         results: list = [None] * len(jobs)
         aside = _Pause(pause) if pause is not None else None
         limit = max(1, int(max_batch or self.max_batch))
@@ -405,6 +419,12 @@ class AudioDecoder:
             ]
             batches.sort(key=lambda batch: min(state.samples_emitted for _, state, _ in batch))
             for position, batch in enumerate(batches):
+                if position and stop is not None and stop():
+                    for index, state, block in (item for left in batches[position:] for item in left):
+                        put_back_block(state, block)
+                        results[index] = NotDecoded("the call stopped before this block's batch")
+                        self._unclaim(claimed.pop(index))
+                    break
                 if position and aside is not None:
                     aside()
                 with self._device_context():
@@ -761,6 +781,11 @@ class AudioDecoder:
             self._cuda_stream.wait_stream(torch.cuda.current_stream(self._device))
             with torch.cuda.stream(self._cuda_stream):
                 yield
+
+
+class NotDecoded(Exception):
+    """:meth:`AudioDecoder.feed_many`'s result for a job its ``stop`` left undecoded (its codes are
+    pending again)."""
 
 
 class _Pause:

@@ -220,6 +220,13 @@ class PipelineConfig:
     halved the first block's call at the median and lowered TTFA p50 by 60-80 ms, but not p95, and a
     turn ran dry in 3 of 5 runs against none (docs/PERFORMANCE.md, "2026-11-28, H200, evening").
     Off: a first block waits for the running call to end, then goes first."""
+    later_calls_yield: bool = False
+    """A decoder call of later blocks ends between its batches once a first block (or a block its
+    listener waits for) is waiting; the blocks of its batches left go back, undecoded, ahead of the
+    later blocks that wait, and the first blocks go next (:mod:`glm4voice.block_batcher`). Under Poisson
+    load on an H200 the turns that ran dry after their first chunk had their next block wait for
+    a call of later blocks in three batches (0.46 s; bench/e2e.py's ``decoded_meanwhile``); with this
+    the wait is one batch. Not measured yet. Off: a first block waits for the running call to end."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured
@@ -467,6 +474,7 @@ class VoiceChat:
             config.decode_batch,
             make_way=self._make_way if self._engine_make_way is not None else None,
             cut_in=config.first_blocks_cut_in,
+            yield_to_first=config.later_calls_yield,
         )
         self.load = TurnLoad(self.blocks)
         """What every turn's block pacing may know of the others (turns running, decoder job time)."""

@@ -399,3 +399,65 @@ def test_a_failure_while_cutting_in_stays_with_those_blocks():
             assert len(after) == 10 and decoder.calls[-1] == ["after"]
 
     asyncio.run(scenario())
+
+
+class StoppingDecoder(MakeWayDecoder):
+    """feed_many that decodes its jobs one batch each, in order. The call of "a" waits for ``gate``;
+    between two batches it sets ``boundary`` and waits for ``go_on``, then, given ``stop``, ends there if
+    ``stop()`` says so (the jobs left get no result)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.boundary, self.go_on = threading.Event(), threading.Event(), threading.Event()
+        self.given_stop: list[bool] = []
+
+    def feed_many(self, jobs, on_result=None, max_batch=None, stop=None):
+        self.calls.append([stream for stream, _ in jobs])
+        self.inside.append(self.held > 0)
+        self.given_stop.append(stop is not None)
+        if self.calls[-1] == ["a"]:
+            assert self.gate.wait(10)
+        results = []
+        for index, (_, codes) in enumerate(jobs):
+            if index:
+                self.boundary.set()
+                assert self.go_on.wait(10)
+                if stop is not None and stop():
+                    break
+            results.append(np.full(len(codes), len(codes), np.float32))
+            if on_result is not None:
+                on_result(index, results[-1])
+        return results
+
+
+@pytest.mark.parametrize("yield_to_first", [True, False])
+def test_a_job_of_later_blocks_yields_to_a_first_block_between_its_batches(yield_to_first):
+    """``yield_to_first``: a first block queued while a job of three later blocks runs ends that job after
+    its current batch; the blocks it did not decode go back as they were and are decoded after the first
+    block, in their order. Without it the first block waits for the whole job (and the job is not asked)."""
+
+    async def scenario():
+        decoder = StoppingDecoder()
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, make_way=decoder.make_way, yield_to_first=yield_to_first)
+            a = batcher.submit(_stream("a", 10), [[1] * 16])
+            later = [
+                batcher.submit(_stream(name, 26), [[1] * size]) for name, size in (("b", 26), ("c", 30), ("d", 40))
+            ]
+            decoder.gate.set()
+            await a[0]
+            await asyncio.get_running_loop().run_in_executor(None, decoder.boundary.wait)
+            new = batcher.submit(_stream("new", 0), [[1] * 10])  # while the job of b, c, d runs
+            decoder.go_on.set()
+            assert [len(await f[0]) for f in (*later, new)] == [26, 30, 40, 10]
+            await until(lambda: batcher.idle, "the last job never finished")
+            return decoder, batcher
+
+    decoder, batcher = asyncio.run(scenario())
+    if yield_to_first:
+        assert decoder.calls == [["a"], ["b", "c", "d"], ["new"], ["c", "d"]]
+        assert decoder.inside == [False, False, True, False] and decoder.given_stop == [True, True, False, True]
+        assert batcher.yields == 1 and (batcher.calls, batcher.jobs) == (4, 5)
+    else:
+        assert decoder.calls == [["a"], ["b", "c", "d"], ["new"]] and not any(decoder.given_stop)
+        assert batcher.yields == 0 and (batcher.calls, batcher.jobs) == (3, 5)

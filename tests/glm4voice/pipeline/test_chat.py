@@ -295,8 +295,13 @@ def test_same_seed_repeats_the_turn(models, server_url):
 
 @pytest.mark.parametrize(
     "config",
-    [PipelineConfig(decode_batch=1), PipelineConfig(), PipelineConfig(first_blocks_cut_in=True)],
-    ids=["one-block-per-batch", "batched", "first-blocks-cut-in"],
+    [
+        PipelineConfig(decode_batch=1),
+        PipelineConfig(),
+        PipelineConfig(first_blocks_cut_in=True),
+        PipelineConfig(later_calls_yield=True),
+    ],
+    ids=["one-block-per-batch", "batched", "first-blocks-cut-in", "later-calls-yield"],
 )
 def test_seeded_turns_keep_their_audio_while_other_turns_run(models, wide_server_url, config):
     """Three seeded turns at once with three unseeded ones (other prompts, longer answers): each
@@ -306,7 +311,7 @@ def test_seeded_turns_keep_their_audio_while_other_turns_run(models, wide_server
     blocks, it equals within float rounding (the decoder's batched kernels sum in another order
     than a batch of one: ~1e-6 on this CPU). Whether the token server gives a seeded request the
     same ids beside other streams is the engine's business, not checked here. With first blocks cutting
-    into running decoder calls, the same holds."""
+    into running decoder calls, or calls of later blocks ending early for them, the same holds."""
     others = [("Tell me a story.", 70), ("What is the weather?", 55), ("Hi there", 60)]
     seeded = [replace(SEEDED, seed=1234 + k) for k in range(len(others))]
 
@@ -1101,7 +1106,7 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
                 quick_start_max_turns=3,
                 urgent_in_hand_s=0.7,
             ),
-            PipelineConfig(adaptive_blocks=False, first_blocks_cut_in=True),
+            PipelineConfig(adaptive_blocks=False, first_blocks_cut_in=True, later_calls_yield=True),
         )
     ]
     try:
@@ -1135,6 +1140,7 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
         SPARE_MAX_TURNS,
     )
     assert (chats[0].blocks.cut_in, chats[1].blocks.cut_in) == (False, True)
+    assert (chats[0].blocks.yield_to_first, chats[1].blocks.yield_to_first) == (False, True)
     for bad in ({"min_token_rate": 0}, {"quick_start_max_turns": -1}, {"spare_starting_tokens": -1},
                 {"spare_max_turns": -1}, {"urgent_in_hand_s": -0.1}):  # fmt: skip
         with pytest.raises(ValueError, match="invalid pipeline limits"):
