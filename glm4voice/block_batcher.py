@@ -30,9 +30,9 @@ that arrive after that go first in the next job, as without it.
 
 **Later jobs yield** (``yield_to_first``): the same wait shortened without decoding inside another
 call: a job of later blocks ends between its batches (``AudioDecoder.feed_many``'s ``stop``) once a
-first block waits; the blocks of its batches left are not decoded (their codes are pending in their
-streams again) and go back to the queue, ahead of the later blocks that waited, and the first blocks
-go next. A new turn waits for one batch, not for a whole call.
+first block waits; the blocks of its batches left are not decoded (their streams are as before the
+call) and go back to the queue as they were, ahead of the later blocks that waited, and the first
+blocks go next. A new turn waits for one batch, not for a whole call.
 
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
@@ -73,8 +73,8 @@ class _Entry:
     failure: BaseException | None = field(default=None)
     """Set on the worker when one of the blocks failed: the blocks after it are not decoded."""
     stopped: bool = False
-    """Set on the worker when the job ended before this entry's batch (``yield_to_first``): its next
-    block is pending in its stream again and goes back to the queue as it was."""
+    """Set on the worker when the job ended before this entry's batch (``yield_to_first``): its stream
+    is as before the job, and the entry goes back to the queue as it was."""
 
 
 class BlockBatcher:

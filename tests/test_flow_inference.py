@@ -409,41 +409,39 @@ def test_feed_many_mixes_blocks_of_different_lengths(tiny_checkpoints, codes, mi
         np.testing.assert_allclose(together, alone[seed], rtol=0, atol=1e-4)
 
 
-def test_a_stopped_call_leaves_the_blocks_of_its_later_batches_pending_and_unchanged(tiny_checkpoints, codes):
+def test_a_stopped_call_leaves_the_streams_of_its_later_batches_as_they_were(tiny_checkpoints, codes):
     """feed_many's ``stop``: asked between batches (one per shape here), true after the first one: the
-    jobs of the other batches get NotDecoded, no ``on_result``, their streams free with the codes pending;
-    fed again with no new codes, then on as usual, every stream hears what it would alone."""
+    jobs of the other batches get NotDecoded and no ``on_result``; their streams are free and as before
+    the call (the few codes fed before it, too few for a block, pending again, the job's own not). The
+    same jobs given again, then on as usual: every stream hears what it would alone."""
     decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", mixed_batches=False)
     schedules = {3: [10, 20, 15], 4: [10, 25, 18], 5: [10, 16, 20]}  # the later blocks: three shapes
+    early = {3: 4, 4: 0, 5: 3}  # codes of the second block fed before its job (fewer than a block)
     alone = {
         seed: stream_blocks(decoder, codes[: sum(sizes)], sizes, seed=seed, prompt_window=20)[0]
         for seed, sizes in schedules.items()
     }
-    streams = {seed: decoder.stream(seed=seed, prompt_window=20) for seed in schedules}
-    heard: dict[int, list[np.ndarray]] = {seed: [] for seed in schedules}
-    starts = dict.fromkeys(schedules, 0)
-
-    def jobs_of(step: int) -> list:
-        jobs = [(streams[seed], codes[starts[seed] : starts[seed] + sizes[step]]) for seed, sizes in schedules.items()]
-        for seed, sizes in schedules.items():
-            starts[seed] += sizes[step]
-        return jobs
-
-    for seed, pcm in zip(schedules, decoder.feed_many(jobs_of(0))):
+    seeds = list(schedules)
+    streams = {seed: decoder.stream(seed=seed, prompt_window=20) for seed in seeds}
+    heard: dict[int, list[np.ndarray]] = {seed: [] for seed in seeds}
+    for seed, pcm in zip(seeds, decoder.feed_many([(streams[seed], codes[:10]) for seed in seeds])):
         heard[seed].append(pcm)
+    for seed in seeds:
+        assert streams[seed].feed(codes[10 : 10 + early[seed]]).size == 0
+    second = [(streams[seed], codes[10 + early[seed] : 10 + schedules[seed][1]]) for seed in seeds]
     asked, delivered = [], []
-    results = decoder.feed_many(jobs_of(1), on_result=lambda index, _: delivered.append(index),
+    results = decoder.feed_many(second, on_result=lambda index, _: delivered.append(index),
                                 stop=lambda: asked.append(True) or True)  # fmt: skip
-    decoded = [seed for seed, r in zip(schedules, results) if not isinstance(r, NotDecoded)]
-    left = [seed for seed, r in zip(schedules, results) if isinstance(r, NotDecoded)]
-    assert len(decoded) == 1 and len(left) == 2 and len(asked) == 1
-    assert delivered == [list(schedules).index(decoded[0])]
+    left = [seed for seed, result in zip(seeds, results) if isinstance(result, NotDecoded)]
+    done = [seed for seed in seeds if seed not in left]
+    assert len(done) == 1 and len(left) == 2 and len(asked) == 1 and delivered == [seeds.index(done[0])]
     for seed in left:
-        assert streams[seed].pending_tokens == schedules[seed][1] and not streams[seed].state.busy
-    heard[decoded[0]].append(results[list(schedules).index(decoded[0])])
-    for seed, pcm in zip(left, decoder.feed_many([(streams[seed], []) for seed in left])):
+        assert streams[seed].pending_tokens == early[seed] and not streams[seed].state.busy
+    heard[done[0]].append(results[seeds.index(done[0])])
+    for seed, pcm in zip(left, decoder.feed_many([second[seeds.index(seed)] for seed in left])):
         heard[seed].append(pcm)
-    for seed, pcm in zip(schedules, decoder.feed_many(jobs_of(2), stop=lambda: False)):
+    third = [(streams[seed], codes[sum(schedules[seed][:2]) : sum(schedules[seed])]) for seed in seeds]
+    for seed, pcm in zip(seeds, decoder.feed_many(third, stop=lambda: False)):
         heard[seed].append(pcm)
     for seed, pieces in heard.items():
         assert not any(isinstance(p, Exception) for p in pieces), pieces

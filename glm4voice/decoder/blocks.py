@@ -101,10 +101,11 @@ def take_block(state: StreamState, geometry: BlockGeometry, finalize: bool) -> B
     return Block(tokens, prompt.numel(), prompt_mel, end_frame - start_frame, noise, state.carry, finalize)
 
 
-def put_back_block(state: StreamState, block: Block) -> None:
-    """Undo :func:`take_block` for a block that was not decoded: its codes are pending again, ahead of
-    any added since (nothing else of the stream changed)."""
-    state.pending = block.new_tokens.tolist() + state.pending
+def put_back_block(state: StreamState, block: Block, added: int) -> None:
+    """Undo adding ``added`` codes and taking ``block`` (:func:`take_block`), which was not decoded: the
+    codes that were pending before are pending again (nothing else of the stream changed)."""
+    codes = block.new_tokens.tolist()
+    state.pending = codes[: len(codes) - added] + state.pending
 
 
 def commit_block(state: StreamState, geometry: BlockGeometry, block: Block, result: BlockResult) -> None:

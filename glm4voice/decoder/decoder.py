@@ -381,8 +381,8 @@ class AudioDecoder:
 
         ``stop()`` is called, on this thread, between batches: when it returns true the call ends there,
         and the jobs of the batches left get :class:`NotDecoded` (``on_result`` is not called for them):
-        their codes are pending in their streams again, so feeding the stream again (with no new codes,
-        or more) decodes them exactly as they would have been."""
+        their streams are as before the call, so the same jobs given again decode exactly as they would
+        have."""
         results: list = [None] * len(jobs)
         aside = _Pause(pause) if pause is not None else None
         limit = max(1, int(max_batch or self.max_batch))
@@ -421,7 +421,7 @@ class AudioDecoder:
             for position, batch in enumerate(batches):
                 if position and stop is not None and stop():
                     for index, state, block in (item for left in batches[position:] for item in left):
-                        put_back_block(state, block)
+                        put_back_block(state, block, added=len(jobs[index][1]))
                         results[index] = NotDecoded("the call stopped before this block's batch")
                         self._unclaim(claimed.pop(index))
                     break
@@ -784,8 +784,8 @@ class AudioDecoder:
 
 
 class NotDecoded(Exception):
-    """:meth:`AudioDecoder.feed_many`'s result for a job its ``stop`` left undecoded (its codes are
-    pending again)."""
+    """:meth:`AudioDecoder.feed_many`'s result for a job its ``stop`` left undecoded (its stream is as
+    before the call: give the job again)."""
 
 
 class _Pause:

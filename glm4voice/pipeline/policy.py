@@ -22,11 +22,11 @@ decisions are kept apart:
   - :class:`BlockPacing`: every block at once.
   - :class:`ListenerPacing`: holds a quick first block back when the next one could not follow in
     time (the measured token rate, decoder latency and turns running through the narrow
-    :class:`SharedLoad`), until the next block is decoded or, from the tokens in so far, expected in
-    time, so that a listener who starts hearing the answer does not run dry after the first chunk; and starts the listener only once the audio decoded so far
-    covers the wait for every later block of the schedule (:meth:`ListenerPacing.start_covered`);
-    and lets a turn's token reader wait while its listener is far ahead
-    (:meth:`ListenerPacing.read_delay_s`).
+    :class:`SharedLoad`), until the next block is decoded (or, optionally, expected in time from the
+    tokens in so far), so that a listener who starts hearing the answer does not run dry after the
+    first chunk; and starts the listener only once the audio decoded so far covers the wait for every
+    later block of the schedule (:meth:`ListenerPacing.start_covered`); and lets a turn's token
+    reader wait while its listener is far ahead (:meth:`ListenerPacing.read_delay_s`).
 """
 
 from __future__ import annotations
@@ -348,9 +348,8 @@ class ListenerPacing(BlockPacing):
     is then the amount by which the hold's estimate missed, not the next block's whole time.
 
     ``cover_start``, ``pace_generation``, ``urgent_in_hand_s``, ``start_held_early`` and the quick
-    start's two settings have no
-    defaults here: the pipeline passes its :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is
-    where the defaults live."""
+    start's two settings have no defaults here: the pipeline passes its
+    :class:`~glm4voice.pipeline.chat.PipelineConfig`'s, which is where the defaults live."""
 
     def __init__(
         self,

@@ -461,3 +461,73 @@ def test_a_job_of_later_blocks_yields_to_a_first_block_between_its_batches(yield
     else:
         assert decoder.calls == [["a"], ["b", "c", "d"], ["new"]] and not any(decoder.given_stop)
         assert batcher.yields == 0 and (batcher.calls, batcher.jobs) == (3, 5)
+
+
+class HandshakeDecoder:
+    """The real decoder; a call given ``stop`` waits at its first batch boundary until the test opens
+    ``go_on`` (after ``boundary``), so a first block is queued there; the call of ``held`` waits for ``gate``."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.held = None
+        self.gate, self.boundary, self.go_on = threading.Event(), threading.Event(), threading.Event()
+        self.calls: list[list] = []
+
+    def feed_many(self, jobs, on_result=None, max_batch=None, stop=None):
+        self.calls.append([stream for stream, _ in jobs])
+        if self.held in self.calls[-1]:
+            assert self.gate.wait(30)
+        asked = []
+
+        def at_boundary() -> bool:
+            if not asked:
+                asked.append(True)
+                self.boundary.set()
+                assert self.go_on.wait(30)
+            return stop()
+
+        return self.decoder.feed_many(jobs, on_result, max_batch, stop=at_boundary if stop else None)
+
+
+def test_blocks_a_yielding_job_did_not_decode_sound_as_if_it_had(tiny_checkpoints):
+    """The real decoder (one batch per shape) behind a batcher with ``yield_to_first``: three streams'
+    later blocks of three shapes share a job; a new stream's first block queued at the job's first batch
+    boundary ends it there, goes next, and the two blocks left follow. Every stream hears exactly what it
+    hears decoded alone, block by block."""
+    from flow_inference import AudioDecoder
+
+    decoder = AudioDecoder.from_pretrained(tiny_checkpoints.decoder, device="cpu", mixed_batches=False)
+    codes = np.random.default_rng(1).integers(0, decoder.num_codes, 60).tolist()
+    sizes = {3: 20, 4: 25, 5: 16}  # each stream's second block; the first is 10 codes
+
+    def alone(seed: int, blocks: list[list[int]]) -> np.ndarray:
+        stream = decoder.stream(seed=seed)
+        return np.concatenate([stream.feed(block) for block in blocks] + [stream.finish()])
+
+    async def scenario():
+        handshake = HandshakeDecoder(decoder)
+        streams = {seed: decoder.stream(seed=seed) for seed in (*sizes, 6, 7)}
+        heard = {seed: [decoder.feed_many([(streams[seed], codes[:10])])[0]] for seed in (*sizes, 7)}
+        handshake.held = streams[7]
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(handshake, worker, yield_to_first=True)
+            held = batcher.submit(streams[7], [codes[10:30]])  # a job of its own: the others wait together
+            later = {seed: batcher.submit(streams[seed], [codes[10 : 10 + size]]) for seed, size in sizes.items()}
+            handshake.gate.set()
+            heard[7].append(await held[0])
+            await asyncio.get_running_loop().run_in_executor(None, handshake.boundary.wait)
+            new = batcher.submit(streams[6], [codes[:10]])
+            handshake.go_on.set()
+            heard[6] = [await new[0]]
+            for seed, futures in later.items():
+                heard[seed].append(await futures[0])
+            await until(lambda: batcher.idle, "the last job never finished")
+            return streams, heard, batcher.yields, handshake.calls
+
+    streams, heard, yields, calls = asyncio.run(scenario())
+    assert yields == 1 and calls[2] == [streams[6]] and len(calls[1]) == 3 and len(calls[3]) == 2
+    second = {seed: codes[10 : 10 + size] for seed, size in sizes.items()} | {7: codes[10:30]}
+    for seed, pieces in heard.items():
+        blocks = [codes[:10]] + ([second[seed]] if seed in second else [])  # stream 6: its first block only
+        together = np.concatenate(pieces + [streams[seed].finish()])
+        np.testing.assert_array_equal(together, alone(seed, blocks))
