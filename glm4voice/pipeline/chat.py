@@ -209,10 +209,10 @@ class PipelineConfig:
     block is decoded; not while more than ``quick_start_max_turns`` turns are starting. On an H200
     under Poisson load (0.27-0.43 conversations/s) it took the held turns' wait out of the tail (TTFA
     p95 0.51-0.58 s in six runs; in the same calls without it 0.55 and 0.75 s), but four of the six runs
-    had a turn run dry after its first chunk, whose next block's decoder call took 0.5-0.6 s (behind
-    another call's batches of later blocks), against one in ten runs without it; the estimate, two
-    average decoder calls, misses that tail (docs/PERFORMANCE.md, "2026-11-29, H200, fourth session").
-    Off: the listener starts with the next block."""
+    had a turn run dry after its first chunk, whose next block's decoder call took 0.5-0.6 s (where
+    traced, behind another call's three batches of later blocks), against one in ten runs without it:
+    the estimate, two average decoder calls, misses that tail (docs/PERFORMANCE.md, "2026-11-29, H200,
+    fourth session"). Off: the listener starts with the next block."""
     first_blocks_cut_in: bool = False
     """A turn's first block need not wait for the decoder call that is running: the call stands aside
     between its ODE steps (and before its vocoder, and between its batches) and decodes the waiting
@@ -224,9 +224,10 @@ class PipelineConfig:
     """A decoder call of later blocks ends between its batches once a first block (or a block its
     listener waits for) is waiting; the blocks of its batches left go back, undecoded, ahead of the
     later blocks that wait, and the first blocks go next (:mod:`glm4voice.block_batcher`). Under Poisson
-    load on an H200 the turns that ran dry after their first chunk had their next block wait for
-    a call of later blocks in three batches (0.46 s; bench/e2e.py's ``decoded_meanwhile``); with this
-    the wait is one batch. Not measured yet. Off: a first block waits for the running call to end."""
+    load on an H200 a turn that ran dry after its first chunk (the one traced: bench/e2e.py's
+    ``decoded_meanwhile``) had its next block wait 0.46 s while three later blocks of other turns of
+    three sizes came out of the decoder one after another, as one call's batches do; with this it
+    would wait for one batch. Not measured yet. Off: a first block waits for the running call to end."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured
