@@ -180,8 +180,9 @@ class PipelineConfig:
     tokens spared a young answer's third block waited 0.3-0.6 s for its call while its listener had
     about 0.5 s left (H200, 0.27 and 0.35 conversations/s: the only turns that ran dry); urgent, its
     call took 0.28-0.35 s. Its effect on TTFA p95 and gaps was within the runs' spread in three
-    comparisons (docs/PERFORMANCE.md, "2026-11-29, H200, third session"). 0: only the blocks that start
-    a listener."""
+    comparisons (docs/PERFORMANCE.md, "2026-11-29, H200, third session"); with 78 starting tokens
+    spared no later block was urgent in ten runs at 0.27-0.43/s, 11 were at 0.5/s ("fourth session").
+    0: only the blocks that start a listener."""
     quick_start_max_turns: int = QUICK_START_MAX_TURNS
     """With ``adaptive_blocks``: while more turns than this are starting (see
     ``quick_start_counts_unheard``), a turn's quick first block is held back: its listener starts only
@@ -218,8 +219,9 @@ class PipelineConfig:
     between its ODE steps (and before its vocoder, and between its batches) and decodes the waiting
     first blocks there (:mod:`glm4voice.block_batcher`). On an H200 under Poisson load (0.27/s) this
     halved the first block's call at the median and lowered TTFA p50 by 60-80 ms, but not p95, and a
-    turn ran dry in 3 of 5 runs against none (docs/PERFORMANCE.md, "2026-11-28, H200, evening").
-    Off: a first block waits for the running call to end, then goes first."""
+    turn ran dry in 3 of 5 runs against none (docs/PERFORMANCE.md, "2026-11-28, H200, evening"); with
+    78 starting tokens spared, at 0.35/s: TTFA p95 6.7 s and 52 of 78 turns dry ("2026-11-29, H200,
+    fourth session"). Off: a first block waits for the running call to end, then goes first."""
     later_calls_yield: bool = False
     """A decoder call of later blocks ends between its batches once a first block (or a block its
     listener waits for) is waiting; the blocks of its batches left go back, undecoded, ahead of the
