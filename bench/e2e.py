@@ -100,6 +100,7 @@ from bench.e2e_tokens import (
     ExternalTokenServer,
     InProcessTokens,
 )
+from bench.e2e_trace import gpu_timeline
 from flow_inference import AudioDecoder
 from glm4voice.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, Audio, load_audio
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder
@@ -731,11 +732,15 @@ class E2EBench:
                 next_input = end + turn.think_s
             conversations.append((start, end))
 
-        await asyncio.gather(snapshot("warm", warm_s), snapshot("end", window_s), *(converse(p) for p in plans))
+        # the decoder's calls and (one-process layout) the engine's prefills, for the slow turns' figures
+        backend = getattr(tokens, "backend", None)
+        runner = backend.engine.runner if backend is not None else None
+        with gpu_timeline(chat.blocks.decoder, runner, t0) as timeline:
+            await asyncio.gather(snapshot("warm", warm_s), snapshot("end", window_s), *(converse(p) for p in plans))
         tokens_in_window = None
         if counts.get("warm") is not None and counts.get("end") is not None:
             tokens_in_window = counts["end"] - counts["warm"]
-        figures = rate_figures(rate, turns, conversations, warm_s, window_s, tokens_in_window)
+        figures = rate_figures(rate, turns, conversations, warm_s, window_s, tokens_in_window, timeline=timeline)
         if {"warm", "end"} <= decoder_at.keys():  # the decoder's batches in the measured window
             figures["decoder"] = decoder_at["end"].since(decoder_at["warm"])
             figures["decoder"]["busy_share"] = round(figures["decoder"]["busy_s"] / max(window_s - warm_s, 1e-9), 3)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 TYPED_QUESTIONS = (
@@ -190,10 +190,12 @@ def rate_figures(
     window_s: float,
     tokens_in_window: int | None,
     passes: Callable[[dict], bool] | None = None,
+    timeline: Mapping[str, Sequence[Sequence[float]]] | None = None,
 ) -> dict:
     """One rate's figures from its turn records (``bench/e2e.turn_record`` plus ``start_s``, ``spoken``,
     ``playback_end_s``: seconds from the run's start) and conversation intervals (arrival, end of the
-    last answer's playback). Only turns starting in ``[warm_s, window_s]`` count."""
+    last answer's playback). Only turns starting in ``[warm_s, window_s]`` count. ``timeline``: the
+    GPU work recorded meanwhile (``bench/e2e_trace.gpu_timeline``), shown beside the slow turns."""
     measured = [t for t in turns if warm_s <= t["start_s"] <= window_s]
     ok = [t for t in measured if "failed" not in t]
     ttfas = [t["ttfa"] for t in ok if t.get("ttfa") is not None]
@@ -233,13 +235,13 @@ def rate_figures(
                 for key in ("start_s", "ttfa", "first_underrun", "underruns", "first_block_with_next", "urgent_blocks")
             }
             | {"blocks": t.get("blocks", [])[:5], "block_path": t.get("block_path")}
-            | decoded_meanwhile(t, turns)
+            | decoded_meanwhile(t, turns, timeline)
             for t in sorted((t for t in ok if t["underruns"]), key=lambda t: t["start_s"])[:SLOWEST_TURNS]
         ],
         "slowest_turns": [  # where the tail's time went
             {key: t.get(key) for key in ("start_s", "ttfa", *TTFA_PARTS, "first_block_with_next")}
             | {"blocks": t.get("blocks", [])[:2]}
-            | decoded_meanwhile(t, turns)
+            | decoded_meanwhile(t, turns, timeline)
             for t in sorted(ok, key=lambda t: -(t.get("ttfa") or 0))[:SLOWEST_TURNS]
         ],
     }
@@ -247,13 +249,17 @@ def rate_figures(
     return figures
 
 
-def decoded_meanwhile(turn: dict, turns: Sequence[dict]) -> dict:
+def decoded_meanwhile(
+    turn: dict, turns: Sequence[dict], timeline: Mapping[str, Sequence[Sequence[float]]] | None = None
+) -> dict:
     """What the decoder did while the slower of ``turn``'s first two blocks waited for it and was decoded
     (its ``blocks_decoded``, from ``bench/e2e.turn_record``): ``slow_block`` [index, seconds into the
     turn it was handed over, seconds until decoded], and ``decoded_meanwhile``, the other turns' blocks
     delivered in that time, [seconds after the hand-over, audio tokens, block index], in order (blocks of
-    one decoder call arrive together), at most :data:`MEANWHILE_BLOCKS` of them. Empty without the
-    record."""
+    one decoder call arrive together), at most :data:`MEANWHILE_BLOCKS` of them. With a ``timeline``
+    (lists of ``[start, end, size]`` on the run's clock), each of its lists too, as ``<name>_meanwhile``:
+    the entries overlapping that time, [start, end] after the hand-over and their size. Empty without
+    the record."""
     early = [b for b in turn.get("blocks_decoded") or [] if b[0] in (0, 1)]
     if not early:
         return {}
@@ -266,10 +272,18 @@ def decoded_meanwhile(turn: dict, turns: Sequence[dict]) -> dict:
         for other_index, codes, _, at in other.get("blocks_decoded") or []
         if start <= other["start_s"] + at <= end
     )
-    return {
+    found = {
         "slow_block": [index, handed, round(decoded - handed, 4)],
         "decoded_meanwhile": meanwhile[:MEANWHILE_BLOCKS],
     }
+    for name, entries in (timeline or {}).items():
+        overlapping = sorted(
+            [round(begin - start, 4), round(finish - start, 4), size]
+            for begin, finish, size in entries
+            if begin <= end and finish >= start
+        )
+        found[f"{name}_meanwhile"] = overlapping[:MEANWHILE_BLOCKS]
+    return found
 
 
 def default_pass(figures: dict) -> bool:

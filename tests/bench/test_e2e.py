@@ -10,6 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from bench.e2e_load import (
     rate_figures,
 )
 from bench.e2e_server import AnswerPattern, ForcedHistory, PatternStream, answer_length
+from bench.e2e_trace import gpu_timeline
 from glm4voice.audio import INPUT_SAMPLE_RATE, Audio
 from glm4voice.pipeline.events import (
     AssistantAudio,
@@ -124,6 +126,41 @@ def test_a_slow_turn_lists_what_the_decoder_delivered_while_its_early_block_wait
     assert found["slow_block"] == [1, 0.4, 0.5]
     assert found["decoded_meanwhile"] == [[0.05, 80, 3], [0.4, 160, 4], [0.45, 10, 0]]
     assert decoded_meanwhile({"start_s": 1.0}, [other]) == {}  # a record without the blocks
+    # the GPU's work meanwhile: entries overlapping [10.4, 10.9] on the run's clock, relative to 10.4
+    timeline = {
+        "decoder_calls": [[10.0, 10.3, 4], [10.35, 10.85, 3], [10.85, 11.0, 1]],
+        "prefills": [[10.5, 10.6, 512]],
+    }
+    traced = decoded_meanwhile(slow, [slow, other], timeline)
+    assert traced["decoder_calls_meanwhile"] == [[-0.05, 0.45, 3], [0.45, 0.6, 1]]
+    assert traced["prefills_meanwhile"] == [[0.1, 0.2, 512]]
+
+
+def test_the_gpu_timeline_records_each_call_and_takes_its_wrapper_off():
+    """Each feed_many and prefill call while recording, with its size, on the given clock; the
+    instances' own methods afterwards (and a second recorder on the same method is refused)."""
+
+    class Decoder:
+        def feed_many(self, jobs, on_result=None):
+            return [len(jobs)]
+
+    class Runner:
+        def prefill(self, slot, ids, start, sample):
+            return len(ids) if sample else None
+
+    decoder, runner = Decoder(), Runner()
+    with gpu_timeline(decoder, runner, t0=time.monotonic()) as timeline:
+        assert decoder.feed_many([1, 2, 3]) == [3]
+        assert runner.prefill(0, [5] * 7, 0, sample=True) == 7
+        runner.prefill(0, ids=[5] * 2, start=7, sample=False)
+        with pytest.raises(RuntimeError, match="already wrapped"), gpu_timeline(decoder, None, t0=0.0):
+            pass
+    assert [call[2] for call in timeline["decoder_calls"]] == [3]
+    assert [call[2] for call in timeline["prefills"]] == [7, 2]
+    assert all(0 <= start <= end for start, end, _ in timeline["decoder_calls"] + timeline["prefills"])
+    assert "feed_many" not in vars(decoder) and "prefill" not in vars(runner)
+    decoder.feed_many([1])  # no longer recorded
+    assert len(timeline["decoder_calls"]) == 1
 
 
 def test_percentiles_and_overlaps():

@@ -1,0 +1,60 @@
+"""What the GPU's two users did during a Poisson rate of bench/e2e.py (one-process layout): every
+decoder call and every prefill chunk of the engine, as ``[start, end, size]`` in seconds on the
+rate's clock (the event loop's, ``time.monotonic``). A slow turn's figures then show which calls and
+prefills overlapped its slow block (``bench/e2e_load.decoded_meanwhile``): time in the batcher's
+queue, a long call, or a prefill sharing the GPU with the block's decode.
+
+The recorder wraps the instance's method for the rate and takes the wrapper off afterwards; the
+product code is untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def timed_calls(owner: Any, method: str, t0: float, size: Callable[[tuple, dict], int]) -> Iterator[list[list[float]]]:
+    """While the body runs, each call of ``owner.method`` (any thread) appends ``[start, end, size]``
+    (seconds after ``t0`` on ``time.monotonic``, ``size(args, kwargs)``) to the list yielded."""
+    if method in vars(owner):
+        raise RuntimeError(f"{type(owner).__name__}.{method} is already wrapped")
+    original = getattr(owner, method)
+    calls: list[list[float]] = []
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
+        try:
+            return original(*args, **kwargs)
+        finally:  # list.append is atomic: the decoder's and the engine's threads both append
+            calls.append([round(start - t0, 4), round(time.monotonic() - t0, 4), size(args, kwargs)])
+
+    setattr(owner, method, timed)
+    try:
+        yield calls
+    finally:
+        delattr(owner, method)
+
+
+@contextlib.contextmanager
+def gpu_timeline(decoder: Any, runner: Any | None, t0: float) -> Iterator[dict[str, list[list[float]]]]:
+    """``decoder_calls`` (``feed_many``: blocks in the call) and, given the engine's runner,
+    ``prefills`` (``prefill``: prompt tokens in the chunk), recorded while the body runs. A prefill's
+    end is the host's: a chunk that samples no token may still be on the GPU after it."""
+    with contextlib.ExitStack() as stack:
+        timeline = {"decoder_calls": stack.enter_context(timed_calls(decoder, "feed_many", t0, _jobs))}
+        if runner is not None:
+            timeline["prefills"] = stack.enter_context(timed_calls(runner, "prefill", t0, _chunk))
+        yield timeline
+
+
+def _jobs(args: tuple, kwargs: dict) -> int:
+    """Blocks in a ``feed_many(jobs, ...)`` call."""
+    return len(args[0] if args else kwargs["jobs"])
+
+
+def _chunk(args: tuple, kwargs: dict) -> int:
+    """Prompt tokens in a ``prefill(slot, ids, start, ...)`` call."""
+    return len(args[1] if len(args) > 1 else kwargs["ids"])
