@@ -100,7 +100,7 @@ from bench.e2e_tokens import (
     ExternalTokenServer,
     InProcessTokens,
 )
-from bench.e2e_trace import gpu_timeline
+from bench.e2e_trace import gpu_timeline, loop_lags
 from flow_inference import AudioDecoder
 from glm4voice.audio import INPUT_SAMPLE_RATE, OUTPUT_SAMPLE_RATE, SPEECH_TOKEN_RATE, Audio, load_audio
 from glm4voice.checkpoints.decoder import PUBLISHED_DECODER_SIZES, TINY_DECODER_SIZES, write_random_decoder
@@ -735,8 +735,18 @@ class E2EBench:
         # the decoder's calls and (one-process layout) the engine's prefills, for the slow turns' figures
         backend = getattr(tokens, "backend", None)
         runner = backend.engine.runner if backend is not None else None
+        done = asyncio.Event()
+        lags: list[list[float]] = []
+
+        async def load() -> None:
+            try:
+                await asyncio.gather(snapshot("warm", warm_s), snapshot("end", window_s), *(converse(p) for p in plans))
+            finally:
+                done.set()
+
         with gpu_timeline(chat.blocks.decoder, runner, t0) as timeline:
-            await asyncio.gather(snapshot("warm", warm_s), snapshot("end", window_s), *(converse(p) for p in plans))
+            await asyncio.gather(load(), loop_lags(t0, done, lags))
+        timeline["loop_lags"] = lags
         tokens_in_window = None
         if counts.get("warm") is not None and counts.get("end") is not None:
             tokens_in_window = counts["end"] - counts["warm"]

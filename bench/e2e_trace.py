@@ -1,14 +1,16 @@
 """What the GPU's two users did during a Poisson rate of bench/e2e.py (one-process layout): every
 decoder call and every prefill chunk of the engine, as ``[start, end, size]`` in seconds on the
-rate's clock (the event loop's, ``time.monotonic``). A slow turn's figures then show which calls and
+rate's clock (the event loop's, ``time.monotonic``), and when the event loop itself was late. A slow turn's figures then show which calls and
 prefills overlapped its slow block (``bench/e2e_load.decoded_meanwhile``): time in the batcher's
-queue, a long call, or a prefill sharing the GPU with the block's decode.
+queue, a long call, a prefill sharing the GPU with the block's decode, or the loop too busy to
+start the next call.
 
 The recorder wraps the instance's method for the rate and takes the wrapper off afterwards; the
 product code is untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -58,3 +60,23 @@ def _jobs(args: tuple, kwargs: dict) -> int:
 def _chunk(args: tuple, kwargs: dict) -> int:
     """Prompt tokens in a ``prefill(slot, ids, start, ...)`` call."""
     return len(args[1] if len(args) > 1 else kwargs["ids"])
+
+
+LOOP_PROBE_S = 0.005
+"""How often :func:`loop_lags` wakes up on the event loop."""
+LOOP_LAG_S = 0.02
+"""A wake-up this much later than asked is recorded (:func:`loop_lags`)."""
+
+
+async def loop_lags(t0: float, until: asyncio.Event, lags: list[list[float]]) -> None:
+    """Until ``until`` is set, sleep :data:`LOOP_PROBE_S` at a time and append ``[asked, woke, ms late]``
+    (seconds after ``t0`` on the loop's clock) for each wake-up at least :data:`LOOP_LAG_S` late: the
+    times the event loop, which hands the decoder its next call and the listeners their audio, was
+    busy elsewhere."""
+    loop = asyncio.get_running_loop()
+    while not until.is_set():
+        asked = loop.time()
+        await asyncio.sleep(LOOP_PROBE_S)
+        late = loop.time() - asked - LOOP_PROBE_S
+        if late >= LOOP_LAG_S:
+            lags.append([round(asked - t0, 4), round(loop.time() - t0, 4), round(late * 1000)])

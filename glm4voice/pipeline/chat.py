@@ -222,14 +222,14 @@ class PipelineConfig:
     turn ran dry in 3 of 5 runs against none (docs/PERFORMANCE.md, "2026-11-28, H200, evening"); with
     78 starting tokens spared, at 0.35/s: TTFA p95 6.7 s and 52 of 78 turns dry ("2026-11-29, H200,
     fourth session"). Off: a first block waits for the running call to end, then goes first."""
-    later_calls_yield: bool = False
+    later_calls_yield: bool = True
     """A decoder call of later blocks ends between its batches once a first block (or a block its
     listener waits for) is waiting; the blocks of its batches left go back, undecoded, ahead of the
-    later blocks that wait, and the first blocks go next (:mod:`glm4voice.block_batcher`). Under Poisson
-    load on an H200 a turn that ran dry after its first chunk (the one traced: bench/e2e.py's
-    ``decoded_meanwhile``) had its next block wait 0.46 s while three later blocks of other turns of
-    three sizes came out of the decoder one after another, as one call's batches do; with this it
-    would wait for one batch. Not measured yet. Off: a first block waits for the running call to end."""
+    later blocks that wait, and the first blocks go next (:mod:`glm4voice.block_batcher`). On an H200
+    under Poisson load (78 starting tokens spared), in the same calls: at 0.35 conversations/s TTFA
+    p95 0.436 s against 0.494 s, at 0.43/s 0.554 s and no turn dry against 0.831 s and three turns dry
+    (docs/PERFORMANCE.md, "2026-11-29, H200, fifth session"). A call of one batch still runs to its
+    end. Off: a first block waits for the running call to end."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured

@@ -299,9 +299,9 @@ def test_same_seed_repeats_the_turn(models, server_url):
         PipelineConfig(decode_batch=1),
         PipelineConfig(),
         PipelineConfig(first_blocks_cut_in=True),
-        PipelineConfig(later_calls_yield=True),
+        PipelineConfig(later_calls_yield=False),
     ],
-    ids=["one-block-per-batch", "batched", "first-blocks-cut-in", "later-calls-yield"],
+    ids=["one-block-per-batch", "batched", "first-blocks-cut-in", "later-calls-run-to-the-end"],
 )
 def test_seeded_turns_keep_their_audio_while_other_turns_run(models, wide_server_url, config):
     """Three seeded turns at once with three unseeded ones (other prompts, longer answers): each
