@@ -27,11 +27,12 @@ def timed_calls(owner: Any, method: str, t0: float, size: Callable[[tuple, dict]
     calls: list[list[float]] = []
 
     def timed(*args: Any, **kwargs: Any) -> Any:
+        amount = size(args, kwargs)  # before the call, which may consume it
         start = time.monotonic()
         try:
             return original(*args, **kwargs)
         finally:  # list.append is atomic: the decoder's and the engine's threads both append
-            calls.append([round(start - t0, 4), round(time.monotonic() - t0, 4), size(args, kwargs)])
+            calls.append([round(start - t0, 4), round(time.monotonic() - t0, 4), amount])
 
     setattr(owner, method, timed)
     try:
@@ -42,11 +43,16 @@ def timed_calls(owner: Any, method: str, t0: float, size: Callable[[tuple, dict]
 
 @contextlib.contextmanager
 def gpu_timeline(decoder: Any, runner: Any | None, t0: float) -> Iterator[dict[str, list[list[float]]]]:
-    """``decoder_calls`` (``feed_many``: blocks in the call) and, given the engine's runner,
-    ``prefills`` (``prefill``: prompt tokens in the chunk), recorded while the body runs. A prefill's
-    end is the host's: a chunk that samples no token may still be on the GPU after it."""
+    """``decoder_calls`` (``feed_many``: blocks in the call), ``finishes`` (``finish``, an answer's
+    last tokens decoded alone on the decoder's thread, outside the batcher's calls: tokens pending)
+    and, given the engine's runner, ``prefills`` (``prefill``: prompt tokens in the chunk), recorded
+    while the body runs. A prefill's end is the host's: a chunk that samples no token may still be on
+    the GPU after it."""
     with contextlib.ExitStack() as stack:
-        timeline = {"decoder_calls": stack.enter_context(timed_calls(decoder, "feed_many", t0, _jobs))}
+        timeline = {
+            "decoder_calls": stack.enter_context(timed_calls(decoder, "feed_many", t0, _jobs)),
+            "finishes": stack.enter_context(timed_calls(decoder, "finish", t0, _pending)),
+        }
         if runner is not None:
             timeline["prefills"] = stack.enter_context(timed_calls(runner, "prefill", t0, _chunk))
         yield timeline
@@ -55,6 +61,12 @@ def gpu_timeline(decoder: Any, runner: Any | None, t0: float) -> Iterator[dict[s
 def _jobs(args: tuple, kwargs: dict) -> int:
     """Blocks in a ``feed_many(jobs, ...)`` call."""
     return len(args[0] if args else kwargs["jobs"])
+
+
+def _pending(args: tuple, kwargs: dict) -> int:
+    """Tokens a ``finish(stream)`` call decodes (the stream's pending ones)."""
+    stream = args[0] if args else kwargs["stream"]
+    return len(getattr(getattr(stream, "state", stream), "pending", ()))
 
 
 def _chunk(args: tuple, kwargs: dict) -> int:

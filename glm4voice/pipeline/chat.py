@@ -202,18 +202,18 @@ class PipelineConfig:
     so that the listener then waits for one decoder call, the next block's, not for two. What is cut
     and decoded, and in which order, does not change. Off: the held block goes to the decoder together
     with the next one."""
-    start_held_early: bool = False
+    start_held_early: bool = True
     """With ``adaptive_blocks`` and ``decode_held_first_block``: a held first block's audio goes out as
     soon as the next block, from the tokens in so far at the answer's measured rate and the decoder's
     measured latency, is expected before the first chunk has played
     (:meth:`~glm4voice.pipeline.policy.ListenerPacing.held_start_in_s`), instead of once the next
-    block is decoded; not while more than ``quick_start_max_turns`` turns are starting. On an H200
-    under Poisson load (0.27-0.43 conversations/s) it took the held turns' wait out of the tail (TTFA
-    p95 0.51-0.58 s in six runs; in the same calls without it 0.55 and 0.75 s), but four of the six runs
-    had a turn run dry after its first chunk, whose next block's decoder call took 0.5-0.6 s (where
-    traced, behind another call's three batches of later blocks), against one in ten runs without it:
-    the estimate, two average decoder calls, misses that tail (docs/PERFORMANCE.md, "2026-11-29, H200,
-    fourth session"). Off: the listener starts with the next block."""
+    block is decoded; not while more than ``quick_start_max_turns`` turns are starting. The estimate
+    (two average decoder calls) misses a next block stuck behind a long call of later blocks: without
+    ``later_calls_yield``, four of six runs on an H200 under Poisson load had a turn run dry after its
+    first chunk (docs/PERFORMANCE.md, "2026-11-29, H200, fourth session"). With it, at 0.35 and 0.43
+    conversations/s: TTFA p95 0.422-0.445 s in four runs (0.436-0.609 s without this in the same
+    calls), one turn dry in the four ("2026-11-29, H200, fifth session"). Off: the listener starts
+    with the next block."""
     first_blocks_cut_in: bool = False
     """A turn's first block need not wait for the decoder call that is running: the call stands aside
     between its ODE steps (and before its vocoder, and between its batches) and decodes the waiting

@@ -144,6 +144,9 @@ def test_the_gpu_timeline_records_each_call_and_takes_its_wrapper_off():
         def feed_many(self, jobs, on_result=None):
             return [len(jobs)]
 
+        def finish(self, stream):
+            stream.pending = []  # consumed: the size is taken before the call
+
     class Runner:
         def prefill(self, slot, ids, start, sample):
             return len(ids) if sample else None
@@ -153,12 +156,14 @@ def test_the_gpu_timeline_records_each_call_and_takes_its_wrapper_off():
         assert decoder.feed_many([1, 2, 3]) == [3]
         assert runner.prefill(0, [5] * 7, 0, sample=True) == 7
         runner.prefill(0, ids=[5] * 2, start=7, sample=False)
+        decoder.finish(argparse.Namespace(pending=[1, 2, 3, 4]))
         with pytest.raises(RuntimeError, match="already wrapped"), gpu_timeline(decoder, None, t0=0.0):
             pass
     assert [call[2] for call in timeline["decoder_calls"]] == [3]
     assert [call[2] for call in timeline["prefills"]] == [7, 2]
+    assert [call[2] for call in timeline["finishes"]] == [4]
     assert all(0 <= start <= end for start, end, _ in timeline["decoder_calls"] + timeline["prefills"])
-    assert "feed_many" not in vars(decoder) and "prefill" not in vars(runner)
+    assert not {"feed_many", "finish"} & set(vars(decoder)) and "prefill" not in vars(runner)
     decoder.feed_many([1])  # no longer recorded
     assert len(timeline["decoder_calls"]) == 1
 

@@ -1125,8 +1125,9 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     assert paced.first_block == 12 and paced.load is chats[0].load and paced.quick_start_max_turns == 3
     assert PipelineConfig().quick_start_max_turns == QUICK_START_MAX_TURNS
     assert paced.urgent_in_hand_s == 0.7 and PipelineConfig().urgent_in_hand_s == URGENT_IN_HAND_S
-    assert paced.start_held_early is PipelineConfig().start_held_early is False
+    assert paced.start_held_early is PipelineConfig().start_held_early is True
     for config, early in (
+        (PipelineConfig(start_held_early=False), False),
         (PipelineConfig(start_held_early=True), True),
         (PipelineConfig(start_held_early=True, decode_held_first_block=False), False),  # needs the block decoded
     ):
