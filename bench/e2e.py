@@ -693,6 +693,7 @@ class E2EBench:
         t0 = loop.time()
         cut_ins = chat.blocks.cut_ins  # the pipeline's counts so far (a pipeline may run several rates)
         yields = chat.blocks.yields
+        finishes = chat.blocks.finishes
         turns: list[dict] = []
         conversations: list[tuple[float, float]] = []
         counts = {}
@@ -758,6 +759,7 @@ class E2EBench:
         # this rate's blocks that cut in (PipelineConfig.first_blocks_cut_in)
         figures["first_blocks_cut_in"] = chat.blocks.cut_ins - cut_ins
         figures["later_calls_yielded"] = chat.blocks.yields - yields  # PipelineConfig.later_calls_yield
+        figures["finishes_queued"] = chat.blocks.finishes - finishes  # PipelineConfig.queue_finishes
         figures["run_s"] = round(loop.time() - t0, 1)
         return figures
 

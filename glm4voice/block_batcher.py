@@ -34,6 +34,13 @@ first block waits; the blocks of its batches left are not decoded (their streams
 call) and go back to the queue as they were, ahead of the later blocks that waited, and the first
 blocks go next. A new turn waits for one batch, not for a whole call.
 
+**Finishes** (:meth:`BlockBatcher.finish`): an answer's last decode (its pending tokens and the tail
+the decoder held back, ``stream.finish()``) waits in the queue as a later block does and runs on the
+worker after the job's ``feed_many`` call, one stream at a time: first blocks go before it, and with
+``yield_to_first`` the finishes not yet run go back to the queue once a first block waits. (Run
+straight on the worker instead, a burst of answers ending puts each finish, 10-15 ms on an H200,
+between a waiting first block and its call.)
+
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
 meanwhile and a listener's first audio does not share the GPU with generation (first blocks that cut
@@ -75,6 +82,8 @@ class _Entry:
     stopped: bool = False
     """Set on the worker when the job ended before this entry's batch (``yield_to_first``): its stream
     is as before the job, and the entry goes back to the queue as it was."""
+    finish: bool = False
+    """No blocks: the stream's ``finish()``, whose result is the one future's (:meth:`BlockBatcher.finish`)."""
 
 
 class BlockBatcher:
@@ -131,6 +140,10 @@ class BlockBatcher:
         worker before the call's results are delivered."""
         self.jobs = 0
         """Blocks decoded by those calls."""
+        self.finishes = 0
+        """Streams finished on the worker (:meth:`finish`)."""
+        self._finish_s = 0.0
+        """The running job's time spent in finishes (not in the latency of its blocks)."""
 
     @property
     def idle(self) -> bool:
@@ -140,6 +153,18 @@ class BlockBatcher:
     async def feed(self, stream: Any, codes: Sequence[int]) -> np.ndarray:
         """``stream.feed(codes)``, decoded together with the other sessions' waiting blocks."""
         return await self.submit(stream, [codes])[0]
+
+    def finish(self, stream: Any) -> asyncio.Future:
+        """``stream.finish()`` on the worker, queued behind the first blocks waiting (see the module's
+        doc); a future for its PCM (or error). Call it once every block submitted for the stream has
+        been decoded; cancel the future of a turn that stops (a finish not yet started is dropped)."""
+        loop = asyncio.get_running_loop()
+        if not self._batched:
+            return loop.run_in_executor(self.worker, stream.finish)
+        entry = _Entry(stream, [], [loop.create_future()], finish=True)
+        self._waiting.append(entry)
+        self._consider(loop)
+        return entry.futures[0]
 
     def submit(self, stream: Any, blocks: Sequence[Sequence[int]], first: bool | None = None) -> list[asyncio.Future]:
         """Queue one stream's blocks, to be decoded in order; a future for each block's PCM (or its
@@ -196,10 +221,32 @@ class BlockBatcher:
     def _decode(self, entries: list[_Entry]) -> None:
         """On the worker: the next block of each entry, in one ``feed_many`` call (a job is one call:
         blocks that arrive meanwhile, first blocks above all, need not wait for a session's later ones)."""
-        self._cut_in_s = 0.0
-        self._feed(entries, self._decode_cutting_in if self.cut_in else None)
+        self._cut_in_s = self._finish_s = 0.0
+        blocks = [e for e in entries if not e.finish]
+        if blocks:
+            self._feed(blocks, self._decode_cutting_in if self.cut_in else None)
         if self.cut_in:  # those that came during the call's last part: now, not after a trip through the loop
             self._decode_cutting_in()
+        self._finish_streams([e for e in entries if e.finish])
+
+    def _finish_streams(self, entries: list[_Entry]) -> None:
+        """On the worker, after the job's blocks: each entry's ``stream.finish()``, its result to its
+        future; with ``yield_to_first``, once a first block waits the rest are left for a later job."""
+        started = time.perf_counter()
+        for entry in entries:
+            future = entry.futures[0]
+            if future.done():  # the turn stopped
+                continue
+            if self.yield_to_first and self._first_waiting.is_set():
+                entry.stopped = True
+                continue
+            try:
+                result: Any = entry.stream.finish()
+            except Exception as error:  # noqa: BLE001 - that stream's failure, the others go on
+                result = entry.failure = error
+            self.finishes += 1
+            future.get_loop().call_soon_threadsafe(_settle, future, result)
+        self._finish_s = time.perf_counter() - started
 
     def _decode_cutting_in(self) -> None:
         """On the worker, at a pause point of the running job: decode the first blocks waiting to cut in."""
@@ -256,19 +303,21 @@ class BlockBatcher:
         with self._cut_in_lock:  # the worker is done with them
             cut_in, self._cut_in_done = self._cut_in_done, []
             not_yet, self._to_cut_in = self._to_cut_in, []  # arrived after the job's last pause point
-        seconds -= self._cut_in_s
+        seconds -= self._cut_in_s + self._finish_s
         back = [e for e in entries if e.stopped]  # not decoded: queued again, as they were
         for entry in back:
             entry.stopped = False
         entries = [e for e in entries if e not in back]
-        self.latency_s = (
-            seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
-        )
-        self.fastest_s = seconds if self.fastest_s is None else min(self.fastest_s, seconds)
-        per_block = seconds / max(1, len(entries))
-        self.block_s = (
-            per_block if self.block_s is None else (1 - LATENCY_WEIGHT) * self.block_s + LATENCY_WEIGHT * per_block
-        )
+        decoded = sum(1 for e in entries if not e.finish)
+        if decoded:  # a job of finishes only says nothing about the blocks' latency
+            self.latency_s = (
+                seconds if self.latency_s is None else (1 - LATENCY_WEIGHT) * self.latency_s + LATENCY_WEIGHT * seconds
+            )
+            self.fastest_s = seconds if self.fastest_s is None else min(self.fastest_s, seconds)
+            per_block = seconds / decoded
+            self.block_s = (
+                per_block if self.block_s is None else (1 - LATENCY_WEIGHT) * self.block_s + LATENCY_WEIGHT * per_block
+            )
         error = None if call.cancelled() else call.exception()
         if error is not None:  # feed_many itself failed (a bug): every block of the job hears of it
             logger.error("batched block decode failed: %r", error)

@@ -230,6 +230,14 @@ class PipelineConfig:
     p95 0.436 s against 0.494 s, at 0.43/s 0.554 s and no turn dry against 0.831 s and three turns dry
     (docs/PERFORMANCE.md, "2026-11-29, H200, fifth session"). A call of one batch still runs to its
     end. Off: a first block waits for the running call to end."""
+    queue_finishes: bool = False
+    """An answer's last decode (its pending tokens and the tail the decoder held back) waits in the
+    block batcher's queue behind the first blocks waiting, and yields to them as later calls do
+    (:meth:`~glm4voice.block_batcher.BlockBatcher.finish`), instead of going straight to the decoder's
+    thread. Under Poisson load on an H200 (0.43-0.5 conversations/s), bursts of answers ending put
+    up to seven finishes of 10-15 ms each between a waiting first block and its call (bench/e2e.py's
+    ``finishes_meanwhile``; docs/PERFORMANCE.md, "2026-11-29, H200, fifth session"). Not measured
+    yet. Off: each finish goes to the decoder's thread when its answer ends."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured
@@ -850,7 +858,8 @@ class VoiceChat:
                 held = False  # a held first block decoded at once: the listener waits for the next block
 
                 def send_if_started(start: bool) -> None:
-                    """Send the unheard audio if the listener plays, or may start now (``start``)."""
+                    """Send the unheard audio if the listener plays, or may start now (``start``; callers
+                    ask the pacing only while it does not play)."""
                     nonlocal started_playing, unheard
                     if started_playing or start:
                         started_playing = True
@@ -859,7 +868,7 @@ class VoiceChat:
                             emit(samples, timing, sent)
                         unheard = []
 
-                async def start_held_early(waiting: Awaitable[T]) -> T:
+                async def await_or_start_held(waiting: Awaitable[T]) -> T:
                     """``await waiting``; meanwhile a held first block's decoded audio goes out once the
                     pacing expects the next block in time (``PipelineConfig.start_held_early``)."""
                     nonlocal held
@@ -870,7 +879,7 @@ class VoiceChat:
                         while (wait := pacing.held_start_in_s(clock.now())) is not None:
                             if wait <= 0:
                                 held = False
-                                send_if_started(pacing.start_covered(clock.now(), cut))
+                                send_if_started(started_playing or pacing.start_covered(clock.now(), cut))
                                 break
                             await asyncio.wait([future], timeout=max(wait, HELD_RECHECK_S))
                             if future.done():
@@ -880,7 +889,7 @@ class VoiceChat:
                         future.cancel()  # left waiting only when the turn is cancelled
 
                 while end is None:
-                    end = _take_waiting(await start_held_early(blocks.get()), blocks, ready)
+                    end = _take_waiting(await await_or_start_held(blocks.get()), blocks, ready)
                     if not paced and end is None and [block.index for block, _ in ready] == [0]:
                         paced = True
                         if pacing.hold_first_block(clock.now()):
@@ -901,7 +910,7 @@ class VoiceChat:
                     cut += [len(block.codes) for block, _ in ready]
                     # blocks handed over together reach the listener together: a held first block and
                     # the block after it start playing as one (the player's lead covers neither gap)
-                    decoded = await start_held_early(asyncio.gather(*pcms))
+                    decoded = await await_or_start_held(asyncio.gather(*pcms))
                     for (block, ready_at), pcm, at in zip(ready, decoded, done_at):
                         samples = _as_samples(pcm)
                         timing = BlockTiming(block.index, len(block.codes), ready_at, started, at[0], len(samples),
@@ -909,10 +918,17 @@ class VoiceChat:
                         unheard.append((samples, timing))
                     ready, pcms = [], []
                     held = held and len(cut) == 1
-                    send_if_started(end is not None or (not held and pacing.start_covered(clock.now(), cut)))
+                    send_if_started(
+                        started_playing or end is not None or (not held and pacing.start_covered(clock.now(), cut))
+                    )
                 send_if_started(True)  # the answer ended before its start was covered
                 started = clock.now()
-                tail = _as_samples(await loop.run_in_executor(self._decode_worker, stream.finish))
+                finishing = (
+                    self.blocks.finish(stream)
+                    if self.config.queue_finishes
+                    else loop.run_in_executor(self._decode_worker, stream.finish)
+                )
+                tail = _as_samples(await finishing)
                 decoded_at = clock.now()
                 emit(tail, BlockTiming(None, 0, started, started, decoded_at, len(tail)), decoded_at)
                 stream_end = end

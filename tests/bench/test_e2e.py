@@ -433,9 +433,9 @@ def test_the_dry_run_of_each_new_section_writes_its_figures(dry_run, section):
                     "mean_concurrent_conversations", "passes"):  # fmt: skip
             assert key in rate, key
         assert rate["decoder"]["busy_share"] >= 0 and "mean_batch" in rate["decoder"]
-        # this rate's own counts: no block cut in (off by default), calls that ended early for first
-        # blocks, held first blocks among its turns
-        assert rate["first_blocks_cut_in"] == 0 and rate["later_calls_yielded"] >= 0
+        # this rate's own counts: no block cut in, no finish queued (both off by default), calls that
+        # ended early for first blocks, held first blocks among its turns
+        assert rate["first_blocks_cut_in"] == rate["finishes_queued"] == 0 and rate["later_calls_yielded"] >= 0
         assert 0 <= rate["turns_first_block_with_next"] <= rate["turns"]
         summary = dry_run["poisson"]
         assert summary["rates_per_s"] == [0.3] and "capacity_conversations" in summary and "meets_target" in summary

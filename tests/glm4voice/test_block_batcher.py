@@ -531,3 +531,108 @@ def test_blocks_a_yielding_job_did_not_decode_sound_as_if_it_had(tiny_checkpoint
         blocks = [codes[:10]] + ([second[seed]] if seed in second else [])  # stream 6: its first block only
         together = np.concatenate(pieces + [streams[seed].finish()])
         np.testing.assert_array_equal(together, alone(seed, blocks))
+
+
+class OrderDecoder:
+    """feed_many that logs its call ("feed", streams) and gives every block a result; the first call
+    waits for ``gate``."""
+
+    def __init__(self, log: list):
+        self.log = log
+        self.gate = threading.Event()
+
+    def feed_many(self, jobs, on_result=None, max_batch=None, stop=None):
+        self.log.append(("feed", [str(stream) for stream, _ in jobs]))
+        if len(self.log) == 1:
+            assert self.gate.wait(10)
+        for index, (_, codes) in enumerate(jobs):
+            on_result(index, np.full(len(codes), len(codes), np.float32))
+
+
+class FinishingStream(_Named):
+    """A stream whose ``finish()`` logs ("finish", name) and returns three samples; the one given
+    ``entered`` and ``go_on`` sets the first and waits for the second before it returns."""
+
+    log: list
+    entered: threading.Event | None = None
+    go_on: threading.Event | None = None
+
+    def finish(self):
+        self.log.append(("finish", str(self)))
+        if self.entered is not None and self.go_on is not None:
+            self.entered.set()
+            assert self.go_on.wait(10)
+        return np.zeros(3, np.float32)
+
+
+def _finishing(name: str, log: list, gated: bool = False) -> FinishingStream:
+    stream = FinishingStream(name)
+    stream.tokens_decoded, stream.log = 40, log
+    if gated:
+        stream.entered, stream.go_on = threading.Event(), threading.Event()
+    return stream
+
+
+@pytest.mark.parametrize("yield_to_first", [True, False])
+def test_finishes_wait_behind_first_blocks_and_yield_to_them(yield_to_first):
+    """Two finishes queued while a job of a later block runs go in the next job, after its blocks (here
+    none); a first block queued while the first finish runs goes before the second with
+    ``yield_to_first`` (the second goes back to the queue), after it without. Each finish's result
+    reaches its future; finishes make no feed_many call and are counted apart."""
+
+    async def scenario():
+        log: list = []
+        decoder = OrderDecoder(log)
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, yield_to_first=yield_to_first)
+            a = batcher.submit(_stream("a", 30), [[1] * 26])
+            x, y = _finishing("x", log, gated=True), _finishing("y", log)
+            finished = [batcher.finish(x), batcher.finish(y)]  # while "a" is decoded
+            decoder.gate.set()
+            await a[0]
+            await asyncio.get_running_loop().run_in_executor(None, x.entered.wait)
+            new = batcher.submit(_stream("new", 0), [[1] * 10])  # while x finishes
+            x.go_on.set()
+            results = await asyncio.gather(*finished, new[0])
+            await until(lambda: batcher.idle, "the last job never finished")
+            return log, results, batcher
+
+    log, results, batcher = asyncio.run(scenario())
+    assert [len(r) for r in results] == [3, 3, 10]
+    if yield_to_first:
+        assert log == [("feed", ["a"]), ("finish", "x"), ("feed", ["new"]), ("finish", "y")]
+    else:
+        assert log == [("feed", ["a"]), ("finish", "x"), ("finish", "y"), ("feed", ["new"])]
+    assert (batcher.calls, batcher.jobs, batcher.finishes) == (2, 2, 2)
+
+
+def test_a_queued_finish_of_a_stopped_turn_is_dropped_and_a_failing_one_fails_alone():
+    """A finish whose turn stopped before its job is not run; a finish that raises gives its error to
+    its own future, and the next finish of the same job still runs."""
+
+    class Broken(FinishingStream):
+        def finish(self):
+            super().finish()
+            raise ValueError("broken tail")
+
+    async def scenario():
+        log: list = []
+        decoder = OrderDecoder(log)
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker)
+            a = batcher.submit(_stream("a", 30), [[1] * 26])
+            broken = Broken("broken")
+            broken.tokens_decoded, broken.log = 40, log
+            gone, bad, ok = (batcher.finish(s) for s in (_finishing("gone", log), broken, _finishing("ok", log)))
+            gone.cancel()
+            decoder.gate.set()
+            await a[0]
+            with pytest.raises(ValueError, match="broken tail"):
+                await bad
+            assert len(await ok) == 3
+            await until(lambda: batcher.idle, "the last job never finished")
+            return log, batcher
+
+    log, batcher = asyncio.run(scenario())
+    assert log == [("feed", ["a"]), ("finish", "broken"), ("finish", "ok")]
+    assert batcher.finishes == 2

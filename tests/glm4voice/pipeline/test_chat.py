@@ -300,8 +300,9 @@ def test_same_seed_repeats_the_turn(models, server_url):
         PipelineConfig(),
         PipelineConfig(first_blocks_cut_in=True),
         PipelineConfig(later_calls_yield=False),
+        PipelineConfig(queue_finishes=True),
     ],
-    ids=["one-block-per-batch", "batched", "first-blocks-cut-in", "later-calls-run-to-the-end"],
+    ids=["one-block-per-batch", "batched", "first-blocks-cut-in", "later-calls-run-to-the-end", "finishes-queued"],
 )
 def test_seeded_turns_keep_their_audio_while_other_turns_run(models, wide_server_url, config):
     """Three seeded turns at once with three unseeded ones (other prompts, longer answers): each
@@ -311,7 +312,8 @@ def test_seeded_turns_keep_their_audio_while_other_turns_run(models, wide_server
     blocks, it equals within float rounding (the decoder's batched kernels sum in another order
     than a batch of one: ~1e-6 on this CPU). Whether the token server gives a seeded request the
     same ids beside other streams is the engine's business, not checked here. With first blocks cutting
-    into running decoder calls, or calls of later blocks ending early for them, the same holds."""
+    into running decoder calls, or calls of later blocks ending early for them, or the answers' last
+    decodes queued in the block batcher (each turn's finish then runs there), the same holds."""
     others = [("Tell me a story.", 70), ("What is the weather?", 55), ("Hi there", 60)]
     seeded = [replace(SEEDED, seed=1234 + k) for k in range(len(others))]
 
@@ -322,9 +324,10 @@ def test_seeded_turns_keep_their_audio_while_other_turns_run(models, wide_server
             unseeded = GenerationOptions(temperature=1.0, top_p=1.0, max_new_tokens=length, seed=None)
             turns.append(collect(chat, chat.new_session(), UserText(text), unseeded))
         finished = [assert_well_formed(events) for events in await asyncio.gather(*turns)]
-        return finished, [replayed_cuts(chat, f.reply_ids) for f in finished]
+        return finished, [replayed_cuts(chat, f.reply_ids) for f in finished], chat.blocks.finishes
 
-    together, replayed = run(models, wide_server_url, scenario, config)
+    together, replayed, finishes = run(models, wide_server_url, scenario, config)
+    assert finishes == (len(together) if config.queue_finishes else 0)
     for finished, cuts in zip(together, replayed):
         assert block_sizes(finished) == cuts
     for options, finished in zip(seeded, together[0::2]):
