@@ -210,10 +210,10 @@ class PipelineConfig:
     block is decoded; not while more than ``quick_start_max_turns`` turns are starting. The estimate
     (two average decoder calls) misses a next block stuck behind a long call of later blocks: without
     ``later_calls_yield``, four of six runs on an H200 under Poisson load had a turn run dry after its
-    first chunk (docs/PERFORMANCE.md, "2026-11-29, H200, fourth session"). With it, at 0.35 and 0.43
-    conversations/s: TTFA p95 0.422-0.445 s in four runs (0.436-0.609 s without this in the same
-    calls), one turn dry in the four ("2026-11-29, H200, fifth session"). Off: the listener starts
-    with the next block."""
+    first chunk (docs/PERFORMANCE.md, "2026-11-29, H200, fourth session"). With it: TTFA p95
+    0.422-0.445 s at 0.35 conversations/s (two runs, none dry) and 0.430-0.495 s at 0.43/s (three runs;
+    1, 0 and 3 turns dry), against 0.436-0.609 s without this in the same calls (0, 0 and 1 dry at
+    0.43/s; "2026-11-29, H200, fifth session"). Off: the listener starts with the next block."""
     first_blocks_cut_in: bool = False
     """A turn's first block need not wait for the decoder call that is running: the call stands aside
     between its ODE steps (and before its vocoder, and between its batches) and decodes the waiting
@@ -234,10 +234,11 @@ class PipelineConfig:
     """An answer's last decode (its pending tokens and the tail the decoder held back) waits in the
     block batcher's queue behind the first blocks waiting, and yields to them as later calls do
     (:meth:`~glm4voice.block_batcher.BlockBatcher.finish`), instead of going straight to the decoder's
-    thread. Under Poisson load on an H200 (0.43-0.5 conversations/s), bursts of answers ending put
-    up to seven finishes of 10-15 ms each between a waiting first block and its call (bench/e2e.py's
-    ``finishes_meanwhile``; docs/PERFORMANCE.md, "2026-11-29, H200, fifth session"). Not measured
-    yet. Off: each finish goes to the decoder's thread when its answer ends."""
+    thread. Under Poisson load on an H200 (0.43-0.5 conversations/s), finishes stood between a
+    waiting first block and its call: bursts of up to seven of 10-15 ms each, and finishes of a few
+    pending tokens of 0.11-0.19 s (bench/e2e.py's ``finishes_meanwhile``; docs/PERFORMANCE.md,
+    "2026-11-29, H200, fifth session"). Not measured yet. Off: each finish goes to the decoder's
+    thread when its answer ends."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured
