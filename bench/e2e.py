@@ -733,7 +733,8 @@ class E2EBench:
                 next_input = end + turn.think_s
             conversations.append((start, end))
 
-        # the decoder's calls and (one-process layout) the engine's prefills, for the slow turns' figures
+        # the decoder's calls and finishes, the engine's prefills (one-process layout) and the event
+        # loop's late wake-ups, listed beside the slow turns (bench/e2e_trace.py)
         backend = getattr(tokens, "backend", None)
         runner = backend.engine.runner if backend is not None else None
         done = asyncio.Event()

@@ -1,11 +1,11 @@
-"""What the GPU's two users did during a Poisson rate of bench/e2e.py (one-process layout): every
-decoder call and every prefill chunk of the engine, as ``[start, end, size]`` in seconds on the
-rate's clock (the event loop's, ``time.monotonic``), and when the event loop itself was late. A slow turn's figures then show which calls and
-prefills overlapped its slow block (``bench/e2e_load.decoded_meanwhile``): time in the batcher's
-queue, a long call, a prefill sharing the GPU with the block's decode, or the loop too busy to
-start the next call.
+"""What the GPU's users did during a Poisson rate of bench/e2e.py: every decoder call, every answer's
+last decode (``finish``) and, in the one-process layout, every prefill chunk of the engine, as
+``[start, end, size]`` in seconds on the rate's clock (the event loop's, ``time.monotonic``), and
+when the event loop itself woke up late. Each slow turn's figures then list what overlapped its slow
+block (``bench/e2e_load.decoded_meanwhile``): a call of later blocks it waited for, finishes run
+before it, a prefill sharing the GPU with its decode, or the loop too busy to start the next call.
 
-The recorder wraps the instance's method for the rate and takes the wrapper off afterwards; the
+The recorders wrap the instances' methods for the rate and take the wrappers off afterwards; the
 product code is untouched."""
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+LOOP_PROBE_S = 0.005
+"""How often :func:`loop_lags` wakes up on the event loop."""
+LOOP_LAG_S = 0.02
+"""A wake-up this much later than asked is recorded (:func:`loop_lags`)."""
 
 
 @contextlib.contextmanager
@@ -43,8 +48,8 @@ def timed_calls(owner: Any, method: str, t0: float, size: Callable[[tuple, dict]
 
 @contextlib.contextmanager
 def gpu_timeline(decoder: Any, runner: Any | None, t0: float) -> Iterator[dict[str, list[list[float]]]]:
-    """``decoder_calls`` (``feed_many``: blocks in the call), ``finishes`` (``finish``, an answer's
-    last tokens decoded alone on the decoder's thread, outside the batcher's calls: tokens pending)
+    """``decoder_calls`` (``feed_many``: blocks in the call), ``finishes`` (``finish``: an answer's
+    last tokens and held-back tail, decoded alone; size: the tokens pending)
     and, given the engine's runner, ``prefills`` (``prefill``: prompt tokens in the chunk), recorded
     while the body runs. A prefill's end is the host's: a chunk that samples no token may still be on
     the GPU after it."""
@@ -72,12 +77,6 @@ def _pending(args: tuple, kwargs: dict) -> int:
 def _chunk(args: tuple, kwargs: dict) -> int:
     """Prompt tokens in a ``prefill(slot, ids, start, ...)`` call."""
     return len(args[1] if len(args) > 1 else kwargs["ids"])
-
-
-LOOP_PROBE_S = 0.005
-"""How often :func:`loop_lags` wakes up on the event loop."""
-LOOP_LAG_S = 0.02
-"""A wake-up this much later than asked is recorded (:func:`loop_lags`)."""
 
 
 async def loop_lags(t0: float, until: asyncio.Event, lags: list[list[float]]) -> None:
