@@ -37,7 +37,7 @@ TTFA_P95_LIMIT_S = 0.5
 SLOWEST_TURNS = 6
 """Turns whose TTFA parts each rate's figures list (the slowest: the tail that sets p95)."""
 MEANWHILE_BLOCKS = 24
-"""Most of the other turns' blocks listed per slow turn (:func:`decoded_meanwhile`)."""
+"""Most of the other turns' blocks listed per slow turn (:func:`what_overlapped`)."""
 TTFA_PARTS = ("prefill", "tokens_to_first_block", "first_block_held", "first_block_call", "first_audio_kept")
 """Parts of a turn's TTFA (``bench/e2e.turn_record``) whose p50 and p95 each rate reports: the engine's
 prefill (queueing included), generating up to the first block, the first block held back by the turn's
@@ -235,13 +235,13 @@ def rate_figures(
                 for key in ("start_s", "ttfa", "first_underrun", "underruns", "first_block_with_next", "urgent_blocks")
             }
             | {"blocks": t.get("blocks", [])[:5], "block_path": t.get("block_path")}
-            | decoded_meanwhile(t, turns, timeline)
+            | what_overlapped(t, turns, timeline)
             for t in sorted((t for t in ok if t["underruns"]), key=lambda t: t["start_s"])[:SLOWEST_TURNS]
         ],
         "slowest_turns": [  # where the tail's time went
             {key: t.get(key) for key in ("start_s", "ttfa", *TTFA_PARTS, "first_block_with_next")}
             | {"blocks": t.get("blocks", [])[:2]}
-            | decoded_meanwhile(t, turns, timeline)
+            | what_overlapped(t, turns, timeline)
             for t in sorted(ok, key=lambda t: -(t.get("ttfa") or 0))[:SLOWEST_TURNS]
         ],
     }
@@ -249,7 +249,7 @@ def rate_figures(
     return figures
 
 
-def decoded_meanwhile(
+def what_overlapped(
     turn: dict, turns: Sequence[dict], timeline: Mapping[str, Sequence[Sequence[float]]] | None = None
 ) -> dict:
     """What the decoder did while the slower of ``turn``'s first two blocks waited for it and was decoded

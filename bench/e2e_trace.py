@@ -2,7 +2,7 @@
 last decode (``finish``) and, in the one-process layout, every prefill chunk of the engine, as
 ``[start, end, size]`` in seconds on the rate's clock (the event loop's, ``time.monotonic``), and
 when the event loop itself woke up late. Each slow turn's figures then list what overlapped its slow
-block (``bench/e2e_load.decoded_meanwhile``): a call of later blocks it waited for, finishes run
+block (``bench/e2e_load.what_overlapped``): a call of later blocks it waited for, finishes run
 before it, a prefill sharing the GPU with its decode, or the loop too busy to start the next call.
 
 The recorders wrap the instances' methods for the rate and take the wrappers off afterwards; the

@@ -20,12 +20,12 @@ from bench.e2e import combine_runs, layouts_summary, parse_args, parse_variants,
 from bench.e2e_load import (
     LoadShape,
     capacity,
-    decoded_meanwhile,
     max_overlap,
     mean_overlap,
     percentile,
     plan_load,
     rate_figures,
+    what_overlapped,
 )
 from bench.e2e_server import AnswerPattern, ForcedHistory, PatternStream, answer_length
 from bench.e2e_trace import gpu_timeline, loop_lags
@@ -122,22 +122,22 @@ def test_a_slow_turn_lists_what_the_decoder_delivered_while_its_early_block_wait
     slow = {"start_s": 10.0, "blocks_decoded": [[0, 10, 0.2, 0.3], [1, 16, 0.4, 0.9], [2, 26, 0.9, 1.1]]}
     other = {"start_s": 9.0, "blocks_decoded": [[3, 80, 1.0, 1.45], [4, 160, 1.45, 1.8], [5, 160, 1.8, 2.5]]}
     young = {"start_s": 10.3, "blocks_decoded": [[0, 10, 0.1, 0.55]]}
-    found = decoded_meanwhile(slow, [slow, other, young])
+    found = what_overlapped(slow, [slow, other, young])
     assert found["slow_block"] == [1, 0.4, 0.5]
     assert found["decoded_meanwhile"] == [[0.05, 80, 3], [0.4, 160, 4], [0.45, 10, 0]]
-    assert decoded_meanwhile({"start_s": 1.0}, [other]) == {}  # a record without the blocks
+    assert what_overlapped({"start_s": 1.0}, [other]) == {}  # a record without the blocks
     # the GPU's work meanwhile: entries overlapping [10.4, 10.9] on the run's clock, relative to 10.4
     timeline = {
         "decoder_calls": [[10.0, 10.3, 4], [10.35, 10.85, 3], [10.85, 11.0, 1]],
         "prefills": [[10.5, 10.6, 512]],
     }
-    traced = decoded_meanwhile(slow, [slow, other], timeline)
+    traced = what_overlapped(slow, [slow, other], timeline)
     assert traced["decoder_calls_meanwhile"] == [[-0.05, 0.45, 3], [0.45, 0.6, 1]]
     assert traced["prefills_meanwhile"] == [[0.1, 0.2, 512]]
 
 
 def test_the_gpu_timeline_records_each_call_and_takes_its_wrapper_off():
-    """Each feed_many and prefill call while recording, with its size, on the given clock; the
+    """Each feed_many, finish and prefill call while recording, with its size, on the given clock; the
     instances' own methods afterwards (and a second recorder on the same method is refused)."""
 
     class Decoder:
