@@ -707,7 +707,8 @@ class E2EBench:
         async def converse(plan) -> None:
             await asyncio.sleep(max(0.0, t0 + plan.arrival_s - loop.time()))
             session = chat.new_session()
-            start = next_input = loop.time() - t0
+            next_input = loop.time() - t0
+            start = next_input if plan.began_s is None else plan.began_s  # (under way at time 0)
             end = start
             for turn in plan.turns:
                 turn_start = next_input + turn.input_s

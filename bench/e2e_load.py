@@ -7,13 +7,18 @@ question; each turn starts at the end of that input (the turn's TTFA clock start
 plays in the browser's player, and the user thinks for a while after the answer has played before
 starting the next input. Conversations arrive as a Poisson process of ``rate_per_s``; each has
 ``turns`` turns, spoken with probability ``spoken_fraction`` (else typed), answers of
-``answer_mean_s`` seconds on average (uniform in [0.5, 1.5] times that) and exponential think times.
+``answer_mean_s`` seconds on average (uniform in :data:`ANSWER_SPREAD` times that) and exponential think times.
 
 Warm start: so that a rate is measured in steady state without first waiting one conversation
-lifetime, the plan also holds the conversations that would be in progress at time 0 (Poisson, of
-mean ``rate x lifetime``), each with a uniformly drawn number of turns left and its next input
-starting within the first turn cycle. Figures count only turns that start in the measured window
-``[warm_s, window_s]``, and the mean number of conversations in progress over that window.
+lifetime, the plan also holds the conversations that would be in progress at time 0. They are drawn
+as the same Poisson process run over the :data:`WARM_HISTORY_LIFETIMES` lifetimes before time 0,
+each walked through its planned inputs, answers and think times: a conversation keeps the turns
+that start at time 0 or later, the first of them with only the rest of its input left (an input
+under way at time 0), and is dropped if none is left. Turns then start at ``rate x turns`` per
+second from time 0 on, as they do in steady state; the answers that were playing at time 0 are
+missing, so the measured window starts one turn cycle later (or one longest answer, if longer). Figures count
+only turns that start in the measured window ``[warm_s, window_s]``, and the mean number of
+conversations in progress over that window.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 TYPED_QUESTIONS = (
     "What is the weather like in Paris in spring?",
@@ -38,6 +43,11 @@ SLOWEST_TURNS = 6
 """Turns whose TTFA parts each rate's figures list (the slowest: the tail that sets p95)."""
 MEANWHILE_BLOCKS = 24
 """Most of the other turns' blocks listed per slow turn (:func:`what_overlapped`)."""
+ANSWER_SPREAD = (0.5, 1.5)
+"""An answer lasts a uniform draw in this range times :attr:`LoadShape.answer_mean_s`."""
+WARM_HISTORY_LIFETIMES = 2.0
+"""How far back (in mean conversation lifetimes) the warm start draws the conversations under way at
+time 0: far enough that none arriving earlier would still be going on."""
 TTFA_PARTS = ("prefill", "tokens_to_first_block", "first_block_held", "first_block_call", "first_audio_kept")
 """Parts of a turn's TTFA (``bench/e2e.turn_record``) whose p50 and p95 each rate reports: the engine's
 prefill (queueing included), generating up to the first block, the first block held back by the turn's
@@ -96,24 +106,43 @@ class ConversationPlan:
     """When the user starts the first input."""
     turns: tuple[TurnPlan, ...]
     in_progress: bool = False
-    """Already going on at time 0 (warm start)."""
+    """Already going on at time 0 (warm start): ``arrival_s`` is then when its next input starts (or
+    0, that input under way) and ``began_s`` when it arrived."""
+    began_s: float | None = None
+    """When the conversation began, if before ``arrival_s`` (a conversation under way at time 0)."""
+
+    @property
+    def since_s(self) -> float:
+        """When the conversation began (it counts as in progress from then on)."""
+        return self.arrival_s if self.began_s is None else self.began_s
+
+    def schedule(self, lead_s: float) -> list[tuple[float, float, float]]:
+        """Each turn's planned (input start, turn start, end of its answer's playback): answers as long
+        as planned after the player's ``lead_s``, no TTFA."""
+        out, start = [], self.arrival_s
+        for turn in self.turns:
+            begins = start + turn.input_s
+            ends = begins + lead_s + turn.answer_s
+            out.append((start, begins, ends))
+            start = ends + turn.think_s
+        return out
 
 
-def _poisson(rng: random.Random, mean: float) -> int:
-    """A Poisson draw (Knuth's method for small means, a rounded normal for large ones)."""
-    if mean > 60:
-        return max(0, round(rng.gauss(mean, math.sqrt(mean))))
-    limit, k, p = math.exp(-mean), 0, 1.0
-    while True:
-        p *= rng.random()
-        if p <= limit:
-            return k
-        k += 1
+def _under_way(plan: ConversationPlan, lead_s: float) -> ConversationPlan | None:
+    """What is left at time 0 of ``plan``, a conversation that arrived before it: the turns that start
+    at 0 or later (the first one's input maybe under way), or None if none is left."""
+    for index, (input_start, begins, _) in enumerate(plan.schedule(lead_s)):
+        if begins >= 0:
+            first = plan.turns[index] if input_start >= 0 else replace(plan.turns[index], input_s=begins)
+            left = (first, *plan.turns[index + 1 :])
+            return ConversationPlan(max(input_start, 0.0), left, in_progress=True, began_s=plan.arrival_s)
+    return None
 
 
 def plan_load(rate_per_s: float, window_s: float, shape: LoadShape, seed: int = 0, warm_start: bool = True):
     """The conversations of one rate: ``(plans, warm_s)``, plans sorted by arrival, ``warm_s`` the start
-    of the measured window (one turn cycle with a warm start, one lifetime without)."""
+    of the measured window (one turn cycle with a warm start, or the longest answer if longer; one
+    lifetime without)."""
     if rate_per_s <= 0 or window_s <= 0:
         raise ValueError("rate and window must be positive")
     rng = random.Random(seed)
@@ -127,7 +156,7 @@ def plan_load(rate_per_s: float, window_s: float, shape: LoadShape, seed: int = 
                 TurnPlan(
                     spoken=spoken,
                     input_s=shape.spoken_input_s if spoken else shape.typed_input_s,
-                    answer_s=shape.answer_mean_s * rng.uniform(0.5, 1.5),
+                    answer_s=shape.answer_mean_s * rng.uniform(*ANSWER_SPREAD),
                     think_s=rng.expovariate(1 / shape.think_mean_s) if shape.think_mean_s > 0 else 0.0,
                     seed=next(counter),
                     variant=rng.randrange(1 << 30),
@@ -136,15 +165,17 @@ def plan_load(rate_per_s: float, window_s: float, shape: LoadShape, seed: int = 
         return tuple(out)
 
     plans = []
-    if warm_start:
-        for _ in range(_poisson(rng, rate_per_s * shape.lifetime_s)):
-            first = rng.uniform(0, shape.cycle_s)  # the next input of a conversation under way
-            plans.append(ConversationPlan(first, turns(rng.randint(1, shape.turns)), in_progress=True))
-    t = rng.expovariate(rate_per_s)
+    t = -WARM_HISTORY_LIFETIMES * shape.lifetime_s if warm_start else 0.0
+    t += rng.expovariate(rate_per_s)
     while t < window_s:
-        plans.append(ConversationPlan(t, turns(shape.turns)))
+        plan = ConversationPlan(t, turns(shape.turns))
+        if t >= 0:
+            plans.append(plan)
+        elif (under_way := _under_way(plan, shape.lead_s)) is not None:
+            plans.append(under_way)
         t += rng.expovariate(rate_per_s)
-    warm_s = min(shape.cycle_s if warm_start else shape.lifetime_s, window_s / 2)
+    longest_answer = shape.lead_s + ANSWER_SPREAD[1] * shape.answer_mean_s
+    warm_s = min(max(shape.cycle_s, longest_answer) if warm_start else shape.lifetime_s, window_s / 2)
     return sorted(plans, key=lambda p: p.arrival_s), warm_s
 
 

@@ -61,9 +61,10 @@ def test_poisson_plans_are_reproducible_and_have_the_asked_shape():
         p.arrival_s for p in plans
     )
     assert all(len(p.turns) == 3 for p in arrivals)
-    in_progress = [p for p in plans if p.in_progress]  # the warm start: about rate x lifetime of them
-    assert 0.6 * shape.lifetime_s < len(in_progress) < 1.4 * shape.lifetime_s
-    assert all(p.arrival_s <= shape.cycle_s and 1 <= len(p.turns) <= 3 for p in in_progress)
+    in_progress = [p for p in plans if p.in_progress]  # the warm start: those under way at time 0
+    assert all(p.since_s < 0 <= p.arrival_s and 1 <= len(p.turns) <= 3 for p in in_progress)
+    assert all(0 <= p.turns[0].input_s <= shape.spoken_input_s for p in in_progress)
+    assert any(p.turns[0].input_s < shape.typed_input_s for p in in_progress)  # inputs under way at 0
     turns = [t for p in plans for t in p.turns]
     spoken = sum(t.spoken for t in turns) / len(turns)
     assert 0.65 < spoken < 0.75
@@ -74,6 +75,29 @@ def test_poisson_plans_are_reproducible_and_have_the_asked_shape():
     assert not any(p.in_progress for p in cold) and warm_cold == pytest.approx(shape.lifetime_s)
     with pytest.raises(ValueError):
         plan_load(0, 10, shape)
+
+
+def test_the_warm_start_is_steady_state_from_the_measured_window_on():
+    """Averaged over seeds, turns start at rate x turns per second from time 0 on, and as many
+    conversations are in progress at every point of the measured window as steady state holds
+    (rate x lifetime): no burst of turns where the window starts."""
+    shape, rate, window, seeds, bin_s = LoadShape(), 0.5, 70.0, 150, 5.0
+    starts = [0] * int(window / bin_s)
+    in_progress = [0] * int(window / bin_s)
+    for seed in range(seeds):
+        plans, warm_s = plan_load(rate, window, shape, seed=seed)
+        for plan in plans:
+            schedule = plan.schedule(shape.lead_s)
+            for _, begins, _ in schedule:
+                if begins < window:
+                    starts[int(begins // bin_s)] += 1
+            for k in range(len(in_progress)):  # in progress at the bin's middle
+                in_progress[k] += plan.since_s <= (k + 0.5) * bin_s < schedule[-1][2]
+    per_s = [n / seeds / bin_s for n in starts]
+    assert all(abs(r - rate * shape.turns) < 0.1 * rate * shape.turns for r in per_s), per_s
+    measured = [n / seeds for k, n in enumerate(in_progress) if k * bin_s >= warm_s]
+    steady = rate * shape.lifetime_s
+    assert all(abs(n - steady) < 0.1 * steady for n in measured), (measured, steady)
 
 
 def test_rate_figures_count_the_measured_window_only():
