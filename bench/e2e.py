@@ -695,6 +695,7 @@ class E2EBench:
         yields = chat.blocks.yields
         finishes = chat.blocks.finishes
         gathered = chat.blocks.gathered
+        due_soon = chat.blocks.due_soon
         turns: list[dict] = []
         conversations: list[tuple[float, float]] = []
         counts = {}
@@ -764,6 +765,7 @@ class E2EBench:
         figures["later_calls_yielded"] = chat.blocks.yields - yields  # PipelineConfig.later_calls_yield
         figures["finishes_queued"] = chat.blocks.finishes - finishes  # PipelineConfig.queue_finishes
         figures["later_calls_gathered"] = chat.blocks.gathered - gathered  # PipelineConfig.gather_later_blocks
+        figures["queued_blocks_turned_urgent"] = chat.blocks.due_soon - due_soon  # PipelineConfig.urgent_while_queued
         figures["run_s"] = round(loop.time() - t0, 1)
         return figures
 

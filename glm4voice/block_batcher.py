@@ -49,6 +49,11 @@ first (a timer on the loop; first blocks start at once as always). Under load a 
 about as much for one block as for several (the GPU's time goes to the calls, not to the blocks), so
 fewer, fuller calls leave the GPU to generation and to first blocks for longer.
 
+**Due blocks go first** (``due_soon_s``): a later block given a ``due`` whose listener has less than
+``due_soon_s`` left when a job starts goes in the job of first blocks (and its ``make_way``), ahead
+of the other later blocks; otherwise a block handed over with time to spare could wait behind one job
+of first blocks after another while that time runs out.
+
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
 meanwhile and a listener's first audio does not share the GPU with generation (first blocks that cut
@@ -96,7 +101,10 @@ class _Entry:
     finish: bool = False
     """No blocks: the stream's ``finish()``, whose result is the one future's (:meth:`BlockBatcher.finish`)."""
     due: float | None = None
-    """Loop time when the listener runs dry without these blocks (``gather``; None: needed now)."""
+    """Loop time when the listener runs dry without these blocks (``gather``, ``due_soon_s``; None:
+    needed now)."""
+    due_soon: bool = False
+    """``first`` only because its ``due`` came near (``due_soon_s``): the blocks after this one are not."""
 
 
 class BlockBatcher:
@@ -114,11 +122,14 @@ class BlockBatcher:
         cut_in: bool = False,
         yield_to_first: bool = False,
         gather: int = 1,
+        due_soon_s: float = 0.0,
     ):
         """``cut_in``: first blocks cut into the running job at its pause points (the decoder's
         ``feed_many`` must take ``pause``). ``yield_to_first``: a job of later blocks ends between its
         batches once a first block waits (the decoder's ``feed_many`` must take ``stop``). ``gather``:
-        a job of later blocks with time in hand waits for this many sessions' blocks (1: never waits)."""
+        a job of later blocks with time in hand waits for this many sessions' blocks (1: never waits).
+        ``due_soon_s``: a later block whose ``due`` is nearer than this goes with the first blocks (0:
+        never)."""
         if gather < 1:
             raise ValueError(f"gather must be at least 1, got {gather}")
         self.decoder = decoder
@@ -128,6 +139,9 @@ class BlockBatcher:
         self.cut_in = cut_in
         self.yield_to_first = yield_to_first
         self.gather = gather
+        self.due_soon_s = due_soon_s
+        self.due_soon = 0
+        """Later blocks that went with the first blocks because they were nearly due (``due_soon_s``)."""
         self._gather_timer: asyncio.TimerHandle | None = None
         """With ``gather``: starts the held job of later blocks when the earliest is nearly due."""
         self._gathering = False
@@ -229,10 +243,15 @@ class BlockBatcher:
         self._waiting = [e for e in self._waiting if not all(f.done() for f in e.futures)]  # a cancelled turn's dropped
         if not self._waiting:
             return
+        now = loop.time()
+        for entry in self._waiting:  # a later block whose listener is about to run dry goes first too
+            if not entry.first and entry.due is not None and entry.due - now < self.due_soon_s:
+                entry.first = entry.due_soon = True
+                self.due_soon += 1
         firsts = [e for e in self._waiting if e.first]  # listeners waiting for their first audio go first
         if firsts:
             entries, self._waiting = firsts, [e for e in self._waiting if not e.first]
-        elif (start_at := self._gather_until(loop.time())) is not None:
+        elif (start_at := self._gather_until(now)) is not None:
             self._gathering = True
             self._gather_timer = loop.call_at(start_at, self._consider, loop)
             return
@@ -376,7 +395,9 @@ class BlockBatcher:
             failure = job_error or entry.failure
             _settle(entry.futures[0], failure or RuntimeError("the block was not decoded"))
             if failure is None and len(entry.blocks) > 1:  # its later blocks wait for the next job, in order
-                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:], entry.first, due=entry.due))
+                # (their listener's time is not known here: they are due after this block's audio)
+                first = entry.first and not entry.due_soon
+                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:], first))
             else:
                 for future in entry.futures[1:]:
                     _settle(future, failure or RuntimeError("the block was not decoded"))

@@ -239,6 +239,14 @@ class PipelineConfig:
     pending tokens of 0.11-0.19 s (bench/e2e.py's ``finishes_meanwhile``; docs/PERFORMANCE.md,
     "2026-11-29, H200, fifth session"). Not measured yet. Off: each finish goes to the decoder's
     thread when its answer ends."""
+    urgent_while_queued: bool = False
+    """With ``adaptive_blocks`` and ``urgent_in_hand_s``: a later block waiting in the block batcher's
+    queue becomes urgent, too, once its listener has less than ``urgent_in_hand_s`` left when a decoder
+    call starts (``BlockBatcher(due_soon_s=...)``), not only when it is handed over. Under Poisson load
+    on an H200 (0.75-0.85 conversations/s) most turns that ran dry did so at their fourth block (80
+    tokens), handed over 1.2-1.9 s before its listener needed it and decoded 1.5-2.2 s later, behind
+    the first blocks of turns starting meanwhile. Not measured yet. Off: urgency is decided once, at
+    the hand-over."""
     gather_later_blocks: int = 1
     """With ``adaptive_blocks``: a decoder call of later blocks whose listeners all have audio in hand
     waits, with the decoder idle, until this many turns have a block waiting, or until
@@ -497,6 +505,7 @@ class VoiceChat:
             cut_in=config.first_blocks_cut_in,
             yield_to_first=config.later_calls_yield,
             gather=config.gather_later_blocks,
+            due_soon_s=config.urgent_in_hand_s if config.urgent_while_queued else 0.0,
         )
         self.load = TurnLoad(self.blocks)
         """What every turn's block pacing may know of the others (turns running, decoder job time)."""

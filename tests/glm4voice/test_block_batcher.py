@@ -703,3 +703,28 @@ def test_held_later_blocks_start_before_their_listener_would_run_dry():
 def test_gather_must_be_at_least_one():
     with pytest.raises(ValueError, match="gather"):
         BlockBatcher(RecordingDecoder(), None, gather=0)
+
+
+def test_a_later_block_nearly_due_goes_with_the_first_blocks_but_not_its_next_block():
+    """With ``due_soon_s=1``: queued behind a running job, a later block whose listener has half a
+    second left goes in the next job with the first block, ahead of a later block with a minute left;
+    its stream's next block (queued with it) is not first for that (nor held to gather: no ``due``)."""
+
+    async def scenario():
+        log: list = []
+        decoder = OrderDecoder(log)
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, due_soon_s=1.0)
+            loop = asyncio.get_running_loop()
+            running = batcher.submit(_stream("running", 30), [[1] * 26])
+            relaxed = batcher.submit(_stream("relaxed", 30), [[1] * 26], due=loop.time() + 60)
+            soon = batcher.submit(_stream("soon", 30), [[1] * 26, [1] * 52], due=loop.time() + 0.5)
+            first = batcher.submit(_stream("first", 0), [[1] * 10])
+            decoder.gate.set()
+            await asyncio.gather(*running, *relaxed, *soon, *first)
+            await until(lambda: batcher.idle, "the last job never finished")
+            return log, batcher
+
+    log, batcher = asyncio.run(scenario())
+    assert log == [("feed", ["running"]), ("feed", ["soon", "first"]), ("feed", ["soon", "relaxed"])]
+    assert batcher.due_soon == 1
