@@ -694,8 +694,6 @@ class E2EBench:
         cut_ins = chat.blocks.cut_ins  # the pipeline's counts so far (a pipeline may run several rates)
         yields = chat.blocks.yields
         finishes = chat.blocks.finishes
-        gathered = chat.blocks.gathered
-        due_soon = chat.blocks.due_soon
         turns: list[dict] = []
         conversations: list[tuple[float, float]] = []
         counts = {}
@@ -764,8 +762,6 @@ class E2EBench:
         figures["first_blocks_cut_in"] = chat.blocks.cut_ins - cut_ins
         figures["later_calls_yielded"] = chat.blocks.yields - yields  # PipelineConfig.later_calls_yield
         figures["finishes_queued"] = chat.blocks.finishes - finishes  # PipelineConfig.queue_finishes
-        figures["later_calls_gathered"] = chat.blocks.gathered - gathered  # PipelineConfig.gather_later_blocks
-        figures["queued_blocks_turned_urgent"] = chat.blocks.due_soon - due_soon  # PipelineConfig.urgent_while_queued
         figures["run_s"] = round(loop.time() - t0, 1)
         return figures
 

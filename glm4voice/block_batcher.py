@@ -41,19 +41,6 @@ worker after the job's ``feed_many`` call, one stream at a time: first blocks go
 straight on the worker instead, a burst of answers ending puts each finish, 10-15 ms on an H200,
 between a waiting first block and its call.)
 
-**Later blocks gather** (``gather``): a job of later blocks only, all of whose listeners have audio in
-hand (``submit(due=...)``: when each would run dry), does not start while the decoder is idle as soon
-as one waits: it waits until ``gather`` sessions have a block waiting, or until
-:data:`GATHER_MARGIN_S` plus two average jobs before the earliest of them is due, whichever comes
-first (a timer on the loop; first blocks start at once as always). Under load a decoder call costs
-about as much for one block as for several (the GPU's time goes to the calls, not to the blocks), so
-fewer, fuller calls leave the GPU to generation and to first blocks for longer.
-
-**Due blocks go first** (``due_soon_s``): a later block given a ``due`` whose listener has less than
-``due_soon_s`` left when a job starts goes in the job of first blocks (and its ``make_way``), ahead
-of the other later blocks; otherwise a block handed over with time to spare could wait behind one job
-of first blocks after another while that time runs out.
-
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
 meanwhile and a listener's first audio does not share the GPU with generation (first blocks that cut
@@ -78,9 +65,6 @@ logger = logging.getLogger(__name__)
 
 LATENCY_WEIGHT = 0.3
 """Weight of the newest job in :attr:`BlockBatcher.latency_s`."""
-GATHER_MARGIN_S = 1.0
-"""With ``gather``: a job of later blocks held back to gather more starts at the latest this long, plus
-two average jobs (:attr:`BlockBatcher.latency_s`), before the earliest of their listeners runs dry."""
 
 
 @dataclass(eq=False)
@@ -100,11 +84,6 @@ class _Entry:
     is as before the job, and the entry goes back to the queue as it was."""
     finish: bool = False
     """No blocks: the stream's ``finish()``, whose result is the one future's (:meth:`BlockBatcher.finish`)."""
-    due: float | None = None
-    """Loop time when the listener runs dry without these blocks (``gather``, ``due_soon_s``; None:
-    needed now)."""
-    due_soon: bool = False
-    """``first`` only because its ``due`` came near (``due_soon_s``): the blocks after this one are not."""
 
 
 class BlockBatcher:
@@ -121,33 +100,16 @@ class BlockBatcher:
         make_way: Callable[[], AbstractContextManager[None]] | None = None,
         cut_in: bool = False,
         yield_to_first: bool = False,
-        gather: int = 1,
-        due_soon_s: float = 0.0,
     ):
         """``cut_in``: first blocks cut into the running job at its pause points (the decoder's
         ``feed_many`` must take ``pause``). ``yield_to_first``: a job of later blocks ends between its
-        batches once a first block waits (the decoder's ``feed_many`` must take ``stop``). ``gather``:
-        a job of later blocks with time in hand waits for this many sessions' blocks (1: never waits).
-        ``due_soon_s``: a later block whose ``due`` is nearer than this goes with the first blocks (0:
-        never)."""
-        if gather < 1:
-            raise ValueError(f"gather must be at least 1, got {gather}")
+        batches once a first block waits (the decoder's ``feed_many`` must take ``stop``)."""
         self.decoder = decoder
         self.worker = worker
         self.max_batch = max_batch
         self.make_way = make_way
         self.cut_in = cut_in
         self.yield_to_first = yield_to_first
-        self.gather = gather
-        self.due_soon_s = due_soon_s
-        self.due_soon = 0
-        """Later blocks that went with the first blocks because they were nearly due (``due_soon_s``)."""
-        self._gather_timer: asyncio.TimerHandle | None = None
-        """With ``gather``: starts the held job of later blocks when the earliest is nearly due."""
-        self._gathering = False
-        """The waiting later blocks were held back at least once (counted in ``gathered`` when they start)."""
-        self.gathered = 0
-        """Jobs of later blocks that waited to gather more (``gather``)."""
         self._first_waiting = threading.Event()
         """Set on the loop when a first block is queued while a job runs, cleared when a job starts; the
         worker reads it between the batches of a job of later blocks (``yield_to_first``)."""
@@ -204,22 +166,18 @@ class BlockBatcher:
         self._consider(loop)
         return entry.futures[0]
 
-    def submit(
-        self, stream: Any, blocks: Sequence[Sequence[int]], first: bool | None = None, due: float | None = None
-    ) -> list[asyncio.Future]:
+    def submit(self, stream: Any, blocks: Sequence[Sequence[int]], first: bool | None = None) -> list[asyncio.Future]:
         """Queue one stream's blocks, to be decoded in order; a future for each block's PCM (or its
         error; a block after a failed one gets that failure). Cancel the futures of a turn that
         stops: a job not yet started then drops its blocks. ``first``: the listener waits for these
         blocks to start, so they go with the first blocks (None: when they start the stream, i.e.
-        nothing of it is decoded yet). ``due``: the loop's time when the listener, already playing,
-        runs dry without them (``gather``; None: they are needed now)."""
+        nothing of it is decoded yet)."""
         loop = asyncio.get_running_loop()
         if not self._batched:  # the single worker runs its jobs in order
             return [loop.run_in_executor(self.worker, stream.feed, list(codes)) for codes in blocks]
         if first is None:
             first = getattr(stream, "tokens_decoded", None) == 0
-        futures = [loop.create_future() for _ in blocks]
-        entry = _Entry(stream, [list(codes) for codes in blocks], futures, first, due=None if first else due)
+        entry = _Entry(stream, [list(codes) for codes in blocks], [loop.create_future() for _ in blocks], first)
         if not entry.blocks:
             return entry.futures
         if first and self.cut_in and self._running:
@@ -234,43 +192,18 @@ class BlockBatcher:
 
     def _consider(self, loop: asyncio.AbstractEventLoop) -> None:
         """With the decoder idle, start the next job: the waiting first blocks if any, else the next
-        block of every waiting session (with ``gather``, maybe later: :meth:`_gather_until`)."""
+        block of every waiting session."""
         if self._running:
             return
-        if self._gather_timer is not None:
-            self._gather_timer.cancel()
-            self._gather_timer = None
         self._waiting = [e for e in self._waiting if not all(f.done() for f in e.futures)]  # a cancelled turn's dropped
         if not self._waiting:
             return
-        now = loop.time()
-        for entry in self._waiting:  # a later block whose listener is about to run dry goes first too
-            if not entry.first and entry.due is not None and entry.due - now < self.due_soon_s:
-                entry.first = entry.due_soon = True
-                self.due_soon += 1
         firsts = [e for e in self._waiting if e.first]  # listeners waiting for their first audio go first
         if firsts:
             entries, self._waiting = firsts, [e for e in self._waiting if not e.first]
-        elif (start_at := self._gather_until(now)) is not None:
-            self._gathering = True
-            self._gather_timer = loop.call_at(start_at, self._consider, loop)
-            return
         else:
             entries, self._waiting = self._waiting, []
-            self.gathered += self._gathering
-            self._gathering = False
         self._start(loop, entries)
-
-    def _gather_until(self, now: float) -> float | None:
-        """With ``gather``: the loop time at which the waiting later blocks, too few for a full job and
-        each with time in hand, should start at the latest; None: start them now."""
-        if self.gather <= 1 or len(self._waiting) >= self.gather:
-            return None
-        dues = [e.due for e in self._waiting]
-        if any(due is None for due in dues):
-            return None
-        start_at = min(due for due in dues if due is not None) - GATHER_MARGIN_S - 2 * (self.latency_s or 0.0)
-        return start_at if start_at > now else None
 
     def _start(self, loop: asyncio.AbstractEventLoop, entries: list[_Entry]) -> None:
         started = loop.time()
@@ -395,9 +328,7 @@ class BlockBatcher:
             failure = job_error or entry.failure
             _settle(entry.futures[0], failure or RuntimeError("the block was not decoded"))
             if failure is None and len(entry.blocks) > 1:  # its later blocks wait for the next job, in order
-                # (their listener's time is not known here: they are due after this block's audio)
-                first = entry.first and not entry.due_soon
-                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:], first))
+                later.append(_Entry(entry.stream, entry.blocks[1:], entry.futures[1:], entry.first))
             else:
                 for future in entry.futures[1:]:
                     _settle(future, failure or RuntimeError("the block was not decoded"))

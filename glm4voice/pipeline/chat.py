@@ -239,22 +239,6 @@ class PipelineConfig:
     pending tokens of 0.11-0.19 s (bench/e2e.py's ``finishes_meanwhile``; docs/PERFORMANCE.md,
     "2026-11-29, H200, fifth session"). Not measured yet. Off: each finish goes to the decoder's
     thread when its answer ends."""
-    urgent_while_queued: bool = False
-    """With ``adaptive_blocks`` and ``urgent_in_hand_s``: a later block waiting in the block batcher's
-    queue becomes urgent, too, once its listener has less than ``urgent_in_hand_s`` left when a decoder
-    call starts (``BlockBatcher(due_soon_s=...)``), not only when it is handed over. Under Poisson load
-    on an H200 (0.75-0.85 conversations/s) most turns that ran dry did so at their fourth block (80
-    tokens), handed over 1.2-1.9 s before its listener needed it and decoded 1.5-2.2 s later, behind
-    the first blocks of turns starting meanwhile. Not measured yet. Off: urgency is decided once, at
-    the hand-over."""
-    gather_later_blocks: int = 1
-    """With ``adaptive_blocks``: a decoder call of later blocks whose listeners all have audio in hand
-    waits, with the decoder idle, until this many turns have a block waiting, or until
-    :data:`~glm4voice.block_batcher.GATHER_MARGIN_S` plus two average calls before the first of those
-    listeners would run dry (:mod:`glm4voice.block_batcher`). Under Poisson load on an H200 a call took
-    0.10 s for one block, 0.15 s for two and 0.18 s for four or five (the GPU shared with generation),
-    while calls held 1.2-1.5 blocks on average and kept the decoder busy 71-85% of the time. Not
-    measured yet. 1: a call starts as soon as the decoder is idle."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured
@@ -281,7 +265,6 @@ class PipelineConfig:
         limits_ok = self.max_input_seconds > 0 and self.max_text_chars >= 1 and self.max_pending_blocks >= 1
         limits_ok = limits_ok and self.quick_start_max_turns >= 0 and self.spare_starting_tokens >= 0
         limits_ok = limits_ok and self.spare_max_turns >= 0 and self.urgent_in_hand_s >= 0
-        limits_ok = limits_ok and self.gather_later_blocks >= 1
         if not limits_ok or bad_batch or not self.player_lead_s >= 0 or not self.min_token_rate > 0:
             raise ValueError(f"invalid pipeline limits: {self}")
 
@@ -504,8 +487,6 @@ class VoiceChat:
             make_way=self._make_way if self._engine_make_way is not None else None,
             cut_in=config.first_blocks_cut_in,
             yield_to_first=config.later_calls_yield,
-            gather=config.gather_later_blocks,
-            due_soon_s=config.urgent_in_hand_s if config.urgent_while_queued else 0.0,
         )
         self.load = TurnLoad(self.blocks)
         """What every turn's block pacing may know of the others (turns running, decoder job time)."""
@@ -923,12 +904,8 @@ class VoiceChat:
                     # short first block (0.4 s of audio once the decoder's hold-back is taken), or nothing;
                     # so does a later one whose listener is about to run dry (urgent_in_hand_s)
                     urgent = len(cut) > 1 and pacing.urgent(clock.now(), clock.marks.get("first_audio"), sum(cut))
-                    due_in = pacing.due_in_s(clock.now(), clock.marks.get("first_audio"), sum(cut))
                     pcms = self.blocks.submit(
-                        stream,
-                        [block.codes for block, _ in ready],
-                        first=True if len(cut) == 1 or urgent else None,
-                        due=None if due_in is None else loop.time() + due_in,  # (gather_later_blocks)
+                        stream, [block.codes for block, _ in ready], first=True if len(cut) == 1 or urgent else None
                     )
                     done_at = [when_done(pcm) for pcm in pcms]
                     cut += [len(block.codes) for block, _ in ready]

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from glm4voice.block_batcher import GATHER_MARGIN_S, BlockBatcher
+from glm4voice.block_batcher import BlockBatcher
 
 from support import until
 
@@ -636,95 +636,3 @@ def test_a_queued_finish_of_a_stopped_turn_is_dropped_and_a_failing_one_fails_al
     log, batcher = asyncio.run(scenario())
     assert log == [("feed", ["a"]), ("finish", "broken"), ("finish", "ok")]
     assert batcher.finishes == 2
-
-
-class RecordingDecoder:
-    """feed_many that records each call's streams and gives every block a result at once."""
-
-    def __init__(self):
-        self.calls: list[list[str]] = []
-
-    def feed_many(self, jobs, on_result=None, max_batch=None, stop=None):
-        self.calls.append([str(stream) for stream, _ in jobs])
-        for index, (_, codes) in enumerate(jobs):
-            on_result(index, np.full(len(codes), len(codes), np.float32))
-
-
-def test_later_blocks_with_time_in_hand_wait_to_gather_but_first_blocks_do_not():
-    """With ``gather=3`` later blocks whose listeners have a minute in hand wait, the decoder idle,
-    until three sessions have one waiting, then go in one call; a first block arriving meanwhile is
-    decoded at once, alone; a later block needed now (no ``due``) starts a call at once with the
-    blocks held."""
-
-    async def scenario():
-        decoder = RecordingDecoder()
-        with ThreadPoolExecutor(1) as worker:
-            batcher = BlockBatcher(decoder, worker, gather=3)
-            loop = asyncio.get_running_loop()
-            later = lambda name: batcher.submit(_stream(name, 30), [[1] * 26], due=loop.time() + 60)[0]  # noqa: E731
-            a, b = later("a"), later("b")
-            assert batcher.idle and decoder.calls == []  # held: decided when submitted, no call started
-            assert len(await batcher.submit(_stream("f", 0), [[1] * 10])[0]) == 10  # a first block: at once
-            await until(lambda: batcher.idle, "the first block's job never finished")
-            assert decoder.calls == [["f"]] and not a.done() and not b.done()
-            c = later("c")
-            await asyncio.gather(a, b, c)
-            assert decoder.calls[1] == ["a", "b", "c"] and batcher.gathered == 1
-            await until(lambda: batcher.idle, "the gathered job never finished")
-            x = later("x")
-            assert decoder.calls[2:] == [] and not x.done()
-            now = batcher.submit(_stream("y", 30), [[1] * 26])[0]  # no due: needed now
-            await asyncio.gather(x, now)
-            assert decoder.calls[2] == ["x", "y"] and batcher.gathered == 2
-
-    asyncio.run(scenario())
-
-
-def test_held_later_blocks_start_before_their_listener_would_run_dry():
-    """A later block held to gather starts on its own once its listener's audio in hand nears its end
-    (:data:`GATHER_MARGIN_S` before it, no job measured yet); one due within the margin starts at once."""
-
-    async def scenario():
-        decoder = RecordingDecoder()
-        with ThreadPoolExecutor(1) as worker:
-            batcher = BlockBatcher(decoder, worker, gather=4)
-            loop = asyncio.get_running_loop()
-            soon = batcher.submit(_stream("soon", 30), [[1] * 26], due=loop.time() + GATHER_MARGIN_S + 0.5)[0]
-            assert decoder.calls == []  # held for about half a second
-            assert len(await soon) == 26  # the timer started it, alone
-            assert decoder.calls == [["soon"]] and batcher.gathered == 1
-            await until(lambda: batcher.idle, "the job never finished")
-            late = batcher.submit(_stream("late", 30), [[1] * 26], due=loop.time() + GATHER_MARGIN_S / 2)[0]
-            assert len(await late) == 26 and decoder.calls[1] == ["late"] and batcher.gathered == 1  # not held
-
-    asyncio.run(scenario())
-
-
-def test_gather_must_be_at_least_one():
-    with pytest.raises(ValueError, match="gather"):
-        BlockBatcher(RecordingDecoder(), None, gather=0)
-
-
-def test_a_later_block_nearly_due_goes_with_the_first_blocks_but_not_its_next_block():
-    """With ``due_soon_s=1``: queued behind a running job, a later block whose listener has half a
-    second left goes in the next job with the first block, ahead of a later block with a minute left;
-    its stream's next block (queued with it) is not first for that (nor held to gather: no ``due``)."""
-
-    async def scenario():
-        log: list = []
-        decoder = OrderDecoder(log)
-        with ThreadPoolExecutor(1) as worker:
-            batcher = BlockBatcher(decoder, worker, due_soon_s=1.0)
-            loop = asyncio.get_running_loop()
-            running = batcher.submit(_stream("running", 30), [[1] * 26])
-            relaxed = batcher.submit(_stream("relaxed", 30), [[1] * 26], due=loop.time() + 60)
-            soon = batcher.submit(_stream("soon", 30), [[1] * 26, [1] * 52], due=loop.time() + 0.5)
-            first = batcher.submit(_stream("first", 0), [[1] * 10])
-            decoder.gate.set()
-            await asyncio.gather(*running, *relaxed, *soon, *first)
-            await until(lambda: batcher.idle, "the last job never finished")
-            return log, batcher
-
-    log, batcher = asyncio.run(scenario())
-    assert log == [("feed", ["running"]), ("feed", ["soon", "first"]), ("feed", ["soon", "relaxed"])]
-    assert batcher.due_soon == 1

@@ -1109,13 +1109,7 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
                 quick_start_max_turns=3,
                 urgent_in_hand_s=0.7,
             ),
-            PipelineConfig(
-                adaptive_blocks=False,
-                first_blocks_cut_in=True,
-                later_calls_yield=False,
-                gather_later_blocks=4,
-                urgent_while_queued=True,
-            ),
+            PipelineConfig(adaptive_blocks=False, first_blocks_cut_in=True, later_calls_yield=False),
         )
     ]
     try:
@@ -1151,10 +1145,8 @@ def test_the_block_policy_gets_the_decoders_own_facts_and_the_players_lead(model
     )
     assert (chats[0].blocks.cut_in, chats[1].blocks.cut_in) == (False, True)
     assert (chats[0].blocks.yield_to_first, chats[1].blocks.yield_to_first) == (True, False)
-    assert (chats[0].blocks.gather, chats[1].blocks.gather) == (PipelineConfig().gather_later_blocks, 4)
-    assert (chats[0].blocks.due_soon_s, chats[1].blocks.due_soon_s) == (0.0, URGENT_IN_HAND_S)
     for bad in ({"min_token_rate": 0}, {"quick_start_max_turns": -1}, {"spare_starting_tokens": -1},
-                {"spare_max_turns": -1}, {"urgent_in_hand_s": -0.1}, {"gather_later_blocks": 0}):  # fmt: skip
+                {"spare_max_turns": -1}, {"urgent_in_hand_s": -0.1}):  # fmt: skip
         with pytest.raises(ValueError, match="invalid pipeline limits"):
             PipelineConfig(**bad)
 
