@@ -237,8 +237,11 @@ class PipelineConfig:
     thread. Under Poisson load on an H200 (0.43-0.5 conversations/s), finishes stood between a
     waiting first block and its call: bursts of up to seven of 10-15 ms each, and finishes of a few
     pending tokens of 0.11-0.19 s (bench/e2e.py's ``finishes_meanwhile``; docs/PERFORMANCE.md,
-    "2026-11-29, H200, fifth session"). Not measured yet. Off: each finish goes to the decoder's
-    thread when its answer ends."""
+    "2026-11-29, H200, fifth session"). Measured against the default in the same process: at 0.43
+    conversations/s TTFA p95 0.434 s and no gap against 0.512 s and two turns dry, but at 0.5/s 15
+    turns with a gap against 8, some at the answer's tail (a queued finish came after its listener's
+    last block had played; "sixth session"). Off: each finish goes to the decoder's thread when its
+    answer ends."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
     the wait for every later block at the answer's measured token rate and the decoder's measured
