@@ -260,13 +260,14 @@ def rate_figures(
         "mean_concurrent_conversations": round(mean_overlap(conversations, warm_s, window_s), 1),
         "mean_concurrent_answers": round(mean_overlap(answers, warm_s, window_s), 1),
         "max_concurrent_answers": max_overlap(answers, warm_s, window_s),
-        "dry_turns": [  # where listeners ran dry: (block, seconds into the answer) of the first gap
+        "dry_turns": [  # where listeners ran dry: (block, seconds into the answer) of the first gap, and
+            # what the decoder did while that block waited (the early blocks' if it was the tail)
             {
                 key: t.get(key)
                 for key in ("start_s", "ttfa", "first_underrun", "underruns", "first_block_with_next", "urgent_blocks")
             }
             | {"blocks": t.get("blocks", [])[:5], "block_path": t.get("block_path")}
-            | what_overlapped(t, turns, timeline)
+            | what_overlapped(t, turns, timeline, block=(t.get("first_underrun") or [None])[0])
             for t in sorted((t for t in ok if t["underruns"]), key=lambda t: t["start_s"])[:SLOWEST_TURNS]
         ],
         "slowest_turns": [  # where the tail's time went
@@ -281,20 +282,25 @@ def rate_figures(
 
 
 def what_overlapped(
-    turn: dict, turns: Sequence[dict], timeline: Mapping[str, Sequence[Sequence[float]]] | None = None
+    turn: dict,
+    turns: Sequence[dict],
+    timeline: Mapping[str, Sequence[Sequence[float]]] | None = None,
+    block: int | None = None,
 ) -> dict:
-    """What the decoder did while the slower of ``turn``'s first two blocks waited for it and was decoded
-    (its ``blocks_decoded``, from ``bench/e2e.turn_record``): ``slow_block`` [index, seconds into the
-    turn it was handed over, seconds until decoded], and ``decoded_meanwhile``, the other turns' blocks
+    """What the decoder did while one of ``turn``'s blocks waited for it and was decoded (its
+    ``blocks_decoded``, from ``bench/e2e.turn_record``): block ``block`` if given and decoded (a dry
+    turn's first block to run dry), else the slower of the first two. ``slow_block`` [index, seconds
+    into the turn it was handed over, seconds until decoded], and ``decoded_meanwhile``, the other turns' blocks
     delivered in that time, [seconds after the hand-over, audio tokens, block index], in order (blocks of
     one decoder call arrive together), at most :data:`MEANWHILE_BLOCKS` of them. With a ``timeline``
     (lists of ``[start, end, size]`` on the run's clock), each of its lists too, as ``<name>_meanwhile``:
     the entries overlapping that time, [start, end] after the hand-over and their size. Empty without
     the record."""
-    early = [b for b in turn.get("blocks_decoded") or [] if b[0] in (0, 1)]
-    if not early:
+    decoded_blocks = turn.get("blocks_decoded") or []
+    chosen = [b for b in decoded_blocks if b[0] == block] or [b for b in decoded_blocks if b[0] in (0, 1)]
+    if not chosen:
         return {}
-    index, _, handed, decoded = max(early, key=lambda b: b[3] - b[2])
+    index, _, handed, decoded = max(chosen, key=lambda b: b[3] - b[2])
     start, end = turn["start_s"] + handed, turn["start_s"] + decoded
     meanwhile = sorted(
         [round(other["start_s"] + at - start, 4), codes, other_index]

@@ -140,9 +140,9 @@ def test_rate_figures_count_the_measured_window_only():
 
 
 def test_a_slow_turn_lists_what_the_decoder_delivered_while_its_early_block_waited():
-    """The slower of the first two blocks (here block 1: 0.5 s from hand-over to audio) and the other
-    turns' blocks delivered in that time, on the run's clock; its own blocks and blocks outside the
-    interval are left out."""
+    """The slower of the first two blocks (here block 1: 0.5 s from hand-over to audio), or the block
+    asked for (a dry turn's), and the other turns' blocks delivered in that time, on the run's clock;
+    its own blocks and blocks outside the interval are left out."""
     slow = {"start_s": 10.0, "blocks_decoded": [[0, 10, 0.2, 0.3], [1, 16, 0.4, 0.9], [2, 26, 0.9, 1.1]]}
     other = {"start_s": 9.0, "blocks_decoded": [[3, 80, 1.0, 1.45], [4, 160, 1.45, 1.8], [5, 160, 1.8, 2.5]]}
     young = {"start_s": 10.3, "blocks_decoded": [[0, 10, 0.1, 0.55]]}
@@ -158,6 +158,12 @@ def test_a_slow_turn_lists_what_the_decoder_delivered_while_its_early_block_wait
     traced = what_overlapped(slow, [slow, other], timeline)
     assert traced["decoder_calls_meanwhile"] == [[-0.05, 0.45, 3], [0.45, 0.6, 1]]
     assert traced["prefills_meanwhile"] == [[0.1, 0.2, 512]]
+    # a dry turn's block that ran dry, if given: block 2, [10.9, 11.1] on the run's clock
+    dry = what_overlapped(slow, [slow, other], timeline, block=2)
+    assert dry["slow_block"] == [2, 0.9, 0.2] and dry["decoded_meanwhile"] == []
+    assert dry["decoder_calls_meanwhile"] == [[-0.05, 0.1, 1]] and dry["prefills_meanwhile"] == []
+    # a block not decoded (the tail, index None) or none given: the slower early block, as above
+    assert what_overlapped(slow, [slow, other], block=None)["slow_block"] == [1, 0.4, 0.5]
 
 
 def test_the_gpu_timeline_records_each_call_and_takes_its_wrapper_off():
