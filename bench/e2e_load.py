@@ -7,7 +7,8 @@ question; each turn starts at the end of that input (the turn's TTFA clock start
 plays in the browser's player, and the user thinks for a while after the answer has played before
 starting the next input. Conversations arrive as a Poisson process of ``rate_per_s``; each has
 ``turns`` turns, spoken with probability ``spoken_fraction`` (else typed), answers of
-``answer_mean_s`` seconds on average (uniform in :data:`ANSWER_SPREAD` times that) and exponential think times.
+``answer_mean_s`` seconds on average (uniform in :data:`ANSWER_SPREAD` times that) and exponential
+think times.
 
 Warm start: so that a rate is measured in steady state without first waiting one conversation
 lifetime, the plan also holds the conversations that would be in progress at time 0. They are drawn
@@ -16,9 +17,9 @@ each walked through its planned inputs, answers and think times: a conversation 
 that start at time 0 or later, the first of them with only the rest of its input left (an input
 under way at time 0), and is dropped if none is left. Turns then start at ``rate x turns`` per
 second from time 0 on, as they do in steady state; the answers that were playing at time 0 are
-missing, so the measured window starts one turn cycle later (or one longest answer, if longer). Figures count
-only turns that start in the measured window ``[warm_s, window_s]``, and the mean number of
-conversations in progress over that window.
+missing, so the measured window starts one turn cycle later (or one longest answer, if longer).
+Figures count only turns that start in the measured window ``[warm_s, window_s]``, and the mean
+number of conversations in progress over that window.
 """
 
 from __future__ import annotations
@@ -290,9 +291,9 @@ def what_overlapped(
     """What the decoder did while one of ``turn``'s blocks waited for it and was decoded (its
     ``blocks_decoded``, from ``bench/e2e.turn_record``): block ``block`` if given and decoded (a dry
     turn's first block to run dry), else the slower of the first two. ``slow_block`` [index, seconds
-    into the turn it was handed over, seconds until decoded], and ``decoded_meanwhile``, the other turns' blocks
-    delivered in that time, [seconds after the hand-over, audio tokens, block index], in order (blocks of
-    one decoder call arrive together), at most :data:`MEANWHILE_BLOCKS` of them. With a ``timeline``
+    into the turn it was handed over, seconds until decoded], and ``decoded_meanwhile``, the other
+    turns' blocks delivered in that time, [seconds after the hand-over, audio tokens, block index], in
+    order (blocks of one decoder call arrive together), at most :data:`MEANWHILE_BLOCKS` of them. With a ``timeline``
     (lists of ``[start, end, size]`` on the run's clock), each of its lists too, as ``<name>_meanwhile``:
     the entries overlapping that time, [start, end] after the hand-over and their size. Empty without
     the record."""
