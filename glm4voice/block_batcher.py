@@ -39,7 +39,10 @@ the decoder held back, ``stream.finish()``) waits in the queue as a later block 
 worker after the job's ``feed_many`` call, one stream at a time: first blocks go before it, and with
 ``yield_to_first`` the finishes not yet run go back to the queue once a first block waits. (Run
 straight on the worker instead, a burst of answers ending puts each finish, 10-15 ms on an H200,
-between a waiting first block and its call.)
+between a waiting first block and its call.) A finish given a ``due`` (when its listener runs out of
+audio without it) that is less than :data:`FINISH_DUE_S` away when a job starts goes in that job, a
+job of first blocks too, and does not yield: a burst of starting turns cannot keep an answer's tail
+waiting until its listener has heard everything else.
 
 ``make_way`` (the one-process layout's ``InProcessTokenClient.make_way``): a call that decodes a
 stream's first block runs inside it, so that the LLM engine of this process starts no new step
@@ -65,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 LATENCY_WEIGHT = 0.3
 """Weight of the newest job in :attr:`BlockBatcher.latency_s`."""
+FINISH_DUE_S = 1.0
+"""A queued finish whose listener runs out of audio sooner than this goes in the next job and does not
+yield (:meth:`BlockBatcher.finish`)."""
 
 
 @dataclass(eq=False)
@@ -84,6 +90,14 @@ class _Entry:
     is as before the job, and the entry goes back to the queue as it was."""
     finish: bool = False
     """No blocks: the stream's ``finish()``, whose result is the one future's (:meth:`BlockBatcher.finish`)."""
+    due: float | None = None
+    """A finish's: the loop's time when its listener runs out of audio without it (None: not known)."""
+
+    def due_soon(self) -> bool:
+        """A finish whose listener runs out of audio within :data:`FINISH_DUE_S` (any thread may ask)."""
+        if self.due is None:
+            return False
+        return self.due - self.futures[0].get_loop().time() < FINISH_DUE_S
 
 
 class BlockBatcher:
@@ -154,14 +168,16 @@ class BlockBatcher:
         """``stream.feed(codes)``, decoded together with the other sessions' waiting blocks."""
         return await self.submit(stream, [codes])[0]
 
-    def finish(self, stream: Any) -> asyncio.Future:
+    def finish(self, stream: Any, due: float | None = None) -> asyncio.Future:
         """``stream.finish()`` on the worker, queued behind the first blocks waiting (see the module's
         doc); a future for its PCM (or error). Call it once every block submitted for the stream has
-        been decoded; cancel the future of a turn that stops (a finish not yet started is dropped)."""
+        been decoded; cancel the future of a turn that stops (a finish not yet started is dropped).
+        ``due``: the loop's time when the listener runs out of audio without it (None: not known); less
+        than :data:`FINISH_DUE_S` away, the finish goes in the next job and does not yield."""
         loop = asyncio.get_running_loop()
         if not self._batched:
             return loop.run_in_executor(self.worker, stream.finish)
-        entry = _Entry(stream, [], [loop.create_future()], finish=True)
+        entry = _Entry(stream, [], [loop.create_future()], finish=True, due=due)
         self._waiting.append(entry)
         self._consider(loop)
         return entry.futures[0]
@@ -199,8 +215,9 @@ class BlockBatcher:
         if not self._waiting:
             return
         firsts = [e for e in self._waiting if e.first]  # listeners waiting for their first audio go first
-        if firsts:
-            entries, self._waiting = firsts, [e for e in self._waiting if not e.first]
+        if firsts:  # with the finishes whose listeners are about to run out
+            entries = firsts + [e for e in self._waiting if e.finish and e.due_soon()]
+            self._waiting = [e for e in self._waiting if e not in entries]
         else:
             entries, self._waiting = self._waiting, []
         self._start(loop, entries)
@@ -231,13 +248,14 @@ class BlockBatcher:
 
     def _finish_streams(self, entries: list[_Entry]) -> None:
         """On the worker, after the job's blocks: each entry's ``stream.finish()``, its result to its
-        future; with ``yield_to_first``, once a first block waits the rest are left for a later job."""
+        future; with ``yield_to_first``, once a first block waits the rest are left for a later job
+        (but those nearly due)."""
         started = time.perf_counter()
         for entry in entries:
             future = entry.futures[0]
             if future.done():  # the turn stopped
                 continue
-            if self.yield_to_first and self._first_waiting.is_set():
+            if self.yield_to_first and self._first_waiting.is_set() and not entry.due_soon():
                 entry.stopped = True
                 continue
             try:

@@ -240,7 +240,9 @@ class PipelineConfig:
     "2026-11-29, H200, fifth session"). Measured against the default in the same process: at 0.43
     conversations/s TTFA p95 0.434 s and no gap against 0.512 s and two turns dry, but at 0.5/s 15
     turns with a gap against 8, some at the answer's tail (a queued finish came after its listener's
-    last block had played; "sixth session"). Off: each finish goes to the decoder's thread when its
+    last block had played; "sixth session"). Since then a finish whose listener has less than
+    :data:`~glm4voice.block_batcher.FINISH_DUE_S` of audio left when a decoder call starts goes in that
+    call and does not yield (not measured yet). Off: each finish goes to the decoder's thread when its
     answer ends."""
     cover_start: bool = False
     """With ``adaptive_blocks``: a turn's first audio goes out only once the audio decoded so far covers
@@ -927,11 +929,11 @@ class VoiceChat:
                     )
                 send_if_started(True)  # the answer ended before its start was covered
                 started = clock.now()
-                finishing = (
-                    self.blocks.finish(stream)
-                    if self.config.queue_finishes
-                    else loop.run_in_executor(self._decode_worker, stream.finish)
-                )
+                if self.config.queue_finishes:  # with the time its listener has left, if known
+                    due_in = pacing.due_in_s(started, clock.marks.get("first_audio"), sum(cut))
+                    finishing = self.blocks.finish(stream, None if due_in is None else loop.time() + due_in)
+                else:
+                    finishing = loop.run_in_executor(self._decode_worker, stream.finish)
                 tail = _as_samples(await finishing)
                 decoded_at = clock.now()
                 emit(tail, BlockTiming(None, 0, started, started, decoded_at, len(tail)), decoded_at)

@@ -300,6 +300,11 @@ class BlockPacing:
         other sessions' blocks."""
         return False
 
+    def due_in_s(self, now: float, first_audio_at: float | None, audio_cut: int) -> float | None:
+        """Seconds after ``now`` when the listener, playing since ``first_audio_at`` the audio of the
+        ``audio_cut`` audio tokens handed out, runs out of it (None: no estimate)."""
+        return None
+
     @property
     def paces_reading(self) -> bool:
         """Whether the turn's token reader should ask :meth:`read_delay_s` after each token."""
@@ -473,6 +478,10 @@ class ListenerPacing(BlockPacing):
         tokens, less the decoder's ``hold_back_s`` and what has played since (after the player's lead)."""
         played_s = max(0.0, now - first_audio_at - self.player_lead_s)
         return audio_cut / SPEECH_TOKEN_RATE - self.hold_back_s - played_s
+
+    def due_in_s(self, now: float, first_audio_at: float | None, audio_cut: int) -> float | None:
+        """Once the listener has started: its audio in hand (:meth:`in_hand_s`)."""
+        return None if first_audio_at is None else self.in_hand_s(now, first_audio_at, audio_cut)
 
     def urgent(self, now: float, first_audio_at: float | None, audio_cut: int) -> bool:
         """With ``urgent_in_hand_s`` (0: never), once the listener has started: whether it has less than

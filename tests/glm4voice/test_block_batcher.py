@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from glm4voice.block_batcher import BlockBatcher
+from glm4voice.block_batcher import FINISH_DUE_S, BlockBatcher
 
 from support import until
 
@@ -636,3 +636,49 @@ def test_a_queued_finish_of_a_stopped_turn_is_dropped_and_a_failing_one_fails_al
     log, batcher = asyncio.run(scenario())
     assert log == [("feed", ["a"]), ("finish", "broken"), ("finish", "ok")]
     assert batcher.finishes == 2
+
+
+def test_a_finish_nearly_due_goes_with_the_first_blocks_and_does_not_yield():
+    """Queued while a later block is decoded: a finish whose listener has half a second left goes in
+    the next job with the first block, one with a minute left after it. In a job of finishes, once a
+    first block waits, the finish with a minute left yields and the one nearly due does not."""
+
+    async def scenario():
+        log: list = []
+        decoder = OrderDecoder(log)
+        with ThreadPoolExecutor(1) as worker:
+            batcher = BlockBatcher(decoder, worker, yield_to_first=True)
+            loop = asyncio.get_running_loop()
+            a = batcher.submit(_stream("a", 30), [[1] * 26])
+            relaxed = batcher.finish(_finishing("relaxed", log), due=loop.time() + 60)
+            soon = batcher.finish(_finishing("soon", log), due=loop.time() + FINISH_DUE_S / 2)
+            first = batcher.submit(_stream("first", 0), [[1] * 10])
+            decoder.gate.set()
+            await asyncio.gather(a[0], relaxed, soon, first[0])
+            await until(lambda: batcher.idle, "the last job never finished")
+            # a job of three finishes (queued while another finish runs), a first block arriving during its first
+            running, gated = _finishing("running", log, gated=True), _finishing("gated", log, gated=True)
+            finishes = [batcher.finish(running)]
+            await loop.run_in_executor(None, running.entered.wait)
+            finishes += [
+                batcher.finish(gated),
+                batcher.finish(_finishing("far", log), due=loop.time() + 60),
+                batcher.finish(_finishing("near", log), due=loop.time() + FINISH_DUE_S / 2),
+            ]
+            running.go_on.set()
+            await loop.run_in_executor(None, gated.entered.wait)
+            new = batcher.submit(_stream("new", 0), [[1] * 10])
+            gated.go_on.set()
+            await asyncio.gather(*finishes, new[0])
+            await until(lambda: batcher.idle, "the last job never finished")
+            return log
+
+    log = asyncio.run(scenario())
+    assert log[:4] == [("feed", ["a"]), ("feed", ["first"]), ("finish", "soon"), ("finish", "relaxed")]
+    assert log[4:] == [
+        ("finish", "running"),
+        ("finish", "gated"),
+        ("finish", "near"),
+        ("feed", ["new"]),
+        ("finish", "far"),
+    ]

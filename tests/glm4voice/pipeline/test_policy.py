@@ -495,6 +495,9 @@ def test_a_later_block_is_urgent_once_its_listener_has_little_left():
     assert not urgent.urgent(edge + 0.01, 10.0, 26 + 13)  # a second more audio cut: not yet
     assert not urgent.urgent(99.0, None, 26)  # the listener has not started (nothing to run out of)
     assert not pacing(Load()).urgent(99.0, 10.0, 26) and not BlockPacing().urgent(99.0, 10.0, 26)
+    # when the listener runs out of the audio handed out (a queued finish's ``due``): that audio in hand
+    assert urgent.due_in_s(10.5 + LEAD_S, 10.0, 26) == pytest.approx(in_hand - 0.5)
+    assert urgent.due_in_s(99.0, None, 26) is None and BlockPacing().due_in_s(11.0, 10.0, 26) is None
 
 
 def test_a_paced_reader_keeps_the_rate_it_measured_before_its_first_wait():
