@@ -214,10 +214,12 @@ class BlockBatcher:
         self._waiting = [e for e in self._waiting if not all(f.done() for f in e.futures)]  # a cancelled turn's dropped
         if not self._waiting:
             return
-        firsts = [e for e in self._waiting if e.first]  # listeners waiting for their first audio go first
-        if firsts:  # with the finishes whose listeners are about to run out
-            entries = firsts + [e for e in self._waiting if e.finish and e.due_soon()]
-            self._waiting = [e for e in self._waiting if e not in entries]
+        if any(e.first for e in self._waiting):  # listeners waiting for their first audio go first, with the
+            entries: list[_Entry] = []  # finishes whose listeners are about to run out (one pass: time goes on)
+            rest: list[_Entry] = []
+            for entry in self._waiting:
+                (entries if entry.first or (entry.finish and entry.due_soon()) else rest).append(entry)
+            self._waiting = rest
         else:
             entries, self._waiting = self._waiting, []
         self._start(loop, entries)

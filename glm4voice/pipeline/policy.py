@@ -486,9 +486,8 @@ class ListenerPacing(BlockPacing):
     def urgent(self, now: float, first_audio_at: float | None, audio_cut: int) -> bool:
         """With ``urgent_in_hand_s`` (0: never), once the listener has started: whether it has less than
         that in hand (:meth:`in_hand_s`)."""
-        if not self.urgent_in_hand_s or first_audio_at is None:
-            return False
-        return self.in_hand_s(now, first_audio_at, audio_cut) < self.urgent_in_hand_s
+        due_in = self.due_in_s(now, first_audio_at, audio_cut)
+        return bool(self.urgent_in_hand_s) and due_in is not None and due_in < self.urgent_in_hand_s
 
     def paused(self, seconds: float) -> None:
         if self.paced_rate is None:
